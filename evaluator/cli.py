@@ -1,0 +1,62 @@
+"""The `evaluator` command. Each pipeline module registers its own subcommands here."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from evaluator import __version__
+from evaluator.errors import UserError
+
+# Modules that contribute subcommands, in the order `--help` lists them. Each has
+# `register(subparsers)`, which adds its parsers and sets `handler(args) -> int` on each.
+COMMAND_MODULES = [
+    "evaluator.check",
+    "evaluator.runner",
+    "evaluator.dataset.cli",
+    "evaluator.signing",
+    "evaluator.leaderboard",
+    "evaluator.batch",
+]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but bad usage exits 2 with one line and a hint instead of the full usage dump."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"{self.prog}: error: {message}\n(run '{self.prog} --help' for usage)\n")
+        sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="evaluator",
+        description=(
+            "Evaluator for LLM training speedruns: checks a submission, trains it in a sandbox "
+            "under a hard clock, scores the model itself, and signs the result."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"evaluator {__version__}")
+    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", parser_class=_Parser)
+    subparsers.required = True
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except UserError as exc:
+        sys.stderr.write(f"evaluator: {exc}\n")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("evaluator: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,11 @@
+"""Errors the CLI turns into one clear sentence and an exit code, never a traceback."""
+
+
+class UserError(Exception):
+    """Bad input from the person at the keyboard: a path, an option, a file. Exit code 2."""
+
+    exit_code = 2
+
+
+class DataError(UserError):
+    """A data file that is missing, corrupt or does not match its pinned hash."""

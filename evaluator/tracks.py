@@ -1,0 +1,99 @@
+"""Track files (`spec/tracks/*.toml`): loaded, validated against `spec/track.schema.json`, typed."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+
+from evaluator.errors import UserError
+from evaluator.fsutil import sha256_file
+from evaluator.paths import SPEC_DIR, TRACKS_DIR
+
+
+class TrackError(UserError):
+    pass
+
+
+@cache
+def _track_schema() -> dict:
+    return json.loads((SPEC_DIR / "track.schema.json").read_text())
+
+
+@dataclass(frozen=True)
+class Track:
+    id: str
+    path: Path
+    sha256: str
+    raw: dict[str, Any]
+
+    @property
+    def budget_s(self) -> float:
+        return float(self.raw["budget_s"])
+
+    @property
+    def device_kind(self) -> str:
+        return self.raw["device"]["kind"]
+
+    @property
+    def threads(self) -> int:
+        return self.raw["device"]["threads"]
+
+    @property
+    def sandbox(self) -> dict[str, Any]:
+        return self.raw["sandbox"]
+
+    @property
+    def dataset(self) -> dict[str, Any]:
+        return self.raw["dataset"]
+
+    @property
+    def eval(self) -> dict[str, Any]:
+        return self.raw["eval"]
+
+    @property
+    def seeds(self) -> dict[str, Any]:
+        return self.raw["seeds"]
+
+
+def available_tracks() -> list[str]:
+    return sorted(p.stem for p in TRACKS_DIR.glob("*.toml"))
+
+
+def track_path(track_id: str) -> Path:
+    return TRACKS_DIR / f"{track_id}.toml"
+
+
+def load_track(track_id: str) -> Track:
+    """Load a track by id; every problem becomes a TrackError naming the file and the field."""
+    path = track_path(track_id)
+    if not path.is_file():
+        raise TrackError(
+            f"unknown track {track_id!r}: no {path.relative_to(SPEC_DIR.parent)}; "
+            f"available tracks: {', '.join(available_tracks()) or 'none'}"
+        )
+    return load_track_file(path)
+
+
+def load_track_file(path: Path) -> Track:
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise TrackError(f"{path}: cannot read track file: {exc}") from None
+    errors = sorted(
+        jsonschema.Draft202012Validator(_track_schema()).iter_errors(raw),
+        key=lambda e: list(map(str, e.absolute_path)),
+    )
+    if errors:
+        details = "; ".join(
+            f"{'.'.join(map(str, e.absolute_path)) or '(top level)'}: {e.message}" for e in errors
+        )
+        raise TrackError(f"{path}: invalid track file: {details}")
+    if raw["id"] != path.stem:
+        raise TrackError(f"{path}: id {raw['id']!r} must equal the file name {path.stem!r}")
+    return Track(id=raw["id"], path=path, sha256=sha256_file(path), raw=raw)
