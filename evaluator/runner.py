@@ -1,5 +1,580 @@
-"""Placeholder: filled in by its issue."""
+"""`evaluator run`: check, train in a sandbox under the evaluator's own clock, score, record.
+
+The clock (DESIGN.md): it starts when the harness's "start" message arrives, immediately before the
+submission's module is imported, and stops when "saved" arrives; the jail is killed at once then,
+so nothing runs after the clock stops. At the budget the jail is killed and the run is
+`over_budget`. Nothing the jail says is trusted beyond being a signal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import queue
+import secrets
+import shutil
+import signal
+import stat
+import statistics
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+import evaluator
+from evaluator.check import check_submission
+from evaluator.dataset.loader import read_documents
+from evaluator.dataset.store import resolve_data_file, tokenizer_info
+from evaluator.errors import UserError
+from evaluator.fsutil import atomic_write_bytes, atomic_write_text, sha256_file, tree_sha256
+from evaluator.harness import MODEL_FILE
+from evaluator.manifest import MANIFEST_NAME, parse_manifest
+from evaluator.paths import REPO_ROOT, RUNS_DIR
+from evaluator.results import EXIT_CODES, environment, utc_now, write_result
+from evaluator.sandbox import JailSpec, SandboxUnavailable, open_sandbox
+from evaluator.scoring import InvalidModel, score_model
+from evaluator.tracks import Track, load_track
+
+# Interpreter start, `import torch`, device initialisation and data loading happen before the clock;
+# they get this long before the run is declared broken.
+STARTUP_ALLOWANCE_S = 120.0
+_PROTOCOL_LINE_MAX = 64 * 1024
+_LOG_TAIL_BYTES = 3000
+_PACKAGE_DIR = Path(evaluator.__file__).resolve().parent
 
 
-def register(subparsers):
-    pass
+@dataclass
+class TrainingOutcome:
+    status: str
+    message: str = ""
+    train_seconds: float | None = None
+    metrics_rows: list[tuple[float, int, str, float]] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _new_run_id(name: str, seed: int) -> str:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return f"{stamp}-{name}-s{seed}-{secrets.token_hex(3)}"
+
+
+def _relative_to_repo(path: Path) -> str:
+    path = path.resolve()
+    try:
+        return path.relative_to(REPO_ROOT).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _read_protocol(stream, events: queue.Queue) -> None:
+    """Reader thread: every complete JSON line from the jail becomes (arrival time, event)."""
+    while True:
+        line = stream.readline(_PROTOCOL_LINE_MAX + 1)
+        if not line:
+            break
+        if len(line) > _PROTOCOL_LINE_MAX or not line.endswith(b"\n"):
+            # An oversized line is noise from a misbehaving submission: skip to its end.
+            while line and not line.endswith(b"\n"):
+                line = stream.readline(_PROTOCOL_LINE_MAX)
+            continue
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(event, dict) and isinstance(event.get("event"), str):
+            events.put((time.monotonic(), event))
+    events.put((time.monotonic(), None))
+
+
+class _LiveDisplay:
+    """A progress bar of the budget with the last step, loss and tokens/s the submission logged."""
+
+    def __init__(self, console: Console, label: str, budget_s: float):
+        self.budget_s = budget_s
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed:>5.1f}/{task.total:g} s"),
+            TextColumn("{task.fields[status]}"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=False,
+            disable=not console.is_terminal,
+        )
+        self.task = self.progress.add_task(label, total=budget_s, status="starting sandbox")
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.__exit__(*exc)
+
+    def update(self, elapsed: float | None, status: str) -> None:
+        completed = min(elapsed, self.budget_s) if elapsed is not None else 0.0
+        self.progress.update(self.task, completed=completed, status=status)
+
+
+def _status_text(step: int | None, metrics: dict[str, float], tokens_per_s: float | None) -> str:
+    parts = []
+    if step is not None:
+        parts.append(f"step {step}")
+    if "loss" in metrics:
+        parts.append(f"loss {metrics['loss']:.4f}")
+    if tokens_per_s:
+        parts.append(f"{tokens_per_s:,.0f} tok/s")
+    return "  ".join(parts) or "training"
+
+
+def _train(jailed, budget_s: float, display: _LiveDisplay, launched_at: float) -> TrainingOutcome:
+    events: queue.Queue = queue.Queue()
+    reader = threading.Thread(target=_read_protocol, args=(jailed.stdout, events), daemon=True)
+    reader.start()
+    outcome = TrainingOutcome(status="sandbox_error")
+
+    # Phase 1: until "start", the harness is doing the evaluator's own work.
+    started_at = None
+    startup_deadline = launched_at + STARTUP_ALLOWANCE_S
+    while started_at is None:
+        try:
+            arrived, event = events.get(timeout=max(0.0, startup_deadline - time.monotonic()))
+        except queue.Empty:
+            outcome.message = f"the harness did not start within {STARTUP_ALLOWANCE_S:g} s"
+            return outcome
+        if event is None:
+            outcome.message = "the harness ended before the submission was started"
+            return outcome
+        if event["event"] == "start":
+            started_at = arrived
+            outcome.timings["harness_start_s"] = arrived - launched_at
+            display.update(0.0, "importing submission")
+
+    # Phase 2: the clock runs.
+    deadline = started_at + budget_s
+    last_step, last_metrics, tokens_per_s = None, {}, None
+    error_event = None
+    while True:
+        now = time.monotonic()
+        if now >= deadline:
+            jailed.kill()
+            outcome.status = "over_budget"
+            outcome.message = f"did not save a model within the {budget_s:g} s budget; stopped at the budget"
+            return outcome
+        try:
+            arrived, event = events.get(timeout=min(0.25, deadline - now))
+        except queue.Empty:
+            display.update(time.monotonic() - started_at, _status_text(last_step, last_metrics, tokens_per_s))
+            continue
+        if event is None:
+            break
+        elapsed = arrived - started_at
+        kind = event["event"]
+        if kind == "saved":
+            jailed.kill()  # nothing may run after the clock stops
+            outcome.train_seconds = elapsed
+            if elapsed > budget_s:
+                outcome.status = "over_budget"
+                outcome.message = f"saved after {elapsed:.2f} s, over the {budget_s:g} s budget"
+            else:
+                outcome.status = "ok"
+            display.update(elapsed, f"saved after {elapsed:.1f} s")
+            return outcome
+        if kind == "log":
+            step, metrics = event.get("step"), event.get("metrics")
+            if not isinstance(step, int) or not isinstance(metrics, dict):
+                continue
+            clean = {k: float(v) for k, v in metrics.items() if isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)}
+            outcome.metrics_rows.extend((elapsed, step, key, value) for key, value in clean.items())
+            last_step, last_metrics = step, clean
+            if "tokens" in clean and elapsed > 0:
+                tokens_per_s = clean["tokens"] / elapsed
+            display.update(elapsed, _status_text(last_step, last_metrics, tokens_per_s))
+        elif kind == "error":
+            error_event = event
+
+    # The jail ended without "saved": find out why, trusting the sandbox's account first.
+    jailed.wait(timeout=10)
+    ended = jailed.outcome()
+    if ended.reason == "oom":
+        outcome.status, outcome.message = "out_of_memory", "exceeded the track's memory limit and was killed"
+    elif ended.reason == "time_limit":
+        outcome.status, outcome.message = "killed", "killed by the sandbox's hard time limit"
+    elif ended.reason == "sandbox_error":
+        outcome.status, outcome.message = "sandbox_error", ended.detail
+    elif error_event is not None and error_event.get("kind") == "over_budget":
+        outcome.status, outcome.message = "over_budget", str(error_event.get("message", ""))[:4000]
+    elif ended.reason == "pids_limit":
+        outcome.status, outcome.message = "crashed", "hit the track's limit on processes and threads"
+    elif error_event is not None:
+        outcome.status, outcome.message = "crashed", str(error_event.get("message", ""))[-4000:]
+    elif ended.reason == "signaled":
+        outcome.status, outcome.message = "crashed", f"killed by signal {ended.signal}: {ended.detail}"
+    else:
+        outcome.status = "crashed"
+        outcome.message = f"exited with code {ended.returncode} without saving a model"
+    return outcome
+
+
+def _take_model(jail_out: Path, run_dir: Path, cap_bytes: int) -> Path:
+    """Move the saved model out of the jail's output dir after checking it is a plain, capped file."""
+    candidate = jail_out / MODEL_FILE
+    try:
+        info = candidate.lstat()
+    except FileNotFoundError:
+        raise InvalidModel(f"no {MODEL_FILE} was saved") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise InvalidModel(f"{MODEL_FILE} in the output directory is not a regular file (a symlink, FIFO or device)")
+    if info.st_size > cap_bytes:
+        raise InvalidModel(f"{MODEL_FILE} is {info.st_size} bytes; the track allows {cap_bytes}")
+    target = run_dir / MODEL_FILE
+    os.replace(candidate, target)
+    return target
+
+
+def _write_metrics(run_dir: Path, rows: list[tuple[float, int, str, float]]) -> None:
+    table = pa.table(
+        {
+            "time_s": pa.array([r[0] for r in rows], pa.float64()),
+            "step": pa.array([r[1] for r in rows], pa.int64()),
+            "key": pa.array([r[2] for r in rows], pa.string()),
+            "value": pa.array([r[3] for r in rows], pa.float64()),
+        }
+    )
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    atomic_write_bytes(run_dir / "metrics.parquet", sink.getvalue().to_pybytes())
+
+
+def _last_logged(rows, key: str) -> float | None:
+    values = [value for _, _, k, value in rows if k == key]
+    return values[-1] if values else None
+
+
+def _unofficial_reasons(track: Track, budget_s: float, sandbox_kind: str, gpu: dict | None) -> list[str]:
+    reasons = []
+    if budget_s != track.budget_s:
+        reasons.append(f"budget overridden: {budget_s:g} s instead of the track's {track.budget_s:g} s")
+    if sandbox_kind != "nsjail":
+        reasons.append("not sandboxed (--sandbox none)")
+    wanted = track.raw["device"].get("gpu_name_contains")
+    if wanted and (gpu is None or wanted not in gpu["name"]):
+        reasons.append(f"GPU is {gpu['name'] if gpu else 'absent'}; the track requires one whose name contains {wanted!r}")
+    return reasons
+
+
+def _check_device(track: Track) -> str:
+    if track.device_kind == "cpu":
+        return "cpu"
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UserError(
+            f"track {track.id} needs a CUDA GPU and this machine (or this torch, {torch.__version__}) has none; "
+            "use --track cpu-1min, or install a CUDA build of torch on a GPU host (see README)"
+        )
+    return "cuda:0"
+
+
+def evaluate(
+    folder: Path,
+    *,
+    track_id: str | None = None,
+    seed: int | None = None,
+    budget_s: float | None = None,
+    sandbox_choice: str = "auto",
+    runs_dir: Path = RUNS_DIR,
+    console: Console | None = None,
+) -> tuple[dict[str, Any], Path | None]:
+    """One evaluation run. Returns the result record and the run directory."""
+    console = console or Console(stderr=True)
+    folder = Path(folder)
+    report = check_submission(folder)
+    if not report.ok:
+        for finding in report.findings:
+            console.print(f"{folder}/{finding}", markup=False, highlight=False)
+        raise UserError(f"{folder}: the submission is invalid ({len(report.findings)} problem(s)); fix them and run again")
+    manifest = report.manifest
+    track = load_track(track_id or manifest.track)
+    device = _check_device(track)
+    seed = track.seeds["default"] if seed is None else seed
+    budget_s = track.budget_s if budget_s is None else budget_s
+    if not (budget_s > 0 and math.isfinite(budget_s)):
+        raise UserError(f"--budget must be a positive number of seconds, not {budget_s}")
+    train_path = resolve_data_file(track, "train")
+    val_path = resolve_data_file(track, "val")
+    tokenizer_path = resolve_data_file(track, "tokenizer")
+    vocab_size, eos_id = tokenizer_info(tokenizer_path)
+
+    run_id = _new_run_id(manifest.name, seed)
+    run_dir = Path(runs_dir) / run_id
+    jail_out = run_dir / "jail-out"
+    scratch = run_dir / "scratch"
+    for directory in (jail_out, scratch, run_dir / "sandbox"):
+        directory.mkdir(parents=True)
+    os.chmod(jail_out, 0o777)  # the jail runs as nobody
+    os.chmod(scratch, 0o777)
+    started = utc_now()
+
+    try:
+        sandbox = open_sandbox(sandbox_choice)
+        sandbox_kind, sandbox_version, sandbox_problem = sandbox.kind, sandbox.version, None
+    except SandboxUnavailable as exc:
+        sandbox = None
+        sandbox_kind, sandbox_version, sandbox_problem = "nsjail", "unavailable", str(exc)
+    env = environment(track.device_kind, sandbox_kind, sandbox_version)
+    if sandbox is not None:
+        label = "nsjail" if sandbox.kind == "nsjail" else "NONE — unsandboxed, unofficial"
+        console.print(f"[bold]{manifest.name}[/] on [bold]{track.id}[/], seed {seed}, budget {budget_s:g} s, sandbox: {label}")
+        if getattr(sandbox, "reason", None):
+            console.print(f"sandbox: {sandbox.reason}", markup=False)
+
+    threads = track.threads
+    job = {
+        "submission_dir": str(folder.resolve()),
+        "module": manifest.entry_module_name,
+        "function": manifest.entry_function,
+        "train_path": str(train_path.resolve()),
+        "out_dir": str(jail_out.resolve()),
+        "scratch": str(scratch.resolve()),
+        "device": device,
+        "threads": threads,
+        "seed": seed,
+        "budget_s": budget_s,
+        "vocab_size": vocab_size,
+        "eos_id": eos_id,
+        "eval_seq_len": track.eval["seq_len"],
+        "config": manifest.config_for(track.id),
+    }
+    job_path = run_dir / "job.json"
+    atomic_write_text(job_path, json.dumps(job, indent=2))
+    os.chmod(job_path, 0o644)
+
+    limits = track.sandbox
+    timings: dict[str, float] = {}
+    score = None
+    if sandbox is None:
+        outcome = TrainingOutcome(status="sandbox_error", message=f"nsjail cannot run here: {sandbox_problem}")
+    else:
+        spec = JailSpec(
+            name=f"{run_id}-train",
+            argv=[sys.executable, "-m", "evaluator.harness", "--job", str(job_path.resolve())],
+            workdir=run_dir / "sandbox",
+            cwd=scratch.resolve(),
+            env=_jail_env(threads, scratch.resolve()),
+            ro_paths=[folder.resolve(), train_path.resolve(), job_path.resolve(), _PACKAGE_DIR],
+            rw_paths=[jail_out.resolve()],
+            tmpfs={scratch.resolve(): limits["scratch_mib"] * 2**20},
+            memory_bytes=limits["memory_mib"] * 2**20,
+            pids=limits["pids"],
+            time_limit_s=STARTUP_ALLOWANCE_S + budget_s + limits["grace_s"],
+            log_path=run_dir / "train.log",
+            log_cap_bytes=limits["log_mib"] * 2**20,
+            gpu_index=0 if device.startswith("cuda") else None,
+        )
+        launched = time.monotonic()
+        with _LiveDisplay(console, manifest.name, budget_s) as display, sandbox.start(spec) as jailed:
+            outcome = _train(jailed, budget_s, display, launched)
+            if outcome.status not in ("ok", "over_budget"):
+                tail = jailed.log_tail(_LOG_TAIL_BYTES)
+                if tail.strip() and tail.strip() not in outcome.message:
+                    outcome.message += "\n--- log tail ---\n" + tail
+        timings.update(outcome.timings, jail_total_s=time.monotonic() - launched)
+        shutil.rmtree(scratch, ignore_errors=True)
+        _write_metrics(run_dir, outcome.metrics_rows)
+
+        if outcome.status == "ok":
+            scoring_started = time.monotonic()
+            try:
+                model_path = _take_model(jail_out, run_dir, limits["model_mib"] * 2**20)
+                console.print("scoring on the validation split in a fresh sandbox ...")
+                score = score_model(
+                    sandbox=sandbox,
+                    workdir=run_dir / "sandbox",
+                    name=f"{run_id}-score",
+                    model_path=model_path,
+                    submission_dir=folder.resolve(),
+                    documents=read_documents(val_path),
+                    vocab_size=vocab_size,
+                    eos_id=eos_id,
+                    seq_len=track.eval["seq_len"],
+                    batch_size=track.eval["batch_size"],
+                    device=device,
+                    threads=threads,
+                    time_limit_s=track.eval["time_limit_s"],
+                    memory_bytes=limits["memory_mib"] * 2**20,
+                    pids=limits["pids"],
+                    audit_cuts=track.eval["audit_cuts"],
+                )
+            except InvalidModel as exc:
+                outcome.status, outcome.message = "invalid_model", str(exc)
+            timings["scoring_s"] = time.monotonic() - scoring_started
+        shutil.rmtree(jail_out, ignore_errors=True)
+
+    rows = outcome.metrics_rows
+    tokens = _last_logged(rows, "tokens")
+    steps = max((r[1] for r in rows), default=None)
+    reasons = _unofficial_reasons(track, budget_s, sandbox_kind, env["gpu"])
+    record = {
+        "schema_version": 1,
+        "run_id": run_id,
+        "status": outcome.status,
+        "message": outcome.message,
+        "official": not reasons,
+        "unofficial_reasons": reasons,
+        "submission": {
+            "name": manifest.name,
+            "authors": manifest.authors,
+            "description": manifest.description,
+            "path": _relative_to_repo(folder),
+            "manifest_sha256": sha256_file(folder / MANIFEST_NAME),
+            "tree_sha256": tree_sha256(folder),
+        },
+        "track": {"id": track.id, "sha256": track.sha256, "budget_s": track.budget_s, "device": track.device_kind},
+        "budget_s": budget_s,
+        "data": {
+            "dataset_id": track.dataset["id"],
+            "train_sha256": track.dataset["train"]["sha256"],
+            "val_sha256": track.dataset["val"]["sha256"],
+            "tokenizer_sha256": track.dataset["tokenizer"]["sha256"],
+        },
+        "seed": seed,
+        "metrics": None if score is None or outcome.status != "ok" else {
+            "val_loss": score.val_loss,
+            "val_bpb": score.val_bpb,
+            "val_tokens": score.val_tokens,
+            "val_bytes": score.val_bytes,
+            "val_documents": score.val_documents,
+        },
+        "audit": None if score is None else {
+            "cuts": score.audit.cuts,
+            "passed": score.audit.passed,
+            "max_abs_diff": score.audit.max_abs_diff,
+            "tolerance": score.audit.tolerance,
+        },
+        "train": {
+            "train_seconds": outcome.train_seconds,
+            "steps": steps,
+            "tokens": tokens,
+            "tokens_per_s": tokens / outcome.train_seconds if tokens and outcome.train_seconds else None,
+        },
+        "scoring_seconds": score.seconds if score is not None else None,
+        "environment": env,
+        "started_at": started,
+        "ended_at": utc_now(),
+    }
+    atomic_write_text(run_dir / "timings.json", json.dumps(timings, indent=2) + "\n")
+    write_result(run_dir, record)
+    return record, run_dir
+
+
+def _jail_env(threads: int, home: Path) -> dict[str, str]:
+    return {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "HOME": str(home),
+        "TMPDIR": "/tmp",
+        "LANG": "C.UTF-8",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONHASHSEED": "0",
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+    }
+
+
+def summary_line(record: dict[str, Any]) -> str:
+    parts = [f"{record['submission']['name']} seed {record['seed']}: {record['status']}"]
+    metrics = record["metrics"]
+    if metrics:
+        parts.append(f"val_loss {metrics['val_loss']:.4f}  val_bpb {metrics['val_bpb']:.4f}")
+    train = record["train"]
+    if train["train_seconds"] is not None:
+        parts.append(f"train {train['train_seconds']:.1f} s")
+    if train["tokens"]:
+        parts.append(f"{train['tokens']:,.0f} tokens")
+    if not record["official"]:
+        parts.append("(unofficial: " + "; ".join(record["unofficial_reasons"]) + ")")
+    return "  ".join(parts)
+
+
+def _handle_sigterm(signum, frame):
+    # Turn SIGTERM into the same unwinding as Ctrl-C, so every jail is killed and its cgroup removed.
+    raise KeyboardInterrupt
+
+
+def _base_seed(args: argparse.Namespace) -> int | None:
+    """--seed, else the track's default seed; None when the manifest is too broken to tell (evaluate reports it)."""
+    if args.seed is not None:
+        return args.seed
+    track_id = args.track
+    if track_id is None:
+        manifest, _ = parse_manifest(Path(args.folder))
+        if manifest is None:
+            return None
+        track_id = manifest.track
+    return load_track(track_id).seeds["default"]
+
+
+def _run(args: argparse.Namespace) -> int:
+    signal.signal(signal.SIGTERM, _handle_sigterm)
+    console = Console(stderr=True)
+    if args.seeds < 1:
+        raise UserError("--seeds must be at least 1")
+    base_seed = _base_seed(args)
+    seeds = [None] if base_seed is None else [base_seed + i for i in range(args.seeds)]
+    records = []
+    for seed in seeds:
+        record, run_dir = evaluate(
+            Path(args.folder),
+            track_id=args.track,
+            seed=seed,
+            budget_s=args.budget,
+            sandbox_choice=args.sandbox,
+            runs_dir=Path(args.out) if args.out else RUNS_DIR,
+            console=console,
+        )
+        records.append(record)
+        console.print(summary_line(record), markup=False, highlight=False)
+        if record["status"] != "ok" and record["message"]:
+            console.print(record["message"], markup=False, highlight=False)
+        console.print(f"run directory: {run_dir}", markup=False, highlight=False)
+    if len(records) > 1:
+        losses = [r["metrics"]["val_loss"] for r in records if r["metrics"]]
+        if losses:
+            spread = statistics.stdev(losses) if len(losses) > 1 else 0.0
+            console.print(f"val_loss over {len(losses)} of {len(records)} seeds: {statistics.mean(losses):.4f} ± {spread:.4f} (std)")
+    if args.json:
+        print(json.dumps(records[0] if len(records) == 1 else records, indent=2))
+    return max(EXIT_CODES[r["status"]] for r in records)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    run = subparsers.add_parser(
+        "run",
+        help="train a submission in the sandbox under the budget and score it",
+        description=(
+            "Check the submission, train it inside nsjail under the track's budget (the evaluator's own "
+            "clock, from just before the submission is imported until the model is saved), score the "
+            "saved model on the validation split in a second sandbox, and write results/runs/<run-id>/. "
+            "Exit codes: 0 ok; 1 the run failed through the submission's fault; 2 bad input or an invalid "
+            "submission; 3 the sandbox failed (the evaluator's fault)."
+        ),
+    )
+    run.add_argument("folder", metavar="DIR", help="the submission folder")
+    run.add_argument("--track", metavar="ID", help="track id (default: the manifest's track)")
+    run.add_argument("--seed", type=int, metavar="N", help="seed handed to the submission (default: the track's)")
+    run.add_argument("--seeds", type=int, default=1, metavar="N", help="run N seeds in sequence (seed, seed+1, ...) and print mean ± std")
+    run.add_argument("--budget", type=float, metavar="S", help="training budget in seconds; any value other than the track's makes the run unofficial")
+    run.add_argument("--sandbox", choices=["auto", "nsjail", "none"], default="auto",
+                     help="auto: nsjail when it works here, else none (says which); nsjail: never falls back; none: plain subprocess, unofficial")
+    run.add_argument("--out", metavar="DIR", help=f"where run directories go (default: {RUNS_DIR.relative_to(REPO_ROOT)}/)")
+    run.add_argument("--json", action="store_true", help="print the result record (a list with --seeds) on stdout and nothing else there")
+    run.set_defaults(handler=_run)

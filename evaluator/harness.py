@@ -1,0 +1,138 @@
+"""The training harness: runs INSIDE the sandbox, between the evaluator and the submission.
+
+Order matters for the clock (DESIGN.md, "The clock"): everything before the "start" message is the
+evaluator's own work and the same for everyone (interpreter start, `import torch`, device
+initialisation, reading the training split); everything from the submission's import to the saved
+model counts. Nothing measured here is trusted by the evaluator: its clock runs outside the jail,
+from receiving "start" to receiving "saved", and it kills the jail as soon as "saved" arrives.
+
+Protocol: JSON lines on the original stdout; the submission's own stdout goes to stderr (the
+captured log). Imports only the submission API, the data loader and torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+
+MODEL_FILE = "model.pt"
+_TRACEBACK_TAIL_LINES = 30
+
+
+class _Channel:
+    def __init__(self) -> None:
+        # Keep the real stdout for the protocol, then point fd 1 at stderr so that prints by the
+        # submission land in the captured log and cannot forge protocol lines by accident.
+        self._stream = os.fdopen(os.dup(1), "w", buffering=1)
+        os.dup2(2, 1)
+
+    def send(self, event: str, **fields) -> None:
+        self._stream.write(json.dumps({"event": event, **fields}) + "\n")
+        self._stream.flush()
+
+
+def _parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Training harness (run by `evaluator run`, inside the sandbox).")
+    parser.add_argument("--job", required=True, type=Path, help="JSON file describing the run")
+    return parser.parse_args(argv)
+
+
+def _set_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.set_num_interop_threads(threads)
+
+
+def _init_device(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.init()
+        torch.zeros(1, device=device).add_(1)
+        torch.cuda.synchronize()
+
+
+def _save(model, path: Path) -> int:
+    import torch
+
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "wb") as handle:
+        torch.save(model, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(partial, path)
+    return path.stat().st_size
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(sys.argv[1:] if argv is None else argv)
+    channel = _Channel()
+    job = json.loads(args.job.read_text())
+
+    import torch
+
+    from evaluator.api import BudgetExceeded, Context
+    from evaluator.dataset.loader import read_train_tokens
+
+    _set_threads(job["threads"])
+    _init_device(job["device"])
+    torch.manual_seed(job["seed"])
+    train_tokens = read_train_tokens(Path(job["train_path"]), job["eos_id"])
+
+    def emit(step: int, metrics: dict[str, float]) -> None:
+        channel.send("log", step=step, metrics=metrics)
+
+    ctx = Context(
+        train_tokens=train_tokens,
+        vocab_size=job["vocab_size"],
+        eos_id=job["eos_id"],
+        device=job["device"],
+        config=job["config"],
+        seed=job["seed"],
+        budget_s=job["budget_s"],
+        scratch=Path(job["scratch"]),
+        eval_seq_len=job["eval_seq_len"],
+        _emit=emit,
+    )
+
+    def out_of_time(signum, frame):
+        raise BudgetExceeded(f"training budget of {job['budget_s']:g} s is spent")
+
+    channel.send("start")
+    ctx._started_at = time.monotonic()
+    # A polite stop for code that never asks for time_left(); the evaluator's kill is the real one.
+    signal.signal(signal.SIGALRM, out_of_time)
+    signal.setitimer(signal.ITIMER_REAL, job["budget_s"])
+    try:
+        sys.path.insert(0, job["submission_dir"])
+        module = importlib.import_module(job["module"])
+        model = getattr(module, job["function"])(ctx)
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"{job['function']}() returned {type(model).__name__}, not a torch.nn.Module")
+        if job["device"].startswith("cuda"):
+            torch.cuda.synchronize()
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        size = _save(model, Path(job["out_dir"]) / MODEL_FILE)
+    except BudgetExceeded as exc:
+        channel.send("error", kind="over_budget", message=str(exc))
+        return 1
+    except BaseException as exc:  # the submission's failure, whatever it is, is reported, not raised
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        tail = "".join(traceback.format_exception(exc)[-_TRACEBACK_TAIL_LINES:])
+        sys.stderr.write(tail)
+        channel.send("error", kind="crashed", message=tail[-4000:])
+        return 1
+    channel.send("saved", bytes=size)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
