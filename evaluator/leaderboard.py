@@ -1,5 +1,783 @@
-"""Placeholder: filled in by its issue."""
+"""`evaluator leaderboard`: rankings built only from signed results that verify.
+
+One row per submission, track and official status: a submission's official runs and its
+unofficial runs (unsandboxed, budget overridden, ...) are never pooled. Official rows are ranked
+by mean val_loss; unofficial rows are listed after them, unranked.
+
+The record rule: official submissions are walked in the order of their first run. One with runs
+on at least 3 distinct seeds becomes the record holder if there is none yet, or if its val_losses
+beat the holder's in a one-sided Welch t-test at p < 0.05. The p-value of each test is shown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import io
+import json
+import math
+import sys
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from rich import box
+from rich.console import Console
+from rich.measure import Measurement
+from rich.table import Table
+from rich.text import Text
+
+from evaluator.errors import UserError
+from evaluator.fsutil import atomic_write_bytes
+from evaluator.paths import KEYS_DIR, RESULTS_DIR
+from evaluator.signing import VerifiedResult, display_path, envelope_paths, load_trusted_keys, verify_paths
+
+RECORD_MIN_SEEDS = 3
+RECORD_P_THRESHOLD = 0.05
+
+# Record statuses, as they appear in JSON and Parquet.
+RECORD = "record"
+FORMER_RECORD = "former record"
+NOT_SIGNIFICANT = "not significant"
+TOO_FEW_SEEDS = "too few seeds"
+NOT_ELIGIBLE = "unofficial"
 
 
-def register(subparsers):
-    pass
+# --- statistics -------------------------------------------------------------------------------
+
+
+def mean(values: list[float]) -> float:
+    return math.fsum(values) / len(values)
+
+
+def sample_variance(values: list[float]) -> float:
+    centre = mean(values)
+    return math.fsum((v - centre) ** 2 for v in values) / (len(values) - 1)
+
+
+def _continued_fraction(terms: Callable[[int], tuple[float, float]], b0: float) -> float:
+    """b0 + a1/(b1 + a2/(b2 + ...)) by the modified Lentz method; terms(j) gives (a_j, b_j)."""
+    tiny = 1e-300
+    value = b0 if b0 != 0 else tiny
+    c, d = value, 0.0
+    for j in range(1, 10_000):
+        a_j, b_j = terms(j)
+        d = b_j + a_j * d
+        d = 1.0 / (d if d != 0 else tiny)
+        c = b_j + a_j / c
+        c = c if c != 0 else tiny
+        step = c * d
+        value *= step
+        if abs(step - 1.0) < 1e-15:
+            return value
+    raise ArithmeticError("continued fraction did not converge")
+
+
+def regularized_incomplete_beta(a: float, b: float, x: float) -> float:
+    """I_x(a, b) for a, b > 0 and 0 <= x <= 1."""
+    if not 0.0 <= x <= 1.0:
+        raise ValueError(f"x = {x} is outside [0, 1]")
+    if x in (0.0, 1.0):
+        return x
+    # The fraction converges fast only left of the distribution's bulk; use the symmetry
+    # I_x(a, b) = 1 - I_{1-x}(b, a) on the other side.
+    if x > (a + 1.0) / (a + b + 2.0):
+        return 1.0 - regularized_incomplete_beta(b, a, 1.0 - x)
+    log_front = (
+        math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    )
+
+    def terms(j: int) -> tuple[float, float]:
+        if j % 2:  # odd: j = 2m + 1
+            m = (j - 1) // 2
+            return -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)), 1.0
+        m = j // 2
+        return m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)), 1.0
+
+    return math.exp(log_front) / (a * _continued_fraction(terms, 1.0))
+
+
+def student_t_cdf(t: float, df: float) -> float:
+    """P(T <= t) for Student's t with `df` degrees of freedom (df may be fractional, as in Welch's test)."""
+    if math.isinf(t):
+        return 1.0 if t > 0 else 0.0
+    tail = 0.5 * regularized_incomplete_beta(df / 2.0, 0.5, df / (df + t * t))
+    return 1.0 - tail if t > 0 else tail
+
+
+def welch_one_sided_p(baseline: list[float], challenger: list[float]) -> float:
+    """p-value of Welch's t-test for "the challenger's mean is lower than the baseline's"."""
+    if len(baseline) < 2 or len(challenger) < 2:
+        raise ValueError("Welch's t-test needs at least two values on each side")
+    var_base = sample_variance(baseline) / len(baseline)
+    var_chal = sample_variance(challenger) / len(challenger)
+    difference = mean(baseline) - mean(challenger)
+    if var_base + var_chal == 0.0:
+        # Both sides are constant: the difference is certain, either way.
+        return 0.0 if difference > 0 else 1.0
+    t = difference / math.sqrt(var_base + var_chal)
+    df = (var_base + var_chal) ** 2 / (
+        var_base**2 / (len(baseline) - 1) + var_chal**2 / (len(challenger) - 1)
+    )
+    return 1.0 - student_t_cdf(t, df)
+
+
+# --- rows -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Run:
+    run_id: str
+    seed: int
+    val_loss: float
+    val_bpb: float
+    train_seconds: float | None
+    budget_s: float
+    started_at: datetime
+    ended_at: datetime
+    signer: str
+    authors: list[str]
+    description: str
+    loss_curve: dict[str, Any]
+
+    @classmethod
+    def from_verified(cls, verified: VerifiedResult) -> Run:
+        result = verified.result
+        return cls(
+            run_id=result["run_id"],
+            seed=result["seed"],
+            val_loss=float(result["metrics"]["val_loss"]),
+            val_bpb=float(result["metrics"]["val_bpb"]),
+            train_seconds=result["train"]["train_seconds"],
+            budget_s=float(result["budget_s"]),
+            started_at=datetime.fromisoformat(result["started_at"]),
+            ended_at=datetime.fromisoformat(result["ended_at"]),
+            signer=verified.signer,
+            authors=result["submission"]["authors"],
+            description=result["submission"]["description"],
+            loss_curve=verified.loss_curve,
+        )
+
+
+@dataclass
+class Row:
+    track: str
+    submission: str
+    official: bool
+    runs: list[Run]  # in the order they started
+    rank: int | None = None
+    record_status: str = ""
+    # The test that decided record_status: its p-value and the record holder it was tested against.
+    record_p_value: float | None = None
+    record_baseline: str | None = None
+
+    @property
+    def authors(self) -> list[str]:
+        return list(dict.fromkeys(author for run in self.runs for author in run.authors))
+
+    @property
+    def description(self) -> str:
+        return self.runs[-1].description
+
+    @property
+    def val_losses(self) -> list[float]:
+        return [run.val_loss for run in self.runs]
+
+    @property
+    def mean_val_loss(self) -> float:
+        return mean(self.val_losses)
+
+    @property
+    def std_val_loss(self) -> float | None:
+        return math.sqrt(sample_variance(self.val_losses)) if len(self.runs) > 1 else None
+
+    @property
+    def best_run(self) -> Run:
+        return min(self.runs, key=lambda run: run.val_loss)
+
+    @property
+    def mean_val_bpb(self) -> float:
+        return mean([run.val_bpb for run in self.runs])
+
+    @property
+    def mean_train_seconds(self) -> float | None:
+        seconds = [run.train_seconds for run in self.runs if run.train_seconds is not None]
+        return mean(seconds) if seconds else None
+
+    @property
+    def seeds(self) -> int:
+        return len({run.seed for run in self.runs})
+
+    @property
+    def first_run_at(self) -> datetime:
+        return min(run.started_at for run in self.runs)
+
+    @property
+    def latest_run_at(self) -> datetime:
+        return max(run.ended_at for run in self.runs)
+
+    @property
+    def signers(self) -> list[str]:
+        return sorted({run.signer for run in self.runs})
+
+
+def build_rows(
+    verified: list[VerifiedResult], track: str | None = None
+) -> tuple[list[Row], list[tuple[Path, str]]]:
+    """Group verified runs into rows, rank them and mark records. Also returns duplicates it refused."""
+    duplicates: list[tuple[Path, str]] = []
+    seen: dict[str, Path] = {}
+    rows: dict[tuple[str, str, bool], Row] = {}
+    for item in sorted(verified, key=lambda v: str(v.path)):
+        result = item.result
+        if track is not None and result["track"]["id"] != track:
+            continue
+        if result["run_id"] in seen:
+            # The same signed run copied to a second file must not count twice.
+            first = display_path(seen[result["run_id"]])
+            duplicates.append((item.path, f"duplicate of run {result['run_id']} already counted from {first}"))
+            continue
+        seen[result["run_id"]] = item.path
+        key = (result["track"]["id"], result["submission"]["name"], result["official"])
+        rows.setdefault(key, Row(*key, runs=[])).runs.append(Run.from_verified(item))
+    ordered: list[Row] = []
+    for track_id in sorted({key[0] for key in rows}):
+        in_track = [row for key, row in rows.items() if key[0] == track_id]
+        for row in in_track:
+            row.runs.sort(key=lambda run: (run.started_at, run.run_id))
+        _mark_records(in_track)
+        official = sorted((r for r in in_track if r.official), key=lambda r: (r.mean_val_loss, r.submission))
+        unofficial = sorted((r for r in in_track if not r.official), key=lambda r: (r.mean_val_loss, r.submission))
+        for rank, row in enumerate(official, start=1):
+            row.rank = rank
+        ordered.extend(official + unofficial)
+    return ordered, duplicates
+
+
+def _mark_records(rows: list[Row]) -> None:
+    holder: Row | None = None
+    for row in sorted(rows, key=lambda r: (r.first_run_at, r.submission)):
+        if not row.official:
+            row.record_status = NOT_ELIGIBLE
+        elif row.seeds < RECORD_MIN_SEEDS:
+            row.record_status = TOO_FEW_SEEDS
+        elif holder is None:
+            row.record_status = RECORD
+            holder = row
+        else:
+            row.record_p_value = welch_one_sided_p(holder.val_losses, row.val_losses)
+            row.record_baseline = holder.submission
+            if row.record_p_value < RECORD_P_THRESHOLD:
+                holder.record_status = FORMER_RECORD
+                row.record_status = RECORD
+                holder = row
+            else:
+                row.record_status = NOT_SIGNIFICANT
+
+
+# --- text helpers -----------------------------------------------------------------------------
+
+
+def _loss(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _p_value(p: float) -> str:
+    return "p<0.0001" if p < 1e-4 else f"p={p:.2g}"
+
+
+def _mean_std(row: Row) -> str:
+    return _loss(row.mean_val_loss) + ("" if row.std_val_loss is None else f" ± {row.std_val_loss:.4f}")
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def _record_text(row: Row) -> str:
+    test = "" if row.record_p_value is None else f"{_p_value(row.record_p_value)} vs {row.record_baseline}"
+    if row.record_status == RECORD:
+        return f"★ record ({test or 'the first'})"
+    if row.record_status == FORMER_RECORD:
+        return f"former record ({test or 'the first'})"
+    if row.record_status == NOT_SIGNIFICANT:
+        return f"not a record: {test}"
+    if row.record_status == TOO_FEW_SEEDS:
+        return f"needs ≥{RECORD_MIN_SEEDS} seeds"
+    return "not eligible"
+
+
+# (header, numeric): numeric columns are right-aligned and never wrapped.
+COLUMNS = [
+    ("#", True), ("submission", False), ("val_loss mean ± std", True), ("runs", True), ("best val_loss", True),
+    ("val_bpb", True), ("train s", True), ("authors", False), ("latest run", False), ("status", False),
+    ("record", False),
+]
+# Short text columns that read badly when broken across lines.
+UNBROKEN = {"submission", "latest run", "status"}
+
+
+def _author_name(author: str) -> str:
+    """'Name <email>' without the address, for the narrow terminal table."""
+    name = author.split("<", 1)[0].strip()
+    return name or author
+
+
+def _cells(row: Row, names_only: bool = False) -> list[str]:
+    authors = [_author_name(a) for a in row.authors] if names_only else row.authors
+    return [
+        str(row.rank) if row.rank is not None else "-",
+        row.submission,
+        _mean_std(row),
+        f"{len(row.runs)} ({row.seeds} seeds)" if row.seeds != len(row.runs) else str(len(row.runs)),
+        _loss(row.best_run.val_loss),
+        _loss(row.mean_val_bpb),
+        _seconds(row.mean_train_seconds),
+        ", ".join(authors),
+        row.latest_run_at.date().isoformat(),
+        "official" if row.official else "unofficial",
+        _record_text(row),
+    ]
+
+
+def _by_track(rows: list[Row]) -> dict[str, list[Row]]:
+    grouped: dict[str, list[Row]] = {}
+    for row in rows:
+        grouped.setdefault(row.track, []).append(row)
+    return grouped
+
+
+RULE_TEXT = (
+    f"Ranked by mean validation loss (nats/token, lower is better); ± is the sample standard deviation "
+    f"over runs. A submission becomes the record when it has runs on at least {RECORD_MIN_SEEDS} seeds and "
+    f"beats the record holder at that time in a one-sided Welch t-test at p < {RECORD_P_THRESHOLD}; "
+    "submissions are considered in the order of their first run. Unofficial runs are listed apart and never "
+    "hold a record."
+)
+
+
+# --- renderers --------------------------------------------------------------------------------
+
+
+# Shorter headers where a terminal is narrow.
+TERMINAL_HEADERS = {"val_loss mean ± std": "val_loss ± std", "best val_loss": "best"}
+
+
+def _rich_table(track_id: str, rows: list[Row]) -> Table:
+    table = Table(title=f"Track {track_id}", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    for header, numeric in COLUMNS:
+        if numeric or header in UNBROKEN:
+            table.add_column(TERMINAL_HEADERS.get(header, header), justify="right" if numeric else "left", no_wrap=True)
+        else:
+            table.add_column(TERMINAL_HEADERS.get(header, header), overflow="fold")
+    for row in rows:
+        table.add_row(*map(Text, _cells(row, names_only=True)), style="bold" if row.record_status == RECORD else None)
+    return table
+
+
+def _row_cards(track_id: str, rows: list[Row]) -> Text:
+    """Two lines per row: what a terminal too narrow for the table still shows legibly."""
+    text = Text(f"Track {track_id}\n", style="italic")
+    for row in rows:
+        cells = dict(zip((header for header, _ in COLUMNS), _cells(row, names_only=True)))
+        style = "bold" if row.record_status == RECORD else ""
+        text.append(f"{cells['#']:>3}  {row.submission}\n", style="bold")
+        runs = cells["runs"] + (" run" if cells["runs"] == "1" else " runs")
+        text.append(
+            f"     val_loss {cells['val_loss mean ± std']} · {runs} · best {cells['best val_loss']}"
+            f" · bpb {cells['val_bpb']} · {cells['train s']} s\n",
+            style=style,
+        )
+        details = [cells["authors"], f"latest {cells['latest run']}", cells["status"], cells["record"]]
+        text.append(f"     {' · '.join(details)}\n")
+    return text
+
+
+def print_table(console: Console, rows: list[Row], verified_count: int) -> None:
+    if not rows:
+        console.print("No verified results.")
+    for track_id, track_rows in _by_track(rows).items():
+        table = _rich_table(track_id, track_rows)
+        natural_width = Measurement.get(console, console.options.update_width(10_000), table).maximum
+        if natural_width <= console.width:
+            console.print(table)
+        else:
+            console.print(_row_cards(track_id, track_rows))
+    console.print(f"{verified_count} verified result(s). {RULE_TEXT}", markup=False, highlight=False)
+
+
+def render_table(rows: list[Row], verified_count: int) -> str:
+    """The terminal table as plain text, wide enough that no column folds."""
+    buffer = io.StringIO()
+    print_table(Console(file=buffer, width=200, color_system=None), rows, verified_count)
+    return buffer.getvalue()
+
+
+def _markdown_cell(text: str) -> str:
+    return html.escape(text, quote=False).replace("|", "\\|")
+
+
+def render_markdown(rows: list[Row], verified_count: int) -> str:
+    lines = [
+        "# Leaderboard",
+        "",
+        f"Generated by `evaluator leaderboard` from {verified_count} signed result(s) that verify. {RULE_TEXT}",
+        "",
+    ]
+    if not rows:
+        lines += ["No verified results yet.", ""]
+    for track_id, track_rows in _by_track(rows).items():
+        lines += [f"## Track `{track_id}`", ""]
+        lines.append("| " + " | ".join(header for header, _ in COLUMNS) + " |")
+        lines.append("|" + "|".join("---:" if numeric else "---" for _, numeric in COLUMNS) + "|")
+        for row in track_rows:
+            cells = [_markdown_cell(cell) for cell in _cells(row)]
+            if row.record_status == RECORD:
+                cells[1] = f"**{cells[1]}**"
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _row_json(row: Row) -> dict[str, Any]:
+    return {
+        "track": row.track,
+        "rank": row.rank,
+        "submission": row.submission,
+        "official": row.official,
+        "authors": row.authors,
+        "description": row.description,
+        "runs": len(row.runs),
+        "seeds": row.seeds,
+        "val_loss_mean": row.mean_val_loss,
+        "val_loss_std": row.std_val_loss,
+        "best_val_loss": row.best_run.val_loss,
+        "best_run_id": row.best_run.run_id,
+        "val_bpb_mean": row.mean_val_bpb,
+        "train_seconds_mean": row.mean_train_seconds,
+        "first_run_at": row.first_run_at.isoformat(),
+        "latest_run_at": row.latest_run_at.isoformat(),
+        "record_status": row.record_status,
+        "record_p_value": row.record_p_value,
+        "record_baseline": row.record_baseline,
+        "signers": row.signers,
+        "run_details": [
+            {
+                "run_id": run.run_id,
+                "seed": run.seed,
+                "val_loss": run.val_loss,
+                "val_bpb": run.val_bpb,
+                "train_seconds": run.train_seconds,
+                "started_at": run.started_at.isoformat(),
+                "signer": run.signer,
+            }
+            for run in row.runs
+        ],
+    }
+
+
+def render_json(rows: list[Row], verified_count: int, rejected: list[tuple[Path, str]]) -> str:
+    document = {
+        "verified": verified_count,
+        "rejected": [{"path": display_path(path), "reason": reason} for path, reason in rejected],
+        "record_rule": RULE_TEXT,
+        "rows": [_row_json(row) for row in rows],
+    }
+    return json.dumps(document, indent=2, ensure_ascii=False) + "\n"
+
+
+PARQUET_SCHEMA = pa.schema(
+    [
+        ("track", pa.string()),
+        ("rank", pa.int32()),
+        ("submission", pa.string()),
+        ("official", pa.bool_()),
+        ("authors", pa.list_(pa.string())),
+        ("description", pa.string()),
+        ("runs", pa.int32()),
+        ("seeds", pa.int32()),
+        ("val_loss_mean", pa.float64()),
+        ("val_loss_std", pa.float64()),
+        ("best_val_loss", pa.float64()),
+        ("best_run_id", pa.string()),
+        ("val_bpb_mean", pa.float64()),
+        ("train_seconds_mean", pa.float64()),
+        ("first_run_at", pa.timestamp("us", tz="UTC")),
+        ("latest_run_at", pa.timestamp("us", tz="UTC")),
+        ("record_status", pa.string()),
+        ("record_p_value", pa.float64()),
+        ("record_baseline", pa.string()),
+        ("signers", pa.list_(pa.string())),
+        ("run_ids", pa.list_(pa.string())),
+        ("val_losses", pa.list_(pa.float64())),
+    ]
+)
+
+
+def render_parquet(rows: list[Row]) -> bytes:
+    records = []
+    for row in rows:
+        record = _row_json(row)
+        del record["run_details"]
+        record["first_run_at"] = row.first_run_at
+        record["latest_run_at"] = row.latest_run_at
+        record["run_ids"] = [run.run_id for run in row.runs]
+        record["val_losses"] = row.val_losses
+        records.append(record)
+    table = pa.Table.from_pylist(records, schema=PARQUET_SCHEMA)
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    return buffer.getvalue()
+
+
+# --- HTML -------------------------------------------------------------------------------------
+
+PALETTE = ["#1c64b0", "#d9480f", "#2b8a3e", "#862e9c", "#c2255c", "#0b7285", "#e67700", "#4263eb",
+           "#5c5f66", "#8f5c00"]
+
+PLOT_WIDTH, PLOT_HEIGHT = 960, 420
+MARGIN_LEFT, MARGIN_RIGHT, MARGIN_TOP, MARGIN_BOTTOM = 64, 20, 16, 48
+
+
+def _nice_ticks(low: float, high: float, target: int = 6) -> list[float]:
+    """Round tick values (1, 2, 2.5 or 5 times a power of ten) covering [low, high]."""
+    if high <= low:
+        high = low + 1.0
+    raw_step = (high - low) / target
+    magnitude = 10 ** math.floor(math.log10(raw_step))
+    step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw_step)
+    first = math.ceil(low / step - 1e-9)
+    ticks = []
+    index = first
+    while index * step <= high + 1e-9 * step:
+        ticks.append(round(index * step, 10))
+        index += 1
+    return ticks
+
+
+def render_svg(track_id: str, rows: list[Row]) -> tuple[str, bool]:
+    """The loss-curve plot for one track's rows; returns (svg, whether early high losses were cut off)."""
+    runs = [(index, run) for index, row in enumerate(rows) for run in row.runs]
+    curves = [(index, run, list(zip(run.loss_curve["time_s"], run.loss_curve["value"]))) for index, run in runs]
+    x_max = max([run.budget_s for _, run in runs]
+                + [t for _, _, points in curves for t, _ in points]
+                + [run.train_seconds or 0.0 for _, run in runs])
+    finals = [run.val_loss for _, run in runs]
+    values = [v for _, _, points in curves for _, v in points] + finals
+    y_low = min(values)
+    # The first seconds of training sit far above everything that decides the ranking; the axis
+    # starts at the highest loss logged after the first tenth of the budget, so the tails are legible.
+    late = [v for _, _, points in curves for t, v in points if t >= 0.1 * x_max] + finals
+    y_high = max(late)
+    pad = 0.05 * (y_high - y_low or 1.0)
+    y_low, y_high = y_low - pad, y_high + pad
+    clipped = max(values) > y_high
+    x_ticks = _nice_ticks(0.0, x_max)
+    y_ticks = [tick for tick in _nice_ticks(y_low, y_high) if y_low <= tick <= y_high]
+
+    clip_id = "".join(ch if ch.isalnum() else "-" for ch in track_id)
+    inner_w = PLOT_WIDTH - MARGIN_LEFT - MARGIN_RIGHT
+    inner_h = PLOT_HEIGHT - MARGIN_TOP - MARGIN_BOTTOM
+    x_span = max(x_ticks[-1], x_max)
+
+    def px(t: float) -> float:
+        return MARGIN_LEFT + inner_w * t / x_span
+
+    def py(v: float) -> float:
+        return MARGIN_TOP + inner_h * (y_high - v) / (y_high - y_low)
+
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {PLOT_WIDTH} {PLOT_HEIGHT}" role="img" '
+        f'aria-label="Training loss by training time for each run">',
+        f'<defs><clipPath id="plot-area-{clip_id}"><rect x="{MARGIN_LEFT}" y="{MARGIN_TOP}" '
+        f'width="{inner_w}" height="{inner_h}"/></clipPath></defs>',
+        f'<rect x="{MARGIN_LEFT}" y="{MARGIN_TOP}" width="{inner_w}" height="{inner_h}" class="frame"/>',
+    ]
+    for tick in x_ticks:
+        x = px(tick)
+        parts.append(f'<line x1="{x:.1f}" y1="{MARGIN_TOP}" x2="{x:.1f}" y2="{MARGIN_TOP + inner_h}" class="grid"/>')
+        parts.append(
+            f'<text x="{x:.1f}" y="{MARGIN_TOP + inner_h + 18}" class="tick" text-anchor="middle">{tick:g}</text>'
+        )
+    for tick in y_ticks:
+        y = py(tick)
+        parts.append(f'<line x1="{MARGIN_LEFT}" y1="{y:.1f}" x2="{MARGIN_LEFT + inner_w}" y2="{y:.1f}" class="grid"/>')
+        parts.append(f'<text x="{MARGIN_LEFT - 8}" y="{y + 4:.1f}" class="tick" text-anchor="end">{tick:g}</text>')
+    parts.append(
+        f'<text x="{MARGIN_LEFT + inner_w / 2}" y="{PLOT_HEIGHT - 8}" class="axis" text-anchor="middle">'
+        "training time (s, evaluator clock)</text>"
+    )
+    parts.append(
+        f'<text transform="translate(16 {MARGIN_TOP + inner_h / 2}) rotate(-90)" class="axis" '
+        'text-anchor="middle">loss (nats/token)</text>'
+    )
+    parts.append(f'<g clip-path="url(#plot-area-{clip_id})">')
+    for index, run, points in curves:
+        if not points:
+            continue
+        colour = PALETTE[index % len(PALETTE)]
+        coordinates = " ".join(f"{px(t):.1f},{py(v):.1f}" for t, v in points)
+        label = html.escape(f"{rows[index].submission} · {run.run_id} (seed {run.seed}): training loss")
+        kind = "curve" if rows[index].official else "curve unofficial"
+        parts.append(
+            f'<polyline points="{coordinates}" stroke="{colour}" class="{kind}"><title>{label}</title></polyline>'
+        )
+    parts.append("</g>")
+    for index, run in runs:
+        colour = PALETTE[index % len(PALETTE)]
+        x = px(run.train_seconds if run.train_seconds is not None else x_max)
+        y = py(run.val_loss)
+        label = html.escape(
+            f"{rows[index].submission} · {run.run_id} (seed {run.seed}): final val_loss {run.val_loss:.4f}"
+        )
+        parts.append(
+            f'<path d="M{x:.1f} {y - 6:.1f} L{x + 6:.1f} {y:.1f} L{x:.1f} {y + 6:.1f} L{x - 6:.1f} {y:.1f} Z" '
+            f'fill="{colour}" class="final"><title>{label}</title></path>'
+        )
+    parts.append("</svg>")
+    return "\n".join(parts), clipped
+
+
+HTML_STYLE = """
+body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif;
+       margin: 2rem auto; max-width: 1200px; padding: 0 1rem; color: #1d2125; line-height: 1.45; }
+h1 { margin-bottom: .25rem; }
+p.rule { color: #495057; max-width: 75ch; }
+table { border-collapse: collapse; width: 100%; font-size: .9rem; margin: 1rem 0; }
+th, td { padding: .35rem .55rem; border-bottom: 1px solid #dee2e6; text-align: left; vertical-align: top; }
+th { background: #f1f3f5; font-weight: 600; white-space: nowrap; }
+.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+.unbroken { white-space: nowrap; }
+tr.record td { background: #fff4d6; font-weight: 600; }
+tr.unofficial td { color: #6c757d; }
+.swatch { display: inline-block; width: .8rem; height: .8rem; border-radius: 2px; margin-right: .4rem;
+          vertical-align: -1px; }
+figure { margin: 1rem 0 2.5rem; }
+figcaption { color: #495057; font-size: .85rem; max-width: 90ch; }
+svg { width: 100%; height: auto; font-family: inherit; }
+svg .frame { fill: #fcfcfd; stroke: #adb5bd; }
+svg .grid { stroke: #e9ecef; }
+svg .tick { font-size: 12px; fill: #495057; }
+svg .axis { font-size: 13px; fill: #1d2125; }
+svg .curve { fill: none; stroke-width: 1.6; stroke-opacity: .75; stroke-linejoin: round; }
+svg .curve.unofficial { stroke-dasharray: 5 3; }
+svg .final { stroke: #fff; stroke-width: 1.5; }
+"""
+
+
+def _html_class(header: str, numeric: bool) -> str:
+    return "num" if numeric else "unbroken" if header in UNBROKEN else "text"
+
+
+def render_html(rows: list[Row], verified_count: int) -> str:
+    body = [
+        "<h1>Speedrun leaderboard</h1>",
+        f'<p class="rule">Built by <code>evaluator leaderboard</code> from {verified_count} signed result(s) that '
+        f"verify. {html.escape(RULE_TEXT)}</p>",
+    ]
+    if not rows:
+        body.append("<p>No verified results yet.</p>")
+    for track_id, track_rows in _by_track(rows).items():
+        body.append(f"<h2>Track <code>{html.escape(track_id)}</code></h2>")
+        headers = "".join(f'<th class="{_html_class(h, numeric)}">{html.escape(h)}</th>' for h, numeric in COLUMNS)
+        body.append(f"<table><thead><tr>{headers}</tr></thead><tbody>")
+        for index, row in enumerate(track_rows):
+            classes = ["record"] if row.record_status == RECORD else []
+            classes += [] if row.official else ["unofficial"]
+            cells = [html.escape(cell) for cell in _cells(row)]
+            cells[1] = f'<span class="swatch" style="background:{PALETTE[index % len(PALETTE)]}"></span>{cells[1]}'
+            tds = "".join(
+                f'<td class="{_html_class(header, numeric)}">{cell}</td>' for cell, (header, numeric) in zip(cells, COLUMNS)
+            )
+            body.append(f'<tr class="{" ".join(classes)}">{tds}</tr>')
+        body.append("</tbody></table>")
+        svg, clipped = render_svg(track_id, track_rows)
+        caption = (
+            "Training loss that each run logged through <code>ctx.log</code>, against the evaluator's clock; one "
+            "line per run, coloured by submission (dashed: unofficial). ◆ marks each run's final validation loss "
+            "at the moment its model was saved."
+        )
+        if clipped:
+            caption += " The first seconds of training, where the loss is above the plotted range, are cut off."
+        body.append(f"<figure>{svg}<figcaption>{caption}</figcaption></figure>")
+    return (
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+        f"<title>Speedrun leaderboard</title>\n<style>{HTML_STYLE}</style>\n</head>\n<body>\n"
+        + "\n".join(body)
+        + "\n</body>\n</html>\n"
+    )
+
+
+# --- command line -----------------------------------------------------------------------------
+
+FORMATS = ("table", "markdown", "html", "json", "parquet")
+
+
+def render(fmt: str, rows: list[Row], verified_count: int, rejected: list[tuple[Path, str]]) -> bytes:
+    if fmt == "table":
+        return render_table(rows, verified_count).encode("utf-8")
+    if fmt == "markdown":
+        return render_markdown(rows, verified_count).encode("utf-8")
+    if fmt == "html":
+        return render_html(rows, verified_count).encode("utf-8")
+    if fmt == "json":
+        return render_json(rows, verified_count, rejected).encode("utf-8")
+    return render_parquet(rows)
+
+
+def _run_leaderboard(args: argparse.Namespace) -> int:
+    if args.format == "parquet" and args.out is None:
+        raise UserError("--format parquet writes a binary file: give it --out PATH")
+    results_dir = Path(args.results)
+    if not results_dir.is_dir():
+        raise UserError(f"results directory {results_dir} does not exist")
+    trusted = load_trusted_keys(Path(args.trusted_keys))
+    verified, rejected = verify_paths(envelope_paths(results_dir), trusted)
+    rows, duplicates = build_rows(verified, args.track)
+    rejected += duplicates
+    counted = sum(len(row.runs) for row in rows)
+    if rejected:
+        sys.stderr.write(f"leaderboard: {len(rejected)} envelope(s) rejected, not shown:\n")
+        for path, reason in rejected:
+            sys.stderr.write(f"  {display_path(path)}: {reason}\n")
+    if args.track is not None and not rows:
+        sys.stderr.write(f"leaderboard: no verified results for track {args.track!r}\n")
+    if args.format == "table" and args.out is None and sys.stdout.isatty():
+        print_table(Console(), rows, counted)
+        return 0
+    output = render(args.format, rows, counted, rejected)
+    if args.out is None:
+        sys.stdout.write(output.decode("utf-8"))
+    else:
+        atomic_write_bytes(Path(args.out), output)
+        sys.stderr.write(f"leaderboard: wrote {args.out} ({len(rows)} row(s) from {counted} run(s))\n")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "leaderboard",
+        help="rank submissions from verified results",
+        description=(
+            "Build the leaderboard from the signed results that verify (rejected envelopes are listed on "
+            "stderr and never shown). One row per submission and track: mean ± std of val_loss over its runs, "
+            "best run, val_bpb, train seconds, authors, latest run, official or not, and the record test "
+            f"(>= {RECORD_MIN_SEEDS} seeds, one-sided Welch t-test, p < {RECORD_P_THRESHOLD})."
+        ),
+    )
+    parser.add_argument("--track", metavar="ID", help="only this track (default: every track, one table each)")
+    parser.add_argument("--format", choices=FORMATS, default="table", help="output format (default: table)")
+    parser.add_argument(
+        "--out", metavar="PATH", help="write here (atomically) instead of stdout; required for parquet"
+    )
+    parser.add_argument(
+        "--results", default=str(RESULTS_DIR), metavar="DIR", help="published envelopes (default: the repo's results/)"
+    )
+    parser.add_argument(
+        "--trusted-keys", default=str(KEYS_DIR), metavar="DIR", help="trusted *.pub keys (default: spec/keys/)"
+    )
+    parser.set_defaults(handler=_run_leaderboard)

@@ -1,0 +1,420 @@
+"""keygen, publish and verify with real Ed25519 keys, real signatures and real Parquet metrics."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import shutil
+import stat
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from cryptography.hazmat.primitives import serialization
+
+from evaluator import cli
+from evaluator.fsutil import tree_sha256
+from evaluator.signing import (
+    LOSS_CURVE_MAX_POINTS,
+    PAYLOAD_TYPE,
+    PREDICATE_TYPE,
+    STATEMENT_TYPE,
+    build_statement,
+    empty_loss_curve,
+    envelope_bytes,
+    generate_key_pair,
+    keyid_of,
+    load_private_key,
+    pae,
+    sign_statement,
+)
+
+T0 = datetime(2025, 3, 1, 12, 0, tzinfo=timezone.utc)
+
+
+def run_cli(monkeypatch, capsys, *argv: str) -> tuple[int, str, str]:
+    """The real `evaluator` entry point, with only this issue's commands registered."""
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ["evaluator.signing", "evaluator.leaderboard"])
+    code = cli.main([str(arg) for arg in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def make_submission(root: Path, name: str, authors: list[str] | None = None) -> Path:
+    folder = root / "submissions" / name
+    if not folder.is_dir():
+        folder.mkdir(parents=True)
+        (folder / "manifest.toml").write_text(f'schema = 1\n[submission]\nname = "{name}"\n')
+        (folder / "train.py").write_text("def train(ctx):\n    raise NotImplementedError\n")
+    return folder
+
+
+def make_run(
+    root: Path,
+    run_id: str,
+    *,
+    submission: str = "tiny-gpt",
+    seed: int = 0,
+    val_loss: float = 4.0,
+    started_at: datetime = T0,
+    track: str = "cpu-1min",
+    status: str = "ok",
+    official: bool = True,
+    authors: list[str] | None = None,
+    loss_points: int = 40,
+    extra_metric_rows: int = 0,
+) -> Path:
+    """A run directory whose result.json validates against the schema, with a small metrics.parquet."""
+    folder = make_submission(root, submission)
+    run_dir = root / "runs" / run_id
+    run_dir.mkdir(parents=True)
+    train_seconds = 55.0 + seed
+    result = {
+        "schema_version": 1,
+        "run_id": run_id,
+        "status": status,
+        "message": "" if status == "ok" else "the train function raised",
+        "official": official,
+        "unofficial_reasons": [] if official else ["--sandbox none: the run was not sandboxed"],
+        "submission": {
+            "name": submission,
+            "authors": authors or ["Ada Example <ada@example.org>"],
+            "description": f"{submission} for tests",
+            "manifest_sha256": hashlib.sha256((folder / "manifest.toml").read_bytes()).hexdigest(),
+            "tree_sha256": tree_sha256(folder),
+            "path": str(folder),
+        },
+        "track": {"id": track, "sha256": "ab" * 32, "budget_s": 60, "device": "cpu"},
+        "budget_s": 60,
+        "data": {
+            "dataset_id": "pydoc-100k",
+            "train_sha256": "01" * 32,
+            "val_sha256": "02" * 32,
+            "tokenizer_sha256": "03" * 32,
+        },
+        "seed": seed,
+        "metrics": (
+            {"val_loss": val_loss, "val_bpb": val_loss / 2.3, "val_tokens": 10000, "val_bytes": 40000, "val_documents": 100}
+            if status == "ok"
+            else None
+        ),
+        "audit": {"cuts": 8, "passed": True, "max_abs_diff": 0.0, "tolerance": 1e-4} if status == "ok" else None,
+        "train": {"train_seconds": train_seconds, "steps": loss_points, "tokens": 1e6, "tokens_per_s": 1e6 / train_seconds},
+        "scoring_seconds": 3.5,
+        "environment": {
+            "python": "3.11.2",
+            "torch": "2.13.0",
+            "evaluator_version": "0.1.0",
+            "platform": "Linux",
+            "cpu": "test cpu",
+            "gpu": None,
+            "sandbox": {"kind": "nsjail" if official else "none", "version": "3.4"},
+        },
+        "started_at": started_at.isoformat(),
+        "ended_at": (started_at + timedelta(seconds=70)).isoformat(),
+    }
+    (run_dir / "result.json").write_text(json.dumps(result, indent=2))
+    rows = []
+    for step in range(loss_points):
+        time_s = train_seconds * (step + 1) / loss_points
+        rows.append((time_s, step, "loss", val_loss - 0.2 + 5.0 * 0.9 ** step))
+    rows += [(0.5 * i, i, "lr", 1e-3) for i in range(extra_metric_rows)]
+    table = pa.table(
+        {
+            "time_s": pa.array([r[0] for r in rows], pa.float64()),
+            "step": pa.array([r[1] for r in rows], pa.int64()),
+            "key": pa.array([r[2] for r in rows], pa.string()),
+            "value": pa.array([r[3] for r in rows], pa.float64()),
+        }
+    )
+    pq.write_table(table, run_dir / "metrics.parquet")
+    return run_dir
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> tuple[Path, Path]:
+    """(private key path, trusted-keys dir holding its public key)."""
+    private, public, _ = generate_key_pair(tmp_path / "private", "tester")
+    trusted = tmp_path / "trusted"
+    trusted.mkdir()
+    shutil.copy(public, trusted / public.name)
+    return private, trusted
+
+
+def published(tmp_path: Path, run_dir: Path) -> Path:
+    result = json.loads((run_dir / "result.json").read_text())
+    return tmp_path / "results" / result["track"]["id"] / result["submission"]["name"] / f"{result['run_id']}.json"
+
+
+def decode_statement(envelope_path: Path) -> dict:
+    envelope = json.loads(envelope_path.read_text())
+    return json.loads(base64.b64decode(envelope["payload"]))
+
+
+# --- keygen ---------------------------------------------------------------------------------------
+
+
+def test_keygen_writes_private_key_0600_and_never_overwrites(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "keys"
+    code, stdout, _ = run_cli(monkeypatch, capsys, "keygen", "--out", out, "--name", "alice")
+    assert code == 0
+    private, public = out / "alice.key", out / "alice.pub"
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600
+    key = load_private_key(private)
+    assert keyid_of(key.public_key()) in stdout
+    before = private.read_bytes(), public.read_bytes()
+
+    code, _, stderr = run_cli(monkeypatch, capsys, "keygen", "--out", out, "--name", "alice")
+    assert code == 2
+    assert "refusing to overwrite" in stderr and "alice.key" in stderr
+    assert (private.read_bytes(), public.read_bytes()) == before
+
+
+def test_keygen_refuses_when_only_the_public_half_exists(tmp_path, monkeypatch, capsys):
+    (tmp_path / "bob.pub").write_text("someone else's key\n")
+    code, _, stderr = run_cli(monkeypatch, capsys, "keygen", "--out", tmp_path, "--name", "bob")
+    assert code == 2 and "bob.pub" in stderr
+    assert not (tmp_path / "bob.key").exists()
+
+
+def test_keyid_is_sha256_of_the_raw_public_key(tmp_path):
+    private, public, keyid = generate_key_pair(tmp_path, "carol")
+    loaded = serialization.load_pem_public_key(public.read_bytes())
+    raw = loaded.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    assert keyid == hashlib.sha256(raw).hexdigest() == keyid_of(load_private_key(private).public_key())
+
+
+def test_pae_is_dsse_v1_encoding():
+    # The example from the DSSE protocol description.
+    assert pae("http://example.com/HelloWorld", b"hello world") == (
+        b"DSSEv1 29 http://example.com/HelloWorld 11 hello world"
+    )
+
+
+# --- publish ---------------------------------------------------------------------------------------
+
+
+def test_publish_then_verify_round_trip(tmp_path, keys, monkeypatch, capsys):
+    private, trusted = keys
+    run_dir = make_run(tmp_path, "run-1", extra_metric_rows=5)
+    code, stdout, _ = run_cli(monkeypatch, capsys, "publish", run_dir, "--key", private, "--results", tmp_path / "results")
+    assert code == 0, stdout
+    target = published(tmp_path, run_dir)
+    assert target.is_file()
+
+    envelope = json.loads(target.read_text())
+    assert envelope["payloadType"] == PAYLOAD_TYPE
+    assert envelope["signatures"][0]["keyid"] == keyid_of(load_private_key(private).public_key())
+    statement = decode_statement(target)
+    result = json.loads((run_dir / "result.json").read_text())
+    assert statement["_type"] == STATEMENT_TYPE
+    assert statement["predicateType"] == PREDICATE_TYPE
+    assert statement["subject"] == [{"name": "tiny-gpt", "digest": {"sha256": result["submission"]["tree_sha256"]}}]
+    assert statement["predicate"]["result"] == result
+    assert statement["predicate"]["official"] is True
+    curve = statement["predicate"]["loss_curve"]
+    assert len(curve["value"]) == curve["logged_points"] == 40  # the 5 "lr" rows are not loss
+    assert curve["time_s"] == sorted(curve["time_s"])
+
+    code, stdout, _ = run_cli(monkeypatch, capsys, "verify", target, "--trusted-keys", trusted)
+    assert code == 0
+    assert stdout.startswith("OK") and "run-1" in stdout and "signed by tester" in stdout
+
+    # Ed25519 is deterministic, so publishing the same run again is a no-op, not a conflict.
+    code, stdout, _ = run_cli(monkeypatch, capsys, "publish", run_dir, "--key", private, "--results", tmp_path / "results")
+    assert code == 0 and "already published" in stdout
+
+
+def test_publish_thins_a_long_loss_curve_keeping_both_ends(tmp_path, keys, monkeypatch, capsys):
+    private, _ = keys
+    run_dir = make_run(tmp_path, "long", loss_points=3 * LOSS_CURVE_MAX_POINTS + 7)
+    assert run_cli(monkeypatch, capsys, "publish", run_dir, "--key", private, "--results", tmp_path / "results")[0] == 0
+    curve = decode_statement(published(tmp_path, run_dir))["predicate"]["loss_curve"]
+    assert len(curve["step"]) == LOSS_CURVE_MAX_POINTS
+    assert curve["logged_points"] == 3 * LOSS_CURVE_MAX_POINTS + 7
+    assert curve["step"][0] == 0 and curve["step"][-1] == 3 * LOSS_CURVE_MAX_POINTS + 6
+
+
+def test_publish_refuses_a_run_that_is_not_ok(tmp_path, keys, monkeypatch, capsys):
+    run_dir = make_run(tmp_path, "crashed-run", status="crashed")
+    code, _, stderr = run_cli(monkeypatch, capsys, "publish", run_dir, "--key", keys[0], "--results", tmp_path / "results")
+    assert code == 2 and "status is crashed" in stderr
+    assert not (tmp_path / "results").exists()
+
+
+def test_publish_refuses_unofficial_unless_asked_and_then_marks_it(tmp_path, keys, monkeypatch, capsys):
+    private, trusted = keys
+    run_dir = make_run(tmp_path, "laptop", official=False)
+    args = ("publish", run_dir, "--key", private, "--results", tmp_path / "results")
+    code, _, stderr = run_cli(monkeypatch, capsys, *args)
+    assert code == 2 and "unofficial" in stderr and "--unofficial" in stderr and "not sandboxed" in stderr
+
+    assert run_cli(monkeypatch, capsys, *args, "--unofficial")[0] == 0
+    target = published(tmp_path, run_dir)
+    assert decode_statement(target)["predicate"]["official"] is False
+    code, stdout, _ = run_cli(monkeypatch, capsys, "verify", target, "--trusted-keys", trusted)
+    assert code == 0 and "unofficial" in stdout
+
+
+def test_publish_refuses_when_the_submission_changed_since_the_run(tmp_path, keys, monkeypatch, capsys):
+    run_dir = make_run(tmp_path, "edited")
+    (tmp_path / "submissions" / "tiny-gpt" / "train.py").write_text("def train(ctx):\n    return None\n")
+    code, _, stderr = run_cli(monkeypatch, capsys, "publish", run_dir, "--key", keys[0], "--results", tmp_path / "results")
+    assert code == 2 and "changed since the run" in stderr and "tree hash" in stderr
+
+
+def test_publish_without_the_submission_folder_warns_and_publishes(tmp_path, keys, monkeypatch, capsys):
+    run_dir = make_run(tmp_path, "elsewhere")
+    shutil.rmtree(tmp_path / "submissions" / "tiny-gpt")
+    code, _, stderr = run_cli(monkeypatch, capsys, "publish", run_dir, "--key", keys[0], "--results", tmp_path / "results")
+    assert code == 0 and "not re-checked" in stderr
+
+
+def test_publish_refuses_to_replace_a_different_envelope(tmp_path, keys, monkeypatch, capsys):
+    run_dir = make_run(tmp_path, "twice")
+    results = tmp_path / "results"
+    assert run_cli(monkeypatch, capsys, "publish", run_dir, "--key", keys[0], "--results", results)[0] == 0
+    target = published(tmp_path, run_dir)
+    first = target.read_bytes()
+    other, _, _ = generate_key_pair(tmp_path / "other", "mallory")
+    code, _, stderr = run_cli(monkeypatch, capsys, "publish", run_dir, "--key", other, "--results", results)
+    assert code == 2 and "refusing to overwrite" in stderr
+    assert target.read_bytes() == first
+
+
+def _drop_metrics(text: str) -> str:
+    data = json.loads(text)
+    del data["metrics"]
+    return json.dumps(data)
+
+
+@pytest.mark.parametrize(
+    "corrupt, expected",
+    [
+        (_drop_metrics, "not a valid result"),
+        (lambda text: text.replace('"val_loss": 4.0', '"val_loss": NaN'), "not valid JSON"),
+        (lambda text: text[: len(text) // 2], "not valid JSON"),
+    ],
+    ids=["metrics-dropped", "nan", "truncated"],
+)
+def test_publish_refuses_a_bad_result_json(tmp_path, keys, monkeypatch, capsys, corrupt, expected):
+    run_dir = make_run(tmp_path, "bad")
+    result_path = run_dir / "result.json"
+    result_path.write_text(corrupt(result_path.read_text()))
+    code, _, stderr = run_cli(monkeypatch, capsys, "publish", run_dir, "--key", keys[0], "--results", tmp_path / "results")
+    assert code == 2 and expected in stderr and "Traceback" not in stderr
+
+
+def test_publish_refuses_a_key_that_is_not_an_ed25519_private_key(tmp_path, keys, monkeypatch, capsys):
+    run_dir = make_run(tmp_path, "r")
+    public = keys[1] / "tester.pub"
+    code, _, stderr = run_cli(monkeypatch, capsys, "publish", run_dir, "--key", public, "--results", tmp_path / "results")
+    assert code == 2 and "private key" in stderr
+
+
+# --- verify: every kind of bad envelope is named, with its reason ----------------------------------
+
+
+def _sign_with(private: Path, statement: dict) -> bytes:
+    return envelope_bytes(sign_statement(statement, load_private_key(private)))
+
+
+def _tamper_payload(envelope_path: Path, private: Path, tmp_path: Path) -> None:
+    envelope = json.loads(envelope_path.read_text())
+    statement = json.loads(base64.b64decode(envelope["payload"]))
+    statement["predicate"]["result"]["metrics"]["val_loss"] = 0.5
+    envelope["payload"] = base64.b64encode(json.dumps(statement).encode()).decode()
+    envelope_path.write_text(json.dumps(envelope))
+
+
+def _sign_with_unknown_key(envelope_path: Path, private: Path, tmp_path: Path) -> None:
+    stranger, _, _ = generate_key_pair(tmp_path / "stranger", "stranger")
+    envelope_path.write_bytes(_sign_with(stranger, decode_statement(envelope_path)))
+
+
+def _truncate(envelope_path: Path, private: Path, tmp_path: Path) -> None:
+    data = envelope_path.read_bytes()
+    envelope_path.write_bytes(data[: len(data) // 2])
+
+
+def _sign_an_invalid_result(envelope_path: Path, private: Path, tmp_path: Path) -> None:
+    statement = decode_statement(envelope_path)
+    del statement["predicate"]["result"]["seed"]
+    envelope_path.write_bytes(_sign_with(private, statement))
+
+
+def _sign_a_mismatched_subject(envelope_path: Path, private: Path, tmp_path: Path) -> None:
+    statement = decode_statement(envelope_path)
+    statement["subject"][0]["digest"]["sha256"] = "f" * 64
+    envelope_path.write_bytes(_sign_with(private, statement))
+
+
+def _sign_a_non_statement(envelope_path: Path, private: Path, tmp_path: Path) -> None:
+    envelope_path.write_bytes(_sign_with(private, {"hello": "world"}))
+
+
+def _edit_the_submission(envelope_path: Path, private: Path, tmp_path: Path) -> None:
+    (tmp_path / "submissions" / "tiny-gpt" / "train.py").write_text("# edited after publishing\n")
+
+
+def _change_payload_type(envelope_path: Path, private: Path, tmp_path: Path) -> None:
+    envelope = json.loads(envelope_path.read_text())
+    envelope["payloadType"] = "application/json"
+    envelope_path.write_text(json.dumps(envelope))
+
+
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        (_tamper_payload, "does not match the payload"),
+        (_sign_with_unknown_key, "unknown key"),
+        (_truncate, "not valid JSON"),
+        (_sign_an_invalid_result, "not a valid result"),
+        (_sign_a_mismatched_subject, "subject does not match"),
+        (_sign_a_non_statement, "not an in-toto Statement"),
+        (_edit_the_submission, "no longer matches the signed tree hash"),
+        (_change_payload_type, "payloadType"),
+    ],
+    ids=lambda value: value.__name__.strip("_") if callable(value) else None,
+)
+def test_verify_names_each_bad_envelope_and_its_reason(tmp_path, keys, monkeypatch, capsys, damage, reason):
+    private, trusted = keys
+    good_run = make_run(tmp_path, "good", submission="other-sub")
+    bad_run = make_run(tmp_path, "bad")
+    for run_dir in (good_run, bad_run):
+        assert run_cli(monkeypatch, capsys, "publish", run_dir, "--key", private, "--results", tmp_path / "results")[0] == 0
+    bad = published(tmp_path, bad_run)
+    damage(bad, private, tmp_path)
+
+    code, stdout, stderr = run_cli(monkeypatch, capsys, "verify", tmp_path / "results", "--trusted-keys", trusted)
+    assert code == 1
+    lines = dict(line.split("  ", 1) for line in stdout.splitlines())
+    assert set(lines) == {"OK", "FAIL"}
+    assert lines["FAIL"].startswith(str(bad)) or bad.name in lines["FAIL"]
+    assert reason in lines["FAIL"]
+    assert "good" in lines["OK"]
+    assert "Traceback" not in stderr and "1 verified, 1 failed" in stderr
+
+
+def test_verify_of_a_missing_file_fails_cleanly(tmp_path, keys, monkeypatch, capsys):
+    code, stdout, stderr = run_cli(monkeypatch, capsys, "verify", tmp_path / "nope.json", "--trusted-keys", keys[1])
+    assert code == 1 and stdout.startswith("FAIL") and "cannot read" in stdout and "Traceback" not in stderr
+
+
+def test_verify_refuses_a_trusted_key_that_does_not_load(tmp_path, monkeypatch, capsys):
+    (tmp_path / "broken.pub").write_text("not a key\n")
+    code, _, stderr = run_cli(monkeypatch, capsys, "verify", tmp_path / "x.json", "--trusted-keys", tmp_path)
+    assert code == 2 and "broken.pub" in stderr
+
+
+def test_statement_without_metrics_curve_still_verifies(tmp_path, keys, monkeypatch, capsys):
+    private, trusted = keys
+    run_dir = make_run(tmp_path, "no-curve")
+    result = json.loads((run_dir / "result.json").read_text())
+    target = tmp_path / "envelope.json"
+    target.write_bytes(_sign_with(private, build_statement(result, empty_loss_curve())))
+    code, stdout, _ = run_cli(monkeypatch, capsys, "verify", target, "--trusted-keys", trusted)
+    assert code == 0, stdout
