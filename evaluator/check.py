@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from evaluator.errors import UserError
+from evaluator.fsutil import submission_paths
 from evaluator.manifest import MANIFEST_NAME, Finding, Manifest, parse_manifest
 from evaluator.paths import REPO_ROOT, SUBMISSIONS_DIR
 from evaluator.tracks import TrackError, available_tracks, load_track_file, track_path
@@ -69,21 +70,18 @@ def check_submission(folder: Path) -> CheckReport:
 def _check_tree(folder: Path) -> list[Finding]:
     findings = []
     total = 0
-    for dirpath, dirnames, filenames in os.walk(folder):  # never follows symlinks
-        for name in sorted(dirnames + filenames):
-            path = Path(dirpath) / name
-            rel = path.relative_to(folder).as_posix()
-            info = path.lstat()
-            if stat.S_ISLNK(info.st_mode):
-                findings.append(Finding(rel, f"is a symlink (to {os.readlink(path)!r}): symlinks are not allowed; copy the file in instead"))
-            elif stat.S_ISDIR(info.st_mode):
-                continue
-            elif not stat.S_ISREG(info.st_mode):
-                findings.append(Finding(rel, "is a device file, FIFO or socket: only regular files are allowed"))
-            else:
-                total += info.st_size
-                findings += _check_file(path, rel, info.st_size)
-        dirnames[:] = [d for d in dirnames if not (Path(dirpath) / d).is_symlink()]
+    for path in submission_paths(folder):
+        rel = path.relative_to(folder).as_posix()
+        info = path.lstat()
+        if stat.S_ISLNK(info.st_mode):
+            findings.append(Finding(rel, f"is a symlink (to {os.readlink(path)!r}): symlinks are not allowed; copy the file in instead"))
+        elif stat.S_ISDIR(info.st_mode):
+            continue
+        elif not stat.S_ISREG(info.st_mode):
+            findings.append(Finding(rel, "is a device file, FIFO or socket: only regular files are allowed"))
+        else:
+            total += info.st_size
+            findings += _check_file(path, rel, info.st_size)
     if total > FOLDER_MAX_BYTES:
         findings.append(Finding(".", f"the folder holds {total} bytes; the limit is {FOLDER_MAX_BYTES} (1 MiB): remove generated or data files"))
     return findings

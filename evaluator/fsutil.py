@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -44,18 +45,45 @@ def atomic_write_text(path: Path, text: str, mode: int = 0o644) -> None:
     atomic_write_bytes(path, text.encode("utf-8"), mode)
 
 
+# Python writes these when a submission is imported in place; they are never part of a submission:
+# `check` and the hash ignore them, and the jail only ever sees a staged copy without them.
+IGNORED_DIRS = {"__pycache__"}
+
+
+def submission_paths(root: Path) -> list[Path]:
+    """Every path under root (files, dirs, links, specials) except ignored dirs, without following links."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in IGNORED_DIRS)
+        found.extend(Path(dirpath) / name for name in sorted(dirnames + filenames))
+    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+
+
 def tree_sha256(root: Path) -> str:
-    """Hash of a folder's regular files: relative paths and contents, in sorted order.
+    """Hash of a folder: relative paths and contents of its files, in sorted order.
 
     Symlinks and special files are refused by `evaluator check` before anything is hashed; here they
     are hashed by their kind and target so that a changed tree never hashes the same.
     """
     root = Path(root)
     digest = hashlib.sha256()
-    for path in sorted(root.rglob("*"), key=lambda p: p.relative_to(root).as_posix()):
+    for path in submission_paths(root):
         rel = path.relative_to(root).as_posix()
         if path.is_symlink():
             digest.update(f"L {rel}\0{os.readlink(path)}\0".encode())
         elif path.is_file():
             digest.update(f"F {rel}\0{sha256_file(path)}\0".encode())
     return digest.hexdigest()
+
+
+def stage_tree(root: Path, destination: Path) -> None:
+    """Copy a checked submission's regular files (and dirs) to destination: the snapshot a run uses."""
+    for path in submission_paths(root):
+        target = destination / path.relative_to(root)
+        if path.is_symlink():
+            continue
+        if path.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+        elif path.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)

@@ -36,7 +36,7 @@ from evaluator.check import check_submission
 from evaluator.dataset.loader import read_documents
 from evaluator.dataset.store import resolve_data_file, tokenizer_info
 from evaluator.errors import UserError
-from evaluator.fsutil import atomic_write_bytes, atomic_write_text, sha256_file, tree_sha256
+from evaluator.fsutil import atomic_write_bytes, atomic_write_text, sha256_file, stage_tree, tree_sha256
 from evaluator.harness import MODEL_FILE
 from evaluator.manifest import MANIFEST_NAME, parse_manifest
 from evaluator.paths import REPO_ROOT, RUNS_DIR
@@ -155,7 +155,10 @@ def _train(jailed, budget_s: float, display: _LiveDisplay, launched_at: float) -
             return outcome
         if event["event"] == "start":
             started_at = arrived
-            outcome.timings["harness_start_s"] = arrived - launched_at
+            outcome.timings["launch_to_start_s"] = arrived - launched_at
+            phases = event.get("phases")
+            if isinstance(phases, dict):
+                outcome.timings.update({f"harness_{k}": float(v) for k, v in phases.items() if isinstance(v, (int, float))})
             display.update(0.0, "importing submission")
 
     # Phase 2: the clock runs.
@@ -296,6 +299,7 @@ def evaluate(
 ) -> tuple[dict[str, Any], Path | None]:
     """One evaluation run. Returns the result record and the run directory."""
     console = console or Console(stderr=True)
+    began = time.monotonic()
     folder = Path(folder)
     report = check_submission(folder)
     if not report.ok:
@@ -320,6 +324,10 @@ def evaluate(
     scratch = run_dir / "scratch"
     for directory in (jail_out, scratch, run_dir / "sandbox"):
         directory.mkdir(parents=True)
+    # The run uses a snapshot: edits to the folder during the run change nothing, and the hash
+    # recorded is the hash of exactly what ran.
+    staged = (run_dir / "submission").resolve()
+    stage_tree(folder, staged)
     os.chmod(jail_out, 0o777)  # the jail runs as nobody
     os.chmod(scratch, 0o777)
     started = utc_now()
@@ -339,7 +347,7 @@ def evaluate(
 
     threads = track.threads
     job = {
-        "submission_dir": str(folder.resolve()),
+        "submission_dir": str(staged),
         "module": manifest.entry_module_name,
         "function": manifest.entry_function,
         "train_path": str(train_path.resolve()),
@@ -370,7 +378,7 @@ def evaluate(
             workdir=run_dir / "sandbox",
             cwd=scratch.resolve(),
             env=_jail_env(threads, scratch.resolve()),
-            ro_paths=[folder.resolve(), train_path.resolve(), job_path.resolve(), _PACKAGE_DIR],
+            ro_paths=[staged, train_path.resolve(), job_path.resolve(), _PACKAGE_DIR],
             rw_paths=[jail_out.resolve()],
             tmpfs={scratch.resolve(): limits["scratch_mib"] * 2**20},
             memory_bytes=limits["memory_mib"] * 2**20,
@@ -381,13 +389,15 @@ def evaluate(
             gpu_index=0 if device.startswith("cuda") else None,
         )
         launched = time.monotonic()
+        timings["prepare_s"] = launched - began
         with _LiveDisplay(console, manifest.name, budget_s) as display, sandbox.start(spec) as jailed:
             outcome = _train(jailed, budget_s, display, launched)
+            train_returned = time.monotonic()
             if outcome.status not in ("ok", "over_budget"):
                 tail = jailed.log_tail(_LOG_TAIL_BYTES)
                 if tail.strip() and tail.strip() not in outcome.message:
                     outcome.message += "\n--- log tail ---\n" + tail
-        timings.update(outcome.timings, jail_total_s=time.monotonic() - launched)
+        timings.update(outcome.timings, teardown_s=time.monotonic() - train_returned, jail_total_s=time.monotonic() - launched)
         shutil.rmtree(scratch, ignore_errors=True)
         _write_metrics(run_dir, outcome.metrics_rows)
 
@@ -401,7 +411,7 @@ def evaluate(
                     workdir=run_dir / "sandbox",
                     name=f"{run_id}-score",
                     model_path=model_path,
-                    submission_dir=folder.resolve(),
+                    submission_dir=staged,
                     documents=read_documents(val_path),
                     vocab_size=vocab_size,
                     eos_id=eos_id,
@@ -435,8 +445,8 @@ def evaluate(
             "authors": manifest.authors,
             "description": manifest.description,
             "path": _relative_to_repo(folder),
-            "manifest_sha256": sha256_file(folder / MANIFEST_NAME),
-            "tree_sha256": tree_sha256(folder),
+            "manifest_sha256": sha256_file(staged / MANIFEST_NAME),
+            "tree_sha256": tree_sha256(staged),
         },
         "track": {"id": track.id, "sha256": track.sha256, "budget_s": track.budget_s, "device": track.device_kind},
         "budget_s": budget_s,

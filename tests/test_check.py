@@ -149,3 +149,18 @@ def test_new_copies_template_with_name_and_refuses_overwrite(tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
     assert main(["new", "Alice", "--dir", str(tmp_path)]) == 2
     assert "must match" in capsys.readouterr().err
+
+
+def test_pycache_is_ignored_by_check_and_tree_hash(submission, capsys):
+    from evaluator.fsutil import stage_tree, tree_sha256
+
+    before = tree_sha256(submission)
+    _write(submission, "__pycache__/train.cpython-311.pyc", b"\x00compiled")
+    assert _check(submission, capsys)[0] == 0
+    assert tree_sha256(submission) == before
+    staged = submission.parent / "staged"
+    stage_tree(submission, staged)
+    assert not (staged / "__pycache__").exists()
+    assert tree_sha256(staged) == before
+    _write(submission, "notes.md", "changed")
+    assert tree_sha256(submission) != before
