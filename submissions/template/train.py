@@ -44,6 +44,9 @@ class TinyGPT(nn.Module):
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab_size, bias=False)
         self.head.weight = self.embed.weight  # tied embeddings: fewer parameters to overfit
+        # nn.Embedding starts at N(0, 1), which with tied weights makes the first logits huge.
+        nn.init.normal_(self.embed.weight, std=0.02)
+        nn.init.normal_(self.position.weight, std=0.02)
 
     def forward(self, tokens):
         positions = torch.arange(tokens.shape[1], device=tokens.device)
@@ -79,6 +82,6 @@ def train(ctx):
         optimizer.step()
         step += 1
         tokens_seen += window[:, 1:].numel()
-        if step % 10 == 0:
+        if step % 5 == 0:
             ctx.log(step, loss=loss.item(), tokens=tokens_seen)
     return model
