@@ -1,5 +1,164 @@
-"""Placeholder: filled in by its issue."""
+"""`evaluator data build` and `evaluator data verify`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from evaluator.errors import UserError
+from evaluator.paths import DATASETS_DIR, REPO_ROOT
+
+DEFAULT_DATASET_ID = "pydoc-100k"
 
 
-def register(subparsers):
-    pass
+def register(subparsers) -> None:
+    data = subparsers.add_parser(
+        "data",
+        help="build the fixed dataset or verify the data files against the tracks",
+        description="Build a dataset (Parquet splits, tokenizer, datasheet) or verify pinned hashes.",
+    )
+    commands = data.add_subparsers(title="data commands", metavar="COMMAND", parser_class=type(data))
+    commands.required = True
+    _register_build(commands)
+    _register_verify(commands)
+
+
+def _register_build(commands) -> None:
+    build = commands.add_parser(
+        "build",
+        help="build train.parquet, val.parquet, tokenizer.json and DATASHEET.md",
+        description=(
+            "Build a dataset directory deterministically (the same bytes on every build from the same "
+            "source) and print the SHA-256 of each file. The default source is the CPython 3.11 "
+            "documentation from Debian's python3.11-doc; 'hub' is the predecessor's path (a Hugging "
+            "Face dataset and hub tokenizer; needs a network and the optional 'hub' extra)."
+        ),
+        epilog=(
+            "examples:\n"
+            "  evaluator data build --source pydoc\n"
+            "  evaluator data build --source hub --id cosmopedia-100k --max-chars 500\n"
+            "Pin the printed hashes in the [dataset] section of each track that uses the dataset."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    build.add_argument("--source", choices=["pydoc", "hub"], default="pydoc", help="where the text comes from (default: pydoc)")
+    build.add_argument("--id", dest="dataset_id", help=f"dataset id (default for pydoc: {DEFAULT_DATASET_ID}; required for hub)")
+    build.add_argument("--out", type=Path, help="output directory (default: spec/datasets/<id>)")
+    build.add_argument("--docs", type=_positive_int, default=1000, help="pydoc: exact number of documents; hub: read the first N documents (default: 1000)")
+    build.add_argument("--tokens", type=_positive_int, default=100_000, help="pydoc: total tokens to aim at (within 1%%); hub: cap on total tokens (default: 100000)")
+    pydoc = build.add_argument_group("pydoc source")
+    pydoc.add_argument("--source-dir", type=Path, help="the reST sources (default: /usr/share/doc/python3.11/html/_sources)")
+    pydoc.add_argument("--vocab-size", type=_positive_int, default=8192, help="BPE vocabulary size, <|endoftext|> included (default: 8192)")
+    hub = build.add_argument_group("hub source")
+    hub.add_argument("--hub-dataset", default=None, help="dataset name (default: HuggingFaceTB/smollm-corpus)")
+    hub.add_argument("--hub-config", default=None, help="dataset configuration (default: cosmopedia-v2)")
+    hub.add_argument("--hub-split", default="train", help="dataset split to read (default: train)")
+    hub.add_argument("--text-field", default="text", help="column holding the text (default: text)")
+    hub.add_argument("--hub-tokenizer", default=None, help="tokenizer name (default: HuggingFaceTB/SmolLM-135M)")
+    hub.add_argument("--max-chars", type=_positive_int, default=500, help="cut each document to at most this many characters (default: 500)")
+    build.set_defaults(handler=run_build)
+
+
+def _register_verify(commands) -> None:
+    verify = commands.add_parser(
+        "verify",
+        help="check the data files against the SHA-256 pinned in the tracks",
+        description=(
+            "Check every data file that a track pins (train, val, tokenizer) against its SHA-256, "
+            "and that it reads as what it is (Parquet split with the expected columns, tokenizer with "
+            "the <|endoftext|> separator, token ids within the vocabulary). Prints one line per file; "
+            "exits 1 if any file is missing, differs or is unreadable. A file that a track pins by "
+            "hash only is looked up in $EVALUATOR_PRIVATE_DATA (see docs/DATASET.md)."
+        ),
+    )
+    verify.add_argument("--track", help="a track id or a track .toml file (default: every track in spec/tracks)")
+    verify.set_defaults(handler=run_verify)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+    return value
+
+
+def run_build(args: argparse.Namespace) -> int:
+    try:
+        out_dir, hashes = _build(args)
+    except OSError as exc:
+        raise UserError(f"{exc.filename or args.out}: {exc.strerror or exc}") from None
+    for name, digest in hashes.items():
+        print(f"{digest}  {_shown(out_dir / name)}")
+    return 0
+
+
+def _build(args: argparse.Namespace) -> tuple[Path, dict[str, str]]:
+    if args.source == "pydoc":
+        from evaluator.dataset import source_pydoc
+
+        dataset_id = args.dataset_id or DEFAULT_DATASET_ID
+        out_dir = args.out or DATASETS_DIR / dataset_id
+        hashes = source_pydoc.build(
+            out_dir,
+            dataset_id,
+            source_dir=args.source_dir or source_pydoc.DEFAULT_SOURCE_DIR,
+            n_docs=args.docs,
+            target_tokens=args.tokens,
+            vocab_size=args.vocab_size,
+        )
+    else:
+        from evaluator.dataset import source_hub
+
+        if not args.dataset_id:
+            raise UserError("--id is required with --source hub (it names the dataset in the tracks)")
+        source = source_hub.HubSource(
+            dataset=args.hub_dataset or source_hub.DEFAULT_DATASET,
+            config=args.hub_config if args.hub_dataset else (args.hub_config or source_hub.DEFAULT_CONFIG),
+            split=args.hub_split,
+            text_field=args.text_field,
+            tokenizer=args.hub_tokenizer or source_hub.DEFAULT_TOKENIZER,
+            n_docs=args.docs,
+            max_chars=args.max_chars,
+            max_tokens=args.tokens,
+        )
+        out_dir = args.out or DATASETS_DIR / args.dataset_id
+        hashes = source_hub.build(out_dir, args.dataset_id, source)
+    return out_dir, hashes
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    from evaluator import tracks
+    from evaluator.dataset.store import check_data_files
+
+    if args.track is None:
+        chosen = [tracks.load_track(track_id) for track_id in tracks.available_tracks()]
+        if not chosen:
+            raise UserError(f"no track files in {tracks.TRACKS_DIR}")
+    elif args.track.endswith(".toml"):
+        chosen = [tracks.load_track_file(Path(args.track))]
+    else:
+        chosen = [tracks.load_track(args.track)]
+    failures = checked = 0
+    id_width = max(len(track.id) for track in chosen)
+    for track in chosen:
+        for which, path, problem in check_data_files(track):
+            checked += 1
+            if problem is None:
+                print(f"ok    {track.id:{id_width}}  {which:9}  {_shown(path)}")
+            else:
+                failures += 1
+                print(f"FAIL  {track.id:{id_width}}  {which:9}  {problem}")
+    if failures:
+        sys.stderr.write(f"evaluator: {failures} of {checked} data files are missing or do not match their track\n")
+        return 1
+    return 0
+
+
+def _shown(path: Path) -> str:
+    """Paths inside the repository are shown relative to it, as the tracks write them."""
+    path = Path(path).absolute()
+    return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
