@@ -1,0 +1,256 @@
+"""`evaluator run` end to end with the real nsjail on the CPU track: statuses, the clock, isolation."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import socket
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import run_cli, write_submission
+from evaluator import runner
+from evaluator.cli import main
+from evaluator.paths import REPO_ROOT
+from evaluator.results import result_problems
+from evaluator.sandbox import SandboxUnavailable
+
+CGROUP_ROOTS = [Path("/sys/fs/cgroup/memory/speedrun-evaluator"), Path("/sys/fs/cgroup/pids/speedrun-evaluator")]
+# Interpreter start and `import torch` before the clock, plus teardown: generous on a busy 2-core box.
+STARTUP_SLACK_S = 25
+
+RETURN_UNIFORM = """
+def train(ctx):
+    ctx.log(1, loss=9.0, tokens=100)
+    return TinyCausal(ctx.vocab_size)
+"""
+
+
+def _assert_nothing_left(record: dict) -> None:
+    run_id = record["run_id"]
+    for root in CGROUP_ROOTS:
+        if root.exists():
+            assert not [p.name for p in root.iterdir() if run_id in p.name], f"cgroup left behind under {root}"
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmdline = (proc / "cmdline").read_bytes()
+            except OSError:
+                continue
+            assert run_id.encode() not in cmdline, f"process {proc.name} of the run is still alive"
+
+
+def test_ok_run_is_scored_recorded_and_cleaned_up(tmp_path, runs_dir, capsys):
+    folder = write_submission(tmp_path, "uniform", RETURN_UNIFORM)
+    code, record = run_cli(folder, runs_dir, "--budget", "5", "--sandbox", "nsjail", capsys=capsys)
+    assert code == 0, record["message"]
+    assert record["status"] == "ok"
+    # Zero head: uniform logits, so the evaluator's own scoring must give exactly ln(vocab).
+    assert record["metrics"]["val_loss"] == pytest.approx(math.log(8192), abs=1e-5)
+    assert record["audit"]["passed"] is True
+    assert 0 < record["train"]["train_seconds"] <= 5
+    assert record["environment"]["sandbox"]["kind"] == "nsjail"
+    assert record["official"] is False and "budget overridden" in record["unofficial_reasons"][0]
+    run_dir = runs_dir / record["run_id"]
+    assert result_problems(json.loads((run_dir / "result.json").read_text())) == []
+    metrics = pq.read_table(run_dir / "metrics.parquet").to_pylist()
+    assert {(m["step"], m["key"], m["value"]) for m in metrics} == {(1, "loss", 9.0), (1, "tokens", 100.0)}
+    assert all(0 <= m["time_s"] <= 5 for m in metrics)
+    assert (run_dir / "model.pt").is_file() and not (run_dir / "jail-out").exists()
+    _assert_nothing_left(record)
+
+
+@pytest.mark.parametrize(
+    "name,body",
+    [
+        ("busy-loop", "def train(ctx):\n    while True:\n        pass\n"),
+        (
+            "patched-clock",
+            "import time\n\ndef train(ctx):\n    time.monotonic = lambda: 0.0\n    time.time = lambda: 0.0\n"
+            "    ctx.time_left = lambda: 1e9\n    time.sleep(600)\n",
+        ),
+        ("ignores-polite-stop", "def train(ctx):\n    while True:\n        try:\n            while True:\n                pass\n        except BaseException:\n            pass\n"),
+        ("slow-import", "import time\ntime.sleep(600)\n\ndef train(ctx):\n    return TinyCausal(ctx.vocab_size)\n"),
+    ],
+)
+def test_the_clock_cannot_be_escaped(tmp_path, runs_dir, capsys, name, body):
+    folder = write_submission(tmp_path, name, body)
+    began = time.monotonic()
+    code, record = run_cli(folder, runs_dir, "--budget", "3", "--sandbox", "nsjail", capsys=capsys)
+    assert record["status"] == "over_budget", record["message"]
+    assert code == 1
+    assert record["metrics"] is None
+    assert time.monotonic() - began < 3 + STARTUP_SLACK_S
+    _assert_nothing_left(record)
+
+
+def test_work_at_import_time_counts(tmp_path, runs_dir, capsys):
+    body = "import time\ntime.sleep(2.5)\n" + RETURN_UNIFORM
+    folder = write_submission(tmp_path, "import-work", body)
+    code, record = run_cli(folder, runs_dir, "--budget", "6", "--sandbox", "nsjail", capsys=capsys)
+    assert record["status"] == "ok", record["message"]
+    assert record["train"]["train_seconds"] >= 2.5
+
+
+def test_crash_reports_the_traceback_tail(tmp_path, runs_dir, capsys):
+    body = "def train(ctx):\n    print('about to fail')\n    raise ValueError('boom-marker-42')\n"
+    folder = write_submission(tmp_path, "crasher", body)
+    code, record = run_cli(folder, runs_dir, "--budget", "5", "--sandbox", "nsjail", capsys=capsys)
+    assert (code, record["status"]) == (1, "crashed")
+    assert "ValueError: boom-marker-42" in record["message"] and "train.py" in record["message"]
+    log = (runs_dir / record["run_id"] / "train.log").read_text()
+    assert "about to fail" in log  # the submission's stdout is captured in the log
+
+
+def test_returning_something_else_than_a_module_is_a_crash(tmp_path, runs_dir, capsys):
+    folder = write_submission(tmp_path, "returns-dict", "def train(ctx):\n    return {'weights': 1}\n")
+    code, record = run_cli(folder, runs_dir, "--budget", "5", "--sandbox", "nsjail", capsys=capsys)
+    assert record["status"] == "crashed"
+    assert "returned dict, not a torch.nn.Module" in record["message"]
+
+
+@pytest.fixture
+def make_track(tmp_path, monkeypatch):
+    """Installs a variant of cpu-1min with other sandbox limits as an extra track for this test."""
+    tracks = tmp_path / "tracks"
+    tracks.mkdir()
+    for path in (REPO_ROOT / "spec" / "tracks").glob("*.toml"):
+        (tracks / path.name).write_text(path.read_text())
+    monkeypatch.setattr("evaluator.tracks.TRACKS_DIR", tracks)
+
+    def make(track_id: str, **limits: int) -> str:
+        text = (REPO_ROOT / "spec" / "tracks" / "cpu-1min.toml").read_text().replace('id = "cpu-1min"', f'id = "{track_id}"')
+        for key, value in limits.items():
+            text, count = re.subn(rf"(?m)^{key} = \d+", f"{key} = {value}", text)
+            assert count == 1, key
+        (tracks / f"{track_id}.toml").write_text(text)
+        return track_id
+
+    return make
+
+
+def test_memory_bomb_is_out_of_memory(tmp_path, runs_dir, capsys, make_track):
+    small_track = make_track("cpu-small-memory", memory_mib=1024)
+    body = "import torch\n\ndef train(ctx):\n    hoard = [torch.ones(2**28) for _ in range(8)]\n    return TinyCausal(ctx.vocab_size)\n"
+    folder = write_submission(tmp_path, "memory-bomb", body)
+    code, record = run_cli(folder, runs_dir, "--track", small_track, "--budget", "20", "--sandbox", "nsjail", capsys=capsys)
+    assert (code, record["status"]) == (1, "out_of_memory"), record["message"]
+    _assert_nothing_left(record)
+
+
+def test_fork_bomb_is_contained(tmp_path, runs_dir, capsys, make_track):
+    small_track = make_track("cpu-few-pids", pids=48)
+    body = "import os\n\ndef train(ctx):\n    while True:\n        os.fork()\n"
+    folder = write_submission(tmp_path, "fork-bomb", body)
+    began = time.monotonic()
+    code, record = run_cli(folder, runs_dir, "--track", small_track, "--budget", "5", "--sandbox", "nsjail", capsys=capsys)
+    assert record["status"] in ("crashed", "over_budget"), record["message"]
+    assert time.monotonic() - began < 5 + STARTUP_SLACK_S
+    _assert_nothing_left(record)
+
+
+PROBE = '''
+import json
+import os
+import socket
+
+
+def _try(action):
+    try:
+        action()
+        return "allowed"
+    except Exception as exc:
+        return type(exc).__name__
+
+
+def _read(path):
+    with open(path, "rb") as handle:
+        handle.read(1)
+
+
+def _write(path):
+    with open(path, "w") as handle:
+        handle.write("escaped")
+
+
+def _connect(port):
+    with socket.create_connection(("127.0.0.1", port), timeout=2):
+        pass
+
+
+def train(ctx):
+    c = ctx.config
+    report = {
+        "tcp_to_host_listener": _try(lambda: _connect(c["port"])),
+        "read_val_split": _try(lambda: _read(c["val_path"])),
+        "read_canary": _try(lambda: _read(c["canary"])),
+        "read_tokenizer": _try(lambda: _read(c["tokenizer_path"])),
+        "write_submission": _try(lambda: _write(os.path.join(os.path.dirname(__file__), "evil.txt"))),
+        "write_usr": _try(lambda: _write("/usr/evil.txt")),
+        "write_repo": _try(lambda: _write(c["repo_file"])),
+        "write_scratch": _try(lambda: _write(os.path.join(str(ctx.scratch), "fine.txt"))),
+    }
+    raise RuntimeError("PROBE " + json.dumps(report))
+'''
+
+
+def test_the_jail_has_no_network_no_data_and_a_read_only_filesystem(tmp_path, runs_dir, capsys):
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    listener.settimeout(0.5)
+    canary = tmp_path / "canary.txt"
+    canary.write_text("secret")
+    repo_file = REPO_ROOT / "results" / f"escape-{os.getpid()}.txt"
+    config = {
+        "port": listener.getsockname()[1],
+        "val_path": str(REPO_ROOT / "spec" / "datasets" / "pydoc-100k" / "val.parquet"),
+        "tokenizer_path": str(REPO_ROOT / "spec" / "datasets" / "pydoc-100k" / "tokenizer.json"),
+        "canary": str(canary),
+        "repo_file": str(repo_file),
+    }
+    folder = write_submission(tmp_path, "probe", PROBE, config)
+    code, record = run_cli(folder, runs_dir, "--budget", "8", "--sandbox", "nsjail", capsys=capsys)
+    assert record["status"] == "crashed"
+    report = json.loads(record["message"].split("RuntimeError: PROBE ", 1)[1].splitlines()[0])
+    assert report.pop("write_scratch") == "allowed"
+    assert {key: value for key, value in report.items() if value == "allowed"} == {}
+    with pytest.raises(socket.timeout):
+        listener.accept()
+    assert not repo_file.exists() and not (folder / "evil.txt").exists()
+    listener.close()
+
+
+def test_sandbox_none_is_labelled_unofficial(tmp_path, runs_dir, capsys):
+    folder = write_submission(tmp_path, "unsandboxed", RETURN_UNIFORM)
+    code, record = run_cli(folder, runs_dir, "--budget", "5", "--sandbox", "none", capsys=capsys)
+    assert record["status"] == "ok", record["message"]
+    assert record["environment"]["sandbox"]["kind"] == "none"
+    assert "not sandboxed (--sandbox none)" in record["unofficial_reasons"]
+
+
+def test_explicit_nsjail_never_falls_back(tmp_path, runs_dir, capsys, monkeypatch):
+    def unavailable(choice):
+        raise SandboxUnavailable("nsjail: cannot create cgroups (test)")
+
+    monkeypatch.setattr(runner, "open_sandbox", unavailable)
+    folder = write_submission(tmp_path, "no-jail", RETURN_UNIFORM)
+    code, record = run_cli(folder, runs_dir, "--budget", "5", "--sandbox", "nsjail", capsys=capsys)
+    assert (code, record["status"]) == (3, "sandbox_error")
+    assert "cannot create cgroups (test)" in record["message"]
+
+
+def test_bad_input_exits_2_without_a_traceback(tmp_path, capsys):
+    folder = write_submission(tmp_path, "fine", RETURN_UNIFORM)
+    assert main(["run", str(folder), "--budget", "-1"]) == 2
+    assert main(["run", str(folder), "--track", "nope"]) == 2
+    (folder / "weights.pt").write_bytes(b"x")
+    assert main(["run", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert "positive number" in err and "unknown track 'nope'" in err and "weights.pt" in err
+    assert "Traceback" not in err
