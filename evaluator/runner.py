@@ -38,11 +38,10 @@ from evaluator.dataset.store import resolve_data_file, tokenizer_info
 from evaluator.errors import UserError
 from evaluator.fsutil import atomic_write_bytes, atomic_write_text, sha256_file, stage_tree, tree_sha256
 from evaluator.harness import MODEL_FILE
-from evaluator.manifest import MANIFEST_NAME, parse_manifest
+from evaluator.manifest import MANIFEST_NAME, Manifest, parse_manifest
 from evaluator.paths import REPO_ROOT, RUNS_DIR
 from evaluator.results import EXIT_CODES, environment, utc_now, write_result
 from evaluator.sandbox import JailSpec, SandboxUnavailable, open_sandbox
-from evaluator.scoring import InvalidModel, score_model
 from evaluator.tracks import Track, load_track
 
 # Interpreter start, `import torch`, device initialisation and data loading happen before the clock;
@@ -229,6 +228,7 @@ def _train(jailed, budget_s: float, display: _LiveDisplay, launched_at: float) -
 
 def _take_model(jail_out: Path, run_dir: Path, cap_bytes: int) -> Path:
     """Move the saved model out of the jail's output dir after checking it is a plain, capped file."""
+    from evaluator.scoring import InvalidModel
     candidate = jail_out / MODEL_FILE
     try:
         info = candidate.lstat()
@@ -287,20 +287,30 @@ def _check_device(track: Track) -> str:
     return "cuda:0"
 
 
-def evaluate(
-    folder: Path,
-    *,
-    track_id: str | None = None,
-    seed: int | None = None,
-    budget_s: float | None = None,
-    sandbox_choice: str = "auto",
-    runs_dir: Path = RUNS_DIR,
-    console: Console | None = None,
-) -> tuple[dict[str, Any], Path | None]:
-    """One evaluation run. Returns the result record and the run directory."""
-    console = console or Console(stderr=True)
-    began = time.monotonic()
-    folder = Path(folder)
+@dataclass(frozen=True)
+class _RunPlan:
+    """Everything decided before the sandbox starts."""
+
+    folder: Path
+    manifest: Manifest
+    track: Track
+    device: str
+    seed: int
+    budget_s: float
+    train_path: Path
+    val_path: Path
+    vocab_size: int
+    eos_id: int
+    run_id: str
+    run_dir: Path
+    staged: Path
+    jail_out: Path
+    scratch: Path
+    job_path: Path
+
+
+def _plan(folder: Path, track_id: str | None, seed: int | None, budget_s: float | None, runs_dir: Path, console: Console) -> _RunPlan:
+    """Check the submission, resolve track and data, lay out the run directory and the job file."""
     report = check_submission(folder)
     if not report.ok:
         for finding in report.findings:
@@ -313,46 +323,32 @@ def evaluate(
     budget_s = track.budget_s if budget_s is None else budget_s
     if not (budget_s > 0 and math.isfinite(budget_s)):
         raise UserError(f"--budget must be a positive number of seconds, not {budget_s}")
-    train_path = resolve_data_file(track, "train")
-    val_path = resolve_data_file(track, "val")
-    tokenizer_path = resolve_data_file(track, "tokenizer")
-    vocab_size, eos_id = tokenizer_info(tokenizer_path)
+    train_path = resolve_data_file(track, "train").resolve()
+    val_path = resolve_data_file(track, "val").resolve()
+    vocab_size, eos_id = tokenizer_info(resolve_data_file(track, "tokenizer"))
 
     run_id = _new_run_id(manifest.name, seed)
-    run_dir = Path(runs_dir) / run_id
-    jail_out = run_dir / "jail-out"
-    scratch = run_dir / "scratch"
-    for directory in (jail_out, scratch, run_dir / "sandbox"):
+    run_dir = (Path(runs_dir) / run_id).resolve()
+    plan = _RunPlan(
+        folder=folder, manifest=manifest, track=track, device=device, seed=seed, budget_s=budget_s,
+        train_path=train_path, val_path=val_path, vocab_size=vocab_size, eos_id=eos_id,
+        run_id=run_id, run_dir=run_dir, staged=run_dir / "submission", jail_out=run_dir / "jail-out",
+        scratch=run_dir / "scratch", job_path=run_dir / "job.json",
+    )
+    for directory in (plan.jail_out, plan.scratch, run_dir / "sandbox"):
         directory.mkdir(parents=True)
     # The run uses a snapshot: edits to the folder during the run change nothing, and the hash
     # recorded is the hash of exactly what ran.
-    staged = (run_dir / "submission").resolve()
-    stage_tree(folder, staged)
-    started = utc_now()
-
-    try:
-        sandbox = open_sandbox(sandbox_choice)
-        sandbox_kind, sandbox_version, sandbox_problem = sandbox.kind, sandbox.version, None
-    except SandboxUnavailable as exc:
-        sandbox = None
-        sandbox_kind, sandbox_version, sandbox_problem = "nsjail", "unavailable", str(exc)
-    env = environment(track.device_kind, sandbox_kind, sandbox_version)
-    if sandbox is not None:
-        label = "nsjail" if sandbox.kind == "nsjail" else "NONE — unsandboxed, unofficial"
-        console.print(f"[bold]{manifest.name}[/] on [bold]{track.id}[/], seed {seed}, budget {budget_s:g} s, sandbox: {label}")
-        if getattr(sandbox, "reason", None):
-            console.print(f"sandbox: {sandbox.reason}", markup=False)
-
-    threads = track.threads
+    stage_tree(folder, plan.staged)
     job = {
-        "submission_dir": str(staged),
+        "submission_dir": str(plan.staged),
         "module": manifest.entry_module_name,
         "function": manifest.entry_function,
-        "train_path": str(train_path.resolve()),
-        "out_dir": str(jail_out.resolve()),
-        "scratch": str(scratch.resolve()),
+        "train_path": str(train_path),
+        "out_dir": str(plan.jail_out),
+        "scratch": str(plan.scratch),
         "device": device,
-        "threads": threads,
+        "threads": track.threads,
         "seed": seed,
         "budget_s": budget_s,
         "vocab_size": vocab_size,
@@ -360,101 +356,99 @@ def evaluate(
         "eval_seq_len": track.eval["seq_len"],
         "config": manifest.config_for(track.id),
     }
-    job_path = run_dir / "job.json"
-    atomic_write_text(job_path, json.dumps(job, indent=2))
-    os.chmod(job_path, 0o644)
+    atomic_write_text(plan.job_path, json.dumps(job, indent=2))
+    return plan
 
-    limits = track.sandbox
-    timings: dict[str, float] = {}
-    score = None
-    if sandbox is None:
-        outcome = TrainingOutcome(status="sandbox_error", message=f"nsjail cannot run here: {sandbox_problem}")
-    else:
-        spec = JailSpec(
-            name=f"{run_id}-train",
-            argv=[sys.executable, "-m", "evaluator.harness", "--job", str(job_path.resolve())],
-            workdir=run_dir / "sandbox",
-            cwd=scratch.resolve(),
-            env=_jail_env(threads, scratch.resolve()),
-            ro_paths=[staged, train_path.resolve(), job_path.resolve(), _PACKAGE_DIR],
-            rw_paths=[jail_out.resolve()],
-            tmpfs={scratch.resolve(): limits["scratch_mib"] * 2**20},
-            memory_bytes=limits["memory_mib"] * 2**20,
-            pids=limits["pids"],
-            time_limit_s=STARTUP_ALLOWANCE_S + budget_s + limits["grace_s"],
-            log_path=run_dir / "train.log",
-            log_cap_bytes=limits["log_mib"] * 2**20,
-            gpu_index=0 if device.startswith("cuda") else None,
-        )
-        launched = time.monotonic()
-        timings["prepare_s"] = launched - began
-        with _LiveDisplay(console, manifest.name, budget_s) as display, sandbox.start(spec) as jailed:
-            outcome = _train(jailed, budget_s, display, launched)
-            train_returned = time.monotonic()
-            if outcome.status not in ("ok", "over_budget"):
-                tail = jailed.log_tail(_LOG_TAIL_BYTES)
-                if tail.strip() and tail.strip() not in outcome.message:
-                    outcome.message += "\n--- log tail ---\n" + tail
-        timings.update(outcome.timings, teardown_s=time.monotonic() - train_returned, jail_total_s=time.monotonic() - launched)
-        shutil.rmtree(scratch, ignore_errors=True)
-        _write_metrics(run_dir, outcome.metrics_rows)
 
-        if outcome.status == "ok":
-            scoring_started = time.monotonic()
-            try:
-                model_path = _take_model(jail_out, run_dir, limits["model_mib"] * 2**20)
-                console.print("scoring on the validation split in a fresh sandbox ...")
-                score = score_model(
-                    sandbox=sandbox,
-                    workdir=run_dir / "sandbox",
-                    name=f"{run_id}-score",
-                    model_path=model_path,
-                    submission_dir=staged,
-                    documents=read_documents(val_path),
-                    vocab_size=vocab_size,
-                    eos_id=eos_id,
-                    seq_len=track.eval["seq_len"],
-                    batch_size=track.eval["batch_size"],
-                    device=device,
-                    threads=threads,
-                    time_limit_s=track.eval["time_limit_s"],
-                    memory_bytes=limits["memory_mib"] * 2**20,
-                    pids=limits["pids"],
-                    audit_cuts=track.eval["audit_cuts"],
-                )
-            except InvalidModel as exc:
-                outcome.status, outcome.message = "invalid_model", str(exc)
-            timings["scoring_s"] = time.monotonic() - scoring_started
-        shutil.rmtree(jail_out, ignore_errors=True)
+def _train_in_jail(plan: _RunPlan, sandbox, console: Console, timings: dict[str, float]) -> TrainingOutcome:
+    limits = plan.track.sandbox
+    spec = JailSpec(
+        name=f"{plan.run_id}-train",
+        argv=[sys.executable, "-m", "evaluator.harness", "--job", str(plan.job_path)],
+        workdir=plan.run_dir / "sandbox",
+        cwd=plan.scratch,
+        env=_jail_env(plan.track.threads, plan.scratch),
+        ro_paths=[plan.staged, plan.train_path, plan.job_path, _PACKAGE_DIR],
+        rw_paths=[plan.jail_out],
+        tmpfs={plan.scratch: limits["scratch_mib"] * 2**20},
+        memory_bytes=limits["memory_mib"] * 2**20,
+        pids=limits["pids"],
+        time_limit_s=STARTUP_ALLOWANCE_S + plan.budget_s + limits["grace_s"],
+        log_path=plan.run_dir / "train.log",
+        log_cap_bytes=limits["log_mib"] * 2**20,
+        gpu_index=0 if plan.device.startswith("cuda") else None,
+    )
+    launched = time.monotonic()
+    with _LiveDisplay(console, plan.manifest.name, plan.budget_s) as display, sandbox.start(spec) as jailed:
+        outcome = _train(jailed, plan.budget_s, display, launched)
+        train_returned = time.monotonic()
+        if outcome.status not in ("ok", "over_budget"):
+            tail = jailed.log_tail(_LOG_TAIL_BYTES)
+            if tail.strip() and tail.strip() not in outcome.message:
+                outcome.message += "\n--- log tail ---\n" + tail
+    timings.update(outcome.timings, teardown_s=time.monotonic() - train_returned, jail_total_s=time.monotonic() - launched)
+    shutil.rmtree(plan.scratch, ignore_errors=True)
+    _write_metrics(plan.run_dir, outcome.metrics_rows)
+    return outcome
 
+
+def _score(plan: _RunPlan, sandbox, console: Console):
+    """Score the saved model in fresh sandboxes; raises InvalidModel."""
+    # Imported here: scoring needs torch, and every other command should start fast.
+    from evaluator.scoring import score_model
+
+    limits = plan.track.sandbox
+    model_path = _take_model(plan.jail_out, plan.run_dir, limits["model_mib"] * 2**20)
+    console.print("scoring on the validation split in a fresh sandbox ...")
+    return score_model(
+        sandbox=sandbox,
+        workdir=plan.run_dir / "sandbox",
+        name=f"{plan.run_id}-score",
+        model_path=model_path,
+        submission_dir=plan.staged,
+        documents=read_documents(plan.val_path),
+        vocab_size=plan.vocab_size,
+        eos_id=plan.eos_id,
+        seq_len=plan.track.eval["seq_len"],
+        batch_size=plan.track.eval["batch_size"],
+        device=plan.device,
+        threads=plan.track.threads,
+        time_limit_s=plan.track.eval["time_limit_s"],
+        memory_bytes=limits["memory_mib"] * 2**20,
+        pids=limits["pids"],
+        audit_cuts=plan.track.eval["audit_cuts"],
+    )
+
+
+def _record(plan: _RunPlan, outcome: TrainingOutcome, score, env: dict[str, Any], started: str) -> dict[str, Any]:
     rows = outcome.metrics_rows
     tokens = _last_logged(rows, "tokens")
-    steps = max((r[1] for r in rows), default=None)
-    reasons = _unofficial_reasons(track, budget_s, sandbox_kind, env["gpu"])
-    record = {
+    reasons = _unofficial_reasons(plan.track, plan.budget_s, env["sandbox"]["kind"], env["gpu"])
+    track = plan.track
+    return {
         "schema_version": 1,
-        "run_id": run_id,
+        "run_id": plan.run_id,
         "status": outcome.status,
         "message": outcome.message,
         "official": not reasons,
         "unofficial_reasons": reasons,
         "submission": {
-            "name": manifest.name,
-            "authors": manifest.authors,
-            "description": manifest.description,
-            "path": _relative_to_repo(folder),
-            "manifest_sha256": sha256_file(staged / MANIFEST_NAME),
-            "tree_sha256": tree_sha256(staged),
+            "name": plan.manifest.name,
+            "authors": plan.manifest.authors,
+            "description": plan.manifest.description,
+            "path": _relative_to_repo(plan.folder),
+            "manifest_sha256": sha256_file(plan.staged / MANIFEST_NAME),
+            "tree_sha256": tree_sha256(plan.staged),
         },
         "track": {"id": track.id, "sha256": track.sha256, "budget_s": track.budget_s, "device": track.device_kind},
-        "budget_s": budget_s,
+        "budget_s": plan.budget_s,
         "data": {
             "dataset_id": track.dataset["id"],
             "train_sha256": track.dataset["train"]["sha256"],
             "val_sha256": track.dataset["val"]["sha256"],
             "tokenizer_sha256": track.dataset["tokenizer"]["sha256"],
         },
-        "seed": seed,
+        "seed": plan.seed,
         "metrics": None if score is None or outcome.status != "ok" else {
             "val_loss": score.val_loss,
             "val_bpb": score.val_bpb,
@@ -470,7 +464,7 @@ def evaluate(
         },
         "train": {
             "train_seconds": outcome.train_seconds,
-            "steps": steps,
+            "steps": max((row[1] for row in rows), default=None),
             "tokens": tokens,
             "tokens_per_s": tokens / outcome.train_seconds if tokens and outcome.train_seconds else None,
         },
@@ -479,9 +473,51 @@ def evaluate(
         "started_at": started,
         "ended_at": utc_now(),
     }
-    atomic_write_text(run_dir / "timings.json", json.dumps(timings, indent=2) + "\n")
-    write_result(run_dir, record)
-    return record, run_dir
+
+
+def evaluate(
+    folder: Path,
+    *,
+    track_id: str | None = None,
+    seed: int | None = None,
+    budget_s: float | None = None,
+    sandbox_choice: str = "auto",
+    runs_dir: Path = RUNS_DIR,
+    console: Console | None = None,
+) -> tuple[dict[str, Any], Path]:
+    """One evaluation run: returns the result record (also written as result.json) and the run directory."""
+    console = console or Console(stderr=True)
+    began = time.monotonic()
+    plan = _plan(Path(folder), track_id, seed, budget_s, runs_dir, console)
+    started = utc_now()
+    timings: dict[str, float] = {}
+    score = None
+    try:
+        sandbox = open_sandbox(sandbox_choice)
+    except SandboxUnavailable as exc:
+        env = environment(plan.track.device_kind, "nsjail", "unavailable")
+        outcome = TrainingOutcome(status="sandbox_error", message=f"nsjail cannot run here: {exc}")
+    else:
+        env = environment(plan.track.device_kind, sandbox.kind, sandbox.version)
+        label = "nsjail" if sandbox.kind == "nsjail" else "NONE — unsandboxed, unofficial"
+        console.print(f"[bold]{plan.manifest.name}[/] on [bold]{plan.track.id}[/], seed {plan.seed}, budget {plan.budget_s:g} s, sandbox: {label}")
+        console.print(f"sandbox: {sandbox.reason}", markup=False, highlight=False)
+        timings["prepare_s"] = time.monotonic() - began
+        outcome = _train_in_jail(plan, sandbox, console, timings)
+        if outcome.status == "ok":
+            from evaluator.scoring import InvalidModel
+
+            scoring_started = time.monotonic()
+            try:
+                score = _score(plan, sandbox, console)
+            except InvalidModel as exc:
+                outcome.status, outcome.message = "invalid_model", str(exc)
+            timings["scoring_s"] = time.monotonic() - scoring_started
+        shutil.rmtree(plan.jail_out, ignore_errors=True)
+    record = _record(plan, outcome, score, env, started)
+    atomic_write_text(plan.run_dir / "timings.json", json.dumps(timings, indent=2) + "\n")
+    write_result(plan.run_dir, record)
+    return record, plan.run_dir
 
 
 def _jail_env(threads: int, home: Path) -> dict[str, str]:
