@@ -29,5 +29,10 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
+# Benchmarks print figures; they are not tests. bench: reference vs seed-moe vs template, 2 seeds.
+bench: setup
+	$(BIN)/python benchmarks/compare.py
+	$(BIN)/python benchmarks/overhead.py
+
 clean:
 	rm -rf $(VENV) results/runs
