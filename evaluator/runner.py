@@ -512,6 +512,8 @@ def evaluate(
                 score = _score(plan, sandbox, console)
             except InvalidModel as exc:
                 outcome.status, outcome.message = "invalid_model", str(exc)
+            except SandboxUnavailable as exc:
+                outcome.status, outcome.message = "sandbox_error", f"the scoring sandbox failed: {exc}"
             timings["scoring_s"] = time.monotonic() - scoring_started
         shutil.rmtree(plan.jail_out, ignore_errors=True)
     record = _record(plan, outcome, score, env, started)
