@@ -533,7 +533,10 @@ def evaluate(
         console.print(f"[bold]{plan.manifest.name}[/] on [bold]{plan.track.id}[/], seed {plan.seed}, budget {plan.budget_s:g} s, sandbox: {label}")
         console.print(f"sandbox: {sandbox.reason}", markup=False, highlight=False)
         timings["prepare_s"] = time.monotonic() - began
-        outcome = _train_in_jail(plan, sandbox, console, timings)
+        try:
+            outcome = _train_in_jail(plan, sandbox, console, timings)
+        except SandboxUnavailable as exc:
+            outcome = TrainingOutcome(status="sandbox_error", message=f"the training sandbox failed to start: {exc}")
         if outcome.status == "ok":
             from evaluator.scoring import InvalidModel
 
