@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import re
 import textwrap
 from pathlib import Path
 
 import pytest
 
 from evaluator.cli import main
+
+CGROUP_PARENTS = [Path("/sys/fs/cgroup/memory/speedrun-evaluator"), Path("/sys/fs/cgroup/pids/speedrun-evaluator")]
+
 
 # A tiny causal model most test submissions return: cheap to train, save and score.
 TINY_MODEL = '''
@@ -57,3 +61,34 @@ def run_cli(folder: Path, out: Path, *extra: str, capsys) -> tuple[int, dict]:
 @pytest.fixture
 def runs_dir(tmp_path: Path) -> Path:
     return tmp_path / "runs"
+
+
+def processes_with(marker: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker.encode() in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+    return found
+
+
+def mount_points_under(directory: Path) -> list[str]:
+    points = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        # Field 5 is the mount point, with space, tab, newline and backslash written as \ooo.
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split()[4])
+        if point == str(directory) or point.startswith(f"{directory}/"):
+            points.append(point)
+    return points
+
+
+def leftovers(run_id: str, run_dir: Path) -> list[str]:
+    """What a run still holds on the host: processes and cgroups named by its id, mounts in its directory."""
+    found = [f"process {pid}" for pid in processes_with(run_id)]
+    for parent in CGROUP_PARENTS:
+        if parent.exists():
+            found += [f"cgroup {path}" for path in parent.iterdir() if run_id in path.name]
+    return found + [f"mount {point}" for point in mount_points_under(run_dir)]

@@ -13,14 +13,13 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import run_cli, write_submission
+from conftest import leftovers, run_cli, write_submission
 from evaluator import runner
 from evaluator.cli import main
 from evaluator.paths import REPO_ROOT
 from evaluator.results import result_problems
 from evaluator.sandbox import SandboxUnavailable
 
-CGROUP_ROOTS = [Path("/sys/fs/cgroup/memory/speedrun-evaluator"), Path("/sys/fs/cgroup/pids/speedrun-evaluator")]
 # Interpreter start and `import torch` before the clock, plus teardown: generous on a busy 2-core box.
 STARTUP_SLACK_S = 25
 
@@ -31,18 +30,8 @@ def train(ctx):
 """
 
 
-def _assert_nothing_left(record: dict) -> None:
-    run_id = record["run_id"]
-    for root in CGROUP_ROOTS:
-        if root.exists():
-            assert not [p.name for p in root.iterdir() if run_id in p.name], f"cgroup left behind under {root}"
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                cmdline = (proc / "cmdline").read_bytes()
-            except OSError:
-                continue
-            assert run_id.encode() not in cmdline, f"process {proc.name} of the run is still alive"
+def _assert_nothing_left(record: dict, runs_dir: Path) -> None:
+    assert leftovers(record["run_id"], runs_dir / record["run_id"]) == []
 
 
 def test_ok_run_is_scored_recorded_and_cleaned_up(tmp_path, runs_dir, capsys):
@@ -62,7 +51,7 @@ def test_ok_run_is_scored_recorded_and_cleaned_up(tmp_path, runs_dir, capsys):
     assert {(m["step"], m["key"], m["value"]) for m in metrics} == {(1, "loss", 9.0), (1, "tokens", 100.0)}
     assert all(0 <= m["time_s"] <= 5 for m in metrics)
     assert (run_dir / "model.pt").is_file() and not (run_dir / "jail-out").exists()
-    _assert_nothing_left(record)
+    _assert_nothing_left(record, runs_dir)
 
 
 @pytest.mark.parametrize(
@@ -86,7 +75,7 @@ def test_the_clock_cannot_be_escaped(tmp_path, runs_dir, capsys, name, body):
     assert code == 1
     assert record["metrics"] is None
     assert time.monotonic() - began < 3 + STARTUP_SLACK_S
-    _assert_nothing_left(record)
+    _assert_nothing_left(record, runs_dir)
 
 
 def test_work_at_import_time_counts(tmp_path, runs_dir, capsys):
@@ -140,7 +129,7 @@ def test_memory_bomb_is_out_of_memory(tmp_path, runs_dir, capsys, make_track):
     folder = write_submission(tmp_path, "memory-bomb", body)
     code, record = run_cli(folder, runs_dir, "--track", small_track, "--budget", "20", "--sandbox", "nsjail", capsys=capsys)
     assert (code, record["status"]) == (1, "out_of_memory"), record["message"]
-    _assert_nothing_left(record)
+    _assert_nothing_left(record, runs_dir)
 
 
 def test_fork_bomb_is_contained(tmp_path, runs_dir, capsys, make_track):
@@ -151,7 +140,7 @@ def test_fork_bomb_is_contained(tmp_path, runs_dir, capsys, make_track):
     code, record = run_cli(folder, runs_dir, "--track", small_track, "--budget", "5", "--sandbox", "nsjail", capsys=capsys)
     assert record["status"] in ("crashed", "over_budget"), record["message"]
     assert time.monotonic() - began < 5 + STARTUP_SLACK_S
-    _assert_nothing_left(record)
+    _assert_nothing_left(record, runs_dir)
 
 
 PROBE = '''

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import processes_with
 from evaluator import paths, sandbox
 from evaluator.sandbox import JailSpec, SandboxUnavailable, open_sandbox
 
@@ -78,18 +79,6 @@ def wait_for_members(jail: sandbox.Jailed, count: int) -> set[int]:
         assert time.monotonic() < deadline, f"only {members} in the jail's cgroup"
         time.sleep(0.02)
     return members
-
-
-def processes_with(marker: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if marker.encode() in (entry / "cmdline").read_bytes():
-                    found.append(int(entry.name))
-            except OSError:
-                pass
-    return found
 
 
 # --- the nsjail configuration (no jail needed) ---------------------------------------------------

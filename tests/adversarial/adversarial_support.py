@@ -15,13 +15,12 @@ from typing import Callable, Iterator
 
 import pytest
 
-from conftest import write_submission
+from conftest import CGROUP_PARENTS, leftovers, mount_points_under, processes_with, write_submission  # noqa: F401 (shared with the suite)
 from evaluator.paths import REPO_ROOT
 
 SUBMISSIONS = Path(__file__).parent / "submissions"
 ATTACK_KIT = SUBMISSIONS / "attack_kit.py"
 TRACKS_DIR = REPO_ROOT / "spec" / "tracks"
-CGROUP_PARENTS = [Path("/sys/fs/cgroup/memory/speedrun-evaluator"), Path("/sys/fs/cgroup/pids/speedrun-evaluator")]
 # Interpreter start and `import torch` before the clock, plus scoring and teardown, on a busy 2-core box.
 STARTUP_SLACK_S = 25
 
@@ -57,37 +56,6 @@ def probe_report(run_dir: Path) -> dict:
     reports = re.findall(r"^RuntimeError: PROBE (\{.*\})$", log, re.MULTILINE)
     assert reports, f"the attack reported nothing; end of its log:\n{log[-3000:]}"
     return json.loads(reports[-1])
-
-
-def processes_with(marker: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if marker.encode() in (entry / "cmdline").read_bytes():
-                    found.append(int(entry.name))
-            except OSError:
-                pass
-    return found
-
-
-def mount_points_under(directory: Path) -> list[str]:
-    points = []
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        # Field 5 is the mount point, with space, tab, newline and backslash written as \ooo.
-        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split()[4])
-        if point == str(directory) or point.startswith(f"{directory}/"):
-            points.append(point)
-    return points
-
-
-def leftovers(run_id: str, run_dir: Path) -> list[str]:
-    """What a run still holds on the host: processes and cgroups named by its id, mounts in its directory."""
-    found = [f"process {pid}" for pid in processes_with(run_id)]
-    for parent in CGROUP_PARENTS:
-        if parent.exists():
-            found += [f"cgroup {path}" for path in parent.iterdir() if run_id in path.name]
-    return found + [f"mount {point}" for point in mount_points_under(run_dir)]
 
 
 def start_evaluator(folder: Path, out: Path, *extra: str, **popen_options) -> subprocess.Popen:
