@@ -12,8 +12,9 @@ sees.
 
 Timing: the evaluator's clock, outside the sandbox, runs from just before your module is imported
 until the harness has saved the returned model. `elapsed()` and `time_left()` are this process's
-advisory view of that clock; leave a margin for saving. At `budget_s` the harness raises
-`BudgetExceeded` from `time_left()`/`log()`, and the evaluator ends the run as `over_budget`.
+advisory view of that clock; leave a margin for saving. Once `budget_s` is spent, `time_left()`
+and `log()` raise `BudgetExceeded`, the harness also raises it inside `train()` wherever the code
+is at that moment, and the evaluator ends the run as `over_budget`: no score.
 """
 
 from __future__ import annotations
