@@ -133,10 +133,9 @@ def main() -> None:
         if args.time_steps:
             cfg["max_steps"] = args.time_steps + 3
         elif args.steps:
-            cfg["max_steps"] = args.steps
-        else:
-            cfg["max_steps"] = 0
-        budget = args.budget or (1e9 if cfg["max_steps"] else TRACK_BUDGET[args.track])
+            cfg["max_steps"] = args.steps  # (seed-moe: its own max_steps, counted in micro-batches)
+        fixed = bool(args.time_steps or args.steps)
+        budget = args.budget or (1e9 if fixed else TRACK_BUDGET[args.track])
         stamps: list[float] = []
         cpu_stamps: list[float] = []
 

@@ -22,7 +22,11 @@ predecessor would have if it had been stopped at the limit. Same config on every
 port, not a tuned entry.
 
 The one interface change: `forward(idx)` returns logits only (the evaluator's contract); training
-asks for the auxiliary loss explicitly. Muon is our own implementation of the published method.
+asks for the auxiliary loss explicitly. Muon is our own implementation of the published method;
+its Newton-Schulz iteration runs in fp16 on CUDA (the predecessor used bf16, which a T4 lacks)
+and in fp32 on CPU. On a 60 s CPU budget one micro-batch takes ~10 s, so the run stops after
+4-5 micro-batches, i.e. one optimizer step, which the warm-up gives lr 0: by construction of the
+predecessor's schedule, the CPU model is its initialisation.
 """
 
 from __future__ import annotations
