@@ -378,6 +378,14 @@ def nsjail_config(spec: JailSpec, log_file: Path):
             MountPt(src=str(path), dst=str(path), is_bind=True, rw=rw, mandatory=mandatory)
         )
 
+    # The fresh /proc and the private /tmp and /dev/shm come first: nsjail mounts in order, so a
+    # bind below /tmp (a checkout or venv that lives there) then lands on top of the private tmpfs
+    # instead of being hidden by it.
+    mounts.append(MountPt(dst="/proc", fstype="proc", rw=True))  # fresh, and rw: CUDA writes there
+    requested_tmpfs = {Path(path) for path in spec.tmpfs}
+    for path, size in (("/tmp", TMP_BYTES), ("/dev/shm", SHM_BYTES)):
+        if Path(path) not in requested_tmpfs:
+            mounts.append(MountPt(dst=path, fstype="tmpfs", rw=True, options=f"size={size}"))
     for directory in _SYSTEM_DIRS:
         if os.path.islink(directory):  # merged /usr: recreate the link, not a second bind
             mounts.append(MountPt(src=os.readlink(directory), dst=directory, is_symlink=True))
@@ -391,11 +399,6 @@ def nsjail_config(spec: JailSpec, log_file: Path):
             bind(root)
             read_only_roots.append(root)
 
-    mounts.append(MountPt(dst="/proc", fstype="proc", rw=True))  # fresh, and rw: CUDA writes there
-    requested_tmpfs = {Path(path) for path in spec.tmpfs}
-    for path, size in (("/tmp", TMP_BYTES), ("/dev/shm", SHM_BYTES)):
-        if Path(path) not in requested_tmpfs:
-            mounts.append(MountPt(dst=path, fstype="tmpfs", rw=True, options=f"size={size}"))
     for node in _DEVICE_NODES:
         bind(node, rw=True)
     if spec.gpu_index is not None:

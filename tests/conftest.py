@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import textwrap
 from pathlib import Path
@@ -92,3 +93,10 @@ def leftovers(run_id: str, run_dir: Path) -> list[str]:
         if parent.exists():
             found += [f"cgroup {path}" for path in parent.iterdir() if run_id in path.name]
     return found + [f"mount {point}" for point in mount_points_under(run_dir)]
+
+
+def missing(what: str) -> None:
+    """Skip for a missing prerequisite on a developer's machine; fail in CI, which has everything."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{what} (CI must have it: see `make setup`)")
+    pytest.skip(what)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import missing
 from evaluator.batch import UnsafeArchive, _earlier_results, extract_archive, pack_folder
 from evaluator.cli import main
 from evaluator.fsutil import tree_sha256
@@ -46,11 +47,19 @@ def _invalid_submission(parent: Path) -> Path:
     return folder
 
 
+def _ray():
+    try:
+        import ray
+    except ImportError:
+        missing("ray is not installed: pip install -e '.[cluster]'")
+    return ray
+
+
 @pytest.fixture(scope="module")
 def local_ray():
     """One Ray instance for the module (starting one takes seconds). It declares a fake T4 so that a
     GPU track's run is scheduled here and fails on the node, which exercises the retry."""
-    ray = pytest.importorskip("ray")
+    ray = _ray()
     temp_dir = tempfile.mkdtemp(prefix="ray-")  # short: Ray's socket paths must fit in 107 bytes
     ray.init(
         num_cpus=2,
@@ -139,7 +148,7 @@ def test_resume_counts_verdicts_but_not_the_evaluators_failures(tmp_path):
 
 
 def test_only_invalid_submissions_start_nothing(tmp_path, capsys):
-    pytest.importorskip("ray")
+    _ray()
     code = main(["batch", str(_invalid_submission(tmp_path)), "--track", "cpu-1min", "--results", str(tmp_path / "results")])
     err = capsys.readouterr().err
     assert code == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import time
@@ -34,8 +35,9 @@ HUB_FIXTURE = Path(__file__).parent / "fixtures" / "hub"
 PYDOC_SOURCES = source_pydoc.DEFAULT_SOURCE_DIR
 WINDOW = 64
 
+# In CI the source must be there (make setup installs it), so there the tests run and fail without it.
 needs_pydoc = pytest.mark.skipif(
-    not PYDOC_SOURCES.is_dir(), reason="Debian's python3.11-doc is not installed"
+    not PYDOC_SOURCES.is_dir() and not os.environ.get("CI"), reason="Debian's python3.11-doc is not installed"
 )
 
 

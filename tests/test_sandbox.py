@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import processes_with
+from conftest import missing, processes_with
 from evaluator import paths, sandbox
 from evaluator.sandbox import JailSpec, SandboxUnavailable, open_sandbox
 
@@ -26,7 +26,7 @@ def nsjail() -> sandbox.Sandbox:
     try:
         return open_sandbox("nsjail")
     except SandboxUnavailable as error:
-        pytest.skip(f"nsjail cannot run here: {error}")
+        missing(f"nsjail cannot run here: {error}")
 
 
 @pytest.fixture(scope="module")

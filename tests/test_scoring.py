@@ -17,6 +17,8 @@ import uuid
 from pathlib import Path
 
 import pytest
+
+from conftest import missing
 import torch
 import torch.nn.functional as F
 
@@ -55,7 +57,7 @@ def sandbox():
     try:
         return open_sandbox("nsjail")
     except SandboxUnavailable as exc:
-        pytest.skip(f"nsjail is not available here: {exc}")
+        missing(f"nsjail is not available here: {exc}")
 
 
 def _score(sandbox, tmp_path: Path, model, **overrides) -> ScoreReport:

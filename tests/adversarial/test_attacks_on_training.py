@@ -33,7 +33,7 @@ from adversarial_support import (
     processes_with,
     start_evaluator,
 )
-from conftest import run_cli
+from conftest import missing, run_cli
 from evaluator.dataset.store import resolve_data_file
 from evaluator.fsutil import sha256_file, tree_sha256
 from evaluator.paths import REPO_ROOT
@@ -54,7 +54,7 @@ def nsjail():
     try:
         return open_sandbox("nsjail")
     except SandboxUnavailable as error:
-        pytest.skip(f"nsjail cannot run here: {error}")
+        missing(f"nsjail cannot run here: {error}")
 
 
 @pytest.fixture(scope="module")
@@ -269,7 +269,7 @@ def test_one_file_cannot_outgrow_the_jails_file_size_limit(tmp_path, box):
     try:
         sandbox = open_sandbox(box)
     except SandboxUnavailable as error:
-        pytest.skip(f"nsjail cannot run here: {error}")
+        missing(f"nsjail cannot run here: {error}")
     writable = tmp_path / "out"
     writable.mkdir()
     target = writable / "big"

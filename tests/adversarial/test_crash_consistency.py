@@ -22,7 +22,7 @@ from adversarial_support import (
     start_evaluator,
     wait_for,
 )
-from conftest import run_cli, write_submission
+from conftest import missing, run_cli, write_submission
 from evaluator.sandbox import SandboxUnavailable, open_sandbox
 
 # The submission starts a child with a marker in its command line, so the test can see from outside
@@ -44,7 +44,7 @@ def nsjail():
     try:
         return open_sandbox("nsjail")
     except SandboxUnavailable as error:
-        pytest.skip(f"nsjail cannot run here: {error}")
+        missing(f"nsjail cannot run here: {error}")
 
 
 def _start_mid_training(tmp_path):
