@@ -9,6 +9,7 @@ import errno
 import fcntl
 import json
 import os
+import socket
 import stat
 import sys
 
@@ -88,3 +89,14 @@ def daemonize(marker: str) -> None:
             os.execv(sys.executable, [sys.executable, "-c", _SLEEPER, marker])
         os._exit(0)
     os.wait()
+
+
+def read_start(path) -> str:
+    """Reads up to 1 MiB of a file the jail must not see; the outcome tells whether it could."""
+    with open(path, "rb") as handle:
+        return f"read {len(handle.read(1 << 20))} bytes"
+
+
+def connect_tcp(port: int) -> None:
+    with socket.create_connection(("127.0.0.1", port), timeout=2):
+        pass

@@ -7,17 +7,9 @@ import socket
 import stat
 import sys
 
-from attack_kit import outcome, report
+from attack_kit import connect_tcp, outcome, read_start, report
 
 
-def _read(path):
-    with open(path, "rb") as handle:
-        return f"read {len(handle.read(1 << 20))} bytes"
-
-
-def _connect_tcp(port):
-    with socket.create_connection(("127.0.0.1", port), timeout=2):
-        pass
 
 
 def _send_udp(host, port):
@@ -105,21 +97,21 @@ def train(ctx):
             "executable": sys.executable,
         },
         "network": {
-            "tcp_host_listener": outcome(lambda: _connect_tcp(c["tcp_port"])),
+            "tcp_host_listener": outcome(lambda: connect_tcp(c["tcp_port"])),
             "udp_host_socket": outcome(lambda: _send_udp("127.0.0.1", c["udp_port"])),
             "udp_outside": outcome(lambda: _send_udp("192.0.2.1", 53)),
             "dns": outcome(lambda: socket.getaddrinfo("example.com", 80) and "resolved"),
             "unix_host_socket": outcome(lambda: _connect_unix(c["unix_socket"])),
         },
         "reads": {
-            "val_split": outcome(lambda: _read(c["val_path"])),
-            "tokenizer": outcome(lambda: _read(c["tokenizer_path"])),
-            "canary_in_repo": outcome(lambda: _read(c["repo_canary"])),
-            "canary_in_tmp": outcome(lambda: _read(c["tmp_canary"])),
-            "signing_key": outcome(lambda: _read(c["signing_key"])),
-            "host_process_cmdline": outcome(lambda: _read(f"/proc/{c['host_pid']}/cmdline")),
-            "host_process_environ": outcome(lambda: _read(f"/proc/{c['host_pid']}/environ")),
-            "tty": outcome(lambda: _read("/dev/tty")),
+            "val_split": outcome(lambda: read_start(c["val_path"])),
+            "tokenizer": outcome(lambda: read_start(c["tokenizer_path"])),
+            "canary_in_repo": outcome(lambda: read_start(c["repo_canary"])),
+            "canary_in_tmp": outcome(lambda: read_start(c["tmp_canary"])),
+            "signing_key": outcome(lambda: read_start(c["signing_key"])),
+            "host_process_cmdline": outcome(lambda: read_start(f"/proc/{c['host_pid']}/cmdline")),
+            "host_process_environ": outcome(lambda: read_start(f"/proc/{c['host_pid']}/environ")),
+            "tty": outcome(lambda: read_start("/dev/tty")),
         },
         "environment_has_marker": any(c["env_marker"] in value for value in os.environ.values()),
         "environment_keys": sorted(os.environ),

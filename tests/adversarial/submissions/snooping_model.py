@@ -6,7 +6,7 @@ import os
 import socket
 import sys
 
-from attack_kit import outcome
+from attack_kit import connect_tcp, outcome, read_start
 
 
 def _write(path):
@@ -14,14 +14,6 @@ def _write(path):
         handle.write("ran here")
 
 
-def _read(path):
-    with open(path, "rb") as handle:
-        return f"read {len(handle.read(1 << 20))} bytes"
-
-
-def _connect(port):
-    with socket.create_connection(("127.0.0.1", port), timeout=2):
-        pass
 
 
 def _snoop(config, stage):
@@ -32,10 +24,10 @@ def _snoop(config, stage):
         "hostname": socket.gethostname(),
         "write_host_marker": outcome(lambda: _write(config["marker"])),
         "shell_host_marker": os.system(f"touch {config['marker']}.shell 2>/dev/null"),
-        "read_val_split": outcome(lambda: _read(config["val_path"])),
-        "read_train_split": outcome(lambda: _read(config["train_path"])),
-        "read_canary": outcome(lambda: _read(config["canary"])),
-        "tcp_host_listener": outcome(lambda: _connect(config["tcp_port"])),
+        "read_val_split": outcome(lambda: read_start(config["val_path"])),
+        "read_train_split": outcome(lambda: read_start(config["train_path"])),
+        "read_canary": outcome(lambda: read_start(config["canary"])),
+        "tcp_host_listener": outcome(lambda: connect_tcp(config["tcp_port"])),
     }
     print("SNOOPED " + json.dumps(found), file=sys.stderr, flush=True)
 
