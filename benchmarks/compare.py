@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from evaluator.paths import REPO_ROOT
-from evaluator.runner import evaluate
+from evaluator.runner import evaluate, unwind_on_sigterm
 from evaluator.tracks import load_track
 
 DEFAULT_SUBMISSIONS = ["reference", "submissions/seed-moe", "submissions/template"]
@@ -71,6 +71,7 @@ def main() -> int:
     parser.add_argument("--sandbox", default="auto", choices=["auto", "nsjail", "none"])
     parser.add_argument("--out", type=Path, help="output folder (default: benchmarks/out/<timestamp>)")
     args = parser.parse_args()
+    unwind_on_sigterm()
 
     console = Console(stderr=True)
     out = args.out or REPO_ROOT / "benchmarks" / "out" / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")

@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from evaluator.paths import REPO_ROOT
-from evaluator.runner import evaluate
+from evaluator.runner import evaluate, unwind_on_sigterm
 
 FIXED_WORK = REPO_ROOT / "benchmarks" / "fixed-work"
 
@@ -56,6 +56,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=2, help="runs per sandbox kind, alternated")
     args = parser.parse_args()
+    unwind_on_sigterm()
     console = Console(stderr=True)
     results: dict[str, list[dict[str, float]]] = {"nsjail": [], "none": []}
     with tempfile.TemporaryDirectory() as tmp:

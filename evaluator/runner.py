@@ -585,8 +585,14 @@ def summary_line(record: dict[str, Any]) -> str:
 
 
 def _handle_sigterm(signum, frame):
-    # Turn SIGTERM into the same unwinding as Ctrl-C, so every jail is killed and its cgroup removed.
     raise KeyboardInterrupt
+
+
+def unwind_on_sigterm() -> None:
+    """Make SIGTERM unwind like Ctrl-C, so that `evaluate()` kills every jail and removes its cgroup.
+    Every program that calls `evaluate()` calls this first: without it SIGTERM ends the process at
+    once and its jail runs on until nsjail's own time limit."""
+    signal.signal(signal.SIGTERM, _handle_sigterm)
 
 
 def _base_seed(args: argparse.Namespace) -> int | None:
@@ -603,7 +609,7 @@ def _base_seed(args: argparse.Namespace) -> int | None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    signal.signal(signal.SIGTERM, _handle_sigterm)
+    unwind_on_sigterm()
     console = Console(stderr=True)
     if args.seeds < 1:
         raise UserError("--seeds must be at least 1")

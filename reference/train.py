@@ -168,6 +168,13 @@ class GPT(nn.Module):
         if self.head is not None:
             nn.init.zeros_(self.head.weight)
 
+    def flops_per_token(self, seq_len: int) -> int:
+        """Model FLOPs of one training token, forward and backward, by the usual 6N + 12 L T d count:
+        every matrix in the blocks and the head (tied or not) plus attention over seq_len positions."""
+        d = self.embed.embedding_dim
+        block_matrices = sum(p.numel() for p in self.blocks.parameters() if p.ndim == 2)
+        return 6 * (block_matrices + d * self.vocab_size) + 12 * len(self.blocks) * seq_len * d
+
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         if self.doc_mask:
             doc, pos = doc_structure(idx, self.eos_id)
@@ -364,10 +371,11 @@ def train(ctx) -> nn.Module:
     n_models = int(cfg["n_models"])
     t0 = ctx.elapsed()
     slice_s = (ctx.budget_s - cfg["margin_s"] - t0) / n_models
-    members, step_total, tokens_seen = [], 0, 0
+    members, step_total, tokens_seen, flops = [], 0, 0, 0
     for member in range(n_models):
         torch.manual_seed(ctx.seed + 1000 * member)  # member 0 is seeded with ctx.seed itself
         model = GPT(cfg, ctx.vocab_size, ctx.eos_id).to(device)
+        step_flops = model.flops_per_token(cfg["seq_len"]) * cfg["batch_size"] * cfg["seq_len"]
         opts = make_optimizers(model, cfg)
         scaler = torch.amp.GradScaler("cuda") if cuda else None
         ema = None
@@ -419,10 +427,13 @@ def train(ctx) -> nn.Module:
             step += 1
             step_total += 1
             tokens_seen += x.numel()
+            flops += step_flops
             dt = time.perf_counter() - t_step
             step_time = dt if step <= 2 else max(0.8 * step_time + 0.2 * dt, dt)
             if step % cfg["log_every"] == 0 or step == 1:
-                ctx.log(step_total, loss=loss.item(), tokens=tokens_seen, lr_factor=f)
+                ctx.log(step_total, loss=loss.item(), tokens=tokens_seen, flops=flops, lr_factor=f)
+        if step % cfg["log_every"]:  # so that the result's steps, tokens/s and FLOP/s count every step
+            ctx.log(step_total, loss=loss.item(), tokens=tokens_seen, flops=flops, lr_factor=f)
         if ema is not None:
             with torch.no_grad():
                 for e, p in zip(ema, model.parameters()):

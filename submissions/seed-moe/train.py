@@ -24,9 +24,10 @@ port, not a tuned entry.
 The one interface change: `forward(idx)` returns logits only (the evaluator's contract); training
 asks for the auxiliary loss explicitly. Muon is our own implementation of the published method;
 its Newton-Schulz iteration runs in fp16 on CUDA (the predecessor used bf16, which a T4 lacks)
-and in fp32 on CPU. On a 60 s CPU budget one micro-batch takes ~10 s, so the run stops after
-4-5 micro-batches, i.e. one optimizer step, which the warm-up gives lr 0: by construction of the
-predecessor's schedule, the CPU model is its initialisation.
+and in fp32 on CPU. On a 60 s CPU budget one micro-batch takes ~14 s (attention dropout
+keeps CPU SDPA on its math path, which also makes the peak host memory 6.8 GB), so the run stops
+after 2-4 micro-batches, before the first optimizer step: by construction of the predecessor's
+schedule, the CPU model is its initialisation.
 """
 
 from __future__ import annotations
@@ -330,5 +331,7 @@ def train(ctx) -> nn.Module:
         slowest = max(slowest, time.perf_counter() - t)
         if step % cfg["log_every"] == 0 or step == 1:
             ctx.log(step, loss=ce.item(), tokens=tokens_seen, aux_loss=aux.item() if aux is not None else 0.0)
+    if step % cfg["log_every"]:  # so that the result's steps and tokens/s count every micro-batch
+        ctx.log(step, loss=ce.item(), tokens=tokens_seen, aux_loss=aux.item() if aux is not None else 0.0)
     model.eval()
     return model
