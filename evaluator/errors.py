@@ -9,3 +9,8 @@ class UserError(Exception):
 
 class DataError(UserError):
     """A data file that is missing, corrupt or does not match its pinned hash."""
+
+
+class InvalidModel(Exception):
+    """The model cannot be scored; the message says exactly what is wrong (document, position, shape...).
+    Here rather than in scoring.py so that the runner can catch it without importing torch."""

@@ -35,7 +35,7 @@ import evaluator
 from evaluator.check import check_submission
 from evaluator.dataset.loader import read_documents
 from evaluator.dataset.store import resolve_data_file, tokenizer_info
-from evaluator.errors import UserError
+from evaluator.errors import InvalidModel, UserError
 from evaluator.fsutil import atomic_write_bytes, atomic_write_text, sha256_file, stage_tree, tree_sha256
 from evaluator.harness import MODEL_FILE
 from evaluator.manifest import MANIFEST_NAME, Manifest, parse_manifest
@@ -237,7 +237,6 @@ def _take_model(jail_out: Path, run_dir: Path, cap_bytes: int) -> Path:
 
     A copy, not a rename: under nsjail the output dir is a tmpfs of its own (Sandbox.capped_output_dir).
     """
-    from evaluator.scoring import InvalidModel
     not_a_file = f"{MODEL_FILE} in the output directory is not a regular file (a symlink, FIFO or device)"
     try:
         # O_NOFOLLOW refuses a symlink instead of following it; O_NONBLOCK opens a FIFO without waiting.
@@ -410,8 +409,6 @@ def _train_in_jail(plan: _RunPlan, sandbox, console: Console, timings: dict[str,
             if tail.strip() and tail.strip() not in outcome.message:
                 outcome.message += "\n--- log tail ---\n" + tail
         if outcome.status == "ok":  # "saved" has killed the jail: nothing writes there any more
-            from evaluator.scoring import InvalidModel
-
             try:
                 _take_model(plan.jail_out, plan.run_dir, model_cap)
             except InvalidModel as exc:
@@ -538,8 +535,6 @@ def evaluate(
         except SandboxUnavailable as exc:
             outcome = TrainingOutcome(status="sandbox_error", message=f"the training sandbox failed to start: {exc}")
         if outcome.status == "ok":
-            from evaluator.scoring import InvalidModel
-
             scoring_started = time.monotonic()
             try:
                 score = _score(plan, sandbox, console)

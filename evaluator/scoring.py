@@ -54,6 +54,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from evaluator.dataset.loader import Document
+from evaluator.errors import InvalidModel
 from evaluator.model_server import REQUEST_HEADER
 from evaluator.sandbox import JailSpec, SandboxUnavailable
 
@@ -74,10 +75,6 @@ SANDBOX_BACKSTOP_S = 5.0
 EXIT_GRACE_S = 2.0
 DONOR_ATTEMPTS = 8
 EVALUATOR_PACKAGE_DIR = Path(__file__).resolve().parent
-
-
-class InvalidModel(Exception):
-    """The model cannot be scored; the message says exactly what is wrong (document, position, shape...)."""
 
 
 @dataclass(frozen=True)

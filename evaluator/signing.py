@@ -29,9 +29,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from evaluator.errors import UserError
-from evaluator.fsutil import atomic_write_bytes, tree_sha256
+from evaluator.fsutil import atomic_write_bytes, sha256_file, tree_sha256
 from evaluator.paths import KEYS_DIR, REPO_ROOT, RESULTS_DIR, RUNS_DIR
 from evaluator.results import result_problems
+from evaluator.tracks import available_tracks, track_path
 
 PAYLOAD_TYPE = "application/vnd.in-toto+json"
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
@@ -204,6 +205,24 @@ def submission_folder(result: dict[str, Any]) -> Path:
     return path if path.is_absolute() else REPO_ROOT / path
 
 
+def track_drift(result: dict[str, Any]) -> str | None:
+    """Why this repository's file for the run's track is no longer the one the run had, or None.
+
+    A track file pins the budget, the limits and the data; a result from an older version of it is
+    not comparable with today's. A track not defined here has nothing to compare against."""
+    track = result["track"]
+    if track["id"] not in available_tracks():
+        return None
+    path = track_path(track["id"])
+    current = sha256_file(path)
+    if current == track["sha256"]:
+        return None
+    return (
+        f"track file {display_path(path)} changed since the run "
+        f"(now {current[:12]}..., the run had {track['sha256'][:12]}...)"
+    )
+
+
 def empty_loss_curve() -> dict[str, Any]:
     return {"metric": LOSS_METRIC, "logged_points": 0, "time_s": [], "step": [], "value": []}
 
@@ -298,6 +317,9 @@ def publish(
             )
     else:
         warnings.append(f"submission folder {folder} is not here, so its tree hash was not re-checked")
+    drift = track_drift(result)
+    if drift:
+        raise UserError(f"refusing to publish run {result['run_id']}: {drift}; rerun it")
     metrics_path = run_dir / "metrics.parquet"
     if metrics_path.is_file():
         loss_curve = read_loss_curve(metrics_path)
@@ -455,6 +477,9 @@ def verify_envelope(path: Path, trusted: dict[str, TrustedKey]) -> VerifiedResul
                 f"submission folder {folder} no longer matches the signed tree hash "
                 f"(now {current_tree[:12]}..., signed {result['submission']['tree_sha256'][:12]}...)"
             )
+    drift = track_drift(result)
+    if drift:
+        raise VerificationError(drift)
     return VerifiedResult(Path(path), result, loss_curve, signer)
 
 
@@ -572,7 +597,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Sign RUN_DIR/result.json as an in-toto Statement inside a DSSE envelope (Ed25519) and write it to "
             "RESULTS/<track>/<submission>/<run-id>.json. Only ok runs are published; unofficial runs only with "
-            "--unofficial; a run whose submission folder changed since it ran is refused."
+            "--unofficial; a run whose submission folder or track file changed since it ran is refused."
         ),
     )
     publish_parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory, e.g. results/runs/<run-id>")
@@ -590,7 +615,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="check signed results",
         description=(
             "Check each envelope: a signature by a trusted key, the statement's shape, the result against "
-            "spec/result.schema.json, and the submission's tree hash when its folder is present. One line per "
+            "spec/result.schema.json, the submission's tree hash when its folder is present and the track file's "
+            "hash when the track is defined here. One line per "
             "envelope; exit status 1 if any fails."
         ),
     )

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from evaluator.dataset.loader import Document
 from evaluator.paths import REPO_ROOT
 from evaluator.sandbox import SandboxUnavailable, open_sandbox
-from evaluator.scoring import InvalidModel, ScoreReport, score_model
+from evaluator.errors import InvalidModel
+from evaluator.scoring import ScoreReport, score_model
 
 FIXTURE_MODELS = Path(__file__).parent / "fixtures" / "models"
 sys.path.insert(0, str(FIXTURE_MODELS))

@@ -16,7 +16,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from evaluator import cli
-from evaluator.fsutil import tree_sha256
+from evaluator.fsutil import sha256_file, tree_sha256
+from evaluator.paths import REPO_ROOT
 from evaluator.signing import (
     LOSS_CURVE_MAX_POINTS,
     PAYLOAD_TYPE,
@@ -31,6 +32,7 @@ from evaluator.signing import (
     pae,
     sign_statement,
 )
+from evaluator.tracks import track_path
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=timezone.utc)
 
@@ -50,6 +52,21 @@ def make_submission(root: Path, name: str, authors: list[str] | None = None) -> 
         (folder / "manifest.toml").write_text(f'schema = 1\n[submission]\nname = "{name}"\n')
         (folder / "train.py").write_text("def train(ctx):\n    raise NotImplementedError\n")
     return folder
+
+
+def _track_sha256(track_id: str) -> str:
+    """The hash of the track file a run would record; a made-up one for a track not defined here."""
+    path = track_path(track_id)
+    return sha256_file(path) if path.is_file() else "ab" * 32
+
+
+@pytest.fixture
+def editable_tracks(tmp_path, monkeypatch) -> Path:
+    """A copy of spec/tracks that the test may edit, in place of the real one."""
+    tracks = tmp_path / "tracks"
+    shutil.copytree(REPO_ROOT / "spec" / "tracks", tracks)
+    monkeypatch.setattr("evaluator.tracks.TRACKS_DIR", tracks)
+    return tracks
 
 
 def make_run(
@@ -87,7 +104,7 @@ def make_run(
             "tree_sha256": tree_sha256(folder),
             "path": str(folder),
         },
-        "track": {"id": track, "sha256": "ab" * 32, "budget_s": 60, "device": "cpu"},
+        "track": {"id": track, "sha256": _track_sha256(track), "budget_s": 60, "device": "cpu"},
         "budget_s": 60,
         "data": {
             "dataset_id": "pydoc-100k",
@@ -266,6 +283,15 @@ def test_publish_refuses_when_the_submission_changed_since_the_run(tmp_path, key
     assert code == 2 and "changed since the run" in stderr and "tree hash" in stderr
 
 
+def test_publish_refuses_when_the_track_changed_since_the_run(tmp_path, keys, monkeypatch, capsys, editable_tracks):
+    run_dir = make_run(tmp_path, "older-track")
+    track = editable_tracks / "cpu-1min.toml"
+    track.write_text(track.read_text().replace("budget_s = 60", "budget_s = 90"))
+    code, _, stderr = run_cli(monkeypatch, capsys, "publish", run_dir, "--key", keys[0], "--results", tmp_path / "results")
+    assert code == 2 and "cpu-1min.toml changed since the run" in stderr and "rerun it" in stderr
+    assert not (tmp_path / "results").exists()
+
+
 def test_publish_without_the_submission_folder_warns_and_publishes(tmp_path, keys, monkeypatch, capsys):
     run_dir = make_run(tmp_path, "elsewhere")
     shutil.rmtree(tmp_path / "submissions" / "tiny-gpt")
@@ -360,6 +386,11 @@ def _edit_the_submission(envelope_path: Path, private: Path, tmp_path: Path) -> 
     (tmp_path / "submissions" / "tiny-gpt" / "train.py").write_text("# edited after publishing\n")
 
 
+def _edit_the_track(envelope_path: Path, private: Path, tmp_path: Path) -> None:
+    track = tmp_path / "tracks" / "cpu-1min.toml"
+    track.write_text(track.read_text().replace("memory_mib = ", "memory_mib = 1"))
+
+
 def _change_payload_type(envelope_path: Path, private: Path, tmp_path: Path) -> None:
     envelope = json.loads(envelope_path.read_text())
     envelope["payloadType"] = "application/json"
@@ -376,13 +407,14 @@ def _change_payload_type(envelope_path: Path, private: Path, tmp_path: Path) -> 
         (_sign_a_mismatched_subject, "subject does not match"),
         (_sign_a_non_statement, "not an in-toto Statement"),
         (_edit_the_submission, "no longer matches the signed tree hash"),
+        (_edit_the_track, "cpu-1min.toml changed since the run"),
         (_change_payload_type, "payloadType"),
     ],
     ids=lambda value: value.__name__.strip("_") if callable(value) else None,
 )
-def test_verify_names_each_bad_envelope_and_its_reason(tmp_path, keys, monkeypatch, capsys, damage, reason):
+def test_verify_names_each_bad_envelope_and_its_reason(tmp_path, keys, monkeypatch, capsys, damage, reason, editable_tracks):
     private, trusted = keys
-    good_run = make_run(tmp_path, "good", submission="other-sub")
+    good_run = make_run(tmp_path, "good", submission="other-sub", track="t4-5min")
     bad_run = make_run(tmp_path, "bad")
     for run_dir in (good_run, bad_run):
         assert run_cli(monkeypatch, capsys, "publish", run_dir, "--key", private, "--results", tmp_path / "results")[0] == 0

@@ -1,0 +1,332 @@
+"""The CUDA path, proven on a real GPU in one go; writes a Markdown report (and the raw figures).
+
+    python3 scripts/gpu_check.py --out DIR [--budget 60]
+
+Run by scripts/gpu-check.sh on a lent GPU machine, after it has installed the evaluator. Steps:
+
+1. the GPU as nvidia-smi and torch see it, and what the sandbox depends on (cgroups, device nodes);
+2. `evaluator run reference --track t4-5min --budget B` in nsjail: CUDA inside the jail, fp16
+   autocast, the run `ok` and scored, with the GPU's memory polled from outside by nvidia-smi;
+3. a jail given GPU 0 sees only that GPU's nodes, cannot open another `/dev/nvidia*` of the host,
+   cannot make one (no CAP_MKNOD), and computes on the GPU;
+4. the same run with `--sandbox none`: the sandbox tax on a GPU;
+5. the reference's tokens/s and achieved TFLOP/s against a large fp16 matmul measured here.
+
+Each step's failure is recorded and the next step still runs; the report is rewritten after every
+step, so a check stopped by its time limit still leaves what it measured. Exit 0 only when every
+step passed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+from evaluator.runner import evaluate, unwind_on_sigterm  # noqa: E402
+from evaluator.sandbox import CGROUP_ROOT, JailSpec, SandboxUnavailable, open_sandbox  # noqa: E402
+
+ASSIGNED_NODES = {"/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools", "/dev/nvidia0"}
+NVIDIA_MAJOR = 195  # /dev/nvidiaN and /dev/nvidiactl
+
+# Runs inside the jail given GPU 0: what it sees, what it can open, whether it can make a node.
+ISOLATION_PROBE = r"""
+import errno, glob, json, os, stat, sys
+host_nodes, assigned = json.loads(sys.argv[1]), set(json.loads(sys.argv[2]))
+seen = sorted(glob.glob("/dev/nvidia*") + glob.glob("/dev/nvidia-caps/*"))
+opened = []
+for path in host_nodes:
+    if path in assigned:
+        continue
+    try:
+        os.close(os.open(path, os.O_RDWR))
+        opened.append(path)
+    except OSError:
+        pass
+try:
+    os.mknod("/tmp/nvidia1", stat.S_IFCHR | 0o666, os.makedev(195, 1))
+    mknod = "created"
+except OSError as error:
+    mknod = errno.errorcode.get(error.errno, str(error.errno))
+import torch
+x = torch.randn(2048, 2048, device="cuda", dtype=torch.float16)
+finite = bool(torch.isfinite((x @ x).float()).all())
+print(json.dumps(dict(
+    seen=seen, opened_forbidden=opened, mknod=mknod, uid=os.getuid(),
+    cuda=torch.cuda.is_available(), count=torch.cuda.device_count(),
+    name=torch.cuda.get_device_name(0), fp16_matmul_finite=finite,
+    cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
+)))
+"""
+
+
+class Report:
+    """Steps with PASS/FAIL, their figures and notes; written as Markdown and JSON after each step."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.steps: list[dict] = []
+
+    def step(self, title: str, function) -> dict:
+        entry = {"title": title, "passed": False, "lines": [], "data": {}}
+        self.steps.append(entry)
+        started = time.monotonic()
+        print(f"== {title}", flush=True)
+        try:
+            entry["passed"] = bool(function(entry["lines"], entry["data"]))
+        except Exception:
+            entry["lines"].append("```\n" + traceback.format_exc()[-4000:] + "```")
+        entry["seconds"] = round(time.monotonic() - started, 1)
+        print(("PASS" if entry["passed"] else "FAIL") + f" in {entry['seconds']} s", flush=True)
+        self.write()
+        return entry
+
+    def write(self) -> None:
+        lines = [
+            "# GPU check of the evaluator's CUDA path",
+            "",
+            f"Host: {platform.node()}, {platform.platform()}, Python {platform.python_version()}.",
+            "Timings below are of THIS GPU, not of a Tesla T4: see the note at the end.",
+            "",
+            "| step | result | seconds |",
+            "|---|---|---|",
+        ]
+        lines += [f"| {s['title']} | {'PASS' if s['passed'] else 'FAIL'} | {s.get('seconds', '')} |" for s in self.steps]
+        for entry in self.steps:
+            lines += ["", f"## {entry['title']}", ""] + entry["lines"]
+        lines += ["", "## What these timings mean", "", T4_NOTE]
+        (self.out / "gpu-check.md").write_text("\n".join(lines) + "\n")
+        (self.out / "gpu-check.json").write_text(json.dumps(self.steps, indent=2, default=str))
+
+
+T4_NOTE = (
+    "The official track is a Tesla T4 (sm_75: ~65 TFLOP/s fp16 tensor-core peak, ~40 achievable, "
+    "320 GB/s, 16 GB, no bf16, no flash attention). A faster GPU runs the same 5-minute budget "
+    "through many more steps, so a score or a step count measured here says nothing about a T4; "
+    "what carries over is that the CUDA path works inside the jail, the isolation, the sandbox tax "
+    "(the same fixed costs), and the reference's peak memory as a bound on what it needs. "
+    "The runs here are unofficial on purpose (budget override, not a T4)."
+)
+
+
+def sh(command: str) -> str:
+    done = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=60)
+    return (done.stdout + done.stderr).strip()
+
+
+def host_nvidia_nodes() -> list[str]:
+    return sorted(glob.glob("/dev/nvidia*") + glob.glob("/dev/nvidia-caps/*"))
+
+
+def check_device(lines: list[str], data: dict) -> bool:
+    import torch
+
+    data["nvidia_smi"] = sh("nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit --format=csv")
+    data["torch"] = torch.__version__
+    data["torch_cuda"] = torch.version.cuda
+    available = torch.cuda.is_available()
+    if available:
+        props = torch.cuda.get_device_properties(0)
+        data["device"] = dict(name=props.name, capability=f"{props.major}.{props.minor}", memory_gib=round(props.total_memory / 2**30, 1), sms=props.multi_processor_count)
+    data["nodes"] = sh("ls -l /dev/nvidia* /dev/nvidia-caps 2>&1")
+    data["cgroups"] = sh(f"mount | grep cgroup; cat {CGROUP_ROOT}/cgroup.controllers 2>/dev/null")
+    data["libcuda"] = sh("ldconfig -p | grep -E 'libcuda\\.so|libnvidia-ml' ; echo LD_LIBRARY_PATH=$LD_LIBRARY_PATH")
+    data["kernel"] = platform.release()
+    for key in ("nvidia_smi", "nodes", "cgroups", "libcuda"):
+        lines += [f"{key}:", "```", data[key], "```"]
+    lines.append(f"torch {data['torch']} (CUDA {data['torch_cuda']}), device: {data.get('device')}")
+    return available
+
+
+def fp16_matmul_peak(lines: list[str], data: dict) -> bool:
+    import torch
+
+    size, repeats = 8192, 20
+    a = torch.randn(size, size, device="cuda", dtype=torch.float16)
+    b = torch.randn(size, size, device="cuda", dtype=torch.float16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    torch.cuda.synchronize()
+    data["tflops"] = 2 * size**3 * repeats / (time.perf_counter() - started) / 1e12
+    lines.append(f"fp16 {size}x{size}x{size} matmul, mean of {repeats} after 3 warm-ups: **{data['tflops']:.0f} TFLOP/s**")
+    del a, b
+    torch.cuda.empty_cache()
+    return data["tflops"] > 0
+
+
+class GpuMemoryPoll:
+    """The GPU's used memory as nvidia-smi reports it, polled from outside every 0.2 s; keeps the max."""
+
+    def __init__(self):
+        self.peak_mib = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            text = sh("nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -i 0")
+            if text.strip().isdigit():
+                self.peak_mib = max(self.peak_mib, int(text))
+            self._stop.wait(0.2)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def reference_run(sandbox: str, budget: float, out: Path):
+    def step(lines: list[str], data: dict) -> bool:
+        baseline = sh("nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -i 0")
+        runs_dir = Path(tempfile.mkdtemp(prefix=f"gpu-check-{sandbox}-"))
+        with GpuMemoryPoll() as poll:
+            record, run_dir = evaluate(REPO_ROOT / "reference", track_id="t4-5min", seed=0, budget_s=budget, sandbox_choice=sandbox, runs_dir=runs_dir)
+        shutil.copyfile(run_dir / "result.json", out / f"result-{sandbox}.json")
+        timings = json.loads((run_dir / "timings.json").read_text()) if (run_dir / "timings.json").is_file() else {}
+        flops = last_logged(run_dir / "metrics.parquet", "flops")
+        train = record["train"]
+        data.update(
+            status=record["status"], message=record["message"][-2000:], metrics=record["metrics"], train=train,
+            environment=record["environment"], unofficial=record["unofficial_reasons"], timings=timings,
+            gpu_memory_peak_mib=poll.peak_mib, gpu_memory_before_mib=baseline, flops=flops,
+            achieved_tflops=flops / train["train_seconds"] / 1e12 if flops and train["train_seconds"] else None,
+        )
+        lines.append(f"status **{record['status']}**, sandbox {record['environment']['sandbox']}")
+        if record["message"]:
+            lines += ["```", record["message"][-2000:], "```"]
+        if record["metrics"]:
+            lines.append(f"val_loss {record['metrics']['val_loss']:.4f}, val_bpb {record['metrics']['val_bpb']:.4f}")
+        lines.append(f"train {train}")
+        if data["achieved_tflops"]:
+            lines.append(f"model FLOPs (6N + 12LTd) per second of training: {data['achieved_tflops']:.1f} TFLOP/s")
+        lines.append(f"GPU memory used (nvidia-smi, whole GPU, polled from outside): before {baseline} MiB, peak {poll.peak_mib} MiB")
+        lines.append(f"timings.json: {json.dumps({k: round(v, 2) for k, v in timings.items()})}")
+        lines.append(f"unofficial because: {record['unofficial_reasons']}")
+        tail = (run_dir / "train.log").read_text(errors="replace")[-1500:] if (run_dir / "train.log").is_file() else ""
+        if tail.strip():
+            lines += ["train.log tail:", "```", tail, "```"]
+        shutil.rmtree(runs_dir, ignore_errors=True)
+        return record["status"] == "ok"
+
+    return step
+
+
+def last_logged(metrics_path: Path, key: str) -> float | None:
+    import pyarrow.parquet as pq
+
+    if not metrics_path.is_file():
+        return None
+    values = [row["value"] for row in pq.read_table(metrics_path).to_pylist() if row["key"] == key]
+    return values[-1] if values else None
+
+
+def isolation(lines: list[str], data: dict) -> bool:
+    sandbox = open_sandbox("nsjail")
+    host_nodes = host_nvidia_nodes()
+    with tempfile.TemporaryDirectory(prefix="gpu-isolation-") as scratch:
+        workdir = Path(scratch) / "work"
+        workdir.mkdir()
+        spec = JailSpec(
+            name="gpu-isolation", argv=[sys.executable, "-c", ISOLATION_PROBE, json.dumps(host_nodes), json.dumps(sorted(ASSIGNED_NODES))],
+            workdir=workdir, cwd=Path("/tmp"), env={"PATH": "/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8"},
+            ro_paths=[], rw_paths=[], tmpfs={}, memory_bytes=8 << 30, pids=256, time_limit_s=120,
+            log_path=Path(scratch) / "stderr.log", log_cap_bytes=1 << 20, gpu_index=0,
+        )
+        with sandbox.start(spec) as jail:
+            jail.stdin.close()
+            stdout = jail.stdout.read()
+            jail.wait(120)
+        outcome = jail.outcome()
+        stderr = (Path(scratch) / "stderr.log").read_text(errors="replace")[-3000:]
+    lines.append(f"host nodes: {host_nodes}")
+    lines.append(f"jail outcome: {outcome.reason} {outcome.detail}")
+    try:
+        seen = json.loads(stdout.decode().strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        lines += ["no report from the jail; its stderr:", "```", stderr, "```"]
+        return False
+    data.update(seen, host_nodes=host_nodes)
+    lines.append(f"inside the jail: {json.dumps(seen)}")
+    verdicts = {
+        "only the assigned nodes exist": set(seen["seen"]) <= ASSIGNED_NODES,
+        "no other host node opens": not seen["opened_forbidden"],
+        "mknod of another GPU's node refused": seen["mknod"] == "EPERM",
+        "runs as nobody": seen["uid"] == 65534,
+        "CUDA works, one device": seen["cuda"] and seen["count"] == 1 and seen["fp16_matmul_finite"],
+    }
+    lines += [f"- {'ok' if ok else 'FAILED'}: {what}" for what, ok in verdicts.items()]
+    if len([n for n in host_nodes if n.removeprefix("/dev/nvidia").isdigit()]) < 2:
+        lines.append("- note: this host has one GPU, so 'another GPU' exists only as the mknod attempt")
+    return all(verdicts.values())
+
+
+def sandbox_tax(report: Report) -> dict:
+    def step(lines: list[str], data: dict) -> bool:
+        runs = {s["title"]: s["data"] for s in report.steps if s["title"].startswith("reference, ")}
+        jailed, bare = runs.get("reference, nsjail", {}), runs.get("reference, --sandbox none", {})
+        if not (jailed.get("train") and bare.get("train") and jailed["train"]["tokens_per_s"] and bare["train"]["tokens_per_s"]):
+            lines.append("needs both runs ok")
+            return False
+        rows = [("tokens/s", "tokens_per_s"), ("steps", "steps"), ("train s", "train_seconds")]
+        lines += ["| | nsjail | none | nsjail / none |", "|---|---|---|---|"]
+        for label, key in rows:
+            a, b = jailed["train"][key], bare["train"][key]
+            lines.append(f"| {label} | {a:,.1f} | {b:,.1f} | {a / b:.3f} |")
+        for key in sorted(set(jailed["timings"]) | set(bare["timings"])):
+            a, b = jailed["timings"].get(key), bare["timings"].get(key)
+            lines.append(f"| {key} | {a if a is None else round(a, 2)} | {b if b is None else round(b, 2)} | |")
+        data["tokens_per_s_ratio"] = jailed["train"]["tokens_per_s"] / bare["train"]["tokens_per_s"]
+        peak = next((s["data"].get("tflops") for s in report.steps if s["title"] == "fp16 matmul peak"), None)
+        if peak and jailed.get("achieved_tflops"):
+            data["fraction_of_peak"] = jailed["achieved_tflops"] / peak
+            lines.append(f"\nthe reference in nsjail: {jailed['achieved_tflops']:.1f} TFLOP/s of model FLOPs = "
+                         f"{data['fraction_of_peak'] * 100:.1f} % of the {peak:.0f} TFLOP/s fp16 matmul measured here")
+        return True
+
+    return step
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True, help="folder for gpu-check.md, gpu-check.json and the two result.json")
+    parser.add_argument("--budget", type=float, default=60.0, help="training budget of each reference run (default: %(default)s)")
+    args = parser.parse_args()
+    unwind_on_sigterm()
+    args.out.mkdir(parents=True, exist_ok=True)
+    report = Report(args.out)
+    if not report.step("the GPU, torch and the host", check_device)["passed"]:
+        return 1
+    report.step("fp16 matmul peak", fp16_matmul_peak)
+    report.step("isolation of a jail given GPU 0", isolation)
+    report.step("reference, nsjail", reference_run("nsjail", args.budget, args.out))
+    report.step("reference, --sandbox none", reference_run("none", args.budget, args.out))
+    report.step("sandbox tax on the GPU", sandbox_tax(report))
+    return 0 if all(step["passed"] for step in report.steps) else 1
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except SandboxUnavailable as error:
+        print(f"sandbox unavailable: {error}", file=sys.stderr)
+        sys.exit(3)
