@@ -26,8 +26,8 @@ asks for the auxiliary loss explicitly. Muon is our own implementation of the pu
 its Newton-Schulz iteration runs in fp16 on CUDA (the predecessor used bf16, which a T4 lacks)
 and in fp32 on CPU. On a 60 s CPU budget one micro-batch takes ~14 s (attention dropout
 keeps CPU SDPA on its math path, which also makes the peak host memory 6.8 GB), so the run stops
-after 2-4 micro-batches, before the first optimizer step: by construction of the predecessor's
-schedule, the CPU model is its initialisation.
+after 3-4 micro-batches, i.e. at most one optimizer step, which the warm-up runs at learning
+rate 0: by construction of the predecessor's schedule, the CPU model is its initialisation.
 """
 
 from __future__ import annotations
