@@ -393,6 +393,7 @@ def _train_in_jail(plan: _RunPlan, sandbox, console: Console, timings: dict[str,
         log_cap_bytes=limits["log_mib"] * 2**20,
         gpu_index=0 if plan.device.startswith("cuda") else None,
         max_file_bytes=model_cap,  # no file in the jail needs to outgrow the model
+        cpus=plan.track.threads,  # the track's thread count is CPU time, not a request the code may ignore
     )
     launched = time.monotonic()
     # The output dir is a size-capped tmpfs while the jail runs (a bind of a disk directory would let

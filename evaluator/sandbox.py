@@ -42,7 +42,9 @@ from typing import Iterator
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 CGROUP_PARENT = "speedrun-evaluator"
-_CONTROLLERS = ("memory", "pids")
+_CONTROLLERS = ("memory", "pids", "cpu")
+# CFS scheduling period of a jail with a CPU quota; the quota is `cpus` periods' worth of CPU time.
+CPU_PERIOD_US = 100_000
 
 NOBODY = 65534
 JAIL_HOSTNAME = "speedrun"
@@ -119,6 +121,7 @@ class JailSpec:
     log_cap_bytes: int
     gpu_index: int | None = None  # bind only /dev/nvidia{ctl,-uvm,-uvm-tools,N}
     max_file_bytes: int = MAX_FILE_BYTES  # RLIMIT_FSIZE (whole MiB under nsjail): no file grows past it
+    cpus: int | None = None  # CPU time per wall second, in CPUs, for the whole jail (a cgroup quota)
 
 
 @dataclass(frozen=True)
@@ -137,10 +140,13 @@ class SandboxUnavailable(Exception):
 
 
 def cgroups_usable() -> bool:
-    """True when we can create cgroup v1 memory and pids groups (root, controllers mounted)."""
-    return os.geteuid() == 0 and all(
-        (CGROUP_ROOT / controller / "cgroup.procs").is_file() for controller in _CONTROLLERS
-    ) and (CGROUP_ROOT / "memory" / "memory.limit_in_bytes").is_file()
+    """True when we can create cgroup v1 memory, pids and cpu groups (root, controllers mounted)."""
+    limit_files = (CGROUP_ROOT / "memory" / "memory.limit_in_bytes", CGROUP_ROOT / "cpu" / "cpu.cfs_quota_us")
+    return (
+        os.geteuid() == 0
+        and all((CGROUP_ROOT / controller / "cgroup.procs").is_file() for controller in _CONTROLLERS)
+        and all(path.is_file() for path in limit_files)
+    )
 
 
 def _process_start_ticks(pid: int) -> int | None:
@@ -170,24 +176,32 @@ def _owner_alive(leaf: str) -> bool:
 
 
 class _Cgroup:
-    """One jail's memory and pids cgroups, created by us and removed by us."""
+    """One jail's memory, pids and cpu cgroups, created by us and removed by us."""
 
     def __init__(self, leaf: str):
         self.leaf = leaf
         self.memory_dir = CGROUP_ROOT / "memory" / CGROUP_PARENT / leaf
         self.pids_dir = CGROUP_ROOT / "pids" / CGROUP_PARENT / leaf
+        self.cpu_dir = CGROUP_ROOT / "cpu" / CGROUP_PARENT / leaf
+
+    @property
+    def dirs(self) -> tuple[Path, ...]:
+        return (self.memory_dir, self.pids_dir, self.cpu_dir)
 
     @classmethod
-    def create(cls, name: str, memory_bytes: int, pids: int) -> _Cgroup:
+    def create(cls, name: str, memory_bytes: int, pids: int, cpus: int | None) -> _Cgroup:
         cgroup = cls(f"{name}.{next(_cgroup_serial)}@{_owner_tag()}")
         try:
-            cgroup.memory_dir.mkdir(parents=True)
-            cgroup.pids_dir.mkdir(parents=True)
+            for directory in cgroup.dirs:
+                directory.mkdir(parents=True)
             (cgroup.memory_dir / "memory.limit_in_bytes").write_text(str(memory_bytes))
             memsw = cgroup.memory_dir / "memory.memsw.limit_in_bytes"
             if memsw.exists():  # swap accounting on: the same limit, so no swapping past it
                 memsw.write_text(str(memory_bytes))
             (cgroup.pids_dir / "pids.max").write_text(str(pids))
+            if cpus is not None:
+                (cgroup.cpu_dir / "cpu.cfs_period_us").write_text(str(CPU_PERIOD_US))
+                (cgroup.cpu_dir / "cpu.cfs_quota_us").write_text(str(cpus * CPU_PERIOD_US))
         except OSError:
             cgroup.remove()
             raise
@@ -195,7 +209,7 @@ class _Cgroup:
 
     @property
     def procs_files(self) -> tuple[str, ...]:
-        return (str(self.memory_dir / "cgroup.procs"), str(self.pids_dir / "cgroup.procs"))
+        return tuple(str(directory / "cgroup.procs") for directory in self.dirs)
 
     def members(self) -> set[int]:
         found: set[int] = set()
@@ -224,8 +238,11 @@ class _Cgroup:
     def pids_limit_hits(self) -> int:
         return _counter(self.pids_dir / "pids.events", "max")
 
+    def cpu_throttled_periods(self) -> int:
+        return _counter(self.cpu_dir / "cpu.stat", "nr_throttled")
+
     def remove(self) -> None:
-        for directory in (self.memory_dir, self.pids_dir):
+        for directory in self.dirs:
             for _ in range(200):  # members that were just killed leave within milliseconds
                 try:
                     directory.rmdir()
@@ -926,7 +943,7 @@ class Sandbox:
 
 def _create_cgroup(spec: JailSpec, pids: int) -> _Cgroup:
     try:
-        return _Cgroup.create(spec.name, spec.memory_bytes, pids)
+        return _Cgroup.create(spec.name, spec.memory_bytes, pids, spec.cpus)
     except OSError as error:
         reason = f"could not create the cgroups for jail {spec.name}: {error}"
         raise SandboxUnavailable(reason) from error
@@ -946,7 +963,7 @@ def _nsjail_problem() -> str | None:
             f"Python install under a private home needs); running as uid {os.geteuid()}"
         )
     if not cgroups_usable():
-        return f"cgroup v1 memory and pids controllers not found under {CGROUP_ROOT}"
+        return f"cgroup v1 memory, pids and cpu controllers not found under {CGROUP_ROOT}"
     with tempfile.TemporaryDirectory(prefix="sandbox-probe-") as scratch:
         workdir = Path(scratch)
         probe = JailSpec(
@@ -991,7 +1008,7 @@ def open_sandbox(choice: str) -> Sandbox:
             raise SandboxUnavailable(problem)
         why = f"nsjail unavailable: {problem}"
     if cgroups_usable():
-        limits = "memory and pids limits from a cgroup, wall-clock limit, rlimits"
+        limits = "memory, pids and CPU limits from a cgroup, wall-clock limit, rlimits"
     else:
-        limits = "wall-clock limit and rlimits only (no cgroups: memory and pids are not limited)"
+        limits = "wall-clock limit and rlimits only (no cgroups: memory, pids and CPU are not limited)"
     return Sandbox("none", "subprocess", f"UNSANDBOXED subprocess ({why}); {limits}")

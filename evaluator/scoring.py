@@ -380,6 +380,7 @@ def _server_spec(*, name: str, workdir: Path, model_path: Path, submission_dir: 
         log_path=workdir / "server.log",
         log_cap_bytes=SERVER_LOG_CAP_BYTES,
         gpu_index=int(device.partition(":")[2] or 0) if device.startswith("cuda") else None,
+        cpus=threads,  # a model can only slow its own scoring down, never the host's other jails
     )
 
 

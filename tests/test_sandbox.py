@@ -70,7 +70,7 @@ def run_to_end(
 
 
 def cgroup_dirs(jail: sandbox.Jailed) -> list[Path]:
-    return [jail._cgroup.memory_dir, jail._cgroup.pids_dir]
+    return list(jail._cgroup.dirs)
 
 
 def wait_for_members(jail: sandbox.Jailed, count: int) -> set[int]:
@@ -295,6 +295,37 @@ def test_fork_bomb_is_contained(nsjail, tmp_path):
     assert processes_with(marker) == []
 
 
+@pytest.mark.parametrize("box_name", ["nsjail", "unsandboxed"])
+def test_cpu_time_is_capped_at_the_quota(box_name, request, tmp_path):
+    # Three busy processes for 2 s of wall time would take every core this machine has (>= 2);
+    # a quota of one CPU holds them to about 2 s of CPU time in all, and the kernel counts throttling.
+    code = (
+        "import os, time\n"
+        "start = time.monotonic()\n"
+        "children = []\n"
+        "for _ in range(3):\n"
+        "    pid = os.fork()\n"
+        "    if pid == 0:\n"
+        "        while time.monotonic() - start < 2.0:\n"
+        "            pass\n"
+        "        os._exit(0)\n"
+        "    children.append(pid)\n"
+        "for pid in children:\n"
+        "    os.waitpid(pid, 0)\n"
+        "times = os.times()\n"
+        "print(times.children_user + times.children_system, time.monotonic() - start)\n"
+    )
+    box = request.getfixturevalue(box_name)
+    with box.start(make_spec(tmp_path, python(code), cpus=1)) as jail:
+        jail.stdin.close()
+        output = jail.stdout.read()
+        jail.wait(timeout=20)
+        throttled = jail._cgroup.cpu_throttled_periods()
+    cpu_s, wall_s = map(float, output.split())
+    assert cpu_s <= 1.25 * wall_s + 0.2, (cpu_s, wall_s)
+    assert throttled > 0
+
+
 def test_stderr_is_capped_without_blocking_the_child(nsjail, tmp_path):
     code = (
         "import sys\n"
@@ -336,8 +367,8 @@ def test_reap_stale_removes_what_a_dead_evaluator_left(nsjail, tmp_path):
     gone.wait()
     dead_owner = f"{gone.pid}.1"  # and no live process started 1 tick after boot
     orphan = sandbox._Cgroup(f"left-behind.1@{dead_owner}")
-    orphan.memory_dir.mkdir(parents=True)
-    orphan.pids_dir.mkdir(parents=True)
+    for directory in orphan.dirs:
+        directory.mkdir(parents=True)
     sleeper = subprocess.Popen(["/bin/sleep", "60"])
     for procs in orphan.procs_files:
         Path(procs).write_text(str(sleeper.pid))
@@ -347,7 +378,7 @@ def test_reap_stale_removes_what_a_dead_evaluator_left(nsjail, tmp_path):
         assert live.wait(timeout=0) is None
     assert orphan.leaf in reaped
     assert sleeper.wait(timeout=5) == -signal.SIGKILL
-    assert not orphan.memory_dir.exists() and not orphan.pids_dir.exists()
+    assert not any(directory.exists() for directory in orphan.dirs)
 
 
 def test_torch_runs_in_the_jail(nsjail, tmp_path):
