@@ -37,8 +37,9 @@ check() {
     for deb in "$STASH"/debs/*.deb; do dpkg -x "$deb" /; done   # two small shared libraries
     ldconfig
     python3 -m pip install --quiet --no-index --no-deps --no-compile "$STASH"/wheels/*.whl
-    # Editable: the jail then finds the package through the interpreter's site-packages, as it does here.
-    python3 -m pip install --quiet --no-index --no-deps --no-build-isolation --editable .
+    # A .pth in the interpreter's site-packages: the jail (which binds that install read-only) then
+    # finds the package as it does here; no build backend needed.
+    echo "$PWD" > "$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/speedrun-evaluator.pth"
     export PYTHONUNBUFFERED=1
     python3 scripts/gpu_check.py --out "$OUT" 2>&1 | tee "$OUT/gpu-check.log"
 }
