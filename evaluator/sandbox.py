@@ -542,16 +542,30 @@ def _nsjail_ending(log: str | None, nsjail_returncode: int, killed_by_host: bool
 # --- the running jail ----------------------------------------------------------------------------
 
 
+_PR_SET_PDEATHSIG = 1
+
+
 def _child_setup(procs_files: tuple[str, ...], rlimits: dict[int, tuple[int, int]]):
-    """preexec_fn: join the cgroups before exec, so every process the command starts is inside.
+    """preexec_fn: die with the evaluator, and join the cgroups before exec, so every process the
+    command starts is inside.
+
+    The parent-death signal makes `kill -9` of the evaluator take the jail with it at once (nsjail's
+    death ends the jailed process tree) instead of leaving it to run to nsjail's time limit. It is
+    sent when the *thread* that started the jail exits: start jails from a thread that outlives them.
 
     Runs between fork and exec with the host's other threads gone; it only makes system calls on
     values prepared here (no imports, no locks), so the fork-with-threads hazard does not arise.
     """
     current_process = b"0"  # cgroup v1 reads 0 as "the writing process"
     limits = tuple(rlimits.items())
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    evaluator_pid = os.getpid()
+    sigkill = int(signal.SIGKILL)
 
     def join_and_limit() -> None:
+        prctl(_PR_SET_PDEATHSIG, sigkill, 0, 0, 0)
+        if os.getppid() != evaluator_pid:  # the evaluator died before the line above took effect
+            os.kill(os.getpid(), sigkill)
         for procs in procs_files:
             fd = os.open(procs, os.O_WRONLY)
             try:
