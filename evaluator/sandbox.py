@@ -110,7 +110,7 @@ class JailSpec:
     argv: list[str]  # argv[0] an absolute path (usually sys.executable)
     workdir: Path  # host-only dir for nsjail's config and log (never mounted)
     cwd: Path
-    env: dict[str, str]  # the whole environment inside: nothing is inherited
+    env: dict[str, str]  # the whole environment inside (a GPU jail adds the host's LD_LIBRARY_PATH)
     ro_paths: list[Path]  # bound read-only at the same path (files or dirs)
     rw_paths: list[Path]  # bound read-write at the same path
     tmpfs: dict[Path, int]  # extra tmpfs mounts -> size in bytes (e.g. scratch)
@@ -374,6 +374,26 @@ def _python_roots() -> list[Path]:
     return [Path(sys.base_prefix), interpreter_prefix, Path(sys.prefix)]
 
 
+def _host_library_dirs() -> list[Path]:
+    """The existing absolute directories on the evaluator's LD_LIBRARY_PATH, in order."""
+    dirs: list[Path] = []
+    for entry in os.environ.get("LD_LIBRARY_PATH", "").split(":"):
+        if os.path.isabs(entry) and os.path.isdir(entry) and Path(entry) not in dirs:
+            dirs.append(Path(entry))
+    return dirs
+
+
+def jail_environment(spec: JailSpec) -> dict[str, str]:
+    """spec.env, and for a GPU jail the evaluator's LD_LIBRARY_PATH (its directories are bound
+    read-only): GPU images often find the driver's libcuda only through it, e.g. in
+    /usr/local/nvidia/lib64, and nothing else of the host's environment reaches a jail."""
+    env = dict(spec.env)
+    library_dirs = _host_library_dirs()
+    if spec.gpu_index is not None and library_dirs and "LD_LIBRARY_PATH" not in env:
+        env["LD_LIBRARY_PATH"] = ":".join(map(str, library_dirs))
+    return env
+
+
 def _spec_mounts_in_order(spec: JailSpec) -> list[tuple[Path, str, int]]:
     """(path, "ro" | "rw" | "tmpfs", tmpfs size), parents before the paths nested in them."""
     entries = [(Path(p), "ro", 0) for p in spec.ro_paths]
@@ -425,6 +445,10 @@ def nsjail_config(spec: JailSpec, log_file: Path):
         bind("/dev/nvidia-uvm", rw=True)
         bind("/dev/nvidia-uvm-tools", rw=True, mandatory=False)
         bind(f"/dev/nvidia{spec.gpu_index}", rw=True)
+        for directory in _host_library_dirs():
+            if not any(_is_within(directory, covered) for covered in read_only_roots):
+                bind(directory)
+                read_only_roots.append(directory)
     for path, kind, size in _spec_mounts_in_order(spec):
         if kind == "tmpfs":
             mounts.append(MountPt(dst=str(path), fstype="tmpfs", rw=True, options=f"size={size}"))
@@ -448,7 +472,7 @@ def nsjail_config(spec: JailSpec, log_file: Path):
         log_file=str(log_file),
         log_level=LogLevel.INFO,  # outcome() reads the INFO lines ("Executing", "exited with")
         keep_env=False,
-        envar=[f"{key}={value}" for key, value in spec.env.items()],
+        envar=[f"{key}={value}" for key, value in jail_environment(spec).items()],
         # As root: build the mount tree as root (the Python install under /root is mode 0700 for
         # a mapped uid), then drop to nobody. Namespaces net/pid/ipc/uts/mount/cgroup stay new.
         clone_newuser=False,
@@ -946,7 +970,7 @@ class Sandbox:
         return Jailed(
             spec,
             argv=list(spec.argv),
-            env=dict(spec.env),
+            env=jail_environment(spec),
             cwd=Path(spec.cwd),
             cgroup=cgroup,
             rlimits={limit: (value, value) for limit, value in jail_rlimits(spec.max_file_bytes).items()},

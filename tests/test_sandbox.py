@@ -122,6 +122,22 @@ def test_gpu_jail_binds_only_the_assigned_gpu(tmp_path):
     assert not [m for m in cpu_config.mount if "nvidia" in m.dst]
 
 
+def test_gpu_jail_gets_the_hosts_library_path_and_a_cpu_jail_does_not(tmp_path, monkeypatch):
+    driver_libs = tmp_path / "nvidia" / "lib64"
+    driver_libs.mkdir(parents=True)
+    monkeypatch.setenv("LD_LIBRARY_PATH", f"{driver_libs}:relative/lib:{tmp_path / 'missing'}:/usr/lib")
+    gpu_config = sandbox.nsjail_config(make_spec(tmp_path, ["/bin/true"], gpu_index=0), tmp_path / "log")
+    assert f"LD_LIBRARY_PATH={driver_libs}:/usr/lib" in gpu_config.envar
+    binds = {m.dst: m for m in gpu_config.mount if m.is_bind}
+    assert not binds[str(driver_libs)].rw
+    assert "/usr/lib" not in binds  # already inside the read-only /usr
+    cpu_spec = make_spec(tmp_path, ["/bin/true"])
+    cpu_config = sandbox.nsjail_config(cpu_spec, tmp_path / "log")
+    assert not [v for v in cpu_config.envar if v.startswith("LD_LIBRARY_PATH")]
+    assert str(driver_libs) not in {m.dst for m in cpu_config.mount}
+    assert sandbox.jail_environment(cpu_spec) == cpu_spec.env
+
+
 def test_workdir_must_stay_outside_the_jail(tmp_path):
     spec = make_spec(tmp_path, ["/bin/true"], rw_paths=[tmp_path], workdir=tmp_path / "work")
     with pytest.raises(ValueError, match="visible in the jail"):
