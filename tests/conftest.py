@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from evaluator.cli import main
+from evaluator.sandbox import Sandbox, SandboxUnavailable, open_sandbox
 
 CGROUP_PARENTS = [Path("/sys/fs/cgroup") / controller / "speedrun-evaluator" for controller in ("memory", "pids", "cpu")]
 
@@ -100,3 +101,12 @@ def missing(what: str) -> None:
     if os.environ.get("CI"):
         pytest.fail(f"{what} (CI must have it: see `make setup`)")
     pytest.skip(what)
+
+
+@pytest.fixture(scope="session")
+def nsjail() -> Sandbox:
+    """The real nsjail sandbox, probed once per session."""
+    try:
+        return open_sandbox("nsjail")
+    except SandboxUnavailable as error:
+        missing(f"nsjail cannot run here: {error}")

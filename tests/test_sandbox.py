@@ -14,19 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import missing, processes_with
+from conftest import processes_with
 from evaluator import paths, sandbox
 from evaluator.sandbox import JailSpec, SandboxUnavailable, open_sandbox
 
 SHELL_PATH = {"PATH": "/usr/bin:/bin"}
-
-
-@pytest.fixture(scope="module")
-def nsjail() -> sandbox.Sandbox:
-    try:
-        return open_sandbox("nsjail")
-    except SandboxUnavailable as error:
-        missing(f"nsjail cannot run here: {error}")
 
 
 @pytest.fixture(scope="module")

@@ -16,20 +16,16 @@ import uuid
 import pytest
 
 from adversarial_support import STARTUP_SLACK_S, attack_submission, disk_dir, leftovers  # noqa: F401 (disk_dir: a fixture)
-from conftest import missing, run_cli
+from conftest import run_cli
 from evaluator.dataset.store import resolve_data_file
-from evaluator.sandbox import JAIL_HOSTNAME, NOBODY, SandboxUnavailable, open_sandbox
+from evaluator.sandbox import JAIL_HOSTNAME, NOBODY
 from evaluator.tracks import load_track
 
 TRACK = load_track("cpu-1min")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def nsjail():
-    try:
-        return open_sandbox("nsjail")
-    except SandboxUnavailable as error:
-        missing(f"nsjail cannot run here: {error}")
+# Every test here needs a working nsjail (the fixture is in conftest.py).
+pytestmark = pytest.mark.usefixtures("nsjail")
 
 
 def test_code_in_the_pickle_and_in_forward_runs_only_in_the_scoring_jail(disk_dir, capsys):

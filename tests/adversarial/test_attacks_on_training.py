@@ -50,14 +50,6 @@ def _mib(key: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def nsjail():
-    try:
-        return open_sandbox("nsjail")
-    except SandboxUnavailable as error:
-        missing(f"nsjail cannot run here: {error}")
-
-
-@pytest.fixture(scope="module")
 def snoop(nsjail, tmp_path_factory):
     """One harmless probe run: it reads, connects and lists everything it can, then reports.
 

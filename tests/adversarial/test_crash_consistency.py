@@ -22,8 +22,7 @@ from adversarial_support import (
     start_evaluator,
     wait_for,
 )
-from conftest import missing, run_cli, write_submission
-from evaluator.sandbox import SandboxUnavailable, open_sandbox
+from conftest import run_cli, write_submission
 
 # The submission starts a child with a marker in its command line, so the test can see from outside
 # that train() is running, then sleeps: a run that is mid-training when the evaluator is stopped.
@@ -39,12 +38,8 @@ def train(ctx):
 """
 
 
-@pytest.fixture(scope="module", autouse=True)
-def nsjail():
-    try:
-        return open_sandbox("nsjail")
-    except SandboxUnavailable as error:
-        missing(f"nsjail cannot run here: {error}")
+# Every test here needs a working nsjail (the fixture is in conftest.py).
+pytestmark = pytest.mark.usefixtures("nsjail")
 
 
 def _start_mid_training(tmp_path):
