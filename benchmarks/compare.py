@@ -19,12 +19,12 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import pyarrow.parquet as pq
 from rich.console import Console
 from rich.table import Table
 
+from evaluator.cli import run_guarded
 from evaluator.paths import REPO_ROOT
-from evaluator.runner import evaluate, unwind_on_sigterm
+from evaluator.runner import evaluate, last_logged_metric
 from evaluator.tracks import load_track
 
 DEFAULT_SUBMISSIONS = ["reference", "submissions/seed-moe", "submissions/template"]
@@ -44,11 +44,6 @@ def matmul_peak_flops(threads: int, size: int = 2048, seconds: float = 3.0) -> f
         torch.mm(a, b)
         best = max(best, 2 * size**3 / (time.perf_counter() - began))
     return best
-
-
-def last_logged(run_dir: Path, key: str) -> float | None:
-    rows = [r for r in pq.read_table(run_dir / "metrics.parquet").to_pylist() if r["key"] == key]
-    return rows[-1]["value"] if rows else None
 
 
 def _mean_std(values: list[float]) -> str:
@@ -71,7 +66,6 @@ def main() -> int:
     parser.add_argument("--sandbox", default="auto", choices=["auto", "nsjail", "none"])
     parser.add_argument("--out", type=Path, help="output folder (default: benchmarks/out/<timestamp>)")
     args = parser.parse_args()
-    unwind_on_sigterm()
 
     console = Console(stderr=True)
     out = args.out or REPO_ROOT / "benchmarks" / "out" / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
@@ -97,7 +91,7 @@ def main() -> int:
     for submission, results in runs.items():
         ok = [(r, d) for r, d in results if r["status"] == "ok"]
         losses = [r["metrics"]["val_loss"] for r, _ in ok]
-        flops = [last_logged(d, "flops") / r["train"]["train_seconds"] for r, d in ok if last_logged(d, "flops")]
+        flops = [last_logged_metric(d, "flops") / r["train"]["train_seconds"] for r, d in ok if last_logged_metric(d, "flops")]
         relative = f"{(statistics.mean(losses) / reference_mean - 1) * 100:+.1f} %" if losses and reference_mean else "-"
         statuses = sorted({r["status"] for r, _ in results} - {"ok"})
         rows.append([
@@ -135,4 +129,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_guarded("compare.py", main))

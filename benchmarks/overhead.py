@@ -23,8 +23,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from evaluator.cli import run_guarded
 from evaluator.paths import REPO_ROOT
-from evaluator.runner import evaluate, unwind_on_sigterm
+from evaluator.runner import evaluate
 
 FIXED_WORK = REPO_ROOT / "benchmarks" / "fixed-work"
 
@@ -56,7 +57,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=2, help="runs per sandbox kind, alternated")
     args = parser.parse_args()
-    unwind_on_sigterm()
     console = Console(stderr=True)
     results: dict[str, list[dict[str, float]]] = {"nsjail": [], "none": []}
     with tempfile.TemporaryDirectory() as tmp:
@@ -79,4 +79,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_guarded("overhead.py", main))

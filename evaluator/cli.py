@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import Callable
 
 from evaluator import __version__
 from evaluator.errors import UserError
@@ -48,13 +49,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    return run_guarded("evaluator", lambda: args.handler(args))
+
+
+def run_guarded(prog: str, action: Callable[[], int | None]) -> int:
+    """Run a command the way every program here ends: a UserError is one line and its exit code,
+    Ctrl-C or SIGTERM (which `evaluate()` turns into the same unwinding) is one line and 130."""
     try:
-        return args.handler(args)
+        return action() or 0
     except UserError as exc:
-        sys.stderr.write(f"evaluator: {exc}\n")
+        sys.stderr.write(f"{prog}: {exc}\n")
         return exc.exit_code
     except KeyboardInterrupt:
-        sys.stderr.write("evaluator: interrupted\n")
+        sys.stderr.write(f"{prog}: interrupted\n")
         return 130
 
 

@@ -21,10 +21,11 @@ import statistics
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -503,6 +504,34 @@ def _record(plan: _RunPlan, outcome: TrainingOutcome, score, env: dict[str, Any]
     }
 
 
+def _handle_sigterm(signum, frame):
+    raise KeyboardInterrupt
+
+
+@contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """While a run is under way, SIGTERM unwinds like Ctrl-C, so every jail is killed and its cgroup
+    removed; without it SIGTERM would end the process at once and leave the jail running. Only the
+    main thread may set handlers: elsewhere the caller's own handling stays."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _handle_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def last_logged_metric(run_dir: Path, key: str) -> float | None:
+    """The last value a run logged under `key` (from its metrics.parquet), or None."""
+    path = Path(run_dir) / "metrics.parquet"
+    if not path.is_file():
+        return None
+    values = [row["value"] for row in pq.read_table(path).to_pylist() if row["key"] == key]
+    return values[-1] if values else None
+
+
 def evaluate(
     folder: Path,
     *,
@@ -514,41 +543,42 @@ def evaluate(
     console: Console | None = None,
 ) -> tuple[dict[str, Any], Path]:
     """One evaluation run: returns the result record (also written as result.json) and the run directory."""
-    console = console or Console(stderr=True)
-    began = time.monotonic()
-    plan = _plan(Path(folder), track_id, seed, budget_s, runs_dir, console)
-    started = utc_now()
-    timings: dict[str, float] = {}
-    score = None
-    try:
-        sandbox = open_sandbox(sandbox_choice)
-    except SandboxUnavailable as exc:
-        env = environment(plan.track.device_kind, "nsjail", "unavailable")
-        outcome = TrainingOutcome(status="sandbox_error", message=f"nsjail cannot run here: {exc}")
-    else:
-        env = environment(plan.track.device_kind, sandbox.kind, sandbox.version)
-        label = "nsjail" if sandbox.kind == "nsjail" else "NONE — unsandboxed, unofficial"
-        console.print(f"[bold]{plan.manifest.name}[/] on [bold]{plan.track.id}[/], seed {plan.seed}, budget {plan.budget_s:g} s, sandbox: {label}")
-        console.print(f"sandbox: {sandbox.reason}", markup=False, highlight=False)
-        timings["prepare_s"] = time.monotonic() - began
+    with _sigterm_unwinds():
+        console = console or Console(stderr=True)
+        began = time.monotonic()
+        plan = _plan(Path(folder), track_id, seed, budget_s, runs_dir, console)
+        started = utc_now()
+        timings: dict[str, float] = {}
+        score = None
         try:
-            outcome = _train_in_jail(plan, sandbox, console, timings)
+            sandbox = open_sandbox(sandbox_choice)
         except SandboxUnavailable as exc:
-            outcome = TrainingOutcome(status="sandbox_error", message=f"the training sandbox failed to start: {exc}")
-        if outcome.status == "ok":
-            scoring_started = time.monotonic()
+            env = environment(plan.track.device_kind, "nsjail", "unavailable")
+            outcome = TrainingOutcome(status="sandbox_error", message=f"nsjail cannot run here: {exc}")
+        else:
+            env = environment(plan.track.device_kind, sandbox.kind, sandbox.version)
+            label = "nsjail" if sandbox.kind == "nsjail" else "NONE — unsandboxed, unofficial"
+            console.print(f"[bold]{plan.manifest.name}[/] on [bold]{plan.track.id}[/], seed {plan.seed}, budget {plan.budget_s:g} s, sandbox: {label}")
+            console.print(f"sandbox: {sandbox.reason}", markup=False, highlight=False)
+            timings["prepare_s"] = time.monotonic() - began
             try:
-                score = _score(plan, sandbox, console)
-            except InvalidModel as exc:
-                outcome.status, outcome.message = "invalid_model", str(exc)
+                outcome = _train_in_jail(plan, sandbox, console, timings)
             except SandboxUnavailable as exc:
-                outcome.status, outcome.message = "sandbox_error", f"the scoring sandbox failed: {exc}"
-            timings["scoring_s"] = time.monotonic() - scoring_started
-        shutil.rmtree(plan.jail_out, ignore_errors=True)
-    record = _record(plan, outcome, score, env, started)
-    atomic_write_text(plan.run_dir / "timings.json", json.dumps(timings, indent=2) + "\n")
-    write_result(plan.run_dir, record)
-    return record, plan.run_dir
+                outcome = TrainingOutcome(status="sandbox_error", message=f"the training sandbox failed to start: {exc}")
+            if outcome.status == "ok":
+                scoring_started = time.monotonic()
+                try:
+                    score = _score(plan, sandbox, console)
+                except InvalidModel as exc:
+                    outcome.status, outcome.message = "invalid_model", str(exc)
+                except SandboxUnavailable as exc:
+                    outcome.status, outcome.message = "sandbox_error", f"the scoring sandbox failed: {exc}"
+                timings["scoring_s"] = time.monotonic() - scoring_started
+            shutil.rmtree(plan.jail_out, ignore_errors=True)
+        record = _record(plan, outcome, score, env, started)
+        atomic_write_text(plan.run_dir / "timings.json", json.dumps(timings, indent=2) + "\n")
+        write_result(plan.run_dir, record)
+        return record, plan.run_dir
 
 
 def _jail_env(threads: int, home: Path) -> dict[str, str]:
@@ -580,17 +610,6 @@ def summary_line(record: dict[str, Any]) -> str:
     return "  ".join(parts)
 
 
-def _handle_sigterm(signum, frame):
-    raise KeyboardInterrupt
-
-
-def unwind_on_sigterm() -> None:
-    """Make SIGTERM unwind like Ctrl-C, so that `evaluate()` kills every jail and removes its cgroup.
-    Every program that calls `evaluate()` calls this first: without it SIGTERM ends the process at
-    once and its jail runs on until nsjail's own time limit."""
-    signal.signal(signal.SIGTERM, _handle_sigterm)
-
-
 def _base_seed(args: argparse.Namespace) -> int | None:
     """--seed, else the track's default seed; None when the manifest is too broken to tell (evaluate reports it)."""
     if args.seed is not None:
@@ -605,7 +624,6 @@ def _base_seed(args: argparse.Namespace) -> int | None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    unwind_on_sigterm()
     console = Console(stderr=True)
     if args.seeds < 1:
         raise UserError("--seeds must be at least 1")

@@ -36,8 +36,9 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from evaluator.runner import evaluate, unwind_on_sigterm  # noqa: E402
-from evaluator.sandbox import CGROUP_ROOT, JailSpec, SandboxUnavailable, open_sandbox  # noqa: E402
+from evaluator.cli import run_guarded  # noqa: E402
+from evaluator.runner import evaluate, last_logged_metric  # noqa: E402
+from evaluator.sandbox import CGROUP_ROOT, JailSpec, open_sandbox  # noqa: E402
 
 ASSIGNED_NODES = {"/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools", "/dev/nvidia0"}
 NVIDIA_MAJOR = 195  # /dev/nvidiaN and /dev/nvidiactl
@@ -203,7 +204,7 @@ def reference_run(sandbox: str, budget: float, out: Path):
             record, run_dir = evaluate(REPO_ROOT / "reference", track_id="t4-5min", seed=0, budget_s=budget, sandbox_choice=sandbox, runs_dir=runs_dir)
         shutil.copyfile(run_dir / "result.json", out / f"result-{sandbox}.json")
         timings = json.loads((run_dir / "timings.json").read_text()) if (run_dir / "timings.json").is_file() else {}
-        flops = last_logged(run_dir / "metrics.parquet", "flops")
+        flops = last_logged_metric(run_dir, "flops")
         train = record["train"]
         data.update(
             status=record["status"], message=record["message"][-2000:], metrics=record["metrics"], train=train,
@@ -229,15 +230,6 @@ def reference_run(sandbox: str, budget: float, out: Path):
         return record["status"] == "ok"
 
     return step
-
-
-def last_logged(metrics_path: Path, key: str) -> float | None:
-    import pyarrow.parquet as pq
-
-    if not metrics_path.is_file():
-        return None
-    values = [row["value"] for row in pq.read_table(metrics_path).to_pylist() if row["key"] == key]
-    return values[-1] if values else None
 
 
 def isolation(lines: list[str], data: dict) -> bool:
@@ -311,7 +303,6 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True, help="folder for gpu-check.md, gpu-check.json and the two result.json")
     parser.add_argument("--budget", type=float, default=60.0, help="training budget of each reference run (default: %(default)s)")
     args = parser.parse_args()
-    unwind_on_sigterm()
     args.out.mkdir(parents=True, exist_ok=True)
     report = Report(args.out)
     if not report.step("the GPU, torch and the host", check_device)["passed"]:
@@ -325,8 +316,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except SandboxUnavailable as error:
-        print(f"sandbox unavailable: {error}", file=sys.stderr)
-        sys.exit(3)
+    sys.exit(run_guarded("gpu_check.py", main))
