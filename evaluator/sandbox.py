@@ -445,6 +445,11 @@ def nsjail_config(spec: JailSpec, log_file: Path):
         bind("/dev/nvidia-uvm", rw=True)
         bind("/dev/nvidia-uvm-tools", rw=True, mandatory=False)
         bind(f"/dev/nvidia{spec.gpu_index}", rw=True)
+        # The CUDA driver reads the GPU's PCI and NUMA topology from sysfs; other sandboxes that
+        # hide /sys report cuInit failing with CUDA_ERROR_OPERATING_SYSTEM. A fresh read-only
+        # sysfs, not a bind of the host's: no host submounts (cgroupfs) come with it, and its
+        # network view is the jail's own namespace.
+        mounts.append(MountPt(dst="/sys", fstype="sysfs", rw=False))
         for directory in _host_library_dirs():
             if not any(_is_within(directory, covered) for covered in read_only_roots):
                 bind(directory)

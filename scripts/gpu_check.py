@@ -8,7 +8,8 @@ Run by scripts/gpu-check.sh on a lent GPU machine, after it has installed the ev
 2. `evaluator run reference --track t4-5min --budget B` in nsjail: CUDA inside the jail, fp16
    autocast, the run `ok` and scored, with the GPU's memory polled from outside by nvidia-smi;
 3. a jail given GPU 0 sees only that GPU's nodes, cannot open another `/dev/nvidia*` of the host,
-   cannot make one (no CAP_MKNOD), and computes on the GPU;
+   cannot make one (no CAP_MKNOD), and computes on the GPU; and whether the CUDA driver
+   initialises in such a jail without its read-only sysfs (is that mount needed?);
 4. the same run with `--sandbox none`: the sandbox tax on a GPU;
 5. the reference's tokens/s and achieved TFLOP/s against a large fp16 matmul measured here.
 
@@ -20,6 +21,7 @@ step passed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import json
 import os
@@ -38,6 +40,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from evaluator.cli import run_guarded  # noqa: E402
 from evaluator.runner import evaluate, last_logged_metric  # noqa: E402
+from evaluator import sandbox as sandbox_module  # noqa: E402
 from evaluator.sandbox import CGROUP_ROOT, JailSpec, open_sandbox  # noqa: E402
 
 ASSIGNED_NODES = {"/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools", "/dev/nvidia0"}
@@ -71,6 +74,18 @@ print(json.dumps(dict(
     name=torch.cuda.get_device_name(0), fp16_matmul_finite=finite,
     cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
 )))
+"""
+
+
+# Runs inside a jail given GPU 0: the CUDA driver's own initialisation, without torch.
+CUINIT_PROBE = r"""
+import ctypes, json
+cuda = ctypes.CDLL("libcuda.so.1")
+count = ctypes.c_int(-1)
+status = cuda.cuInit(0)
+if status == 0:
+    cuda.cuDeviceGetCount(ctypes.byref(count))
+print(json.dumps(dict(cuInit=status, devices=count.value)))
 """
 
 
@@ -232,28 +247,75 @@ def reference_run(sandbox: str, budget: float, out: Path):
     return step
 
 
-def isolation(lines: list[str], data: dict) -> bool:
-    sandbox = open_sandbox("nsjail")
-    host_nodes = host_nvidia_nodes()
-    with tempfile.TemporaryDirectory(prefix="gpu-isolation-") as scratch:
-        workdir = Path(scratch) / "work"
-        workdir.mkdir()
-        spec = JailSpec(
-            name="gpu-isolation", argv=[sys.executable, "-c", ISOLATION_PROBE, json.dumps(host_nodes), json.dumps(sorted(ASSIGNED_NODES))],
-            workdir=workdir, cwd=Path("/tmp"), env={"PATH": "/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8"},
-            ro_paths=[], rw_paths=[], tmpfs={}, memory_bytes=8 << 30, pids=256, time_limit_s=120,
-            log_path=Path(scratch) / "stderr.log", log_cap_bytes=1 << 20, gpu_index=0,
-        )
-        with sandbox.start(spec) as jail:
-            jail.stdin.close()
-            stdout = jail.stdout.read()
-            jail.wait(120)
-        outcome = jail.outcome()
-        stderr = (Path(scratch) / "stderr.log").read_text(errors="replace")[-3000:]
-    lines.append(f"host nodes: {host_nodes}")
-    lines.append(f"jail outcome: {outcome.reason} {outcome.detail}")
+def _gpu_jail(scratch: Path, name: str, argv: list[str]) -> tuple[str, str, str]:
+    """Runs argv in an nsjail given GPU 0; (stdout, outcome, stderr tail)."""
+    workdir = scratch / name
+    workdir.mkdir()
+    spec = JailSpec(
+        name=name, argv=argv, workdir=workdir, cwd=Path("/tmp"),
+        env={"PATH": "/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8"},
+        ro_paths=[], rw_paths=[], tmpfs={}, memory_bytes=8 << 30, pids=256, time_limit_s=120,
+        log_path=scratch / f"{name}.log", log_cap_bytes=1 << 20, gpu_index=0,
+    )
+    with open_sandbox("nsjail").start(spec) as jail:
+        jail.stdin.close()
+        stdout = jail.stdout.read()
+        jail.wait(120)
+    outcome = jail.outcome()
+    return stdout.decode(errors="replace"), f"{outcome.reason} {outcome.detail}", spec.log_path.read_text(errors="replace")[-3000:]
+
+
+@contextlib.contextmanager
+def _jails_without_sysfs():
+    """Jails started inside this block are built as the sandbox builds them, less the /sys mount."""
+    build = sandbox_module.nsjail_config
+
+    def without_sysfs(spec, log_file):
+        config = build(spec, log_file)
+        kept = [mount for mount in config.mount if mount.dst != "/sys"]
+        del config.mount[:]
+        config.mount.extend(kept)
+        return config
+
+    sandbox_module.nsjail_config = without_sysfs
     try:
-        seen = json.loads(stdout.decode().strip().splitlines()[-1])
+        yield
+    finally:
+        sandbox_module.nsjail_config = build
+
+
+def sysfs_needed(lines: list[str], data: dict) -> bool:
+    """cuInit in a GPU jail as the sandbox builds it, and without its /sys: the read-only sysfs of
+    GPU jails stays only where CUDA needs it."""
+    variants = {"with sysfs": contextlib.nullcontext(), "without sysfs": _jails_without_sysfs()}
+    with tempfile.TemporaryDirectory(prefix="gpu-sysfs-") as scratch:
+        for variant, building in variants.items():
+            with building:
+                stdout, outcome, stderr = _gpu_jail(Path(scratch), variant.replace(" ", "-"), [sys.executable, "-c", CUINIT_PROBE])
+            try:
+                data[variant] = json.loads(stdout.strip().splitlines()[-1])
+            except (ValueError, IndexError):
+                data[variant] = {"outcome": outcome, "stderr": stderr}
+            lines.append(f"- {variant}: {json.dumps(data[variant])}")
+    with_sysfs, without_sysfs = (data[variant].get("cuInit") == 0 for variant in variants)
+    if not with_sysfs:
+        lines.append("CUDA does not initialise in a GPU jail (see the stderr above).")
+    elif without_sysfs:
+        lines.append("CUDA initialises without /sys here: on this host the sysfs mount is not needed.")
+    else:
+        lines.append("CUDA needs /sys: the read-only sysfs of GPU jails is required.")
+    return with_sysfs
+
+
+def isolation(lines: list[str], data: dict) -> bool:
+    host_nodes = host_nvidia_nodes()
+    argv = [sys.executable, "-c", ISOLATION_PROBE, json.dumps(host_nodes), json.dumps(sorted(ASSIGNED_NODES))]
+    with tempfile.TemporaryDirectory(prefix="gpu-isolation-") as scratch:
+        stdout, outcome, stderr = _gpu_jail(Path(scratch), "gpu-isolation", argv)
+    lines.append(f"host nodes: {host_nodes}")
+    lines.append(f"jail outcome: {outcome}")
+    try:
+        seen = json.loads(stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):
         lines += ["no report from the jail; its stderr:", "```", stderr, "```"]
         return False
@@ -308,6 +370,7 @@ def main() -> int:
     if not report.step("the GPU, torch and the host", check_device)["passed"]:
         return 1
     report.step("fp16 matmul peak", fp16_matmul_peak)
+    report.step("CUDA in a jail with and without sysfs", sysfs_needed)
     report.step("isolation of a jail given GPU 0", isolation)
     report.step("reference, nsjail", reference_run("nsjail", args.budget, args.out))
     report.step("reference, --sandbox none", reference_run("none", args.budget, args.out))

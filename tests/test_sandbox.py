@@ -242,6 +242,47 @@ def test_filesystem_is_only_what_the_spec_mounts(nsjail, tmp_path):
     assert results["write_tmp"] == "1"
 
 
+SYSFS_PROBE = """
+import json, os
+seen = {"entries": sorted(os.listdir("/sys")) if os.path.isdir("/sys") else []}
+if seen["entries"]:
+    seen["cgroupfs"] = os.listdir("/sys/fs/cgroup")
+    seen["net"] = sorted(os.listdir("/sys/class/net"))
+    seen["numa"] = os.path.isdir("/sys/devices/system/node")
+    try:
+        open("/sys/kernel/mm/transparent_hugepage/enabled", "w").write("never")
+        seen["write"] = "written"
+    except OSError as error:
+        seen["write"] = error.strerror
+print(json.dumps(seen))
+"""
+
+
+def test_a_gpu_jail_gets_a_fresh_read_only_sysfs_and_a_cpu_jail_none(nsjail, tmp_path, monkeypatch):
+    cpu_output, _ = run_to_end(nsjail, make_spec(tmp_path, python(SYSFS_PROBE)))
+    assert json.loads(cpu_output) == {"entries": []}
+
+    # This host has no GPU: the GPU jail's configuration, less its /dev/nvidia* binds.
+    gpu_config = sandbox.nsjail_config
+
+    def without_device_nodes(spec, log_file):
+        config = gpu_config(spec, log_file)
+        kept = [mount for mount in config.mount if not mount.dst.startswith("/dev/nvidia")]
+        del config.mount[:]
+        config.mount.extend(kept)
+        return config
+
+    monkeypatch.setattr(sandbox, "nsjail_config", without_device_nodes)
+    spec = make_spec(tmp_path, python(SYSFS_PROBE), gpu_index=0)
+    output, outcome = run_to_end(nsjail, spec)
+    assert outcome.reason == "exited", spec.log_path.read_text()
+    seen = json.loads(output)
+    assert {"bus", "devices", "module"} <= set(seen["entries"]) and seen["numa"]
+    assert seen["cgroupfs"] == []  # the host's cgroup mounts stay out of sight
+    assert seen["net"] == ["lo"]  # the jail's own network namespace
+    assert seen["write"] == "Read-only file system"
+
+
 def test_seccomp_policy_is_loaded(nsjail, tmp_path):
     code = (
         "import ctypes, errno, threading\n"
