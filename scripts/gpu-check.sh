@@ -34,8 +34,15 @@ prepare() {
 check() {
     : "${OUT:?OUT must name the folder for the report (the device tool sets it)}"
     [ -d "$STASH/wheels" ] || { echo "no $STASH: run 'scripts/gpu-check.sh prepare' here first and carry it" >&2; exit 2; }
-    for deb in "$STASH"/debs/*.deb; do dpkg -x "$deb" /; done   # two small shared libraries
-    ldconfig
+    if ! ldconfig -p | grep -q 'libnl-route-3\.so\.200'; then
+        # nsjail's two libnl libraries, unpacked into a folder of their own that the dynamic linker is
+        # told about. Not `dpkg -x` into /: these Debian packages ship ./lib/..., and unpacking them
+        # over a merged-/usr root replaces the /lib -> usr/lib link with a folder holding only them.
+        local libnl=/opt/gpu-check-libnl
+        for deb in "$STASH"/debs/*.deb; do dpkg -x "$deb" "$libnl"; done
+        printf '%s\n' "$libnl"/lib/x86_64-linux-gnu "$libnl"/usr/lib/x86_64-linux-gnu > /etc/ld.so.conf.d/gpu-check-libnl.conf
+        ldconfig
+    fi
     python3 -m pip install --quiet --no-index --no-deps --no-compile "$STASH"/wheels/*.whl
     # A .pth in the interpreter's site-packages: the jail (which binds that install read-only) then
     # finds the package as it does here; no build backend needed.
