@@ -42,6 +42,7 @@ from evaluator.cli import run_guarded  # noqa: E402
 from evaluator.runner import evaluate, last_logged_metric  # noqa: E402
 from evaluator import sandbox as sandbox_module  # noqa: E402
 from evaluator.sandbox import CGROUP_ROOT, JailSpec, open_sandbox  # noqa: E402
+from evaluator.tracks import load_track  # noqa: E402
 
 ASSIGNED_NODES = {"/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools", "/dev/nvidia0"}
 NVIDIA_MAJOR = 195  # /dev/nvidiaN and /dev/nvidiactl
@@ -235,7 +236,9 @@ def reference_run(sandbox: str, budget: float, out: Path):
         lines.append(f"train {train}")
         if data["achieved_tflops"]:
             lines.append(f"model FLOPs (6N + 12LTd) per second of training: {data['achieved_tflops']:.1f} TFLOP/s")
-        lines.append(f"GPU memory used (nvidia-smi, whole GPU, polled from outside): before {baseline} MiB, peak {poll.peak_mib} MiB")
+        t4_gib = load_track("t4-5min").raw["device"]["gpu_memory_gib"]
+        lines.append(f"GPU memory used (nvidia-smi, whole GPU, polled from outside; the evaluator's and this script's "
+                     f"own CUDA contexts included): before {baseline} MiB, peak {poll.peak_mib} MiB; a T4 offers {t4_gib} GiB")
         lines.append(f"timings.json: {json.dumps({k: round(v, 2) for k, v in timings.items()})}")
         lines.append(f"unofficial because: {record['unofficial_reasons']}")
         tail = (run_dir / "train.log").read_text(errors="replace")[-1500:] if (run_dir / "train.log").is_file() else ""
