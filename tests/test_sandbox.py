@@ -263,10 +263,10 @@ def test_a_gpu_jail_gets_a_fresh_read_only_sysfs_and_a_cpu_jail_none(nsjail, tmp
     assert json.loads(cpu_output) == {"entries": []}
 
     # This host has no GPU: the GPU jail's configuration, less its /dev/nvidia* binds.
-    gpu_config = sandbox.nsjail_config
+    build_config = sandbox.nsjail_config
 
     def without_device_nodes(spec, log_file):
-        config = gpu_config(spec, log_file)
+        config = build_config(spec, log_file)
         kept = [mount for mount in config.mount if not mount.dst.startswith("/dev/nvidia")]
         del config.mount[:]
         config.mount.extend(kept)
