@@ -9,9 +9,10 @@ RLIMIT_CPU all come back as 137), its seccomp presets do not compile, its CLI-ar
 mounts, and `jail_call` unpickles the jail's output in the host process, which hands the jailed code
 a way to run code in the evaluator. Endings here come from nsjail's own log and our cgroup counters.
 
-Limits live in cgroups (v1) that this module creates per jail, as
-`/sys/fs/cgroup/{memory,pids}/speedrun-evaluator/<name>.<serial>@<owner pid>.<owner start time>`,
-and puts the nsjail process itself into before it execs. nsjail's own cgroup options stay off:
+Limits live in cgroups that this module creates per jail, as
+`/sys/fs/cgroup/{memory,pids,cpu}/speedrun-evaluator/<leaf>` under cgroup v1 or
+`/sys/fs/cgroup/speedrun-evaluator/<leaf>` under v2, leaf `<name>.<serial>@<owner pid>.<owner start
+time>`, and puts the nsjail process itself into before it execs. nsjail's own cgroup options stay off:
 every process of the jail, nsjail included, is then in a cgroup we own, so `kill()` can SIGKILL
 exactly those processes, the OOM and pids counters are ours to read, and a cgroup left behind by a
 killed evaluator can be found and reaped by the owner recorded in its name.
@@ -139,14 +140,36 @@ class SandboxUnavailable(Exception):
 # --- cgroups -------------------------------------------------------------------------------------
 
 
-def cgroups_usable() -> bool:
-    """True when we can create cgroup v1 memory, pids and cpu groups (root, controllers mounted)."""
-    limit_files = (CGROUP_ROOT / "memory" / "memory.limit_in_bytes", CGROUP_ROOT / "cpu" / "cpu.cfs_quota_us")
-    return (
-        os.geteuid() == 0
-        and all((CGROUP_ROOT / controller / "cgroup.procs").is_file() for controller in _CONTROLLERS)
-        and all(path.is_file() for path in limit_files)
+def cgroup_version() -> int | None:
+    """The cgroup version whose memory, pids and cpu controllers we can use here, or None (not
+    root, or a controller missing). 1: each controller is a hierarchy of its own under CGROUP_ROOT;
+    preferred on a hybrid host, whose unified hierarchy then holds none of them. 2: CGROUP_ROOT is
+    the unified hierarchy and offers all three."""
+    if os.geteuid() != 0:
+        return None
+    v1_files = (
+        *(CGROUP_ROOT / controller / "cgroup.procs" for controller in _CONTROLLERS),
+        CGROUP_ROOT / "memory" / "memory.limit_in_bytes",
+        CGROUP_ROOT / "cpu" / "cpu.cfs_quota_us",
     )
+    if all(path.is_file() for path in v1_files):
+        return 1
+    try:
+        offered = (CGROUP_ROOT / "cgroup.controllers").read_text().split()
+    except OSError:
+        return None
+    return 2 if set(_CONTROLLERS) <= set(offered) else None
+
+
+def cgroups_usable() -> bool:
+    return cgroup_version() is not None
+
+
+def cgroup_parent_dirs() -> list[Path]:
+    """Where the jails' cgroups are made: one parent per controller (v1), or one for all (v2)."""
+    if cgroup_version() == 2:
+        return [CGROUP_ROOT / CGROUP_PARENT]
+    return [CGROUP_ROOT / controller / CGROUP_PARENT for controller in _CONTROLLERS]
 
 
 def _process_start_ticks(pid: int) -> int | None:
@@ -176,36 +199,56 @@ def _owner_alive(leaf: str) -> bool:
 
 
 class _Cgroup:
-    """One jail's memory, pids and cpu cgroups, created by us and removed by us."""
+    """One jail's cgroups, created by us and removed by us: a memory, a pids and a cpu cgroup under
+    cgroup v1, one cgroup with those three controllers under v2. The limits mean the same in both:
+    no swap beyond the memory limit, every thread counts against pids, a CFS quota of `cpus` CPUs."""
 
     def __init__(self, leaf: str):
         self.leaf = leaf
-        self.memory_dir = CGROUP_ROOT / "memory" / CGROUP_PARENT / leaf
-        self.pids_dir = CGROUP_ROOT / "pids" / CGROUP_PARENT / leaf
-        self.cpu_dir = CGROUP_ROOT / "cpu" / CGROUP_PARENT / leaf
+        self.version = cgroup_version()
+        if self.version == 2:
+            self.memory_dir = self.pids_dir = self.cpu_dir = CGROUP_ROOT / CGROUP_PARENT / leaf
+        else:
+            self.memory_dir, self.pids_dir, self.cpu_dir = (parent / leaf for parent in cgroup_parent_dirs())
 
     @property
     def dirs(self) -> tuple[Path, ...]:
-        return (self.memory_dir, self.pids_dir, self.cpu_dir)
+        return tuple(dict.fromkeys((self.memory_dir, self.pids_dir, self.cpu_dir)))
 
     @classmethod
     def create(cls, name: str, memory_bytes: int, pids: int, cpus: int | None) -> _Cgroup:
         cgroup = cls(f"{name}.{next(_cgroup_serial)}@{_owner_tag()}")
+        if cgroup.version == 2:
+            _delegate_v2_controllers()
         try:
             for directory in cgroup.dirs:
                 directory.mkdir(parents=True)
-            (cgroup.memory_dir / "memory.limit_in_bytes").write_text(str(memory_bytes))
-            memsw = cgroup.memory_dir / "memory.memsw.limit_in_bytes"
-            if memsw.exists():  # swap accounting on: the same limit, so no swapping past it
-                memsw.write_text(str(memory_bytes))
-            (cgroup.pids_dir / "pids.max").write_text(str(pids))
-            if cpus is not None:
-                (cgroup.cpu_dir / "cpu.cfs_period_us").write_text(str(CPU_PERIOD_US))
-                (cgroup.cpu_dir / "cpu.cfs_quota_us").write_text(str(cpus * CPU_PERIOD_US))
+            for path, value in cgroup._limits(memory_bytes, pids, cpus).items():
+                path.write_text(value)
         except OSError:
             cgroup.remove()
             raise
         return cgroup
+
+    def _limits(self, memory_bytes: int, pids: int, cpus: int | None) -> dict[Path, str]:
+        """Control file -> value, in the order they must be written."""
+        memory, cpu = self.memory_dir, self.cpu_dir
+        if self.version == 2:
+            limits = {memory / "memory.max": str(memory_bytes)}
+            swap, no_swap = memory / "memory.swap.max", "0"
+            if cpus is not None:
+                limits[cpu / "cpu.max"] = f"{cpus * CPU_PERIOD_US} {CPU_PERIOD_US}"
+        else:
+            limits = {memory / "memory.limit_in_bytes": str(memory_bytes)}
+            # memory plus swap; v1 takes it only once the memory limit is set, and not below it
+            swap, no_swap = memory / "memory.memsw.limit_in_bytes", str(memory_bytes)
+            if cpus is not None:
+                limits[cpu / "cpu.cfs_period_us"] = str(CPU_PERIOD_US)
+                limits[cpu / "cpu.cfs_quota_us"] = str(cpus * CPU_PERIOD_US)
+        if swap.exists():  # only where the kernel accounts swap
+            limits[swap] = no_swap
+        limits[self.pids_dir / "pids.max"] = str(pids)
+        return limits
 
     @property
     def procs_files(self) -> tuple[str, ...]:
@@ -232,8 +275,9 @@ class _Cgroup:
             time.sleep(0.005)
 
     def oom_kills(self) -> int:
-        # memory.failcnt is no OOM signal: reclaimable page cache hits the limit all the time.
-        return _counter(self.memory_dir / "memory.oom_control", "oom_kill")
+        # Not memory.failcnt (v1): reclaimable page cache hits the limit all the time.
+        events = "memory.events" if self.version == 2 else "memory.oom_control"
+        return _counter(self.memory_dir / events, "oom_kill")
 
     def pids_limit_hits(self) -> int:
         return _counter(self.pids_dir / "pids.events", "max")
@@ -256,6 +300,30 @@ class _Cgroup:
                     time.sleep(0.01)
 
 
+def _delegate_v2_controllers() -> None:
+    """Under cgroup v2 a cgroup gets a controller only where its parent enables it for its children
+    (cgroup.subtree_control), from the root down; enable ours on the root and on our parent."""
+    parent = CGROUP_ROOT / CGROUP_PARENT
+    parent.mkdir(exist_ok=True)
+    for directory in (CGROUP_ROOT, parent):
+        control = directory / "cgroup.subtree_control"
+        if set(_CONTROLLERS) <= set(control.read_text().split()):
+            continue
+        try:
+            control.write_text(" ".join(f"+{controller}" for controller in _CONTROLLERS))
+        except OSError as error:
+            if error.errno != errno.EBUSY:
+                raise
+            # cgroup v2's "no internal processes" rule, from which only the host's root cgroup is
+            # exempt: in a container with a cgroup namespace of its own, the root we see is a
+            # cgroup that holds the container's processes.
+            raise OSError(error.errno, (
+                f"cannot enable {', '.join(_CONTROLLERS)} in {control}: that cgroup holds processes "
+                "itself, which cgroup v2 allows together with controllers for its children only in "
+                "the host's root cgroup. Move this container's processes into a child cgroup first"
+            )) from error
+
+
 def _counter(path: Path, key: str) -> int:
     try:
         for line in path.read_text().splitlines():
@@ -273,8 +341,7 @@ def reap_stale() -> list[str]:
     if not cgroups_usable():
         return []
     leaves: set[str] = set()
-    for controller in _CONTROLLERS:
-        parent = CGROUP_ROOT / controller / CGROUP_PARENT
+    for parent in cgroup_parent_dirs():
         if parent.is_dir():
             leaves.update(entry.name for entry in parent.iterdir() if entry.is_dir())
     reaped = []
@@ -446,7 +513,8 @@ def nsjail_config(spec: JailSpec, log_file: Path):
         bind("/dev/nvidia-uvm-tools", rw=True, mandatory=False)
         bind(f"/dev/nvidia{spec.gpu_index}", rw=True)
         # The CUDA driver reads the GPU's PCI and NUMA topology from sysfs; other sandboxes that
-        # hide /sys report cuInit failing with CUDA_ERROR_OPERATING_SYSTEM. A fresh read-only
+        # hide /sys report cuInit failing with CUDA_ERROR_OPERATING_SYSTEM. (With driver 580.159.04
+        # on an H200 it initialised without; scripts/gpu_check.py tries both.) A fresh read-only
         # sysfs, not a bind of the host's: no host submounts (cgroupfs) come with it, and its
         # network view is the jail's own namespace.
         mounts.append(MountPt(dst="/sys", fstype="sysfs", rw=False))
@@ -585,7 +653,7 @@ def _child_setup(procs_files: tuple[str, ...], rlimits: dict[int, tuple[int, int
     Runs between fork and exec with the host's other threads gone; it only makes system calls on
     values prepared here (no imports, no locks), so the fork-with-threads hazard does not arise.
     """
-    current_process = b"0"  # cgroup v1 reads 0 as "the writing process"
+    current_process = b"0"  # cgroup.procs (v1 and v2) reads 0 as "the writing process"
     limits = tuple(rlimits.items())
     prctl = ctypes.CDLL(None, use_errno=True).prctl
     evaluator_pid = os.getpid()
@@ -1006,7 +1074,10 @@ def _nsjail_problem() -> str | None:
             f"Python install under a private home needs); running as uid {os.geteuid()}"
         )
     if not cgroups_usable():
-        return f"cgroup v1 memory, pids and cpu controllers not found under {CGROUP_ROOT}"
+        return (
+            f"no cgroup memory, pids and cpu controllers under {CGROUP_ROOT}: neither a v1 hierarchy "
+            "of each mounted there nor all three in the v2 hierarchy's cgroup.controllers"
+        )
     with tempfile.TemporaryDirectory(prefix="sandbox-probe-") as scratch:
         workdir = Path(scratch)
         probe = JailSpec(

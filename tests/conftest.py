@@ -11,9 +11,7 @@ from pathlib import Path
 import pytest
 
 from evaluator.cli import main
-from evaluator.sandbox import Sandbox, SandboxUnavailable, open_sandbox
-
-CGROUP_PARENTS = [Path("/sys/fs/cgroup") / controller / "speedrun-evaluator" for controller in ("memory", "pids", "cpu")]
+from evaluator.sandbox import Sandbox, SandboxUnavailable, cgroup_parent_dirs, open_sandbox
 
 
 # A tiny causal model most test submissions return: cheap to train, save and score.
@@ -90,7 +88,7 @@ def mount_points_under(directory: Path) -> list[str]:
 def leftovers(run_id: str, run_dir: Path) -> list[str]:
     """What a run still holds on the host: processes and cgroups named by its id, mounts in its directory."""
     found = [f"process {pid}" for pid in processes_with(run_id)]
-    for parent in CGROUP_PARENTS:
+    for parent in cgroup_parent_dirs():
         if parent.exists():
             found += [f"cgroup {path}" for path in parent.iterdir() if run_id in path.name]
     return found + [f"mount {point}" for point in mount_points_under(run_dir)]

@@ -147,6 +147,52 @@ def test_open_sandbox_never_falls_back_from_an_explicit_nsjail(monkeypatch):
         open_sandbox("docker")
 
 
+# --- which cgroup hierarchy (a made-up cgroup root; the jails below use the host's) ----------------
+
+
+def make_cgroup_root(root: Path, v1_controllers: tuple[str, ...], unified_controllers: str | None) -> None:
+    for controller in v1_controllers:
+        (root / controller).mkdir()
+        (root / controller / "cgroup.procs").touch()
+    for limit in ("memory/memory.limit_in_bytes", "cpu/cpu.cfs_quota_us"):
+        if (root / limit).parent.is_dir():
+            (root / limit).touch()
+    if unified_controllers is not None:
+        (root / "cgroup.controllers").write_text(unified_controllers + "\n")
+
+
+@pytest.mark.parametrize(
+    "v1_controllers, unified_controllers, version",
+    [
+        (("memory", "pids", "cpu", "cpuacct"), None, 1),  # v1, or hybrid: the unified one is a subfolder
+        ((), "cpuset cpu io memory hugetlb pids", 2),  # v2 only, as on the lent H200 machine
+        ((), "cpuset cpu io memory", None),  # v2 without pids
+        (("memory", "pids"), None, None),  # v1 without cpu
+    ],
+)
+def test_cgroup_version_is_the_hierarchy_that_offers_memory_pids_and_cpu(
+    tmp_path, monkeypatch, v1_controllers, unified_controllers, version
+):
+    make_cgroup_root(tmp_path, v1_controllers, unified_controllers)
+    monkeypatch.setattr(sandbox, "CGROUP_ROOT", tmp_path)
+    monkeypatch.setattr(sandbox.os, "geteuid", lambda: 0)
+    assert sandbox.cgroup_version() == version
+
+
+def test_a_v2_jail_has_one_cgroup_with_the_v2_limits(tmp_path, monkeypatch):
+    # The jails themselves are tested on whichever hierarchy the host has (v2: the lent GPU machine).
+    make_cgroup_root(tmp_path, (), "cpu memory pids")
+    monkeypatch.setattr(sandbox, "CGROUP_ROOT", tmp_path)
+    monkeypatch.setattr(sandbox.os, "geteuid", lambda: 0)
+    cgroup = sandbox._Cgroup("train.1@123.456")
+    leaf = tmp_path / "speedrun-evaluator" / "train.1@123.456"
+    assert cgroup.dirs == (leaf,) and sandbox.cgroup_parent_dirs() == [leaf.parent]
+    leaf.mkdir(parents=True)
+    (leaf / "memory.swap.max").touch()  # present where the kernel accounts swap
+    limits = {path.name: value for path, value in cgroup._limits(512 << 20, 64, cpus=2).items()}
+    assert limits == {"memory.max": str(512 << 20), "cpu.max": "200000 100000", "memory.swap.max": "0", "pids.max": "64"}
+
+
 # --- nsjail --------------------------------------------------------------------------------------
 
 

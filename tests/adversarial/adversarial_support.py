@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-from conftest import CGROUP_PARENTS, leftovers, mount_points_under, processes_with, write_submission  # noqa: F401 (shared with the suite)
+from conftest import leftovers, mount_points_under, processes_with, write_submission  # noqa: F401 (shared with the suite)
 from evaluator.paths import REPO_ROOT
 
 SUBMISSIONS = Path(__file__).parent / "submissions"

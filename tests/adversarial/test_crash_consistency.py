@@ -11,7 +11,6 @@ import uuid
 import pytest
 
 from adversarial_support import (
-    CGROUP_PARENTS,
     STARTUP_SLACK_S,
     attack_submission,
     finish,
@@ -23,6 +22,7 @@ from adversarial_support import (
     wait_for,
 )
 from conftest import run_cli, write_submission
+from evaluator.sandbox import cgroup_parent_dirs
 
 # The submission starts a child with a marker in its command line, so the test can see from outside
 # that train() is running, then sleeps: a run that is mid-training when the evaluator is stopped.
@@ -93,7 +93,7 @@ def test_two_evaluations_at_once_do_not_interfere_and_agree_to_the_bit(tmp_path)
     ]
     # Both jails must exist at one moment, each in cgroups of its own.
     def both_jailed():
-        leaves = {path.name for parent in CGROUP_PARENTS if parent.exists() for path in parent.iterdir()}
+        leaves = {path.name for parent in cgroup_parent_dirs() if parent.exists() for path in parent.iterdir()}
         return all(any(f"-{name}-" in leaf for leaf in leaves) for name in names)
 
     wait_for(both_jailed, 40 + STARTUP_SLACK_S, "both runs to be in their jails at once")
