@@ -167,7 +167,11 @@ def cgroups_usable() -> bool:
 
 def cgroup_parent_dirs() -> list[Path]:
     """Where the jails' cgroups are made: one parent per controller (v1), or one for all (v2)."""
-    if cgroup_version() == 2:
+    return _parent_dirs(cgroup_version())
+
+
+def _parent_dirs(version: int | None) -> list[Path]:
+    if version == 2:
         return [CGROUP_ROOT / CGROUP_PARENT]
     return [CGROUP_ROOT / controller / CGROUP_PARENT for controller in _CONTROLLERS]
 
@@ -206,10 +210,11 @@ class _Cgroup:
     def __init__(self, leaf: str):
         self.leaf = leaf
         self.version = cgroup_version()
+        leaves = [parent / leaf for parent in _parent_dirs(self.version)]
         if self.version == 2:
-            self.memory_dir = self.pids_dir = self.cpu_dir = CGROUP_ROOT / CGROUP_PARENT / leaf
+            self.memory_dir = self.pids_dir = self.cpu_dir = leaves[0]
         else:
-            self.memory_dir, self.pids_dir, self.cpu_dir = (parent / leaf for parent in cgroup_parent_dirs())
+            self.memory_dir, self.pids_dir, self.cpu_dir = leaves
 
     @property
     def dirs(self) -> tuple[Path, ...]:
