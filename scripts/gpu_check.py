@@ -145,7 +145,9 @@ def sh(command: str) -> str:
 
 
 def host_nvidia_nodes() -> list[str]:
-    return sorted(glob.glob("/dev/nvidia*") + glob.glob("/dev/nvidia-caps/*"))
+    """The host's NVIDIA device nodes (the /dev/nvidia-caps folder's nodes, not the folder)."""
+    found = glob.glob("/dev/nvidia*") + glob.glob("/dev/nvidia-caps/*")
+    return sorted(path for path in found if not os.path.isdir(path))
 
 
 def check_device(lines: list[str], data: dict) -> bool:
@@ -158,13 +160,15 @@ def check_device(lines: list[str], data: dict) -> bool:
     if available:
         props = torch.cuda.get_device_properties(0)
         data["device"] = dict(name=props.name, capability=f"{props.major}.{props.minor}", memory_gib=round(props.total_memory / 2**30, 1), sms=props.multi_processor_count)
-    data["nodes"] = sh("ls -l /dev/nvidia* /dev/nvidia-caps 2>&1")
+    data["nodes"] = sh("ls -l /dev/nvidia* 2>&1")  # the glob names /dev/nvidia-caps, so ls lists it
     data["cgroups"] = sh(f"mount | grep cgroup; cat {CGROUP_ROOT}/cgroup.controllers 2>/dev/null")
+    data["sandbox_cgroup_version"] = sandbox_module.cgroup_version()
     data["libcuda"] = sh("ldconfig -p | grep -E 'libcuda\\.so|libnvidia-ml' ; echo LD_LIBRARY_PATH=$LD_LIBRARY_PATH")
     data["kernel"] = platform.release()
     for key in ("nvidia_smi", "nodes", "cgroups", "libcuda"):
         lines += [f"{key}:", "```", data[key], "```"]
     lines.append(f"torch {data['torch']} (CUDA {data['torch_cuda']}), device: {data.get('device')}")
+    lines.append(f"the sandbox's jails use cgroup v{data['sandbox_cgroup_version']} here (None: no usable cgroups)")
     return available
 
 
