@@ -6,9 +6,26 @@ A submission's entry function receives a `Context` and returns a trained `torch.
         ...
 
 The returned model maps token ids `LongTensor[B, T]` (T <= ctx.eval_seq_len) to logits
-`[B, T, ctx.vocab_size]` in any float dtype, and must be causal: position t may depend only on
-tokens 0..t. The evaluator scores it itself, in a separate sandbox, on data the submission never
-sees.
+`[B, T, ctx.vocab_size]` in any float dtype. The evaluator scores it itself, in a separate sandbox,
+on data the submission never sees, and streams the tokens: a model receives the token at position
+t+1 only after its prediction for it has been recorded, so it cannot look ahead.
+
+Scoring calls the model once per position. Without more, each call recomputes the whole prefix
+(`RecomputeDecoder` below), which costs tens of full passes. A model makes streaming as cheap as
+one pass by offering incremental decoding: a method `decoder(rows)` that returns a `Decoder`, an
+object with `step(tokens)` and `keep(rows)`, typically backed by a KV cache:
+
+    class GPT(nn.Module):
+        def decoder(self, rows: int) -> "MyKVCacheDecoder": ...
+
+    class MyKVCacheDecoder:
+        def step(self, tokens):   # LongTensor[R] (the next token of each live row) -> logits [R, vocab]
+            ...                   # append to the cache, attend over it, return the newest position
+        def keep(self, rows):     # LongTensor of indices into the current rows: only these go on
+            ...                   # e.g. self.k = self.k[:, rows]
+
+`stream_logits(model, tokens)` runs a model's decoder over whole sequences; compare it with
+`model(tokens)` to test a decoder before submitting.
 
 Timing: the evaluator's clock, outside the sandbox, runs from just before your module is imported
 until the harness has saved the returned model. `elapsed()` and `time_left()` are this process's
@@ -19,10 +36,63 @@ is at that moment, and the evaluator ends the run as `over_budget`: no score.
 
 from __future__ import annotations
 
+import operator
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
+
+
+class Decoder(Protocol):
+    """Incremental decoding of `rows` sequences in lockstep, one position per `step`.
+
+    The scoring server calls `model.decoder(rows)` once per batch, inside `torch.no_grad()` with the
+    model in eval mode, then `step` once per position. Rows end at different positions: after a
+    row's last prediction, `keep` is called with the indices (ascending, into the rows alive before
+    the call) of the rows that go on, before the next `step`. Each step's logits must be those
+    `model(prefix)[:, -1]` would give for the row's prefix so far, up to float rounding.
+    """
+
+    def step(self, tokens: Any) -> Any:
+        """tokens: LongTensor[R] on the model's device -> logits [R, vocab_size], any float dtype."""
+
+    def keep(self, rows: Any) -> None:
+        """rows: LongTensor[R'] of indices into the current rows; drop every other row."""
+
+
+class RecomputeDecoder:
+    """The fallback for a model without `decoder()`: each step runs the model on the whole prefix
+    and keeps the last position. Correct for any causal model, and quadratic in the length."""
+
+    def __init__(self, model: Any, rows: int):
+        self._model = model
+        self._prefix: Any = None
+
+    def step(self, tokens: Any) -> Any:
+        import torch
+
+        column = tokens.reshape(-1, 1)
+        self._prefix = column if self._prefix is None else torch.cat([self._prefix, column], dim=1)
+        return self._model(self._prefix)[:, -1]
+
+    def keep(self, rows: Any) -> None:
+        self._prefix = self._prefix[rows]
+
+
+def decoder_for(model: Any, rows: int) -> Decoder:
+    """`model.decoder(rows)` when the model offers one, else a RecomputeDecoder."""
+    make = getattr(model, "decoder", None)
+    return make(rows) if callable(make) else RecomputeDecoder(model, rows)
+
+
+def stream_logits(model: Any, tokens: Any) -> Any:
+    """Logits [B, T, V] of `tokens` [B, T] computed position by position through the model's
+    decoder, as scoring does (all rows live to the end). Compare with `model(tokens)`."""
+    import torch
+
+    with torch.no_grad():
+        decoder = decoder_for(model, tokens.shape[0])
+        return torch.stack([decoder.step(tokens[:, t]) for t in range(tokens.shape[1])], dim=1)
 
 
 class BudgetExceeded(RuntimeError):
@@ -71,14 +141,22 @@ class Context:
     def log(self, step: int, **metrics: float) -> None:
         """Report metrics (e.g. `loss=2.3, tokens=123456`) for the progress display and metrics.parquet.
 
-        Values must be numbers. `loss` is shown live and plotted on the leaderboard; `tokens`
-        (cumulative training tokens seen) gives tokens/s.
+        `step` must fit in int64 and values must be numbers a float64 holds (NaN and inf are fine).
+        `loss` is shown live and plotted on the leaderboard; `tokens` (cumulative training tokens
+        seen) gives tokens/s.
         """
+        try:
+            step = operator.index(step)  # numpy and 0-d tensor integers too
+        except TypeError:
+            raise ValueError(f"ctx.log: step must be an integer, not {type(step).__name__}") from None
+        if not -(2**63) <= step < 2**63:
+            raise ValueError(f"ctx.log: step {step} does not fit in int64")
         values = {}
         for key, value in metrics.items():
-            if not isinstance(value, (int, float)) or isinstance(value, bool):
-                value = float(value)  # accepts 0-d tensors and numpy scalars
-            values[key] = float(value)
+            try:
+                values[key] = float(value)  # accepts 0-d tensors and numpy scalars
+            except (TypeError, ValueError, OverflowError):
+                raise ValueError(f"ctx.log: {key} must be a number that fits in float64") from None
         if self._emit is not None:
-            self._emit(int(step), values)
+            self._emit(step, values)
         self.time_left()

@@ -13,7 +13,9 @@ the commands. In short:
   linear cooldown that ends `margin_s` before the budget, so saving always fits;
 - optional EMA of the weights, dropout and an ensemble of members trained on equal slices of the
   clock (the T4 configuration; off on CPU);
-- float32 on CPU; fp16 autocast with a GradScaler on CUDA (a T4 has no bf16), SDPA attention.
+- float32 on CPU; fp16 autocast with a GradScaler on CUDA (a T4 has no bf16), SDPA attention;
+- incremental decoding for streamed scoring (`GPT.decoder`, `Ensemble.decoder`): a KV cache per
+  layer, so scoring one position at a time costs about one forward pass instead of one per position.
 
 Classes live at module level: the evaluator saves the returned module whole and loads it in
 another process with this folder on sys.path (module name `train`).
@@ -91,12 +93,20 @@ class Attention(nn.Module):
         self.qk_norm = qk_norm
         self.dropout = dropout
 
-    def forward(self, x, cos, sin, mask):
+    def project(self, x, cos, sin):
+        """x [B, T, C] -> q, k, v [B, H, T, head_dim], q and k normed and rotated.
+
+        Shared by `forward` and the decoder, which attends with these over its cache.
+        """
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if self.qk_norm:
             q, k = rms_norm(q), rms_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def forward(self, x, cos, sin, mask):
+        B, T, C = x.shape
+        q, k, v = self.project(x, cos, sin)
         p = self.dropout if self.training else 0.0
         if mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
@@ -187,12 +197,26 @@ class GPT(nn.Module):
         x = self.emb_drop(self.embed(idx))
         for block in self.blocks:
             x = block(x, cos, sin, mask)
+        return self.logits(x)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm, head and soft-cap of the last block's output (shared with the decoder)."""
         x = self.norm(x)
         w = self.embed.weight if self.head is None else self.head.weight
         logits = F.linear(x, w.to(x.dtype))
         if self.softcap > 0:
             logits = self.softcap * torch.tanh(logits.float() / self.softcap)
         return logits
+
+    def decoder(self, rows: int) -> "GPTDecoder":
+        """Incremental decoding for streamed scoring (see `GPTDecoder`)."""
+        return GPTDecoder(self, rows)
+
+
+def average_probabilities(logits: list[torch.Tensor]) -> torch.Tensor:
+    """Log of the mean of the members' probabilities: log-probabilities, which are valid logits."""
+    lp = torch.stack([F.log_softmax(x.float(), dim=-1) for x in logits])
+    return torch.logsumexp(lp, dim=0) - math.log(len(logits))
 
 
 class Ensemble(nn.Module):
@@ -203,8 +227,116 @@ class Ensemble(nn.Module):
         self.members = nn.ModuleList(members)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        lp = torch.stack([F.log_softmax(m(idx).float(), dim=-1) for m in self.members])
-        return torch.logsumexp(lp, dim=0) - math.log(len(self.members))
+        return average_probabilities([m(idx) for m in self.members])
+
+    def decoder(self, rows: int) -> "EnsembleDecoder":
+        """Incremental decoding for streamed scoring: one decoder per member, combined per step."""
+        return EnsembleDecoder([m.decoder(rows) for m in self.members])
+
+
+# --------------------------------------------------------------------------------------------
+# Incremental decoding for streamed scoring: a KV cache per layer
+# --------------------------------------------------------------------------------------------
+
+
+class KVCache:
+    """One layer's keys and values, [R, H, length, head_dim], for rows decoded in lockstep.
+
+    The buffer doubles when it is full, so most steps copy only the newest position, where
+    torch.cat would copy the whole cache at every step.
+    """
+
+    def __init__(self):
+        self.k = self.v = None
+        self.length = 0
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v [R, H, 1, head_dim] of the newest position -> keys and values of every position."""
+        if self.k is None or self.length == self.k.size(2):
+            self._grow(k)
+        self.k[:, :, self.length] = k[:, :, 0]
+        self.v[:, :, self.length] = v[:, :, 0]
+        self.length += 1
+        return self.k[:, :, : self.length], self.v[:, :, : self.length]
+
+    def _grow(self, like: torch.Tensor) -> None:
+        R, H, _, D = like.shape
+        k, v = (like.new_empty(R, H, max(64, 2 * self.length), D) for _ in range(2))
+        if self.k is not None:
+            k[:, :, : self.length] = self.k[:, :, : self.length]
+            v[:, :, : self.length] = self.v[:, :, : self.length]
+        self.k, self.v = k, v
+
+    def keep(self, rows: torch.Tensor) -> None:
+        if self.k is not None:
+            self.k, self.v = self.k[rows], self.v[rows]
+
+
+class GPTDecoder:
+    """Streams a GPT (in eval mode) one position per step; each step's logits are those `forward`
+    gives at that position.
+
+    All live rows are at the same position `t`. With `doc_mask`, each row also tracks where its
+    current document starts (its last eos, as in `doc_structure`): that start gives the RoPE
+    position, and since documents are contiguous, "same document, at or before t" is simply
+    "at or after the start".
+    """
+
+    def __init__(self, model: GPT, rows: int):
+        self.model = model
+        self.caches = [KVCache() for _ in model.blocks]
+        self.t = 0
+        self.doc_start = torch.zeros(rows, dtype=torch.long, device=model.embed.weight.device)
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [R] -> logits [R, vocab_size] of the newest position."""
+        model = self.model
+        pos, mask = self._positions(tokens)
+        cos, sin = model.rotary(pos[:, None])
+        x = model.embed(tokens[:, None])  # [R, 1, d]; dropout is off in eval mode
+        for block, cache in zip(model.blocks, self.caches):
+            x = x + self._attend(block.attn, block.norm1(x), cos, sin, mask, cache)
+            x = x + block.mlp(block.norm2(x))
+        self.t += 1
+        return model.logits(x)[:, 0]
+
+    def _positions(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """RoPE position [R] of the newest token, and the mask [R, 1, 1, t+1] of the cached
+        positions it may attend to (None: all of them)."""
+        if not self.model.doc_mask:
+            return torch.full_like(tokens, self.t), None
+        self.doc_start = torch.where(tokens == self.model.eos_id, self.t, self.doc_start)
+        cached = torch.arange(self.t + 1, device=tokens.device)
+        return self.t - self.doc_start, (cached >= self.doc_start[:, None])[:, None, None]
+
+    @staticmethod
+    def _attend(attn: Attention, x, cos, sin, mask, cache: KVCache) -> torch.Tensor:
+        """The attention of the newest position over the cache: Attention.forward for one query."""
+        q, k, v = attn.project(x, cos, sin)
+        k, v = cache.append(k, v)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return attn.proj(y.transpose(1, 2).reshape(x.shape))
+
+    def keep(self, rows: torch.Tensor) -> None:
+        for cache in self.caches:
+            cache.keep(rows)
+        self.doc_start = self.doc_start[rows]
+
+
+class EnsembleDecoder:
+    """Steps every member's decoder and averages their probabilities, as `Ensemble.forward` does."""
+
+    def __init__(self, members: list[GPTDecoder]):
+        self.members = members
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        return average_probabilities([m.step(tokens) for m in self.members])
+
+    def keep(self, rows: torch.Tensor) -> None:
+        for m in self.members:
+            m.keep(rows)
 
 
 # --------------------------------------------------------------------------------------------

@@ -28,6 +28,9 @@ and in fp32 on CPU. On a 60 s CPU budget one micro-batch takes ~14 s (attention 
 keeps CPU SDPA on its math path, which also makes the peak host memory 6.8 GB), so the run stops
 after 3-4 micro-batches, i.e. at most one optimizer step, which the warm-up runs at learning
 rate 0: by construction of the predecessor's schedule, the CPU model is its initialisation.
+
+Our addition, not the predecessor's: `MoEMinimalLLM.decoder` offers incremental decoding (a KV cache
+per layer) for the evaluator's streamed scoring. The forward pass and training are untouched.
 """
 
 from __future__ import annotations
@@ -185,6 +188,103 @@ class MoEMinimalLLM(nn.Module):
         if return_aux_loss:
             return logits, (sum(aux_losses) if aux_losses else None)
         return logits
+
+    def decoder(self, rows: int) -> "MoEDecoder":
+        """Incremental decoding for streamed scoring: our addition, see `MoEDecoder`."""
+        return MoEDecoder(self, rows)
+
+
+# --------------------------------------------------------------------------------------------
+# Incremental decoding for streamed scoring (our addition; the predecessor had none)
+# --------------------------------------------------------------------------------------------
+
+
+class KVCache:
+    """One layer's keys and values, [R, H, length, d_k], for rows decoded in lockstep.
+
+    The buffer doubles when it is full, so most steps copy only the newest position, where
+    torch.cat would copy the whole cache at every step.
+    """
+
+    def __init__(self):
+        self.k = self.v = None
+        self.length = 0
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v [R, H, 1, d_k] of the newest position -> keys and values of every position."""
+        if self.k is None or self.length == self.k.size(2):
+            self._grow(k)
+        self.k[:, :, self.length] = k[:, :, 0]
+        self.v[:, :, self.length] = v[:, :, 0]
+        self.length += 1
+        return self.k[:, :, : self.length], self.v[:, :, : self.length]
+
+    def _grow(self, like: torch.Tensor) -> None:
+        R, H, _, D = like.shape
+        k, v = (like.new_empty(R, H, max(64, 2 * self.length), D) for _ in range(2))
+        if self.k is not None:
+            k[:, :, : self.length] = self.k[:, :, : self.length]
+            v[:, :, : self.length] = self.v[:, :, : self.length]
+        self.k, self.v = k, v
+
+    def keep(self, rows: torch.Tensor) -> None:
+        if self.k is not None:
+            self.k, self.v = self.k[rows], self.v[rows]
+
+
+class MoEDecoder:
+    """Streams MoEMinimalLLM (in eval mode) one position per step: our addition for the
+    evaluator's streamed scoring, not part of the predecessor's recipe.
+
+    Each step's logits are those `forward` gives at that position. Attention is re-done for one
+    query over a KV cache; everything else is the model's own modules on [R, 1, d]: routing and
+    experts act per token (and the router adds no noise in eval mode), so the block's own
+    MixtureOfExperts gives the same output for a position alone.
+    """
+
+    def __init__(self, model: MoEMinimalLLM, rows: int):
+        self.model = model
+        self.caches = [KVCache() for _ in model.transformer_blocks]
+        self.t = 0  # all live rows are at the same position
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [R] -> logits [R, vocab_size] of the newest position."""
+        model = self.model
+        x = model.token_embedding(tokens[:, None]) * math.sqrt(model.d_model)  # dropout is off in eval
+        cos, sin = self._rotation(model.transformer_blocks[0].attention.rotary, x.device)
+        for block, cache in zip(model.transformer_blocks, self.caches):
+            x = x + self._attend(block.attention, block.norm1(x), cos, sin, cache)
+            ff, _ = block.feed_forward(block.norm2(x))
+            x = x + ff
+        self.t += 1
+        x = model.norm(x)
+        return F.linear(x, model.token_embedding.weight.to(x.dtype))[:, 0]  # tied head
+
+    def _rotation(self, rotary: Rotary, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [d_k/2] of position t, computed as Rotary.forward does for a whole sequence."""
+        theta = 1.0 / (rotary.base ** (torch.arange(0, rotary.dim, 2, device=device, dtype=torch.float32) / rotary.dim))
+        ang = self.t * theta
+        return ang.cos(), ang.sin()
+
+    @staticmethod
+    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotary.forward's interleaved-pair rotation of x [R, H, 1, d_k] at one position."""
+        xs = x.float().reshape(*x.shape[:-1], -1, 2)
+        x0, x1 = xs[..., 0], xs[..., 1]
+        return torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).flatten(-2).to(x.dtype)
+
+    def _attend(self, attn: MultiHeadAttention, x, cos, sin, cache: KVCache) -> torch.Tensor:
+        """MultiHeadAttention.forward for the newest position, over the cached ones."""
+        R = x.size(0)
+        q, k, v = attn.qkv(x).reshape(R, 1, 3, attn.n_heads, attn.d_k).permute(2, 0, 3, 1, 4)  # [R, H, 1, d_k]
+        k, v = cache.append(self._rotate(k, cos, sin), v)
+        y = F.scaled_dot_product_attention(self._rotate(q, cos, sin), k, v, scale=attn.d_k ** -0.5)
+        return attn.w_o(y.transpose(1, 2).reshape(R, 1, attn.d_model))
+
+    def keep(self, rows: torch.Tensor) -> None:
+        for cache in self.caches:
+            cache.keep(rows)
 
 
 # --------------------------------------------------------------------------------------------

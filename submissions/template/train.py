@@ -6,6 +6,8 @@ code never sees. Rules of thumb:
   imports, model construction and saving all count. Stop with a margin (`margin_s`).
 - The model must be causal: the logits at position t may depend only on tokens 0..t.
 - Classes must be defined at module level: the model is saved whole and re-loaded in another process.
+- Scoring streams the tokens one position at a time. `TinyGPT.decoder` keeps each layer's keys and
+  values (a KV cache), so that costs about one forward pass instead of one per position.
 """
 
 import math
@@ -54,6 +56,54 @@ class TinyGPT(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.head(self.norm(x))
+
+    def decoder(self, rows):
+        """Incremental decoding for streamed scoring (evaluator/api.py): see TinyGPTDecoder."""
+        return TinyGPTDecoder(self, rows)
+
+
+class TinyGPTDecoder:
+    """Runs TinyGPT (in eval mode) one position per step, all rows in lockstep.
+
+    Each layer's keys and values so far are kept in a buffer as long as the longest sequence the
+    model takes (its position table), so a step computes only the newest position and attends
+    over the cache. No mask: the cache holds only the past, which is what is_causal=True allows.
+    """
+
+    def __init__(self, model, rows):
+        self.model = model
+        heads = model.blocks[0].n_heads
+        shape = (rows, heads, model.position.num_embeddings, model.embed.embedding_dim // heads)
+        self.keys = [model.embed.weight.new_zeros(shape) for _ in model.blocks]
+        self.values = [model.embed.weight.new_zeros(shape) for _ in model.blocks]
+        self.length = 0
+
+    @torch.no_grad()
+    def step(self, tokens):
+        """tokens [rows] -> logits [rows, vocab] of the newest position."""
+        model = self.model
+        x = model.embed(tokens) + model.position(torch.full_like(tokens, self.length))
+        x = x[:, None]  # [rows, 1, width]: one position
+        for layer, block in enumerate(model.blocks):
+            x = x + self.attend(layer, block, block.norm1(x))
+            x = x + block.mlp(block.norm2(x))
+        self.length += 1
+        return model.head(model.norm(x))[:, 0]
+
+    def attend(self, layer, block, x):
+        """Block.forward's attention for the newest position, over the cached ones."""
+        rows, _, width = x.shape
+        q, k, v = (t.view(rows, 1, block.n_heads, -1).transpose(1, 2) for t in block.qkv(x).split(width, dim=-1))
+        self.keys[layer][:, :, self.length] = k[:, :, 0]
+        self.values[layer][:, :, self.length] = v[:, :, 0]
+        end = self.length + 1
+        attended = F.scaled_dot_product_attention(q, self.keys[layer][:, :, :end], self.values[layer][:, :, :end])
+        return block.proj(attended.transpose(1, 2).reshape(rows, 1, width))
+
+    def keep(self, rows):
+        """Only these rows go on: drop the others' cache."""
+        self.keys = [k[rows] for k in self.keys]
+        self.values = [v[rows] for v in self.values]
 
 
 def train(ctx):
