@@ -1,6 +1,6 @@
-"""The evaluator's overhead and the sandbox tax, measured side by side in one invocation.
+"""The evaluator's overhead, the sandbox tax and the cost of scoring, measured in one invocation.
 
-    .venv/bin/python benchmarks/overhead.py [--repeats 2]
+    .venv/bin/python benchmarks/overhead.py [--repeats 2] [--scoring-only]
 
 Runs `benchmarks/fixed-work` (a fixed number of training steps) through the real `evaluate()` on
 the CPU track, alternating `--sandbox nsjail` and `--sandbox none`, and prints:
@@ -8,6 +8,13 @@ the CPU track, alternating `--sandbox nsjail` and `--sandbox none`, and prints:
   hashing), sandbox + interpreter start, `import torch`, data load, and teardown;
 - the sandbox tax: train seconds of the same fixed work inside nsjail vs unsandboxed.
 Targets (issue 4): training-side overhead <= 6 s (2 % of the 300 s budget); tax <= 1 %.
+
+Then it scores the cpu-1min models of the reference, the template and seed-moe (their classes and
+cpu-1min configs, untrained: scoring's cost does not depend on the weights), and the reference's
+model without its incremental decoder (the recompute fallback), on the track's validation split
+with the real sealed nsjail servers: wall seconds of all of scoring (image, both passes, servers'
+start) and of one pass. Targets (issues 16, 17): the reference within 8 s for one pass and 15 s
+for both, on 2 CPU threads.
 """
 
 from __future__ import annotations
@@ -24,10 +31,22 @@ from rich.console import Console
 from rich.table import Table
 
 from evaluator.cli import run_guarded
-from evaluator.paths import REPO_ROOT
+from evaluator.dataset.loader import read_documents
+from evaluator.dataset.store import resolve_data_file, tokenizer_info
+from evaluator.manifest import parse_manifest
+from evaluator.paths import REPO_ROOT, SUBMISSIONS_DIR
 from evaluator.runner import evaluate
+from evaluator.sandbox import open_sandbox
+from evaluator.tracks import load_track
 
 FIXED_WORK = REPO_ROOT / "benchmarks" / "fixed-work"
+SCORED = {
+    "reference": REPO_ROOT / "reference",
+    "template": SUBMISSIONS_DIR / "template",
+    "seed-moe": SUBMISSIONS_DIR / "seed-moe",
+}
+# Long enough for the recompute fallback to finish, so that its cost can be reported.
+BENCHMARK_SCORING_S = 900
 
 
 def measure(sandbox: str, runs_dir: Path, console: Console) -> dict[str, float]:
@@ -53,18 +72,83 @@ def measure(sandbox: str, runs_dir: Path, console: Console) -> dict[str, float]:
     }
 
 
+def _untrained_model(folder: Path, vocab_size: int, eos_id: int):
+    """The submission's cpu-1min model class with its cpu-1min config, pickled as `train.<Class>`."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train", folder / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["train"] = module  # torch.save records the class as train.<Class>, as in a run
+    spec.loader.exec_module(module)
+    manifest, _ = parse_manifest(folder)
+    config = manifest.config_for("cpu-1min")
+    if folder.name == "reference":
+        return module.GPT({**module.DEFAULTS, **config}, vocab_size, eos_id)
+    if folder.name == "template":
+        return module.TinyGPT(vocab_size, config["d_model"], config["n_layers"], config["n_heads"], 512)
+    return module.MoEMinimalLLM(config, vocab_size)
+
+
+def measure_scoring(console: Console) -> list[tuple[str, float, float]]:
+    """(model, wall s of all of scoring, s per pass) for each scored model, on cpu-1min."""
+    import torch
+
+    from evaluator.scoring import PASSES, ScoringLimits, score_model
+
+    track = load_track("cpu-1min")
+    vocab_size, eos_id = tokenizer_info(resolve_data_file(track, "tokenizer"))
+    documents = read_documents(resolve_data_file(track, "val"))
+    sandbox = open_sandbox("nsjail")
+    cases = [(name, folder, True) for name, folder in SCORED.items()] + [("reference, no decoder", SCORED["reference"], False)]
+    figures = []
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
+        for name, folder, incremental in cases:
+            torch.manual_seed(0)
+            model = _untrained_model(folder, vocab_size, eos_id)
+            if not incremental:
+                model.decoder = None  # an instance attribute hides the method: the server recomputes
+            model_path = Path(tmp) / f"{len(figures)}.pt"
+            torch.save(model, model_path)
+            console.print(f"scoring {name} ...")
+            began = time.monotonic()
+            score_model(
+                sandbox=sandbox, name=f"bench-scoring-{len(figures)}", model_path=model_path, submission_dir=folder,
+                documents=documents, vocab_size=vocab_size, eos_id=eos_id, seq_len=track.eval["seq_len"],
+                batch_size=track.eval["batch_size"], device="cpu", threads=track.threads,
+                limits=ScoringLimits(load_s=track.eval["load_s"], step_s=track.eval["step_s"],
+                                     total_s=BENCHMARK_SCORING_S, consistency_nats=track.eval["consistency_nats"]),
+                memory_bytes=track.sandbox["memory_mib"] * 2**20, pids=track.sandbox["pids"],
+            )
+            wall = time.monotonic() - began
+            figures.append((name, wall, wall / PASSES))
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=2, help="runs per sandbox kind, alternated")
+    parser.add_argument("--scoring-only", action="store_true", help="only the scoring figures")
     args = parser.parse_args()
     console = Console(stderr=True)
+    if not args.scoring_only:
+        training_overhead(args.repeats, console)
+    limit = load_track("cpu-1min").eval["time_limit_s"]
+    table = Table(title="scoring on cpu-1min: 100 validation documents, 2 passes, sealed nsjail, 2 threads")
+    for column in ("model", "all of scoring, s", "per pass, s", f"within the track's {limit:g} s"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for name, wall, per_pass in measure_scoring(console):
+        table.add_row(name, f"{wall:.1f}", f"{per_pass:.1f}", "yes" if wall <= limit else "NO")
+    Console().print(table)
+
+
+def training_overhead(repeats: int, console: Console) -> None:
     results: dict[str, list[dict[str, float]]] = {"nsjail": [], "none": []}
     with tempfile.TemporaryDirectory() as tmp:
-        for _ in range(args.repeats):
+        for _ in range(repeats):
             for sandbox in results:
                 results[sandbox].append(measure(sandbox, Path(tmp), console))
 
-    table = Table(title=f"evaluator overhead, fixed work, median of {args.repeats}")
+    table = Table(title=f"evaluator overhead, fixed work, median of {repeats}")
     table.add_column("seconds")
     for sandbox in results:
         table.add_column(sandbox, justify="right")

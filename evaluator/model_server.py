@@ -1,151 +1,337 @@
-"""The model server: runs inside the scoring sandbox, loads a saved model and answers token batches.
+"""The model server: runs inside a scoring sandbox and streams one batch of rows at a time.
 
     python -P -B -m evaluator.model_server --model PATH --submission DIR --device cpu|cuda:0 --threads N
 
 This is the only place a saved model is ever unpickled. It imports nothing from the host side of
-the evaluator (stdlib and torch only): everything it sends back is checked by `evaluator.scoring`,
-which trusts none of it.
+the evaluator (stdlib, torch and `evaluator.api`); `evaluator.scoring` checks everything it sends
+and trusts none of it.
 
-Protocol (stdin/stdout of this process; stdout is moved to stderr before the model is loaded, so
-a `print` in model code lands in the log, not in the protocol):
+Two kinds of process. The *server* is the jail's first process (pid 1 of its pid namespace). It
+imports torch but never runs a tensor operation, never touches CUDA or OpenMP and never loads the
+model; it makes itself non-dumpable (so no process of the jail can read or write its memory
+through /proc, and with /proc mounted hidepid=2 none can even see it) and ignores every signal it
+can. For each batch it kills and reaps every other process of the jail, then forks a fresh *batch
+process* that loads the model and answers that batch's steps. A batch process has seen no other
+batch, inherits no descriptor of the server's but the reply pipe, and is gone, with everything it
+started, before the next one exists. The batch process runs the model, so everything it writes is
+the model's to choose; the host gives it no more trust than that.
 
-Request (host -> server), binary, repeated until EOF:
-    8 bytes header: struct "<II" = batch size B, length T (both >= 1)
-    B*T token ids, int64 little-endian, row-major (the host and the server share one machine)
+Even the pid of the next batch process carries nothing: a batch may use at most PIDS_PER_BATCH
+process and thread ids, and the server advances the pid namespace's counter to the next multiple
+of that stride before it forks, so every batch process of a jail starts at a pid fixed in advance.
 
-Reply (server -> host): one JSON line (UTF-8, "\\n"-terminated), optionally followed by a payload:
-    {"event": "ready", "torch": "2.x", "device": "cpu"}            once, after the model has loaded
-    {"event": "logits", "shape": [B, T, V], "dtype": "float32", "nbytes": N}
-        followed by exactly N bytes: the logits, C-contiguous, in the machine's byte order
-    {"event": "error", "stage": "load" | "forward", "message": "the exception's last line"}
+Without a jail (`--sandbox none`) the server is not a pid namespace's init: it then kills each
+batch process's process group only, and pids follow the host's counter. Nothing is sealed there.
 
-After a load error the server exits 1; after a forward error it keeps serving (the host decides).
-EOF on stdin at a request boundary exits 0. The dtype is whatever the model returned, named as in
-torch without the "torch." prefix; the host accepts only float16, bfloat16, float32 and float64.
+Requests (host -> server), repeated until EOF; a header struct "<II" (op, n), then n int64 values:
+    OPEN  n=1   the number of rows R: kill and reap everything, fork a batch process for R rows;
+                it replies READY (or ERROR)
+    STEP  n=R   the next token of each of the R live rows; the batch process replies LOGITS [R, V]
+    KEEP  n=K   row indices (ascending, into the live rows): only those rows go on; no reply
+    CLOSE n=0   kill and reap the batch; the server replies CLOSED
+
+Replies (server or batch process -> host): a header struct "<IIII" (kind, code, rows, vocab):
+    STARTED (the server, once, after importing torch)   READY (the batch process loaded the model)
+    LOGITS  code = dtype index in LOGIT_DTYPES, then rows*vocab logits, C order, native byte order
+    ERROR   code = the stage that failed (ERROR_STAGES)  CLOSED (the server, after a CLOSE)
+    ENDED   (the server: the batch process ended before CLOSE; everything of it has been reaped)
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
-import json
 import os
+import select
+import signal
 import struct
 import sys
+import threading
 import traceback
+from dataclasses import dataclass
 
 import torch
 
 REQUEST_HEADER = struct.Struct("<II")
-TOKEN_BYTES = 8
-MESSAGE_CAP_CHARS = 2000
+REPLY_HEADER = struct.Struct("<IIII")
+OPEN, STEP, KEEP, CLOSE = 1, 2, 3, 4
+STARTED, READY, LOGITS, ERROR, CLOSED, ENDED = 1, 2, 3, 4, 5, 6
+LOGIT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+ERROR_STAGES = ("load", "step", "output", "processes")
+LOAD_ERROR, STEP_ERROR, OUTPUT_ERROR, PROCESSES_ERROR = range(len(ERROR_STAGES))
+PIDS_PER_BATCH = 256
+TOKEN = struct.Struct("<q")
+_PR_SET_DUMPABLE = 4
 
 
-class _Protocol:
-    """The private stdin/stdout of the server; fds 0 and 1 are pointed elsewhere for model code."""
-
-    def __init__(self) -> None:
-        self._requests = os.fdopen(os.dup(0), "rb")
-        self._replies = os.fdopen(os.dup(1), "wb")
-        # Model code that reads stdin gets EOF; model code that prints writes to the log.
-        devnull = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(devnull, 0)
-        os.close(devnull)
-        os.dup2(2, 1)
-        sys.stdout = sys.stderr
-
-    def read_request(self):
-        """Returns (B, T, token bytes), or None on EOF at a request boundary."""
-        header = self._requests.read(REQUEST_HEADER.size)
-        if not header:
-            return None
-        if len(header) != REQUEST_HEADER.size:
-            raise EOFError("stdin ended inside a request header")
-        batch, length = REQUEST_HEADER.unpack(header)
-        if batch < 1 or length < 1:
-            raise ValueError(f"malformed request: B={batch}, T={length}")
-        payload = self._requests.read(batch * length * TOKEN_BYTES)
-        if len(payload) != batch * length * TOKEN_BYTES:
-            raise EOFError("stdin ended inside a request's token ids")
-        return batch, length, payload
-
-    def send(self, header: dict, payload=None) -> None:
-        self._replies.write(json.dumps(header).encode() + b"\n")
-        if payload is not None:
-            self._replies.write(payload)
-        self._replies.flush()
-
-    def send_error(self, stage: str, exc: BaseException) -> None:
-        traceback.print_exception(exc, file=sys.stderr)
-        last_line = traceback.format_exception_only(exc)[-1].strip()
-        self.send({"event": "error", "stage": stage, "message": last_line[:MESSAGE_CAP_CHARS]})
+def _read_exactly(fd: int, count: int) -> bytes | None:
+    """`count` bytes from fd, or None at EOF before the first byte; EOFError for a cut message."""
+    chunks, remaining = [], count
+    while remaining:
+        chunk = os.read(fd, remaining)
+        if not chunk:
+            if remaining == count:
+                return None
+            raise EOFError("the request stream ended inside a message")
+        chunks.append(chunk)
+        remaining -= len(chunk)
+    return b"".join(chunks)
 
 
-def _load_model(model_path: str, device: str):
-    model = torch.load(model_path, map_location=device, weights_only=False)
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"the saved object is a {type(model).__name__}, not a torch.nn.Module")
-    model.eval()
-    return model
+def read_request(fd: int) -> tuple[int, bytes] | None:
+    """(op, payload of n int64 values), or None at EOF between requests."""
+    header = _read_exactly(fd, REQUEST_HEADER.size)
+    if header is None:
+        return None
+    op, count = REQUEST_HEADER.unpack(header)
+    payload = _read_exactly(fd, count * TOKEN.size) if count else b""
+    if payload is None:
+        raise EOFError("the request stream ended inside a message")
+    return op, payload
 
 
-def _as_logits(output):
-    """The model's output as a dense, contiguous CPU tensor; refuses what cannot be sent raw."""
-    if not isinstance(output, torch.Tensor):
-        raise TypeError(f"forward returned a {type(output).__name__}, expected a tensor of logits")
-    if output.layout != torch.strided:
-        raise TypeError(f"forward returned a tensor with layout {output.layout}, expected a dense tensor")
+def _write_all(fd: int, data) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def send_reply(fd: int, kind: int, code: int = 0, rows: int = 0, vocab: int = 0, payload=None) -> None:
+    _write_all(fd, REPLY_HEADER.pack(kind, code, rows, vocab))
+    if payload is not None:
+        _write_all(fd, payload)
+
+
+# --- the batch process (runs the model) ----------------------------------------------------------
+
+
+def _as_logits(output, rows: int) -> torch.Tensor:
+    """The decoder's output as a dense, contiguous CPU tensor [rows, vocab] of a float dtype we send."""
+    if not isinstance(output, torch.Tensor) or output.layout != torch.strided:
+        raise TypeError("the decoder returned something other than a dense tensor")
+    if output.dim() != 2 or output.shape[0] != rows:
+        raise ValueError("the decoder returned logits of the wrong shape")
+    if str(output.dtype).removeprefix("torch.") not in LOGIT_DTYPES:
+        raise TypeError("the decoder returned logits of a dtype the evaluator does not take")
     return output.detach().to("cpu").contiguous()
 
 
-def _send_logits(protocol: _Protocol, logits) -> None:
-    nbytes = logits.numel() * logits.element_size()
-    header = {
-        "event": "logits",
-        "shape": list(logits.shape),
-        "dtype": str(logits.dtype).removeprefix("torch."),
-        "nbytes": nbytes,
-    }
-    # A view of the tensor's memory, not a copy: logits can be hundreds of MB. `logits` outlives it.
-    payload = (ctypes.c_char * nbytes).from_address(logits.data_ptr()) if nbytes else None
-    protocol.send(header, payload)
+def _serve_batch(requests: int, replies: int, rows: int, model_path: str, submission_dir: str,
+                 device: str, threads: int) -> None:
+    from evaluator.api import decoder_for
+
+    torch.set_num_threads(threads)
+    # First on sys.path so that pickled classes resolve to the submission's modules, as in training.
+    sys.path.insert(0, submission_dir)
+    try:
+        model = torch.load(model_path, map_location=device, weights_only=False)
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError("the saved object is not a torch.nn.Module")
+        model.eval()
+        with torch.no_grad():
+            decoder = decoder_for(model, rows)
+    except BaseException:  # anything the unpickled code raises, SystemExit included
+        traceback.print_exc()
+        send_reply(replies, ERROR, LOAD_ERROR)
+        return
+    send_reply(replies, READY)
+
+    while (request := read_request(requests)) is not None:
+        op, payload = request
+        values = torch.frombuffer(bytearray(payload), dtype=torch.int64) if payload else None
+        try:
+            with torch.no_grad():
+                if op == KEEP:
+                    decoder.keep(values.to(device))
+                    rows = len(values)
+                    continue
+                output = decoder.step(values.to(device))
+        except Exception:
+            traceback.print_exc()
+            send_reply(replies, ERROR, STEP_ERROR)
+            return
+        try:
+            logits = _as_logits(output, rows)
+        except (TypeError, ValueError):
+            traceback.print_exc()
+            send_reply(replies, ERROR, OUTPUT_ERROR)
+            return
+        # A view of the tensor's memory, not a copy; `logits` outlives it.
+        nbytes = logits.numel() * logits.element_size()
+        payload = (ctypes.c_char * nbytes).from_address(logits.data_ptr()) if nbytes else b""
+        code = LOGIT_DTYPES.index(str(logits.dtype).removeprefix("torch."))
+        send_reply(replies, LOGITS, code, logits.shape[0], logits.shape[1], payload)
+
+
+def _batch_process(requests: int, replies: int, rows: int, options: dict) -> None:
+    """The child's side of a fork: private descriptors, default signals, then the batch."""
+    for number in range(1, signal.NSIG):
+        try:
+            signal.signal(number, signal.SIG_DFL)
+        except (OSError, ValueError):
+            pass
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # a closed pipe is an error to report, not death
+    protocol = os.dup(replies)
+    os.dup2(requests, 0)
+    # Model code that prints writes to the log, never into the protocol.
+    os.dup2(2, 1)
+    os.closerange(3, protocol)
+    os.closerange(protocol + 1, 1 << 16)
+    sys.stdout = sys.stderr
+    _serve_batch(0, protocol, rows, **options)
+
+
+# --- the server (never runs the model) -----------------------------------------------------------
+
+
+def _kill_everything_else() -> None:
+    """SIGKILL every other process of the jail and reap them all. From a pid namespace's init,
+    kill(-1) reaches every process of the namespace but the caller, and orphans come to us."""
+    while True:
+        try:
+            os.kill(-1, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            while True:
+                os.waitpid(-1, 0)
+        except ChildProcessError:
+            pass
+        try:
+            os.kill(-1, 0)
+        except ProcessLookupError:
+            return
+
+
+def _last_pid() -> int:
+    with open("/proc/sys/kernel/ns_last_pid") as handle:
+        return int(handle.read())
+
+
+def _advance_pids_to(next_pid: int) -> bool:
+    """Make `next_pid` the pid the next fork gets, by using up the ids before it (threads are the
+    cheapest ids); False when the last batch already used ids past it, or the ids run out."""
+    with open("/proc/sys/kernel/pid_max") as handle:
+        if next_pid >= int(handle.read()):
+            return False
+    while (last := _last_pid()) < next_pid - 1:
+        for _ in range(next_pid - 1 - last):
+            thread = threading.Thread(target=int)
+            thread.start()
+            thread.join()
+    return _last_pid() == next_pid - 1
+
+
+@dataclass(frozen=True)
+class _Child:
+    pid: int
+    requests: int  # the write end of its request pipe
+    exited: int  # a pidfd: readable once it has ended
+
+
+class _Server:
+    def __init__(self, options: dict) -> None:
+        self.options = options
+        self.requests = os.dup(0)
+        self.replies = os.dup(1)
+        devnull = os.open(os.devnull, os.O_RDWR)
+        os.dup2(devnull, 0)
+        os.dup2(2, 1)
+        os.close(devnull)
+        self.child: _Child | None = None
+        # As a pid namespace's init, every other process of the jail is ours to kill (see module doc).
+        self.isolated = os.getpid() == 1
+        self.batches = 0
+        self.first_pid = _last_pid() + PIDS_PER_BATCH if self.isolated else 0
+
+    def open_batch(self, rows: int) -> None:
+        self.end_batch()
+        if self.isolated:
+            next_pid = self.first_pid + self.batches * PIDS_PER_BATCH
+            self.batches += 1
+            if not _advance_pids_to(next_pid):
+                send_reply(self.replies, ERROR, PROCESSES_ERROR)
+                return
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.setpgid(0, 0)
+                os.close(write_end)
+                os.close(self.requests)
+                _batch_process(read_end, self.replies, rows, self.options)
+            finally:
+                os._exit(0)
+        os.close(read_end)
+        self.child = _Child(pid, write_end, os.pidfd_open(pid))
+
+    def end_batch(self) -> None:
+        if self.child is not None:
+            os.close(self.child.requests)
+            os.close(self.child.exited)
+            if not self.isolated:
+                try:
+                    os.killpg(self.child.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                os.waitpid(self.child.pid, 0)
+            self.child = None
+        if self.isolated:
+            _kill_everything_else()
+
+    def forward(self, op: int, payload: bytes) -> None:
+        if self.child is None:
+            return  # the batch already ended, and the host was told
+        try:
+            _write_all(self.child.requests, REQUEST_HEADER.pack(op, len(payload) // TOKEN.size) + payload)
+        except BrokenPipeError:
+            self.batch_ended()
+
+    def batch_ended(self) -> None:
+        self.end_batch()
+        send_reply(self.replies, ENDED)
+
+    def run(self) -> int:
+        send_reply(self.replies, STARTED)
+        while True:
+            watched = [self.requests] + ([self.child.exited] if self.child else [])
+            ready, _, _ = select.select(watched, [], [])
+            if self.child is not None and self.child.exited in ready:
+                self.batch_ended()
+                continue
+            request = read_request(self.requests)
+            if request is None:
+                break
+            op, payload = request
+            if op == OPEN and len(payload) == TOKEN.size:
+                self.open_batch(TOKEN.unpack(payload)[0])
+            elif op == CLOSE:
+                self.end_batch()
+                send_reply(self.replies, CLOSED)
+            elif op in (STEP, KEEP):
+                self.forward(op, payload)
+        self.end_batch()
+        return 0
 
 
 def serve(model_path: str, submission_dir: str, device: str, threads: int) -> int:
-    protocol = _Protocol()
-    torch.set_num_threads(threads)
-    # After our own imports, so a submission file named like a stdlib or torch module cannot
-    # replace them; first, so pickled classes resolve to the submission's modules as in training.
-    sys.path.insert(0, submission_dir)
-    try:
-        model = _load_model(model_path, device)
-    except BaseException as exc:  # anything the unpickled code raises, SystemExit included
-        protocol.send_error("load", exc)
-        return 1
-    protocol.send({"event": "ready", "torch": torch.__version__, "device": device})
-
-    while True:
-        request = protocol.read_request()
-        if request is None:
-            return 0
-        batch, length, token_bytes = request
-        tokens = torch.frombuffer(bytearray(token_bytes), dtype=torch.int64).view(batch, length)
-        try:
-            with torch.no_grad():
-                output = model(tokens.to(device))
-            logits = _as_logits(output)
-        except Exception as exc:
-            protocol.send_error("forward", exc)
-            continue
-        _send_logits(protocol, logits)
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
+    for number in range(1, signal.NSIG):
+        if number not in (signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD):
+            try:
+                signal.signal(number, signal.SIG_IGN)
+            except (OSError, ValueError):
+                pass
+    options = dict(model_path=model_path, submission_dir=submission_dir, device=device, threads=threads)
+    return _Server(options).run()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m evaluator.model_server", description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="the saved model (torch.save of the whole module)")
-    parser.add_argument("--submission", required=True, help="the submission folder, put on sys.path")
+    parser.add_argument("--submission", required=True, help="the submission folder, put on sys.path of each batch process")
     parser.add_argument("--device", required=True, help="cpu or cuda:0")
-    parser.add_argument("--threads", type=int, required=True, help="torch intra-op threads")
+    parser.add_argument("--threads", type=int, required=True, help="torch intra-op threads of each batch process")
     args = parser.parse_args(argv)
     return serve(args.model, args.submission, args.device, args.threads)
 

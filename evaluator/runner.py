@@ -40,7 +40,7 @@ from evaluator.errors import InvalidModel, UserError
 from evaluator.fsutil import atomic_write_bytes, atomic_write_text, sha256_file, stage_tree, tree_sha256
 from evaluator.harness import MODEL_FILE
 from evaluator.manifest import MANIFEST_NAME, Manifest, parse_manifest
-from evaluator.paths import REPO_ROOT, RUNS_DIR
+from evaluator.paths import DATASETS_DIR, REPO_ROOT, RUNS_DIR
 from evaluator.results import EXIT_CODES, environment, utc_now, write_result
 from evaluator.sandbox import JailSpec, SandboxUnavailable, open_sandbox
 from evaluator.tracks import Track, load_track
@@ -80,6 +80,17 @@ def _relative_to_repo(path: Path) -> str:
         return str(path)
 
 
+def _fits_int64(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63
+
+
+def _fits_float64(value) -> bool:
+    """A number a float64 column holds (JSON integers can have any number of digits)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return isinstance(value, float) or abs(value) <= sys.float_info.max
+
+
 def _read_protocol(stream, events: queue.Queue) -> None:
     """Reader thread: every complete JSON line from the jail becomes (arrival time, event)."""
     while True:
@@ -93,7 +104,7 @@ def _read_protocol(stream, events: queue.Queue) -> None:
             continue
         try:
             event = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # e.g. 30,000 nested brackets
             continue
         if isinstance(event, dict) and isinstance(event.get("event"), str):
             events.put((time.monotonic(), event))
@@ -163,7 +174,7 @@ def _train(jailed, budget_s: float, display: _LiveDisplay, launched_at: float) -
             outcome.timings["launch_to_start_s"] = arrived - launched_at
             phases = event.get("phases")
             if isinstance(phases, dict):
-                outcome.timings.update({f"harness_{k}": float(v) for k, v in phases.items() if isinstance(v, (int, float))})
+                outcome.timings.update({f"harness_{k}": float(v) for k, v in phases.items() if _fits_float64(v)})
             display.update(0.0, "importing submission")
 
     # Phase 2: the clock runs.
@@ -198,9 +209,9 @@ def _train(jailed, budget_s: float, display: _LiveDisplay, launched_at: float) -
             return outcome
         if kind == "log":
             step, metrics = event.get("step"), event.get("metrics")
-            if not isinstance(step, int) or not isinstance(metrics, dict):
+            if not _fits_int64(step) or not isinstance(metrics, dict):
                 continue
-            clean = {k: float(v) for k, v in metrics.items() if isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)}
+            clean = {k: float(v) for k, v in metrics.items() if isinstance(k, str) and _fits_float64(v)}
             rows = [(elapsed, step, key, value) for key, value in clean.items()]
             outcome.metrics_rows.extend(rows[: max(0, _METRICS_ROWS_MAX - len(outcome.metrics_rows))])
             last_step, last_metrics = step, clean
@@ -277,12 +288,15 @@ def _last_logged(rows, key: str) -> float | None:
     return values[-1] if values else None
 
 
-def _unofficial_reasons(track: Track, budget_s: float, sandbox_kind: str, gpu: dict | None) -> list[str]:
+def _unofficial_reasons(plan: _RunPlan, sandbox_kind: str, gpu: dict | None) -> list[str]:
+    track, budget_s = plan.track, plan.budget_s
     reasons = []
     if budget_s != track.budget_s:
         reasons.append(f"budget overridden: {budget_s:g} s instead of the track's {track.budget_s:g} s")
     if sandbox_kind != "nsjail":
         reasons.append("not sandboxed (--sandbox none)")
+    if plan.debug_scoring:
+        reasons.append("the model server's output was kept (--debug-scoring)")
     wanted = track.raw["device"].get("gpu_name_contains")
     if wanted and (gpu is None or wanted not in gpu["name"]):
         reasons.append(f"GPU is {gpu['name'] if gpu else 'absent'}; the track requires one whose name contains {wanted!r}")
@@ -322,9 +336,11 @@ class _RunPlan:
     jail_out: Path
     scratch: Path
     job_path: Path
+    debug_scoring: bool
 
 
-def _plan(folder: Path, track_id: str | None, seed: int | None, budget_s: float | None, runs_dir: Path, console: Console) -> _RunPlan:
+def _plan(folder: Path, track_id: str | None, seed: int | None, budget_s: float | None, runs_dir: Path,
+          debug_scoring: bool, console: Console) -> _RunPlan:
     """Check the submission, resolve track and data, lay out the run directory and the job file."""
     report = check_submission(folder)
     if not report.ok:
@@ -341,6 +357,12 @@ def _plan(folder: Path, track_id: str | None, seed: int | None, budget_s: float 
     train_path = resolve_data_file(track, "train").resolve()
     val_path = resolve_data_file(track, "val").resolve()
     vocab_size, eos_id = tokenizer_info(resolve_data_file(track, "tokenizer"))
+    if debug_scoring and not val_path.is_relative_to(DATASETS_DIR.resolve()):
+        # What a model prints while scoring can be the validation text itself.
+        raise UserError(
+            f"--debug-scoring keeps what the model prints while it sees the validation split; track "
+            f"{track.id} scores a private split ({val_path}), so that output must never be kept"
+        )
 
     run_id = _new_run_id(manifest.name, seed)
     run_dir = (Path(runs_dir) / run_id).resolve()
@@ -348,7 +370,7 @@ def _plan(folder: Path, track_id: str | None, seed: int | None, budget_s: float 
         folder=folder, manifest=manifest, track=track, device=device, seed=seed, budget_s=budget_s,
         train_path=train_path, val_path=val_path, vocab_size=vocab_size, eos_id=eos_id,
         run_id=run_id, run_dir=run_dir, staged=run_dir / "submission", jail_out=run_dir / "jail-out",
-        scratch=run_dir / "scratch", job_path=run_dir / "job.json",
+        scratch=run_dir / "scratch", job_path=run_dir / "job.json", debug_scoring=debug_scoring,
     )
     for directory in (plan.jail_out, plan.scratch, run_dir / "sandbox"):
         directory.mkdir(parents=True)
@@ -422,40 +444,39 @@ def _train_in_jail(plan: _RunPlan, sandbox, console: Console, timings: dict[str,
 
 
 def _score(plan: _RunPlan, sandbox, console: Console):
-    """Score the saved model in fresh sandboxes; raises InvalidModel."""
+    """Score the saved model in sealed sandboxes; raises InvalidModel."""
     # Imported here: scoring needs torch, and every other command should start fast.
-    from evaluator.scoring import score_model
+    from evaluator.scoring import ScoringLimits, score_model
 
-    limits = plan.track.sandbox
-    model_path = plan.run_dir / MODEL_FILE  # taken out of the jail by _train_in_jail
-    console.print("scoring on the validation split in a fresh sandbox ...")
+    limits, protocol = plan.track.sandbox, plan.track.eval
+    console.print("scoring on the validation split, streamed, in two sealed passes ...")
     return score_model(
         sandbox=sandbox,
-        workdir=plan.run_dir / "sandbox",
         name=f"{plan.run_id}-score",
-        model_path=model_path,
+        model_path=plan.run_dir / MODEL_FILE,  # taken out of the jail by _train_in_jail
         submission_dir=plan.staged,
         documents=read_documents(plan.val_path),
         vocab_size=plan.vocab_size,
         eos_id=plan.eos_id,
-        seq_len=plan.track.eval["seq_len"],
-        batch_size=plan.track.eval["batch_size"],
+        seq_len=protocol["seq_len"],
+        batch_size=protocol["batch_size"],
         device=plan.device,
         threads=plan.track.threads,
-        time_limit_s=plan.track.eval["time_limit_s"],
+        limits=ScoringLimits(load_s=protocol["load_s"], step_s=protocol["step_s"],
+                             total_s=protocol["time_limit_s"], consistency_nats=protocol["consistency_nats"]),
         memory_bytes=limits["memory_mib"] * 2**20,
         pids=limits["pids"],
-        audit_cuts=plan.track.eval["audit_cuts"],
+        debug_log_dir=plan.run_dir if plan.debug_scoring else None,
     )
 
 
 def _record(plan: _RunPlan, outcome: TrainingOutcome, score, env: dict[str, Any], started: str) -> dict[str, Any]:
     rows = outcome.metrics_rows
     tokens = _last_logged(rows, "tokens")
-    reasons = _unofficial_reasons(plan.track, plan.budget_s, env["sandbox"]["kind"], env["gpu"])
+    reasons = _unofficial_reasons(plan, env["sandbox"]["kind"], env["gpu"])
     track = plan.track
     return {
-        "schema_version": 1,
+        "schema_version": 2,
         "run_id": plan.run_id,
         "status": outcome.status,
         "message": outcome.message,
@@ -485,11 +506,10 @@ def _record(plan: _RunPlan, outcome: TrainingOutcome, score, env: dict[str, Any]
             "val_bytes": score.val_bytes,
             "val_documents": score.val_documents,
         },
-        "audit": None if score is None else {
-            "cuts": score.audit.cuts,
-            "passed": score.audit.passed,
-            "max_abs_diff": score.audit.max_abs_diff,
-            "tolerance": score.audit.tolerance,
+        "scoring": None if score is None or outcome.status != "ok" else {
+            "protocol": "streamed",
+            "passes": score.passes,
+            "consistency_nats": track.eval["consistency_nats"],
         },
         "train": {
             "train_seconds": outcome.train_seconds,
@@ -540,13 +560,14 @@ def evaluate(
     budget_s: float | None = None,
     sandbox_choice: str = "auto",
     runs_dir: Path = RUNS_DIR,
+    debug_scoring: bool = False,
     console: Console | None = None,
 ) -> tuple[dict[str, Any], Path]:
     """One evaluation run: returns the result record (also written as result.json) and the run directory."""
     with _sigterm_unwinds():
         console = console or Console(stderr=True)
         began = time.monotonic()
-        plan = _plan(Path(folder), track_id, seed, budget_s, runs_dir, console)
+        plan = _plan(Path(folder), track_id, seed, budget_s, runs_dir, debug_scoring, console)
         started = utc_now()
         timings: dict[str, float] = {}
         score = None
@@ -573,7 +594,8 @@ def evaluate(
                     outcome.status, outcome.message = "invalid_model", str(exc)
                 except SandboxUnavailable as exc:
                     outcome.status, outcome.message = "sandbox_error", f"the scoring sandbox failed: {exc}"
-                timings["scoring_s"] = time.monotonic() - scoring_started
+                # Whole seconds: how long scoring takes is the model's to choose.
+                timings["scoring_s"] = round(time.monotonic() - scoring_started)
             shutil.rmtree(plan.jail_out, ignore_errors=True)
         record = _record(plan, outcome, score, env, started)
         atomic_write_text(plan.run_dir / "timings.json", json.dumps(timings, indent=2) + "\n")
@@ -638,6 +660,7 @@ def _run(args: argparse.Namespace) -> int:
             budget_s=args.budget,
             sandbox_choice=args.sandbox,
             runs_dir=Path(args.out) if args.out else RUNS_DIR,
+            debug_scoring=args.debug_scoring,
             console=console,
         )
         records.append(record)
@@ -675,5 +698,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--sandbox", choices=["auto", "nsjail", "none"], default="auto",
                      help="auto: nsjail when it works here, else none (says which); nsjail: never falls back; none: plain subprocess, unofficial")
     run.add_argument("--out", metavar="DIR", help=f"where run directories go (default: {RUNS_DIR.relative_to(REPO_ROOT)}/)")
+    run.add_argument("--debug-scoring", action="store_true",
+                     help="keep what the model server prints (its stderr) as scoring-pass-N.log in the run directory, "
+                          "to debug a model that fails scoring; makes the run unofficial; refused for a private split")
     run.add_argument("--json", action="store_true", help="print the result record (a list with --seeds) on stdout and nothing else there")
     run.set_defaults(handler=_run)

@@ -1,51 +1,54 @@
-"""Host side of scoring: drives a model server in a fresh sandbox, computes val_loss and val_bpb,
-then audits causality in a second fresh server.
+"""Host side of scoring: streams the validation split through sealed model servers, twice, and
+computes val_loss and val_bpb. Honest by construction, not by audit.
 
-The saved model is never unpickled here: `evaluator.model_server` loads it inside a jail that sees
-the model file, the submission folder and the `evaluator` package, nothing else (no data, no
-network). Everything it sends back is untrusted and checked: header size and fields, the exact
-shape asked for, a float dtype, the exact byte count, finite logits.
+The saved model is never unpickled here: `evaluator.model_server` loads it inside a jail whose
+whole filesystem is a memory-backed image of what it needs (the Python install, torch, the
+evaluator's in-jail modules, the submission and the model file; no data, no network, nothing
+writable), one fresh batch process per batch. Everything coming back is untrusted: the reply
+header's kind and sizes, the exact [rows, vocab] shape, a float dtype that never changes, the byte
+count, and finite logits once cast to float32.
 
 Windows. Each document is scored on its own: inputs `[eos] + tokens[:-1]`, targets `tokens`. A
 document longer than `seq_len` is cut into consecutive non-overlapping windows of `seq_len`
 positions (the last one shorter); each window is one row, so a token's context is everything from
-the start of its window. The rows depend only on the documents, never on batching.
+the start of its window.
 
-Batching. Windows are sorted by (length descending, doc_id, start) and cut into batches of
-`batch_size` rows, right-padded with `eos_id` to the batch's longest row; padded positions are
-ignored. The evaluator applies `log_softmax` in float32 to the returned logits, and sums each
-document's per-token losses with `math.fsum` (exactly rounded, so independent of summation order);
-the totals are sums of per-document sums in doc_id order. The same documents in any order give
-the same requests, and the evaluator's arithmetic does not depend on `batch_size`.
+Streaming. A batch's rows advance in lockstep, one position per step: the evaluator sends each
+live row's input token at position t, receives the logits for position t, and only then sends the
+token at t+1 (which is the target just scored). Nothing announces the future: no lengths, no
+padding; a row is dropped (KEEP) only after its last prediction has been received. So no model
+can read a token before its prediction for it is recorded, whatever its code does.
 
-Causality audit. Before the main pass, `audit_cuts` (window, cut) pairs are drawn with
-`random.Random(secret_seed)` (a fresh seed from `os.urandom` when none is given). The main pass
-keeps, for each cut, only its window's logits up to and including the cut. A second, fresh server
-then receives each cut window with every token after the cut replaced by tokens of another
-document (cycled from a random offset, the first replaced token differing from the original where
-possible), and its logits up to the cut must equal the kept ones. Tolerance: an absolute bound of
-`AUDIT_RELATIVE_TOLERANCE[dtype] * max(1, largest |logit| among the kept ones)`, by the dtype the
-model returned (which must not change between replies): 1e-4 for float32 and float64 (~800 float32
-ulps; a 4-layer float32 transformer measured ~1e-6), 1e-2 for float16 (~10 ulps), 5e-2 for
-bfloat16 (~6 ulps). Kernels whose rounding depends on the batch's shape pass; a model whose
-logits move with later tokens does not, and whatever it could gain within the bound is at most
-twice the bound in nats per token. A model that computes in lower precision than it returns
-should return its own dtype. The seed is not recorded: a model must not learn where the cuts are.
+No state between documents. A batch process has seen no other batch (see model_server). Rows of
+one batch share a process, so the whole split is scored twice, in two independent compositions
+(which windows share a batch, the order of rows and of batches, drawn from a secret seed that is
+never recorded) in two separate jails; two windows of one document never share a batch. Each
+document's log-likelihood must agree between the passes within the track's
+`consistency_nats` (an absolute number of nats per document, measured on honest models; nothing
+the model returns can move it), and the mean difference per token within a hundredth of that.
+The score is the mean of the two passes.
 
-Time limit. `time_limit_s` covers the whole of scoring, both servers and model loading included.
-It is enforced here on every read and write, and by the sandbox a few seconds later as a backstop.
+Deadlines (the track's `[eval]`): `load_s` from asking for a batch process to its READY (the
+model's unpickling and `decoder()`), `step_s` for each step's reply, `time_limit_s` for all of
+scoring, both passes and the jails' start included. They leave no room to train after the clock:
+whatever a model computes in scoring starts again from the model file for every batch.
+
+Sealed output. Nothing the model writes reaches anyone: the servers' stderr is discarded (kept in
+a file only when the operator asks for it, which makes the run unofficial), and every failure is
+one of the fixed sentences below, with no position, shape, size or text the model chose.
 """
 
 from __future__ import annotations
 
-import json
+import fcntl
 import math
 import os
 import random
 import select
+import struct
 import sys
+import tempfile
 import time
-from array import array
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,34 +58,66 @@ import torch
 
 from evaluator.dataset.loader import Document
 from evaluator.errors import InvalidModel
-from evaluator.model_server import REQUEST_HEADER
+from evaluator.model_server import (
+    CLOSE, CLOSED, ENDED, ERROR, KEEP, LOAD_ERROR, LOGIT_DTYPES, LOGITS, OPEN, OUTPUT_ERROR,
+    PIDS_PER_BATCH, PROCESSES_ERROR, READY, REPLY_HEADER, REQUEST_HEADER, STARTED, STEP, TOKEN,
+)
 from evaluator.sandbox import JailSpec, SandboxUnavailable
 
-LOGIT_DTYPES = {
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float32": torch.float32,
-    "float64": torch.float64,
-}
-AUDIT_RELATIVE_TOLERANCE = {"float64": 1e-4, "float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}
-REPLY_HEADER_CAP_BYTES = 4096
-SERVER_LOG_CAP_BYTES = 1 << 20
-MESSAGE_CAP_CHARS = 500
-# The sandbox's own hard limit fires this long after the evaluator's deadline, so that a stall is
-# reported by the evaluator (with its phase) rather than seen as a killed server.
-SANDBOX_BACKSTOP_S = 5.0
-# How long to let a server that closed its output finish exiting, to learn why it ended.
-EXIT_GRACE_S = 2.0
-DONOR_ATTEMPTS = 8
 EVALUATOR_PACKAGE_DIR = Path(__file__).resolve().parent
+# What a scoring jail runs of the evaluator: the server and the submission API it hands models.
+IN_JAIL_MODULES = ("__init__.py", "api.py", "model_server.py")
+TORCH_DTYPES = {name: getattr(torch, name) for name in LOGIT_DTYPES}
+# The server's own start (interpreter, `import torch`) is the evaluator's work, not the model's.
+SERVER_START_S = 120.0
+# How long the server may take to kill and reap a batch; the model can slow it only by its own
+# processes, which the kill ends.
+CLOSE_S = 10.0
+# The sandbox's own hard limit fires this long after the evaluator's deadline, so that a stall is
+# reported by the evaluator rather than seen as a killed server.
+SANDBOX_BACKSTOP_S = 5.0
+PASSES = 2
+PIPE_BYTES = 1 << 20
+# The mean per-token difference between the passes may be at most this share of the per-document
+# tolerance (with tolerance ~1e-3 nats that is 1e-5 nats/token, far below a record's 0.005).
+MEAN_SHARE_OF_TOLERANCE = 0.01
+SCORE_DECIMALS = 4  # val_loss and val_bpb are published to 1e-4: a model's score is a channel too
+
+
+class Refusal:
+    """The fixed sentences a failing model gets: no text, number or position of its choosing."""
+
+    LOAD_FAILED = "the saved model could not be loaded in the scoring sandbox, or its decoder() failed"
+    STEP_FAILED = (
+        "the model raised an exception while scoring (a forward that returns a tuple fails this way; "
+        "`evaluator run --debug-scoring` keeps the traceback)"
+    )
+    BAD_OUTPUT = "the model returned something other than logits of shape [rows, vocab_size] in a float dtype"
+    BAD_SHAPE = "the model returned logits of the wrong shape (expected one row of vocab_size logits per live row)"
+    DTYPE_CHANGED = "the model changed the dtype of its logits while scoring"
+    NON_FINITE = "the model returned logits that are not finite in float32 (NaN, inf, or out of float32's range)"
+    PROTOCOL = "the model's batch process broke the scoring protocol"
+    ENDED = "the model's batch process ended while scoring"
+    PROCESSES = f"the model used more than {PIDS_PER_BATCH} process and thread ids in one batch"
+    OUT_OF_MEMORY = "the model ran out of memory while scoring (the track's limit is {memory_mib:g} MiB)"
+    PIDS_LIMIT = "the model exceeded the track's limit on processes and threads while scoring"
+    LOAD_TIMEOUT = "loading the model took longer than the track's {seconds:g} s"
+    STEP_TIMEOUT = "a scoring step took longer than the track's {seconds:g} s"
+    TOTAL_TIMEOUT = "scoring took longer than the track's {seconds:g} s in all"
+    INCONSISTENT = (
+        "the model's scores depend on which other documents it is scored with: two independent "
+        "scoring passes disagree by more than the track's tolerance of {tolerance:g} nats"
+    )
 
 
 @dataclass(frozen=True)
-class AuditReport:
-    cuts: int
-    passed: bool
-    max_abs_diff: float
-    tolerance: float
+class ScoringLimits:
+    """The track's scoring deadlines and consistency tolerance."""
+
+    load_s: float
+    step_s: float
+    total_s: float
+    consistency_nats: float
 
 
 @dataclass(frozen=True)
@@ -92,217 +127,145 @@ class ScoreReport:
     val_tokens: int
     val_bytes: int
     val_documents: int
-    audit: AuditReport
+    passes: int
     seconds: float
 
 
 @dataclass(frozen=True)
 class _Window:
     doc_id: str
-    start: int  # position in the document of the window's first target
     inputs: list[int]
     targets: list[int]
 
 
-@dataclass(frozen=True)
-class _Cut:
-    window: _Window
-    cut: int  # offset in the window of the last position that keeps its original tokens
-    suffix: list[int]  # replaces window.inputs[cut + 1:]
-
-    @property
-    def inputs(self) -> list[int]:
-        return self.window.inputs[: self.cut + 1] + self.suffix
-
-    @property
-    def order(self) -> tuple[str, int]:
-        return self.window.doc_id, self.window.start + self.cut
-
-
-class _Deadline:
-    def __init__(self, limit_s: float):
-        self.limit_s = limit_s
-        self._end = time.monotonic() + limit_s
+class _Deadlines:
+    def __init__(self, limits: ScoringLimits):
+        self.limits = limits
+        self._end = time.monotonic() + limits.total_s
 
     def remaining(self) -> float:
         return self._end - time.monotonic()
 
-    def exceeded(self, phase: str) -> InvalidModel:
-        return InvalidModel(f"the model exceeded the scoring time limit of {self.limit_s:g} s ({phase})")
+    def until(self, seconds: float | None, sentence: str) -> tuple[float, str]:
+        """(absolute deadline, the sentence for missing it): the sooner of `seconds` and the total."""
+        total = (self._end, Refusal.TOTAL_TIMEOUT.format(seconds=self.limits.total_s))
+        if seconds is None:
+            return total
+        own = time.monotonic() + seconds
+        return (own, sentence) if own < self._end else total
 
 
-def _printable(text: str) -> str:
-    """Untrusted text from the jail, made safe for a terminal and a one-line message."""
-    cleaned = "".join(ch if ch.isprintable() else " " for ch in text).strip()
-    return cleaned if len(cleaned) <= MESSAGE_CAP_CHARS else cleaned[:MESSAGE_CAP_CHARS] + "..."
+class _Stream:
+    """One model server: requests out, checked replies back, every read and write under a deadline."""
 
-
-def _last_line(log: str) -> str:
-    lines = [line for line in log.splitlines() if line.strip()]
-    return _printable(lines[-1]) if lines else "(no output)"
-
-
-class _ModelServer:
-    """One running model server: token batches out, validated logits back, under the deadline."""
-
-    def __init__(self, jailed, *, role: str, vocab_size: int, deadline: _Deadline, memory_bytes: int,
-                 dtype_name: str | None):
+    def __init__(self, jailed, vocab_size: int, memory_bytes: int):
         self._jailed = jailed
-        self._role = role
         self._vocab_size = vocab_size
-        self._deadline = deadline
         self._memory_bytes = memory_bytes
         self._requests = jailed.stdin.fileno()
         self._replies = jailed.stdout.fileno()
         os.set_blocking(self._requests, False)
-        self._pending = bytearray()
-        self.dtype_name = dtype_name
+        # One step's logits (rows x vocab x 4 bytes, 512 KiB on the CPU track) in as few pipe
+        # round trips as the host allows: each 64 KiB default buffer costs two context switches.
+        for fd in (self._requests, self._replies):
+            try:
+                fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+            except OSError:  # above /proc/sys/fs/pipe-max-size for an unprivileged evaluator
+                pass
+        self.dtype_name: str | None = None
 
-    def wait_ready(self) -> None:
-        phase = f"loading the model for the {self._role}"
-        header = self._read_header(phase)
-        if header["event"] == "error":
-            raise InvalidModel(f"the model server could not load the model: {_printable(str(header.get('message')))}")
-        if header["event"] != "ready":
-            raise InvalidModel(f"the model server sent {header['event']!r} ({phase}), expected 'ready'")
-
-    def forward(self, rows: Sequence[list[int]], pad_id: int, phase: str) -> torch.Tensor:
-        """Logits [B, T, vocab] in the model's dtype for `rows` right-padded to T = the longest."""
-        batch, length = len(rows), max(len(row) for row in rows)
-        tokens = array("q")
-        for row in rows:
-            tokens.extend(row)
-            tokens.extend([pad_id] * (length - len(row)))
-        self._write(REQUEST_HEADER.pack(batch, length) + tokens.tobytes(), phase)
-
-        header = self._read_header(phase)
-        if header["event"] == "error":
-            raise InvalidModel(f"the model's forward raised {_printable(str(header.get('message')))} ({phase})")
-        if header["event"] != "logits":
-            raise InvalidModel(f"the model server sent {header['event']!r} ({phase}), expected 'logits'")
-        expected = [batch, length, self._vocab_size]
-        shape, dtype_name, nbytes = header.get("shape"), header.get("dtype"), header.get("nbytes")
-        if not (isinstance(shape, list) and all(isinstance(n, int) and not isinstance(n, bool) for n in shape)):
-            raise InvalidModel(f"the model server sent a malformed shape {_printable(repr(shape))} ({phase})")
-        if shape != expected:
-            problem = "wrong shape"
-            if len(shape) == 3 and shape[:2] == expected[:2]:
-                problem = f"wrong vocabulary size {shape[2]}, the tokenizer's is {self._vocab_size}"
-            raise InvalidModel(
-                f"the model returned logits of shape {_printable(str(tuple(shape)))} for tokens of shape "
-                f"{(batch, length)}: "
-                f"{problem}, expected {tuple(expected)} ({phase})"
-            )
-        if dtype_name not in LOGIT_DTYPES:
-            raise InvalidModel(
-                f"the model returned logits of dtype {_printable(str(dtype_name))}, expected one of "
-                f"{', '.join(LOGIT_DTYPES)} ({phase})"
-            )
-        if self.dtype_name is None:
-            self.dtype_name = dtype_name
-        elif dtype_name != self.dtype_name:
-            raise InvalidModel(
-                f"the model returned {dtype_name} logits after {self.dtype_name} ones: the dtype must not "
-                f"change ({phase})"
-            )
-        dtype = LOGIT_DTYPES[dtype_name]
-        expected_bytes = batch * length * self._vocab_size * dtype.itemsize
-        if nbytes != expected_bytes:
-            raise InvalidModel(
-                f"the model server announced {_printable(repr(nbytes))} bytes for {dtype_name} logits of shape "
-                f"{tuple(shape)}, expected {expected_bytes} ({phase})"
-            )
-        payload = bytearray(expected_bytes)
-        self._read_into(memoryview(payload), phase)
-        return torch.frombuffer(payload, dtype=dtype).view(batch, length, self._vocab_size)
-
-    def _write(self, data: bytes, phase: str) -> None:
+    def send(self, op: int, values: Sequence[int], deadline: tuple[float, str]) -> None:
+        data = REQUEST_HEADER.pack(op, len(values)) + struct.pack(f"<{len(values)}q", *values)
         view = memoryview(data)
         while view:
-            remaining = self._deadline.remaining()
-            if remaining <= 0:
-                raise self._deadline.exceeded(phase)
-            _, writable, _ = select.select([], [self._requests], [], remaining)
+            _, writable, _ = select.select([], [self._requests], [], self._left(deadline))
             if not writable:
                 continue
             try:
-                written = os.write(self._requests, view)
+                view = view[os.write(self._requests, view):]
             except BlockingIOError:
                 continue
             except BrokenPipeError:
-                raise self._gone(phase) from None
-            view = view[written:]
+                raise self._ended() from None
 
-    def _wait_readable(self, phase: str) -> None:
-        while True:
-            remaining = self._deadline.remaining()
-            if remaining <= 0:
-                raise self._deadline.exceeded(phase)
-            readable, _, _ = select.select([self._replies], [], [], remaining)
-            if readable:
-                return
+    def expect(self, kind: int, deadline: tuple[float, str]) -> None:
+        got, code, _, _ = self._header(deadline)
+        if got != kind:
+            raise self._unexpected(got, code)
 
-    def _read_header(self, phase: str) -> dict:
-        while b"\n" not in self._pending[:REPLY_HEADER_CAP_BYTES]:
-            if len(self._pending) >= REPLY_HEADER_CAP_BYTES:
-                raise InvalidModel(
-                    f"the model server sent a reply header over {REPLY_HEADER_CAP_BYTES} bytes ({phase})"
-                )
-            self._wait_readable(phase)
-            chunk = os.read(self._replies, REPLY_HEADER_CAP_BYTES)
-            if not chunk:
-                raise self._gone(phase)
-            self._pending += chunk
-        line, _, rest = bytes(self._pending).partition(b"\n")
-        self._pending = bytearray(rest)
-        try:
-            header = json.loads(line)
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-            header = None
-        if not isinstance(header, dict) or header.get("event") not in ("ready", "logits", "error"):
-            raise InvalidModel(
-                f"the model server sent a malformed reply header {_printable(repr(line[:200]))} ({phase})"
-            )
-        return header
+    def logits(self, rows: int, deadline: tuple[float, str]) -> torch.Tensor:
+        """The next reply as float32 logits [rows, vocab], checked."""
+        got, code, got_rows, vocab = self._header(deadline)
+        if got != LOGITS:
+            raise self._unexpected(got, code)
+        if code >= len(LOGIT_DTYPES):
+            raise InvalidModel(Refusal.BAD_OUTPUT)
+        if (got_rows, vocab) != (rows, self._vocab_size):
+            raise InvalidModel(Refusal.BAD_SHAPE)
+        dtype_name = LOGIT_DTYPES[code]
+        if self.dtype_name is None:
+            self.dtype_name = dtype_name
+        elif dtype_name != self.dtype_name:
+            raise InvalidModel(Refusal.DTYPE_CHANGED)
+        dtype = TORCH_DTYPES[dtype_name]
+        payload = bytearray(rows * vocab * dtype.itemsize)
+        self._read_into(memoryview(payload), deadline)
+        logits = torch.frombuffer(payload, dtype=dtype).view(rows, vocab).float()
+        if not torch.isfinite(logits).all():
+            raise InvalidModel(Refusal.NON_FINITE)
+        return logits
 
-    def _read_into(self, view: memoryview, phase: str) -> None:
-        from_pending = min(len(self._pending), len(view))
-        view[:from_pending] = self._pending[:from_pending]
-        del self._pending[:from_pending]
-        filled = from_pending
+    def _header(self, deadline) -> tuple[int, int, int, int]:
+        raw = bytearray(REPLY_HEADER.size)
+        self._read_into(memoryview(raw), deadline)
+        return REPLY_HEADER.unpack(raw)
+
+    def _read_into(self, view: memoryview, deadline) -> None:
+        filled = 0
         while filled < len(view):
-            self._wait_readable(phase)
+            readable, _, _ = select.select([self._replies], [], [], self._left(deadline))
+            if not readable:
+                continue
             count = os.readv(self._replies, [view[filled:]])
             if count == 0:
-                raise self._gone(phase)
+                raise self._ended()
             filled += count
 
-    def _gone(self, phase: str) -> InvalidModel:
-        """Why the server stopped answering, as an InvalidModel (the sandbox's own failure raises)."""
-        ended = self._jailed.wait(timeout=max(0.0, min(EXIT_GRACE_S, self._deadline.remaining()))) is not None
-        self._jailed.close()  # reaps whatever is left and collects the rest of its stderr
-        last_message = _last_line(self._jailed.log_tail())
-        if not ended:
-            return InvalidModel(f"the model server closed its output ({phase}); last message: {last_message}")
+    @staticmethod
+    def _left(deadline: tuple[float, str]) -> float:
+        left = deadline[0] - time.monotonic()
+        if left <= 0:
+            raise InvalidModel(deadline[1])
+        return left
+
+    def _unexpected(self, kind: int, code: int) -> Exception:
+        if kind == ERROR:
+            sentence = {
+                LOAD_ERROR: Refusal.LOAD_FAILED, OUTPUT_ERROR: Refusal.BAD_OUTPUT, PROCESSES_ERROR: Refusal.PROCESSES,
+            }.get(code, Refusal.STEP_FAILED)
+            return InvalidModel(sentence)
+        if kind == ENDED:
+            return self._ended()
+        return InvalidModel(Refusal.PROTOCOL)
+
+    def _ended(self) -> Exception:
+        """Why the batch process or the server stopped answering: the sandbox's account first."""
+        self._jailed.close()
         outcome = self._jailed.outcome()
-        if outcome.reason == "time_limit":
-            return self._deadline.exceeded(phase)
         if outcome.reason == "sandbox_error":
-            raise SandboxUnavailable(f"the scoring sandbox failed ({phase}): {outcome.detail}")
-        how = {
-            "oom": f"ran out of memory (limit {self._memory_bytes / 2**20:g} MiB)",
-            "pids_limit": "hit the sandbox's process and thread limit",
-            "signaled": f"was killed by signal {outcome.signal}",
-            "exited": f"exited with code {outcome.returncode}",
-        }[outcome.reason]
-        return InvalidModel(f"the model server {how} ({phase}); last message: {last_message}")
+            return SandboxUnavailable(f"the scoring sandbox failed: {outcome.detail}")
+        if outcome.reason == "oom":
+            return InvalidModel(Refusal.OUT_OF_MEMORY.format(memory_mib=self._memory_bytes / 2**20))
+        if outcome.reason == "pids_limit":
+            return InvalidModel(Refusal.PIDS_LIMIT)
+        return InvalidModel(Refusal.ENDED)
 
 
 def _windows(document: Document, eos_id: int, seq_len: int) -> list[_Window]:
     tokens = list(document.tokens)
     inputs = [eos_id] + tokens[:-1]
     return [
-        _Window(document.doc_id, start, inputs[start : start + seq_len], tokens[start : start + seq_len])
+        _Window(document.doc_id, inputs[start : start + seq_len], tokens[start : start + seq_len])
         for start in range(0, len(tokens), seq_len)
     ]
 
@@ -325,63 +288,55 @@ def _check_documents(documents: Sequence[Document], vocab_size: int, eos_id: int
         raise ValueError("the validation documents have no tokens")
 
 
-def _draw_cuts(windows: list[_Window], documents: list[Document], eos_id: int, count: int,
-               rng: random.Random) -> list[_Cut]:
-    """`count` cut points, each with a suffix from another document; `windows` and `documents` sorted."""
-    if count == 0:
-        return []
-    eligible = [window for window in windows if len(window.inputs) >= 2]
-    if len(documents) < 2 or not eligible:
-        raise ValueError("the causality audit needs two validation documents and one of at least two tokens")
-    cuts = []
-    for _ in range(count):
-        window = rng.choice(eligible)
-        cut = rng.randrange(len(window.inputs) - 1)
-        length = len(window.inputs) - cut - 1
-        others = [document for document in documents if document.doc_id != window.doc_id]
-        for _ in range(DONOR_ATTEMPTS):
-            stream = [eos_id] + list(rng.choice(others).tokens)
-            offset = rng.randrange(len(stream))
-            suffix = [stream[(offset + i) % len(stream)] for i in range(length)]
-            # A model that reads only the next token is caught only if that token changes.
-            if suffix[0] != window.inputs[cut + 1]:
-                break
-        cuts.append(_Cut(window, cut, suffix))
-    return sorted(cuts, key=lambda cut: cut.order)
+def compose(windows: list[_Window], batch_size: int, rng: random.Random) -> list[list[_Window]]:
+    """A secret composition: which windows share a batch, in what order, and the batches' order.
+
+    Documents are shuffled and their windows dealt round-robin over the batches, so two windows of
+    one document never share a batch (there are at least as many batches as a document has windows).
+    """
+    by_document: dict[str, list[_Window]] = {}
+    for window in windows:
+        by_document.setdefault(window.doc_id, []).append(window)
+    order = list(by_document)
+    rng.shuffle(order)
+    count = max(math.ceil(len(windows) / batch_size), max(len(ws) for ws in by_document.values()))
+    batches: list[list[_Window]] = [[] for _ in range(count)]
+    dealt = [window for doc_id in order for window in by_document[doc_id]]
+    for index, window in enumerate(dealt):
+        batches[index % count].append(window)
+    for batch in batches:
+        rng.shuffle(batch)
+    rng.shuffle(batches)
+    return [batch for batch in batches if batch]
 
 
-def _server_spec(*, name: str, workdir: Path, model_path: Path, submission_dir: Path, device: str,
-                 threads: int, time_limit_s: float, memory_bytes: int, pids: int) -> JailSpec:
-    argv = [
-        # -P: the working directory (the submission) must not shadow `evaluator` on sys.path.
-        sys.executable, "-P", "-B", "-m", "evaluator.model_server",
-        "--model", str(model_path), "--submission", str(submission_dir),
-        "--device", device, "--threads", str(threads),
-    ]
-    env = {
-        "PATH": "/usr/local/bin:/usr/bin:/bin",
-        "HOME": "/tmp",
-        "OMP_NUM_THREADS": str(threads),
-        "MKL_NUM_THREADS": str(threads),
-        "PYTHONPATH": str(EVALUATOR_PACKAGE_DIR.parent),
-    }
-    return JailSpec(
-        name=name,
-        argv=argv,
-        workdir=workdir,
-        cwd=submission_dir,
-        env=env,
-        ro_paths=[model_path, submission_dir, EVALUATOR_PACKAGE_DIR],
-        rw_paths=[],
-        tmpfs={},
-        memory_bytes=memory_bytes,
-        pids=pids,
-        time_limit_s=time_limit_s,
-        log_path=workdir / "server.log",
-        log_cap_bytes=SERVER_LOG_CAP_BYTES,
-        gpu_index=int(device.partition(":")[2] or 0) if device.startswith("cuda") else None,
-        cpus=threads,  # a model can only slow its own scoring down, never the host's other jails
-    )
+def _stream_batch(stream: _Stream, batch: list[_Window], deadlines: _Deadlines,
+                  advance: Callable[[int], None]) -> list[list[float]]:
+    """Per-row token losses (nats) of one batch, streamed position by position."""
+    limits = deadlines.limits
+    stream.send(OPEN, [len(batch)], deadlines.until(None, ""))
+    stream.expect(READY, deadlines.until(limits.load_s, Refusal.LOAD_TIMEOUT.format(seconds=limits.load_s)))
+    step_timeout = Refusal.STEP_TIMEOUT.format(seconds=limits.step_s)
+    nats: list[list[float]] = [[] for _ in batch]
+    live = list(range(len(batch)))
+    position = 0
+    while live:
+        stream.send(STEP, [batch[row].inputs[position] for row in live], deadlines.until(None, ""))
+        logits = stream.logits(len(live), deadlines.until(limits.step_s, step_timeout))
+        targets = torch.tensor([batch[row].targets[position] for row in live])
+        token_nats = -torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).squeeze(1)
+        for row, value in zip(live, token_nats.tolist()):
+            nats[row].append(value)
+        advance(len(live))
+        position += 1
+        going_on = [index for index, row in enumerate(live) if position < len(batch[row].inputs)]
+        if len(going_on) < len(live):
+            live = [live[index] for index in going_on]
+            if live:
+                stream.send(KEEP, going_on, deadlines.until(None, ""))
+    stream.send(CLOSE, [], deadlines.until(None, ""))
+    stream.expect(CLOSED, deadlines.until(CLOSE_S, Refusal.PROTOCOL))
+    return nats
 
 
 @contextmanager
@@ -399,134 +354,141 @@ def _progress(description: str, total: int) -> Iterator[Callable[[int], None]]:
         yield lambda advance: progress.advance(task, advance)
 
 
-def _first_non_finite(logits: torch.Tensor, batch: list[_Window]) -> tuple[_Window, int] | None:
-    bad = ~torch.isfinite(logits).all(dim=-1)
-    for row, window in enumerate(batch):
-        positions = bad[row, : len(window.targets)].nonzero()
-        if len(positions):
-            return window, int(positions[0])
-    return None
+def _server_spec(*, name: str, workdir: Path, image: Path | None, model_path: Path, submission_dir: Path,
+                 device: str, threads: int, time_limit_s: float, memory_bytes: int, pids: int,
+                 log_path: Path | None) -> JailSpec:
+    argv = [
+        # -P: the working directory (the submission) must not shadow `evaluator` on sys.path.
+        sys.executable, "-P", "-B", "-m", "evaluator.model_server",
+        "--model", str(model_path), "--submission", str(submission_dir),
+        "--device", device, "--threads", str(threads),
+    ]
+    env = {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "HOME": "/nonexistent",
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+        "PYTHONPATH": str(EVALUATOR_PACKAGE_DIR.parent),
+        # Nothing is writable in a sealed jail: CUDA must not try to keep a JIT cache there.
+        "CUDA_CACHE_DISABLE": "1",
+    }
+    return JailSpec(
+        name=name,
+        argv=argv,
+        workdir=workdir,
+        cwd=submission_dir,
+        env=env,
+        # Without an image (--sandbox none) nothing is mounted anyway: the paths are the host's.
+        ro_paths=[],
+        rw_paths=[],
+        tmpfs={},
+        memory_bytes=memory_bytes,
+        pids=pids,
+        time_limit_s=time_limit_s,
+        log_path=log_path or workdir / "server.log",
+        log_cap_bytes=1 << 20 if log_path else 0,
+        gpu_index=int(device.partition(":")[2] or 0) if device.startswith("cuda") else None,
+        cpus=threads,  # a model can only slow its own scoring down, never the host's other jails
+        sealed_image=image,
+    )
 
 
-def _main_pass(server: _ModelServer, windows: list[_Window], cuts: list[_Cut], batch_size: int, eos_id: int,
-               ) -> tuple[dict[str, list[float]], list[torch.Tensor]]:
-    """Per-document token losses, and the main pass's logits up to each cut (aligned with `cuts`)."""
-    token_nats: dict[str, list[float]] = {}
-    kept: list[torch.Tensor | None] = [None] * len(cuts)
-    cuts_by_window: dict[tuple[str, int], list[int]] = {}
-    for index, cut in enumerate(cuts):
-        cuts_by_window.setdefault((cut.window.doc_id, cut.window.start), []).append(index)
-    batches = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
-    with _progress("scoring", sum(len(window.targets) for window in windows)) as advance:
-        for number, batch in enumerate(batches, 1):
-            phase = f"main pass, batch {number}/{len(batches)}"
-            logits = server.forward([window.inputs for window in batch], eos_id, phase)
-            non_finite = _first_non_finite(logits, batch)
-            if non_finite:
-                window, offset = non_finite
-                raise InvalidModel(
-                    f"non-finite logits for document {window.doc_id!r} at position {window.start + offset}"
-                )
-            targets = torch.full(logits.shape[:2], eos_id, dtype=torch.int64)
-            for row, window in enumerate(batch):
-                targets[row, : len(window.targets)] = torch.tensor(window.targets, dtype=torch.int64)
-            log_probs = torch.log_softmax(logits.float(), dim=-1)
-            nats = -log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-            for row, window in enumerate(batch):
-                token_nats.setdefault(window.doc_id, []).extend(nats[row, : len(window.targets)].tolist())
-                for index in cuts_by_window.get((window.doc_id, window.start), []):
-                    kept[index] = logits[row, : cuts[index].cut + 1].clone()
-                advance(len(window.targets))
-    return token_nats, kept
+def _document_nats(composition: list[list[_Window]], per_row: list[list[list[float]]]) -> dict[str, float]:
+    """Each document's total nats (math.fsum: exactly rounded, so independent of order)."""
+    tokens: dict[str, list[float]] = {}
+    for batch, rows in zip(composition, per_row):
+        for window, nats in zip(batch, rows):
+            tokens.setdefault(window.doc_id, []).extend(nats)
+    return {doc_id: math.fsum(values) for doc_id, values in tokens.items()}
 
 
-def _audit(server: _ModelServer, cuts: list[_Cut], kept: list[torch.Tensor], batch_size: int,
-           eos_id: int) -> AuditReport:
-    scale = max(1.0, max(float(logits.double().abs().max()) for logits in kept))
-    tolerance = AUDIT_RELATIVE_TOLERANCE[server.dtype_name] * scale
-    max_abs_diff = 0.0
-    failures: list[tuple[_Cut, int, float]] = []
-    starts = range(0, len(cuts), batch_size)
-    for number, first in enumerate(starts, 1):
-        batch = cuts[first : first + batch_size]
-        logits = server.forward([cut.inputs for cut in batch], eos_id, f"causality audit, batch {number}/{len(starts)}")
-        for row, cut in enumerate(batch):
-            diff = (logits[row, : cut.cut + 1].double() - kept[first + row].double()).abs().amax(dim=-1)
-            # `not <=` so that a NaN difference fails too.
-            offending = (~(diff <= tolerance)).nonzero()
-            if len(offending):
-                position = int(offending[0])
-                failures.append((cut, position, float(diff[position])))
-            else:
-                max_abs_diff = max(max_abs_diff, float(diff.max()))
-    if failures:
-        cut, position, difference = failures[0]
-        raise InvalidModel(
-            f"causality audit failed: document {cut.window.doc_id!r}, position {cut.window.start + position}: "
-            f"its logits changed by {difference:.3g} (tolerance {tolerance:.3g}) when the tokens after position "
-            f"{cut.window.start + cut.cut} were replaced, so the model reads later tokens "
-            f"({len(failures)} of {len(cuts)} cuts failed)"
-        )
-    return AuditReport(cuts=len(cuts), passed=True, max_abs_diff=max_abs_diff, tolerance=tolerance)
+def check_consistency(passes: list[dict[str, float]], val_tokens: int, tolerance: float) -> None:
+    """Raises InvalidModel when two passes' per-document nats disagree beyond the tolerance."""
+    first, second = passes
+    differences = [first[doc_id] - second[doc_id] for doc_id in first]
+    # `not <=`, so that a NaN fails too.
+    worst_ok = all(abs(difference) <= tolerance for difference in differences)
+    mean_ok = abs(math.fsum(differences)) / val_tokens <= tolerance * MEAN_SHARE_OF_TOLERANCE
+    if not (worst_ok and mean_ok):
+        raise InvalidModel(Refusal.INCONSISTENT.format(tolerance=tolerance))
 
 
-@contextmanager
-def _serving(sandbox, spec: JailSpec, **server_options) -> Iterator[_ModelServer]:
-    with sandbox.start(spec) as jailed:
-        server = _ModelServer(jailed, **server_options)
-        server.wait_ready()
-        yield server
+def _score_passes(sandbox, compositions: list[list[list[_Window]]], deadlines: _Deadlines, *, name: str,
+                  model_path: Path, submission_dir: Path, vocab_size: int, device: str, threads: int,
+                  memory_bytes: int, pids: int, debug_log_dir: Path | None) -> list[dict[str, float]]:
+    """Each composition streamed in a jail of its own: per pass, each document's total nats."""
+    in_jail = [EVALUATOR_PACKAGE_DIR / module for module in IN_JAIL_MODULES] + [submission_dir, model_path]
+    passes: list[dict[str, float]] = []
+    total_tokens = sum(len(window.targets) for batch in compositions[0] for window in batch)
+    # The servers' nsjail config and log never enter the run directory: the log holds their exit
+    # status, a number the model chooses.
+    with (
+        tempfile.TemporaryDirectory(prefix="speedrun-scoring-") as scratch,
+        sandbox.memory_image(in_jail, gpu=device.startswith("cuda")) as image,
+        _progress("scoring", len(compositions) * total_tokens) as advance,
+    ):
+        for number, composition in enumerate(compositions, 1):
+            workdir = Path(scratch) / f"pass-{number}"
+            spec = _server_spec(
+                name=f"{name}-{number}", workdir=workdir, image=image, model_path=model_path,
+                submission_dir=submission_dir, device=device, threads=threads,
+                time_limit_s=SERVER_START_S + max(deadlines.remaining(), 0) + SANDBOX_BACKSTOP_S,
+                memory_bytes=memory_bytes, pids=pids,
+                log_path=debug_log_dir / f"scoring-pass-{number}.log" if debug_log_dir else None,
+            )
+            with sandbox.start(spec) as jailed:
+                stream = _Stream(jailed, vocab_size, memory_bytes)
+                try:
+                    stream.expect(STARTED, (time.monotonic() + SERVER_START_S, "the model server did not start"))
+                except InvalidModel as exc:  # nothing of the model has run yet: this is ours
+                    raise SandboxUnavailable(f"the scoring server did not start: {exc}") from None
+                per_row = [_stream_batch(stream, batch, deadlines, advance) for batch in composition]
+            passes.append(_document_nats(composition, per_row))
+    return passes
 
 
-def score_model(*, sandbox, workdir: Path, name: str, model_path: Path, submission_dir: Path,
-                documents: Sequence[Document], vocab_size: int, eos_id: int, seq_len: int, batch_size: int,
-                device: str, threads: int, time_limit_s: float, memory_bytes: int, pids: int,
-                audit_cuts: int, secret_seed: int | None = None) -> ScoreReport:
+def score_model(*, sandbox, name: str, model_path: Path, submission_dir: Path, documents: Sequence[Document],
+                vocab_size: int, eos_id: int, seq_len: int, batch_size: int, device: str, threads: int,
+                limits: ScoringLimits, memory_bytes: int, pids: int, debug_log_dir: Path | None = None,
+                secret_seed: int | None = None) -> ScoreReport:
     """Scores the saved model at `model_path` on `documents` (see the module docstring for the rules).
 
-    Raises InvalidModel when the model cannot be scored or fails the causality audit, and
+    Raises InvalidModel (with one of the Refusal sentences) when the model cannot be scored, and
     SandboxUnavailable when the sandbox itself fails (the evaluator's fault, not the model's).
+    `debug_log_dir`: keep the servers' stderr there (for the operator; never for a private split).
     """
     started = time.monotonic()
     _check_documents(documents, vocab_size, eos_id)
     ordered = sorted(documents, key=lambda document: document.doc_id)
-    windows = sorted(
-        (window for document in ordered for window in _windows(document, eos_id, seq_len)),
-        key=lambda window: (-len(window.inputs), window.doc_id, window.start),
-    )
-    seed = secret_seed if secret_seed is not None else int.from_bytes(os.urandom(32), "big")
-    cuts = _draw_cuts(sorted(windows, key=lambda window: (window.doc_id, window.start)), ordered, eos_id,
-                      audit_cuts, random.Random(seed))
+    windows = [window for document in ordered for window in _windows(document, eos_id, seq_len)]
+    rng = random.Random(secret_seed if secret_seed is not None else int.from_bytes(os.urandom(32), "big"))
+    compositions = [compose(windows, batch_size, rng) for _ in range(PASSES)]
+    deadlines = _Deadlines(limits)
+    model_path, submission_dir = Path(model_path), Path(submission_dir)
 
-    deadline = _Deadline(time_limit_s)
-    options = dict(vocab_size=vocab_size, deadline=deadline, memory_bytes=memory_bytes)
-    spec_options = dict(model_path=Path(model_path), submission_dir=Path(submission_dir), device=device,
-                        threads=threads, memory_bytes=memory_bytes, pids=pids)
+    previous_threads = torch.get_num_threads()
+    # The host's share of a step is a few small tensor operations: more threads would only spin
+    # against the server's threads for the same cores.
+    torch.set_num_threads(1)
+    try:
+        passes = _score_passes(
+            sandbox, compositions, deadlines, name=name, model_path=model_path, submission_dir=submission_dir,
+            vocab_size=vocab_size, device=device, threads=threads, memory_bytes=memory_bytes, pids=pids,
+            debug_log_dir=debug_log_dir,
+        )
+    finally:
+        torch.set_num_threads(previous_threads)
 
-    main_spec = _server_spec(name=f"{name}-main", workdir=Path(workdir) / "main",
-                             time_limit_s=deadline.remaining() + SANDBOX_BACKSTOP_S, **spec_options)
-    with _serving(sandbox, main_spec, role="main pass", dtype_name=None, **options) as server:
-        token_nats, kept = _main_pass(server, windows, cuts, batch_size, eos_id)
-        dtype_name = server.dtype_name
-
-    if cuts:
-        audit_spec = _server_spec(name=f"{name}-audit", workdir=Path(workdir) / "audit",
-                                  time_limit_s=max(deadline.remaining(), 0) + SANDBOX_BACKSTOP_S, **spec_options)
-        with _serving(sandbox, audit_spec, role="causality audit", dtype_name=dtype_name, **options) as server:
-            audit = _audit(server, cuts, kept, batch_size, eos_id)
-    else:
-        audit = AuditReport(cuts=0, passed=True, max_abs_diff=0.0, tolerance=0.0)
-
-    document_nats = [math.fsum(token_nats.get(document.doc_id, [])) for document in ordered]
-    total_nats = math.fsum(document_nats)
     val_tokens = sum(len(document.tokens) for document in ordered)
+    check_consistency(passes, val_tokens, limits.consistency_nats)
+    total_nats = math.fsum(math.fsum(p.get(document.doc_id, 0.0) for p in passes) / PASSES for document in ordered)
     val_bytes = sum(document.n_bytes for document in ordered)
     return ScoreReport(
-        val_loss=total_nats / val_tokens,
-        val_bpb=total_nats / math.log(2) / val_bytes,
+        val_loss=round(total_nats / val_tokens, SCORE_DECIMALS),
+        val_bpb=round(total_nats / math.log(2) / val_bytes, SCORE_DECIMALS),
         val_tokens=val_tokens,
         val_bytes=val_bytes,
         val_documents=len(ordered),
-        audit=audit,
-        seconds=time.monotonic() - started,
+        passes=PASSES,
+        seconds=round(time.monotonic() - started),
     )

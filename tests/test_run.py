@@ -40,8 +40,9 @@ def test_ok_run_is_scored_recorded_and_cleaned_up(tmp_path, runs_dir, capsys):
     assert code == 0, record["message"]
     assert record["status"] == "ok"
     # Zero head: uniform logits, so the evaluator's own scoring must give exactly ln(vocab).
-    assert record["metrics"]["val_loss"] == pytest.approx(math.log(8192), abs=1e-5)
-    assert record["audit"]["passed"] is True
+    assert record["metrics"]["val_loss"] == round(math.log(8192), 4)
+    assert record["scoring"] == {"protocol": "streamed", "passes": 2, "consistency_nats": 1e-3}
+    assert isinstance(record["scoring_seconds"], int)
     assert 0 < record["train"]["train_seconds"] <= 5
     assert record["environment"]["sandbox"]["kind"] == "nsjail"
     assert record["official"] is False and "budget overridden" in record["unofficial_reasons"][0]
@@ -101,6 +102,51 @@ def test_returning_something_else_than_a_module_is_a_crash(tmp_path, runs_dir, c
     code, record = run_cli(folder, runs_dir, "--budget", "5", "--sandbox", "nsjail", capsys=capsys)
     assert record["status"] == "crashed"
     assert "returned dict, not a torch.nn.Module" in record["message"]
+
+
+# Writes hostile lines straight into the harness's protocol pipe (a write-only pipe other than
+# stdout and stderr), then returns a model as usual: the evaluator must shrug them off.
+FORGES_PROTOCOL_LINES = """
+import fcntl, json, os, stat
+
+def train(ctx):
+    lines = [
+        "[" * 30000 + "]" * 30000,
+        json.dumps({"event": "log", "step": 2**64, "metrics": {"loss": 1.0}}),
+        '{"event": "log", "step": 3, "metrics": {"loss": 1' + "0" * 5000 + '}}',
+        '{"event": "start", "phases": {"import_s": 1' + "0" * 5000 + '}}',
+        json.dumps({"event": "log", "step": 4, "metrics": {"loss": 2.0}}),
+    ]
+    for fd in map(int, os.listdir("/proc/self/fd")):
+        is_pipe = fd > 2 and stat.S_ISFIFO(os.fstat(fd).st_mode)
+        if is_pipe and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_WRONLY:
+            os.write(fd, ("\\n".join(lines) + "\\n").encode())
+    ctx.log(5, loss=3.0)
+    return TinyCausal(ctx.vocab_size)
+"""
+
+
+def test_hostile_protocol_lines_are_ignored(tmp_path, runs_dir, capsys):
+    folder = write_submission(tmp_path, "forges-protocol", FORGES_PROTOCOL_LINES)
+    code, record = run_cli(folder, runs_dir, "--budget", "5", "--sandbox", "nsjail", capsys=capsys)
+    assert (code, record["status"]) == (0, "ok"), record["message"]
+    metrics = pq.read_table(runs_dir / record["run_id"] / "metrics.parquet").to_pylist()
+    assert [(m["step"], m["value"]) for m in metrics] == [(4, 2.0), (5, 3.0)]
+
+
+@pytest.mark.parametrize(
+    ("call", "expected"),
+    [("ctx.log(2**64, loss=1.0)", "ctx.log: step 18446744073709551616 does not fit in int64"),
+     ("ctx.log(1, loss=10**400)", "ctx.log: loss must be a number that fits in float64"),
+     ("ctx.log(1.5, loss=1.0)", "ctx.log: step must be an integer, not float")],
+    ids=["step-beyond-int64", "value-beyond-float64", "float-step"],
+)
+def test_ctx_log_refuses_what_metrics_parquet_cannot_hold(tmp_path, runs_dir, capsys, call, expected):
+    folder = write_submission(tmp_path, "logs-badly", f"def train(ctx):\n    {call}\n    return TinyCausal(ctx.vocab_size)\n")
+    code, record = run_cli(folder, runs_dir, "--budget", "5", "--sandbox", "nsjail", capsys=capsys)
+    assert (code, record["status"]) == (1, "crashed")
+    assert f"ValueError: {expected}" in record["message"]
+    assert (runs_dir / record["run_id"] / "result.json").is_file()
 
 
 @pytest.fixture

@@ -221,7 +221,7 @@ def test_floods_of_output_are_capped_and_a_daemon_dies_with_the_run(confirmed_ja
     code, record = run_cli(folder, runs_dir, "--budget", "40", "--sandbox", "nsjail", capsys=capsys)
     assert time.monotonic() - began < 40 + STARTUP_SLACK_S
     assert (code, record["status"]) == (0, "ok"), record["message"]
-    assert record["metrics"]["val_loss"] == pytest.approx(math.log(8192), abs=1e-5)
+    assert record["metrics"]["val_loss"] == round(math.log(8192), 4)
     run_dir = runs_dir / record["run_id"]
     log = run_dir / "train.log"
     assert log.read_bytes().startswith(b"DAEMON STARTED\n")
