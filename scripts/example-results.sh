@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Re-run the committed example results and publish them with the demo key (developers' guide: a
+# change to a track file, the result schema or a committed submission invalidates them).
+#
+#   make results    # on a quiet machine: 3 seeds x 3 submissions on cpu-1min, ~15 min
+#
+# Every run must be `ok` and unsandboxed runs are refused (the demo results are nsjail runs on the
+# track's budget). The old envelopes of these submissions are replaced, then the leaderboards are
+# rendered again from what verifies.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+evaluator=.venv/bin/evaluator
+key=results/demo-key/demo-not-secret.key
+# The run directories stay (results/runs/ is not committed): their model.pt files are what a later
+# comparison of scoring code needs.
+runs=results/runs/examples-$(date -u +%Y%m%dT%H%M%SZ)
+mkdir -p "$runs"
+
+for submission in reference submissions/template submissions/seed-moe; do
+  echo "== $submission: 3 seeds on cpu-1min" >&2
+  "$evaluator" run "$submission" --track cpu-1min --seeds 3 --sandbox nsjail --out "$runs" >&2
+done
+rm -rf results/cpu-1min/reference results/cpu-1min/template results/cpu-1min/seed-moe
+for run_dir in "$runs"/*/; do
+  "$evaluator" publish "$run_dir" --key "$key"
+done
+"$evaluator" verify
+"$evaluator" leaderboard --format markdown --out results/LEADERBOARD.md
+"$evaluator" leaderboard --format html --out results/leaderboard.html
