@@ -39,6 +39,7 @@ from evaluator.fsutil import tree_sha256
 from evaluator.harness import MODEL_FILE
 from evaluator.paths import REPO_ROOT, RESULTS_DIR
 from evaluator.results import EXIT_CODES, RESULT_FILE, result_problems, write_result
+from evaluator.sandbox import SandboxUnavailable, open_sandbox
 from evaluator.tracks import Track, load_track
 
 INSTALL_HINT = "pip install -e '.[cluster]'"
@@ -602,6 +603,37 @@ def _summary(console: Console, runs: list[Run], invalid: list[tuple[Path, int]])
     console.print(table)
 
 
+SANDBOX_CHOICES = ("nsjail", "none")
+
+
+def _sandbox_choice(value: str) -> str:
+    """--sandbox: nsjail or an explicit none. `evaluator run`'s auto is not offered: on a cluster it
+    would run submissions unsandboxed, as root, on every node where nsjail fails, next to the Ray
+    token and the other runs."""
+    if value in SANDBOX_CHOICES:
+        return value
+    if value == "auto":
+        raise argparse.ArgumentTypeError(
+            "auto is not offered by batch: it would run submissions unsandboxed, as root, wherever nsjail "
+            "fails on a node; use nsjail (the default), or --sandbox none for an unofficial batch"
+        )
+    raise argparse.ArgumentTypeError(f"invalid choice: {value!r} (choose from nsjail, none)")
+
+
+def _refuse_without_nsjail(sandbox_choice: str, ray_address: str | None) -> None:
+    """With a local Ray instance every run is on this machine: no nsjail here, no batch. (On a cluster
+    each node's `evaluator run --sandbox nsjail` refuses by itself, as sandbox_error.)"""
+    if sandbox_choice != "nsjail" or ray_address is not None:
+        return
+    try:
+        open_sandbox("nsjail")
+    except SandboxUnavailable as exc:
+        raise UserError(
+            f"nsjail cannot run on this machine ({exc}), and evaluator batch never runs submissions "
+            "unsandboxed by itself: fix nsjail, or pass --sandbox none for an unofficial batch"
+        ) from None
+
+
 def _batch(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     if not console.is_terminal:
@@ -627,6 +659,8 @@ def _batch(args: argparse.Namespace) -> int:
                 run.state, run.reused = "finished", True
             runs.append(run)
     to_run = [run for run in runs if not run.reused]
+    if to_run:
+        _refuse_without_nsjail(args.sandbox, args.ray)
     _say(
         console,
         f"{len(submissions)} submission(s) to evaluate, {len(invalid)} invalid; {len(runs)} run(s): "
@@ -666,11 +700,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="evaluate many submissions x seeds on a Ray cluster (or a local Ray instance)",
         description=(
             "Check every submission (invalid ones are reported and skipped), then run each (submission, seed) "
-            "as the ordinary sandboxed `evaluator run` on a Ray node: one GPU of the track's type per run on a "
+            "as the ordinary `evaluator run` in nsjail on a Ray node: one GPU of the track's type per run on a "
             "GPU track, the track's threads in CPUs on a CPU track. Run directories come back into "
             "RESULTS/runs/ on this machine. Runs that already have a verdict there for the same submission "
             "tree, track, seed and budget are not repeated. A run whose worker or sandbox fails is retried "
-            f"once. Needs Ray ({INSTALL_HINT}). Exit codes: 0 every run ok; 1 some run failed, or a "
+            "once. Never falls back to running unsandboxed: a node without working nsjail fails its runs as "
+            "sandbox_error, and with a local Ray instance the batch refuses to start; only --sandbox none runs "
+            f"unsandboxed (unofficial). Needs Ray ({INSTALL_HINT}). Exit codes: 0 every run ok; 1 some run failed, or a "
             "submission was invalid, through the submission's fault; 2 bad input; 3 a sandbox or worker "
             "failure remains."
         ),
@@ -681,6 +717,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     batch.add_argument("--seeds", type=int, default=1, metavar="N", help="seeds per submission: the track's default seed, +1, ... (default 1)")
     batch.add_argument("--ray", metavar="ADDRESS", help="address of a running Ray cluster (e.g. auto, or HEAD:6379); default: start a local Ray instance")
     batch.add_argument("--results", metavar="DIR", default=str(RESULTS_DIR), help=f"results directory; run directories go to DIR/runs/ (default: {RESULTS_DIR.relative_to(REPO_ROOT)}/)")
-    batch.add_argument("--sandbox", choices=["auto", "nsjail", "none"], default="auto",
-                       help="handed to each `evaluator run`; use nsjail for an official evaluation")
+    batch.add_argument("--sandbox", type=_sandbox_choice, default="nsjail", metavar="{nsjail,none}",
+                       help="handed to each `evaluator run` (default nsjail); none runs every submission "
+                       "unsandboxed and makes the results unofficial")
     batch.set_defaults(handler=_batch)

@@ -71,7 +71,7 @@ def _check_tree(folder: Path) -> list[Finding]:
     findings = []
     total = 0
     for path in submission_paths(folder):
-        rel = path.relative_to(folder).as_posix()
+        rel = _shown_path(path.relative_to(folder).as_posix())
         info = path.lstat()
         if stat.S_ISLNK(info.st_mode):
             findings.append(Finding(rel, f"is a symlink (to {os.readlink(path)!r}): symlinks are not allowed; copy the file in instead"))
@@ -85,6 +85,12 @@ def _check_tree(folder: Path) -> list[Finding]:
     if total > FOLDER_MAX_BYTES:
         findings.append(Finding(".", f"the folder holds {total} bytes; the limit is {FOLDER_MAX_BYTES} (1 MiB): remove generated or data files"))
     return findings
+
+
+def _shown_path(rel: str) -> str:
+    """A file name as findings show it: a name with control characters (an escape sequence for the
+    terminal that prints the findings) is shown escaped."""
+    return rel if rel.isprintable() else ascii(rel)[1:-1]
 
 
 def _check_file(path: Path, rel: str, size: int) -> list[Finding]:
@@ -103,15 +109,17 @@ def _check_file(path: Path, rel: str, size: int) -> list[Finding]:
 def _check_track(manifest: Manifest) -> list[Finding]:
     findings = []
     for track_id in [manifest.track, *manifest.track_overrides]:
+        key_path = ("submission", "track") if track_id == manifest.track else ("tracks", track_id)
+        line, column = manifest.position_of(*key_path)
         path = track_path(track_id)
         if not path.is_file():
-            key = "submission.track" if track_id == manifest.track else f"tracks.{track_id}"
-            findings.append(Finding(MANIFEST_NAME, f"{key}: unknown track {track_id!r}; available tracks: {', '.join(available_tracks())}"))
+            key = ".".join(key_path)
+            findings.append(Finding(MANIFEST_NAME, f"{key}: unknown track {track_id!r}; available tracks: {', '.join(available_tracks())}", line, column))
             continue
         try:
             load_track_file(path)
         except TrackError as exc:
-            findings.append(Finding(MANIFEST_NAME, f"track {track_id!r} cannot be used: {exc}"))
+            findings.append(Finding(MANIFEST_NAME, f"track {track_id!r} cannot be used: {exc}", line, column))
     return findings
 
 
@@ -127,6 +135,11 @@ def _check_entry(folder: Path, manifest: Manifest) -> list[Finding]:
         return [Finding(rel, "is not valid UTF-8: save it as UTF-8")]
     except SyntaxError as exc:
         return [Finding(rel, f"syntax error: {exc.msg}", exc.lineno, exc.offset)]
+    except (MemoryError, RecursionError):
+        # Python's parser gives up on some deeply nested expressions (e.g. thousands of unary minuses).
+        return [Finding(rel, "nests expressions too deeply for Python's parser: simplify it")]
+    except ValueError as exc:  # what some Python versions raise for a null byte
+        return [Finding(rel, f"cannot be parsed: {exc}")]
     functions = [
         node for node in tree.body
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == manifest.entry_function

@@ -59,31 +59,43 @@ def submission_paths(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
 
-def tree_sha256(root: Path) -> str:
-    """Hash of a folder: relative paths and contents of its files, in sorted order.
+def tree_members(root: Path) -> list[Path]:
+    """What a submission tree is made of, for its hash and its staged copy alike: the regular files and
+    symlinks under root outside ignored dirs, sorted by relative path.
 
-    Symlinks and special files are refused by `evaluator check` before anything is hashed; here they
-    are hashed by their kind and target so that a changed tree never hashes the same.
+    Folders are not members: one exists in a tree only as the parent of a member. An empty folder, or
+    one that holds only ignored things, is neither hashed nor staged; were it staged, Python would
+    import it as a namespace package, and two trees with the same hash could run differently. Special
+    files are not members either (`evaluator check` refuses them and symlinks).
+    """
+    return [path for path in submission_paths(root) if path.is_symlink() or path.is_file()]
+
+
+def tree_sha256(root: Path) -> str:
+    """Hash of a folder: relative paths and contents of its members (`tree_members`), in sorted order.
+
+    Symlinks are refused by `evaluator check` before anything is hashed; here they are hashed by their
+    target so that a changed tree never hashes the same.
     """
     root = Path(root)
     digest = hashlib.sha256()
-    for path in submission_paths(root):
+    for path in tree_members(root):
         rel = path.relative_to(root).as_posix()
         if path.is_symlink():
             digest.update(f"L {rel}\0{os.readlink(path)}\0".encode())
-        elif path.is_file():
+        else:
             digest.update(f"F {rel}\0{sha256_file(path)}\0".encode())
     return digest.hexdigest()
 
 
 def stage_tree(root: Path, destination: Path) -> None:
-    """Copy a checked submission's regular files (and dirs) to destination: the snapshot a run uses."""
-    for path in submission_paths(root):
-        target = destination / path.relative_to(root)
+    """Copy a checked submission's members to destination: the snapshot a run uses, whose hash is the
+    source's. Only the folders that lead to a copied file are made; a symlink is never copied (a tree
+    that holds one fails `evaluator check`, so it is never staged for a run)."""
+    destination.mkdir(parents=True, exist_ok=True)
+    for path in tree_members(root):
         if path.is_symlink():
             continue
-        if path.is_dir():
-            target.mkdir(parents=True, exist_ok=True)
-        elif path.is_file():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path, target)
+        target = destination / path.relative_to(root)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)

@@ -16,7 +16,9 @@ import html
 import io
 import json
 import math
+import re
 import sys
+import unicodedata
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -281,6 +283,14 @@ def _mark_records(rows: list[Row]) -> None:
 # --- text helpers -----------------------------------------------------------------------------
 
 
+def _visible(text: str) -> str:
+    """Text from a result with every control character (C0, DEL, C1: newline, tab and ESC included)
+    written out as \\xNN, so that no result can break a table row or send a terminal an escape
+    sequence. `evaluator check` refuses them in a manifest's free text; results signed before it did,
+    or by another evaluator, are shown this way."""
+    return "".join(f"\\x{ord(char):02x}" if unicodedata.category(char) == "Cc" else char for char in text)
+
+
 def _loss(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
@@ -327,8 +337,9 @@ def _author_name(author: str) -> str:
 
 
 def _cells(row: Row, names_only: bool = False) -> list[str]:
+    """The row's cells as every format shows them (with control characters made visible)."""
     authors = [_author_name(a) for a in row.authors] if names_only else row.authors
-    return [
+    cells = [
         str(row.rank) if row.rank is not None else "-",
         row.submission,
         _mean_std(row),
@@ -341,6 +352,7 @@ def _cells(row: Row, names_only: bool = False) -> list[str]:
         "official" if row.official else "unofficial",
         _record_text(row),
     ]
+    return [_visible(cell) for cell in cells]
 
 
 def _by_track(rows: list[Row]) -> dict[str, list[Row]]:
@@ -367,7 +379,8 @@ TERMINAL_HEADERS = {"val_loss mean ± std": "val_loss ± std", "best val_loss": 
 
 
 def _rich_table(track_id: str, rows: list[Row]) -> Table:
-    table = Table(title=f"Track {track_id}", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    # A Text title: a str title would be read as rich markup.
+    table = Table(title=Text(f"Track {_visible(track_id)}"), title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     for header, numeric in COLUMNS:
         if numeric or header in UNBROKEN:
             table.add_column(TERMINAL_HEADERS.get(header, header), justify="right" if numeric else "left", no_wrap=True)
@@ -380,11 +393,11 @@ def _rich_table(track_id: str, rows: list[Row]) -> Table:
 
 def _row_cards(track_id: str, rows: list[Row]) -> Text:
     """Two lines per row: what a terminal too narrow for the table still shows legibly."""
-    text = Text(f"Track {track_id}\n", style="italic")
+    text = Text(f"Track {_visible(track_id)}\n", style="italic")
     for row in rows:
         cells = dict(zip((header for header, _ in COLUMNS), _cells(row, names_only=True)))
         style = "bold" if row.record_status == RECORD else ""
-        text.append(f"{cells['#']:>3}  {row.submission}\n", style="bold")
+        text.append(f"{cells['#']:>3}  {cells['submission']}\n", style="bold")
         runs = cells["runs"] + (" run" if cells["runs"] == "1" else " runs")
         text.append(
             f"     val_loss {cells['val_loss mean ± std']} · {runs} · best {cells['best val_loss']}"
@@ -416,8 +429,21 @@ def render_table(rows: list[Row], verified_count: int) -> str:
     return buffer.getvalue()
 
 
+# What Markdown (GitHub's included) would read as markup inside a table cell: emphasis, code,
+# links and images, strikethrough, the cell separator, and the backslash that escapes them.
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]~|])")
+
+
 def _markdown_cell(text: str) -> str:
-    return html.escape(text, quote=False).replace("|", "\\|")
+    """A cell's text as Markdown that renders as exactly that text: &, < and > as entities (no HTML,
+    no <...> autolinks), the other special characters backslash-escaped, a leading # too."""
+    escaped = _MARKDOWN_SPECIAL.sub(r"\\\1", html.escape(text, quote=False))
+    return "\\" + escaped if escaped.startswith("#") else escaped
+
+
+def _markdown_code(text: str) -> str:
+    """A code span, unless the text holds a backtick (which would end it): then escaped text."""
+    return f"`{text}`" if "`" not in text and text.strip() == text and text else _markdown_cell(text)
 
 
 def render_markdown(rows: list[Row], verified_count: int) -> str:
@@ -430,7 +456,7 @@ def render_markdown(rows: list[Row], verified_count: int) -> str:
     if not rows:
         lines += ["No verified results yet.", ""]
     for track_id, track_rows in _by_track(rows).items():
-        lines += [f"## Track `{track_id}`", ""]
+        lines += [f"## Track {_markdown_code(_visible(track_id))}", ""]
         lines.append("| " + " | ".join(header for header, _ in COLUMNS) + " |")
         lines.append("|" + "|".join("---:" if numeric else "---" for _, numeric in COLUMNS) + "|")
         for row in track_rows:
@@ -479,6 +505,11 @@ def _row_json(row: Row) -> dict[str, Any]:
     }
 
 
+# ensure_ascii=False keeps names readable but leaves DEL and C1 (CSI among them) raw; JSON's \u
+# escapes are valid wherever they occur, which is only inside strings.
+_JSON_RAW_CONTROLS = {code: f"\\u{code:04x}" for code in range(0x7F, 0xA0)}
+
+
 def render_json(rows: list[Row], verified_count: int, rejected: list[tuple[Path, str]]) -> str:
     document = {
         "verified": verified_count,
@@ -486,7 +517,7 @@ def render_json(rows: list[Row], verified_count: int, rejected: list[tuple[Path,
         "record_rule": RULE_TEXT,
         "rows": [_row_json(row) for row in rows],
     }
-    return json.dumps(document, indent=2, ensure_ascii=False) + "\n"
+    return json.dumps(document, indent=2, ensure_ascii=False).translate(_JSON_RAW_CONTROLS) + "\n"
 
 
 PARQUET_SCHEMA = pa.schema(
@@ -743,7 +774,7 @@ def _run_leaderboard(args: argparse.Namespace) -> int:
     if rejected:
         sys.stderr.write(f"leaderboard: {len(rejected)} envelope(s) rejected, not shown:\n")
         for path, reason in rejected:
-            sys.stderr.write(f"  {display_path(path)}: {reason}\n")
+            sys.stderr.write(f"  {_visible(display_path(path))}: {_visible(reason)}\n")
     if args.track is not None and not rows:
         sys.stderr.write(f"leaderboard: no verified results for track {args.track!r}\n")
     if args.format == "table" and args.out is None and sys.stdout.isatty():

