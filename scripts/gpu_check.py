@@ -11,7 +11,9 @@ Run by scripts/gpu-check.sh on a lent GPU machine, after it has installed the ev
    cannot make one (no CAP_MKNOD), and computes on the GPU; and whether the CUDA driver
    initialises in such a jail without its read-only sysfs (is that mount needed?);
 4. the same run with `--sandbox none`: the sandbox tax on a GPU;
-5. the reference's tokens/s and achieved TFLOP/s against a large fp16 matmul measured here.
+5. the reference's tokens/s and achieved TFLOP/s against a large fp16 matmul measured here;
+6. sealed scoring on the GPU: what a fresh CUDA context costs each batch process, and that a batch
+   process finds nothing of its predecessor's freed device memory in what it allocates.
 
 Each step's failure is recorded and the next step still runs; the report is rewritten after every
 step, so a check stopped by its time limit still leaves what it measured. Exit 0 only when every
@@ -87,6 +89,48 @@ status = cuda.cuInit(0)
 if status == 0:
     cuda.cuDeviceGetCount(ctypes.byref(count))
 print(json.dumps(dict(cuInit=status, devices=count.value)))
+"""
+
+
+# A submission whose model, in every scoring batch process, times its CUDA start, looks for the
+# marker byte in fresh (uninitialised) device memory, then fills as much memory with the marker and
+# frees it: were device memory handed on unscrubbed, a later batch process would find it.
+DEVICE_MEMORY_PROBE = r"""
+import time
+import torch
+
+MARKER = 0xA5
+PROBE_BYTES = 512 << 20
+# Imported by the unpickler before the first storage is loaded (and with it, the CUDA context made).
+IMPORTED_AT = time.monotonic()
+
+
+class Probe(torch.nn.Module):
+    def __init__(self, vocab_size):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def decoder(self, rows):
+        torch.cuda.synchronize()
+        context_s = time.monotonic() - IMPORTED_AT
+        fresh = torch.empty(PROBE_BYTES, dtype=torch.uint8, device="cuda")
+        found = int((fresh == MARKER).sum())
+        del fresh
+        torch.full((PROBE_BYTES,), MARKER, dtype=torch.uint8, device="cuda")
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        print(f"PROBE context_s={context_s:.3f} marker_bytes_found={found}", flush=True)
+        return self
+
+    def step(self, tokens):
+        return torch.zeros(len(tokens), self.vocab_size, device=tokens.device)
+
+    def keep(self, rows):
+        pass
+
+    def forward(self, tokens):
+        return torch.zeros(*tokens.shape, self.vocab_size, device=tokens.device)
 """
 
 
@@ -367,6 +411,53 @@ def sandbox_tax(report: Report) -> dict:
     return step
 
 
+def sealed_gpu_scoring(lines: list[str], data: dict) -> bool:
+    import importlib.util
+    import re
+
+    import torch
+
+    from evaluator.dataset.loader import read_documents
+    from evaluator.dataset.store import resolve_data_file, tokenizer_info
+    from evaluator.scoring import ScoringLimits, score_model
+
+    track = load_track("t4-5min")
+    vocab_size, eos_id = tokenizer_info(resolve_data_file(track, "tokenizer"))
+    documents = read_documents(resolve_data_file(track, "val"))[:40]
+    with tempfile.TemporaryDirectory(prefix="gpu-check-scoring-", dir="/var/tmp") as scratch:
+        folder = Path(scratch) / "probe"
+        folder.mkdir()
+        (folder / "train.py").write_text(DEVICE_MEMORY_PROBE)
+        spec = importlib.util.spec_from_file_location("train", folder / "train.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["train"] = module  # pickled as train.Probe, as a submission's model would be
+        spec.loader.exec_module(module)
+        torch.save(module.Probe(vocab_size), Path(scratch) / "model.pt")
+        began = time.monotonic()
+        report = score_model(
+            sandbox=open_sandbox("nsjail"), name="gpu-check-scoring", model_path=Path(scratch) / "model.pt",
+            submission_dir=folder, documents=documents, vocab_size=vocab_size, eos_id=eos_id,
+            seq_len=track.eval["seq_len"], batch_size=8, device="cuda:0", threads=track.threads,
+            limits=ScoringLimits(load_s=track.eval["load_s"], step_s=track.eval["step_s"],
+                                 total_s=track.eval["time_limit_s"], consistency_nats=track.eval["consistency_nats"]),
+            memory_bytes=track.sandbox["memory_mib"] * 2**20, pids=track.sandbox["pids"], debug_log_dir=Path(scratch),
+        )
+        wall = time.monotonic() - began
+        logs = "".join(path.read_text(errors="replace") for path in sorted(Path(scratch).glob("scoring-pass-*.log")))
+    probes = [(float(a), int(b)) for a, b in re.findall(r"PROBE context_s=(\S+) marker_bytes_found=(\d+)", logs)]
+    data.update(val_loss=report.val_loss, wall_s=wall, batch_processes=len(probes),
+                context_s=[a for a, _ in probes], marker_bytes_found=[b for _, b in probes])
+    lines.append(f"{len(documents)} documents in batches of 8, 2 passes: {len(probes)} batch processes, "
+                 f"scoring {wall:.1f} s in all, val_loss {report.val_loss} (uniform: ln 8192 = 9.0109)")
+    if probes:
+        lines.append(f"loading the model onto the GPU per batch process, the CUDA context included: "
+                     f"min {min(a for a, _ in probes):.3f} s, max {max(a for a, _ in probes):.3f} s")
+        lines.append(f"marker bytes found in 512 MiB of fresh device memory, per batch process: {[b for _, b in probes]}")
+    else:
+        lines += ["no probe output; the servers' stderr:", "```", logs[-3000:], "```"]
+    return len(probes) >= 4 and not any(found for _, found in probes)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="folder for gpu-check.md, gpu-check.json and the two result.json")
@@ -382,6 +473,7 @@ def main() -> int:
     report.step("reference, nsjail", reference_run("nsjail", args.budget, args.out))
     report.step("reference, --sandbox none", reference_run("none", args.budget, args.out))
     report.step("sandbox tax on the GPU", sandbox_tax(report))
+    report.step("sealed scoring on the GPU: CUDA per batch process, no memory handed on", sealed_gpu_scoring)
     return 0 if all(step["passed"] for step in report.steps) else 1
 
 
