@@ -32,7 +32,7 @@ from evaluator.dataset.loader import read_documents, read_train_tokens
 from evaluator.dataset.store import resolve_data_file, tokenizer_info
 from evaluator.manifest import parse_manifest
 from evaluator.sandbox import open_sandbox
-from evaluator.scoring import PASSES, ScoringLimits, _Deadlines, _score_passes, _windows, compose
+from evaluator.scoring import PASSES, ScoringLimits, _score_passes, _windows, compose
 from evaluator.tracks import load_track
 from overhead import SCORED, _untrained_model
 
@@ -85,7 +85,7 @@ def main() -> None:
                 rng = random.Random(seed)
                 compositions = [compose(windows, track.eval["batch_size"], rng) for _ in range(PASSES)]
                 first, second = _score_passes(
-                    sandbox, compositions, _Deadlines(limits), name=f"bench-consistency-{name}-{seed}",
+                    sandbox, compositions, limits, name=f"bench-consistency-{name}-{seed}",
                     model_path=model_path, submission_dir=folder, vocab_size=vocab_size, device="cpu",
                     threads=track.threads, memory_bytes=track.sandbox["memory_mib"] * 2**20,
                     pids=track.sandbox["pids"], debug_log_dir=None,

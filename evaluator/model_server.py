@@ -19,6 +19,9 @@ the model's to choose; the host gives it no more trust than that.
 Even the pid of the next batch process carries nothing: a batch may use at most PIDS_PER_BATCH
 process and thread ids, and the server advances the pid namespace's counter to the next multiple
 of that stride before it forks, so every batch process of a jail starts at a pid fixed in advance.
+What a batch process could change of the server for its successor to inherit (resource limits,
+CPU affinity, priorities, the shared pipes' flags, size and signal owner) is compared before every
+fork with what it was before the first: a change ends scoring (ERROR "tampered").
 
 Without a jail (`--sandbox none`) the server is not a pid namespace's init: it then kills each
 batch process's process group only, and pids follow the host's counter. Nothing is sealed there.
@@ -46,7 +49,10 @@ import select
 import signal
 import struct
 import sys
-import threading
+import _thread
+import fcntl
+import resource
+import stat
 import traceback
 from dataclasses import dataclass
 
@@ -57,8 +63,8 @@ REPLY_HEADER = struct.Struct("<IIII")
 OPEN, STEP, KEEP, CLOSE = 1, 2, 3, 4
 STARTED, READY, LOGITS, ERROR, CLOSED, ENDED = 1, 2, 3, 4, 5, 6
 LOGIT_DTYPES = ("float16", "bfloat16", "float32", "float64")
-ERROR_STAGES = ("load", "step", "output", "processes")
-LOAD_ERROR, STEP_ERROR, OUTPUT_ERROR, PROCESSES_ERROR = range(len(ERROR_STAGES))
+ERROR_STAGES = ("load", "step", "output", "processes", "tampered")
+LOAD_ERROR, STEP_ERROR, OUTPUT_ERROR, PROCESSES_ERROR, TAMPERED_ERROR = range(len(ERROR_STAGES))
 PIDS_PER_BATCH = 256
 TOKEN = struct.Struct("<q")
 _PR_SET_DUMPABLE = 4
@@ -208,6 +214,15 @@ def _last_pid() -> int:
         return int(handle.read())
 
 
+def _use_one_id() -> None:
+    """Start and finish a thread: it takes one id. Through `_thread`, not `threading`, whose counter
+    of threads started would tell the next batch process how many ids its predecessor left."""
+    finished = _thread.allocate_lock()
+    finished.acquire()
+    _thread.start_new_thread(finished.release, ())
+    finished.acquire()
+
+
 def _advance_pids_to(next_pid: int) -> bool:
     """Make `next_pid` the pid the next fork gets, by using up the ids before it (threads are the
     cheapest ids); False when the last batch already used ids past it, or the ids run out."""
@@ -216,10 +231,31 @@ def _advance_pids_to(next_pid: int) -> bool:
             return False
     while (last := _last_pid()) < next_pid - 1:
         for _ in range(next_pid - 1 - last):
-            thread = threading.Thread(target=int)
-            thread.start()
-            thread.join()
+            _use_one_id()
     return _last_pid() == next_pid - 1
+
+
+_RLIMITS = sorted(getattr(resource, name) for name in dir(resource) if name.startswith("RLIMIT_"))
+_F_GETOWN, _F_GETSIG = 9, 11
+_IOPRIO_GET, _IOPRIO_WHO_PROCESS = 251, 1  # x86_64
+
+
+def _inherited_state(pipes: tuple[int, ...]) -> tuple:
+    """What a batch process inherits from the server that another process of the jail can change:
+    any process of the same uid may prlimit, sched_setaffinity, setpriority or ioprio_set pid 1, and
+    the reply and log pipes' flags, size and signal owner are shared by every process that holds
+    them. Were one changed, the next batch process would read it."""
+    shared = tuple(
+        (fcntl.fcntl(fd, fcntl.F_GETFL), fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ), fcntl.fcntl(fd, _F_GETOWN),
+         fcntl.fcntl(fd, _F_GETSIG))
+        for fd in pipes
+        if stat.S_ISFIFO(os.fstat(fd).st_mode)
+    )
+    scheduling = (
+        tuple(sorted(os.sched_getaffinity(0))), os.getpriority(os.PRIO_PROCESS, 0), os.sched_getscheduler(0),
+        os.sched_getparam(0).sched_priority, ctypes.CDLL(None).syscall(_IOPRIO_GET, _IOPRIO_WHO_PROCESS, 0),
+    )
+    return tuple(resource.getrlimit(limit) for limit in _RLIMITS), scheduling, shared
 
 
 @dataclass(frozen=True)
@@ -242,10 +278,17 @@ class _Server:
         # As a pid namespace's init, every other process of the jail is ours to kill (see module doc).
         self.isolated = os.getpid() == 1
         self.batches = 0
+        self.state: tuple | None = None
         self.first_pid = _last_pid() + PIDS_PER_BATCH if self.isolated else 0
 
     def open_batch(self, rows: int) -> None:
         self.end_batch()
+        # Taken before the first fork, once the host has set up the pipes.
+        state = _inherited_state((self.replies, 2))
+        self.state = self.state or state
+        if state != self.state:
+            send_reply(self.replies, ERROR, TAMPERED_ERROR)
+            return
         if self.isolated:
             next_pid = self.first_pid + self.batches * PIDS_PER_BATCH
             self.batches += 1

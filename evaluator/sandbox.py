@@ -89,7 +89,8 @@ _DEVICE_NODES = ("/dev/null", "/dev/zero", "/dev/urandom", "/dev/random")
 # is refused when it asks for any new namespace (CLONE_NEWNS|NEWCGROUP|NEWUTS|NEWIPC|NEWUSER|NEWPID|
 # NEWNET = 0x7e020000; CLONE_NEWTIME is left out because in clone() its bit is part of the exit
 # signal). The jail also runs with no capabilities and no_new_privs, so this list is a second layer.
-# kafel calls x86_64's umount2 (166) `umount`.
+# kafel calls x86_64's umount2 (166) `umount`. syslog: the kernel log holds what other jails'
+# crashes and OOM kills printed (task names and memory a scoring jail chose), so no jail reads it.
 #
 # The page cache is shared by every jail on the host: a jail that can tell which pages of a shared
 # file are cached, or steer that, can signal to a later one. What probes or steers it cheaply is
@@ -113,7 +114,7 @@ ERRNO(1) {
   keyctl, add_key, request_key,
   kexec_load, kexec_file_load, init_module, finit_module, delete_module, reboot,
   settimeofday, clock_settime, adjtimex, clock_adjtime,
-  swapon, swapoff, acct,
+  swapon, swapoff, acct, syslog,
   fadvise64, cachestat, mincore, readahead, process_madvise,
   madvise(start, length, advice) {
     (advice & 0xffffffff) == 12 || (advice & 0xffffffff) == 20 || (advice & 0xffffffff) == 21

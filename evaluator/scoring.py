@@ -30,8 +30,9 @@ The score is the mean of the two passes.
 
 Deadlines (the track's `[eval]`): `load_s` from asking for a batch process to its READY (the
 model's unpickling and `decoder()`), `step_s` for each step's reply, `time_limit_s` for all of
-scoring, both passes and the jails' start included. They leave no room to train after the clock:
-whatever a model computes in scoring starts again from the model file for every batch.
+scoring, both passes and the jails' start included (copying the image is not). They leave no
+room to train after the clock: whatever a model computes in scoring starts again from the model
+file for every batch.
 
 Sealed output. Nothing the model writes reaches anyone: the servers' stderr is discarded (kept in
 a file only when the operator asks for it, which makes the run unofficial), and every failure is
@@ -60,7 +61,7 @@ from evaluator.dataset.loader import Document
 from evaluator.errors import InvalidModel
 from evaluator.model_server import (
     CLOSE, CLOSED, ENDED, ERROR, KEEP, LOAD_ERROR, LOGIT_DTYPES, LOGITS, OPEN, OUTPUT_ERROR,
-    PIDS_PER_BATCH, PROCESSES_ERROR, READY, REPLY_HEADER, REQUEST_HEADER, STARTED, STEP, TOKEN,
+    PIDS_PER_BATCH, PROCESSES_ERROR, READY, REPLY_HEADER, REQUEST_HEADER, STARTED, STEP, TAMPERED_ERROR, TOKEN,
 )
 from evaluator.sandbox import JailSpec, SandboxUnavailable
 
@@ -99,6 +100,10 @@ class Refusal:
     PROTOCOL = "the model's batch process broke the scoring protocol"
     ENDED = "the model's batch process ended while scoring"
     PROCESSES = f"the model used more than {PIDS_PER_BATCH} process and thread ids in one batch"
+    TAMPERED = (
+        "the model changed what the next batch process would inherit from the scoring server (its "
+        "resource limits, CPU affinity, priority or pipes)"
+    )
     OUT_OF_MEMORY = "the model ran out of memory while scoring (the track's limit is {memory_mib:g} MiB)"
     PIDS_LIMIT = "the model exceeded the track's limit on processes and threads while scoring"
     LOAD_TIMEOUT = "loading the model took longer than the track's {seconds:g} s"
@@ -242,6 +247,7 @@ class _Stream:
         if kind == ERROR:
             sentence = {
                 LOAD_ERROR: Refusal.LOAD_FAILED, OUTPUT_ERROR: Refusal.BAD_OUTPUT, PROCESSES_ERROR: Refusal.PROCESSES,
+                TAMPERED_ERROR: Refusal.TAMPERED,
             }.get(code, Refusal.STEP_FAILED)
             return InvalidModel(sentence)
         if kind == ENDED:
@@ -413,7 +419,7 @@ def check_consistency(passes: list[dict[str, float]], val_tokens: int, tolerance
         raise InvalidModel(Refusal.INCONSISTENT.format(tolerance=tolerance))
 
 
-def _score_passes(sandbox, compositions: list[list[list[_Window]]], deadlines: _Deadlines, *, name: str,
+def _score_passes(sandbox, compositions: list[list[list[_Window]]], limits: ScoringLimits, *, name: str,
                   model_path: Path, submission_dir: Path, vocab_size: int, device: str, threads: int,
                   memory_bytes: int, pids: int, debug_log_dir: Path | None) -> list[dict[str, float]]:
     """Each composition streamed in a jail of its own: per pass, each document's total nats."""
@@ -427,6 +433,8 @@ def _score_passes(sandbox, compositions: list[list[list[_Window]]], deadlines: _
         sandbox.memory_image(in_jail, gpu=device.startswith("cuda")) as image,
         _progress("scoring", len(compositions) * total_tokens) as advance,
     ):
+        # From here: copying the image is the evaluator's work, not the model's time.
+        deadlines = _Deadlines(limits)
         for number, composition in enumerate(compositions, 1):
             workdir = Path(scratch) / f"pass-{number}"
             spec = _server_spec(
@@ -463,7 +471,6 @@ def score_model(*, sandbox, name: str, model_path: Path, submission_dir: Path, d
     windows = [window for document in ordered for window in _windows(document, eos_id, seq_len)]
     rng = random.Random(secret_seed if secret_seed is not None else int.from_bytes(os.urandom(32), "big"))
     compositions = [compose(windows, batch_size, rng) for _ in range(PASSES)]
-    deadlines = _Deadlines(limits)
     model_path, submission_dir = Path(model_path), Path(submission_dir)
 
     previous_threads = torch.get_num_threads()
@@ -472,7 +479,7 @@ def score_model(*, sandbox, name: str, model_path: Path, submission_dir: Path, d
     torch.set_num_threads(1)
     try:
         passes = _score_passes(
-            sandbox, compositions, deadlines, name=name, model_path=model_path, submission_dir=submission_dir,
+            sandbox, compositions, limits, name=name, model_path=model_path, submission_dir=submission_dir,
             vocab_size=vocab_size, device=device, threads=threads, memory_bytes=memory_bytes, pids=pids,
             debug_log_dir=debug_log_dir,
         )

@@ -178,9 +178,18 @@ def test_every_batch_process_starts_at_a_pid_fixed_in_advance(nsjail, tmp_path):
     _score(nsjail, tmp_path, toy_models.PidReporter(VOCAB, burn=9), debug_log_dir=tmp_path)
 
     for number in (1, 2):
-        pids = [int(pid) for pid in re.findall(r"^PID (\d+)$", (tmp_path / f"scoring-pass-{number}.log").read_text(), re.M)]
+        log = (tmp_path / f"scoring-pass-{number}.log").read_text()
+        pids, counters = zip(*re.findall(r"^PID (\d+) (count\(\d+\))$", log, re.M))
         assert len(pids) >= 4
-        assert [pid - pids[0] for pid in pids] == [PIDS_PER_BATCH * index for index in range(len(pids))]
+        assert [int(pid) - int(pids[0]) for pid in pids] == [PIDS_PER_BATCH * index for index in range(len(pids))]
+        assert len(set(counters)) == 1  # the ids were used up without a trace in the server's Python state
+
+
+@pytest.mark.parametrize("what", ["rlimit", "priority", "affinity", "pipe"])
+def test_a_model_that_changes_what_the_next_batch_process_inherits_is_refused(nsjail, tmp_path, what):
+    with pytest.raises(InvalidModel) as caught:
+        _score(nsjail, tmp_path, toy_models.Tamperer(VOCAB, what))
+    assert str(caught.value) == Refusal.TAMPERED
 
 
 def test_a_model_that_uses_too_many_pids_in_a_batch_is_refused(nsjail, tmp_path):
