@@ -19,7 +19,6 @@ import math
 import random
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch

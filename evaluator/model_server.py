@@ -42,17 +42,17 @@ Replies (server or batch process -> host): a header struct "<IIII" (kind, code, 
 
 from __future__ import annotations
 
+import _thread
 import argparse
 import ctypes
+import fcntl
 import os
+import resource
 import select
 import signal
+import stat
 import struct
 import sys
-import _thread
-import fcntl
-import resource
-import stat
 import traceback
 from dataclasses import dataclass
 

@@ -61,7 +61,7 @@ from evaluator.dataset.loader import Document
 from evaluator.errors import InvalidModel
 from evaluator.model_server import (
     CLOSE, CLOSED, ENDED, ERROR, KEEP, LOAD_ERROR, LOGIT_DTYPES, LOGITS, OPEN, OUTPUT_ERROR,
-    PIDS_PER_BATCH, PROCESSES_ERROR, READY, REPLY_HEADER, REQUEST_HEADER, STARTED, STEP, TAMPERED_ERROR, TOKEN,
+    PIDS_PER_BATCH, PROCESSES_ERROR, READY, REPLY_HEADER, REQUEST_HEADER, STARTED, STEP, TAMPERED_ERROR,
 )
 from evaluator.sandbox import JailSpec, SandboxUnavailable
 
