@@ -237,14 +237,14 @@ def _advance_pids_to(next_pid: int) -> bool:
 
 _RLIMITS = sorted(getattr(resource, name) for name in dir(resource) if name.startswith("RLIMIT_"))
 _F_GETOWN, _F_GETSIG = 9, 11
-_IOPRIO_GET, _IOPRIO_WHO_PROCESS = 251, 1  # x86_64
 
 
 def _inherited_state(pipes: tuple[int, ...]) -> tuple:
     """What a batch process inherits from the server that another process of the jail can change:
-    any process of the same uid may prlimit, sched_setaffinity, setpriority or ioprio_set pid 1, and
-    the reply and log pipes' flags, size and signal owner are shared by every process that holds
-    them. Were one changed, the next batch process would read it."""
+    any process of the same uid may prlimit, sched_setaffinity or setpriority pid 1, and the reply
+    and log pipes' flags, size and signal owner are shared by every process that holds them. Were
+    one changed, the next batch process would read it. (ioprio_set is refused by seccomp instead:
+    the I/O priority a process reports changes by itself once it has done I/O.)"""
     shared = tuple(
         (fcntl.fcntl(fd, fcntl.F_GETFL), fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ), fcntl.fcntl(fd, _F_GETOWN),
          fcntl.fcntl(fd, _F_GETSIG))
@@ -253,7 +253,7 @@ def _inherited_state(pipes: tuple[int, ...]) -> tuple:
     )
     scheduling = (
         tuple(sorted(os.sched_getaffinity(0))), os.getpriority(os.PRIO_PROCESS, 0), os.sched_getscheduler(0),
-        os.sched_getparam(0).sched_priority, ctypes.CDLL(None).syscall(_IOPRIO_GET, _IOPRIO_WHO_PROCESS, 0),
+        os.sched_getparam(0).sched_priority,
     )
     return tuple(resource.getrlimit(limit) for limit in _RLIMITS), scheduling, shared
 

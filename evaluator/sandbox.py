@@ -127,11 +127,13 @@ ERRNO(1) {
 """
 # A sealed jail (the model server) also parks no state in its IPC or network namespace between its
 # processes: no SysV shared memory, semaphores or message queues, no POSIX message queues, no
-# sockets (it talks over the pipes nsjail gave it).
+# sockets (it talks over the pipes nsjail gave it), and no ioprio_set, by which a batch process
+# could mark the server with an I/O priority that the next one would inherit.
 _SEALED_DENIED = """\
 ERRNO(1) {
   shmget, semget, msgget, mq_open,
-  socket, socketpair
+  socket, socketpair,
+  ioprio_set
 }
 """
 SECCOMP_POLICY = _DENIED + "DEFAULT ALLOW\n"

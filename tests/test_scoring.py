@@ -192,6 +192,14 @@ def test_a_model_that_changes_what_the_next_batch_process_inherits_is_refused(ns
     assert str(caught.value) == Refusal.TAMPERED
 
 
+def test_a_model_cannot_set_the_servers_io_priority(nsjail, tmp_path):
+    """Refused outright (seccomp): the I/O priority a process reports changes by itself, so the
+    server could not compare it."""
+    with pytest.raises(InvalidModel) as caught:
+        _score(nsjail, tmp_path, toy_models.Tamperer(VOCAB, "ioprio"))
+    assert str(caught.value) == Refusal.LOAD_FAILED
+
+
 def test_a_model_that_uses_too_many_pids_in_a_batch_is_refused(nsjail, tmp_path):
     with pytest.raises(InvalidModel) as caught:
         _score(nsjail, tmp_path, toy_models.PidReporter(VOCAB, burn=PIDS_PER_BATCH))
