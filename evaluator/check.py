@@ -1,4 +1,5 @@
-"""`evaluator check` and `evaluator new`: static checks of a submission folder.
+"""`evaluator check` and `evaluator new`: static checks of a submission folder, or of every
+submission folder a git change touches (`check --changed BASE`, what a pull request is held to).
 
 Nothing in the folder is run or imported here: the entry module is only parsed with `ast`.
 """
@@ -7,12 +8,15 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import json
 import os
 import re
 import shutil
 import stat
+import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -173,6 +177,8 @@ def _display_path(folder: Path) -> str:
 
 
 def _run_check(args: argparse.Namespace) -> int:
+    if args.changed is not None:
+        return _run_check_changed(args)
     report = check_submission(Path(args.folder))
     if args.json:
         print(json.dumps(report.as_dict(), indent=2))
@@ -184,6 +190,158 @@ def _run_check(args: argparse.Namespace) -> int:
     for finding in report.findings:
         print(f"{shown}/{finding}", file=sys.stderr)
     print(f"{shown}: {len(report.findings)} problem(s); the submission is invalid", file=sys.stderr)
+    return 2
+
+
+# The top-level folder of a repository that holds the submissions, as git names paths.
+SUBMISSIONS_FOLDER = SUBMISSIONS_DIR.relative_to(REPO_ROOT).as_posix()
+
+
+@dataclass(frozen=True)
+class ChangeReport:
+    """What `check --changed` found: the touched submission folders that HEAD still has (checked),
+    those it no longer has (deleted), and every changed path outside a submission folder.
+    Paths are relative to the repository's top, as git gives them."""
+
+    base: str
+    head: str
+    submissions: list[CheckReport]
+    deleted: list[str]
+    outside: list[str]
+
+    @property
+    def folder_count(self) -> int:
+        return len(self.submissions) + len(self.deleted)
+
+    @property
+    def ok(self) -> bool:
+        return self.folder_count == 1 and not self.deleted and not self.outside and all(r.ok for r in self.submissions)
+
+    def as_dict(self) -> dict:
+        return {
+            "ok": self.ok,
+            "base": self.base,
+            "head": self.head,
+            "submissions": [report.as_dict() for report in self.submissions],
+            "deleted": self.deleted,
+            "outside": self.outside,
+        }
+
+
+def check_changed(base: str, cwd: Path) -> ChangeReport:
+    """Check what HEAD changes since its merge base with `base`, in the git repository holding `cwd`."""
+    if base.startswith("-"):
+        raise UserError(f"--changed {_shown_path(base)}: BASE must name a commit, not look like an option")
+    top = Path(_git(cwd, ["rev-parse", "--show-toplevel"], f"{_shown_path(str(cwd))} is not in a git repository: --changed compares two of its commits").decode().rstrip("\n"))
+    base_commit = _commit(top, base)
+    head_commit = _commit(top, "HEAD")
+    diff = _git(top, ["diff", "--name-status", "-z", "--no-renames", f"{base_commit}...{head_commit}", "--"], f"cannot compare {_shown_path(base)} with HEAD")
+    # -z output: a status field, then the path, each NUL-terminated; with --no-renames a rename
+    # is a deletion plus an addition, so both of its paths are seen.
+    fields = diff.split(b"\0")[:-1]
+    changed_paths = sorted({os.fsdecode(path) for path in fields[1::2]})
+
+    touched_folders: set[str] = set()
+    outside = []
+    for path in changed_paths:
+        parts = path.split("/")
+        if len(parts) >= 3 and parts[0] == SUBMISSIONS_FOLDER:
+            touched_folders.add(parts[1])
+        else:
+            outside.append(path)
+    folders_in_head = _folders_in_head(top, head_commit)
+    present = sorted(touched_folders & folders_in_head)
+    deleted = [f"{SUBMISSIONS_FOLDER}/{name}" for name in sorted(touched_folders - folders_in_head)]
+    return ChangeReport(
+        base=base, head=head_commit, submissions=_check_as_committed(top, head_commit, present), deleted=deleted, outside=outside,
+    )
+
+
+def _git(top: Path, args: list[str], failure: str, env: dict[str, str] | None = None) -> bytes:
+    """git's stdout; a failure is a UserError: our sentence, then git's own first line, escaped."""
+    # Literal pathspecs: a folder named `*` or `:(glob)x` names only itself.
+    command = ["git", "-C", str(top), "--literal-pathspecs", *args]
+    try:
+        done = subprocess.run(command, capture_output=True, env={**os.environ, **(env or {})})
+    except FileNotFoundError:
+        raise UserError("git is not installed here: --changed needs it") from None
+    if done.returncode != 0:
+        lines = done.stderr.decode(errors="replace").strip().splitlines()
+        raise UserError(f"{failure}" + (f" (git: {_shown_path(lines[0])})" if lines else ""))
+    return done.stdout
+
+
+def _commit(top: Path, revision: str) -> str:
+    return _git(
+        top, ["rev-parse", "--verify", "--quiet", f"{revision}^{{commit}}"], f"{_shown_path(revision)}: no such commit in {_shown_path(str(top))}",
+    ).decode().strip()
+
+
+def _folders_in_head(top: Path, head_commit: str) -> set[str]:
+    listing = _git(top, ["ls-tree", "-z", head_commit, "--", f"{SUBMISSIONS_FOLDER}/"], "cannot list HEAD's submission folders")
+    folders = set()
+    for entry in listing.split(b"\0")[:-1]:
+        info, _, path = entry.partition(b"\t")
+        if info.split(b" ")[1] == b"tree":
+            folders.add(os.fsdecode(path).rsplit("/", 1)[-1])
+    return folders
+
+
+def _check_as_committed(top: Path, head_commit: str, names: list[str]) -> list[CheckReport]:
+    """check_submission on each folder exactly as HEAD holds it: checked out into a temporary tree
+    through a temporary index, so neither uncommitted edits nor untracked files count, and the
+    repository's own index and working tree are left alone."""
+    if not names:
+        return []
+    with tempfile.TemporaryDirectory(prefix="evaluator-check-") as temporary:
+        tree = Path(temporary, "tree")
+        tree.mkdir()
+        folders = [f"{SUBMISSIONS_FOLDER}/{name}" for name in names]
+        _git(
+            top,
+            # No hooks: a path checkout would run post-checkout, which has no business here.
+            ["-c", "core.hooksPath=/dev/null", f"--work-tree={tree}", "checkout", head_commit, "--", *folders],
+            "cannot check out HEAD's submission folders",
+            env={"GIT_INDEX_FILE": str(Path(temporary, "index"))},
+        )
+        # Relative paths inside the temporary tree, so that findings name `submissions/NAME`.
+        with contextlib.chdir(tree):
+            return [check_submission(Path(folder)) for folder in folders]
+
+
+def _run_check_changed(args: argparse.Namespace) -> int:
+    change = check_changed(args.changed, Path.cwd())
+    if args.json:
+        print(json.dumps(change.as_dict(), indent=2))
+        return 0 if change.ok else 2
+    span = f"{_shown_path(change.base)}...HEAD"
+    problems = 0
+    for report in change.submissions:
+        shown = _shown_path(str(report.folder))
+        if report.ok:
+            print(f"{shown}: ok ({report.manifest.name}, track {report.manifest.track})")
+            continue
+        for finding in report.findings:
+            print(f"{shown}/{_shown_path(str(finding))}", file=sys.stderr)
+        print(f"{shown}: {len(report.findings)} problem(s); the submission is invalid", file=sys.stderr)
+        problems += len(report.findings)
+    for folder in change.deleted:
+        print(f"{_shown_path(folder)}: deleted by {span}: a pull request may not remove a submission", file=sys.stderr)
+        problems += 1
+    for path in change.outside:
+        print(f"{_shown_path(path)}: changed outside {SUBMISSIONS_FOLDER}/<name>/: a submission's pull request changes nothing else", file=sys.stderr)
+        problems += 1
+    if change.folder_count == 0:
+        print(f"{span} changes nothing under {SUBMISSIONS_FOLDER}/<name>/: a submission's pull request adds its folder there", file=sys.stderr)
+        problems += 1
+    elif change.folder_count > 1:
+        names = ", ".join(_shown_path(folder) for folder in sorted([str(r.folder) for r in change.submissions] + change.deleted))
+        print(f"{span} changes {change.folder_count} submission folders ({names}): one submission per pull request", file=sys.stderr)
+        problems += 1
+    if change.ok:
+        print(f"{span}: ok, one submission and nothing else")
+        return 0
+    print(f"{span}: {problems} problem(s); the change is refused", file=sys.stderr)
     return 2
 
 
@@ -216,11 +374,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Validate manifest.toml against spec/manifest.schema.json and check the folder statically: "
             "entry module and function, track, no symlinks or special files, no weights or archives, "
             "size limits (folder 1 MiB, file 256 KiB, manifest 64 KiB). Nothing in the folder is run. "
-            "Exit 0 when valid, 2 when not."
+            "Exit 0 when valid, 2 when not. "
+            "With --changed BASE instead of DIR, check what a pull request changes: in the git repository of "
+            "the current folder, every path that `git diff BASE...HEAD` (since the merge base) adds, modifies "
+            "or deletes. Exit 0 only when that is exactly one submissions/NAME/ folder, still in HEAD and "
+            "valid as HEAD holds it (checked out into a temporary folder, so uncommitted files do not count); "
+            "exit 2 for a folder that is invalid or deleted, for more than one folder (one submission per pull "
+            "request), for no folder at all, and for any changed path outside submissions/NAME/, each named. "
+            "The command cannot tell a maintainer's pull request from a competitor's: the workflow skips it "
+            "for those (a label, or the author's association)."
         ),
     )
-    check.add_argument("folder", metavar="DIR", help="the submission folder (holds manifest.toml)")
-    check.add_argument("--json", action="store_true", help="print the findings as JSON on stdout")
+    target = check.add_mutually_exclusive_group(required=True)
+    target.add_argument("folder", metavar="DIR", nargs="?", help="the submission folder (holds manifest.toml)")
+    target.add_argument("--changed", metavar="BASE", help="check every submission folder HEAD changes since its merge base with BASE, and refuse anything else it changes")
+    check.add_argument("--json", action="store_true", help="print the findings as JSON on stdout (with --changed: ok, base, head, submissions, deleted, outside)")
     check.set_defaults(handler=_run_check)
 
     new = subparsers.add_parser(

@@ -1,0 +1,257 @@
+"""`evaluator check --changed BASE` on real git repositories.
+
+Each repository is made in tmp_path: `main` holds the template, a file of the evaluator, the
+leaderboard and submissions/README.md; the branch `change` is what a pull request would bring.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from evaluator.cli import main
+from evaluator.paths import REPO_ROOT
+
+TEMPLATE = REPO_ROOT / "submissions" / "template"
+CONTROL_CHARACTERS = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f]")
+
+
+def _git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, text=True).stdout
+
+
+def _write(repo: Path, rel: str, content: str | bytes) -> None:
+    path = repo / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content.encode() if isinstance(content, str) else content)
+
+
+def _add_submission(repo: Path, folder_name: str, name: str | None = None) -> Path:
+    """The template as submissions/FOLDER_NAME/, named NAME (default: the folder's name) in its manifest."""
+    folder = repo / "submissions" / folder_name
+    shutil.copytree(TEMPLATE, folder, ignore=shutil.ignore_patterns("__pycache__"))
+    manifest = folder / "manifest.toml"
+    manifest.write_text(manifest.read_text().replace('name = "template"', f'name = "{name or folder_name}"', 1))
+    return folder
+
+
+def _commit(repo: Path, message: str = "change") -> None:
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-q", "--allow-empty", "-m", message)
+
+
+@pytest.fixture
+def repo(tmp_path: Path, monkeypatch) -> Path:
+    # A fresh CI machine: no git identity, no user or system config, no repository above tmp_path.
+    for name in ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", os.devnull)
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))
+    for role in ("AUTHOR", "COMMITTER"):
+        monkeypatch.setenv(f"GIT_{role}_NAME", "Test")
+        monkeypatch.setenv(f"GIT_{role}_EMAIL", "test@example.org")
+    root = tmp_path / "repo"
+    shutil.copytree(TEMPLATE, root / "submissions" / "template", ignore=shutil.ignore_patterns("__pycache__"))
+    _write(root, "submissions/README.md", "How to submit.\n")
+    _write(root, "evaluator/x.py", "VALUE = 1\n")
+    _write(root, "results/LEADERBOARD.md", "| rank |\n")
+    subprocess.run(["git", "-c", "init.defaultBranch=main", "init", "-q", str(root)], check=True)
+    _commit(root, "base")
+    _git(root, "checkout", "-q", "-b", "change")
+    monkeypatch.chdir(root)
+    return root
+
+
+def _check_changed(capsys, *extra: str, base: str = "main") -> tuple[int, str, str]:
+    code = main(["check", "--changed", base, *extra])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_a_valid_new_submission_passes(repo, capsys):
+    _add_submission(repo, "alice-fast")
+    _commit(repo)
+    code, out, err = _check_changed(capsys)
+    assert code == 0, err
+    assert "submissions/alice-fast: ok (alice-fast, track t4-5min)" in out
+    assert "main...HEAD: ok" in out and err == ""
+
+
+def test_an_invalid_submission_fails_with_all_its_findings(repo, capsys):
+    folder = _add_submission(repo, "alice-fast")
+    manifest = folder / "manifest.toml"
+    manifest.write_text(manifest.read_text().replace("schema = 1", "schema = = 1"))
+    _write(folder, "weights.pt", b"not really weights")
+    _commit(repo)
+    code, out, err = _check_changed(capsys)
+    assert code == 2
+    assert "submissions/alice-fast/manifest.toml:2:" in err and "TOML syntax error" in err
+    assert "submissions/alice-fast/weights.pt: .pt files are not allowed" in err
+    assert "submissions/alice-fast: 2 problem(s); the submission is invalid" in err
+    assert "ok" not in out
+
+
+def test_each_changed_path_outside_a_submission_folder_is_named(repo, capsys):
+    _add_submission(repo, "alice-fast")
+    _write(repo, "evaluator/x.py", "VALUE = 2\n")
+    _write(repo, "results/LEADERBOARD.md", "| rank | alice-fast |\n")
+    _write(repo, "spec/tracks/x.toml", "budget_s = 3600\n")
+    _commit(repo)
+    code, out, err = _check_changed(capsys)
+    assert code == 2
+    assert "submissions/alice-fast: ok" in out
+    for path in ("evaluator/x.py", "results/LEADERBOARD.md", "spec/tracks/x.toml"):
+        assert f"{path}: changed outside submissions/<name>/" in err
+    assert "3 problem(s); the change is refused" in err
+
+
+def test_a_file_directly_under_submissions_is_outside_every_submission(repo, capsys):
+    _add_submission(repo, "alice-fast")
+    _write(repo, "submissions/README.md", "Everything goes.\n")
+    _commit(repo)
+    code, _, err = _check_changed(capsys)
+    assert code == 2
+    assert "submissions/README.md: changed outside submissions/<name>/" in err
+
+
+def test_two_submission_folders_in_one_change_are_refused(repo, capsys):
+    _add_submission(repo, "alice-fast")
+    _add_submission(repo, "bob-slow")
+    _commit(repo)
+    code, out, err = _check_changed(capsys)
+    assert code == 2
+    assert "submissions/alice-fast: ok" in out and "submissions/bob-slow: ok" in out
+    assert "changes 2 submission folders (submissions/alice-fast, submissions/bob-slow): one submission per pull request" in err
+
+
+def test_deleting_a_submission_folder_is_refused(repo, capsys):
+    _git(repo, "rm", "-q", "-r", "submissions/template")
+    _commit(repo)
+    code, _, err = _check_changed(capsys)
+    assert code == 2
+    assert "submissions/template: deleted by main...HEAD: a pull request may not remove a submission" in err
+
+
+def test_a_folder_that_loses_one_file_is_checked_not_called_deleted(repo, capsys):
+    _git(repo, "rm", "-q", "submissions/template/train.py")
+    _commit(repo)
+    code, _, err = _check_changed(capsys)
+    assert code == 2
+    assert "entry.module 'train.py' does not exist" in err and "deleted" not in err
+
+
+def test_a_rename_out_of_a_submission_counts_both_paths(repo, capsys):
+    _git(repo, "mv", "submissions/template/train.py", "evaluator/train.py")
+    _commit(repo)
+    code, _, err = _check_changed(capsys)
+    assert code == 2
+    assert "evaluator/train.py: changed outside submissions/<name>/" in err
+    assert "submissions/template/manifest.toml: entry.module 'train.py' does not exist" in err
+
+
+def test_a_change_that_touches_nothing_is_refused(repo, capsys):
+    _commit(repo, "nothing")
+    code, _, err = _check_changed(capsys)
+    assert code == 2
+    assert "main...HEAD changes nothing under submissions/<name>/" in err
+
+
+def test_only_what_the_branch_changed_since_the_merge_base_counts(repo, capsys):
+    _add_submission(repo, "alice-fast")
+    _commit(repo)
+    # The base branch moves on after the pull request branched off it.
+    _git(repo, "checkout", "-q", "main")
+    _write(repo, "evaluator/x.py", "VALUE = 3\n")
+    _commit(repo, "main moves on")
+    _git(repo, "checkout", "-q", "change")
+    code, out, err = _check_changed(capsys)
+    assert code == 0, err
+    assert "evaluator/x.py" not in out + err
+
+
+def test_the_commit_is_checked_not_the_working_tree(repo, capsys):
+    folder = _add_submission(repo, "alice-fast")
+    manifest = folder / "manifest.toml"
+    good = manifest.read_text()
+    manifest.write_text(good.replace("schema = 1", "schema = 2"))
+    _commit(repo)
+    # Fixed on disk but not committed, and an untracked file that check would refuse.
+    manifest.write_text(good)
+    _write(folder, "weights.pt", b"x")
+    status = _git(repo, "status", "--porcelain")
+    code, _, err = _check_changed(capsys)
+    assert code == 2
+    assert "submissions/alice-fast/manifest.toml:2:1: schema must be 1" in err
+    assert "weights.pt" not in err
+    assert _git(repo, "status", "--porcelain") == status, "the check changed the repository's index or working tree"
+
+
+def test_json_output(repo, capsys):
+    _add_submission(repo, "alice-fast")
+    _write(repo, "evaluator/x.py", "VALUE = 2\n")
+    _commit(repo)
+    code, out, _ = _check_changed(capsys, "--json")
+    report = json.loads(out)
+    assert code == 2
+    assert report == {
+        "ok": False,
+        "base": "main",
+        "head": _git(repo, "rev-parse", "HEAD").strip(),
+        "submissions": [{"ok": True, "folder": "submissions/alice-fast", "submission": "alice-fast", "track": "t4-5min", "findings": []}],
+        "deleted": [],
+        "outside": ["evaluator/x.py"],
+    }
+    _git(repo, "reset", "-q", "--hard", "main")
+    _add_submission(repo, "alice-fast")
+    _commit(repo)
+    code, out, _ = _check_changed(capsys, "--json")
+    assert code == 0 and json.loads(out)["ok"] is True
+
+
+def test_hostile_file_names_reach_no_terminal_raw(repo, capsys):
+    _add_submission(repo, "evil\x1b[2J", name="evil")
+    _write(repo, "notes\x1b]0;owned\x07.txt", "x")
+    _commit(repo)
+    code, out, err = _check_changed(capsys)
+    assert code == 2
+    assert not CONTROL_CHARACTERS.search(out + err), repr(out + err)
+    assert "submissions/evil\\x1b[2J: ok" in out
+    assert "notes\\x1b]0;owned\\x07.txt: changed outside" in err
+    code, out, _ = _check_changed(capsys, "--json")
+    assert not CONTROL_CHARACTERS.search(out), repr(out)
+    assert json.loads(out)["outside"] == ["notes\x1b]0;owned\x07.txt"]
+
+
+def test_an_unknown_base_is_one_line(repo, capsys):
+    code, out, err = _check_changed(capsys, base="no-such-branch")
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and "no-such-branch: no such commit" in err
+
+
+def test_outside_a_git_repository_is_one_line(repo, tmp_path):
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    done = subprocess.run(
+        [sys.executable, "-m", "evaluator.cli", "check", "--changed", "main"],
+        cwd=plain, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and "is not in a git repository" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("argv", [["check", "submissions/template", "--changed", "main"], ["check"]], ids=["both", "neither"])
+def test_exactly_one_of_dir_and_changed(repo, capsys, argv):
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "DIR" in err and "--changed" in err and "Traceback" not in err
+
