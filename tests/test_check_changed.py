@@ -1,4 +1,4 @@
-"""`evaluator check --changed BASE` on real git repositories.
+"""`evaluator check --changed BASE` on real git repositories, and the workflows that run the evaluator.
 
 Each repository is made in tmp_path: `main` holds the template, a file of the evaluator, the
 leaderboard and submissions/README.md; the branch `change` is what a pull request would bring.
@@ -6,20 +6,24 @@ leaderboard and submissions/README.md; the branch `change` is what a pull reques
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
-from evaluator.cli import main
+from evaluator.cli import build_parser, main
 from evaluator.paths import REPO_ROOT
 
 TEMPLATE = REPO_ROOT / "submissions" / "template"
+WORKFLOWS = REPO_ROOT / ".github" / "workflows"
 CONTROL_CHARACTERS = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f]")
 
 
@@ -255,3 +259,113 @@ def test_exactly_one_of_dir_and_changed(repo, capsys, argv):
     err = capsys.readouterr().err
     assert "DIR" in err and "--changed" in err and "Traceback" not in err
 
+
+# The workflows: their structure, and every `evaluator ...` line they run against the real parser.
+
+# `evaluator run --secret-seeds` (seeds drawn by the evaluator) is being added; the official
+# workflow already uses it. It is tolerated on `evaluator run` only while the parser lacks it.
+FLAGS_BEING_ADDED = {"run": {"--secret-seeds"}}
+
+
+def _workflow(name: str) -> dict:
+    return yaml.safe_load((WORKFLOWS / name).read_text())
+
+
+def _triggers(workflow: dict) -> dict:
+    # YAML 1.1 reads the bare key `on` as the boolean true.
+    return workflow.get("on", workflow.get(True))
+
+
+def _steps(workflow: dict) -> list[dict]:
+    return [step for job in workflow["jobs"].values() for step in job["steps"]]
+
+
+def _evaluator_command_lines(workflow: dict) -> list[list[str]]:
+    """The argv after `evaluator` of every command in every `run:` step; `${{ ... }}` becomes a word."""
+    commands = []
+    for step in _steps(workflow):
+        script = re.sub(r"\$\{\{.*?\}\}", "EXPRESSION", step.get("run", "")).replace("\\\n", " ")
+        for line in script.splitlines():
+            lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
+            lexer.whitespace_split = True
+            tokens = list(lexer)
+            for start, token in enumerate(tokens):
+                if token == "evaluator":
+                    argv = []
+                    for word in tokens[start + 1:]:
+                        if set(word) <= set(lexer.punctuation_chars):  # |, &&, ;, >, ...: the command ends
+                            break
+                        argv.append(word)
+                    commands.append(argv)
+    return commands
+
+
+def _subcommand_options(name: str) -> set[str]:
+    subcommands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return set(subcommands.choices[name]._option_string_actions)
+
+
+def _parse(argv: list[str], capsys) -> argparse.Namespace:
+    pending = FLAGS_BEING_ADDED.get(argv[0], set()) - _subcommand_options(argv[0])
+    try:
+        return build_parser().parse_args([word for word in argv if word not in pending])
+    except SystemExit:
+        pytest.fail(f"`evaluator {shlex.join(argv)}` does not parse: {capsys.readouterr().err}")
+
+
+WORKFLOW_COMMANDS = [
+    pytest.param(name, argv, id=f"{name}: {' '.join(argv)}")
+    for name in ("submission-check.yml", "official-evaluation.yml")
+    for argv in _evaluator_command_lines(_workflow(name))
+]
+
+
+@pytest.mark.parametrize("name,argv", WORKFLOW_COMMANDS)
+def test_every_evaluator_command_in_the_workflows_parses(name, argv, capsys):
+    _parse(argv, capsys)
+
+
+def test_the_command_extraction_finds_a_flag_that_does_not_exist(capsys):
+    workflow = {"jobs": {"j": {"steps": [{"run": "evaluator run submissions/x \\\n  --no-such-flag && echo done"}]}}}
+    [argv] = _evaluator_command_lines(workflow)
+    assert argv == ["run", "submissions/x", "--no-such-flag"]
+    with pytest.raises(pytest.fail.Exception, match="--no-such-flag"):
+        _parse(argv, capsys)
+
+
+def test_the_submission_check_workflow(capsys):
+    workflow = _workflow("submission-check.yml")
+    assert "pull_request" in _triggers(workflow)
+    [job] = workflow["jobs"].values()
+    assert "'maintainer'" in job["if"] and "author_association" in job["if"]
+    checkouts = [step for step in job["steps"] if step.get("uses", "").startswith("actions/checkout@")]
+    assert checkouts and all(step["with"]["fetch-depth"] == 0 for step in checkouts)
+    assert any(step.get("with", {}).get("python-version") == "3.12" for step in job["steps"])
+    parsed = [_parse(argv, capsys) for argv in _evaluator_command_lines(workflow)]
+    # Only `check` has --changed.
+    assert any(getattr(args, "changed", None) for args in parsed), "no step runs `evaluator check --changed`"
+
+
+def test_the_official_evaluation_workflow(capsys):
+    workflow = _workflow("official-evaluation.yml")
+    triggers = _triggers(workflow)
+    assert triggers["pull_request_target"]["types"] == ["labeled"]
+    assert "submission" in triggers["workflow_dispatch"]["inputs"]
+    [job] = workflow["jobs"].values()
+    assert job["runs-on"] == ["self-hosted", "t4"]
+    assert "'approved-for-evaluation'" in job["if"]
+    head_checkouts = [step for step in job["steps"] if "head.sha" in str(step.get("with", {}).get("ref", ""))]
+    assert [step["with"]["path"] for step in head_checkouts] == ["pr"]
+    commands = {}
+    for argv in _evaluator_command_lines(workflow):
+        commands.setdefault(argv[0], []).append(argv)
+    assert any("--changed" in argv for argv in commands["check"])
+    [run] = commands["run"]
+    args = _parse(run, capsys)
+    assert (args.track, args.seeds, args.sandbox) == ("t4-5min", 3, "nsjail")
+    assert "--secret-seeds" in run
+    assert "--key" in commands["publish"][0]
+    assert {"leaderboard"} <= commands.keys()
+    # The signing key is given to the one step that signs, never to the job (and so to the runs).
+    assert "secrets." not in json.dumps(job.get("env", {}))
+    assert ["secrets." in json.dumps(step.get("env", {})) for step in job["steps"]].count(True) == 1
