@@ -257,10 +257,10 @@ def check_changed(base: str, cwd: Path) -> ChangeReport:
     )
 
 
-def _git(top: Path, args: list[str], failure: str, env: dict[str, str] | None = None) -> bytes:
-    """git's stdout; a failure is a UserError: our sentence, then git's own first line, escaped."""
+def _git(where: Path, args: list[str], failure: str, env: dict[str, str] | None = None) -> bytes:
+    """git's stdout, run in `where`; a failure is a UserError: our sentence, then git's own first line, escaped."""
     # Literal pathspecs: a folder named `*` or `:(glob)x` names only itself.
-    command = ["git", "-C", str(top), "--literal-pathspecs", *args]
+    command = ["git", "-C", str(where), "--literal-pathspecs", *args]
     try:
         done = subprocess.run(command, capture_output=True, env={**os.environ, **(env or {})})
     except FileNotFoundError:

@@ -152,6 +152,15 @@ def test_a_folder_that_loses_one_file_is_checked_not_called_deleted(repo, capsys
     assert "entry.module 'train.py' does not exist" in err and "deleted" not in err
 
 
+def test_a_committed_symlink_is_checked_as_a_symlink(repo, capsys):
+    folder = _add_submission(repo, "alice-fast")
+    os.symlink("/etc/passwd", folder / "passwd")
+    _commit(repo)
+    code, _, err = _check_changed(capsys)
+    assert code == 2
+    assert "submissions/alice-fast/passwd: is a symlink (to '/etc/passwd')" in err
+
+
 def test_a_rename_out_of_a_submission_counts_both_paths(repo, capsys):
     _git(repo, "mv", "submissions/template/train.py", "evaluator/train.py")
     _commit(repo)
