@@ -114,7 +114,7 @@ def measure_scoring(console: Console) -> list[tuple[str, float, float]]:
             score_model(
                 sandbox=sandbox, name=f"bench-scoring-{len(figures)}", model_path=model_path, submission_dir=folder,
                 documents=documents, vocab_size=vocab_size, eos_id=eos_id, seq_len=track.eval["seq_len"],
-                batch_size=track.eval["batch_size"], device="cpu", threads=track.threads,
+                batch_size=track.eval["batch_size"], device="cpu", gpu=None, threads=track.threads,
                 limits=ScoringLimits(load_s=track.eval["load_s"], step_s=track.eval["step_s"],
                                      total_s=BENCHMARK_SCORING_S, consistency_nats=track.eval["consistency_nats"]),
                 memory_bytes=track.sandbox["memory_mib"] * 2**20, pids=track.sandbox["pids"],

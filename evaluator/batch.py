@@ -166,13 +166,24 @@ def _tail(data: bytes) -> str:
     return data.decode("utf-8", errors="replace")[-_TAIL_CHARS:].strip()
 
 
-def _supervise(argv: list[str], cwd: Path, timeout_s: float) -> tuple[int | None, bytes, bytes]:
-    """Run argv to completion; None for the exit code when the watchdog had to stop it."""
+def assigned_gpu_environment() -> dict[str, str]:
+    """The GPUs Ray assigned to this task, as the `evaluator run` it starts must see them: Ray sets
+    CUDA_VISIBLE_DEVICES for the task's own process, but not where RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES
+    is set, and an unset one would let the run take any free GPU of the node instead of Ray's."""
+    import ray
+
+    ids = [str(gpu_id) for gpu_id in ray.get_gpu_ids()]
+    return {"CUDA_VISIBLE_DEVICES": ",".join(ids)} if ids else {}
+
+
+def _supervise(argv: list[str], cwd: Path, timeout_s: float, env: dict[str, str]) -> tuple[int | None, bytes, bytes]:
+    """Run argv to completion, with `env` added to this process's environment; None for the exit
+    code when the watchdog had to stop it."""
     if sys.platform == "linux":
         argv = [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *argv]
     process = subprocess.Popen(
         argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        start_new_session=True,
+        start_new_session=True, env=os.environ | env,
     )
     try:
         stdout, stderr = process.communicate(timeout=timeout_s)
@@ -210,8 +221,11 @@ def _run_on_node(submission_archive: bytes, request: dict[str, Any]) -> dict[str
         ]
         if request["budget_s"] is not None:
             argv += ["--budget", repr(request["budget_s"])]
+        gpu_environment = assigned_gpu_environment()
+        if gpu_environment:
+            argv += ["--gpu", "0"]  # CUDA's first: Ray's GPU, the only one the run sees
         started = time.monotonic()
-        exit_code, stdout, stderr = _supervise(argv, workdir, request["timeout_s"])
+        exit_code, stdout, stderr = _supervise(argv, workdir, request["timeout_s"], gpu_environment)
         reply = {
             "event": "finished", "node": node, "exit_code": exit_code, "seconds": time.monotonic() - started,
             "run_id": None, "archive": None, "model_left_out_bytes": None, "log_tail": _tail(stderr),

@@ -4,9 +4,10 @@ One row per submission, track and official status: a submission's official runs 
 unofficial runs (unsandboxed, budget overridden, ...) are never pooled. Official rows are ranked
 by mean val_loss; unofficial rows are listed after them, unranked.
 
-The record rule: official submissions are walked in the order of their first run. One with runs
-on at least 3 distinct seeds becomes the record holder if there is none yet, or if its val_losses
-beat the holder's in a one-sided Welch t-test at p < 0.05. The p-value of each test is shown.
+Records: official submissions are walked in the order of their first run, and each track's rule
+(`spec/record-rules.toml`, read through evaluator.record_rules) decides whether a row takes the record
+from the holder of its time: enough distinct seeds among the runs it counts, a one-sided Welch p
+below the rule's threshold and a large enough improvement. The p-value of each test is shown.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import math
 import re
 import sys
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
@@ -34,16 +35,15 @@ from rich.text import Text
 
 from evaluator.errors import UserError
 from evaluator.fsutil import atomic_write_bytes
-from evaluator.paths import KEYS_DIR, RESULTS_DIR
+from evaluator.paths import KEYS_DIR, RECORD_RULES_FILE, RESULTS_DIR
+from evaluator.record_rules import RecordRule, RecordRules, load_record_rules
 from evaluator.signing import VerifiedResult, display_path, envelope_paths, load_trusted_keys, verify_paths
-
-RECORD_MIN_SEEDS = 3
-RECORD_P_THRESHOLD = 0.05
 
 # Record statuses, as they appear in JSON and Parquet.
 RECORD = "record"
 FORMER_RECORD = "former record"
 NOT_SIGNIFICANT = "not significant"
+TOO_SMALL = "improvement too small"
 TOO_FEW_SEEDS = "too few seeds"
 NOT_ELIGIBLE = "unofficial"
 
@@ -134,6 +134,7 @@ def welch_one_sided_p(baseline: list[float], challenger: list[float]) -> float:
 class Run:
     run_id: str
     seed: int
+    seed_drawn: bool
     val_loss: float
     val_bpb: float
     train_seconds: float | None
@@ -144,6 +145,9 @@ class Run:
     authors: list[str]
     description: str
     loss_curve: dict[str, Any]
+    throttled_s: float | None  # None: no GPU telemetry (a CPU track, or NVML absent)
+    throttle_reasons: tuple[str, ...]
+    gpu: dict[str, Any] | None  # the board: name, PCI bus id and UUID tell two of one host apart
 
     @classmethod
     def from_verified(cls, verified: VerifiedResult) -> Run:
@@ -151,6 +155,7 @@ class Run:
         return cls(
             run_id=result["run_id"],
             seed=result["seed"],
+            seed_drawn=result["seed_drawn"],
             val_loss=float(result["metrics"]["val_loss"]),
             val_bpb=float(result["metrics"]["val_bpb"]),
             train_seconds=result["train"]["train_seconds"],
@@ -161,7 +166,16 @@ class Run:
             authors=result["submission"]["authors"],
             description=result["submission"]["description"],
             loss_curve=verified.loss_curve,
+            throttled_s=_throttled_seconds(result["gpu_telemetry"]),
+            throttle_reasons=tuple(result["gpu_telemetry"]["throttle_reasons"]) if result["gpu_telemetry"] else (),
+            gpu=None if result["environment"]["gpu"] is None else {
+                key: result["environment"]["gpu"][key] for key in ("name", "pci_bus_id", "uuid")
+            },
         )
+
+
+def _throttled_seconds(telemetry: dict[str, Any] | None) -> float | None:
+    return None if telemetry is None or not telemetry["samples"] else float(telemetry["throttled_s"])
 
 
 @dataclass
@@ -172,9 +186,12 @@ class Row:
     runs: list[Run]  # in the order they started
     rank: int | None = None
     record_status: str = ""
-    # The test that decided record_status: its p-value and the record holder it was tested against.
+    # The test that decided record_status: its p-value, the improvement in mean val_loss over the
+    # record holder it was tested against, and that holder.
     record_p_value: float | None = None
+    record_improvement: float | None = None
     record_baseline: str | None = None
+    record_rule: RecordRule | None = None
 
     @property
     def authors(self) -> list[str]:
@@ -214,6 +231,33 @@ class Row:
         return len({run.seed for run in self.runs})
 
     @property
+    def drawn_seeds(self) -> int:
+        return len({run.seed for run in self.runs if run.seed_drawn})
+
+    def counted_losses(self, rule: RecordRule) -> list[float]:
+        """What the record test compares: one val_loss per distinct seed (the mean of that seed's runs,
+        so repeating a seed adds no sample), of every seed, or of drawn seeds only if the rule says so."""
+        by_seed: dict[int, list[float]] = {}
+        for run in self.runs:
+            if run.seed_drawn or not rule.drawn_seeds_only:
+                by_seed.setdefault(run.seed, []).append(run.val_loss)
+        return [mean(losses) for losses in by_seed.values()]
+
+    def counted_seeds(self, rule: RecordRule) -> int:
+        return self.drawn_seeds if rule.drawn_seeds_only else self.seeds
+
+    @property
+    def throttled_runs(self) -> tuple[int, int] | None:
+        """(runs the driver slowed, runs with GPU telemetry), or None when no run has telemetry."""
+        sampled = [run.throttled_s for run in self.runs if run.throttled_s is not None]
+        return (sum(1 for seconds in sampled if seconds > 0), len(sampled)) if sampled else None
+
+    @property
+    def throttle_reasons(self) -> list[str]:
+        """Why the driver slowed the runs it slowed."""
+        return sorted({reason for run in self.runs if run.throttled_s for reason in run.throttle_reasons})
+
+    @property
     def first_run_at(self) -> datetime:
         return min(run.started_at for run in self.runs)
 
@@ -227,7 +271,7 @@ class Row:
 
 
 def build_rows(
-    verified: list[VerifiedResult], track: str | None = None
+    verified: list[VerifiedResult], rules: RecordRules, track: str | None = None
 ) -> tuple[list[Row], list[tuple[Path, str]]]:
     """Group verified runs into rows, rank them and mark records. Also returns duplicates it refused."""
     duplicates: list[tuple[Path, str]] = []
@@ -250,7 +294,7 @@ def build_rows(
         in_track = [row for key, row in rows.items() if key[0] == track_id]
         for row in in_track:
             row.runs.sort(key=lambda run: (run.started_at, run.run_id))
-        _mark_records(in_track)
+        _mark_records(in_track, rules.for_track(track_id))
         official = sorted((r for r in in_track if r.official), key=lambda r: (r.mean_val_loss, r.submission))
         unofficial = sorted((r for r in in_track if not r.official), key=lambda r: (r.mean_val_loss, r.submission))
         for rank, row in enumerate(official, start=1):
@@ -259,25 +303,32 @@ def build_rows(
     return ordered, duplicates
 
 
-def _mark_records(rows: list[Row]) -> None:
+def _mark_records(rows: list[Row], rule: RecordRule) -> None:
     holder: Row | None = None
     for row in sorted(rows, key=lambda r: (r.first_run_at, r.submission)):
+        row.record_rule = rule
         if not row.official:
             row.record_status = NOT_ELIGIBLE
-        elif row.seeds < RECORD_MIN_SEEDS:
+        elif row.counted_seeds(rule) < rule.min_seeds:
             row.record_status = TOO_FEW_SEEDS
         elif holder is None:
             row.record_status = RECORD
             holder = row
         else:
-            row.record_p_value = welch_one_sided_p(holder.val_losses, row.val_losses)
+            baseline, challenger = holder.counted_losses(rule), row.counted_losses(rule)
+            row.record_p_value = welch_one_sided_p(baseline, challenger)
+            # Rounded: val_losses are multiples of 1e-4, and their float difference must not fall
+            # a hair below a threshold it meets exactly.
+            row.record_improvement = round(mean(baseline) - mean(challenger), 9)
             row.record_baseline = holder.submission
-            if row.record_p_value < RECORD_P_THRESHOLD:
+            if row.record_p_value >= rule.p_below:
+                row.record_status = NOT_SIGNIFICANT
+            elif row.record_improvement < rule.min_improvement_nats:
+                row.record_status = TOO_SMALL
+            else:
                 holder.record_status = FORMER_RECORD
                 row.record_status = RECORD
                 holder = row
-            else:
-                row.record_status = NOT_SIGNIFICANT
 
 
 # --- text helpers -----------------------------------------------------------------------------
@@ -308,26 +359,56 @@ def _seconds(value: float | None) -> str:
 
 
 def _record_text(row: Row) -> str:
-    test = "" if row.record_p_value is None else f"{_p_value(row.record_p_value)} vs {row.record_baseline}"
+    test = ""
+    if row.record_p_value is not None:
+        test = f"{_p_value(row.record_p_value)}, {row.record_improvement:+.4f} vs {row.record_baseline}"
     if row.record_status == RECORD:
         return f"★ record ({test or 'the first'})"
     if row.record_status == FORMER_RECORD:
         return f"former record ({test or 'the first'})"
     if row.record_status == NOT_SIGNIFICANT:
         return f"not a record: {test}"
+    if row.record_status == TOO_SMALL:
+        return f"not a record: {test}, an improvement under {row.record_rule.min_improvement_nats:g}"
     if row.record_status == TOO_FEW_SEEDS:
-        return f"needs ≥{RECORD_MIN_SEEDS} seeds"
+        drawn = "drawn " if row.record_rule.drawn_seeds_only else ""
+        return f"needs ≥{row.record_rule.min_seeds} {drawn}seeds"
     return "not eligible"
+
+
+def _runs_text(row: Row) -> str:
+    text = str(len(row.runs))
+    details = [f"{row.seeds} seeds"] if row.seeds != len(row.runs) else []
+    if row.drawn_seeds:
+        details.append(f"{row.drawn_seeds} drawn")
+    return text + (f" ({', '.join(details)})" if details else "")
+
+
+# A T4 sits at its 70 W cap under load by design; thermal and hardware slowdowns are the ones that
+# say a board ran worse than its kind. The column names which it was.
+_REASON_WORDS = {"sw_power_cap": "power cap", "hw_slowdown": "hardware", "sw_thermal_slowdown": "thermal",
+                 "hw_thermal_slowdown": "thermal", "hw_power_brake_slowdown": "power brake"}
+
+
+def _gpu_text(row: Row) -> str:
+    throttled = row.throttled_runs
+    if throttled is None:
+        return "-"
+    slowed, sampled = throttled
+    if slowed == 0:
+        return "steady"
+    words = ", ".join(dict.fromkeys(_REASON_WORDS.get(reason, reason) for reason in row.throttle_reasons))
+    return f"throttled in {slowed}/{sampled}" + (f": {words}" if words else "")
 
 
 # (header, numeric): numeric columns are right-aligned and never wrapped.
 COLUMNS = [
     ("#", True), ("submission", False), ("val_loss mean ± std", True), ("runs", True), ("best val_loss", True),
-    ("val_bpb", True), ("train s", True), ("authors", False), ("latest run", False), ("status", False),
-    ("record", False),
+    ("val_bpb", True), ("train s", True), ("GPU clocks", False), ("authors", False), ("latest run", False),
+    ("status", False), ("record", False),
 ]
 # Short text columns that read badly when broken across lines.
-UNBROKEN = {"submission", "latest run", "status"}
+UNBROKEN = {"submission", "GPU clocks", "latest run", "status"}
 
 
 def _author_name(author: str) -> str:
@@ -343,10 +424,11 @@ def _cells(row: Row, names_only: bool = False) -> list[str]:
         str(row.rank) if row.rank is not None else "-",
         row.submission,
         _mean_std(row),
-        f"{len(row.runs)} ({row.seeds} seeds)" if row.seeds != len(row.runs) else str(len(row.runs)),
+        _runs_text(row),
         _loss(row.best_run.val_loss),
         _loss(row.mean_val_bpb),
         _seconds(row.mean_train_seconds),
+        _gpu_text(row),
         ", ".join(authors),
         row.latest_run_at.date().isoformat(),
         "official" if row.official else "unofficial",
@@ -362,13 +444,17 @@ def _by_track(rows: list[Row]) -> dict[str, list[Row]]:
     return grouped
 
 
-RULE_TEXT = (
-    f"Ranked by mean validation loss (nats/token, lower is better); ± is the sample standard deviation "
-    f"over runs. A submission becomes the record when it has runs on at least {RECORD_MIN_SEEDS} seeds and "
-    f"beats the record holder at that time in a one-sided Welch t-test at p < {RECORD_P_THRESHOLD}; "
-    "submissions are considered in the order of their first run. Unofficial runs are listed apart and never "
-    "hold a record."
+RANKING_TEXT = (
+    "Ranked by mean validation loss (nats/token, lower is better); ± is the sample standard deviation "
+    "over runs; \"drawn\" counts seeds the evaluator drew, which nobody could choose. Submissions are "
+    "considered for the record in the order of their first run; unofficial runs are listed apart and "
+    "never hold a record. GPU clocks: \"throttled in k/n\" when the driver reported a power or thermal "
+    "slowdown during training in k of the n runs it was sampled in."
 )
+
+
+def rule_text(track_id: str, rule: RecordRule) -> str:
+    return f"Track {track_id}: {rule.text()}."
 
 
 # --- renderers --------------------------------------------------------------------------------
@@ -398,10 +484,11 @@ def _row_cards(track_id: str, rows: list[Row]) -> Text:
         cells = dict(zip((header for header, _ in COLUMNS), _cells(row, names_only=True)))
         style = "bold" if row.record_status == RECORD else ""
         text.append(f"{cells['#']:>3}  {cells['submission']}\n", style="bold")
-        runs = cells["runs"] + (" run" if cells["runs"] == "1" else " runs")
+        count = len(row.runs)
+        runs = f"{count} run{'' if count == 1 else 's'}{cells['runs'][len(str(count)):]}"  # "3 runs (3 drawn)"
         text.append(
             f"     val_loss {cells['val_loss mean ± std']} · {runs} · best {cells['best val_loss']}"
-            f" · bpb {cells['val_bpb']} · {cells['train s']} s\n",
+            f" · bpb {cells['val_bpb']} · {cells['train s']} s · GPU {cells['GPU clocks']}\n",
             style=style,
         )
         details = [cells["authors"], f"latest {cells['latest run']}", cells["status"], cells["record"]]
@@ -419,7 +506,8 @@ def print_table(console: Console, rows: list[Row], verified_count: int) -> None:
             console.print(table)
         else:
             console.print(_row_cards(track_id, track_rows))
-    console.print(f"{verified_count} verified result(s). {RULE_TEXT}", markup=False, highlight=False)
+        console.print(_visible(rule_text(track_id, track_rows[0].record_rule)), markup=False, highlight=False)
+    console.print(f"{verified_count} verified result(s). {RANKING_TEXT}", markup=False, highlight=False)
 
 
 def render_table(rows: list[Row], verified_count: int) -> str:
@@ -450,13 +538,14 @@ def render_markdown(rows: list[Row], verified_count: int) -> str:
     lines = [
         "# Leaderboard",
         "",
-        f"Generated by `evaluator leaderboard` from {verified_count} signed result(s) that verify. {RULE_TEXT}",
+        f"Generated by `evaluator leaderboard` from {verified_count} signed result(s) that verify. {RANKING_TEXT}",
         "",
     ]
     if not rows:
         lines += ["No verified results yet.", ""]
     for track_id, track_rows in _by_track(rows).items():
-        lines += [f"## Track {_markdown_code(_visible(track_id))}", ""]
+        lines += [f"## Track {_markdown_code(_visible(track_id))}", "",
+                  _markdown_cell(_visible(rule_text(track_id, track_rows[0].record_rule))), ""]
         lines.append("| " + " | ".join(header for header, _ in COLUMNS) + " |")
         lines.append("|" + "|".join("---:" if numeric else "---" for _, numeric in COLUMNS) + "|")
         for row in track_rows:
@@ -478,6 +567,10 @@ def _row_json(row: Row) -> dict[str, Any]:
         "description": row.description,
         "runs": len(row.runs),
         "seeds": row.seeds,
+        "drawn_seeds": row.drawn_seeds,
+        "throttled_runs": None if row.throttled_runs is None else row.throttled_runs[0],
+        "sampled_runs": None if row.throttled_runs is None else row.throttled_runs[1],
+        "throttle_reasons": row.throttle_reasons,
         "val_loss_mean": row.mean_val_loss,
         "val_loss_std": row.std_val_loss,
         "best_val_loss": row.best_run.val_loss,
@@ -488,15 +581,19 @@ def _row_json(row: Row) -> dict[str, Any]:
         "latest_run_at": row.latest_run_at.isoformat(),
         "record_status": row.record_status,
         "record_p_value": row.record_p_value,
+        "record_improvement": row.record_improvement,
         "record_baseline": row.record_baseline,
         "signers": row.signers,
         "run_details": [
             {
                 "run_id": run.run_id,
                 "seed": run.seed,
+                "seed_drawn": run.seed_drawn,
                 "val_loss": run.val_loss,
                 "val_bpb": run.val_bpb,
                 "train_seconds": run.train_seconds,
+                "throttled_s": run.throttled_s,
+                "gpu": run.gpu,
                 "started_at": run.started_at.isoformat(),
                 "signer": run.signer,
             }
@@ -514,7 +611,9 @@ def render_json(rows: list[Row], verified_count: int, rejected: list[tuple[Path,
     document = {
         "verified": verified_count,
         "rejected": [{"path": display_path(path), "reason": reason} for path, reason in rejected],
-        "record_rule": RULE_TEXT,
+        "ranking": RANKING_TEXT,
+        "record_rules": {track_id: {**asdict(track_rows[0].record_rule), "text": rule_text(track_id, track_rows[0].record_rule)}
+                         for track_id, track_rows in _by_track(rows).items()},
         "rows": [_row_json(row) for row in rows],
     }
     return json.dumps(document, indent=2, ensure_ascii=False).translate(_JSON_RAW_CONTROLS) + "\n"
@@ -530,6 +629,10 @@ PARQUET_SCHEMA = pa.schema(
         ("description", pa.string()),
         ("runs", pa.int32()),
         ("seeds", pa.int32()),
+        ("drawn_seeds", pa.int32()),
+        ("throttled_runs", pa.int32()),
+        ("sampled_runs", pa.int32()),
+        ("throttle_reasons", pa.list_(pa.string())),
         ("val_loss_mean", pa.float64()),
         ("val_loss_std", pa.float64()),
         ("best_val_loss", pa.float64()),
@@ -540,6 +643,7 @@ PARQUET_SCHEMA = pa.schema(
         ("latest_run_at", pa.timestamp("us", tz="UTC")),
         ("record_status", pa.string()),
         ("record_p_value", pa.float64()),
+        ("record_improvement", pa.float64()),
         ("record_baseline", pa.string()),
         ("signers", pa.list_(pa.string())),
         ("run_ids", pa.list_(pa.string())),
@@ -707,12 +811,13 @@ def render_html(rows: list[Row], verified_count: int) -> str:
     body = [
         "<h1>Speedrun leaderboard</h1>",
         f'<p class="rule">Built by <code>evaluator leaderboard</code> from {verified_count} signed result(s) that '
-        f"verify. {html.escape(RULE_TEXT)}</p>",
+        f"verify. {html.escape(RANKING_TEXT)}</p>",
     ]
     if not rows:
         body.append("<p>No verified results yet.</p>")
     for track_id, track_rows in _by_track(rows).items():
         body.append(f"<h2>Track <code>{html.escape(track_id)}</code></h2>")
+        body.append(f'<p class="rule">{html.escape(rule_text(track_id, track_rows[0].record_rule))}</p>')
         headers = "".join(f'<th class="{_html_class(h, numeric)}">{html.escape(h)}</th>' for h, numeric in COLUMNS)
         body.append(f"<table><thead><tr>{headers}</tr></thead><tbody>")
         for index, row in enumerate(track_rows):
@@ -768,7 +873,8 @@ def _run_leaderboard(args: argparse.Namespace) -> int:
         raise UserError(f"results directory {results_dir} does not exist")
     trusted = load_trusted_keys(Path(args.trusted_keys))
     verified, rejected = verify_paths(envelope_paths(results_dir), trusted)
-    rows, duplicates = build_rows(verified, args.track)
+    rules = load_record_rules(Path(args.rules))
+    rows, duplicates = build_rows(verified, rules, args.track)
     rejected += duplicates
     counted = sum(len(row.runs) for row in rows)
     if rejected:
@@ -796,8 +902,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Build the leaderboard from the signed results that verify (rejected envelopes are listed on "
             "stderr and never shown). One row per submission and track: mean ± std of val_loss over its runs, "
-            "best run, val_bpb, train seconds, authors, latest run, official or not, and the record test "
-            f"(>= {RECORD_MIN_SEEDS} seeds, one-sided Welch t-test, p < {RECORD_P_THRESHOLD})."
+            "best run, val_bpb, train seconds, whether the GPU throttled, authors, latest run, official or not, "
+            "and the record test of the track's rule in --rules (distinct seeds, one-sided Welch t-test, minimum "
+            "improvement), which each table's header states."
         ),
     )
     parser.add_argument("--track", metavar="ID", help="only this track (default: every track, one table each)")
@@ -810,5 +917,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--trusted-keys", default=str(KEYS_DIR), metavar="DIR", help="trusted *.pub keys (default: spec/keys/)"
+    )
+    parser.add_argument(
+        "--rules", default=str(RECORD_RULES_FILE), metavar="FILE",
+        help="record rules per track (default: spec/record-rules.toml); they re-rank, they never invalidate a result",
     )
     parser.set_defaults(handler=_run_leaderboard)

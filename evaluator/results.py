@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import platform
-import subprocess
 from datetime import datetime, timezone
 from functools import cache
 from pathlib import Path
@@ -14,6 +13,7 @@ import jsonschema
 
 from evaluator import __version__
 from evaluator.fsutil import atomic_write_text
+from evaluator.gpus import Placement
 from evaluator.paths import SPEC_DIR
 
 RESULT_FILE = "result.json"
@@ -59,25 +59,19 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _gpu_info(device_kind: str) -> dict[str, Any] | None:
-    if device_kind != "cuda":
+def _gpu_info(gpu: Placement | None) -> dict[str, Any] | None:
+    if gpu is None:
         return None
     import torch
 
-    if not torch.cuda.is_available():
-        return None
-    props = torch.cuda.get_device_properties(0)
-    try:
-        driver = subprocess.run(
-            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader", "-i", "0"],
-            capture_output=True, text=True, timeout=20, check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        driver = "unknown"
-    return {"name": props.name, "driver": driver, "cuda": torch.version.cuda or "unknown", "memory_gib": round(props.total_memory / 2**30, 2)}
+    board = gpu.board
+    return {"name": board.name, "driver": gpu.driver, "cuda": torch.version.cuda or "unknown",
+            "memory_gib": round(board.memory_mib / 1024, 2), "index": gpu.cuda_index, "minor": board.minor,
+            "pci_bus_id": board.pci_bus_id, "uuid": board.uuid}
 
 
-def environment(device_kind: str, sandbox_kind: str, sandbox_version: str) -> dict[str, Any]:
+def environment(sandbox_kind: str, sandbox_version: str, gpu: Placement | None) -> dict[str, Any]:
+    """The host a run ran on, and the GPU it held (None on a CPU track)."""
     import torch
 
     return {
@@ -86,6 +80,6 @@ def environment(device_kind: str, sandbox_kind: str, sandbox_version: str) -> di
         "evaluator_version": __version__,
         "platform": platform.platform(),
         "cpu": _cpu_name(),
-        "gpu": _gpu_info(device_kind),
+        "gpu": _gpu_info(gpu),
         "sandbox": {"kind": sandbox_kind, "version": sandbox_version},
     }

@@ -21,7 +21,7 @@ import statistics
 import sys
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -38,8 +38,10 @@ from evaluator.dataset.loader import read_documents
 from evaluator.dataset.store import resolve_data_file, tokenizer_info
 from evaluator.errors import InvalidModel, UserError
 from evaluator.fsutil import atomic_write_bytes, atomic_write_text, sha256_file, stage_tree, tree_sha256
+from evaluator.gpus import Placement, hold_gpu, hold_host
 from evaluator.harness import MODEL_FILE
 from evaluator.manifest import MANIFEST_NAME, Manifest, parse_manifest
+from evaluator.nvml import TelemetrySampler
 from evaluator.paths import DATASETS_DIR, REPO_ROOT, RUNS_DIR
 from evaluator.results import EXIT_CODES, environment, utc_now, write_result
 from evaluator.sandbox import JailSpec, SandboxUnavailable, open_sandbox
@@ -65,6 +67,13 @@ class TrainingOutcome:
     train_seconds: float | None = None
     metrics_rows: list[tuple[float, int, str, float]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    gpu_telemetry: dict[str, Any] | None = None
+
+
+def draw_seed() -> int:
+    """A seed from the kernel's random source, drawn after the submission is fixed: nobody can have
+    tuned for it. 31 bits, so every seeding API a submission might pass it to accepts it."""
+    return int.from_bytes(os.urandom(4), "little") & 0x7FFF_FFFF
 
 
 def _new_run_id(name: str, seed: int) -> str:
@@ -325,7 +334,9 @@ class _RunPlan:
     track: Track
     device: str
     seed: int
+    seed_drawn: bool
     budget_s: float
+    gpu: Placement | None  # the GPU this run holds; None on a CPU track
     train_path: Path
     val_path: Path
     vocab_size: int
@@ -338,10 +349,16 @@ class _RunPlan:
     job_path: Path
     debug_scoring: bool
 
+    @property
+    def gpu_minor(self) -> int | None:
+        """The board the jails are given, /dev/nvidia<minor>."""
+        return None if self.gpu is None else self.gpu.board.minor
 
-def _plan(folder: Path, track_id: str | None, seed: int | None, budget_s: float | None, runs_dir: Path,
-          debug_scoring: bool, console: Console) -> _RunPlan:
-    """Check the submission, resolve track and data, lay out the run directory and the job file."""
+
+def _plan(folder: Path, track_id: str | None, seed: int | None, secret_seed: bool, budget_s: float | None,
+          gpu: int | None, runs_dir: Path, debug_scoring: bool, console: Console, held: ExitStack) -> _RunPlan:
+    """Check the submission, resolve track and data, take the host's locks (into `held`, for the whole
+    run), lay out the run directory and the job file."""
     report = check_submission(folder)
     if not report.ok:
         for finding in report.findings:
@@ -350,7 +367,9 @@ def _plan(folder: Path, track_id: str | None, seed: int | None, budget_s: float 
     manifest = report.manifest
     track = load_track(track_id or manifest.track)
     device = _check_device(track)
-    seed = track.seeds["default"] if seed is None else seed
+    if secret_seed and seed is not None:
+        raise UserError("a secret seed is drawn by the evaluator: give a seed or ask for a secret one, not both")
+    seed = draw_seed() if secret_seed else track.seeds["default"] if seed is None else seed
     budget_s = track.budget_s if budget_s is None else budget_s
     if not (budget_s > 0 and math.isfinite(budget_s)):
         raise UserError(f"--budget must be a positive number of seconds, not {budget_s}")
@@ -365,9 +384,19 @@ def _plan(folder: Path, track_id: str | None, seed: int | None, budget_s: float 
         )
 
     run_id = _new_run_id(manifest.name, seed)
+    holder = f"pid {os.getpid()}, run {run_id}"
+    # Scoring a private split: nothing else may train on this host meanwhile (THREAT_MODEL.md).
+    held.enter_context(hold_host(exclusive=not val_path.is_relative_to(DATASETS_DIR.resolve()), holder=holder))
+    if device.startswith("cuda"):
+        placement = held.enter_context(hold_gpu(gpu, holder))
+    elif gpu is not None:
+        raise UserError(f"--gpu applies to GPU tracks; track {track.id} runs on the CPU")
+    else:
+        placement = None
     run_dir = (Path(runs_dir) / run_id).resolve()
     plan = _RunPlan(
-        folder=folder, manifest=manifest, track=track, device=device, seed=seed, budget_s=budget_s,
+        folder=folder, manifest=manifest, track=track, device=device, seed=seed, seed_drawn=secret_seed,
+        budget_s=budget_s, gpu=placement,
         train_path=train_path, val_path=val_path, vocab_size=vocab_size, eos_id=eos_id,
         run_id=run_id, run_dir=run_dir, staged=run_dir / "submission", jail_out=run_dir / "jail-out",
         scratch=run_dir / "scratch", job_path=run_dir / "job.json", debug_scoring=debug_scoring,
@@ -414,7 +443,8 @@ def _train_in_jail(plan: _RunPlan, sandbox, console: Console, timings: dict[str,
         time_limit_s=STARTUP_ALLOWANCE_S + plan.budget_s + limits["grace_s"],
         log_path=plan.run_dir / "train.log",
         log_cap_bytes=limits["log_mib"] * 2**20,
-        gpu_index=0 if plan.device.startswith("cuda") else None,
+        gpu_index=plan.gpu_minor,
+        gpu_uuid=None if plan.gpu is None else plan.gpu.board.uuid,
         max_file_bytes=model_cap,  # no file in the jail needs to outgrow the model
         cpus=plan.track.threads,  # the track's thread count is CPU time, not a request the code may ignore
     )
@@ -424,6 +454,7 @@ def _train_in_jail(plan: _RunPlan, sandbox, console: Console, timings: dict[str,
     with (
         sandbox.capped_output_dir(plan.jail_out, model_cap),
         _LiveDisplay(console, plan.manifest.name, plan.budget_s) as display,
+        _gpu_telemetry(plan.gpu_minor) as telemetry,
         sandbox.start(spec) as jailed,
     ):
         outcome = _train(jailed, plan.budget_s, display, launched)
@@ -440,7 +471,20 @@ def _train_in_jail(plan: _RunPlan, sandbox, console: Console, timings: dict[str,
     timings.update(outcome.timings, teardown_s=time.monotonic() - train_returned, jail_total_s=time.monotonic() - launched)
     shutil.rmtree(plan.scratch, ignore_errors=True)
     _write_metrics(plan.run_dir, outcome.metrics_rows)
+    if telemetry is not None:
+        telemetry.write(plan.run_dir)
+        outcome.gpu_telemetry = telemetry.summary()
     return outcome
+
+
+@contextmanager
+def _gpu_telemetry(gpu_minor: int | None) -> Iterator[TelemetrySampler | None]:
+    """NVML samples of the jail's GPU while it trains, taken here, outside the jail."""
+    if gpu_minor is None:
+        yield None
+        return
+    with TelemetrySampler(gpu_minor) as sampler:
+        yield sampler
 
 
 def _score(plan: _RunPlan, sandbox, console: Console):
@@ -461,6 +505,7 @@ def _score(plan: _RunPlan, sandbox, console: Console):
         seq_len=protocol["seq_len"],
         batch_size=protocol["batch_size"],
         device=plan.device,
+        gpu=None if plan.gpu is None else plan.gpu.board,
         threads=plan.track.threads,
         limits=ScoringLimits(load_s=protocol["load_s"], step_s=protocol["step_s"],
                              total_s=protocol["time_limit_s"], consistency_nats=protocol["consistency_nats"]),
@@ -474,9 +519,12 @@ def _record(plan: _RunPlan, outcome: TrainingOutcome, score, env: dict[str, Any]
     rows = outcome.metrics_rows
     tokens = _last_logged(rows, "tokens")
     reasons = _unofficial_reasons(plan, env["sandbox"]["kind"], env["gpu"])
+    if plan.gpu is not None and plan.gpu.busy_pids:
+        pids = ", ".join(map(str, plan.gpu.busy_pids))
+        reasons.append(f"GPU {plan.gpu.board.pci_bus_id} had work of other processes when the run started (pids {pids})")
     track = plan.track
     return {
-        "schema_version": 2,
+        "schema_version": 3,
         "run_id": plan.run_id,
         "status": outcome.status,
         "message": outcome.message,
@@ -499,6 +547,7 @@ def _record(plan: _RunPlan, outcome: TrainingOutcome, score, env: dict[str, Any]
             "tokenizer_sha256": track.dataset["tokenizer"]["sha256"],
         },
         "seed": plan.seed,
+        "seed_drawn": plan.seed_drawn,
         "metrics": None if score is None or outcome.status != "ok" else {
             "val_loss": score.val_loss,
             "val_bpb": score.val_bpb,
@@ -519,6 +568,7 @@ def _record(plan: _RunPlan, outcome: TrainingOutcome, score, env: dict[str, Any]
         },
         "scoring_seconds": score.seconds if score is not None else None,
         "environment": env,
+        "gpu_telemetry": outcome.gpu_telemetry,
         "started_at": started,
         "ended_at": utc_now(),
     }
@@ -557,29 +607,34 @@ def evaluate(
     *,
     track_id: str | None = None,
     seed: int | None = None,
+    secret_seed: bool = False,
     budget_s: float | None = None,
+    gpu: int | None = None,
     sandbox_choice: str = "auto",
     runs_dir: Path = RUNS_DIR,
     debug_scoring: bool = False,
     console: Console | None = None,
 ) -> tuple[dict[str, Any], Path]:
-    """One evaluation run: returns the result record (also written as result.json) and the run directory."""
-    with _sigterm_unwinds():
+    """One evaluation run: returns the result record (also written as result.json) and the run directory.
+    `secret_seed` has the evaluator draw the seed (recorded as `seed_drawn`) instead of taking `seed`.
+    `gpu`: CUDA's index of the GPU to hold (default: the first no other run holds)."""
+    with _sigterm_unwinds(), ExitStack() as held:
         console = console or Console(stderr=True)
         began = time.monotonic()
-        plan = _plan(Path(folder), track_id, seed, budget_s, runs_dir, debug_scoring, console)
+        plan = _plan(Path(folder), track_id, seed, secret_seed, budget_s, gpu, runs_dir, debug_scoring, console, held)
         started = utc_now()
         timings: dict[str, float] = {}
         score = None
         try:
             sandbox = open_sandbox(sandbox_choice)
         except SandboxUnavailable as exc:
-            env = environment(plan.track.device_kind, "nsjail", "unavailable")
+            env = environment("nsjail", "unavailable", plan.gpu)
             outcome = TrainingOutcome(status="sandbox_error", message=f"nsjail cannot run here: {exc}")
         else:
-            env = environment(plan.track.device_kind, sandbox.kind, sandbox.version)
+            env = environment(sandbox.kind, sandbox.version, plan.gpu)
             label = "nsjail" if sandbox.kind == "nsjail" else "NONE — unsandboxed, unofficial"
-            console.print(f"[bold]{plan.manifest.name}[/] on [bold]{plan.track.id}[/], seed {plan.seed}, budget {plan.budget_s:g} s, sandbox: {label}")
+            seed_label = f"{plan.seed} (drawn)" if plan.seed_drawn else str(plan.seed)
+            console.print(f"[bold]{plan.manifest.name}[/] on [bold]{plan.track.id}[/], seed {seed_label}, budget {plan.budget_s:g} s, sandbox: {label}")
             console.print(f"sandbox: {sandbox.reason}", markup=False, highlight=False)
             timings["prepare_s"] = time.monotonic() - began
             try:
@@ -618,7 +673,8 @@ def _jail_env(threads: int, home: Path) -> dict[str, str]:
 
 
 def summary_line(record: dict[str, Any]) -> str:
-    parts = [f"{record['submission']['name']} seed {record['seed']}: {record['status']}"]
+    seed = f"{record['seed']} (drawn)" if record["seed_drawn"] else str(record["seed"])
+    parts = [f"{record['submission']['name']} seed {seed}: {record['status']}"]
     metrics = record["metrics"]
     if metrics:
         parts.append(f"val_loss {metrics['val_loss']:.4f}  val_bpb {metrics['val_bpb']:.4f}")
@@ -649,15 +705,22 @@ def _run(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     if args.seeds < 1:
         raise UserError("--seeds must be at least 1")
-    base_seed = _base_seed(args)
-    seeds = [None] if base_seed is None else [base_seed + i for i in range(args.seeds)]
+    if args.secret_seeds and args.seed is not None:
+        raise UserError("--secret-seeds draws every seed: drop --seed")
+    if args.secret_seeds:
+        seeds = [None] * args.seeds
+    else:
+        base_seed = _base_seed(args)
+        seeds = [None] if base_seed is None else [base_seed + i for i in range(args.seeds)]
     records = []
     for seed in seeds:
         record, run_dir = evaluate(
             Path(args.folder),
             track_id=args.track,
             seed=seed,
+            secret_seed=args.secret_seeds,
             budget_s=args.budget,
+            gpu=args.gpu,
             sandbox_choice=args.sandbox,
             runs_dir=Path(args.out) if args.out else RUNS_DIR,
             debug_scoring=args.debug_scoring,
@@ -694,6 +757,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--track", metavar="ID", help="track id (default: the manifest's track)")
     run.add_argument("--seed", type=int, metavar="N", help="seed handed to the submission (default: the track's)")
     run.add_argument("--seeds", type=int, default=1, metavar="N", help="run N seeds in sequence (seed, seed+1, ...) and print mean ± std")
+    run.add_argument("--secret-seeds", action="store_true",
+                     help="draw each seed from os.urandom instead of the track's public ones; the result records "
+                          "it as drawn, and only drawn seeds count for a record on tracks whose record rule says so")
+    run.add_argument("--gpu", type=int, metavar="N",
+                     help="on a GPU track, the GPU to use, as CUDA numbers them here (after CUDA_VISIBLE_DEVICES); "
+                          "default: the first that no other run of this evaluator holds")
     run.add_argument("--budget", type=float, metavar="S", help="training budget in seconds; any value other than the track's makes the run unofficial")
     run.add_argument("--sandbox", choices=["auto", "nsjail", "none"], default="auto",
                      help="auto: nsjail when it works here, else none (says which); nsjail: never falls back; none: plain subprocess, unofficial")

@@ -158,6 +158,9 @@ class JailSpec:
     log_path: Path  # the jail's stderr is copied here, capped at log_cap_bytes
     log_cap_bytes: int
     gpu_index: int | None = None  # bind only /dev/nvidia{ctl,-uvm,-uvm-tools,N}
+    # The board's UUID: without nsjail every GPU is visible, so CUDA_VISIBLE_DEVICES names the one
+    # CUDA must use (in a jail the node is the only GPU, device 0).
+    gpu_uuid: str | None = None
     max_file_bytes: int = MAX_FILE_BYTES  # RLIMIT_FSIZE (whole MiB under nsjail): no file grows past it
     cpus: int | None = None  # CPU time per wall second, in CPUs, for the whole jail (a cgroup quota)
     # A memory image (Sandbox.memory_image) to build the jail's whole filesystem from, instead of
@@ -1097,7 +1100,8 @@ class Sandbox:
 
         With nsjail, each rw path itself (not its contents) is given to the jail's user, nobody,
         so that the jail can write there, and the time limit is rounded up to whole seconds.
-        Without nsjail, paths, uid and gpu_index have no effect: the command sees the host.
+        Without nsjail, paths, uid and gpu_index have no effect: the command sees the host, and only
+        gpu_uuid (as CUDA_VISIBLE_DEVICES) keeps CUDA on the run's GPU.
         """
         _validate(spec)
         Path(spec.workdir).mkdir(parents=True, exist_ok=True)
@@ -1200,7 +1204,7 @@ class Sandbox:
         return Jailed(
             spec,
             argv=list(spec.argv),
-            env=jail_environment(spec),
+            env=jail_environment(spec) | ({"CUDA_VISIBLE_DEVICES": spec.gpu_uuid} if spec.gpu_uuid else {}),
             cwd=Path(spec.cwd),
             cgroup=cgroup,
             rlimits={limit: (value, value) for limit, value in jail_rlimits(spec.max_file_bytes).items()},

@@ -63,6 +63,7 @@ from evaluator.model_server import (
     CLOSE, CLOSED, ENDED, ERROR, KEEP, LOAD_ERROR, LOGIT_DTYPES, LOGITS, OPEN, OUTPUT_ERROR,
     PIDS_PER_BATCH, PROCESSES_ERROR, READY, REPLY_HEADER, REQUEST_HEADER, STARTED, STEP, TAMPERED_ERROR,
 )
+from evaluator.nvml import Board
 from evaluator.sandbox import JailSpec, SandboxUnavailable
 
 EVALUATOR_PACKAGE_DIR = Path(__file__).resolve().parent
@@ -361,8 +362,8 @@ def _progress(description: str, total: int) -> Iterator[Callable[[int], None]]:
 
 
 def _server_spec(*, name: str, workdir: Path, image: Path | None, model_path: Path, submission_dir: Path,
-                 device: str, threads: int, time_limit_s: float, memory_bytes: int, pids: int,
-                 log_path: Path | None) -> JailSpec:
+                 device: str, gpu: Board | None, threads: int, time_limit_s: float, memory_bytes: int,
+                 pids: int, log_path: Path | None) -> JailSpec:
     argv = [
         # -P: the working directory (the submission) must not shadow `evaluator` on sys.path.
         sys.executable, "-P", "-B", "-m", "evaluator.model_server",
@@ -393,7 +394,8 @@ def _server_spec(*, name: str, workdir: Path, image: Path | None, model_path: Pa
         time_limit_s=time_limit_s,
         log_path=log_path or workdir / "server.log",
         log_cap_bytes=1 << 20 if log_path else 0,
-        gpu_index=int(device.partition(":")[2] or 0) if device.startswith("cuda") else None,
+        gpu_index=None if gpu is None else gpu.minor,
+        gpu_uuid=None if gpu is None else gpu.uuid,
         cpus=threads,  # a model can only slow its own scoring down, never the host's other jails
         sealed_image=image,
     )
@@ -420,8 +422,8 @@ def check_consistency(passes: list[dict[str, float]], val_tokens: int, tolerance
 
 
 def _score_passes(sandbox, compositions: list[list[list[_Window]]], limits: ScoringLimits, *, name: str,
-                  model_path: Path, submission_dir: Path, vocab_size: int, device: str, threads: int,
-                  memory_bytes: int, pids: int, debug_log_dir: Path | None) -> list[dict[str, float]]:
+                  model_path: Path, submission_dir: Path, vocab_size: int, device: str, gpu: Board | None,
+                  threads: int, memory_bytes: int, pids: int, debug_log_dir: Path | None) -> list[dict[str, float]]:
     """Each composition streamed in a jail of its own: per pass, each document's total nats."""
     in_jail = [EVALUATOR_PACKAGE_DIR / module for module in IN_JAIL_MODULES] + [submission_dir, model_path]
     passes: list[dict[str, float]] = []
@@ -430,7 +432,7 @@ def _score_passes(sandbox, compositions: list[list[list[_Window]]], limits: Scor
     # status, a number the model chooses.
     with (
         tempfile.TemporaryDirectory(prefix="speedrun-scoring-") as scratch,
-        sandbox.memory_image(in_jail, gpu=device.startswith("cuda")) as image,
+        sandbox.memory_image(in_jail, gpu=gpu is not None) as image,
         _progress("scoring", len(compositions) * total_tokens) as advance,
     ):
         # From here: copying the image is the evaluator's work, not the model's time.
@@ -439,7 +441,7 @@ def _score_passes(sandbox, compositions: list[list[list[_Window]]], limits: Scor
             workdir = Path(scratch) / f"pass-{number}"
             spec = _server_spec(
                 name=f"{name}-{number}", workdir=workdir, image=image, model_path=model_path,
-                submission_dir=submission_dir, device=device, threads=threads,
+                submission_dir=submission_dir, device=device, gpu=gpu, threads=threads,
                 time_limit_s=SERVER_START_S + max(deadlines.remaining(), 0) + SANDBOX_BACKSTOP_S,
                 memory_bytes=memory_bytes, pids=pids,
                 log_path=debug_log_dir / f"scoring-pass-{number}.log" if debug_log_dir else None,
@@ -456,14 +458,16 @@ def _score_passes(sandbox, compositions: list[list[list[_Window]]], limits: Scor
 
 
 def score_model(*, sandbox, name: str, model_path: Path, submission_dir: Path, documents: Sequence[Document],
-                vocab_size: int, eos_id: int, seq_len: int, batch_size: int, device: str, threads: int,
-                limits: ScoringLimits, memory_bytes: int, pids: int, debug_log_dir: Path | None = None,
+                vocab_size: int, eos_id: int, seq_len: int, batch_size: int, device: str,
+                gpu: Board | None, threads: int, limits: ScoringLimits, memory_bytes: int, pids: int, debug_log_dir: Path | None = None,
                 secret_seed: int | None = None) -> ScoreReport:
     """Scores the saved model at `model_path` on `documents` (see the module docstring for the rules).
 
     Raises InvalidModel (with one of the Refusal sentences) when the model cannot be scored, and
     SandboxUnavailable when the sandbox itself fails (the evaluator's fault, not the model's).
     `debug_log_dir`: keep the servers' stderr there (for the operator; never for a private split).
+    `device` is the model's device as the jail sees it; `gpu` is the host's board the jails are given
+    (its node /dev/nvidia<minor> only), None on the CPU.
     """
     started = time.monotonic()
     _check_documents(documents, vocab_size, eos_id)
@@ -480,8 +484,8 @@ def score_model(*, sandbox, name: str, model_path: Path, submission_dir: Path, d
     try:
         passes = _score_passes(
             sandbox, compositions, limits, name=name, model_path=model_path, submission_dir=submission_dir,
-            vocab_size=vocab_size, device=device, threads=threads, memory_bytes=memory_bytes, pids=pids,
-            debug_log_dir=debug_log_dir,
+            vocab_size=vocab_size, device=device, gpu=gpu, threads=threads,
+            memory_bytes=memory_bytes, pids=pids, debug_log_dir=debug_log_dir,
         )
     finally:
         torch.set_num_threads(previous_threads)

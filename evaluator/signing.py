@@ -174,9 +174,24 @@ def _reject_non_finite(name: str) -> float:
     raise ValueError(f"{name} is not a JSON number")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999 is valid JSON and overflows to infinity
+        raise ValueError(f"{text[:40]} does not fit a 64-bit float")
+    return value
+
+
+def _int64(text: str) -> int:
+    if len(text) > 20 or not -(2**63) <= int(text) < 2**63:  # the length test first: int() of 10**6 digits is slow
+        raise ValueError(f"{text[:40]} does not fit a 64-bit integer")
+    return int(text)
+
+
 def strict_json_loads(data: bytes | str) -> Any:
-    """JSON as the standard defines it: Python's NaN/Infinity extensions are refused."""
-    return json.loads(data, parse_constant=_reject_non_finite)
+    """JSON as the standard defines it: Python's NaN/Infinity extensions are refused, and so are
+    numbers no 64-bit float or integer holds (1e999 would become an infinity, and 10**400 cannot
+    become a float at all)."""
+    return json.loads(data, parse_constant=_reject_non_finite, parse_float=_finite_float, parse_int=_int64)
 
 
 def result_problem(result: Any) -> str | None:

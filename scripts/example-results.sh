@@ -4,8 +4,9 @@
 #
 #   make results    # on a quiet machine: 3 seeds x 3 submissions on cpu-1min, ~15 min
 #
-# Every run must be `ok` and unsandboxed runs are refused (the demo results are nsjail runs on the
-# track's budget). The old envelopes of these submissions are replaced, then the leaderboards are
+# Seeds are drawn (--secret-seeds), as an organiser's official runs are. Every run must be `ok` and
+# unsandboxed runs are refused (the demo results are nsjail runs on the track's budget). The old
+# envelopes of these submissions are replaced, then the leaderboards are
 # rendered again from what verifies.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,7 +19,7 @@ mkdir -p "$runs"
 
 for submission in reference submissions/template submissions/seed-moe; do
   echo "== $submission: 3 seeds on cpu-1min" >&2
-  "$evaluator" run "$submission" --track cpu-1min --seeds 3 --sandbox nsjail --out "$runs" >&2
+  "$evaluator" run "$submission" --track cpu-1min --seeds 3 --secret-seeds --sandbox nsjail --out "$runs" >&2
 done
 rm -rf results/cpu-1min/reference results/cpu-1min/template results/cpu-1min/seed-moe
 for run_dir in "$runs"/*/; do

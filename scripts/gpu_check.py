@@ -44,6 +44,7 @@ from evaluator.cli import run_guarded  # noqa: E402
 from evaluator.runner import evaluate, last_logged_metric  # noqa: E402
 from evaluator import sandbox as sandbox_module  # noqa: E402
 from evaluator.sandbox import CGROUP_ROOT, JailSpec, open_sandbox  # noqa: E402
+from evaluator.nvml import driver_and_boards  # noqa: E402
 from evaluator.tracks import load_track  # noqa: E402
 
 ASSIGNED_NODES = {"/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools", "/dev/nvidia0"}
@@ -183,6 +184,11 @@ T4_NOTE = (
 )
 
 
+def gpu_zero():
+    """The board behind /dev/nvidia0, the node the jails of this script are given."""
+    return next(board for board in driver_and_boards()[1] if board.minor == 0)
+
+
 def sh(command: str) -> str:
     done = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=60)
     return (done.stdout + done.stderr).strip()
@@ -289,11 +295,17 @@ def reference_run(sandbox: str, budget: float, out: Path):
                      f"own CUDA contexts included): before {baseline} MiB, peak {poll.peak_mib} MiB; a T4 offers {t4_gib} GiB")
         lines.append(f"timings.json: {json.dumps({k: round(v, 2) for k, v in timings.items()})}")
         lines.append(f"unofficial because: {record['unofficial_reasons']}")
+        telemetry = record["gpu_telemetry"]
+        series = run_dir / "gpu-telemetry.parquet"
+        lines.append(f"GPU telemetry (NVML, sampled outside the jail): {json.dumps(telemetry)}; series file: {series.is_file()}")
         tail = (run_dir / "train.log").read_text(errors="replace")[-1500:] if (run_dir / "train.log").is_file() else ""
         if tail.strip():
             lines += ["train.log tail:", "```", tail, "```"]
+        sampled = bool(telemetry and telemetry["samples"] and series.is_file())
         shutil.rmtree(runs_dir, ignore_errors=True)
-        return record["status"] == "ok"
+        if not sampled:
+            lines.append("**FAIL**: no GPU telemetry was sampled during training")
+        return record["status"] == "ok" and sampled
 
     return step
 
@@ -437,7 +449,7 @@ def sealed_gpu_scoring(lines: list[str], data: dict) -> bool:
         report = score_model(
             sandbox=open_sandbox("nsjail"), name="gpu-check-scoring", model_path=Path(scratch) / "model.pt",
             submission_dir=folder, documents=documents, vocab_size=vocab_size, eos_id=eos_id,
-            seq_len=track.eval["seq_len"], batch_size=8, device="cuda:0", threads=track.threads,
+            seq_len=track.eval["seq_len"], batch_size=8, device="cuda:0", gpu=gpu_zero(), threads=track.threads,
             limits=ScoringLimits(load_s=track.eval["load_s"], step_s=track.eval["step_s"],
                                  total_s=track.eval["time_limit_s"], consistency_nats=track.eval["consistency_nats"]),
             memory_bytes=track.sandbox["memory_mib"] * 2**20, pids=track.sandbox["pids"], debug_log_dir=Path(scratch),

@@ -123,6 +123,16 @@ def test_a_failing_node_is_retried_once_then_reported(local_ray, tmp_path, capsy
     assert _records(tmp_path / "results") == []
 
 
+def test_a_gpu_task_hands_its_run_the_gpu_ray_assigned(local_ray):
+    # Ray's own id for the fake GPU the local instance declares; `evaluator run --gpu 0` then means it.
+    from evaluator.batch import assigned_gpu_environment
+
+    on_gpu = local_ray.remote(num_gpus=1, num_cpus=0)(assigned_gpu_environment)
+    on_cpu = local_ray.remote(num_gpus=0, num_cpus=1)(assigned_gpu_environment)
+    assert local_ray.get(on_gpu.remote()) == {"CUDA_VISIBLE_DEVICES": "0"}
+    assert local_ray.get(on_cpu.remote()) == {}
+
+
 def _fake_record(runs: Path, run_id: str, status: str, sandbox: str, ended: str) -> None:
     record = {
         "run_id": run_id, "status": status, "seed": 0, "budget_s": 60, "ended_at": ended,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -22,10 +23,16 @@ from evaluator.leaderboard import (
     NOT_SIGNIFICANT,
     RECORD,
     TOO_FEW_SEEDS,
+    TOO_SMALL,
+    Row,
+    Run,
+    _mark_records,
     regularized_incomplete_beta,
     student_t_cdf,
     welch_one_sided_p,
 )
+from evaluator.paths import RECORD_RULES_FILE
+from evaluator.record_rules import RecordRule, load_record_rules
 from evaluator.signing import generate_key_pair, load_private_key, publish
 from test_signing import T0, _sign_with_unknown_key, _tamper_payload, make_run, published, run_cli
 
@@ -91,15 +98,20 @@ RANKED = ["delta", "gamma", "beta", "alpha", "epsilon"]
 EVIL_AUTHOR = "<script>alert(1)</script> | Eve"
 
 
+def _signer(root: Path):
+    """A fresh key pair under root: (private key file, loaded key, a trusted-keys folder with its public half)."""
+    private, public, _ = generate_key_pair(root / "private", "tester")
+    trusted = root / "trusted"
+    trusted.mkdir()
+    shutil.copy(public, trusted / public.name)
+    return private, load_private_key(private), trusted
+
+
 @pytest.fixture(scope="module")
 def board(tmp_path_factory):
     """Published envelopes for SUBMISSIONS, plus three that must be rejected. Returns (results, trusted)."""
     root = tmp_path_factory.mktemp("board")
-    private, public, _ = generate_key_pair(root / "private", "tester")
-    key = load_private_key(private)
-    trusted = root / "trusted"
-    trusted.mkdir()
-    shutil.copy(public, trusted / public.name)
+    private, key, trusted = _signer(root)
     results = root / "results"
     for name, (days, losses, official) in SUBMISSIONS.items():
         authors = [EVIL_AUTHOR] if name == "gamma" else None
@@ -171,6 +183,143 @@ def test_every_track_gets_its_own_ranking(board, monkeypatch, capsys):
     assert code == 0 and len(rows) == len(SUBMISSIONS) + 1
     assert [(row["submission"], row["rank"], row["runs"]) for row in t4] == [("alpha", 1, 1)]
 
+
+
+# --- the record rule of each track ------------------------------------------------------------
+
+
+def _runs(losses: list[float], *, drawn: bool = False, first_seed: int = 0, seeds: list[int] | None = None) -> list[Run]:
+    seeds = seeds or list(range(first_seed, first_seed + len(losses)))
+    return [
+        Run(run_id=f"r{seed}-{index}", seed=seed, seed_drawn=drawn, val_loss=loss, val_bpb=loss / 2.3,
+            train_seconds=55.0, budget_s=60.0, started_at=T0, ended_at=T0, signer="tester", authors=["A"],
+            description="", loss_curve={}, throttled_s=None, throttle_reasons=(), gpu=None)
+        for index, (seed, loss) in enumerate(zip(seeds, losses))
+    ]
+
+
+def _statuses(rule: RecordRule, **rows: list[Run]) -> dict[str, tuple[str, float | None]]:
+    board = [Row("cpu-1min", name, True, runs) for name, runs in rows.items()]
+    for order, row in enumerate(board):  # first runs in the order given
+        row.runs = [dataclasses.replace(run, started_at=T0 + timedelta(days=order)) for run in row.runs]
+    _mark_records(board, rule)
+    return {row.submission: (row.record_status, row.record_improvement) for row in board}
+
+
+DEFAULT_RULE = RecordRule(min_seeds=3, p_below=0.01, min_improvement_nats=0.005, drawn_seeds_only=False)
+
+
+def test_a_record_needs_both_significance_and_the_minimum_improvement():
+    steady = [4.000, 4.0005, 3.9995]
+    statuses = _statuses(
+        DEFAULT_RULE,
+        holder=_runs(steady),
+        tiny_gain=_runs([3.997, 3.9975, 3.9965]),  # p far below 0.01, but only 0.003 nats better
+        noisy_gain=_runs([3.90, 4.05, 3.80]),  # 0.08 nats better on average, p about 0.2
+        clear_gain=_runs([3.990, 3.9905, 3.9895]),  # 0.010 nats better, p tiny
+    )
+    assert statuses["tiny_gain"][0] == TOO_SMALL and statuses["tiny_gain"][1] == pytest.approx(0.003)
+    assert statuses["noisy_gain"][0] == NOT_SIGNIFICANT
+    assert statuses["clear_gain"] == (RECORD, pytest.approx(0.010))
+    assert statuses["holder"][0] == FORMER_RECORD
+    # Exactly the minimum improvement is enough, whatever the float subtraction of the means gives.
+    # (Unrounded, these means differ by 0.004999999999999893.)
+    exact = _statuses(DEFAULT_RULE, holder=_runs([3.999, 3.9995, 3.9985]), exact=_runs([3.994, 3.9945, 3.9935]))
+    assert exact["exact"] == (RECORD, 0.005)
+    # The same runs under a looser rule: the tiny gain takes the record first, and the clear gain is
+    # then tested against it (0.007 better, still a record).
+    loose = dataclasses.replace(DEFAULT_RULE, min_improvement_nats=0.0)
+    statuses = _statuses(loose, holder=_runs(steady), tiny_gain=_runs([3.997, 3.9975, 3.9965]),
+                         clear_gain=_runs([3.990, 3.9905, 3.9895]))
+    assert statuses == {"holder": (FORMER_RECORD, None), "tiny_gain": (FORMER_RECORD, pytest.approx(0.003)),
+                        "clear_gain": (RECORD, pytest.approx(0.007))}
+
+
+def test_only_drawn_seeds_count_where_the_rule_says_so():
+    drawn_only = dataclasses.replace(DEFAULT_RULE, drawn_seeds_only=True)
+    holder = _runs([4.0, 4.001, 3.999], drawn=True)
+    # Clearly better on its drawn seeds, far worse on two public ones.
+    challenger = _runs([3.9, 3.901, 3.899], drawn=True, first_seed=10) + _runs([5.0, 5.0], first_seed=20)
+    public = _runs([3.0, 3.01, 3.02], first_seed=30)  # far better, but on seeds the competitor knew
+    statuses = _statuses(drawn_only, holder=holder, challenger=challenger, public=public)
+    assert statuses["challenger"] == (RECORD, pytest.approx(0.1))
+    assert statuses["public"] == (TOO_FEW_SEEDS, None)
+    statuses = _statuses(DEFAULT_RULE, holder=holder, challenger=challenger, public=public)
+    assert statuses["challenger"][0] == NOT_SIGNIFICANT  # with the public runs counted
+    assert statuses["public"][0] == RECORD
+
+
+def test_a_seed_run_again_is_one_sample_of_the_record_test():
+    row = Row("cpu-1min", "repeats", True, _runs([3.0, 3.2, 3.1, 3.3, 4.0, 5.0], seeds=[0, 0, 0, 0, 1, 2]))
+    assert row.counted_losses(DEFAULT_RULE) == [pytest.approx(3.15), 4.0, 5.0]
+    assert row.counted_seeds(DEFAULT_RULE) == 3
+
+
+def _write_rules(path: Path, text: str) -> Path:
+    path.write_text("schema = 1\n[default]\nmin_seeds = 3\np_below = 0.01\nmin_improvement_nats = 0.005\n"
+                    "drawn_seeds_only = false\n" + text)
+    return path
+
+
+def test_the_rules_file_sets_each_tracks_rule_and_the_page_states_it(board, monkeypatch, capsys, tmp_path):
+    rules = _write_rules(tmp_path / "rules.toml", "[track.cpu-1min]\nmin_seeds = 4\np_below = 0.2\n")
+    code, stdout, _ = leaderboard(monkeypatch, capsys, board, "--format", "json", "--rules", rules)
+    document = json.loads(stdout)
+    assert code == 0
+    cpu_rule = document["record_rules"]["cpu-1min"]
+    assert cpu_rule.pop("text").startswith("Track cpu-1min: a record needs runs on at least 4 distinct seeds")
+    assert cpu_rule == {"min_seeds": 4, "p_below": 0.2, "min_improvement_nats": 0.005, "drawn_seeds_only": False}
+    assert document["record_rules"]["t4-5min"]["min_seeds"] == 3  # [default] where a track has no section
+    assert {row["record_status"] for row in document["rows"] if row["track"] == "cpu-1min" and row["official"]} == {TOO_FEW_SEEDS}
+    code, stdout, _ = leaderboard(monkeypatch, capsys, board, "--format", "markdown", "--rules", rules)
+    assert "Track cpu-1min: a record needs runs on at least 4 distinct seeds" in stdout
+    assert "p &lt; 0.2 with a mean val\\_loss lower by at least 0.005 nats" in stdout
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("[track.cpu-1min]\np_below = 2\n", "track.cpu-1min.p_below"),
+    ("[track.cpu-1min]\nmin_seeds = 1\n", "track.cpu-1min.min_seeds"),
+    ("[track.cpu-1min]\nseeds = 3\n", "Additional properties"),
+    ("[default\n", "cannot read the record rules"),
+    ("[track.t4-5mn]\ndrawn_seeds_only = true\n", "[track.t4-5mn] names no track"),
+])
+def test_a_broken_rules_file_is_one_line_naming_the_field(board, monkeypatch, capsys, tmp_path, text, problem):
+    rules = _write_rules(tmp_path / "rules.toml", text)
+    code, stdout, stderr = leaderboard(monkeypatch, capsys, board, "--rules", rules)
+    assert code == 2 and stdout == "" and problem in stderr and len(stderr.strip().splitlines()) == 1
+
+
+def test_the_shipped_rules_are_valid_and_strict_on_the_t4_track():
+    rules = load_record_rules(RECORD_RULES_FILE)
+    assert rules.for_track("cpu-1min") == DEFAULT_RULE
+    assert rules.for_track("t4-5min") == dataclasses.replace(DEFAULT_RULE, drawn_seeds_only=True)
+
+
+def test_drawn_seeds_and_throttled_runs_are_marked(tmp_path, monkeypatch, capsys):
+    _, key, trusted = _signer(tmp_path)
+    results = tmp_path / "results"
+    summary = {"samples": 50, "interval_s": 1.0, "unavailable": None, "sm_clock_mhz": {"min": 300, "median": 1590, "max": 1590},
+               "memory_clock_mhz": {"min": 5000, "median": 5000, "max": 5000}, "temperature_c": {"min": 40, "median": 70, "max": 84},
+               "power_w": {"min": 20.0, "median": 69.5, "max": 70.1}, "throttle_reasons": ["sw_power_cap"]}
+    for seed, throttled in enumerate([0.0, 12.0, 0.0]):
+        # Two boards of one host: the same model, told apart by bus id and UUID.
+        gpu = {"name": "Tesla T4", "driver": "535.183.01", "cuda": "12.6", "memory_gib": 15.0, "index": seed % 2,
+               "minor": seed % 2, "pci_bus_id": f"00000000:{0x3B + seed % 2:02X}:00.0", "uuid": f"GPU-{seed % 2}"}
+        run_dir = make_run(tmp_path, f"hot-s{seed}", submission="hot", seed=1000 + seed, seed_drawn=True,
+                           started_at=T0 + timedelta(hours=seed), gpu_telemetry=summary | {"throttled_s": throttled},
+                           gpu=gpu)
+        publish(run_dir, key, results, False)
+    code, stdout, _ = run_cli(monkeypatch, capsys, "leaderboard", "--results", results, "--trusted-keys", trusted,
+                              "--format", "json")
+    row = json.loads(stdout)["rows"][0]
+    assert code == 0 and row["drawn_seeds"] == 3 and row["throttled_runs"] == 1
+    assert [run["seed_drawn"] for run in row["run_details"]] == [True] * 3
+    assert [run["throttled_s"] for run in row["run_details"]] == [0.0, 12.0, 0.0]
+    assert [(run["gpu"]["pci_bus_id"], run["gpu"]["uuid"]) for run in row["run_details"]] == [
+        ("00000000:3B:00.0", "GPU-0"), ("00000000:3C:00.0", "GPU-1"), ("00000000:3B:00.0", "GPU-0")]
+    code, stdout, _ = run_cli(monkeypatch, capsys, "leaderboard", "--results", results, "--trusted-keys", trusted,
+                              "--format", "markdown")
+    assert "| 3 (3 drawn) |" in stdout and "| throttled in 1/3: power cap |" in stdout
 
 class _Tags(HTMLParser):
     def __init__(self):
@@ -305,7 +454,7 @@ def test_markdown_shows_hostile_authors_as_text_in_their_own_row(hostile_board, 
     rendered = _Cells()
     rendered.feed(markdown.render("\n".join(table_lines)))
     assert set(rendered.tags) == {"table", "thead", "tbody", "tr", "th", "td"}
-    assert len(rendered.cells) == 11
+    assert len(rendered.cells) == len(COLUMNS)
     authors_cell = rendered.cells[[header for header, _ in COLUMNS].index("authors")]
     assert authors_cell == ", ".join(HOSTILE_AUTHORS).replace("\n", "\\x0a").replace("\x1b", "\\x1b").replace(
         "\x07", "\\x07").replace("\x9b", "\\x9b")

@@ -46,6 +46,8 @@ def test_ok_run_is_scored_recorded_and_cleaned_up(tmp_path, runs_dir, capsys):
     assert 0 < record["train"]["train_seconds"] <= 5
     assert record["environment"]["sandbox"]["kind"] == "nsjail"
     assert record["official"] is False and "budget overridden" in record["unofficial_reasons"][0]
+    assert (record["seed"], record["seed_drawn"]) == (0, False)  # the track's public default seed
+    assert record["gpu_telemetry"] is None  # a CPU track samples no GPU
     run_dir = runs_dir / record["run_id"]
     assert result_problems(json.loads((run_dir / "result.json").read_text())) == []
     metrics = pq.read_table(run_dir / "metrics.parquet").to_pylist()
@@ -283,12 +285,35 @@ def test_explicit_nsjail_never_falls_back(tmp_path, runs_dir, capsys, monkeypatc
     assert "cannot create cgroups (test)" in record["message"]
 
 
+LOG_THE_SEED = """
+def train(ctx):
+    ctx.log(1, loss=9.0, seed=ctx.seed)
+    return TinyCausal(ctx.vocab_size)
+"""
+
+
+def test_secret_seeds_are_drawn_recorded_and_handed_to_the_submission(tmp_path, runs_dir, capsys):
+    folder = write_submission(tmp_path, "drawn", LOG_THE_SEED)
+    code = main(["run", str(folder), "--out", str(runs_dir), "--json", "--budget", "5", "--sandbox", "none",
+                 "--seeds", "2", "--secret-seeds"])
+    records = json.loads(capsys.readouterr().out)
+    assert code == 0 and [r["status"] for r in records] == ["ok", "ok"], records
+    seeds = [record["seed"] for record in records]
+    assert all(record["seed_drawn"] for record in records) and len(set(seeds)) == 2
+    assert all(0 <= seed < 2**31 for seed in seeds) and seeds != [0, 1]
+    for record in records:
+        logged = pq.read_table(runs_dir / record["run_id"] / "metrics.parquet").to_pylist()
+        assert [m["value"] for m in logged if m["key"] == "seed"] == [record["seed"]]
+
+
 def test_bad_input_exits_2_without_a_traceback(tmp_path, capsys):
     folder = write_submission(tmp_path, "fine", RETURN_UNIFORM)
     assert main(["run", str(folder), "--budget", "-1"]) == 2
     assert main(["run", str(folder), "--track", "nope"]) == 2
     (folder / "weights.pt").write_bytes(b"x")
     assert main(["run", str(folder)]) == 2
+    assert main(["run", str(folder), "--seed", "3", "--secret-seeds"]) == 2
     err = capsys.readouterr().err
     assert "positive number" in err and "unknown track 'nope'" in err and "weights.pt" in err
+    assert "--secret-seeds draws every seed: drop --seed" in err
     assert "Traceback" not in err

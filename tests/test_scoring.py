@@ -71,6 +71,7 @@ def _score(nsjail, tmp_path: Path, model, **overrides) -> ScoreReport:
         seq_len=SEQ_LEN,
         batch_size=4,
         device="cpu",
+        gpu=None,
         threads=1,
         limits=LIMITS,
         memory_bytes=2 << 30,

@@ -75,6 +75,7 @@ def make_run(
     *,
     submission: str = "tiny-gpt",
     seed: int = 0,
+    seed_drawn: bool = False,
     val_loss: float = 4.0,
     started_at: datetime = T0,
     track: str = "cpu-1min",
@@ -83,6 +84,8 @@ def make_run(
     authors: list[str] | None = None,
     loss_points: int = 40,
     extra_metric_rows: int = 0,
+    gpu_telemetry: dict | None = None,
+    gpu: dict | None = None,
 ) -> Path:
     """A run directory whose result.json validates against the schema, with a small metrics.parquet."""
     folder = make_submission(root, submission)
@@ -90,7 +93,7 @@ def make_run(
     run_dir.mkdir(parents=True)
     train_seconds = 55.0 + seed
     result = {
-        "schema_version": 2,
+        "schema_version": 3,
         "run_id": run_id,
         "status": status,
         "message": "" if status == "ok" else "the train function raised",
@@ -113,6 +116,7 @@ def make_run(
             "tokenizer_sha256": "03" * 32,
         },
         "seed": seed,
+        "seed_drawn": seed_drawn,
         "metrics": (
             {"val_loss": val_loss, "val_bpb": val_loss / 2.3, "val_tokens": 10000, "val_bytes": 40000, "val_documents": 100}
             if status == "ok"
@@ -127,9 +131,10 @@ def make_run(
             "evaluator_version": "0.1.0",
             "platform": "Linux",
             "cpu": "test cpu",
-            "gpu": None,
+            "gpu": gpu,
             "sandbox": {"kind": "nsjail" if official else "none", "version": "3.4"},
         },
+        "gpu_telemetry": gpu_telemetry,
         "started_at": started_at.isoformat(),
         "ended_at": (started_at + timedelta(seconds=70)).isoformat(),
     }
@@ -372,6 +377,26 @@ def _sign_an_invalid_result(envelope_path: Path, private: Path, tmp_path: Path) 
     envelope_path.write_bytes(_sign_with(private, statement))
 
 
+def _sign_a_number_beyond_float64(envelope_path: Path, private: Path, tmp_path: Path) -> None:
+    # Valid JSON that Python would read as an infinity: by a trusted key, it must still be refused.
+    statement = decode_statement(envelope_path)
+    statement["predicate"]["result"]["metrics"]["val_loss"] = 12345.5
+    payload = json.dumps(statement, sort_keys=True, separators=(",", ":")).replace("12345.5", "-1e999").encode()
+    key = load_private_key(private)
+    envelope = {
+        "payloadType": PAYLOAD_TYPE,
+        "payload": base64.b64encode(payload).decode(),
+        "signatures": [{"keyid": keyid_of(key.public_key()), "sig": base64.b64encode(key.sign(pae(PAYLOAD_TYPE, payload))).decode()}],
+    }
+    envelope_path.write_bytes(envelope_bytes(envelope))
+
+
+def _sign_an_integer_beyond_int64(envelope_path: Path, private: Path, tmp_path: Path) -> None:
+    statement = decode_statement(envelope_path)
+    statement["predicate"]["result"]["metrics"]["val_loss"] = 10**400  # float() of it raises OverflowError
+    envelope_path.write_bytes(_sign_with(private, statement))
+
+
 def _sign_a_mismatched_subject(envelope_path: Path, private: Path, tmp_path: Path) -> None:
     statement = decode_statement(envelope_path)
     statement["subject"][0]["digest"]["sha256"] = "f" * 64
@@ -404,6 +429,8 @@ def _change_payload_type(envelope_path: Path, private: Path, tmp_path: Path) -> 
         (_sign_with_unknown_key, "unknown key"),
         (_truncate, "not valid JSON"),
         (_sign_an_invalid_result, "not a valid result"),
+        (_sign_a_number_beyond_float64, "-1e999 does not fit a 64-bit float"),
+        (_sign_an_integer_beyond_int64, "does not fit a 64-bit integer"),
         (_sign_a_mismatched_subject, "subject does not match"),
         (_sign_a_non_statement, "not an in-toto Statement"),
         (_edit_the_submission, "no longer matches the signed tree hash"),

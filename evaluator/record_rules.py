@@ -1,0 +1,72 @@
+"""Record rules (`spec/record-rules.toml`): when an official leaderboard row is its track's record.
+
+The rule for a track is [default] with the track's own section laid over it. A row is tested
+against the record holder of its time on the runs the rule counts (with `drawn_seeds_only`, only
+runs whose seed the evaluator drew): it needs `min_seeds` distinct seeds, a one-sided Welch p below
+`p_below`, and a mean val_loss lower by at least `min_improvement_nats`. Two conditions, because
+with a tight enough spread a p-value certifies differences too small to matter.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import jsonschema
+
+from evaluator.errors import UserError
+from evaluator.paths import SPEC_DIR
+from evaluator.tracks import available_tracks
+
+
+@dataclass(frozen=True)
+class RecordRule:
+    min_seeds: int
+    p_below: float
+    min_improvement_nats: float
+    drawn_seeds_only: bool
+
+    def text(self) -> str:
+        seeds = f"{self.min_seeds} distinct {'drawn ' if self.drawn_seeds_only else ''}seeds"
+        drawn = " (only runs whose seed the evaluator drew count)" if self.drawn_seeds_only else ""
+        return (
+            f"a record needs runs on at least {seeds}{drawn} and must beat the record holder of its time "
+            f"in a one-sided Welch t-test at p < {self.p_below:g} with a mean val_loss lower by at least "
+            f"{self.min_improvement_nats:g} nats (one val_loss per seed: the mean of its runs)"
+        )
+
+
+@dataclass(frozen=True)
+class RecordRules:
+    path: Path
+    default: dict
+    tracks: dict[str, dict]
+
+    def for_track(self, track_id: str) -> RecordRule:
+        return RecordRule(**(self.default | self.tracks.get(track_id, {})))
+
+
+@cache
+def _schema() -> dict:
+    return json.loads((SPEC_DIR / "record-rules.schema.json").read_text())
+
+
+def load_record_rules(path: Path) -> RecordRules:
+    """Read and validate a rules file; every problem is a UserError naming the file and the field."""
+    try:
+        raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise UserError(f"{path}: cannot read the record rules: {exc}") from None
+    errors = sorted(jsonschema.Draft202012Validator(_schema()).iter_errors(raw), key=lambda e: list(map(str, e.absolute_path)))
+    if errors:
+        details = "; ".join(f"{'.'.join(map(str, e.absolute_path)) or '(top level)'}: {e.message}" for e in errors)
+        raise UserError(f"{path}: invalid record rules: {details}")
+    tracks = raw.get("track", {})
+    unknown = sorted(set(tracks) - set(available_tracks()))
+    if unknown:  # a misspelt section would silently leave its track on the defaults
+        raise UserError(f"{path}: [track.{unknown[0]}] names no track in spec/tracks/ "
+                        f"(available: {', '.join(available_tracks())})")
+    return RecordRules(path=Path(path), default=raw["default"], tracks=tracks)
