@@ -418,6 +418,8 @@ def _earlier_results(runs_dir: Path, sandbox_choice: str) -> dict[tuple, tuple[d
             continue
         if status == "sandbox_error" or (sandbox_choice == "nsjail" and sandbox_kind != "nsjail"):
             continue
+        if record.get("calibration") is not None:  # its budget is this host's, whatever number it came to
+            continue
         best = found.get(key)
         rank = (status == "ok", ended)
         if best is None or rank > (best[0]["status"] == "ok", best[0]["ended_at"]):

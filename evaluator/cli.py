@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "evaluator.signing",
     "evaluator.leaderboard",
     "evaluator.batch",
+    "evaluator.calibration",
 ]
 
 

@@ -1,8 +1,8 @@
 """`evaluator leaderboard`: rankings built only from signed results that verify.
 
-One row per submission, track and official status: a submission's official runs and its
-unofficial runs (unsandboxed, budget overridden, ...) are never pooled. Official rows are ranked
-by mean val_loss; unofficial rows are listed after them, unranked.
+One row per submission, track and kind of run: a submission's official runs, its unofficial runs
+(unsandboxed, budget overridden, ...) and its runs at a calibrated budget are never pooled.
+Official rows are ranked by mean val_loss; the others are listed after them, unranked.
 
 Records: official submissions are walked in the order of their first run, and each track's rule
 (`spec/record-rules.toml`, read through evaluator.record_rules) decides whether a row takes the record
@@ -148,6 +148,7 @@ class Run:
     throttled_s: float | None  # None: no GPU telemetry (a CPU track, or NVML absent)
     throttle_reasons: tuple[str, ...]
     gpu: dict[str, Any] | None  # the board: name, PCI bus id and UUID tell two of one host apart
+    calibration_factor: float | None  # --budget calibrated: what the track's budget was multiplied by
 
     @classmethod
     def from_verified(cls, verified: VerifiedResult) -> Run:
@@ -168,6 +169,7 @@ class Run:
             loss_curve=verified.loss_curve,
             throttled_s=_throttled_seconds(result["gpu_telemetry"]),
             throttle_reasons=tuple(result["gpu_telemetry"]["throttle_reasons"]) if result["gpu_telemetry"] else (),
+            calibration_factor=None if result["calibration"] is None else result["calibration"]["factor"],
             gpu=None if result["environment"]["gpu"] is None else {
                 key: result["environment"]["gpu"][key] for key in ("name", "pci_bus_id", "uuid")
             },
@@ -183,6 +185,7 @@ class Row:
     track: str
     submission: str
     official: bool
+    calibrated: bool  # runs at a calibrated budget: always unofficial, and never pooled with other runs
     runs: list[Run]  # in the order they started
     rank: int | None = None
     record_status: str = ""
@@ -276,7 +279,7 @@ def build_rows(
     """Group verified runs into rows, rank them and mark records. Also returns duplicates it refused."""
     duplicates: list[tuple[Path, str]] = []
     seen: dict[str, Path] = {}
-    rows: dict[tuple[str, str, bool], Row] = {}
+    rows: dict[tuple[str, str, bool, bool], Row] = {}
     for item in sorted(verified, key=lambda v: str(v.path)):
         result = item.result
         if track is not None and result["track"]["id"] != track:
@@ -287,7 +290,8 @@ def build_rows(
             duplicates.append((item.path, f"duplicate of run {result['run_id']} already counted from {first}"))
             continue
         seen[result["run_id"]] = item.path
-        key = (result["track"]["id"], result["submission"]["name"], result["official"])
+        calibrated = result["calibration"] is not None  # never official: the schema says so, and so does this
+        key = (result["track"]["id"], result["submission"]["name"], result["official"] and not calibrated, calibrated)
         rows.setdefault(key, Row(*key, runs=[])).runs.append(Run.from_verified(item))
     ordered: list[Row] = []
     for track_id in sorted({key[0] for key in rows}):
@@ -296,7 +300,7 @@ def build_rows(
             row.runs.sort(key=lambda run: (run.started_at, run.run_id))
         _mark_records(in_track, rules.for_track(track_id))
         official = sorted((r for r in in_track if r.official), key=lambda r: (r.mean_val_loss, r.submission))
-        unofficial = sorted((r for r in in_track if not r.official), key=lambda r: (r.mean_val_loss, r.submission))
+        unofficial = sorted((r for r in in_track if not r.official), key=lambda r: (r.calibrated, r.mean_val_loss, r.submission))
         for rank, row in enumerate(official, start=1):
             row.rank = rank
         ordered.extend(official + unofficial)
@@ -376,6 +380,12 @@ def _record_text(row: Row) -> str:
     return "not eligible"
 
 
+def _calibrated_text(row: Row) -> str:
+    factors = sorted(run.calibration_factor for run in row.runs if run.calibration_factor is not None)
+    span = f"x{factors[0]:g}" if factors[0] == factors[-1] else f"x{factors[0]:g}-{factors[-1]:g}"
+    return f"calibrated {span}, unofficial"
+
+
 def _runs_text(row: Row) -> str:
     text = str(len(row.runs))
     details = [f"{row.seeds} seeds"] if row.seeds != len(row.runs) else []
@@ -431,7 +441,7 @@ def _cells(row: Row, names_only: bool = False) -> list[str]:
         _gpu_text(row),
         ", ".join(authors),
         row.latest_run_at.date().isoformat(),
-        "official" if row.official else "unofficial",
+        "official" if row.official else _calibrated_text(row) if row.calibrated else "unofficial",
         _record_text(row),
     ]
     return [_visible(cell) for cell in cells]
@@ -563,6 +573,7 @@ def _row_json(row: Row) -> dict[str, Any]:
         "rank": row.rank,
         "submission": row.submission,
         "official": row.official,
+        "calibrated": row.calibrated,
         "authors": row.authors,
         "description": row.description,
         "runs": len(row.runs),
@@ -589,6 +600,7 @@ def _row_json(row: Row) -> dict[str, Any]:
                 "run_id": run.run_id,
                 "seed": run.seed,
                 "seed_drawn": run.seed_drawn,
+                "calibration_factor": run.calibration_factor,
                 "val_loss": run.val_loss,
                 "val_bpb": run.val_bpb,
                 "train_seconds": run.train_seconds,
@@ -625,6 +637,7 @@ PARQUET_SCHEMA = pa.schema(
         ("rank", pa.int32()),
         ("submission", pa.string()),
         ("official", pa.bool_()),
+        ("calibrated", pa.bool_()),
         ("authors", pa.list_(pa.string())),
         ("description", pa.string()),
         ("runs", pa.int32()),

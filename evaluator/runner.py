@@ -33,6 +33,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 import evaluator
+from evaluator.calibration import WORKLOAD, Calibration, calibrate
 from evaluator.check import check_submission
 from evaluator.dataset.loader import read_documents
 from evaluator.dataset.store import resolve_data_file, tokenizer_info
@@ -300,7 +301,10 @@ def _last_logged(rows, key: str) -> float | None:
 def _unofficial_reasons(plan: _RunPlan, sandbox_kind: str, gpu: dict | None) -> list[str]:
     track, budget_s = plan.track, plan.budget_s
     reasons = []
-    if budget_s != track.budget_s:
+    if plan.calibration is not None:
+        reasons.append(f"budget calibrated: x{plan.calibration.factor:g} ({budget_s:.1f} s instead of the track's "
+                       f"{track.budget_s:g} s; the track's figure is {plan.calibration.track_provenance.split(' ', 1)[0]})")
+    elif budget_s != track.budget_s:
         reasons.append(f"budget overridden: {budget_s:g} s instead of the track's {track.budget_s:g} s")
     if sandbox_kind != "nsjail":
         reasons.append("not sandboxed (--sandbox none)")
@@ -336,6 +340,7 @@ class _RunPlan:
     seed: int
     seed_drawn: bool
     budget_s: float
+    calibration: Calibration | None  # --budget calibrated: budget and scoring deadlines x its factor
     gpu: Placement | None  # the GPU this run holds; None on a CPU track
     train_path: Path
     val_path: Path
@@ -350,33 +355,57 @@ class _RunPlan:
     debug_scoring: bool
 
     @property
+    def deadline_factor(self) -> float:
+        """What the scoring deadlines are multiplied by: a calibration's factor, but never below 1,
+        because what they mostly wait for (process start, imports, a CUDA context) is no faster on
+        a faster GPU."""
+        return 1.0 if self.calibration is None else max(1.0, self.calibration.factor)
+
+    @property
     def gpu_minor(self) -> int | None:
         """The board the jails are given, /dev/nvidia<minor>."""
         return None if self.gpu is None else self.gpu.board.minor
 
 
-def _plan(folder: Path, track_id: str | None, seed: int | None, secret_seed: bool, budget_s: float | None,
-          gpu: int | None, runs_dir: Path, debug_scoring: bool, console: Console, held: ExitStack) -> _RunPlan:
+@dataclass(frozen=True)
+class RunRequest:
+    """What the caller of `evaluate` asks for; see its docstring."""
+
+    folder: Path
+    track_id: str | None
+    seed: int | None
+    secret_seed: bool
+    budget_s: float | None
+    calibrated_budget: bool
+    gpu: int | None
+    runs_dir: Path
+    debug_scoring: bool
+
+
+def _plan(request: RunRequest, console: Console, held: ExitStack) -> _RunPlan:
     """Check the submission, resolve track and data, take the host's locks (into `held`, for the whole
-    run), lay out the run directory and the job file."""
+    run), calibrate if asked, lay out the run directory and the job file."""
+    folder, seed, budget_s, gpu = Path(request.folder), request.seed, request.budget_s, request.gpu
     report = check_submission(folder)
     if not report.ok:
         for finding in report.findings:
             console.print(f"{folder}/{finding}", markup=False, highlight=False)
         raise UserError(f"{folder}: the submission is invalid ({len(report.findings)} problem(s)); fix them and run again")
     manifest = report.manifest
-    track = load_track(track_id or manifest.track)
+    track = load_track(request.track_id or manifest.track)
     device = _check_device(track)
-    if secret_seed and seed is not None:
+    if request.secret_seed and seed is not None:
         raise UserError("a secret seed is drawn by the evaluator: give a seed or ask for a secret one, not both")
-    seed = draw_seed() if secret_seed else track.seeds["default"] if seed is None else seed
+    if request.calibrated_budget and budget_s is not None:
+        raise UserError("a calibrated budget is the track's scaled by this host's speed: give a budget or ask for a calibrated one, not both")
+    seed = draw_seed() if request.secret_seed else track.seeds["default"] if seed is None else seed
     budget_s = track.budget_s if budget_s is None else budget_s
     if not (budget_s > 0 and math.isfinite(budget_s)):
         raise UserError(f"--budget must be a positive number of seconds, not {budget_s}")
     train_path = resolve_data_file(track, "train").resolve()
     val_path = resolve_data_file(track, "val").resolve()
     vocab_size, eos_id = tokenizer_info(resolve_data_file(track, "tokenizer"))
-    if debug_scoring and not val_path.is_relative_to(DATASETS_DIR.resolve()):
+    if request.debug_scoring and not val_path.is_relative_to(DATASETS_DIR.resolve()):
         # What a model prints while scoring can be the validation text itself.
         raise UserError(
             f"--debug-scoring keeps what the model prints while it sees the validation split; track "
@@ -393,13 +422,21 @@ def _plan(folder: Path, track_id: str | None, seed: int | None, secret_seed: boo
         raise UserError(f"--gpu applies to GPU tracks; track {track.id} runs on the CPU")
     else:
         placement = None
-    run_dir = (Path(runs_dir) / run_id).resolve()
+    calibration = None
+    if request.calibrated_budget:
+        console.print(f"calibrating: timing {WORKLOAD} here against track {track.id}'s figure ...")
+        calibration = calibrate(track, cuda_index=0 if placement is None else placement.cuda_index)
+        budget_s = track.budget_s * calibration.factor
+        console.print(f"calibrated: x{calibration.factor:g} (here {calibration.host_seconds:.3f} s, track "
+                      f"{calibration.track_seconds:g} s, {calibration.track_provenance.split(',', 1)[0]}): budget "
+                      f"{budget_s:.1f} s, unofficial", markup=False, highlight=False)
+    run_dir = (Path(request.runs_dir) / run_id).resolve()
     plan = _RunPlan(
-        folder=folder, manifest=manifest, track=track, device=device, seed=seed, seed_drawn=secret_seed,
-        budget_s=budget_s, gpu=placement,
+        folder=folder, manifest=manifest, track=track, device=device, seed=seed, seed_drawn=request.secret_seed,
+        budget_s=budget_s, calibration=calibration, gpu=placement,
         train_path=train_path, val_path=val_path, vocab_size=vocab_size, eos_id=eos_id,
         run_id=run_id, run_dir=run_dir, staged=run_dir / "submission", jail_out=run_dir / "jail-out",
-        scratch=run_dir / "scratch", job_path=run_dir / "job.json", debug_scoring=debug_scoring,
+        scratch=run_dir / "scratch", job_path=run_dir / "job.json", debug_scoring=request.debug_scoring,
     )
     for directory in (plan.jail_out, plan.scratch, run_dir / "sandbox"):
         directory.mkdir(parents=True)
@@ -507,8 +544,10 @@ def _score(plan: _RunPlan, sandbox, console: Console):
         device=plan.device,
         gpu=None if plan.gpu is None else plan.gpu.board,
         threads=plan.track.threads,
-        limits=ScoringLimits(load_s=protocol["load_s"], step_s=protocol["step_s"],
-                             total_s=protocol["time_limit_s"], consistency_nats=protocol["consistency_nats"]),
+        limits=ScoringLimits(load_s=protocol["load_s"] * plan.deadline_factor,
+                             step_s=protocol["step_s"] * plan.deadline_factor,
+                             total_s=protocol["time_limit_s"] * plan.deadline_factor,
+                             consistency_nats=protocol["consistency_nats"]),
         memory_bytes=limits["memory_mib"] * 2**20,
         pids=limits["pids"],
         debug_log_dir=plan.run_dir if plan.debug_scoring else None,
@@ -524,7 +563,7 @@ def _record(plan: _RunPlan, outcome: TrainingOutcome, score, env: dict[str, Any]
         reasons.append(f"GPU {plan.gpu.board.pci_bus_id} had work of other processes when the run started (pids {pids})")
     track = plan.track
     return {
-        "schema_version": 3,
+        "schema_version": 4,
         "run_id": plan.run_id,
         "status": outcome.status,
         "message": outcome.message,
@@ -548,6 +587,7 @@ def _record(plan: _RunPlan, outcome: TrainingOutcome, score, env: dict[str, Any]
         },
         "seed": plan.seed,
         "seed_drawn": plan.seed_drawn,
+        "calibration": None if plan.calibration is None else plan.calibration.as_dict(),
         "metrics": None if score is None or outcome.status != "ok" else {
             "val_loss": score.val_loss,
             "val_bpb": score.val_bpb,
@@ -609,6 +649,7 @@ def evaluate(
     seed: int | None = None,
     secret_seed: bool = False,
     budget_s: float | None = None,
+    calibrated_budget: bool = False,
     gpu: int | None = None,
     sandbox_choice: str = "auto",
     runs_dir: Path = RUNS_DIR,
@@ -617,11 +658,16 @@ def evaluate(
 ) -> tuple[dict[str, Any], Path]:
     """One evaluation run: returns the result record (also written as result.json) and the run directory.
     `secret_seed` has the evaluator draw the seed (recorded as `seed_drawn`) instead of taking `seed`.
+    `calibrated_budget` times this host first and scales the track's budget and scoring deadlines by
+    how much slower it is than the track's hardware (unofficial; docs/CALIBRATION.md).
     `gpu`: CUDA's index of the GPU to hold (default: the first no other run holds)."""
     with _sigterm_unwinds(), ExitStack() as held:
         console = console or Console(stderr=True)
         began = time.monotonic()
-        plan = _plan(Path(folder), track_id, seed, secret_seed, budget_s, gpu, runs_dir, debug_scoring, console, held)
+        request = RunRequest(folder=Path(folder), track_id=track_id, seed=seed, secret_seed=secret_seed,
+                             budget_s=budget_s, calibrated_budget=calibrated_budget, gpu=gpu, runs_dir=runs_dir,
+                             debug_scoring=debug_scoring)
+        plan = _plan(request, console, held)
         started = utc_now()
         timings: dict[str, float] = {}
         score = None
@@ -719,7 +765,8 @@ def _run(args: argparse.Namespace) -> int:
             track_id=args.track,
             seed=seed,
             secret_seed=args.secret_seeds,
-            budget_s=args.budget,
+            budget_s=None if args.budget == CALIBRATED else args.budget,
+            calibrated_budget=args.budget == CALIBRATED,
             gpu=args.gpu,
             sandbox_choice=args.sandbox,
             runs_dir=Path(args.out) if args.out else RUNS_DIR,
@@ -739,6 +786,18 @@ def _run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(records[0] if len(records) == 1 else records, indent=2))
     return max(EXIT_CODES[r["status"]] for r in records)
+
+
+CALIBRATED = "calibrated"
+
+
+def _budget(text: str) -> float | str:
+    if text == CALIBRATED:
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number of seconds nor 'calibrated'") from None
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -763,7 +822,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--gpu", type=int, metavar="N",
                      help="on a GPU track, the GPU to use, as CUDA numbers them here (after CUDA_VISIBLE_DEVICES); "
                           "default: the first that no other run of this evaluator holds")
-    run.add_argument("--budget", type=float, metavar="S", help="training budget in seconds; any value other than the track's makes the run unofficial")
+    run.add_argument("--budget", type=_budget, metavar="S|calibrated",
+                     help="training budget in seconds, or 'calibrated': the track's scaled by this host's speed "
+                          "against the track's hardware (evaluator calibrate); any value other than the track's "
+                          "makes the run unofficial")
     run.add_argument("--sandbox", choices=["auto", "nsjail", "none"], default="auto",
                      help="auto: nsjail when it works here, else none (says which); nsjail: never falls back; none: plain subprocess, unofficial")
     run.add_argument("--out", metavar="DIR", help=f"where run directories go (default: {RUNS_DIR.relative_to(REPO_ROOT)}/)")

@@ -60,6 +60,10 @@ class Track:
     def seeds(self) -> dict[str, Any]:
         return self.raw["seeds"]
 
+    @property
+    def calibration(self) -> dict[str, Any]:
+        return self.raw["calibration"]
+
 
 def available_tracks() -> list[str]:
     return sorted(p.stem for p in TRACKS_DIR.glob("*.toml"))

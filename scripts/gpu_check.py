@@ -40,6 +40,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
+from evaluator.calibration import calibrate  # noqa: E402
 from evaluator.cli import run_guarded  # noqa: E402
 from evaluator.runner import evaluate, last_logged_metric  # noqa: E402
 from evaluator import sandbox as sandbox_module  # noqa: E402
@@ -470,6 +471,19 @@ def sealed_gpu_scoring(lines: list[str], data: dict) -> bool:
     return len(probes) >= 4 and not any(found for _, found in probes)
 
 
+def calibration_on_the_gpu(lines: list[str], data: dict) -> bool:
+    """The calibration workload on this GPU, against the t4-5min figure (an estimate until a T4 runs it)."""
+    track = load_track("t4-5min")
+    figures = calibrate(track, repeats=5)  # refuses a factor outside calibration.FACTOR_RANGE: the step fails
+    data.update(figures.as_dict())
+    lines.append(f"{figures.workload} on {figures.host_device}: median {figures.host_seconds:.4f} s over "
+                 f"{len(figures.host_repeats)} repeats {figures.host_repeats}, spread {100 * figures.host_spread:.1f}%")
+    lines.append(f"against t4-5min's {figures.track_seconds:g} s ({figures.track_provenance}): factor {figures.factor:g}, "
+                 f"so a calibrated t4-5min budget here would be {track.budget_s * figures.factor:.0f} s "
+                 "(these are this GPU's figures, not a T4's)")
+    return figures.host_spread < 0.2  # a GPU this noisy gives no factor worth scaling a budget by
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="folder for gpu-check.md, gpu-check.json and the two result.json")
@@ -486,6 +500,7 @@ def main() -> int:
     report.step("reference, --sandbox none", reference_run("none", args.budget, args.out))
     report.step("sandbox tax on the GPU", sandbox_tax(report))
     report.step("sealed scoring on the GPU: CUDA per batch process, no memory handed on", sealed_gpu_scoring)
+    report.step("the calibration workload on this GPU", calibration_on_the_gpu)
     return 0 if all(step["passed"] for step in report.steps) else 1
 
 

@@ -133,9 +133,9 @@ def test_a_gpu_task_hands_its_run_the_gpu_ray_assigned(local_ray):
     assert local_ray.get(on_cpu.remote()) == {}
 
 
-def _fake_record(runs: Path, run_id: str, status: str, sandbox: str, ended: str) -> None:
+def _fake_record(runs: Path, run_id: str, status: str, sandbox: str, ended: str, calibration: dict | None = None) -> None:
     record = {
-        "run_id": run_id, "status": status, "seed": 0, "budget_s": 60, "ended_at": ended,
+        "run_id": run_id, "status": status, "seed": 0, "budget_s": 60, "ended_at": ended, "calibration": calibration,
         "submission": {"tree_sha256": "t"}, "track": {"sha256": "k"}, "environment": {"sandbox": {"kind": sandbox}},
     }
     (runs / run_id).mkdir(parents=True)
@@ -148,6 +148,8 @@ def test_resume_counts_verdicts_but_not_the_evaluators_failures(tmp_path):
     _fake_record(runs, "b-ok", "ok", "nsjail", "2026-01-01T00:00:01Z")
     _fake_record(runs, "c-broken", "sandbox_error", "nsjail", "2026-01-01T00:00:03Z")
     _fake_record(runs, "d-unsandboxed", "ok", "none", "2026-01-01T00:00:04Z")
+    # A calibrated budget that came to the track's 60 s on this host is still not the track's budget.
+    _fake_record(runs, "e-calibrated", "ok", "nsjail", "2026-01-01T00:00:05Z", calibration={"factor": 1.0})
     key = ("t", "k", 0, 60.0)
     assert _earlier_results(runs, "none")[key][0]["run_id"] == "d-unsandboxed"  # ok, then the newest
     assert _earlier_results(runs, "nsjail")[key][0]["run_id"] == "b-ok"

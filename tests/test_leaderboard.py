@@ -193,13 +193,13 @@ def _runs(losses: list[float], *, drawn: bool = False, first_seed: int = 0, seed
     return [
         Run(run_id=f"r{seed}-{index}", seed=seed, seed_drawn=drawn, val_loss=loss, val_bpb=loss / 2.3,
             train_seconds=55.0, budget_s=60.0, started_at=T0, ended_at=T0, signer="tester", authors=["A"],
-            description="", loss_curve={}, throttled_s=None, throttle_reasons=(), gpu=None)
+            description="", loss_curve={}, throttled_s=None, throttle_reasons=(), gpu=None, calibration_factor=None)
         for index, (seed, loss) in enumerate(zip(seeds, losses))
     ]
 
 
 def _statuses(rule: RecordRule, **rows: list[Run]) -> dict[str, tuple[str, float | None]]:
-    board = [Row("cpu-1min", name, True, runs) for name, runs in rows.items()]
+    board = [Row("cpu-1min", name, True, False, runs) for name, runs in rows.items()]
     for order, row in enumerate(board):  # first runs in the order given
         row.runs = [dataclasses.replace(run, started_at=T0 + timedelta(days=order)) for run in row.runs]
     _mark_records(board, rule)
@@ -250,7 +250,7 @@ def test_only_drawn_seeds_count_where_the_rule_says_so():
 
 
 def test_a_seed_run_again_is_one_sample_of_the_record_test():
-    row = Row("cpu-1min", "repeats", True, _runs([3.0, 3.2, 3.1, 3.3, 4.0, 5.0], seeds=[0, 0, 0, 0, 1, 2]))
+    row = Row("cpu-1min", "repeats", True, False, _runs([3.0, 3.2, 3.1, 3.3, 4.0, 5.0], seeds=[0, 0, 0, 0, 1, 2]))
     assert row.counted_losses(DEFAULT_RULE) == [pytest.approx(3.15), 4.0, 5.0]
     assert row.counted_seeds(DEFAULT_RULE) == 3
 

@@ -86,6 +86,7 @@ def make_run(
     extra_metric_rows: int = 0,
     gpu_telemetry: dict | None = None,
     gpu: dict | None = None,
+    calibration: dict | None = None,
 ) -> Path:
     """A run directory whose result.json validates against the schema, with a small metrics.parquet."""
     folder = make_submission(root, submission)
@@ -93,7 +94,7 @@ def make_run(
     run_dir.mkdir(parents=True)
     train_seconds = 55.0 + seed
     result = {
-        "schema_version": 3,
+        "schema_version": 4,
         "run_id": run_id,
         "status": status,
         "message": "" if status == "ok" else "the train function raised",
@@ -117,6 +118,7 @@ def make_run(
         },
         "seed": seed,
         "seed_drawn": seed_drawn,
+        "calibration": calibration,
         "metrics": (
             {"val_loss": val_loss, "val_bpb": val_loss / 2.3, "val_tokens": 10000, "val_bytes": 40000, "val_documents": 100}
             if status == "ok"
