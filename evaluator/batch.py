@@ -216,7 +216,8 @@ def _run_on_node(submission_archive: bytes, request: dict[str, Any]) -> dict[str
         out = workdir / "runs"
         argv = [
             sys.executable, "-m", "evaluator.cli", "run", str(submission),
-            "--track", request["track"], "--seed", str(request["seed"]),
+            "--track", request["track"],
+            *(["--secret-seeds"] if request["seed"] is None else ["--seed", str(request["seed"])]),
             "--sandbox", request["sandbox"], "--out", str(out), "--json",
         ]
         if request["budget_s"] is not None:
@@ -273,7 +274,7 @@ class Submission:
 @dataclass
 class Run:
     submission: Submission
-    seed: int
+    seed: int | None  # None: the node's evaluator draws it (--secret-seeds); the record then says which
     budget_s: float
     state: str = "queued"  # queued | running | finished
     attempts: int = 0
@@ -287,7 +288,9 @@ class Run:
 
     @property
     def label(self) -> str:
-        return f"{self.submission.name} seed {self.seed}"
+        if self.seed is not None:
+            return f"{self.submission.name} seed {self.seed}"
+        return f"{self.submission.name} seed {self.record['seed']} (drawn)" if self.record else f"{self.submission.name} drawn seed"
 
     @property
     def needs_retry(self) -> bool:
@@ -401,10 +404,11 @@ def _check_all(folders: list[Path], track_id: str | None, console: Console) -> t
     return valid, invalid
 
 
-def _earlier_results(runs_dir: Path, sandbox_choice: str) -> dict[tuple, tuple[dict[str, Any], Path]]:
+def _earlier_results(runs_dir: Path, sandbox_choice: str) -> dict[tuple, list[tuple[dict[str, Any], Path]]]:
     """Records under runs_dir that already settle a (tree, track file, seed, budget) run: any verdict but
-    the evaluator's own failure; with --sandbox nsjail, only sandboxed ones. `ok` wins, then the newest."""
-    found: dict[tuple, tuple[dict[str, Any], Path]] = {}
+    the evaluator's own failure; with --sandbox nsjail, only sandboxed ones. Best first: `ok`, then the
+    newest. Runs whose seed was drawn are filed under seed None: each of them settles one drawn run."""
+    found: dict[tuple, list[tuple[dict[str, Any], Path]]] = {}
     if not runs_dir.is_dir():
         return found
     for path in runs_dir.glob(f"*/{RESULT_FILE}"):
@@ -412,7 +416,8 @@ def _earlier_results(runs_dir: Path, sandbox_choice: str) -> dict[tuple, tuple[d
             continue
         try:
             record = json.loads(path.read_text(encoding="utf-8"))
-            key = (record["submission"]["tree_sha256"], record["track"]["sha256"], record["seed"], float(record["budget_s"]))
+            seed = None if record.get("seed_drawn") else record["seed"]
+            key = (record["submission"]["tree_sha256"], record["track"]["sha256"], seed, float(record["budget_s"]))
             status, sandbox_kind, ended = record["status"], record["environment"]["sandbox"]["kind"], record["ended_at"]
         except (OSError, ValueError, TypeError, KeyError):
             continue
@@ -420,10 +425,9 @@ def _earlier_results(runs_dir: Path, sandbox_choice: str) -> dict[tuple, tuple[d
             continue
         if record.get("calibration") is not None:  # its budget is this host's, whatever number it came to
             continue
-        best = found.get(key)
-        rank = (status == "ok", ended)
-        if best is None or rank > (best[0]["status"] == "ok", best[0]["ended_at"]):
-            found[key] = (record, path.parent)
+        found.setdefault(key, []).append((record, path.parent))
+    for settling in found.values():
+        settling.sort(key=lambda item: (item[0]["status"] == "ok", item[0]["ended_at"]), reverse=True)
     return found
 
 
@@ -451,7 +455,9 @@ def _receive(run: Run, reply: dict[str, Any], runs_dir: Path) -> None:
                 problems.append("it evaluated a different submission tree than the one sent")
             if record["track"]["sha256"] != submission.track.sha256:
                 problems.append(f"its spec/tracks/{submission.track.id}.toml differs from this machine's")
-            if record["seed"] != run.seed:
+            if run.seed is None and not record["seed_drawn"]:
+                problems.append(f"it ran seed {record['seed']}, which it did not draw")
+            if run.seed is not None and (record["seed"], record["seed_drawn"]) != (run.seed, False):
                 problems.append(f"it ran seed {record['seed']} instead of {run.seed}")
         if problems:
             run.failure = f"the result from {run.node} cannot be accepted: " + "; ".join(problems)
@@ -607,7 +613,7 @@ def _summary(console: Console, runs: list[Run], invalid: list[tuple[Path, int]])
         note = "earlier run" if run.reused else run.note or ("retried" if run.attempts > 1 else "")
         table.add_row(
             run.submission.name,
-            str(run.seed),
+            str(run.seed) if run.seed is not None else f"{record['seed']} (drawn)" if record else "drawn",
             status,
             f"{metrics['val_loss']:.4f}" if metrics else "-",
             f"{metrics['val_bpb']:.4f}" if metrics else "-",
@@ -667,11 +673,13 @@ def _batch(args: argparse.Namespace) -> int:
     for submission in submissions:
         track = submission.track
         budget_s = track.budget_s if args.budget is None else float(args.budget)
+        drawn_before = list(earlier.get((submission.tree_sha256, track.sha256, None, budget_s), []))
         for offset in range(args.seeds):
-            run = Run(submission=submission, seed=track.seeds["default"] + offset, budget_s=budget_s)
-            found = earlier.get((submission.tree_sha256, track.sha256, run.seed, budget_s))
-            if found:
-                run.record, run.run_dir = found
+            seed = None if args.secret_seeds else track.seeds["default"] + offset
+            run = Run(submission=submission, seed=seed, budget_s=budget_s)
+            settling = drawn_before if args.secret_seeds else earlier.get((submission.tree_sha256, track.sha256, seed, budget_s), [])
+            if settling:
+                run.record, run.run_dir = settling.pop(0) if args.secret_seeds else settling[0]
                 run.state, run.reused = "finished", True
             runs.append(run)
     to_run = [run for run in runs if not run.reused]
@@ -731,6 +739,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     batch.add_argument("--track", metavar="ID", help="track id for every submission (default: each manifest's track)")
     batch.add_argument("--budget", type=float, metavar="S", help="training budget in seconds; any value other than the track's makes the runs unofficial")
     batch.add_argument("--seeds", type=int, default=1, metavar="N", help="seeds per submission: the track's default seed, +1, ... (default 1)")
+    batch.add_argument("--secret-seeds", action="store_true",
+                       help="each run's evaluator draws its seed from os.urandom (evaluator run --secret-seeds); "
+                            "drawn runs already in the results count towards --seeds")
     batch.add_argument("--ray", metavar="ADDRESS", help="address of a running Ray cluster (e.g. auto, or HEAD:6379); default: start a local Ray instance")
     batch.add_argument("--results", metavar="DIR", default=str(RESULTS_DIR), help=f"results directory; run directories go to DIR/runs/ (default: {RESULTS_DIR.relative_to(REPO_ROOT)}/)")
     batch.add_argument("--sandbox", type=_sandbox_choice, default="nsjail", metavar="{nsjail,none}",

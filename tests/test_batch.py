@@ -113,6 +113,21 @@ def test_batch_runs_every_seed_skips_invalid_and_resumes(local_ray, tmp_path, ca
     assert len(_records(results)) == 4
 
 
+def test_batch_with_secret_seeds_draws_on_the_node_and_resumes_by_count(local_ray, tmp_path, capsys):
+    tiny = _tiny_submission(tmp_path, "tiny-drawn")
+    results = tmp_path / "results"
+    common = ["--track", "cpu-1min", "--budget", "3", "--results", str(results), "--sandbox", "none", "--secret-seeds"]
+    assert main(["batch", str(tiny), "--seeds", "1", *common]) == 0, capsys.readouterr().err
+    first = _records(results)
+    assert [(r["seed_drawn"], r["status"]) for r in first] == [(True, "ok")]
+    assert f"{first[0]['seed']} (drawn)" in capsys.readouterr().err
+    code = main(["batch", str(tiny), "--seeds", "2", *common])
+    err = capsys.readouterr().err
+    assert code == 0 and "1 already in" in err and "1 to run" in err
+    records = _records(results)
+    assert len(records) == 2 and all(r["seed_drawn"] for r in records) and len({r["seed"] for r in records}) == 2
+
+
 def test_a_failing_node_is_retried_once_then_reported(local_ray, tmp_path, capsys):
     # The fake T4 makes the run land here; the node has no CUDA, so `evaluator run` refuses (exit 2).
     code = main(["batch", str(_tiny_submission(tmp_path, "tiny-gpu")), "--track", "t4-5min", "--results", str(tmp_path / "results"), "--sandbox", "none"])
@@ -133,9 +148,11 @@ def test_a_gpu_task_hands_its_run_the_gpu_ray_assigned(local_ray):
     assert local_ray.get(on_cpu.remote()) == {}
 
 
-def _fake_record(runs: Path, run_id: str, status: str, sandbox: str, ended: str, calibration: dict | None = None) -> None:
+def _fake_record(runs: Path, run_id: str, status: str, sandbox: str, ended: str, calibration: dict | None = None,
+                 seed: int = 0, drawn: bool = False) -> None:
     record = {
-        "run_id": run_id, "status": status, "seed": 0, "budget_s": 60, "ended_at": ended, "calibration": calibration,
+        "run_id": run_id, "status": status, "seed": seed, "seed_drawn": drawn, "budget_s": 60, "ended_at": ended,
+        "calibration": calibration,
         "submission": {"tree_sha256": "t"}, "track": {"sha256": "k"}, "environment": {"sandbox": {"kind": sandbox}},
     }
     (runs / run_id).mkdir(parents=True)
@@ -151,13 +168,19 @@ def test_resume_counts_verdicts_but_not_the_evaluators_failures(tmp_path):
     # A calibrated budget that came to the track's 60 s on this host is still not the track's budget.
     _fake_record(runs, "e-calibrated", "ok", "nsjail", "2026-01-01T00:00:05Z", calibration={"factor": 1.0})
     key = ("t", "k", 0, 60.0)
-    assert _earlier_results(runs, "none")[key][0]["run_id"] == "d-unsandboxed"  # ok, then the newest
-    assert _earlier_results(runs, "nsjail")[key][0]["run_id"] == "b-ok"
+    assert _earlier_results(runs, "none")[key][0][0]["run_id"] == "d-unsandboxed"  # ok, then the newest
+    assert _earlier_results(runs, "nsjail")[key][0][0]["run_id"] == "b-ok"
     (runs / "b-ok" / "result.json").unlink()
     (runs / "d-unsandboxed" / "result.json").unlink()
-    assert _earlier_results(runs, "nsjail")[key][0]["run_id"] == "a-crashed"
+    assert _earlier_results(runs, "nsjail")[key][0][0]["run_id"] == "a-crashed"
     (runs / "a-crashed" / "result.json").unlink()
     assert _earlier_results(runs, "nsjail") == {}
+    # Drawn seeds are filed together: each settles one drawn run, whatever its number.
+    _fake_record(runs, "f-drawn", "ok", "nsjail", "2026-01-01T00:00:06Z", seed=0, drawn=True)
+    _fake_record(runs, "g-drawn", "crashed", "nsjail", "2026-01-01T00:00:07Z", seed=77, drawn=True)
+    found = _earlier_results(runs, "nsjail")
+    assert list(found) == [("t", "k", None, 60.0)]
+    assert [record["run_id"] for record, _ in found[("t", "k", None, 60.0)]] == ["f-drawn", "g-drawn"]
 
 
 def test_only_invalid_submissions_start_nothing(tmp_path, capsys):
