@@ -43,6 +43,7 @@ from evaluator.gpus import Placement, hold_gpu, hold_host
 from evaluator.harness import MODEL_FILE
 from evaluator.manifest import MANIFEST_NAME, Manifest, parse_manifest
 from evaluator.nvml import TelemetrySampler
+from evaluator.progress import PlainLines, live
 from evaluator.paths import DATASETS_DIR, REPO_ROOT, RUNS_DIR
 from evaluator.results import EXIT_CODES, environment, utc_now, write_result
 from evaluator.sandbox import JailSpec, SandboxUnavailable, open_sandbox
@@ -122,10 +123,13 @@ def _read_protocol(stream, events: queue.Queue) -> None:
 
 
 class _LiveDisplay:
-    """A progress bar of the budget with the last step, loss and tokens/s the submission logged."""
+    """The budget's progress with the last step, loss and tokens/s the submission logged: a bar where
+    the console redraws in place, else a plain line every tenth of the budget (at least 5 s apart)."""
 
     def __init__(self, console: Console, label: str, budget_s: float):
         self.budget_s = budget_s
+        self.label = label
+        self.lines = None if live(console) else PlainLines(console, every_s=max(5.0, budget_s / 10))
         self.progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -134,9 +138,10 @@ class _LiveDisplay:
             TimeElapsedColumn(),
             console=console,
             transient=False,
-            disable=not console.is_terminal,
+            disable=self.lines is not None,
         )
         self.task = self.progress.add_task(label, total=budget_s, status="starting sandbox")
+        self._last_line = ""
 
     def __enter__(self):
         self.progress.__enter__()
@@ -144,10 +149,15 @@ class _LiveDisplay:
 
     def __exit__(self, *exc):
         self.progress.__exit__(*exc)
+        if self.lines is not None and self._last_line:
+            self.lines.say(self._last_line, final=True)
 
     def update(self, elapsed: float | None, status: str) -> None:
         completed = min(elapsed, self.budget_s) if elapsed is not None else 0.0
         self.progress.update(self.task, completed=completed, status=status)
+        if self.lines is not None and elapsed is not None:
+            self._last_line = f"{self.label}: {completed:5.1f}/{self.budget_s:g} s  {status}"
+            self.lines.say(self._last_line)
 
 
 def _status_text(step: int | None, metrics: dict[str, float], tokens_per_s: float | None) -> str:
@@ -316,6 +326,18 @@ def _unofficial_reasons(plan: _RunPlan, sandbox_kind: str, gpu: dict | None) -> 
     return reasons
 
 
+def _require_torch() -> None:
+    """Before anything is made: a run without torch would fail halfway, leaving a run directory."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise UserError(
+            "evaluator run needs PyTorch, which is not installed here. On a CPU machine: pip install torch "
+            "--index-url https://download.pytorch.org/whl/cpu ; on a GPU host or a notebook, the CUDA build "
+            "it already has (README: running on a GPU)"
+        ) from None
+
+
 def _check_device(track: Track) -> str:
     if track.device_kind == "cpu":
         return "cpu"
@@ -386,6 +408,7 @@ def _plan(request: RunRequest, console: Console, held: ExitStack) -> _RunPlan:
     """Check the submission, resolve track and data, take the host's locks (into `held`, for the whole
     run), calibrate if asked, lay out the run directory and the job file."""
     folder, seed, budget_s, gpu = Path(request.folder), request.seed, request.budget_s, request.gpu
+    _require_torch()
     report = check_submission(folder)
     if not report.ok:
         for finding in report.findings:

@@ -348,15 +348,24 @@ def _stream_batch(stream: _Stream, batch: list[_Window], deadlines: _Deadlines,
 
 @contextmanager
 def _progress(description: str, total: int) -> Iterator[Callable[[int], None]]:
-    """A transient progress bar on stderr when it is a terminal; otherwise nothing."""
-    if not sys.stderr.isatty():
-        yield lambda advance: None
-        return
+    """A transient progress bar on stderr where it redraws in place; else a line every 10 s."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from evaluator.progress import PlainLines, live
+
+    console = Console(stderr=True)
+    if not live(console):
+        lines, done = PlainLines(console, every_s=10.0), [0]
+
+        def advance(count: int) -> None:
+            done[0] += count
+            lines.say(f"{description}: {done[0]:,}/{total:,} predictions", final=done[0] >= total)
+
+        yield advance
+        return
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
+    with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task(description, total=total)
         yield lambda advance: progress.advance(task, advance)
 

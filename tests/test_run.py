@@ -7,6 +7,8 @@ import math
 import os
 import re
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -317,3 +319,40 @@ def test_bad_input_exits_2_without_a_traceback(tmp_path, capsys):
     assert "positive number" in err and "unknown track 'nope'" in err and "weights.pt" in err
     assert "--secret-seeds draws every seed: drop --seed" in err
     assert "Traceback" not in err
+
+
+def test_the_in_jail_modules_load_no_host_module_and_the_api_is_one_import():
+    # The jails import evaluator.api / harness / model_server / dataset.loader: `import evaluator`
+    # must not pull the host side in with them, though `from evaluator import evaluate` works.
+    probe = (
+        "import sys, evaluator.api, evaluator.harness, evaluator.model_server, evaluator.dataset.loader\n"
+        "print(sorted(name for name in sys.modules if name.startswith('evaluator')))\n"
+        "from evaluator import evaluate; print(evaluate.__module__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert set(eval(out[0])) <= {"evaluator", "evaluator.api", "evaluator.harness", "evaluator.model_server",
+                                 "evaluator.dataset", "evaluator.dataset.loader", "evaluator.errors"}  # errors: a leaf
+    assert out[1] == "evaluator.runner"
+
+
+def test_without_torch_run_says_how_to_install_it_before_making_anything(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
+    folder = write_submission(tmp_path, "no-torch", RETURN_UNIFORM)
+    assert main(["run", str(folder), "--out", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert "needs PyTorch, which is not installed here" in err and "pip install torch" in err
+    assert "Traceback" not in err and not (tmp_path / "runs").exists()
+
+
+def test_progress_is_plain_lines_off_a_terminal_and_in_a_notebooks_shell(tmp_path, runs_dir, capsys, monkeypatch):
+    from rich.console import Console
+
+    from evaluator.progress import live
+
+    assert live(Console(force_terminal=True))
+    monkeypatch.setenv("JPY_PARENT_PID", "1")  # what a Jupyter kernel leaves to its `!evaluator run`
+    assert not live(Console(force_terminal=True))
+    folder = write_submission(tmp_path, "plain", RETURN_UNIFORM)
+    assert main(["run", str(folder), "--out", str(runs_dir), "--budget", "5", "--sandbox", "none"]) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"plain:\s+\d+\.\d/5 s", err) and "scoring: " in err and "\x1b[" not in err
