@@ -22,7 +22,9 @@ from pathlib import Path
 
 from evaluator.errors import UserError
 from evaluator.fsutil import submission_paths
-from evaluator.manifest import MANIFEST_NAME, Finding, Manifest, parse_manifest
+from evaluator.manifest import (
+    MANIFEST_NAME, Finding, Manifest, merge_overrides, override_findings, parse_manifest, parse_override,
+)
 from evaluator.paths import REPO_ROOT, SUBMISSIONS_DIR
 from evaluator.tracks import TrackError, available_tracks, load_track_file, track_path
 
@@ -58,8 +60,9 @@ class CheckReport:
         }
 
 
-def check_submission(folder: Path) -> CheckReport:
-    """Every static problem with the folder, all at once."""
+def check_submission(folder: Path, overrides: dict | None = None) -> CheckReport:
+    """Every static problem with the folder, all at once; with `overrides` (--set), also what they
+    would make of the manifest's [config] on its track."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder}: no such submission folder")
@@ -68,6 +71,8 @@ def check_submission(folder: Path) -> CheckReport:
     if manifest is not None:
         findings += _check_track(manifest)
         findings += _check_entry(folder, manifest)
+        if overrides:
+            findings += override_findings(merge_overrides(manifest.config_for(manifest.track), overrides))
     return CheckReport(folder=folder, manifest=manifest, findings=findings)
 
 
@@ -178,8 +183,13 @@ def _display_path(folder: Path) -> str:
 
 def _run_check(args: argparse.Namespace) -> int:
     if args.changed is not None:
+        if args.set:
+            raise UserError("--set checks overrides of one folder's [config]: give DIR, not --changed")
         return _run_check_changed(args)
-    report = check_submission(Path(args.folder))
+    overrides: dict = {}
+    for item in args.set:
+        overrides = merge_overrides(overrides, parse_override(item))
+    report = check_submission(Path(args.folder), overrides)
     if args.json:
         print(json.dumps(report.as_dict(), indent=2))
         return 0 if report.ok else 2
@@ -389,6 +399,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     target.add_argument("folder", metavar="DIR", nargs="?", help="the submission folder (holds manifest.toml)")
     target.add_argument("--changed", metavar="BASE", help="check every submission folder HEAD changes since its merge base with BASE, and refuse anything else it changes")
     check.add_argument("--json", action="store_true", help="print the findings as JSON on stdout (with --changed: ok, base, head, submissions, deleted, outside)")
+    check.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="also check what these overrides (as evaluator run --set takes them) make of the manifest's [config]")
     check.set_defaults(handler=_run_check)
 
     new = subparsers.add_parser(

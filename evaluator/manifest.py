@@ -22,6 +22,7 @@ from typing import Any
 import jsonschema
 import jsonschema.validators
 
+from evaluator.errors import UserError
 from evaluator.paths import SPEC_DIR
 
 MANIFEST_NAME = "manifest.toml"
@@ -353,3 +354,54 @@ def _toml_failure_finding(exc: Exception, text: str) -> Finding:
         detail = "".join(c if c.isprintable() else repr(c)[1:-1] for c in lines[0][:_SHOWN_MAX_CHARS]) if lines else ""
         message = f"cannot be read by the TOML parser ({type(exc).__name__}{': ' + detail if detail else ''}): fix it (see submissions/template/manifest.toml)"
     return Finding(MANIFEST_NAME, message, line, column)
+
+
+# --- command-line overrides of [config] (evaluator run/check --set KEY=VALUE) ------------------
+
+_OVERRIDE_KEY = re.compile(rf"^{_BARE_KEY}(?:\.{_BARE_KEY})*$")
+_BARE_WORD = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """`KEY=VALUE` as a nested dict: the value is TOML (512, 3e-4, true, [1, 2], "x"), or a bare word
+    (relu) taken as a string; a dotted key (optimizer.lr=0.01) reaches into a table. UserError else."""
+    key, equals, value = text.partition("=")
+    key = key.strip()
+    if not equals or not _OVERRIDE_KEY.match(key):
+        raise UserError(f"--set {text!r}: expected KEY=VALUE with a bare or dotted key, e.g. --set d_model=512")
+    try:
+        parsed = tomllib.loads(f"value = {value.strip()}")["value"]
+    except tomllib.TOMLDecodeError:
+        if not _BARE_WORD.match(value.strip()):
+            raise UserError(f"--set {text!r}: {value.strip()!r} is not a TOML value; quote a string: "
+                            f"--set {key}='\"{value.strip()}\"'") from None
+        parsed = value.strip()
+    nested: dict[str, Any] = {}
+    *tables, leaf = key.split(".")
+    target = nested
+    for table in tables:
+        target = target.setdefault(table, {})
+    target[leaf] = parsed
+    return nested
+
+
+def merge_overrides(config: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """`config` with each override's leaves replacing (or adding to) the same keys, tables merged."""
+    merged = dict(config)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_overrides(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def override_findings(config: dict[str, Any]) -> list[Finding]:
+    """What is wrong with a [config] after overrides, by the manifest schema's own rules for it."""
+    schema = manifest_schema()
+    validator = _ManifestValidator({"$defs": schema["$defs"], "$ref": "#/$defs/config"})
+    findings = []
+    for error in sorted(validator.iter_errors(config), key=lambda e: [str(p) for p in e.absolute_path]):
+        dotted = ".".join(["config", *map(str, error.absolute_path)])
+        findings.append(Finding(MANIFEST_NAME, f"with --set, {dotted}: {error.message}"))
+    return findings

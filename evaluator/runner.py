@@ -41,7 +41,7 @@ from evaluator.errors import InvalidModel, UserError
 from evaluator.fsutil import atomic_write_bytes, atomic_write_text, sha256_file, stage_tree, tree_sha256
 from evaluator.gpus import Placement, hold_gpu, hold_host
 from evaluator.harness import MODEL_FILE
-from evaluator.manifest import MANIFEST_NAME, Manifest, parse_manifest
+from evaluator.manifest import MANIFEST_NAME, Manifest, merge_overrides, override_findings, parse_manifest, parse_override
 from evaluator.nvml import TelemetrySampler
 from evaluator.progress import PlainLines, live
 from evaluator.paths import DATASETS_DIR, REPO_ROOT, RUNS_DIR
@@ -54,6 +54,10 @@ from evaluator.tracks import Track, load_track
 STARTUP_ALLOWANCE_S = 120.0
 _PROTOCOL_LINE_MAX = 64 * 1024
 _LOG_TAIL_BYTES = 3000
+# --smoke: enough to catch a broken contract (a forward that returns a tuple, wrong logits) in
+# seconds instead of after a full run.
+SMOKE_BUDGET_S = 10.0
+SMOKE_DOCUMENTS = 8
 # Rows of ctx.log metrics one run may record: a T4 run logging five metrics at every step stays far
 # below. The evaluator holds the rows until the run ends, so without a cap a submission flooding the
 # protocol with log lines could exhaust the evaluator's memory (outside every jail) and bloat
@@ -311,7 +315,11 @@ def _last_logged(rows, key: str) -> float | None:
 def _unofficial_reasons(plan: _RunPlan, sandbox_kind: str, gpu: dict | None) -> list[str]:
     track, budget_s = plan.track, plan.budget_s
     reasons = []
-    if plan.calibration is not None:
+    if plan.overrides:
+        reasons.append("config overridden on the command line (--set): the submission's files do not describe what ran")
+    if plan.smoke:  # its budget is part of what a smoke run is
+        reasons.append(f"smoke run (--smoke): {budget_s:g} s of training, {SMOKE_DOCUMENTS} validation documents")
+    elif plan.calibration is not None:
         reasons.append(f"budget calibrated: x{plan.calibration.factor:g} ({budget_s:.1f} s instead of the track's "
                        f"{track.budget_s:g} s; the track's figure is {plan.calibration.track_provenance.split(' ', 1)[0]})")
     elif budget_s != track.budget_s:
@@ -363,6 +371,8 @@ class _RunPlan:
     seed_drawn: bool
     budget_s: float
     calibration: Calibration | None  # --budget calibrated: budget and scoring deadlines x its factor
+    overrides: dict[str, Any]  # --set: merged into the manifest's [config] for this run
+    smoke: bool
     gpu: Placement | None  # the GPU this run holds; None on a CPU track
     train_path: Path
     val_path: Path
@@ -402,6 +412,8 @@ class RunRequest:
     gpu: int | None
     runs_dir: Path
     debug_scoring: bool
+    overrides: dict[str, Any]
+    smoke: bool
 
 
 def _plan(request: RunRequest, console: Console, held: ExitStack) -> _RunPlan:
@@ -421,6 +433,14 @@ def _plan(request: RunRequest, console: Console, held: ExitStack) -> _RunPlan:
         raise UserError("a secret seed is drawn by the evaluator: give a seed or ask for a secret one, not both")
     if request.calibrated_budget and budget_s is not None:
         raise UserError("a calibrated budget is the track's scaled by this host's speed: give a budget or ask for a calibrated one, not both")
+    if request.calibrated_budget and request.smoke:
+        raise UserError("a smoke run has a budget of its own: drop --smoke or --budget calibrated")
+    config = merge_overrides(manifest.config_for(track.id), request.overrides)
+    problems = override_findings(config) if request.overrides else []
+    if problems:
+        raise UserError("the overrides make an invalid [config]: " + "; ".join(problem.message for problem in problems))
+    if request.smoke and budget_s is None:
+        budget_s = min(SMOKE_BUDGET_S, track.budget_s)
     seed = draw_seed() if request.secret_seed else track.seeds["default"] if seed is None else seed
     budget_s = track.budget_s if budget_s is None else budget_s
     if not (budget_s > 0 and math.isfinite(budget_s)):
@@ -456,7 +476,7 @@ def _plan(request: RunRequest, console: Console, held: ExitStack) -> _RunPlan:
     run_dir = (Path(request.runs_dir) / run_id).resolve()
     plan = _RunPlan(
         folder=folder, manifest=manifest, track=track, device=device, seed=seed, seed_drawn=request.secret_seed,
-        budget_s=budget_s, calibration=calibration, gpu=placement,
+        budget_s=budget_s, calibration=calibration, overrides=request.overrides, smoke=request.smoke, gpu=placement,
         train_path=train_path, val_path=val_path, vocab_size=vocab_size, eos_id=eos_id,
         run_id=run_id, run_dir=run_dir, staged=run_dir / "submission", jail_out=run_dir / "jail-out",
         scratch=run_dir / "scratch", job_path=run_dir / "job.json", debug_scoring=request.debug_scoring,
@@ -480,7 +500,7 @@ def _plan(request: RunRequest, console: Console, held: ExitStack) -> _RunPlan:
         "vocab_size": vocab_size,
         "eos_id": eos_id,
         "eval_seq_len": track.eval["seq_len"],
-        "config": manifest.config_for(track.id),
+        "config": config,
     }
     atomic_write_text(plan.job_path, json.dumps(job, indent=2))
     return plan
@@ -559,7 +579,7 @@ def _score(plan: _RunPlan, sandbox, console: Console):
         name=f"{plan.run_id}-score",
         model_path=plan.run_dir / MODEL_FILE,  # taken out of the jail by _train_in_jail
         submission_dir=plan.staged,
-        documents=read_documents(plan.val_path),
+        documents=read_documents(plan.val_path)[:SMOKE_DOCUMENTS] if plan.smoke else read_documents(plan.val_path),
         vocab_size=plan.vocab_size,
         eos_id=plan.eos_id,
         seq_len=protocol["seq_len"],
@@ -586,7 +606,7 @@ def _record(plan: _RunPlan, outcome: TrainingOutcome, score, env: dict[str, Any]
         reasons.append(f"GPU {plan.gpu.board.pci_bus_id} had work of other processes when the run started (pids {pids})")
     track = plan.track
     return {
-        "schema_version": 4,
+        "schema_version": 5,
         "run_id": plan.run_id,
         "status": outcome.status,
         "message": outcome.message,
@@ -611,6 +631,8 @@ def _record(plan: _RunPlan, outcome: TrainingOutcome, score, env: dict[str, Any]
         "seed": plan.seed,
         "seed_drawn": plan.seed_drawn,
         "calibration": None if plan.calibration is None else plan.calibration.as_dict(),
+        "overrides": plan.overrides,
+        "smoke": plan.smoke,
         "metrics": None if score is None or outcome.status != "ok" else {
             "val_loss": score.val_loss,
             "val_bpb": score.val_bpb,
@@ -674,6 +696,8 @@ def evaluate(
     budget_s: float | None = None,
     calibrated_budget: bool = False,
     gpu: int | None = None,
+    overrides: dict[str, Any] | None = None,
+    smoke: bool = False,
     sandbox_choice: str = "auto",
     runs_dir: Path = RUNS_DIR,
     debug_scoring: bool = False,
@@ -683,13 +707,16 @@ def evaluate(
     `secret_seed` has the evaluator draw the seed (recorded as `seed_drawn`) instead of taking `seed`.
     `calibrated_budget` times this host first and scales the track's budget and scoring deadlines by
     how much slower it is than the track's hardware (unofficial; docs/CALIBRATION.md).
-    `gpu`: CUDA's index of the GPU to hold (default: the first no other run holds)."""
+    `gpu`: CUDA's index of the GPU to hold (default: the first no other run holds).
+    `overrides`: merged into the manifest's [config] (`{"d_model": 512}`, tables merged); recorded,
+    and the run is unofficial. `smoke`: 10 s of training (unless `budget_s`) and the first 8
+    validation documents, to catch a broken contract early; unofficial and never publishable."""
     with _sigterm_unwinds(), ExitStack() as held:
         console = console or Console(stderr=True)
         began = time.monotonic()
         request = RunRequest(folder=Path(folder), track_id=track_id, seed=seed, secret_seed=secret_seed,
                              budget_s=budget_s, calibrated_budget=calibrated_budget, gpu=gpu, runs_dir=runs_dir,
-                             debug_scoring=debug_scoring)
+                             debug_scoring=debug_scoring, overrides=dict(overrides or {}), smoke=smoke)
         plan = _plan(request, console, held)
         started = utc_now()
         timings: dict[str, float] = {}
@@ -781,6 +808,9 @@ def _run(args: argparse.Namespace) -> int:
     else:
         base_seed = _base_seed(args)
         seeds = [None] if base_seed is None else [base_seed + i for i in range(args.seeds)]
+    overrides: dict[str, Any] = {}
+    for item in args.set:
+        overrides = merge_overrides(overrides, parse_override(item))
     records = []
     for seed in seeds:
         record, run_dir = evaluate(
@@ -791,6 +821,8 @@ def _run(args: argparse.Namespace) -> int:
             budget_s=None if args.budget == CALIBRATED else args.budget,
             calibrated_budget=args.budget == CALIBRATED,
             gpu=args.gpu,
+            overrides=overrides,
+            smoke=args.smoke,
             sandbox_choice=args.sandbox,
             runs_dir=Path(args.out) if args.out else RUNS_DIR,
             debug_scoring=args.debug_scoring,
@@ -852,6 +884,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--sandbox", choices=["auto", "nsjail", "none"], default="auto",
                      help="auto: nsjail when it works here, else none (says which); nsjail: never falls back; none: plain subprocess, unofficial")
     run.add_argument("--out", metavar="DIR", help=f"where run directories go (default: {RUNS_DIR.relative_to(REPO_ROOT)}/)")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a [config] value for this run (repeatable): a TOML value or a bare word, a dotted "
+                          "key reaches into a table, e.g. --set d_model=512 --set optimizer.lr=3e-4; recorded in "
+                          "result.json, and the run is unofficial")
+    run.add_argument("--smoke", action="store_true",
+                     help=f"a quick check of the contract: {SMOKE_BUDGET_S:g} s of training (unless --budget) and "
+                          f"{SMOKE_DOCUMENTS} validation documents; unofficial, never publishable")
     run.add_argument("--debug-scoring", action="store_true",
                      help="keep what the model server prints (its stderr) as scoring-pass-N.log in the run directory, "
                           "to debug a model that fails scoring; makes the run unofficial; refused for a private split")

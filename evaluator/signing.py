@@ -314,6 +314,11 @@ def publish(
         raise UserError(
             f"refusing to publish run {result['run_id']}: status is {result['status']}, only ok runs are published"
         )
+    if result["smoke"]:
+        raise UserError(
+            f"refusing to publish run {result['run_id']}: it is a smoke run (--smoke), scored on "
+            f"{result['metrics']['val_documents']} documents: a check of the contract, not a score"
+        )
     if not result["official"] and not allow_unofficial:
         reasons = "; ".join(result["unofficial_reasons"]) or "no reason recorded"
         raise UserError(
@@ -453,6 +458,8 @@ def _check_statement(statement: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         raise VerificationError(f"payload is not a valid result: {problem}")
     if result["status"] != "ok":
         raise VerificationError(f"the signed result has status {result['status']}, not ok")
+    if result["smoke"]:
+        raise VerificationError("the signed result is a smoke run, scored on a few documents only")
     submission = result["submission"]
     if subject[0]["name"] != submission["name"] or subject[0]["digest"]["sha256"] != submission["tree_sha256"]:
         raise VerificationError("statement subject does not match the result's submission name and tree hash")

@@ -128,3 +128,10 @@ def test_the_leaderboard_keeps_calibrated_runs_in_rows_of_their_own(tmp_path, mo
     assert code == 0
     assert [(row["official"], row["calibrated"], row["runs"]) for row in rows] == [(True, False, 1), (False, False, 1), (False, True, 1)]
     assert rows[2]["run_details"][0]["calibration_factor"] == 1.8 and rows[0]["rank"] == 1 and rows[2]["rank"] is None
+
+
+@pytest.mark.parametrize("change", [{"overrides": {"d_model": 512}}, {"smoke": True}])
+def test_a_result_with_overrides_or_from_a_smoke_run_can_never_be_official(tmp_path, change):
+    result = json.loads((make_run(tmp_path, "official") / "result.json").read_text())
+    assert result_problems(result | change)  # official: true with either
+    assert result_problems(result | change | {"official": False}) == []

@@ -269,3 +269,40 @@ def test_empty_and_ignored_only_folders_are_neither_hashed_nor_staged(submission
         assert importlib.util.find_spec("real_pkg") is not None
     finally:
         sys.path.remove(str(staged))
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("d_model=512", {"d_model": 512}),
+    ("lr=3e-4", {"lr": 3e-4}),
+    ("use_ema=true", {"use_ema": True}),
+    ("act=relu", {"act": "relu"}),  # a bare word is a string
+    ('name="two words"', {"name": "two words"}),
+    ("layers=[1, 2]", {"layers": [1, 2]}),
+    ("optimizer.lr=0.01", {"optimizer": {"lr": 0.01}}),
+])
+def test_set_takes_toml_values_and_dotted_keys(text, expected):
+    from evaluator.manifest import parse_override
+
+    assert parse_override(text) == expected
+
+
+@pytest.mark.parametrize("text, message", [
+    ("d_model", "expected KEY=VALUE"),
+    ("=3", "expected KEY=VALUE"),
+    ("a b=3", "expected KEY=VALUE"),
+    ("lr=1e-3x", "'1e-3x' is not a TOML value; quote a string"),
+])
+def test_set_refuses_what_is_not_key_equals_toml(text, message):
+    from evaluator.errors import UserError
+    from evaluator.manifest import parse_override
+
+    with pytest.raises(UserError, match=re.escape(message)):
+        parse_override(text)
+
+
+def test_check_validates_overrides_against_the_config_rules(capsys):
+    template = str(REPO_ROOT / "submissions" / "template")
+    assert main(["check", template, "--set", "d_model=320", "--set", "optimizer.lr=0.01"]) == 0
+    assert main(["check", template, "--set", "d_model=99999999999999999999"]) == 2
+    err = capsys.readouterr().err
+    assert "manifest.toml: with --set, config.d_model: 99999999999999999999 is greater than the maximum" in err

@@ -356,3 +356,55 @@ def test_progress_is_plain_lines_off_a_terminal_and_in_a_notebooks_shell(tmp_pat
     assert main(["run", str(folder), "--out", str(runs_dir), "--budget", "5", "--sandbox", "none"]) == 0
     err = capsys.readouterr().err
     assert re.search(r"plain:\s+\d+\.\d/5 s", err) and "scoring: " in err and "\x1b[" not in err
+
+
+LOG_THE_CONFIG = """
+def train(ctx):
+    ctx.log(1, width=ctx.config["width"], lr=ctx.config["opt"]["lr"], momentum=ctx.config["opt"]["momentum"],
+            relu=float(ctx.config["act"] == "relu"))
+    return TinyCausal(ctx.vocab_size)
+"""
+
+
+def test_set_overrides_reach_the_submission_are_recorded_and_unofficial(tmp_path, runs_dir, capsys):
+    folder = write_submission(tmp_path, "overridden", LOG_THE_CONFIG, config={"width": 8, "act": "gelu"})
+    with open(folder / "manifest.toml", "a") as manifest:  # [config] is the manifest's last table
+        manifest.write("opt = { lr = 0.1, momentum = 0.9 }\n")
+    code, record = run_cli(folder, runs_dir, "--budget", "5", "--sandbox", "none",
+                           "--set", "width=16", "--set", "opt.lr=3e-4", "--set", "act=relu", capsys=capsys)
+    assert code == 0, record["message"]
+    assert record["overrides"] == {"width": 16, "opt": {"lr": 3e-4}, "act": "relu"}
+    assert any("--set" in reason for reason in record["unofficial_reasons"])
+    logged = {m["key"]: m["value"] for m in pq.read_table(runs_dir / record["run_id"] / "metrics.parquet").to_pylist()}
+    assert logged == {"width": 16.0, "lr": 3e-4, "momentum": 0.9, "relu": 1.0}  # tables merged, not replaced
+    assert main(["run", str(folder), "--set", "width=2**70"]) == 2
+    assert main(["run", str(folder), "--set", "width=99999999999999999999"]) == 2
+    err = capsys.readouterr().err
+    assert "'2**70' is not a TOML value" in err and "config.width: 99999999999999999999 is greater than" in err
+
+
+RETURN_A_TUPLE = """
+class TupleOut(TinyCausal):
+    def forward(self, tokens):
+        return super().forward(tokens), None
+
+
+def train(ctx):
+    return TupleOut(ctx.vocab_size)
+"""
+
+
+def test_smoke_finds_a_broken_contract_in_seconds_and_is_never_published(tmp_path, runs_dir, capsys):
+    folder = write_submission(tmp_path, "smoky", RETURN_UNIFORM)
+    code, record = run_cli(folder, runs_dir, "--smoke", "--sandbox", "none", capsys=capsys)
+    assert code == 0 and record["smoke"] is True and record["budget_s"] == runner.SMOKE_BUDGET_S
+    assert record["metrics"]["val_documents"] == runner.SMOKE_DOCUMENTS
+    assert any(reason.startswith("smoke run") for reason in record["unofficial_reasons"])
+    key = REPO_ROOT / "results" / "demo-key" / "demo-not-secret.key"
+    run_dir = runs_dir / record["run_id"]
+    assert main(["publish", str(run_dir), "--key", str(key), "--results", str(tmp_path / "results"), "--unofficial"]) == 2
+    assert "it is a smoke run" in capsys.readouterr().err
+    broken = write_submission(tmp_path, "tuple-forward", RETURN_A_TUPLE)
+    started = time.monotonic()
+    code, record = run_cli(broken, runs_dir, "--smoke", "--sandbox", "none", capsys=capsys)
+    assert record["status"] == "invalid_model" and time.monotonic() - started < 60

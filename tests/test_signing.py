@@ -94,7 +94,7 @@ def make_run(
     run_dir.mkdir(parents=True)
     train_seconds = 55.0 + seed
     result = {
-        "schema_version": 4,
+        "schema_version": 5,
         "run_id": run_id,
         "status": status,
         "message": "" if status == "ok" else "the train function raised",
@@ -119,6 +119,8 @@ def make_run(
         "seed": seed,
         "seed_drawn": seed_drawn,
         "calibration": calibration,
+        "overrides": {},
+        "smoke": False,
         "metrics": (
             {"val_loss": val_loss, "val_bpb": val_loss / 2.3, "val_tokens": 10000, "val_bytes": 40000, "val_documents": 100}
             if status == "ok"
