@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from evaluator.errors import UserError
 from evaluator.gpus import hold_gpu, hold_host
@@ -143,6 +144,8 @@ def time_workload(device_kind: str, threads: int, repeats: int = DEFAULT_REPEATS
             child = subprocess.run(
                 [sys.executable, "-P", "-m", "evaluator.calibration", device_name, str(threads), str(repeats)],
                 capture_output=True, text=True, timeout=CHILD_TIMEOUT_S, cwd=neutral,
+                # Found where this process found it: an installed package, or a checkout that is not.
+                env=os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
             )
         except subprocess.TimeoutExpired:
             raise UserError(f"the calibration workload took over {CHILD_TIMEOUT_S} s on {device_name}") from None

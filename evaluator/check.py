@@ -60,9 +60,9 @@ class CheckReport:
         }
 
 
-def check_submission(folder: Path, overrides: dict | None = None) -> CheckReport:
+def check_submission(folder: Path, overrides: dict | None = None, track_id: str | None = None) -> CheckReport:
     """Every static problem with the folder, all at once; with `overrides` (--set), also what they
-    would make of the manifest's [config] on its track."""
+    would make of the manifest's [config] on `track_id` (default: the manifest's track)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder}: no such submission folder")
@@ -72,7 +72,7 @@ def check_submission(folder: Path, overrides: dict | None = None) -> CheckReport
         findings += _check_track(manifest)
         findings += _check_entry(folder, manifest)
         if overrides:
-            findings += override_findings(merge_overrides(manifest.config_for(manifest.track), overrides))
+            findings += override_findings(merge_overrides(manifest.config_for(track_id or manifest.track), overrides))
     return CheckReport(folder=folder, manifest=manifest, findings=findings)
 
 

@@ -41,7 +41,7 @@ from evaluator.errors import InvalidModel, UserError
 from evaluator.fsutil import atomic_write_bytes, atomic_write_text, sha256_file, stage_tree, tree_sha256
 from evaluator.gpus import Placement, hold_gpu, hold_host
 from evaluator.harness import MODEL_FILE
-from evaluator.manifest import MANIFEST_NAME, Manifest, merge_overrides, override_findings, parse_manifest, parse_override
+from evaluator.manifest import MANIFEST_NAME, Manifest, merge_overrides, parse_manifest, parse_override
 from evaluator.nvml import TelemetrySampler
 from evaluator.progress import PlainLines, live
 from evaluator.paths import DATASETS_DIR, REPO_ROOT, RUNS_DIR
@@ -421,7 +421,7 @@ def _plan(request: RunRequest, console: Console, held: ExitStack) -> _RunPlan:
     run), calibrate if asked, lay out the run directory and the job file."""
     folder, seed, budget_s, gpu = Path(request.folder), request.seed, request.budget_s, request.gpu
     _require_torch()
-    report = check_submission(folder)
+    report = check_submission(folder, request.overrides, request.track_id)
     if not report.ok:
         for finding in report.findings:
             console.print(f"{folder}/{finding}", markup=False, highlight=False)
@@ -435,10 +435,7 @@ def _plan(request: RunRequest, console: Console, held: ExitStack) -> _RunPlan:
         raise UserError("a calibrated budget is the track's scaled by this host's speed: give a budget or ask for a calibrated one, not both")
     if request.calibrated_budget and request.smoke:
         raise UserError("a smoke run has a budget of its own: drop --smoke or --budget calibrated")
-    config = merge_overrides(manifest.config_for(track.id), request.overrides)
-    problems = override_findings(config) if request.overrides else []
-    if problems:
-        raise UserError("the overrides make an invalid [config]: " + "; ".join(problem.message for problem in problems))
+    config = merge_overrides(manifest.config_for(track.id), request.overrides)  # check_submission has validated it
     if request.smoke and budget_s is None:
         budget_s = min(SMOKE_BUDGET_S, track.budget_s)
     seed = draw_seed() if request.secret_seed else track.seeds["default"] if seed is None else seed
