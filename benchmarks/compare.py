@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from evaluator.cli import run_guarded
-from evaluator.paths import REPO_ROOT
+from evaluator.paths import HOME
 from evaluator.runner import evaluate, last_logged_metric
 from evaluator.tracks import load_track
 
@@ -68,7 +68,7 @@ def main() -> int:
     args = parser.parse_args()
 
     console = Console(stderr=True)
-    out = args.out or REPO_ROOT / "benchmarks" / "out" / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    out = args.out or HOME / "benchmarks" / "out" / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     track = load_track(args.track)
     peak = matmul_peak_flops(track.threads)
     console.print(f"float32 matmul peak on {track.threads} thread(s): {peak / 1e9:.1f} GFLOP/s")
@@ -77,7 +77,7 @@ def main() -> int:
     for seed in args.seeds:
         for submission in args.submissions:
             record, run_dir = evaluate(
-                REPO_ROOT / submission, track_id=args.track, seed=seed, budget_s=args.budget,
+                HOME / submission, track_id=args.track, seed=seed, budget_s=args.budget,
                 sandbox_choice=args.sandbox, runs_dir=out / "runs", console=console,
             )
             console.print(f"{submission} seed {seed}: {record['status']} "

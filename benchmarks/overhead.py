@@ -34,14 +34,14 @@ from evaluator.cli import run_guarded
 from evaluator.dataset.loader import read_documents
 from evaluator.dataset.store import resolve_data_file, tokenizer_info
 from evaluator.manifest import parse_manifest
-from evaluator.paths import REPO_ROOT, SUBMISSIONS_DIR
+from evaluator.paths import HOME, SUBMISSIONS_DIR
 from evaluator.runner import evaluate
 from evaluator.sandbox import open_sandbox
 from evaluator.tracks import load_track
 
-FIXED_WORK = REPO_ROOT / "benchmarks" / "fixed-work"
+FIXED_WORK = HOME / "benchmarks" / "fixed-work"
 SCORED = {
-    "reference": REPO_ROOT / "reference",
+    "reference": HOME / "reference",
     "template": SUBMISSIONS_DIR / "template",
     "seed-moe": SUBMISSIONS_DIR / "seed-moe",
 }

@@ -37,7 +37,7 @@ from evaluator.check import FOLDER_MAX_BYTES, check_submission
 from evaluator.errors import UserError
 from evaluator.fsutil import tree_sha256
 from evaluator.harness import MODEL_FILE
-from evaluator.paths import REPO_ROOT, RESULTS_DIR
+from evaluator.paths import RESULTS_DIR, shown
 from evaluator.results import EXIT_CODES, RESULT_FILE, result_problems, write_result
 from evaluator.sandbox import SandboxUnavailable, open_sandbox
 from evaluator.tracks import Track, load_track
@@ -301,15 +301,6 @@ class Run:
         return 3 if self.record is None else EXIT_CODES[self.record["status"]]
 
 
-def _display_path(folder: Path) -> str:
-    """How result.json names a submission folder: relative to the repository when inside it."""
-    folder = folder.resolve()
-    try:
-        return folder.relative_to(REPO_ROOT).as_posix()
-    except ValueError:
-        return str(folder)
-
-
 def _task_resources(track: Track) -> dict[str, float]:
     """What one run of this track asks of a Ray node, in Ray's resource names."""
     if track.device_kind == "cpu":
@@ -463,7 +454,7 @@ def _receive(run: Run, reply: dict[str, Any], runs_dir: Path) -> None:
             run.failure = f"the result from {run.node} cannot be accepted: " + "; ".join(problems)
             return
         # The node ran a copy; verify re-hashes the folder that the record names, so name the original.
-        record["submission"]["path"] = _display_path(submission.folder)
+        record["submission"]["path"] = shown(submission.folder.resolve())
         write_result(incoming, record)
         os.chmod(incoming, 0o755)  # mkdtemp made it private; run directories are readable like the runner's
         if final_dir.exists():
@@ -743,7 +734,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="each run's evaluator draws its seed from os.urandom (evaluator run --secret-seeds); "
                             "drawn runs already in the results count towards --seeds")
     batch.add_argument("--ray", metavar="ADDRESS", help="address of a running Ray cluster (e.g. auto, or HEAD:6379); default: start a local Ray instance")
-    batch.add_argument("--results", metavar="DIR", default=str(RESULTS_DIR), help=f"results directory; run directories go to DIR/runs/ (default: {RESULTS_DIR.relative_to(REPO_ROOT)}/)")
+    batch.add_argument("--results", metavar="DIR", default=str(RESULTS_DIR), help=f"results directory; run directories go to DIR/runs/ (default: {shown(RESULTS_DIR)}/ in the current folder)")
     batch.add_argument("--sandbox", type=_sandbox_choice, default="nsjail", metavar="{nsjail,none}",
                        help="handed to each `evaluator run` (default nsjail); none runs every submission "
                        "unsandboxed and makes the results unofficial")

@@ -19,13 +19,14 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from evaluator.errors import UserError
 from evaluator.fsutil import submission_paths
 from evaluator.manifest import (
     MANIFEST_NAME, Finding, Manifest, merge_overrides, override_findings, parse_manifest, parse_override,
 )
-from evaluator.paths import REPO_ROOT, SUBMISSIONS_DIR
+from evaluator.paths import SUBMISSIONS_DIR, TEMPLATE_DIR, WORKSPACE, shown
 from evaluator.tracks import TrackError, available_tracks, load_track_file, track_path
 
 FOLDER_MAX_BYTES = 1024 * 1024
@@ -174,13 +175,6 @@ def _check_entry(folder: Path, manifest: Manifest) -> list[Finding]:
     return []
 
 
-def _display_path(folder: Path) -> str:
-    try:
-        return str(folder.resolve().relative_to(Path.cwd()))
-    except ValueError:
-        return str(folder)
-
-
 def _run_check(args: argparse.Namespace) -> int:
     if args.changed is not None:
         if args.set:
@@ -193,18 +187,18 @@ def _run_check(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report.as_dict(), indent=2))
         return 0 if report.ok else 2
-    shown = _display_path(report.folder)
+    folder = shown(report.folder.resolve())
     if report.ok:
-        print(f"{shown}: ok ({report.manifest.name}, track {report.manifest.track})")
+        print(f"{folder}: ok ({report.manifest.name}, track {report.manifest.track})")
         return 0
     for finding in report.findings:
-        print(f"{shown}/{finding}", file=sys.stderr)
-    print(f"{shown}: {len(report.findings)} problem(s); the submission is invalid", file=sys.stderr)
+        print(f"{folder}/{finding}", file=sys.stderr)
+    print(f"{folder}: {len(report.findings)} problem(s); the submission is invalid", file=sys.stderr)
     return 2
 
 
 # The top-level folder of a repository that holds the submissions, as git names paths.
-SUBMISSIONS_FOLDER = SUBMISSIONS_DIR.relative_to(REPO_ROOT).as_posix()
+SUBMISSIONS_FOLDER = "submissions"
 
 
 @dataclass(frozen=True)
@@ -315,8 +309,19 @@ def _check_as_committed(top: Path, head_commit: str, names: list[str]) -> list[C
             env={"GIT_INDEX_FILE": str(Path(temporary, "index"))},
         )
         # Relative paths inside the temporary tree, so that findings name `submissions/NAME`.
-        with contextlib.chdir(tree):
+        with _working_directory(tree):
             return [check_submission(Path(folder)) for folder in folders]
+
+
+@contextlib.contextmanager
+def _working_directory(folder: Path) -> Iterator[None]:
+    """contextlib.chdir, which Python 3.10 does not have."""
+    before = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(before)
 
 
 def _run_check_changed(args: argparse.Namespace) -> int:
@@ -327,13 +332,13 @@ def _run_check_changed(args: argparse.Namespace) -> int:
     span = f"{_shown_path(change.base)}...HEAD"
     problems = 0
     for report in change.submissions:
-        shown = _shown_path(str(report.folder))
+        where = _shown_path(str(report.folder))
         if report.ok:
-            print(f"{shown}: ok ({report.manifest.name}, track {report.manifest.track})")
+            print(f"{where}: ok ({report.manifest.name}, track {report.manifest.track})")
             continue
         for finding in report.findings:
-            print(f"{shown}/{_shown_path(str(finding))}", file=sys.stderr)
-        print(f"{shown}: {len(report.findings)} problem(s); the submission is invalid", file=sys.stderr)
+            print(f"{where}/{_shown_path(str(finding))}", file=sys.stderr)
+        print(f"{where}: {len(report.findings)} problem(s); the submission is invalid", file=sys.stderr)
         problems += len(report.findings)
     for folder in change.deleted:
         print(f"{_shown_path(folder)}: deleted by {span}: a pull request may not remove a submission", file=sys.stderr)
@@ -358,22 +363,35 @@ def _run_check_changed(args: argparse.Namespace) -> int:
 def _run_new(args: argparse.Namespace) -> int:
     if not NAME_PATTERN.match(args.name):
         raise UserError(f"name {args.name!r} must match {NAME_PATTERN.pattern} (lower-case letters, digits, dashes)")
-    source = Path(args.source) if args.source else SUBMISSIONS_DIR / "template"
+    source = Path(args.source) if args.source else TEMPLATE_DIR
     if not (source / MANIFEST_NAME).is_file():
         raise UserError(f"{source}: not a submission folder (no {MANIFEST_NAME})")
-    target = Path(args.dir) / args.name if args.dir else SUBMISSIONS_DIR / args.name
+    target = Path(args.dir) / args.name if args.dir else new_submission_parent() / args.name
     if target.exists() or target.is_symlink():
-        raise UserError(f"{target} already exists; pick another name or remove it first")
-    shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"), symlinks=True)
-    manifest_path = target / MANIFEST_NAME
-    text = manifest_path.read_text(encoding="utf-8")
+        raise UserError(f"{shown(target)} already exists; pick another name or remove it first")
+    text = (source / MANIFEST_NAME).read_text(encoding="utf-8")
     text, count = re.subn(r'(?m)^(\s*name\s*=\s*)"[^"]*"', rf'\g<1>"{args.name}"', text, count=1)
     if count != 1:
-        shutil.rmtree(target)
         raise UserError(f"{source / MANIFEST_NAME}: has no `name = \"...\"` line to fill in")
-    manifest_path.write_text(text, encoding="utf-8")
-    print(f"created {target} from {source}; edit {target / MANIFEST_NAME} and {target / 'train.py'}, then run: evaluator check {target}")
+    try:
+        # copyfile, not copy2: the template may be read-only (an installed package, a read-only
+        # checkout); the copy is the user's to edit.
+        shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"), symlinks=True,
+                        copy_function=shutil.copyfile)
+        (target / MANIFEST_NAME).write_text(text, encoding="utf-8")
+    except OSError as error:
+        shutil.rmtree(target, ignore_errors=True)
+        raise UserError(f"cannot create {shown(target)}: {error.strerror}; "
+                        "run evaluator new from a folder you can write, or give one with --dir DIR") from error
+    where = shown(target)
+    print(f"created {where} from {shown(source)}; edit {where}/{MANIFEST_NAME} and {where}/train.py, then run: evaluator check {where}")
     return 0
+
+
+def new_submission_parent() -> Path:
+    """submissions/ in a competition repository (a folder that has one: pull requests add folders
+    there), else the current folder."""
+    return SUBMISSIONS_DIR if SUBMISSIONS_DIR.is_dir() else WORKSPACE
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -406,9 +424,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     new = subparsers.add_parser(
         "new",
         help="start a submission from the template",
-        description="Copy a submission folder (the template by default) to submissions/NAME with the name filled in. Never overwrites.",
+        description=("Copy a submission folder (the template by default) with the name filled in: to submissions/NAME when the current folder has submissions/ (a competition repository), else to ./NAME, or to DIR/NAME with --dir. Never overwrites."),
     )
     new.add_argument("name", metavar="NAME", help="the new submission's name: lower-case letters, digits, dashes")
-    new.add_argument("--from", dest="source", metavar="DIR", help="folder to copy (default: submissions/template)")
-    new.add_argument("--dir", metavar="DIR", help=f"where to create it (default: {SUBMISSIONS_DIR.relative_to(REPO_ROOT)}/)")
+    new.add_argument("--from", dest="source", metavar="DIR", help="folder to copy (default: the template from the evaluator's home)")
+    new.add_argument("--dir", metavar="DIR", help="the folder to create it in (default: ./submissions/ if there is one, else .)")
     new.set_defaults(handler=_run_new)

@@ -35,9 +35,10 @@ from rich.text import Text
 
 from evaluator.errors import UserError
 from evaluator.fsutil import atomic_write_bytes
-from evaluator.paths import KEYS_DIR, RECORD_RULES_FILE, RESULTS_DIR
+from evaluator.paths import KEYS_DIR, RECORD_RULES_FILE, RESULTS_DIR, shown
 from evaluator.record_rules import RecordRule, RecordRules, load_record_rules
-from evaluator.signing import VerifiedResult, display_path, envelope_paths, load_trusted_keys, verify_paths
+from evaluator.results import parse_utc
+from evaluator.signing import VerifiedResult, envelope_paths, load_trusted_keys, verify_paths
 
 # Record statuses, as they appear in JSON and Parquet.
 RECORD = "record"
@@ -161,8 +162,8 @@ class Run:
             val_bpb=float(result["metrics"]["val_bpb"]),
             train_seconds=result["train"]["train_seconds"],
             budget_s=float(result["budget_s"]),
-            started_at=datetime.fromisoformat(result["started_at"]),
-            ended_at=datetime.fromisoformat(result["ended_at"]),
+            started_at=parse_utc(result["started_at"]),
+            ended_at=parse_utc(result["ended_at"]),
             signer=verified.signer,
             authors=result["submission"]["authors"],
             description=result["submission"]["description"],
@@ -286,7 +287,7 @@ def build_rows(
             continue
         if result["run_id"] in seen:
             # The same signed run copied to a second file must not count twice.
-            first = display_path(seen[result["run_id"]])
+            first = shown(seen[result["run_id"]])
             duplicates.append((item.path, f"duplicate of run {result['run_id']} already counted from {first}"))
             continue
         seen[result["run_id"]] = item.path
@@ -622,7 +623,7 @@ _JSON_RAW_CONTROLS = {code: f"\\u{code:04x}" for code in range(0x7F, 0xA0)}
 def render_json(rows: list[Row], verified_count: int, rejected: list[tuple[Path, str]]) -> str:
     document = {
         "verified": verified_count,
-        "rejected": [{"path": display_path(path), "reason": reason} for path, reason in rejected],
+        "rejected": [{"path": shown(path), "reason": reason} for path, reason in rejected],
         "ranking": RANKING_TEXT,
         "record_rules": {track_id: {**asdict(track_rows[0].record_rule), "text": rule_text(track_id, track_rows[0].record_rule)}
                          for track_id, track_rows in _by_track(rows).items()},
@@ -881,11 +882,13 @@ def render(fmt: str, rows: list[Row], verified_count: int, rejected: list[tuple[
 def _run_leaderboard(args: argparse.Namespace) -> int:
     if args.format == "parquet" and args.out is None:
         raise UserError("--format parquet writes a binary file: give it --out PATH")
-    results_dir = Path(args.results)
-    if not results_dir.is_dir():
+    results_dir = Path(args.results) if args.results is not None else RESULTS_DIR
+    if args.results is not None and not results_dir.is_dir():
         raise UserError(f"results directory {results_dir} does not exist")
-    trusted = load_trusted_keys(Path(args.trusted_keys))
-    verified, rejected = verify_paths(envelope_paths(results_dir), trusted)
+    trusted_dir = Path(args.trusted_keys)
+    trusted = load_trusted_keys(trusted_dir)
+    envelopes = envelope_paths(results_dir) if results_dir.is_dir() else []
+    verified, rejected = verify_paths(envelopes, trusted)
     rules = load_record_rules(Path(args.rules))
     rows, duplicates = build_rows(verified, rules, args.track)
     rejected += duplicates
@@ -893,19 +896,36 @@ def _run_leaderboard(args: argparse.Namespace) -> int:
     if rejected:
         sys.stderr.write(f"leaderboard: {len(rejected)} envelope(s) rejected, not shown:\n")
         for path, reason in rejected:
-            sys.stderr.write(f"  {_visible(display_path(path))}: {_visible(reason)}\n")
-    if args.track is not None and not rows:
-        sys.stderr.write(f"leaderboard: no verified results for track {args.track!r}\n")
-    if args.format == "table" and args.out is None and sys.stdout.isatty():
+            sys.stderr.write(f"  {_visible(shown(path))}: {_visible(reason)}\n")
+    to_terminal = args.format == "table" and args.out is None
+    if not rows:
+        why = _why_nothing_is_shown(results_dir, len(envelopes), len(verified), trusted_dir, args.track)
+        if to_terminal:  # where stdout is the table a person reads; elsewhere it would corrupt the document
+            print(why)
+            return 1 if rejected else 0
+        sys.stderr.write(f"leaderboard: {why}\n")
+    if to_terminal and sys.stdout.isatty():
         print_table(Console(), rows, counted)
-        return 0
+        return 1 if rejected else 0
     output = render(args.format, rows, counted, rejected)
     if args.out is None:
         sys.stdout.write(output.decode("utf-8"))
     else:
         atomic_write_bytes(Path(args.out), output)
         sys.stderr.write(f"leaderboard: wrote {args.out} ({len(rows)} row(s) from {counted} run(s))\n")
-    return 0
+    return 1 if rejected else 0
+
+
+def _why_nothing_is_shown(results_dir: Path, envelopes: int, verified: int, trusted_dir: Path, track: str | None) -> str:
+    where = shown(results_dir) + "/"
+    if not results_dir.is_dir():
+        return f"nothing to rank: {where} does not exist here; publish a run (evaluator publish RUN_DIR) or give --results DIR"
+    if envelopes == 0:
+        return f"nothing to rank: {where} holds no published results (*.json); evaluator publish RUN_DIR adds one"
+    if verified == 0:
+        return (f"nothing to rank: none of the {envelopes} envelope(s) in {where} verified against the trusted keys in "
+                f"{shown(trusted_dir)}/ (the reasons are on stderr); a key of your own goes in a folder given with --trusted-keys DIR")
+    return f"nothing to rank for track {track!r}: {verified} verified result(s) in {where}, none on that track"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -914,7 +934,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="rank submissions from verified results",
         description=(
             "Build the leaderboard from the signed results that verify (rejected envelopes are listed on "
-            "stderr and never shown). One row per submission and track: mean ± std of val_loss over its runs, "
+            "stderr and never shown; the exit status is then 1). With nothing to rank it says why. One row per submission and track: mean ± std of val_loss over its runs, "
             "best run, val_bpb, train seconds, whether the GPU throttled, authors, latest run, official or not, "
             "and the record test of the track's rule in --rules (distinct seeds, one-sided Welch t-test, minimum "
             "improvement), which each table's header states."
@@ -926,10 +946,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--out", metavar="PATH", help="write here (atomically) instead of stdout; required for parquet"
     )
     parser.add_argument(
-        "--results", default=str(RESULTS_DIR), metavar="DIR", help="published envelopes (default: the repo's results/)"
+        "--results", metavar="DIR", help="published envelopes (default: results/ in the current folder)"
     )
     parser.add_argument(
-        "--trusted-keys", default=str(KEYS_DIR), metavar="DIR", help="trusted *.pub keys (default: spec/keys/)"
+        "--trusted-keys", default=str(KEYS_DIR), metavar="DIR", help="trusted *.pub keys (default: spec/keys/ in the evaluator's home; a folder of your own for keys you trust)"
     )
     parser.add_argument(
         "--rules", default=str(RECORD_RULES_FILE), metavar="FILE",

@@ -13,7 +13,6 @@ import json
 import os
 import re
 import sys
-import tomllib
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -24,6 +23,7 @@ import jsonschema.validators
 
 from evaluator.errors import UserError
 from evaluator.paths import SPEC_DIR
+from evaluator.tomlreader import tomllib
 
 MANIFEST_NAME = "manifest.toml"
 MANIFEST_MAX_BYTES = 64 * 1024

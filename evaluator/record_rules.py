@@ -10,7 +10,6 @@ with a tight enough spread a p-value certifies differences too small to matter.
 from __future__ import annotations
 
 import json
-import tomllib
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -19,6 +18,7 @@ import jsonschema
 
 from evaluator.errors import UserError
 from evaluator.paths import SPEC_DIR
+from evaluator.tomlreader import tomllib
 from evaluator.tracks import available_tracks
 
 

@@ -49,6 +49,12 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
+def parse_utc(moment: str) -> datetime:
+    """A record's time, as utc_now() writes it ("...Z") or with any offset. Python 3.10's
+    fromisoformat does not read the "Z"; raises ValueError for anything else it cannot read."""
+    return datetime.fromisoformat(moment[:-1] + "+00:00" if moment.endswith("Z") else moment)
+
+
 def _cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -70,8 +76,11 @@ def _gpu_info(gpu: Placement | None) -> dict[str, Any] | None:
             "pci_bus_id": board.pci_bus_id, "uuid": board.uuid}
 
 
-def environment(sandbox_kind: str, sandbox_version: str, gpu: Placement | None) -> dict[str, Any]:
-    """The host a run ran on, and the GPU it held (None on a CPU track)."""
+def environment(
+    sandbox_kind: str, sandbox_version: str, gpu: Placement | None, sandbox_unavailable: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """The host a run ran on, the GPU it held (None on a CPU track), and what of the sandbox this
+    host could not give ("nsjail: why", "cgroups: why")."""
     import torch
 
     return {
@@ -81,5 +90,5 @@ def environment(sandbox_kind: str, sandbox_version: str, gpu: Placement | None) 
         "platform": platform.platform(),
         "cpu": _cpu_name(),
         "gpu": _gpu_info(gpu),
-        "sandbox": {"kind": sandbox_kind, "version": sandbox_version},
+        "sandbox": {"kind": sandbox_kind, "version": sandbox_version, "unavailable": list(sandbox_unavailable)},
     }

@@ -37,14 +37,14 @@ from evaluator.calibration import WORKLOAD, Calibration, calibrate
 from evaluator.check import check_submission
 from evaluator.dataset.loader import read_documents
 from evaluator.dataset.store import resolve_data_file, tokenizer_info
-from evaluator.errors import InvalidModel, UserError
+from evaluator.errors import DataError, InvalidModel, UserError
 from evaluator.fsutil import atomic_write_bytes, atomic_write_text, sha256_file, stage_tree, tree_sha256
 from evaluator.gpus import Placement, hold_gpu, hold_host
 from evaluator.harness import MODEL_FILE
 from evaluator.manifest import MANIFEST_NAME, Manifest, merge_overrides, parse_manifest, parse_override
 from evaluator.nvml import TelemetrySampler
 from evaluator.progress import PlainLines, live
-from evaluator.paths import DATASETS_DIR, REPO_ROOT, RUNS_DIR
+from evaluator.paths import DATASETS_DIR, RUNS_DIR, SPEC_DIR, shown
 from evaluator.results import EXIT_CODES, environment, utc_now, write_result
 from evaluator.sandbox import JailSpec, SandboxUnavailable, open_sandbox
 from evaluator.tracks import Track, load_track
@@ -64,6 +64,13 @@ SMOKE_DOCUMENTS = 8
 # metrics.parquet. Rows past the cap are dropped.
 _METRICS_ROWS_MAX = 200_000
 _PACKAGE_DIR = Path(evaluator.__file__).resolve().parent
+# What the training jail runs of the evaluator: the harness, the API it hands the submission and the
+# training split's loader. They are copied into the run with the training split, and the jail sees
+# those copies and none of the package or its home: an installed package carries the validation
+# split (evaluator/_home/spec/datasets/), and the Python install the jail binds holds the package.
+TRAINING_JAIL_MODULES = (
+    "__init__.py", "api.py", "errors.py", "harness.py", "dataset/__init__.py", "dataset/loader.py",
+)
 
 
 @dataclass
@@ -85,14 +92,6 @@ def draw_seed() -> int:
 def _new_run_id(name: str, seed: int) -> str:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     return f"{stamp}-{name}-s{seed}-{secrets.token_hex(3)}"
-
-
-def _relative_to_repo(path: Path) -> str:
-    path = path.resolve()
-    try:
-        return path.relative_to(REPO_ROOT).as_posix()
-    except ValueError:
-        return str(path)
 
 
 def _fits_int64(value) -> bool:
@@ -312,7 +311,7 @@ def _last_logged(rows, key: str) -> float | None:
     return values[-1] if values else None
 
 
-def _unofficial_reasons(plan: _RunPlan, sandbox_kind: str, gpu: dict | None) -> list[str]:
+def _unofficial_reasons(plan: _RunPlan, sandbox: dict, gpu: dict | None) -> list[str]:
     track, budget_s = plan.track, plan.budget_s
     reasons = []
     if plan.overrides:
@@ -324,8 +323,9 @@ def _unofficial_reasons(plan: _RunPlan, sandbox_kind: str, gpu: dict | None) -> 
                        f"{track.budget_s:g} s; the track's figure is {plan.calibration.track_provenance.split(' ', 1)[0]})")
     elif budget_s != track.budget_s:
         reasons.append(f"budget overridden: {budget_s:g} s instead of the track's {track.budget_s:g} s")
-    if sandbox_kind != "nsjail":
-        reasons.append("not sandboxed (--sandbox none)")
+    if sandbox["kind"] != "nsjail":
+        nsjail_missing = [what for what in sandbox["unavailable"] if what.startswith("nsjail: ")]
+        reasons.append(f"not sandboxed ({nsjail_missing[0]})" if nsjail_missing else "not sandboxed (--sandbox none)")
     if plan.debug_scoring:
         reasons.append("the model server's output was kept (--debug-scoring)")
     wanted = track.raw["device"].get("gpu_name_contains")
@@ -381,6 +381,7 @@ class _RunPlan:
     run_id: str
     run_dir: Path
     staged: Path
+    jail_input: Path  # the in-jail modules (as a package under it) and the training split's copy
     jail_out: Path
     scratch: Path
     job_path: Path
@@ -475,19 +476,29 @@ def _plan(request: RunRequest, console: Console, held: ExitStack) -> _RunPlan:
         folder=folder, manifest=manifest, track=track, device=device, seed=seed, seed_drawn=request.secret_seed,
         budget_s=budget_s, calibration=calibration, overrides=request.overrides, smoke=request.smoke, gpu=placement,
         train_path=train_path, val_path=val_path, vocab_size=vocab_size, eos_id=eos_id,
-        run_id=run_id, run_dir=run_dir, staged=run_dir / "submission", jail_out=run_dir / "jail-out",
+        run_id=run_id, run_dir=run_dir, staged=run_dir / "submission", jail_input=run_dir / "jail-input", jail_out=run_dir / "jail-out",
         scratch=run_dir / "scratch", job_path=run_dir / "job.json", debug_scoring=request.debug_scoring,
     )
-    for directory in (plan.jail_out, plan.scratch, run_dir / "sandbox"):
-        directory.mkdir(parents=True)
-    # The run uses a snapshot: edits to the folder during the run change nothing, and the hash
-    # recorded is the hash of exactly what ran.
-    stage_tree(folder, plan.staged)
+    try:
+        for directory in (plan.jail_out, plan.scratch, run_dir / "sandbox"):
+            directory.mkdir(parents=True)
+    except OSError as error:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise UserError(f"cannot make the run directory {shown(run_dir)}: {error.strerror}; run from a folder "
+                        "you can write (runs go to ./results/runs/) or give --out DIR") from error
+    try:
+        # The run uses a snapshot: edits to the folder during the run change nothing, and the hash
+        # recorded is the hash of exactly what ran.
+        stage_tree(folder, plan.staged)
+        jail_train_path = _stage_jail_input(plan)
+    except BaseException:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     job = {
         "submission_dir": str(plan.staged),
         "module": manifest.entry_module_name,
         "function": manifest.entry_function,
-        "train_path": str(train_path),
+        "train_path": str(jail_train_path),
         "out_dir": str(plan.jail_out),
         "scratch": str(plan.scratch),
         "device": device,
@@ -503,6 +514,20 @@ def _plan(request: RunRequest, console: Console, held: ExitStack) -> _RunPlan:
     return plan
 
 
+def _stage_jail_input(plan: _RunPlan) -> Path:
+    """Copy the in-jail modules and the training split into plan.jail_input; return the split's
+    copy, checked again against the track's hash (the copy is what the jail reads)."""
+    for module in TRAINING_JAIL_MODULES:
+        target = plan.jail_input / "evaluator" / module
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(_PACKAGE_DIR / module, target)
+    train_copy = plan.jail_input / "train.parquet"
+    shutil.copyfile(plan.train_path, train_copy)
+    if sha256_file(train_copy) != plan.track.dataset["train"]["sha256"]:
+        raise DataError(f"{plan.train_path} changed while it was copied for the run; run again")
+    return train_copy
+
+
 def _train_in_jail(plan: _RunPlan, sandbox, console: Console, timings: dict[str, float]) -> TrainingOutcome:
     limits = plan.track.sandbox
     model_cap = limits["model_mib"] * 2**20
@@ -511,8 +536,9 @@ def _train_in_jail(plan: _RunPlan, sandbox, console: Console, timings: dict[str,
         argv=[sys.executable, "-m", "evaluator.harness", "--job", str(plan.job_path)],
         workdir=plan.run_dir / "sandbox",
         cwd=plan.scratch,
-        env=_jail_env(plan.track.threads, plan.scratch),
-        ro_paths=[plan.staged, plan.train_path, plan.job_path, _PACKAGE_DIR],
+        env=_jail_env(plan.track.threads, plan.scratch) | {"PYTHONPATH": str(plan.jail_input)},
+        ro_paths=[plan.staged, plan.jail_input, plan.job_path],
+        hidden_paths=[_PACKAGE_DIR, SPEC_DIR.resolve(), plan.val_path.parent],
         rw_paths=[plan.jail_out],
         tmpfs={plan.scratch: limits["scratch_mib"] * 2**20},
         memory_bytes=limits["memory_mib"] * 2**20,
@@ -547,6 +573,7 @@ def _train_in_jail(plan: _RunPlan, sandbox, console: Console, timings: dict[str,
                 outcome.status, outcome.message = "invalid_model", str(exc)
     timings.update(outcome.timings, teardown_s=time.monotonic() - train_returned, jail_total_s=time.monotonic() - launched)
     shutil.rmtree(plan.scratch, ignore_errors=True)
+    shutil.rmtree(plan.jail_input, ignore_errors=True)
     _write_metrics(plan.run_dir, outcome.metrics_rows)
     if telemetry is not None:
         telemetry.write(plan.run_dir)
@@ -570,7 +597,8 @@ def _score(plan: _RunPlan, sandbox, console: Console):
     from evaluator.scoring import ScoringLimits, score_model
 
     limits, protocol = plan.track.sandbox, plan.track.eval
-    console.print("scoring on the validation split, streamed, in two sealed passes ...")
+    where = "sealed sandboxes" if sandbox.kind == "nsjail" else "unsandboxed processes"
+    console.print(f"scoring on the validation split, streamed, in two passes in {where} ...")
     return score_model(
         sandbox=sandbox,
         name=f"{plan.run_id}-score",
@@ -597,7 +625,7 @@ def _score(plan: _RunPlan, sandbox, console: Console):
 def _record(plan: _RunPlan, outcome: TrainingOutcome, score, env: dict[str, Any], started: str) -> dict[str, Any]:
     rows = outcome.metrics_rows
     tokens = _last_logged(rows, "tokens")
-    reasons = _unofficial_reasons(plan, env["sandbox"]["kind"], env["gpu"])
+    reasons = _unofficial_reasons(plan, env["sandbox"], env["gpu"])
     if plan.gpu is not None and plan.gpu.busy_pids:
         pids = ", ".join(map(str, plan.gpu.busy_pids))
         reasons.append(f"GPU {plan.gpu.board.pci_bus_id} had work of other processes when the run started (pids {pids})")
@@ -613,7 +641,7 @@ def _record(plan: _RunPlan, outcome: TrainingOutcome, score, env: dict[str, Any]
             "name": plan.manifest.name,
             "authors": plan.manifest.authors,
             "description": plan.manifest.description,
-            "path": _relative_to_repo(plan.folder),
+            "path": shown(plan.folder.resolve()),
             "manifest_sha256": sha256_file(plan.staged / MANIFEST_NAME),
             "tree_sha256": tree_sha256(plan.staged),
         },
@@ -721,14 +749,16 @@ def evaluate(
         try:
             sandbox = open_sandbox(sandbox_choice)
         except SandboxUnavailable as exc:
-            env = environment("nsjail", "unavailable", plan.gpu)
+            env = environment("nsjail", "unavailable", plan.gpu, (f"nsjail: {exc}",))
             outcome = TrainingOutcome(status="sandbox_error", message=f"nsjail cannot run here: {exc}")
         else:
-            env = environment(sandbox.kind, sandbox.version, plan.gpu)
+            env = environment(sandbox.kind, sandbox.version, plan.gpu, sandbox.unavailable)
             label = "nsjail" if sandbox.kind == "nsjail" else "NONE — unsandboxed, unofficial"
             seed_label = f"{plan.seed} (drawn)" if plan.seed_drawn else str(plan.seed)
             console.print(f"[bold]{plan.manifest.name}[/] on [bold]{plan.track.id}[/], seed {seed_label}, budget {plan.budget_s:g} s, sandbox: {label}")
             console.print(f"sandbox: {sandbox.reason}", markup=False, highlight=False)
+            for missing in sandbox.unavailable:
+                console.print(f"sandbox: could not use {missing}", markup=False, highlight=False)
             timings["prepare_s"] = time.monotonic() - began
             try:
                 outcome = _train_in_jail(plan, sandbox, console, timings)
@@ -880,7 +910,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                           "makes the run unofficial")
     run.add_argument("--sandbox", choices=["auto", "nsjail", "none"], default="auto",
                      help="auto: nsjail when it works here, else none (says which); nsjail: never falls back; none: plain subprocess, unofficial")
-    run.add_argument("--out", metavar="DIR", help=f"where run directories go (default: {RUNS_DIR.relative_to(REPO_ROOT)}/)")
+    run.add_argument("--out", metavar="DIR", help=f"where run directories go (default: {shown(RUNS_DIR)}/ in the current folder)")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a [config] value for this run (repeatable): a TOML value or a bare word, a dotted "
                           "key reaches into a table, e.g. --set d_model=512 --set optimizer.lr=3e-4; recorded in "

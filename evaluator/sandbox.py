@@ -46,7 +46,7 @@ import threading
 import time
 import weakref
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -166,6 +166,11 @@ class JailSpec:
     # A memory image (Sandbox.memory_image) to build the jail's whole filesystem from, instead of
     # the host's dirs: no host file, no writable path, no /tmp or /dev/shm; /proc with hidepid=2.
     sealed_image: Path | None = None
+    # Paths the jail must not see although a directory it binds holds them (the evaluator package,
+    # whose installed copy carries the validation split, inside the bound Python install): each
+    # such path is covered by an empty read-only tmpfs. nsjail only; a path nothing bound holds
+    # needs nothing, and none may hold a path the jail is given.
+    hidden_paths: list[Path] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -204,8 +209,28 @@ def cgroup_version() -> int | None:
     return 2 if set(_CONTROLLERS) <= set(offered) else None
 
 
+@cache
+def cgroups_problem() -> str | None:
+    """Why jails cannot get cgroups of their own here, or None once a probe cgroup was made and
+    removed (once per process). Seeing the controllers is not enough: Docker's default mounts the
+    cgroupfs read-only, and a container's root may lack the right to write it."""
+    if os.geteuid() != 0:
+        return f"cgroups need root; running as uid {os.geteuid()}"
+    if cgroup_version() is None:
+        return (
+            f"no cgroup memory, pids and cpu controllers under {CGROUP_ROOT}: neither a v1 hierarchy "
+            "of each mounted there nor all three in the v2 hierarchy's cgroup.controllers"
+        )
+    try:
+        probe = _Cgroup.create("probe", 64 << 20, 16, None)
+    except OSError as error:
+        return f"cannot create a cgroup under {CGROUP_ROOT}: {error.strerror or error}"
+    probe.remove()
+    return None
+
+
 def cgroups_usable() -> bool:
-    return cgroup_version() is not None
+    return cgroups_problem() is None
 
 
 def cgroup_parent_dirs() -> list[Path]:
@@ -215,8 +240,33 @@ def cgroup_parent_dirs() -> list[Path]:
 
 def _parent_dirs(version: int | None) -> list[Path]:
     if version == 2:
-        return [CGROUP_ROOT / CGROUP_PARENT]
+        return [_v2_parent()]
     return [CGROUP_ROOT / controller / CGROUP_PARENT for controller in _CONTROLLERS]
+
+
+# SPEEDRUN_EVALUATOR_CGROUP=delegated: under cgroup v2, put the jails into the cgroup systemd (or
+# another manager) has delegated to this process (`systemd-run --scope -p Delegate=yes`), instead
+# of a cgroup of our own at the root, which systemd regards as its tree (docs/INSTALL.md).
+CGROUP_MODE_ENV = "SPEEDRUN_EVALUATOR_CGROUP"
+# Where the evaluator's own processes live inside a delegated cgroup: cgroup v2 hands controllers to
+# a cgroup's children only when it holds no process itself (the root excepted).
+DELEGATED_SELF_LEAF = "evaluator"
+
+
+def _v2_parent() -> Path:
+    if os.environ.get(CGROUP_MODE_ENV) != "delegated":
+        return CGROUP_ROOT / CGROUP_PARENT
+    own = own_v2_cgroup()
+    # An evaluator started by another one (batch, a test) starts in the leaf its parent moved to.
+    return own.parent if own.name == DELEGATED_SELF_LEAF else own
+
+
+def own_v2_cgroup() -> Path:
+    """This process's cgroup in the v2 hierarchy, from /proc/self/cgroup ("0::/path")."""
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        if line.startswith("0::"):
+            return CGROUP_ROOT / line[3:].lstrip("/")
+    raise OSError(errno.ENOENT, "no cgroup v2 entry in /proc/self/cgroup")
 
 
 def _process_start_ticks(pid: int) -> int | None:
@@ -350,10 +400,19 @@ class _Cgroup:
 
 def _delegate_v2_controllers() -> None:
     """Under cgroup v2 a cgroup gets a controller only where its parent enables it for its children
-    (cgroup.subtree_control), from the root down; enable ours on the root and on our parent."""
-    parent = CGROUP_ROOT / CGROUP_PARENT
-    parent.mkdir(exist_ok=True)
-    for directory in (CGROUP_ROOT, parent):
+    (cgroup.subtree_control), from the root down; enable ours on the root and on our parent. In a
+    delegated cgroup, whose manager has enabled them above it, first move this process into a leaf
+    of its own there, then enable them in the delegated cgroup."""
+    parent = _v2_parent()
+    if os.environ.get(CGROUP_MODE_ENV) == "delegated":
+        if own_v2_cgroup() == parent:
+            (parent / DELEGATED_SELF_LEAF).mkdir(exist_ok=True)
+            (parent / DELEGATED_SELF_LEAF / "cgroup.procs").write_text(str(os.getpid()))
+        directories = (parent,)
+    else:
+        parent.mkdir(exist_ok=True)
+        directories = (CGROUP_ROOT, parent)
+    for directory in directories:
         control = directory / "cgroup.subtree_control"
         if set(_CONTROLLERS) <= set(control.read_text().split()):
             continue
@@ -534,6 +593,23 @@ def _host_library_dirs() -> list[Path]:
     return dirs
 
 
+def _hidden_destinations(hidden_paths: Iterable[Path], roots: list[Path]) -> list[str]:
+    """Where each existing hidden path shows in the jail through a bound root (compared as real
+    paths: a root or a path reached through a symlink is still the same directory)."""
+    destinations = []
+    for hidden in hidden_paths:
+        if not os.path.exists(hidden):
+            continue
+        real = Path(os.path.realpath(hidden))
+        for root in roots:
+            real_root = Path(os.path.realpath(root))
+            if _is_within(real, real_root):
+                destinations.append(root / real.relative_to(real_root))
+    # One mount covers what lies below it; a nested one would need a mount point in the first.
+    outermost = [d for d in destinations if not any(other != d and _is_within(d, other) for other in destinations)]
+    return [str(d) for d in dict.fromkeys(outermost)]
+
+
 def jail_environment(spec: JailSpec) -> dict[str, str]:
     """spec.env, and for a GPU jail the evaluator's LD_LIBRARY_PATH (its directories are bound
     read-only): GPU images often find the driver's libcuda only through it, e.g. in
@@ -615,6 +691,8 @@ def nsjail_config(spec: JailSpec, log_file: Path):
             if not any(_is_within(root, covered) for covered in read_only_roots):
                 bind(root)
                 read_only_roots.append(root)
+        for destination in _hidden_destinations(spec.hidden_paths, read_only_roots):
+            mounts.append(MountPt(dst=destination, fstype="tmpfs", rw=False, options="size=4k,nr_inodes=2,mode=0555"))
 
     for node in _DEVICE_NODES:
         bind(node, rw=True)
@@ -1081,9 +1159,14 @@ def _validate(spec: JailSpec) -> None:
     paths = [spec.workdir, spec.cwd, spec.log_path, *spec.ro_paths, *spec.rw_paths, *spec.tmpfs]
     if spec.sealed_image is not None:
         paths.append(spec.sealed_image)
+    paths += spec.hidden_paths
     relative = [str(p) for p in paths if not Path(p).is_absolute()]
     if relative:
         raise ValueError(f"paths must be absolute: {relative}")
+    for hidden in map(Path, spec.hidden_paths):
+        given = [str(p) for p in (*spec.ro_paths, *spec.rw_paths, *spec.tmpfs, spec.cwd) if _is_within(Path(p), hidden)]
+        if given:
+            raise ValueError(f"hidden path {hidden} holds paths the jail is given: {given}")
     if spec.memory_bytes <= 0 or spec.pids <= 0 or spec.time_limit_s <= 0 or spec.log_cap_bytes < 0:
         raise ValueError("memory_bytes, pids and time_limit_s must be positive, log_cap_bytes >= 0")
 
@@ -1093,6 +1176,8 @@ class Sandbox:
     kind: str  # "nsjail" | "none"
     version: str
     reason: str  # why open_sandbox picked this kind, and what it enforces
+    # What this host could not give the jails, one "what: why" each (recorded in the result).
+    unavailable: tuple[str, ...] = ()
 
     def start(self, spec: JailSpec) -> Jailed:
         """Start spec.argv in a new jail. Raises SandboxUnavailable when the jail cannot be set
@@ -1234,11 +1319,8 @@ def _nsjail_problem() -> str | None:
             "nsjail mode needs root here (it drops to nobody without a user namespace, which the "
             f"Python install under a private home needs); running as uid {os.geteuid()}"
         )
-    if not cgroups_usable():
-        return (
-            f"no cgroup memory, pids and cpu controllers under {CGROUP_ROOT}: neither a v1 hierarchy "
-            "of each mounted there nor all three in the v2 hierarchy's cgroup.controllers"
-        )
+    if (problem := cgroups_problem()) is not None:
+        return f"it needs cgroups: {problem}"
     with tempfile.TemporaryDirectory(prefix="sandbox-probe-") as scratch:
         workdir = Path(scratch)
         probe = JailSpec(
@@ -1273,7 +1355,7 @@ def open_sandbox(choice: str) -> Sandbox:
         raise ValueError(f"unknown sandbox {choice!r}: use auto, nsjail or none")
     reap_stale()
     if choice == "none":
-        why = "requested"
+        why, missing = "requested", ()
     else:
         problem = _nsjail_problem()
         if problem is None:
@@ -1281,9 +1363,10 @@ def open_sandbox(choice: str) -> Sandbox:
             return Sandbox("nsjail", _nsjail_version(), why)
         if choice == "nsjail":
             raise SandboxUnavailable(problem)
-        why = f"nsjail unavailable: {problem}"
-    if cgroups_usable():
+        why, missing = f"nsjail unavailable: {problem}", (f"nsjail: {problem}",)
+    if (cgroup_problem := cgroups_problem()) is None:
         limits = "memory, pids and CPU limits from a cgroup, wall-clock limit, rlimits"
     else:
         limits = "wall-clock limit and rlimits only (no cgroups: memory, pids and CPU are not limited)"
-    return Sandbox("none", "subprocess", f"UNSANDBOXED subprocess ({why}); {limits}")
+        missing += (f"cgroups: {cgroup_problem}",)
+    return Sandbox("none", "subprocess", f"UNSANDBOXED subprocess ({why}); {limits}", missing)

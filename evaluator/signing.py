@@ -19,7 +19,6 @@ import os
 import re
 import sys
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +29,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from evaluator.errors import UserError
 from evaluator.fsutil import atomic_write_bytes, sha256_file, tree_sha256
-from evaluator.paths import KEYS_DIR, REPO_ROOT, RESULTS_DIR, RUNS_DIR
-from evaluator.results import result_problems
+from evaluator.paths import KEYS_DIR, RESULTS_DIR, RUNS_DIR, WORKSPACE, shown
+from evaluator.results import parse_utc, result_problems
 from evaluator.tracks import available_tracks, track_path
 
 PAYLOAD_TYPE = "application/vnd.in-toto+json"
@@ -204,7 +203,7 @@ def result_problem(result: Any) -> str | None:
     # leaderboard compares these times, so they must parse and carry a UTC offset.
     for field in ("started_at", "ended_at"):
         try:
-            moment = datetime.fromisoformat(result[field])
+            moment = parse_utc(result[field])
         except ValueError:
             return f"{field}: {result[field]!r} is not an RFC 3339 date-time"
         if moment.tzinfo is None:
@@ -215,9 +214,9 @@ def result_problem(result: Any) -> str | None:
 
 
 def submission_folder(result: dict[str, Any]) -> Path:
-    """Where the run found the submission: relative paths are relative to the repository root."""
+    """Where the run found the submission: relative paths are relative to the current folder."""
     path = Path(result["submission"]["path"])
-    return path if path.is_absolute() else REPO_ROOT / path
+    return path if path.is_absolute() else WORKSPACE / path
 
 
 def track_drift(result: dict[str, Any]) -> str | None:
@@ -233,7 +232,7 @@ def track_drift(result: dict[str, Any]) -> str | None:
     if current == track["sha256"]:
         return None
     return (
-        f"track file {display_path(path)} changed since the run "
+        f"track file {shown(path)} changed since the run "
         f"(now {current[:12]}..., the run had {track['sha256'][:12]}...)"
     )
 
@@ -529,13 +528,6 @@ def verify_paths(
     return verified, rejected
 
 
-def display_path(path: Path) -> str:
-    try:
-        return str(Path(path).resolve().relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
-
-
 # --- command line -----------------------------------------------------------------------------
 
 
@@ -544,7 +536,7 @@ def _run_keygen(args: argparse.Namespace) -> int:
     print(f"wrote private key {private_path} (mode 0600: keep it secret)")
     print(f"wrote public key  {public_path}")
     print(f"keyid {keyid}")
-    print(f"To make its signatures trusted, add {public_path.name} to {display_path(KEYS_DIR)}/ (one file per signer).")
+    print(f"To make its signatures trusted, add {public_path.name} to {shown(KEYS_DIR)}/ (one file per signer).")
     return 0
 
 
@@ -557,13 +549,13 @@ def _run_publish(args: argparse.Namespace) -> int:
     keyid = keyid_of(private_key.public_key())
     if KEYS_DIR.is_dir() and keyid not in load_trusted_keys(KEYS_DIR):
         sys.stderr.write(
-            f"publish: warning: key {key_path.name} (keyid {keyid[:16]}...) is not in {display_path(KEYS_DIR)}/, "
+            f"publish: warning: key {key_path.name} (keyid {keyid[:16]}...) is not in {shown(KEYS_DIR)}/, "
             "so `evaluator verify` will reject this envelope until its public key is added\n"
         )
     if written:
-        print(f"published {display_path(target)} (signed by keyid {keyid[:16]}...)")
+        print(f"published {shown(target)} (signed by keyid {keyid[:16]}...)")
     else:
-        print(f"already published, identical: {display_path(target)}")
+        print(f"already published, identical: {shown(target)}")
     return 0
 
 
@@ -585,13 +577,13 @@ def _run_verify(args: argparse.Namespace) -> int:
     by_path = {v.path: v for v in verified}
     for path in paths:
         if path in failures:
-            print(f"FAIL  {display_path(path)}: {failures[path]}")
+            print(f"FAIL  {shown(path)}: {failures[path]}")
         else:
             good = by_path[path]
             metrics = good.result["metrics"]
             mark = "" if good.result["official"] else ", unofficial"
             print(
-                f"OK    {display_path(path)}: {good.result['submission']['name']} run {good.result['run_id']}, "
+                f"OK    {shown(path)}: {good.result['submission']['name']} run {good.result['run_id']}, "
                 f"val_loss {metrics['val_loss']:.4f}{mark}, signed by {good.signer}"
             )
     sys.stderr.write(f"verify: {len(verified)} verified, {len(rejected)} failed\n")
@@ -625,7 +617,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     publish_parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory, e.g. results/runs/<run-id>")
     publish_parser.add_argument("--key", required=True, metavar="PRIVATE_KEY", help="Ed25519 private key (from keygen)")
     publish_parser.add_argument(
-        "--results", default=str(RESULTS_DIR), metavar="DIR", help="where envelopes go (default: the repo's results/)"
+        "--results", default=str(RESULTS_DIR), metavar="DIR", help="where envelopes go (default: results/ in the current folder)"
     )
     publish_parser.add_argument(
         "--unofficial", action="store_true", help="allow an unofficial run; the statement marks it unofficial"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import tomllib
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -14,6 +13,7 @@ import jsonschema
 from evaluator.errors import UserError
 from evaluator.fsutil import sha256_file
 from evaluator.paths import SPEC_DIR, TRACKS_DIR
+from evaluator.tomlreader import tomllib
 
 
 class TrackError(UserError):

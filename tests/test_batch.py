@@ -17,9 +17,9 @@ from evaluator.batch import UnsafeArchive, _earlier_results, extract_archive, pa
 from evaluator.cli import main
 from evaluator.fsutil import tree_sha256
 from evaluator.manifest import parse_manifest
-from evaluator.paths import REPO_ROOT
+from evaluator.paths import HOME
 
-TEMPLATE = REPO_ROOT / "submissions" / "template"
+TEMPLATE = HOME / "submissions" / "template"
 CAP = 1 << 20
 TINY = {"d_model": 32, "n_layers": 1, "n_heads": 2, "seq_len": 32, "batch_size": 4, "margin_s": 1.0}
 

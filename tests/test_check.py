@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from evaluator.cli import main
-from evaluator.paths import REPO_ROOT
+from evaluator.paths import HOME
 
-TEMPLATE = REPO_ROOT / "submissions" / "template"
+TEMPLATE = HOME / "submissions" / "template"
 
 
 @pytest.fixture
@@ -142,7 +142,7 @@ def test_all_problems_are_reported_at_once(submission, capsys):
 
 @pytest.mark.parametrize("folder", ["submissions/template"])
 def test_shipped_submissions_are_valid(folder, capsys):
-    assert main(["check", str(REPO_ROOT / folder)]) == 0, capsys.readouterr()
+    assert main(["check", str(HOME / folder)]) == 0, capsys.readouterr()
 
 
 def test_valid_variants_pass(submission, capsys):
@@ -301,7 +301,7 @@ def test_set_refuses_what_is_not_key_equals_toml(text, message):
 
 
 def test_check_validates_overrides_against_the_config_rules(capsys):
-    template = str(REPO_ROOT / "submissions" / "template")
+    template = str(HOME / "submissions" / "template")
     assert main(["check", template, "--set", "d_model=320", "--set", "optimizer.lr=0.01"]) == 0
     assert main(["check", template, "--set", "d_model=99999999999999999999"]) == 2
     err = capsys.readouterr().err

@@ -20,10 +20,10 @@ import pytest
 import yaml
 
 from evaluator.cli import build_parser, main
-from evaluator.paths import REPO_ROOT
+from evaluator.paths import HOME
 
-TEMPLATE = REPO_ROOT / "submissions" / "template"
-WORKFLOWS = REPO_ROOT / ".github" / "workflows"
+TEMPLATE = HOME / "submissions" / "template"
+WORKFLOWS = HOME / ".github" / "workflows"
 CONTROL_CHARACTERS = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f]")
 
 
@@ -254,7 +254,7 @@ def test_outside_a_git_repository_is_one_line(repo, tmp_path):
     plain.mkdir()
     done = subprocess.run(
         [sys.executable, "-m", "evaluator.cli", "check", "--changed", "main"],
-        cwd=plain, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        cwd=plain, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(HOME)},
     )
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.count("\n") == 1 and "is not in a git repository" in done.stderr, done.stderr

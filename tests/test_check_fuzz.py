@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 
 from evaluator.cli import main
-from evaluator.paths import REPO_ROOT
+from evaluator.paths import HOME
 
-TEMPLATE = REPO_ROOT / "submissions" / "template"
+TEMPLATE = HOME / "submissions" / "template"
 SEED = 18
 CASES = 600
 # Characters that mean something to TOML, to the schema or to a terminal.

@@ -16,6 +16,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+import evaluator.leaderboard as leaderboard_module
 from evaluator.leaderboard import (
     COLUMNS,
     FORMER_RECORD,
@@ -134,13 +135,15 @@ def board(tmp_path_factory):
 
 
 def leaderboard(monkeypatch, capsys, board, *args):
+    """`evaluator leaderboard` on a board; on `board`, which holds envelopes that must be rejected,
+    every call exits 1 after it has shown the rest."""
     results, trusted = board
     return run_cli(monkeypatch, capsys, "leaderboard", "--results", results, "--trusted-keys", trusted, *args)
 
 
 def test_rows_are_ranked_with_statistics_and_records(board, monkeypatch, capsys):
     code, stdout, stderr = leaderboard(monkeypatch, capsys, board, "--track", "cpu-1min", "--format", "json")
-    assert code == 0
+    assert code == 1
     document = json.loads(stdout)
     rows = document["rows"]
     assert [row["submission"] for row in rows] == RANKED
@@ -180,7 +183,7 @@ def test_every_track_gets_its_own_ranking(board, monkeypatch, capsys):
     code, stdout, _ = leaderboard(monkeypatch, capsys, board, "--format", "json")
     rows = json.loads(stdout)["rows"]
     t4 = [row for row in rows if row["track"] == "t4-5min"]
-    assert code == 0 and len(rows) == len(SUBMISSIONS) + 1
+    assert code == 1 and len(rows) == len(SUBMISSIONS) + 1
     assert [(row["submission"], row["rank"], row["runs"]) for row in t4] == [("alpha", 1, 1)]
 
 
@@ -265,7 +268,7 @@ def test_the_rules_file_sets_each_tracks_rule_and_the_page_states_it(board, monk
     rules = _write_rules(tmp_path / "rules.toml", "[track.cpu-1min]\nmin_seeds = 4\np_below = 0.2\n")
     code, stdout, _ = leaderboard(monkeypatch, capsys, board, "--format", "json", "--rules", rules)
     document = json.loads(stdout)
-    assert code == 0
+    assert code == 1
     cpu_rule = document["record_rules"]["cpu-1min"]
     assert cpu_rule.pop("text").startswith("Track cpu-1min: a record needs runs on at least 4 distinct seeds")
     assert cpu_rule == {"min_seeds": 4, "p_below": 0.2, "min_improvement_nats": 0.005, "drawn_seeds_only": False}
@@ -338,7 +341,7 @@ class _Tags(HTMLParser):
 def test_every_format_writes_a_parseable_file(board, monkeypatch, capsys, tmp_path, fmt):
     out = tmp_path / f"leaderboard.{fmt}"
     code, _, stderr = leaderboard(monkeypatch, capsys, board, "--track", "cpu-1min", "--format", fmt, "--out", out)
-    assert code == 0, stderr
+    assert code == 1, stderr
     data = out.read_bytes()
     assert data
     if fmt == "parquet":
@@ -368,9 +371,9 @@ def test_every_format_writes_a_parseable_file(board, monkeypatch, capsys, tmp_pa
 
 def test_text_formats_go_to_stdout(board, monkeypatch, capsys):
     code, stdout, _ = leaderboard(monkeypatch, capsys, board, "--format", "markdown")
-    assert code == 0 and stdout.startswith("# Leaderboard")
+    assert code == 1 and stdout.startswith("# Leaderboard")
     code, stdout, _ = leaderboard(monkeypatch, capsys, board, "--track", "cpu-1min")
-    assert code == 0 and "beta" in stdout and "★ record" in stdout
+    assert code == 1 and "beta" in stdout and "★ record" in stdout
 
 
 def test_parquet_needs_an_output_file(board, monkeypatch, capsys):
@@ -386,6 +389,24 @@ def test_an_empty_results_folder_gives_an_empty_board(tmp_path, monkeypatch, cap
         "--format", "markdown",
     )
     assert code == 0 and "No verified results" in stdout
+
+
+def test_with_nothing_to_rank_the_table_says_why_and_rejections_exit_1(tmp_path, monkeypatch, capsys):
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(leaderboard_module, "RESULTS_DIR", tmp_path / "results")  # as a process started here has it
+    code, stdout, _ = run_cli(monkeypatch, capsys, "leaderboard", "--trusted-keys", keys)
+    assert code == 0 and stdout.startswith("nothing to rank: ") and "results/ does not exist here" in stdout
+    (tmp_path / "results").mkdir()
+    code, stdout, _ = run_cli(monkeypatch, capsys, "leaderboard", "--results", tmp_path / "results", "--trusted-keys", keys)
+    assert code == 0 and "holds no published results" in stdout
+    (tmp_path / "results" / "cpu-1min" / "alpha").mkdir(parents=True)
+    (tmp_path / "results" / "cpu-1min" / "alpha" / "forged.json").write_text("{}")
+    code, stdout, stderr = run_cli(monkeypatch, capsys, "leaderboard", "--results", tmp_path / "results", "--trusted-keys", keys)
+    assert code == 1 and "none of the 1 envelope(s)" in stdout and "forged.json" in stderr
+    code, _, _ = run_cli(monkeypatch, capsys, "leaderboard", "--results", tmp_path / "missing", "--trusted-keys", keys)
+    assert code == 2
 
 
 # --- what a competitor writes never becomes markup or a terminal escape ---------------------------

@@ -18,7 +18,7 @@ import pytest
 from conftest import leftovers, run_cli, write_submission
 from evaluator import runner
 from evaluator.cli import main
-from evaluator.paths import REPO_ROOT
+from evaluator.paths import HOME
 from evaluator.results import result_problems
 from evaluator.sandbox import SandboxUnavailable
 
@@ -86,7 +86,7 @@ def test_the_clock_cannot_be_escaped(tmp_path, runs_dir, capsys, name, body):
 def test_work_at_import_time_counts(tmp_path, runs_dir, capsys):
     body = "import time\ntime.sleep(2.5)\n" + RETURN_UNIFORM
     folder = write_submission(tmp_path, "import-work", body)
-    code, record = run_cli(folder, runs_dir, "--budget", "6", "--sandbox", "nsjail", capsys=capsys)
+    code, record = run_cli(folder, runs_dir, "--budget", "6", "--smoke", "--sandbox", "nsjail", capsys=capsys)
     assert record["status"] == "ok", record["message"]
     assert record["train"]["train_seconds"] >= 2.5
 
@@ -135,7 +135,7 @@ def train(ctx):
 
 def test_hostile_protocol_lines_are_ignored(tmp_path, runs_dir, capsys):
     folder = write_submission(tmp_path, "forges-protocol", FORGES_PROTOCOL_LINES)
-    code, record = run_cli(folder, runs_dir, "--budget", "5", "--sandbox", "nsjail", capsys=capsys)
+    code, record = run_cli(folder, runs_dir, "--budget", "5", "--smoke", "--sandbox", "nsjail", capsys=capsys)
     assert (code, record["status"]) == (0, "ok"), record["message"]
     metrics = pq.read_table(runs_dir / record["run_id"] / "metrics.parquet").to_pylist()
     assert [(m["step"], m["value"]) for m in metrics] == [(4, 2.0), (5, 3.0)]
@@ -161,12 +161,12 @@ def make_track(tmp_path, monkeypatch):
     """Installs a variant of cpu-1min with other sandbox limits as an extra track for this test."""
     tracks = tmp_path / "tracks"
     tracks.mkdir()
-    for path in (REPO_ROOT / "spec" / "tracks").glob("*.toml"):
+    for path in (HOME / "spec" / "tracks").glob("*.toml"):
         (tracks / path.name).write_text(path.read_text())
     monkeypatch.setattr("evaluator.tracks.TRACKS_DIR", tracks)
 
     def make(track_id: str, **limits: int) -> str:
-        text = (REPO_ROOT / "spec" / "tracks" / "cpu-1min.toml").read_text().replace('id = "cpu-1min"', f'id = "{track_id}"')
+        text = (HOME / "spec" / "tracks" / "cpu-1min.toml").read_text().replace('id = "cpu-1min"', f'id = "{track_id}"')
         for key, value in limits.items():
             text, count = re.subn(rf"(?m)^{key} = \d+", f"{key} = {value}", text)
             assert count == 1, key
@@ -248,11 +248,11 @@ def test_the_jail_has_no_network_no_data_and_a_read_only_filesystem(tmp_path, ru
     listener.settimeout(0.5)
     canary = tmp_path / "canary.txt"
     canary.write_text("secret")
-    repo_file = REPO_ROOT / "results" / f"escape-{os.getpid()}.txt"
+    repo_file = HOME / "results" / f"escape-{os.getpid()}.txt"
     config = {
         "port": listener.getsockname()[1],
-        "val_path": str(REPO_ROOT / "spec" / "datasets" / "pydoc-100k" / "val.parquet"),
-        "tokenizer_path": str(REPO_ROOT / "spec" / "datasets" / "pydoc-100k" / "tokenizer.json"),
+        "val_path": str(HOME / "spec" / "datasets" / "pydoc-100k" / "val.parquet"),
+        "tokenizer_path": str(HOME / "spec" / "datasets" / "pydoc-100k" / "tokenizer.json"),
         "canary": str(canary),
         "repo_file": str(repo_file),
     }
@@ -270,10 +270,11 @@ def test_the_jail_has_no_network_no_data_and_a_read_only_filesystem(tmp_path, ru
 
 def test_sandbox_none_is_labelled_unofficial(tmp_path, runs_dir, capsys):
     folder = write_submission(tmp_path, "unsandboxed", RETURN_UNIFORM)
-    code, record = run_cli(folder, runs_dir, "--budget", "5", "--sandbox", "none", capsys=capsys)
+    code, record = run_cli(folder, runs_dir, "--budget", "5", "--smoke", "--sandbox", "none", capsys=capsys)
     assert record["status"] == "ok", record["message"]
     assert record["environment"]["sandbox"]["kind"] == "none"
     assert "not sandboxed (--sandbox none)" in record["unofficial_reasons"]
+    assert record["environment"]["sandbox"]["unavailable"] == []  # asked for: nothing was missing
 
 
 def test_explicit_nsjail_never_falls_back(tmp_path, runs_dir, capsys, monkeypatch):
@@ -296,7 +297,7 @@ def train(ctx):
 
 def test_secret_seeds_are_drawn_recorded_and_handed_to_the_submission(tmp_path, runs_dir, capsys):
     folder = write_submission(tmp_path, "drawn", LOG_THE_SEED)
-    code = main(["run", str(folder), "--out", str(runs_dir), "--json", "--budget", "5", "--sandbox", "none",
+    code = main(["run", str(folder), "--out", str(runs_dir), "--json", "--budget", "5", "--smoke", "--sandbox", "none",
                  "--seeds", "2", "--secret-seeds"])
     records = json.loads(capsys.readouterr().out)
     assert code == 0 and [r["status"] for r in records] == ["ok", "ok"], records
@@ -353,7 +354,7 @@ def test_progress_is_plain_lines_off_a_terminal_and_in_a_notebooks_shell(tmp_pat
     monkeypatch.setenv("JPY_PARENT_PID", "1")  # what a Jupyter kernel leaves to its `!evaluator run`
     assert not live(Console(force_terminal=True))
     folder = write_submission(tmp_path, "plain", RETURN_UNIFORM)
-    assert main(["run", str(folder), "--out", str(runs_dir), "--budget", "5", "--sandbox", "none"]) == 0
+    assert main(["run", str(folder), "--out", str(runs_dir), "--budget", "5", "--smoke", "--sandbox", "none"]) == 0
     err = capsys.readouterr().err
     assert re.search(r"plain:\s+\d+\.\d/5 s", err) and "scoring: " in err and "\x1b[" not in err
 
@@ -370,7 +371,7 @@ def test_set_overrides_reach_the_submission_are_recorded_and_unofficial(tmp_path
     folder = write_submission(tmp_path, "overridden", LOG_THE_CONFIG, config={"width": 8, "act": "gelu"})
     with open(folder / "manifest.toml", "a") as manifest:  # [config] is the manifest's last table
         manifest.write("opt = { lr = 0.1, momentum = 0.9 }\n")
-    code, record = run_cli(folder, runs_dir, "--budget", "5", "--sandbox", "none",
+    code, record = run_cli(folder, runs_dir, "--budget", "5", "--smoke", "--sandbox", "none",
                            "--set", "width=16", "--set", "opt.lr=3e-4", "--set", "act=relu", capsys=capsys)
     assert code == 0, record["message"]
     assert record["overrides"] == {"width": 16, "opt": {"lr": 3e-4}, "act": "relu"}
@@ -400,7 +401,7 @@ def test_smoke_finds_a_broken_contract_in_seconds_and_is_never_published(tmp_pat
     assert code == 0 and record["smoke"] is True and record["budget_s"] == runner.SMOKE_BUDGET_S
     assert record["metrics"]["val_documents"] == runner.SMOKE_DOCUMENTS
     assert any(reason.startswith("smoke run") for reason in record["unofficial_reasons"])
-    key = REPO_ROOT / "results" / "demo-key" / "demo-not-secret.key"
+    key = HOME / "results" / "demo-key" / "demo-not-secret.key"
     run_dir = runs_dir / record["run_id"]
     assert main(["publish", str(run_dir), "--key", str(key), "--results", str(tmp_path / "results"), "--unofficial"]) == 2
     assert "it is a smoke run" in capsys.readouterr().err

@@ -137,6 +137,32 @@ def test_workdir_must_stay_outside_the_jail(tmp_path):
         sandbox.nsjail_config(spec, tmp_path / "log")
 
 
+def test_a_hidden_path_inside_a_bound_dir_is_an_empty_read_only_mount(nsjail, tmp_path):
+    # Inside the venv the jail binds (where an installed package keeps its data), reached once
+    # through a symlink: a nested hidden path and the link both land on the one outermost mount.
+    site = Path(sysconfig_purelib())
+    hidden = site / "rich"
+    link = tmp_path / "rich-link"
+    link.symlink_to(hidden)
+    spec = make_spec(tmp_path, python(
+        f"import os, sys; print(os.listdir({str(hidden)!r}), len(os.listdir({str(site)!r})) > 10); "
+        f"open({str(hidden / 'planted')!r}, 'w')"
+    ), hidden_paths=[link, hidden / "console.py", tmp_path / "not-bound"])
+    config = sandbox.nsjail_config(spec, tmp_path / "log")
+    assert [m.dst for m in config.mount if m.fstype == "tmpfs" and not m.rw] == [str(hidden)]
+    output, outcome = run_to_end(nsjail, spec)
+    assert output.decode().strip() == "[] True"  # empty, and the rest of site-packages is there
+    assert outcome.returncode == 1 and "Read-only file system" in spec.log_path.read_text()
+    with pytest.raises(ValueError, match="holds paths the jail is given"):
+        nsjail.start(make_spec(tmp_path, ["/bin/true"], ro_paths=[hidden / "console.py"], hidden_paths=[hidden]))
+
+
+def sysconfig_purelib() -> str:
+    import sysconfig
+
+    return sysconfig.get_paths()["purelib"]
+
+
 def test_open_sandbox_never_falls_back_from_an_explicit_nsjail(monkeypatch):
     monkeypatch.setattr(sandbox, "_nsjail_problem", lambda: "no nsjail on this laptop")
     with pytest.raises(SandboxUnavailable, match="no nsjail on this laptop"):
@@ -178,6 +204,33 @@ def test_cgroup_version_is_the_hierarchy_that_offers_memory_pids_and_cpu(
     monkeypatch.setattr(sandbox, "CGROUP_ROOT", tmp_path)
     monkeypatch.setattr(sandbox.os, "geteuid", lambda: 0)
     assert sandbox.cgroup_version() == version
+
+
+def test_a_delegated_v2_cgroup_holds_the_jails_and_the_evaluator_moves_into_a_leaf(tmp_path, monkeypatch):
+    # As `systemd-run --scope -p Delegate=yes` leaves it: the scope offers the controllers, enables
+    # none for its children yet, and holds the evaluator. Nothing outside the scope is touched.
+    make_cgroup_root(tmp_path, (), "cpuset cpu io memory hugetlb pids")
+    scope = tmp_path / "system.slice" / "speedrun-evaluation.scope"
+    scope.mkdir(parents=True)
+    (scope / "cgroup.subtree_control").write_text("\n")
+    monkeypatch.setattr(sandbox, "CGROUP_ROOT", tmp_path)
+    monkeypatch.setattr(sandbox.os, "geteuid", lambda: 0)
+    monkeypatch.setenv(sandbox.CGROUP_MODE_ENV, "delegated")
+    own = [scope]
+    monkeypatch.setattr(sandbox, "own_v2_cgroup", lambda: own[0])
+
+    jail = sandbox._Cgroup.create("jail", 64 << 20, 16, 2)
+    assert jail.dirs == (scope / jail.leaf,)
+    assert (scope / "evaluator" / "cgroup.procs").read_text() == str(os.getpid())
+    assert (scope / "cgroup.subtree_control").read_text().split() == ["+memory", "+pids", "+cpu"]
+    assert (jail.memory_dir / "memory.max").read_text() == str(64 << 20)
+    assert (jail.cpu_dir / "cpu.max").read_text() == "200000 100000"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cgroup.controllers", "system.slice"]
+
+    own[0] = scope / "evaluator"  # a second evaluator, started by the first, begins in its leaf
+    assert sandbox.cgroup_parent_dirs() == [scope]
+    monkeypatch.delenv(sandbox.CGROUP_MODE_ENV)
+    assert sandbox.cgroup_parent_dirs() == [tmp_path / "speedrun-evaluator"]
 
 
 def test_a_v2_jail_has_one_cgroup_with_the_v2_limits(tmp_path, monkeypatch):

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from evaluator.dataset.loader import Document
 from evaluator.errors import InvalidModel
 from evaluator.model_server import PIDS_PER_BATCH
-from evaluator.paths import REPO_ROOT
+from evaluator.paths import HOME
 from evaluator.scoring import Refusal, ScoreReport, ScoringLimits, _windows, compose, score_model
 
 FIXTURE_MODELS = Path(__file__).parent / "fixtures" / "models"
@@ -241,7 +241,7 @@ def test_a_model_finds_no_data_and_no_network(nsjail, tmp_path):
     data_file = tmp_path / "data" / "val.parquet"
     data_file.parent.mkdir()
     data_file.write_bytes(b"validation tokens")
-    host_files = [data_file, REPO_ROOT / "spec" / "tracks" / "cpu-1min.toml", REPO_ROOT / "pyproject.toml"]
+    host_files = [data_file, HOME / "spec" / "tracks" / "cpu-1min.toml", HOME / "pyproject.toml"]
     assert all(path.is_file() for path in host_files)
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import serialization
 
 from evaluator import cli
 from evaluator.fsutil import sha256_file, tree_sha256
-from evaluator.paths import REPO_ROOT
+from evaluator.paths import HOME
 from evaluator.signing import (
     LOSS_CURVE_MAX_POINTS,
     PAYLOAD_TYPE,
@@ -64,7 +64,7 @@ def _track_sha256(track_id: str) -> str:
 def editable_tracks(tmp_path, monkeypatch) -> Path:
     """A copy of spec/tracks that the test may edit, in place of the real one."""
     tracks = tmp_path / "tracks"
-    shutil.copytree(REPO_ROOT / "spec" / "tracks", tracks)
+    shutil.copytree(HOME / "spec" / "tracks", tracks)
     monkeypatch.setattr("evaluator.tracks.TRACKS_DIR", tracks)
     return tracks
 

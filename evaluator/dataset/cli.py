@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from evaluator.errors import UserError
-from evaluator.paths import DATASETS_DIR, REPO_ROOT
+from evaluator.paths import DATASETS_DIR, shown
 
 DEFAULT_DATASET_ID = "pydoc-100k"
 
@@ -92,7 +92,7 @@ def run_build(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise UserError(f"{exc.filename or args.out}: {exc.strerror or exc}") from None
     for name, digest in hashes.items():
-        print(f"{digest}  {_shown(out_dir / name)}")
+        print(f"{digest}  {shown(out_dir / name)}")
     return 0
 
 
@@ -148,7 +148,7 @@ def run_verify(args: argparse.Namespace) -> int:
         for which, path, problem in check_data_files(track):
             checked += 1
             if problem is None:
-                print(f"ok    {track.id:{id_width}}  {which:9}  {_shown(path)}")
+                print(f"ok    {track.id:{id_width}}  {which:9}  {shown(path)}")
             else:
                 failures += 1
                 print(f"FAIL  {track.id:{id_width}}  {which:9}  {problem}")
@@ -158,7 +158,3 @@ def run_verify(args: argparse.Namespace) -> int:
     return 0
 
 
-def _shown(path: Path) -> str:
-    """Paths inside the repository are shown relative to it, as the tracks write them."""
-    path = Path(path).absolute()
-    return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)

@@ -1,7 +1,7 @@
 """Where a track's data files live, and the check that they are the files the track pins.
 
 A track's `[dataset]` entry names each file (`train`, `val`, `tokenizer`) by SHA-256, usually with a
-`path` (relative to the repository root, or absolute). An entry without a `path` is a private file:
+`path` (relative to the evaluator's home, evaluator/paths.py, or absolute). An entry without a `path` is a private file:
 it is looked up as `<sha256>.parquet` (or `.json` for the tokenizer) in the directory named by the
 environment variable `EVALUATOR_PRIVATE_DATA`, so an organiser can score on a split that is not in
 the repository (docs/DATASET.md).
@@ -17,7 +17,7 @@ from evaluator.dataset.build import EOS_TOKEN
 from evaluator.dataset.loader import read_documents
 from evaluator.errors import DataError
 from evaluator.fsutil import sha256_file
-from evaluator.paths import DATASETS_DIR, REPO_ROOT
+from evaluator.paths import DATASETS_DIR, HOME, shown
 from evaluator.tracks import Track
 
 PRIVATE_DATA_ENV = "EVALUATOR_PRIVATE_DATA"
@@ -32,7 +32,7 @@ def locate_data_file(track: Track, which: str) -> Path:
     entry = track.dataset[which]
     if "path" in entry:
         path = Path(entry["path"])
-        return path if path.is_absolute() else REPO_ROOT / path
+        return path if path.is_absolute() else HOME / path
     private_dir = os.environ.get(PRIVATE_DATA_ENV)
     if not private_dir:
         raise DataError(
@@ -73,11 +73,11 @@ def _check_dataset_folder(track: Track, which: str, path: Path) -> None:
     if dataset_id not in known:
         raise DataError(
             f"track {track.id!r} names dataset {dataset_id!r}, which is not in "
-            f"{DATASETS_DIR.relative_to(REPO_ROOT)}/ (available: {', '.join(known) or 'none'})"
+            f"{shown(DATASETS_DIR)}/ (available: {', '.join(known) or 'none'})"
         )
     raise DataError(
         f"track {track.id!r} names dataset {dataset_id!r} but points its {which} file into "
-        f"{DATASETS_DIR.relative_to(REPO_ROOT)}/{folder}/"
+        f"{shown(DATASETS_DIR)}/{folder}/"
     )
 
 

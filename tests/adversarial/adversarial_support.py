@@ -16,11 +16,11 @@ from typing import Callable, Iterator
 import pytest
 
 from conftest import leftovers, mount_points_under, processes_with, write_submission  # noqa: F401 (shared with the suite)
-from evaluator.paths import REPO_ROOT
+from evaluator.paths import HOME
 
 SUBMISSIONS = Path(__file__).parent / "submissions"
 ATTACK_KIT = SUBMISSIONS / "attack_kit.py"
-TRACKS_DIR = REPO_ROOT / "spec" / "tracks"
+TRACKS_DIR = HOME / "spec" / "tracks"
 # Interpreter start and `import torch` before the clock, plus scoring and teardown, on a busy 2-core box.
 STARTUP_SLACK_S = 25
 
@@ -61,7 +61,7 @@ def probe_report(run_dir: Path) -> dict:
 def start_evaluator(folder: Path, out: Path, *extra: str, **popen_options) -> subprocess.Popen:
     """`evaluator run --json` with the real nsjail, as a process of its own (to kill it, or run two)."""
     argv = [sys.executable, "-m", "evaluator.cli", "run", str(folder), "--out", str(out), "--json", "--sandbox", "nsjail", *extra]
-    return subprocess.Popen(argv, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen_options)
+    return subprocess.Popen(argv, cwd=HOME, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen_options)
 
 
 def finish(evaluator: subprocess.Popen, timeout: float) -> dict:

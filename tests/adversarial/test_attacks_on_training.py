@@ -36,12 +36,12 @@ from adversarial_support import (
 from conftest import missing, run_cli
 from evaluator.dataset.store import resolve_data_file
 from evaluator.fsutil import sha256_file, tree_sha256
-from evaluator.paths import REPO_ROOT
+from evaluator.paths import HOME
 from evaluator.sandbox import JAIL_HOSTNAME, NOBODY, SHM_BYTES, TMP_BYTES, JailSpec, SandboxUnavailable, open_sandbox
 from evaluator.tracks import load_track
 
 TRACK = load_track("cpu-1min")
-SIGNING_KEY = REPO_ROOT / "results" / "demo-key" / "demo-not-secret.key"
+SIGNING_KEY = HOME / "results" / "demo-key" / "demo-not-secret.key"
 REFUSED = {"EACCES", "ENOENT", "EPERM", "EROFS"}
 
 
@@ -59,7 +59,7 @@ def snoop(nsjail, tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("snoop")
     token = uuid.uuid4().hex
     canary_text = f"canary-text-{token}"
-    repo_canary = REPO_ROOT / f"canary-{token}.txt"
+    repo_canary = HOME / f"canary-{token}.txt"
     tmp_canary = Path("/tmp") / f"canary-{token}.txt"
     unix_path = tmp_path / "host.sock"
     with socket.socket() as tcp, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp, socket.socket(socket.AF_UNIX) as unix:
@@ -84,7 +84,7 @@ def snoop(nsjail, tmp_path_factory):
             "env_marker": f"marker-{token}",
             "canary_text": canary_text,
             "canary_token": token,
-            "repo_root": str(REPO_ROOT),
+            "repo_root": str(HOME),
         }
         folder = attack_submission(tmp_path, "snoop", "snoop", config)
         for canary in (repo_canary, tmp_canary):
@@ -143,9 +143,12 @@ def test_searching_the_filesystem_finds_no_data_keys_sockets_or_canaries(snoop):
     assert val_sha256 not in found["parquet"].values()
     assert sha256_file(SIGNING_KEY) not in found["key"].values()
     assert found["sockets"] == [] and found["canaries"] == []
-    # Of the repository, only the training split (and the venv and the evaluator package) is there.
-    train = resolve_data_file(TRACK, "train").relative_to(REPO_ROOT)
-    assert found["repo"] == sorted(str(p) for p in [*train.parents[:-1], train]), found["repo"]
+    # Nothing of the repository but the venv: not spec/, not the evaluator package (the jail runs
+    # copies of its in-jail modules), not the training split (the jail reads a copy of it).
+    assert found["repo"] == [], found["repo"]
+    report = snoop["report"]
+    assert report["evaluator_modules"] == ["evaluator", "evaluator.api", "evaluator.dataset", "evaluator.dataset.loader", "evaluator.errors"]
+    assert report["host_module_import"].startswith("ModuleNotFoundError"), report["host_module_import"]
 
 
 def test_writes_outside_the_output_and_escapes_fail(confirmed_jail, disk_dir, capsys):
@@ -156,8 +159,7 @@ def test_writes_outside_the_output_and_escapes_fail(confirmed_jail, disk_dir, ca
     try:
         config = {
             "token": token,
-            "repo_root": str(REPO_ROOT),
-            "train_path": str(resolve_data_file(TRACK, "train")),
+            "repo_root": str(HOME),
             "sentinel_pid": sentinel.pid,
         }
         folder = attack_submission(disk_dir, "escape", "escape", {**config, "submission_folder": str(disk_dir / "escape")})
@@ -174,7 +176,7 @@ def test_writes_outside_the_output_and_escapes_fail(confirmed_jail, disk_dir, ca
     report = probe_report(run_dir)
     writes = report["writes"]
     assert writes.pop("hard_link_into_output") == "EXDEV"
-    if REPO_ROOT.is_relative_to("/tmp"):
+    if HOME.is_relative_to("/tmp"):
         # A checkout under /tmp lies inside the jail's private /tmp: a write to its path lands in
         # that tmpfs, never on the host, which the check of `written` below proves.
         writes.pop("repo")
@@ -184,7 +186,7 @@ def test_writes_outside_the_output_and_escapes_fail(confirmed_jail, disk_dir, ca
     assert escapes.pop("signal_host_sentinel") == "ESRCH"
     assert {name: result for name, result in escapes.items() if result not in REFUSED} == {}
     assert report["kill_minus_one"] == "ESRCH"  # in its pid namespace, no process but itself
-    written = [REPO_ROOT, REPO_ROOT / "results", Path("/usr"), Path("/tmp"), Path("/dev/shm"), run_dir, runs_dir, folder]
+    written = [HOME, HOME / "results", Path("/usr"), Path("/tmp"), Path("/dev/shm"), run_dir, runs_dir, folder]
     assert [str(place / token) for place in written if (place / token).exists()] == []
     assert "escaped" not in (run_dir / "sandbox" / "nsjail.cfg").read_text()
     assert json.loads((run_dir / "result.json").read_text())["status"] == "crashed"

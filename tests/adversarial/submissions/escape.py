@@ -44,6 +44,13 @@ def _ptrace_a_child():
         os.waitpid(child, 0)
 
 
+def _training_split_copy():
+    """The copy of the training split the jail reads: beside the in-jail `evaluator` package."""
+    import evaluator.api
+
+    return os.path.join(os.path.dirname(os.path.dirname(evaluator.api.__file__)), "train.parquet")
+
+
 def train(ctx):
     c = ctx.config
     require_jail(c["tracks_dir"])
@@ -64,7 +71,7 @@ def train(ctx):
             "own_run_dir": outcome(lambda: _write(os.path.join(run_dir, token))),
             "own_nsjail_config": outcome(lambda: _write(os.path.join(run_dir, "sandbox", "nsjail.cfg"))),
             "other_run_dir": outcome(lambda: _write(os.path.join(os.path.dirname(run_dir), token))),
-            "hard_link_into_output": outcome(lambda: os.link(c["train_path"], os.path.join(out_dir, token))),
+            "hard_link_into_output": outcome(lambda: os.link(_training_split_copy(), os.path.join(out_dir, token))),
         },
         # Allowed, but inside the jail's own tmpfs: the host's /tmp and /dev/shm must not change.
         "jail_tmp": outcome(lambda: _write(f"/tmp/{token}")),

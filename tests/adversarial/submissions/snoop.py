@@ -36,7 +36,7 @@ def _walk_visible_filesystem(canary_token, repo_root):
             dirs[:] = [d for d in dirs if d not in ("proc", "sys", "dev")]
         for name in dirs + files:
             path = os.path.join(top, name)
-            if path.startswith(repo_root + "/") and not path.startswith((repo_root + "/.venv", repo_root + "/evaluator")):
+            if path.startswith(repo_root + "/") and not path.startswith(repo_root + "/.venv"):
                 found["repo"].append(os.path.relpath(path, repo_root))
             if canary_token in name:
                 found["canaries"].append(path)
@@ -119,5 +119,7 @@ def train(ctx):
         "fds": _inherited_fds(c["canary_text"]),
         "stdin": _stdin(),
         "filesystem": _walk_visible_filesystem(c["canary_token"], c["repo_root"]),
+        "evaluator_modules": sorted(name for name in sys.modules if name.startswith("evaluator")),
+        "host_module_import": outcome(lambda: __import__("evaluator.runner") and "imported"),
     }
     report(findings)
