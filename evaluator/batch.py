@@ -37,7 +37,7 @@ from evaluator.check import FOLDER_MAX_BYTES, check_submission
 from evaluator.errors import UserError
 from evaluator.fsutil import tree_sha256
 from evaluator.harness import MODEL_FILE
-from evaluator.paths import RESULTS_DIR, shown
+from evaluator.paths import HOME, HOME_ENV, RESULTS_DIR, shown
 from evaluator.results import EXIT_CODES, RESULT_FILE, result_problems, write_result
 from evaluator.sandbox import SandboxUnavailable, open_sandbox
 from evaluator.tracks import Track, load_track
@@ -225,8 +225,11 @@ def _run_on_node(submission_archive: bytes, request: dict[str, Any]) -> dict[str
         gpu_environment = assigned_gpu_environment()
         if gpu_environment:
             argv += ["--gpu", "0"]  # CUDA's first: Ray's GPU, the only one the run sees
+        # The run starts in a temporary folder: give it the driver's home (its tracks, its dataset)
+        # where this node has that folder too, as a node of a local cluster does.
+        home = {HOME_ENV: request["home"]} if Path(request["home"], "spec", "tracks").is_dir() else {}
         started = time.monotonic()
-        exit_code, stdout, stderr = _supervise(argv, workdir, request["timeout_s"], gpu_environment)
+        exit_code, stdout, stderr = _supervise(argv, workdir, request["timeout_s"], gpu_environment | home)
         reply = {
             "event": "finished", "node": node, "exit_code": exit_code, "seconds": time.monotonic() - started,
             "run_id": None, "archive": None, "model_left_out_bytes": None, "log_tail": _tail(stderr),
@@ -553,6 +556,7 @@ def _schedule(ray, runs: list[Run], runs_dir: Path, sandbox_choice: str, budget_
             "seed": run.seed,
             "budget_s": budget_override,
             "sandbox": sandbox_choice,
+            "home": str(HOME),
             "timeout_s": run.budget_s + track.sandbox["grace_s"] + track.eval["time_limit_s"] + RUN_WATCHDOG_SLACK_S,
         }
         return task.options(**_ray_options(_task_resources(track))).remote(run.submission.archive_ref, request)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Iterator
 
 from evaluator.errors import UserError
-from evaluator.fsutil import submission_paths
+from evaluator.fsutil import stage_tree, submission_paths
 from evaluator.manifest import (
     MANIFEST_NAME, Finding, Manifest, merge_overrides, override_findings, parse_manifest, parse_override,
 )
@@ -374,15 +374,18 @@ def _run_new(args: argparse.Namespace) -> int:
     if count != 1:
         raise UserError(f"{source / MANIFEST_NAME}: has no `name = \"...\"` line to fill in")
     try:
-        # copyfile, not copy2: the template may be read-only (an installed package, a read-only
-        # checkout); the copy is the user's to edit.
-        shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"), symlinks=True,
-                        copy_function=shutil.copyfile)
+        target.mkdir(parents=True)
+    except OSError as error:
+        raise UserError(f"cannot create {shown(target)}: {error.strerror}; "
+                        "run evaluator new from a folder you can write, or give one with --dir DIR") from error
+    try:
+        # Files and folders made anew, not copied with their modes: the template may be read-only (an
+        # installed package, a read-only checkout), and the copy is the user's to edit.
+        stage_tree(source, target)
         (target / MANIFEST_NAME).write_text(text, encoding="utf-8")
     except OSError as error:
         shutil.rmtree(target, ignore_errors=True)
-        raise UserError(f"cannot create {shown(target)}: {error.strerror}; "
-                        "run evaluator new from a folder you can write, or give one with --dir DIR") from error
+        raise UserError(f"cannot create {shown(target)}: {error.strerror}") from error
     where = shown(target)
     print(f"created {where} from {shown(source)}; edit {where}/{MANIFEST_NAME} and {where}/train.py, then run: evaluator check {where}")
     return 0

@@ -66,12 +66,12 @@ def run_guarded(prog: str, action: Callable[[], int | None]) -> int:
         sys.stderr.write(f"{prog}: interrupted\n")
         return 130
     except OSError as exc:
-        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS) or exc.filename is None:
             raise
         # A read-only checkout or installed package, or another user's folder: the commands write
         # only under the current folder or where an option says (evaluator/paths.py).
         sys.stderr.write(
-            f"{prog}: cannot write {exc.filename or 'a file'}: {exc.strerror}; run from a folder you can write, "
+            f"{prog}: cannot access {exc.filename}: {exc.strerror}; run from a folder you can write, "
             "or name one with the command's --out, --results or --dir option (see its --help)\n"
         )
         return 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 from datetime import datetime, timezone
 from functools import cache
 from pathlib import Path
@@ -49,9 +50,15 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
+# RFC 3339's date-time: what every Python's fromisoformat reads alike (3.11 also takes ISO 8601's
+# week dates and basic format, 3.10 not even the "Z"), so a record verifies the same on each.
+_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?(Z|[+-]\d{2}:\d{2})")
+
+
 def parse_utc(moment: str) -> datetime:
-    """A record's time, as utc_now() writes it ("...Z") or with any offset. Python 3.10's
-    fromisoformat does not read the "Z"; raises ValueError for anything else it cannot read."""
+    """A record's time, as utc_now() writes it ("...Z") or with another offset; ValueError otherwise."""
+    if not _RFC3339.fullmatch(moment):
+        raise ValueError(f"{moment!r} is not an RFC 3339 date-time")
     return datetime.fromisoformat(moment[:-1] + "+00:00" if moment.endswith("Z") else moment)
 
 

@@ -514,6 +514,23 @@ def _plan(request: RunRequest, console: Console, held: ExitStack) -> _RunPlan:
     return plan
 
 
+def _hidden_from_training(val_path: Path) -> list[Path]:
+    """What holds the validation split, or could: the package, the home's spec/, the split's folder,
+    what a checkout the package runs from holds besides (its git objects, build and dist output),
+    and the home of every other installed copy in the Python installs a jail binds. The sandbox
+    covers those a bound directory holds."""
+    hidden = [_PACKAGE_DIR, SPEC_DIR.resolve(), val_path.parent]
+    checkout = _PACKAGE_DIR.parent
+    if (checkout / "pyproject.toml").is_file():
+        hidden += [checkout / name for name in ("spec", ".git", "build", "dist")]
+    prefixes = dict.fromkeys([Path(sys.prefix), Path(sys.base_prefix), Path(sys.executable).resolve().parent.parent,
+                              Path("/usr"), Path("/usr/local")])
+    for prefix in prefixes:
+        for pattern in ("lib/python3*/*-packages/evaluator/_home", "local/lib/python3*/*-packages/evaluator/_home"):
+            hidden += prefix.glob(pattern)
+    return hidden
+
+
 def _stage_jail_input(plan: _RunPlan) -> Path:
     """Copy the in-jail modules and the training split into plan.jail_input; return the split's
     copy, checked again against the track's hash (the copy is what the jail reads)."""
@@ -538,7 +555,7 @@ def _train_in_jail(plan: _RunPlan, sandbox, console: Console, timings: dict[str,
         cwd=plan.scratch,
         env=_jail_env(plan.track.threads, plan.scratch) | {"PYTHONPATH": str(plan.jail_input)},
         ro_paths=[plan.staged, plan.jail_input, plan.job_path],
-        hidden_paths=[_PACKAGE_DIR, SPEC_DIR.resolve(), plan.val_path.parent],
+        hidden_paths=_hidden_from_training(plan.val_path),
         rw_paths=[plan.jail_out],
         tmpfs={plan.scratch: limits["scratch_mib"] * 2**20},
         memory_bytes=limits["memory_mib"] * 2**20,

@@ -405,9 +405,20 @@ def _delegate_v2_controllers() -> None:
     of its own there, then enable them in the delegated cgroup."""
     parent = _v2_parent()
     if os.environ.get(CGROUP_MODE_ENV) == "delegated":
-        if own_v2_cgroup() == parent:
-            (parent / DELEGATED_SELF_LEAF).mkdir(exist_ok=True)
-            (parent / DELEGATED_SELF_LEAF / "cgroup.procs").write_text(str(os.getpid()))
+        offered = (parent / "cgroup.controllers").read_text().split()
+        if not set(_CONTROLLERS) <= set(offered):
+            raise OSError(errno.ENOTSUP, (
+                f"the delegated cgroup {parent} offers {', '.join(offered) or 'no controllers'}, not all of "
+                f"{', '.join(_CONTROLLERS)}: start the evaluator with systemd-run --scope -p Delegate=yes"
+            ))
+        leaf = parent / DELEGATED_SELF_LEAF
+        leaf.mkdir(exist_ok=True)
+        # Every process of the scope (the evaluator, and whatever started it there), not only this one.
+        for pid in (parent / "cgroup.procs").read_text().split():
+            try:
+                (leaf / "cgroup.procs").write_text(pid)
+            except ProcessLookupError:
+                pass  # ended meanwhile
         directories = (parent,)
     else:
         parent.mkdir(exist_ok=True)
@@ -691,8 +702,6 @@ def nsjail_config(spec: JailSpec, log_file: Path):
             if not any(_is_within(root, covered) for covered in read_only_roots):
                 bind(root)
                 read_only_roots.append(root)
-        for destination in _hidden_destinations(spec.hidden_paths, read_only_roots):
-            mounts.append(MountPt(dst=destination, fstype="tmpfs", rw=False, options="size=4k,nr_inodes=2,mode=0555"))
 
     for node in _DEVICE_NODES:
         bind(node, rw=True)
@@ -714,6 +723,10 @@ def nsjail_config(spec: JailSpec, log_file: Path):
             if not any(_is_within(directory, covered) for covered in read_only_roots):
                 bind(directory)
                 read_only_roots.append(directory)
+    # After every bind that may hold a hidden path, before the spec's own mounts (none of which may
+    # lie in one: _validate), so that nothing lands on top of a cover.
+    for destination in _hidden_destinations(spec.hidden_paths, read_only_roots):
+        mounts.append(MountPt(dst=destination, fstype="tmpfs", rw=False, options="size=4k,nr_inodes=2,mode=0555"))
     for path, kind, size in _spec_mounts_in_order(spec):
         if kind == "tmpfs":
             mounts.append(MountPt(dst=str(path), fstype="tmpfs", rw=True, options=f"size={size}"))

@@ -336,6 +336,17 @@ def test_the_in_jail_modules_load_no_host_module_and_the_api_is_one_import():
     assert out[1] == "evaluator.runner"
 
 
+def test_the_training_jail_covers_the_package_its_checkout_and_every_installed_home(tmp_path, monkeypatch):
+    # A second installed copy (in the base interpreter the jail binds, beside the venv) carries a
+    # validation split of its own.
+    other_home = tmp_path / "lib" / "python3.11" / "site-packages" / "evaluator" / "_home"
+    other_home.mkdir(parents=True)
+    monkeypatch.setattr(sys, "base_prefix", str(tmp_path))
+    val = HOME / "spec" / "datasets" / "pydoc-100k" / "val.parquet"
+    hidden = set(runner._hidden_from_training(val))
+    assert {HOME / "evaluator", HOME / "spec", HOME / ".git", val.parent, other_home} <= hidden
+
+
 def test_without_torch_run_says_how_to_install_it_before_making_anything(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
     folder = write_submission(tmp_path, "no-torch", RETURN_UNIFORM)

@@ -212,7 +212,9 @@ def test_a_delegated_v2_cgroup_holds_the_jails_and_the_evaluator_moves_into_a_le
     make_cgroup_root(tmp_path, (), "cpuset cpu io memory hugetlb pids")
     scope = tmp_path / "system.slice" / "speedrun-evaluation.scope"
     scope.mkdir(parents=True)
+    (scope / "cgroup.controllers").write_text("cpu io memory pids\n")
     (scope / "cgroup.subtree_control").write_text("\n")
+    (scope / "cgroup.procs").write_text(f"{os.getpid()}\n")
     monkeypatch.setattr(sandbox, "CGROUP_ROOT", tmp_path)
     monkeypatch.setattr(sandbox.os, "geteuid", lambda: 0)
     monkeypatch.setenv(sandbox.CGROUP_MODE_ENV, "delegated")
@@ -226,6 +228,10 @@ def test_a_delegated_v2_cgroup_holds_the_jails_and_the_evaluator_moves_into_a_le
     assert (jail.memory_dir / "memory.max").read_text() == str(64 << 20)
     assert (jail.cpu_dir / "cpu.max").read_text() == "200000 100000"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cgroup.controllers", "system.slice"]
+
+    (scope / "cgroup.controllers").write_text("cpu io memory\n")  # a scope without Delegate=yes's pids
+    with pytest.raises(OSError, match="offers cpu, io, memory, not all of memory, pids, cpu"):
+        sandbox._Cgroup.create("jail", 64 << 20, 16, 2)
 
     own[0] = scope / "evaluator"  # a second evaluator, started by the first, begins in its leaf
     assert sandbox.cgroup_parent_dirs() == [scope]

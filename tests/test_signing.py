@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives import serialization
 
 from evaluator import cli
 from evaluator.fsutil import sha256_file, tree_sha256
+from evaluator.results import parse_utc
 from evaluator.paths import HOME
 from evaluator.signing import (
     LOSS_CURVE_MAX_POINTS,
@@ -481,3 +482,30 @@ def test_statement_without_metrics_curve_still_verifies(tmp_path, keys, monkeypa
     target.write_bytes(_sign_with(private, build_statement(result, empty_loss_curve())))
     code, stdout, _ = run_cli(monkeypatch, capsys, "verify", target, "--trusted-keys", trusted)
     assert code == 0, stdout
+
+
+@pytest.mark.parametrize("moment", ["2026-12-01T20:55:34Z", "2026-12-01T20:55:34.25+01:00"])
+def test_record_times_are_rfc_3339_on_every_python(moment):
+    assert parse_utc(moment).utcoffset() is not None
+
+
+@pytest.mark.parametrize("moment", ["20261201T205534Z", "2026-W48-2T20:55:34Z", "2026-12-01T20:55:34", "2026-12-01 20:55:34Z"])
+def test_iso_forms_that_only_some_pythons_read_are_refused(moment):
+    # Python 3.11's fromisoformat reads the first two and 3.10's does not: a record must verify alike on both.
+    with pytest.raises(ValueError):
+        parse_utc(moment)
+
+
+def test_a_refused_file_access_is_one_line_and_anything_else_stays_a_traceback(capsys):
+    def refused():
+        raise PermissionError(13, "Permission denied", "/srv/results/cpu-1min")
+
+    assert cli.run_guarded("evaluator", refused) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot access /srv/results/cpu-1min: Permission denied" in err and "--out" in err
+
+    def bug():
+        raise PermissionError(1, "Operation not permitted")  # no file: not the user's folder, a real failure
+
+    with pytest.raises(PermissionError):
+        cli.run_guarded("evaluator", bug)

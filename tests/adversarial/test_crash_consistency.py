@@ -88,7 +88,7 @@ def test_sigterm_stops_the_evaluator_promptly_and_removes_the_run(tmp_path):
 def test_two_evaluations_at_once_do_not_interfere_and_agree_to_the_bit(tmp_path):
     names = ("fixed-a", "fixed-b")
     evaluators = [
-        start_evaluator(attack_submission(tmp_path, name, "fixed_steps"), tmp_path / f"runs-{name}", "--budget", "40")
+        start_evaluator(attack_submission(tmp_path, name, "fixed_steps"), tmp_path / f"runs-{name}", "--budget", "40", "--smoke")
         for name in names
     ]
     # Both jails must exist at one moment, each in cgroups of its own.
