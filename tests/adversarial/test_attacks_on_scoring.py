@@ -76,7 +76,7 @@ def test_a_model_that_reads_later_tokens_finds_none(tmp_path, runs_dir, capsys, 
     """Both would read tokens after the position they predict if they were there: streamed, they
     see only the prefix, so what they do is causal and scored as such."""
     folder = attack_submission(tmp_path, body.replace("_", "-"), body)
-    code, record = run_cli(folder, runs_dir, "--budget", "5", "--sandbox", "nsjail", capsys=capsys)
+    code, record = run_cli(folder, runs_dir, "--budget", "5", "--smoke", "--sandbox", "nsjail", capsys=capsys)
     assert (code, record["status"]) == (0, "ok"), record["message"]
     if body == "peeking_model":  # its extra counts land only where a later token exists: never
         assert record["metrics"]["val_loss"] == UNIFORM
