@@ -892,6 +892,7 @@ def _run_leaderboard(args: argparse.Namespace) -> int:
     rules = load_record_rules(Path(args.rules))
     rows, duplicates = build_rows(verified, rules, args.track)
     rejected += duplicates
+    exit_code = 1 if rejected else 0  # whatever is shown: a rejected envelope is something to look at
     counted = sum(len(row.runs) for row in rows)
     if rejected:
         sys.stderr.write(f"leaderboard: {len(rejected)} envelope(s) rejected, not shown:\n")
@@ -902,18 +903,18 @@ def _run_leaderboard(args: argparse.Namespace) -> int:
         why = _why_nothing_is_shown(results_dir, len(envelopes), len(verified), trusted_dir, args.track)
         if to_terminal:  # where stdout is the table a person reads; elsewhere it would corrupt the document
             print(why)
-            return 1 if rejected else 0
+            return exit_code
         sys.stderr.write(f"leaderboard: {why}\n")
     if to_terminal and sys.stdout.isatty():
         print_table(Console(), rows, counted)
-        return 1 if rejected else 0
+        return exit_code
     output = render(args.format, rows, counted, rejected)
     if args.out is None:
         sys.stdout.write(output.decode("utf-8"))
     else:
         atomic_write_bytes(Path(args.out), output)
         sys.stderr.write(f"leaderboard: wrote {args.out} ({len(rows)} row(s) from {counted} run(s))\n")
-    return 1 if rejected else 0
+    return exit_code
 
 
 def _why_nothing_is_shown(results_dir: Path, envelopes: int, verified: int, trusted_dir: Path, track: str | None) -> str:
