@@ -234,7 +234,7 @@ def test_the_notebook_runs_as_a_user_without_root_to_a_scored_unsandboxed_run(sy
         assert refused.returncode == 2 and "--dir DIR" in one_line(refused)
         assert list(root_owned.iterdir()) == []
 
-        script = notebook_as_script(NOTEBOOK, after_parameters="BUDGET_S = 5")
+        script = notebook_as_script(NOTEBOOK, after_parameters="BUDGET_S = 10")
         run = subprocess.run(
             ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", system_venv / "bin" / "python", "-c", script],
             cwd=work, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S,
@@ -244,7 +244,7 @@ def test_the_notebook_runs_as_a_user_without_root_to_a_scored_unsandboxed_run(sy
         assert "my-run: ok (my-run, track t4-5min)" in run.stdout
         scored = [line for line in run.stdout.splitlines() if line.startswith("ok {'val_loss': ")]
         assert len(scored) == 2, run.stdout  # the smoke run and the run
-        assert " - unofficial: budget overridden: 5 s instead of the track's 60 s" in run.stdout
+        assert " - unofficial: budget overridden: 10 s instead of the track's 60 s" in run.stdout
         assert " - unofficial: not sandboxed (nsjail: nsjail mode needs root" in run.stdout
         assert "metrics.parquet" in run.stdout and "'key': 'loss'" in run.stdout
         assert "sandbox: could not use cgroups: cgroups need root; running as uid 65534" in run.stderr
