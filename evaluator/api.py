@@ -32,6 +32,19 @@ until the harness has saved the returned model. `elapsed()` and `time_left()` ar
 advisory view of that clock; leave a margin for saving. Once `budget_s` is spent, `time_left()`
 and `log()` raise `BudgetExceeded`, the harness also raises it inside `train()` wherever the code
 is at that moment, and the evaluator ends the run as `over_budget`: no score.
+
+Snapshots: on a track with `snapshot_every_s`, the evaluator wants the model at those times on its
+clock, to score each one after training (the validation curve; on a time-to-target track, the time
+the target was first reached). Offer them from the training loop:
+
+    if ctx.snapshot_due():
+        ctx.snapshot(model)
+
+`snapshot(model)` saves the model as the final one is saved and returns once the evaluator has
+taken its copy, out of the jail's reach; that time counts on the clock like any other work. The
+evaluator stamps the snapshot with its own clock when the copy is complete, and refuses one that
+is not due. A submission that never offers snapshots still runs: its curve is the final model
+alone. On a fixed-time track the final model alone is the score, whatever the snapshots score.
 """
 
 from __future__ import annotations
@@ -113,6 +126,7 @@ class Context:
         budget_s: the training budget in seconds (the track's, or a `--budget` override).
         scratch: a writable, size-limited directory, empty at start, gone after the run.
         eval_seq_len: the longest context the model must accept when scored.
+        snapshot_every_s: how often the evaluator wants a snapshot; None when the track takes none.
     """
 
     train_tokens: Any
@@ -124,8 +138,16 @@ class Context:
     budget_s: float
     scratch: Path
     eval_seq_len: int
+    snapshot_every_s: float | None = None
     _started_at: float = field(default_factory=time.monotonic, repr=False)
     _emit: Callable[[int, dict[str, float]], None] | None = field(default=None, repr=False)
+    # Saves the model and waits for the evaluator's answer: (taken, when the next one is due).
+    _take_snapshot: Callable[[Any], tuple[bool, float | None]] | None = field(default=None, repr=False)
+    _next_snapshot_s: float | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self._next_snapshot_s is None:
+            self._next_snapshot_s = self.snapshot_every_s
 
     def elapsed(self) -> float:
         """Seconds since the clock started (advisory: the evaluator's own clock is authoritative)."""
@@ -160,3 +182,19 @@ class Context:
         if self._emit is not None:
             self._emit(step, values)
         self.time_left()
+
+    def snapshot_due(self) -> bool:
+        """True when the evaluator wants a snapshot now (see the module docstring); cheap to call every step."""
+        return self._next_snapshot_s is not None and self._take_snapshot is not None and self.elapsed() >= self._next_snapshot_s
+
+    def snapshot(self, model: Any) -> bool:
+        """Hand the evaluator the model as it is now, if a snapshot is due; returns whether one was taken.
+
+        Saving and the evaluator's copy count on the clock. Put the model in the state it should be
+        scored in first (e.g. averaged weights): the evaluator calls `.eval()` on it when scoring.
+        """
+        if not self.snapshot_due():
+            return False
+        taken, self._next_snapshot_s = self._take_snapshot(model)
+        self.time_left()
+        return taken

@@ -53,6 +53,13 @@ LOCAL_OBJECT_STORE_BYTES = 200 * 2**20
 # `evaluator run` enforces every limit itself; this watchdog only catches a run that hangs outside
 # them (interpreter start, imports and the scoring sandbox's start-up are not in the track's limits).
 RUN_WATCHDOG_SLACK_S = 300.0
+
+
+def _scorings(track: Track, budget_s: float) -> int:
+    """How many models one run may have scored, each within the track's scoring limit: the final
+    model and a snapshot per interval (a model that takes every limit must not outlast the watchdog)."""
+    every_s = track.snapshot_every_s
+    return 1 + (0 if every_s is None else math.floor(budget_s / every_s))
 # After SIGTERM, `evaluator run` kills its jails and removes their cgroups; this long, then SIGKILL.
 RUN_STOP_GRACE_S = 30.0
 # Ray's accelerator-type resources are markers: every GPU node has 1 of its type; tasks ask a sliver.
@@ -421,7 +428,7 @@ def _earlier_results(runs_dir: Path, sandbox_choice: str) -> dict[tuple, list[tu
             continue
         found.setdefault(key, []).append((record, path.parent))
     for settling in found.values():
-        settling.sort(key=lambda item: (item[0]["status"] == "ok", item[0]["ended_at"]), reverse=True)
+        settling.sort(key=lambda item: (item[0]["status"] in ("ok", "not_reached"), item[0]["ended_at"]), reverse=True)  # scored first
     return found
 
 
@@ -557,7 +564,8 @@ def _schedule(ray, runs: list[Run], runs_dir: Path, sandbox_choice: str, budget_
             "budget_s": budget_override,
             "sandbox": sandbox_choice,
             "home": str(HOME),
-            "timeout_s": run.budget_s + track.sandbox["grace_s"] + track.eval["time_limit_s"] + RUN_WATCHDOG_SLACK_S,
+            "timeout_s": run.budget_s + track.sandbox["grace_s"] + _scorings(track, run.budget_s) * track.eval["time_limit_s"]
+                         + RUN_WATCHDOG_SLACK_S,
         }
         return task.options(**_ray_options(_task_resources(track))).remote(run.submission.archive_ref, request)
 

@@ -7,7 +7,9 @@ model counts. Nothing measured here is trusted by the evaluator: its clock runs 
 from receiving "start" to receiving "saved", and it kills the jail as soon as "saved" arrives.
 
 Protocol: JSON lines on the original stdout; the submission's own stdout goes to stderr (the
-captured log). Imports only the submission API, the data loader and torch.
+captured log). The evaluator answers a "snapshot" (SNAPSHOT_FILE is saved) with one JSON line on
+stdin: whether it took the snapshot, and when the next one is due. Imports only the submission API,
+the data loader and torch.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import traceback
 from pathlib import Path
 
 MODEL_FILE = "model.pt"
+SNAPSHOT_FILE = "snapshot.pt"
 _TRACEBACK_TAIL_LINES = 30
 
 
@@ -32,10 +35,24 @@ class _Channel:
         # submission land in the captured log and cannot forge protocol lines by accident.
         self._stream = os.fdopen(os.dup(1), "w", buffering=1)
         os.dup2(2, 1)
+        # Likewise the evaluator's answers: a submission reading stdin gets nothing, not an answer.
+        self._answers = os.fdopen(os.dup(0), "rb")
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.close(devnull)
 
     def send(self, event: str, **fields) -> None:
         self._stream.write(json.dumps({"event": event, **fields}) + "\n")
         self._stream.flush()
+
+    def answer(self) -> dict:
+        """The evaluator's next answer; {} once it has stopped answering."""
+        line = self._answers.readline(4096)
+        try:
+            answer = json.loads(line)
+        except ValueError:
+            return {}
+        return answer if isinstance(answer, dict) else {}
 
 
 def _parse_args(argv: list[str]) -> argparse.Namespace:
@@ -98,6 +115,14 @@ def main(argv: list[str] | None = None) -> int:
     def emit(step: int, metrics: dict[str, float]) -> None:
         channel.send("log", step=step, metrics=metrics)
 
+    def take_snapshot(model) -> tuple[bool, float | None]:
+        started = time.monotonic()
+        size = _save(model, Path(job["out_dir"]) / SNAPSHOT_FILE)
+        channel.send("snapshot", bytes=size, save_s=time.monotonic() - started)
+        answer = channel.answer()
+        next_due = answer.get("next_due_s")
+        return answer.get("taken") is True, float(next_due) if isinstance(next_due, (int, float)) else None
+
     ctx = Context(
         train_tokens=train_tokens,
         vocab_size=job["vocab_size"],
@@ -108,7 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         budget_s=job["budget_s"],
         scratch=Path(job["scratch"]),
         eval_seq_len=job["eval_seq_len"],
+        snapshot_every_s=job["snapshot_every_s"],
         _emit=emit,
+        _take_snapshot=take_snapshot,
     )
 
     def out_of_time(signum, frame):

@@ -4,10 +4,17 @@ One row per submission, track and kind of run: a submission's official runs, its
 (unsandboxed, budget overridden, ...) and its runs at a calibrated budget are never pooled.
 Official rows are ranked by mean val_loss; the others are listed after them, unranked.
 
+A time-to-target track (its results carry a `target`; the track need not be defined here) ranks
+by mean time to target instead: the evaluator-clock time of the first model, snapshot or final,
+at or below the target. A row any of whose runs did not reach it is listed after the ranked rows.
+A track's kind and target are those of its newest run; a run made for another goal is set aside,
+as its score is not comparable.
+
 Records: official submissions are walked in the order of their first run, and each track's rule
 (`spec/record-rules.toml`, read through evaluator.record_rules) decides whether a row takes the record
 from the holder of its time: enough distinct seeds among the runs it counts, a one-sided Welch p
-below the rule's threshold and a large enough improvement. The p-value of each test is shown.
+below the rule's threshold and a large enough improvement (in nats, or in seconds on a time-to-target
+track). The p-value of each test is shown.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ NOT_SIGNIFICANT = "not significant"
 TOO_SMALL = "improvement too small"
 TOO_FEW_SEEDS = "too few seeds"
 NOT_ELIGIBLE = "unofficial"
+NOT_REACHED = "target not always reached"  # time-to-target tracks: an unranked row holds no record
 
 
 # --- statistics -------------------------------------------------------------------------------
@@ -132,6 +140,19 @@ def welch_one_sided_p(baseline: list[float], challenger: list[float]) -> float:
 
 
 @dataclass(frozen=True)
+class TrackTarget:
+    """A time-to-target track's goal, as its results state it (the track file may not be here)."""
+
+    val_loss: float
+    provisional: bool
+
+
+def _target_of(result: dict[str, Any]) -> TrackTarget | None:
+    target = result["target"]
+    return None if target is None else TrackTarget(float(target["val_loss"]), bool(target["provisional"]))
+
+
+@dataclass(frozen=True)
 class Run:
     run_id: str
     seed: int
@@ -145,7 +166,9 @@ class Run:
     signer: str
     authors: list[str]
     description: str
-    loss_curve: dict[str, Any]
+    loss_curve: dict[str, Any]  # the submission's word: what it logged as `loss`, never checked
+    val_curve: list[dict[str, Any]]  # the evaluator's: what it measured on the models it took
+    target: dict[str, Any] | None  # time-to-target tracks: the result's target, reached and time_s
     throttled_s: float | None  # None: no GPU telemetry (a CPU track, or NVML absent)
     throttle_reasons: tuple[str, ...]
     gpu: dict[str, Any] | None  # the board: name, PCI bus id and UUID tell two of one host apart
@@ -168,6 +191,8 @@ class Run:
             authors=result["submission"]["authors"],
             description=result["submission"]["description"],
             loss_curve=verified.loss_curve,
+            val_curve=result["val_curve"] or [],
+            target=result["target"],
             throttled_s=_throttled_seconds(result["gpu_telemetry"]),
             throttle_reasons=tuple(result["gpu_telemetry"]["throttle_reasons"]) if result["gpu_telemetry"] else (),
             calibration_factor=None if result["calibration"] is None else result["calibration"]["factor"],
@@ -175,6 +200,27 @@ class Run:
                 key: result["environment"]["gpu"][key] for key in ("name", "pci_bus_id", "uuid")
             },
         )
+
+    @property
+    def time_to_target(self) -> float | None:
+        """The run's score on a time-to-target track; None when it did not reach the target (or has none)."""
+        return float(self.target["time_s"]) if self.target is not None and self.target["reached"] else None
+
+    @property
+    def val_points(self) -> list[tuple[float, float, str]]:
+        """(time_s, val_loss, model) of every model the evaluator scored, in time order; models it could
+        not score, or did not need to, are gaps."""
+        points = [(float(p["time_s"]), float(p["val_loss"]), p["model"]) for p in self.val_curve
+                  if p["scored"] == "ok" and p["val_loss"] is not None]
+        return sorted(points, key=lambda point: point[0])
+
+    @property
+    def score_time(self) -> float | None:
+        """When the model whose metrics are the run's score was taken: the one that reached the
+        target, else the final model (None if the curve does not say)."""
+        if self.time_to_target is not None:
+            return self.time_to_target
+        return next((float(p["time_s"]) for p in self.val_curve if p["model"] == "final"), self.train_seconds)
 
 
 def _throttled_seconds(telemetry: dict[str, Any] | None) -> float | None:
@@ -196,6 +242,11 @@ class Row:
     record_improvement: float | None = None
     record_baseline: str | None = None
     record_rule: RecordRule | None = None
+    target: TrackTarget | None = None  # set: a time-to-target track, whose rows rank on times
+
+    @property
+    def timed(self) -> bool:
+        return self.target is not None
 
     @property
     def authors(self) -> list[str]:
@@ -222,6 +273,37 @@ class Row:
         return min(self.runs, key=lambda run: run.val_loss)
 
     @property
+    def times_to_target(self) -> list[float | None]:
+        return [run.time_to_target for run in self.runs]
+
+    @property
+    def reached_runs(self) -> int:
+        return sum(1 for time_s in self.times_to_target if time_s is not None)
+
+    @property
+    def all_reached(self) -> bool:
+        return self.reached_runs == len(self.runs)
+
+    @property
+    def mean_time_to_target(self) -> float | None:
+        """None unless every run reached the target: a mean of the lucky runs alone would flatter the row."""
+        return mean(self.times_to_target) if self.all_reached else None
+
+    @property
+    def std_time_to_target(self) -> float | None:
+        return math.sqrt(sample_variance(self.times_to_target)) if self.all_reached and len(self.runs) > 1 else None
+
+    @property
+    def fastest_run(self) -> Run | None:
+        reached = [run for run in self.runs if run.time_to_target is not None]
+        return min(reached, key=lambda run: run.time_to_target) if reached else None
+
+    def score(self, run: Run) -> float | None:
+        """What ranks the row, lower is better: the time to target (None where the run did not reach
+        it: such a row is never tested), or the val_loss on a fixed-time track."""
+        return run.time_to_target if self.timed else run.val_loss
+
+    @property
     def mean_val_bpb(self) -> float:
         return mean([run.val_bpb for run in self.runs])
 
@@ -238,14 +320,15 @@ class Row:
     def drawn_seeds(self) -> int:
         return len({run.seed for run in self.runs if run.seed_drawn})
 
-    def counted_losses(self, rule: RecordRule) -> list[float]:
-        """What the record test compares: one val_loss per distinct seed (the mean of that seed's runs,
-        so repeating a seed adds no sample), of every seed, or of drawn seeds only if the rule says so."""
+    def counted_scores(self, rule: RecordRule) -> list[float]:
+        """What the record test compares: one score (val_loss, or time to target) per distinct seed (the
+        mean of that seed's runs, so repeating a seed adds no sample), of every seed, or of drawn seeds
+        only if the rule says so."""
         by_seed: dict[int, list[float]] = {}
         for run in self.runs:
             if run.seed_drawn or not rule.drawn_seeds_only:
-                by_seed.setdefault(run.seed, []).append(run.val_loss)
-        return [mean(losses) for losses in by_seed.values()]
+                by_seed.setdefault(run.seed, []).append(self.score(run))
+        return [mean(scores) for scores in by_seed.values()]
 
     def counted_seeds(self, rule: RecordRule) -> int:
         return self.drawn_seeds if rule.drawn_seeds_only else self.seeds
@@ -277,10 +360,11 @@ class Row:
 def build_rows(
     verified: list[VerifiedResult], rules: RecordRules, track: str | None = None
 ) -> tuple[list[Row], list[tuple[Path, str]]]:
-    """Group verified runs into rows, rank them and mark records. Also returns duplicates it refused."""
+    """Group verified runs into rows, rank them and mark records. Also returns the envelopes it set
+    aside: duplicates, and runs made for another goal than their track's newest run."""
     duplicates: list[tuple[Path, str]] = []
     seen: dict[str, Path] = {}
-    rows: dict[tuple[str, str, bool, bool], Row] = {}
+    by_track: dict[str, list[VerifiedResult]] = {}
     for item in sorted(verified, key=lambda v: str(v.path)):
         result = item.result
         if track is not None and result["track"]["id"] != track:
@@ -291,21 +375,67 @@ def build_rows(
             duplicates.append((item.path, f"duplicate of run {result['run_id']} already counted from {first}"))
             continue
         seen[result["run_id"]] = item.path
-        calibrated = result["calibration"] is not None  # never official: the schema says so, and so does this
-        key = (result["track"]["id"], result["submission"]["name"], result["official"] and not calibrated, calibrated)
-        rows.setdefault(key, Row(*key, runs=[])).runs.append(Run.from_verified(item))
+        by_track.setdefault(result["track"]["id"], []).append(item)
     ordered: list[Row] = []
-    for track_id in sorted({key[0] for key in rows}):
-        in_track = [row for key, row in rows.items() if key[0] == track_id]
+    for track_id in sorted(by_track):
+        items, target = _comparable_runs(by_track[track_id], duplicates)
+        rows: dict[tuple[str, str, bool, bool], Row] = {}
+        for item in items:
+            result = item.result
+            calibrated = result["calibration"] is not None  # never official: the schema says so, and so does this
+            key = (track_id, result["submission"]["name"], result["official"] and not calibrated, calibrated)
+            rows.setdefault(key, Row(*key, runs=[], target=target)).runs.append(Run.from_verified(item))
+        in_track = list(rows.values())
         for row in in_track:
             row.runs.sort(key=lambda run: (run.started_at, run.run_id))
         _mark_records(in_track, rules.for_track(track_id))
-        official = sorted((r for r in in_track if r.official), key=lambda r: (r.mean_val_loss, r.submission))
-        unofficial = sorted((r for r in in_track if not r.official), key=lambda r: (r.calibrated, r.mean_val_loss, r.submission))
-        for rank, row in enumerate(official, start=1):
+        official = sorted((r for r in in_track if r.official), key=_rank_key)
+        unofficial = sorted((r for r in in_track if not r.official), key=lambda r: (r.calibrated, *_rank_key(r)))
+        for rank, row in enumerate((r for r in official if _rankable(r)), start=1):
             row.rank = rank
         ordered.extend(official + unofficial)
     return ordered, duplicates
+
+
+def _rankable(row: Row) -> bool:
+    """Every row of a fixed-time track; on a time-to-target track, a row whose runs all reached the target."""
+    return not row.timed or row.all_reached
+
+
+def _rank_key(row: Row) -> tuple:
+    if not row.timed:
+        return (row.mean_val_loss, row.submission)
+    # Rows that did not always reach the target come after the others: the more often they reached
+    # it the earlier, then by the mean time of the runs that did.
+    reached = [time_s for time_s in row.times_to_target if time_s is not None]
+    return (not row.all_reached, -row.reached_runs / len(row.runs), mean(reached) if reached else math.inf,
+            row.submission)
+
+
+def _goal_text(target: TrackTarget | None) -> str:
+    return "a fixed time" if target is None else f"the target val_loss {target.val_loss:g}"
+
+
+def _comparable_runs(
+    items: list[VerifiedResult], set_aside: list[tuple[Path, str]]
+) -> tuple[list[VerifiedResult], TrackTarget | None]:
+    """The runs of one track that were made for the goal of its newest run, and that goal.
+
+    The track file may not be here, so its kind is read from the results; a run made for another
+    target (or none: an older, fixed-time version of the track) has a score that means something
+    else, and ranking it with the others would be wrong. It is set aside with the reason."""
+    newest = max(items, key=lambda v: (parse_utc(v.result["started_at"]), v.result["run_id"]))
+    target = _target_of(newest.result)
+    kept = []
+    for item in items:
+        theirs = _target_of(item.result)
+        if (theirs is None) == (target is None) and (theirs is None or theirs.val_loss == target.val_loss):
+            kept.append(item)
+            continue
+        set_aside.append((item.path, (
+            f"run {item.result['run_id']} was made for {_goal_text(theirs)}, the track's newest run "
+            f"({newest.result['run_id']}) for {_goal_text(target)}: their scores are not comparable")))
+    return kept, target
 
 
 def _mark_records(rows: list[Row], rule: RecordRule) -> None:
@@ -314,21 +444,23 @@ def _mark_records(rows: list[Row], rule: RecordRule) -> None:
         row.record_rule = rule
         if not row.official:
             row.record_status = NOT_ELIGIBLE
+        elif not _rankable(row):
+            row.record_status = NOT_REACHED
         elif row.counted_seeds(rule) < rule.min_seeds:
             row.record_status = TOO_FEW_SEEDS
         elif holder is None:
             row.record_status = RECORD
             holder = row
         else:
-            baseline, challenger = holder.counted_losses(rule), row.counted_losses(rule)
+            baseline, challenger = holder.counted_scores(rule), row.counted_scores(rule)
             row.record_p_value = welch_one_sided_p(baseline, challenger)
-            # Rounded: val_losses are multiples of 1e-4, and their float difference must not fall
-            # a hair below a threshold it meets exactly.
+            # Rounded: val_losses are multiples of 1e-4 (times of 0.01 s), and their float difference
+            # must not fall a hair below a threshold it meets exactly.
             row.record_improvement = round(mean(baseline) - mean(challenger), 9)
             row.record_baseline = holder.submission
             if row.record_p_value >= rule.p_below:
                 row.record_status = NOT_SIGNIFICANT
-            elif row.record_improvement < rule.min_improvement_nats:
+            elif row.record_improvement < rule.min_improvement(row.timed):
                 row.record_status = TOO_SMALL
             else:
                 holder.record_status = FORMER_RECORD
@@ -363,10 +495,26 @@ def _seconds(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
+def _time(value: float | None) -> str:
+    """A time to target: the evaluator stamps models to 0.01 s."""
+    return "-" if value is None else f"{value:.2f} s"
+
+
+def _mean_std_time(row: Row) -> str:
+    if not row.all_reached:
+        return f"reached in {row.reached_runs} of {len(row.runs)} runs"
+    std = row.std_time_to_target
+    return f"{row.mean_time_to_target:.2f}" + ("" if std is None else f" ± {std:.2f}") + " s"
+
+
+def _improvement(row: Row) -> str:
+    return f"{row.record_improvement:+.2f} s" if row.timed else f"{row.record_improvement:+.4f}"
+
+
 def _record_text(row: Row) -> str:
     test = ""
     if row.record_p_value is not None:
-        test = f"{_p_value(row.record_p_value)}, {row.record_improvement:+.4f} vs {row.record_baseline}"
+        test = f"{_p_value(row.record_p_value)}, {_improvement(row)} vs {row.record_baseline}"
     if row.record_status == RECORD:
         return f"★ record ({test or 'the first'})"
     if row.record_status == FORMER_RECORD:
@@ -374,7 +522,10 @@ def _record_text(row: Row) -> str:
     if row.record_status == NOT_SIGNIFICANT:
         return f"not a record: {test}"
     if row.record_status == TOO_SMALL:
-        return f"not a record: {test}, an improvement under {row.record_rule.min_improvement_nats:g}"
+        unit = " s" if row.timed else ""
+        return f"not a record: {test}, an improvement under {row.record_rule.min_improvement(row.timed):g}{unit}"
+    if row.record_status == NOT_REACHED:
+        return "needs every run to reach the target"
     if row.record_status == TOO_FEW_SEEDS:
         drawn = "drawn " if row.record_rule.drawn_seeds_only else ""
         return f"needs ≥{row.record_rule.min_seeds} {drawn}seeds"
@@ -418,8 +569,19 @@ COLUMNS = [
     ("val_bpb", True), ("train s", True), ("GPU clocks", False), ("authors", False), ("latest run", False),
     ("status", False), ("record", False),
 ]
+# A time-to-target track's: its score is a time, so the time columns take the val_loss ones' place.
+TARGET_COLUMNS = [
+    ("#", True), ("submission", False), ("time to target mean ± std", True), ("runs", True), ("best time", True),
+    ("train s", True), ("GPU clocks", False), ("authors", False), ("latest run", False), ("status", False),
+    ("record", False),
+]
 # Short text columns that read badly when broken across lines.
 UNBROKEN = {"submission", "GPU clocks", "latest run", "status"}
+
+
+def columns_of(rows: list[Row]) -> list[tuple[str, bool]]:
+    """The columns of one track's table."""
+    return TARGET_COLUMNS if rows and rows[0].timed else COLUMNS
 
 
 def _author_name(author: str) -> str:
@@ -431,13 +593,15 @@ def _author_name(author: str) -> str:
 def _cells(row: Row, names_only: bool = False) -> list[str]:
     """The row's cells as every format shows them (with control characters made visible)."""
     authors = [_author_name(a) for a in row.authors] if names_only else row.authors
+    if row.timed:
+        fastest = row.fastest_run
+        scores = [_mean_std_time(row), _runs_text(row), _time(None if fastest is None else fastest.time_to_target)]
+    else:
+        scores = [_mean_std(row), _runs_text(row), _loss(row.best_run.val_loss), _loss(row.mean_val_bpb)]
     cells = [
         str(row.rank) if row.rank is not None else "-",
         row.submission,
-        _mean_std(row),
-        _runs_text(row),
-        _loss(row.best_run.val_loss),
-        _loss(row.mean_val_bpb),
+        *scores,
         _seconds(row.mean_train_seconds),
         _gpu_text(row),
         ", ".join(authors),
@@ -464,21 +628,48 @@ RANKING_TEXT = (
 )
 
 
-def rule_text(track_id: str, rule: RecordRule) -> str:
-    return f"Track {track_id}: {rule.text()}."
+def rule_text(track_id: str, rule: RecordRule, timed: bool = False) -> str:
+    return f"Track {track_id}: {rule.text(timed)}."
+
+
+def _track_rule_text(track_id: str, rows: list[Row]) -> str:
+    return rule_text(track_id, rows[0].record_rule, rows[0].timed)
+
+
+def heading_suffix(target: TrackTarget | None) -> str:
+    """What a time-to-target track's heading adds to "Track <id>": its target; nothing on a fixed-time track."""
+    if target is None:
+        return ""
+    return f" · time to target val_loss {target.val_loss:g}" + (" (provisional)" if target.provisional else "")
+
+
+def target_ranking_text(target: TrackTarget) -> str:
+    """How a time-to-target track ranks; printed with its table, since RANKING_TEXT is about val_loss."""
+    text = (
+        f"Time to target: a run's score is the time, on the evaluator's clock, at which it took the first model "
+        f"(a snapshot or the final model) whose val_loss the evaluator measured at or below {target.val_loss:g}. "
+        "Rows are ranked by the mean time over their runs (seconds, lower is better; ± is the sample standard "
+        "deviation); a row any of whose runs did not reach the target is listed after the ranked rows, unranked, "
+        "with how many of its runs reached it."
+    )
+    if target.provisional:
+        text += " The target is provisional: it may still change, and times against another target are not comparable."
+    return text
 
 
 # --- renderers --------------------------------------------------------------------------------
 
 
 # Shorter headers where a terminal is narrow.
-TERMINAL_HEADERS = {"val_loss mean ± std": "val_loss ± std", "best val_loss": "best"}
+TERMINAL_HEADERS = {"val_loss mean ± std": "val_loss ± std", "best val_loss": "best",
+                    "time to target mean ± std": "time to target ± std", "best time": "best"}
 
 
 def _rich_table(track_id: str, rows: list[Row]) -> Table:
     # A Text title: a str title would be read as rich markup.
-    table = Table(title=Text(f"Track {_visible(track_id)}"), title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
-    for header, numeric in COLUMNS:
+    title = Text(f"Track {_visible(track_id)}{heading_suffix(rows[0].target)}")
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    for header, numeric in columns_of(rows):
         if numeric or header in UNBROKEN:
             table.add_column(TERMINAL_HEADERS.get(header, header), justify="right" if numeric else "left", no_wrap=True)
         else:
@@ -490,18 +681,20 @@ def _rich_table(track_id: str, rows: list[Row]) -> Table:
 
 def _row_cards(track_id: str, rows: list[Row]) -> Text:
     """Two lines per row: what a terminal too narrow for the table still shows legibly."""
-    text = Text(f"Track {_visible(track_id)}\n", style="italic")
+    text = Text(f"Track {_visible(track_id)}{heading_suffix(rows[0].target)}\n", style="italic")
     for row in rows:
-        cells = dict(zip((header for header, _ in COLUMNS), _cells(row, names_only=True)))
+        cells = dict(zip((header for header, _ in columns_of(rows)), _cells(row, names_only=True)))
         style = "bold" if row.record_status == RECORD else ""
         text.append(f"{cells['#']:>3}  {cells['submission']}\n", style="bold")
         count = len(row.runs)
         runs = f"{count} run{'' if count == 1 else 's'}{cells['runs'][len(str(count)):]}"  # "3 runs (3 drawn)"
-        text.append(
-            f"     val_loss {cells['val_loss mean ± std']} · {runs} · best {cells['best val_loss']}"
-            f" · bpb {cells['val_bpb']} · {cells['train s']} s · GPU {cells['GPU clocks']}\n",
-            style=style,
-        )
+        if row.timed:
+            scores = (f"time to target {cells['time to target mean ± std']} · {runs} · best {cells['best time']}"
+                      f" · trained {cells['train s']} s")
+        else:
+            scores = (f"val_loss {cells['val_loss mean ± std']} · {runs} · best {cells['best val_loss']}"
+                      f" · bpb {cells['val_bpb']} · {cells['train s']} s")
+        text.append(f"     {scores} · GPU {cells['GPU clocks']}\n", style=style)
         details = [cells["authors"], f"latest {cells['latest run']}", cells["status"], cells["record"]]
         text.append(f"     {' · '.join(details)}\n")
     return text
@@ -517,7 +710,9 @@ def print_table(console: Console, rows: list[Row], verified_count: int) -> None:
             console.print(table)
         else:
             console.print(_row_cards(track_id, track_rows))
-        console.print(_visible(rule_text(track_id, track_rows[0].record_rule)), markup=False, highlight=False)
+        if track_rows[0].timed:
+            console.print(target_ranking_text(track_rows[0].target), markup=False, highlight=False)
+        console.print(_visible(_track_rule_text(track_id, track_rows)), markup=False, highlight=False)
     console.print(f"{verified_count} verified result(s). {RANKING_TEXT}", markup=False, highlight=False)
 
 
@@ -555,10 +750,14 @@ def render_markdown(rows: list[Row], verified_count: int) -> str:
     if not rows:
         lines += ["No verified results yet.", ""]
     for track_id, track_rows in _by_track(rows).items():
-        lines += [f"## Track {_markdown_code(_visible(track_id))}", "",
-                  _markdown_cell(_visible(rule_text(track_id, track_rows[0].record_rule))), ""]
-        lines.append("| " + " | ".join(header for header, _ in COLUMNS) + " |")
-        lines.append("|" + "|".join("---:" if numeric else "---" for _, numeric in COLUMNS) + "|")
+        target = track_rows[0].target
+        lines += [f"## Track {_markdown_code(_visible(track_id))}{_markdown_cell(heading_suffix(target))}", ""]
+        if target is not None:
+            lines += [_markdown_cell(target_ranking_text(target)), ""]
+        lines += [_markdown_cell(_visible(_track_rule_text(track_id, track_rows))), ""]
+        columns = columns_of(track_rows)
+        lines.append("| " + " | ".join(header for header, _ in columns) + " |")
+        lines.append("|" + "|".join("---:" if numeric else "---" for _, numeric in columns) + "|")
         for row in track_rows:
             cells = [_markdown_cell(cell) for cell in _cells(row)]
             if row.record_status == RECORD:
@@ -596,6 +795,15 @@ def _row_json(row: Row) -> dict[str, Any]:
         "record_improvement": row.record_improvement,
         "record_baseline": row.record_baseline,
         "signers": row.signers,
+        # Time-to-target tracks; null on a fixed-time track. The mean and std need every run to
+        # have reached the target, the best time only one.
+        "target_val_loss": row.target.val_loss if row.timed else None,
+        "target_provisional": row.target.provisional if row.timed else None,
+        "reached_runs": row.reached_runs if row.timed else None,
+        "time_to_target_mean": row.mean_time_to_target if row.timed else None,
+        "time_to_target_std": row.std_time_to_target if row.timed else None,
+        "best_time_to_target": _fastest(row, lambda run: run.time_to_target),
+        "best_time_run_id": _fastest(row, lambda run: run.run_id),
         "run_details": [
             {
                 "run_id": run.run_id,
@@ -609,10 +817,24 @@ def _row_json(row: Row) -> dict[str, Any]:
                 "gpu": run.gpu,
                 "started_at": run.started_at.isoformat(),
                 "signer": run.signer,
+                "target": run.target,
+                "val_curve": run.val_curve,
             }
             for run in row.runs
         ],
     }
+
+
+def _fastest(row: Row, field: Callable[[Run], Any]) -> Any:
+    fastest = row.fastest_run if row.timed else None
+    return None if fastest is None else field(fastest)
+
+
+def _track_json(target: TrackTarget | None) -> dict[str, Any]:
+    if target is None:
+        return {"kind": "fixed_time", "target_val_loss": None, "target_provisional": None, "ranking": None}
+    return {"kind": "time_to_target", "target_val_loss": target.val_loss, "target_provisional": target.provisional,
+            "ranking": target_ranking_text(target)}
 
 
 # ensure_ascii=False keeps names readable but leaves DEL and C1 (CSI among them) raw; JSON's \u
@@ -625,8 +847,9 @@ def render_json(rows: list[Row], verified_count: int, rejected: list[tuple[Path,
         "verified": verified_count,
         "rejected": [{"path": shown(path), "reason": reason} for path, reason in rejected],
         "ranking": RANKING_TEXT,
-        "record_rules": {track_id: {**asdict(track_rows[0].record_rule), "text": rule_text(track_id, track_rows[0].record_rule)}
+        "record_rules": {track_id: {**asdict(track_rows[0].record_rule), "text": _track_rule_text(track_id, track_rows)}
                          for track_id, track_rows in _by_track(rows).items()},
+        "tracks": {track_id: _track_json(track_rows[0].target) for track_id, track_rows in _by_track(rows).items()},
         "rows": [_row_json(row) for row in rows],
     }
     return json.dumps(document, indent=2, ensure_ascii=False).translate(_JSON_RAW_CONTROLS) + "\n"
@@ -662,6 +885,15 @@ PARQUET_SCHEMA = pa.schema(
         ("signers", pa.list_(pa.string())),
         ("run_ids", pa.list_(pa.string())),
         ("val_losses", pa.list_(pa.float64())),
+        # Time-to-target tracks (null on a fixed-time track); times_to_target is null where a run did not reach it.
+        ("target_val_loss", pa.float64()),
+        ("target_provisional", pa.bool_()),
+        ("reached_runs", pa.int32()),
+        ("time_to_target_mean", pa.float64()),
+        ("time_to_target_std", pa.float64()),
+        ("best_time_to_target", pa.float64()),
+        ("best_time_run_id", pa.string()),
+        ("times_to_target", pa.list_(pa.float64())),
     ]
 )
 
@@ -675,6 +907,7 @@ def render_parquet(rows: list[Row]) -> bytes:
         record["latest_run_at"] = row.latest_run_at
         record["run_ids"] = [run.run_id for run in row.runs]
         record["val_losses"] = row.val_losses
+        record["times_to_target"] = row.times_to_target if row.timed else None
         records.append(record)
     table = pa.Table.from_pylist(records, schema=PARQUET_SCHEMA)
     buffer = io.BytesIO()
@@ -707,19 +940,40 @@ def _nice_ticks(low: float, high: float, target: int = 6) -> list[float]:
     return ticks
 
 
+def _run_label(row: Row, run: Run) -> str:
+    return f"{row.submission} · {run.run_id} (seed {run.seed})"
+
+
+def _score_label(row: Row, run: Run) -> str:
+    """The ◆'s tooltip: which model gave the run its score."""
+    if not row.timed:
+        return f"final val_loss {run.val_loss:.4f}"
+    if run.time_to_target is not None:
+        return f"reached the target at {run.time_to_target:.2f} s, val_loss {run.val_loss:.4f}"
+    return f"did not reach the target; final val_loss {run.val_loss:.4f}"
+
+
 def render_svg(track_id: str, rows: list[Row]) -> tuple[str, bool]:
-    """The loss-curve plot for one track's rows; returns (svg, whether early high losses were cut off)."""
+    """The loss plot for one track's rows; returns (svg, whether early high losses were cut off).
+
+    Per run, in its row's colour: the validation curve the evaluator measured (solid, a dot for each
+    model it scored, ◆ for the model that gave the run its score) and the training loss the
+    submission reported (faint). The solid curve is drawn from the result's val_curve alone: what a
+    submission logs through ctx.log, whatever its key, never becomes a validation point."""
+    target = rows[0].target
     runs = [(index, run) for index, row in enumerate(rows) for run in row.runs]
     curves = [(index, run, list(zip(run.loss_curve["time_s"], run.loss_curve["value"]))) for index, run in runs]
+    measured = [(index, run, [(t, v) for t, v, _ in run.val_points]) for index, run in runs]
     x_max = max([run.budget_s for _, run in runs]
-                + [t for _, _, points in curves for t, _ in points]
+                + [t for _, _, points in curves + measured for t, _ in points]
                 + [run.train_seconds or 0.0 for _, run in runs])
-    finals = [run.val_loss for _, run in runs]
-    values = [v for _, _, points in curves for _, v in points] + finals
+    finals = [run.val_loss for _, run in runs] + ([target.val_loss] if target is not None else [])
+    values = [v for _, _, points in curves + measured for _, v in points] + finals
     y_low = min(values)
     # The first seconds of training sit far above everything that decides the ranking; the axis
-    # starts at the highest loss logged after the first tenth of the budget, so the tails are legible.
-    late = [v for _, _, points in curves for t, v in points if t >= 0.1 * x_max] + finals
+    # starts at the highest loss logged or measured after the first tenth of the budget, so the
+    # tails are legible.
+    late = [v for _, _, points in curves + measured for t, v in points if t >= 0.1 * x_max] + finals
     y_high = max(late)
     pad = 0.05 * (y_high - y_low or 1.0)
     y_low, y_high = y_low - pad, y_high + pad
@@ -740,7 +994,7 @@ def render_svg(track_id: str, rows: list[Row]) -> tuple[str, bool]:
 
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {PLOT_WIDTH} {PLOT_HEIGHT}" role="img" '
-        f'aria-label="Training loss by training time for each run">',
+        f'aria-label="Validation loss measured by the evaluator and training loss reported by each run, by training time">',
         f'<defs><clipPath id="plot-area-{clip_id}"><rect x="{MARGIN_LEFT}" y="{MARGIN_TOP}" '
         f'width="{inner_w}" height="{inner_h}"/></clipPath></defs>',
         f'<rect x="{MARGIN_LEFT}" y="{MARGIN_TOP}" width="{inner_w}" height="{inner_h}" class="frame"/>',
@@ -763,31 +1017,84 @@ def render_svg(track_id: str, rows: list[Row]) -> tuple[str, bool]:
         f'<text transform="translate(16 {MARGIN_TOP + inner_h / 2}) rotate(-90)" class="axis" '
         'text-anchor="middle">loss (nats/token)</text>'
     )
+    if target is not None:  # under the curves; its label goes over them, below
+        parts.append(
+            f'<line x1="{MARGIN_LEFT}" y1="{py(target.val_loss):.1f}" x2="{MARGIN_LEFT + inner_w}" '
+            f'y2="{py(target.val_loss):.1f}" class="target" stroke-dasharray="7 4">'
+            f"<title>{html.escape(_target_label(target))}</title></line>"
+        )
     parts.append(f'<g clip-path="url(#plot-area-{clip_id})">')
+    # Training loss first, faint, so that the measured curves are drawn over it.
     for index, run, points in curves:
         if not points:
             continue
         colour = PALETTE[index % len(PALETTE)]
         coordinates = " ".join(f"{px(t):.1f},{py(v):.1f}" for t, v in points)
-        label = html.escape(f"{rows[index].submission} · {run.run_id} (seed {run.seed}): training loss")
-        kind = "curve" if rows[index].official else "curve unofficial"
+        label = html.escape(f"{_run_label(rows[index], run)}: training loss it reported, not verified")
+        kind = "train" if rows[index].official else "train unofficial"
         parts.append(
             f'<polyline points="{coordinates}" stroke="{colour}" class="{kind}"><title>{label}</title></polyline>'
         )
-    parts.append("</g>")
+    for index, run, points in measured:
+        if len(points) < 2:  # a lone point is a marker, not a line
+            continue
+        colour = PALETTE[index % len(PALETTE)]
+        path = " L".join(f"{px(t):.1f} {py(v):.1f}" for t, v in points)
+        label = html.escape(f"{_run_label(rows[index], run)}: validation loss measured by the evaluator")
+        kind = "val" if rows[index].official else "val unofficial"
+        parts.append(f'<path d="M{path}" stroke="{colour}" class="{kind}"><title>{label}</title></path>')
     for index, run in runs:
         colour = PALETTE[index % len(PALETTE)]
-        x = px(run.train_seconds if run.train_seconds is not None else x_max)
-        y = py(run.val_loss)
-        label = html.escape(
-            f"{rows[index].submission} · {run.run_id} (seed {run.seed}): final val_loss {run.val_loss:.4f}"
+        skipped = False
+        for t, v, model in run.val_points:
+            if not skipped and t == run.score_time:
+                skipped = True  # the ◆ marks this model
+                continue
+            label = html.escape(
+                f"{_run_label(rows[index], run)}: val_loss {v:.4f} at {t:.2f} s ({model}), measured by the evaluator"
+            )
+            parts.append(
+                f'<circle cx="{px(t):.1f}" cy="{py(v):.1f}" r="3.2" fill="{colour}" class="val-point">'
+                f"<title>{label}</title></circle>"
+            )
+    parts.append("</g>")
+    if target is not None:
+        parts.append(
+            f'<text x="{MARGIN_LEFT + inner_w - 6}" y="{py(target.val_loss) - 6:.1f}" class="target-label" '
+            f'text-anchor="end">{html.escape(_target_label(target))}</text>'
         )
+    for index, run in runs:
+        colour = PALETTE[index % len(PALETTE)]
+        x = px(run.score_time if run.score_time is not None else x_max)
+        y = py(run.val_loss)
+        label = html.escape(f"{_run_label(rows[index], run)}: {_score_label(rows[index], run)}")
         parts.append(
             f'<path d="M{x:.1f} {y - 6:.1f} L{x + 6:.1f} {y:.1f} L{x:.1f} {y + 6:.1f} L{x - 6:.1f} {y:.1f} Z" '
             f'fill="{colour}" class="final"><title>{label}</title></path>'
         )
     parts.append("</svg>")
     return "\n".join(parts), clipped
+
+
+def _target_label(target: TrackTarget) -> str:
+    return f"target val_loss {target.val_loss:g}" + (" (provisional)" if target.provisional else "")
+
+
+def plot_caption(target: TrackTarget | None, clipped: bool) -> str:
+    """What the plot shows, as HTML: which curve is the evaluator's measurement and which the submission's word."""
+    scored = ("the first model at or below the target, or the final model of a run that did not reach it"
+              if target is not None else "the final model, at the moment it was saved")
+    caption = (
+        "Solid lines and dots: validation loss measured by the evaluator on its snapshots of each run's model "
+        f"and on the final model; ◆ marks the model that gave the run its score ({scored}). Faint lines: training "
+        "loss the submission reported through <code>ctx.log</code>, not verified. One colour per row, by "
+        "submission (coloured dashes: unofficial), against the evaluator's clock."
+    )
+    if target is not None:
+        caption += f" The dark dashed line is the {html.escape(_target_label(target))}."
+    if clipped:
+        caption += " The first seconds of training, where the loss is above the plotted range, are cut off."
+    return caption
 
 
 HTML_STYLE = """
@@ -811,8 +1118,12 @@ svg .frame { fill: #fcfcfd; stroke: #adb5bd; }
 svg .grid { stroke: #e9ecef; }
 svg .tick { font-size: 12px; fill: #495057; }
 svg .axis { font-size: 13px; fill: #1d2125; }
-svg .curve { fill: none; stroke-width: 1.6; stroke-opacity: .75; stroke-linejoin: round; }
-svg .curve.unofficial { stroke-dasharray: 5 3; }
+svg .train { fill: none; stroke-width: 1.2; stroke-opacity: .3; stroke-linejoin: round; }
+svg .val { fill: none; stroke-width: 2; stroke-linejoin: round; }
+svg .unofficial { stroke-dasharray: 5 3; }
+svg .val-point { stroke: #fff; stroke-width: 1; }
+svg .target { stroke: #1d2125; stroke-width: 1.3; }
+svg .target-label { font-size: 12px; fill: #1d2125; }
 svg .final { stroke: #fff; stroke-width: 1.5; }
 """
 
@@ -830,9 +1141,13 @@ def render_html(rows: list[Row], verified_count: int) -> str:
     if not rows:
         body.append("<p>No verified results yet.</p>")
     for track_id, track_rows in _by_track(rows).items():
-        body.append(f"<h2>Track <code>{html.escape(track_id)}</code></h2>")
-        body.append(f'<p class="rule">{html.escape(rule_text(track_id, track_rows[0].record_rule))}</p>')
-        headers = "".join(f'<th class="{_html_class(h, numeric)}">{html.escape(h)}</th>' for h, numeric in COLUMNS)
+        target = track_rows[0].target
+        body.append(f"<h2>Track <code>{html.escape(track_id)}</code>{html.escape(heading_suffix(target))}</h2>")
+        if target is not None:
+            body.append(f'<p class="rule">{html.escape(target_ranking_text(target))}</p>')
+        body.append(f'<p class="rule">{html.escape(_track_rule_text(track_id, track_rows))}</p>')
+        columns = columns_of(track_rows)
+        headers = "".join(f'<th class="{_html_class(h, numeric)}">{html.escape(h)}</th>' for h, numeric in columns)
         body.append(f"<table><thead><tr>{headers}</tr></thead><tbody>")
         for index, row in enumerate(track_rows):
             classes = ["record"] if row.record_status == RECORD else []
@@ -840,19 +1155,12 @@ def render_html(rows: list[Row], verified_count: int) -> str:
             cells = [html.escape(cell) for cell in _cells(row)]
             cells[1] = f'<span class="swatch" style="background:{PALETTE[index % len(PALETTE)]}"></span>{cells[1]}'
             tds = "".join(
-                f'<td class="{_html_class(header, numeric)}">{cell}</td>' for cell, (header, numeric) in zip(cells, COLUMNS)
+                f'<td class="{_html_class(header, numeric)}">{cell}</td>' for cell, (header, numeric) in zip(cells, columns)
             )
             body.append(f'<tr class="{" ".join(classes)}">{tds}</tr>')
         body.append("</tbody></table>")
         svg, clipped = render_svg(track_id, track_rows)
-        caption = (
-            "Training loss that each run logged through <code>ctx.log</code>, against the evaluator's clock; one "
-            "line per run, coloured by submission (dashed: unofficial). ◆ marks each run's final validation loss "
-            "at the moment its model was saved."
-        )
-        if clipped:
-            caption += " The first seconds of training, where the loss is above the plotted range, are cut off."
-        body.append(f"<figure>{svg}<figcaption>{caption}</figcaption></figure>")
+        body.append(f"<figure>{svg}<figcaption>{plot_caption(target, clipped)}</figcaption></figure>")
     return (
         '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
@@ -938,7 +1246,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "stderr and never shown; the exit status is then 1). With nothing to rank it says why. One row per submission and track: mean ± std of val_loss over its runs, "
             "best run, val_bpb, train seconds, whether the GPU throttled, authors, latest run, official or not, "
             "and the record test of the track's rule in --rules (distinct seeds, one-sided Welch t-test, minimum "
-            "improvement), which each table's header states."
+            "improvement), which each table's header states. On a time-to-target track (one whose results have a "
+            "target) rows rank by mean time to target instead, and a row whose runs did not all reach it is "
+            "listed after the ranked ones."
         ),
     )
     parser.add_argument("--track", metavar="ID", help="only this track (default: every track, one table each)")

@@ -4,7 +4,9 @@ The rule for a track is [default] with the track's own section laid over it. A r
 against the record holder of its time on the runs the rule counts (with `drawn_seeds_only`, only
 runs whose seed the evaluator drew): it needs `min_seeds` distinct seeds, a one-sided Welch p below
 `p_below`, and a mean val_loss lower by at least `min_improvement_nats`. Two conditions, because
-with a tight enough spread a p-value certifies differences too small to matter.
+with a tight enough spread a p-value certifies differences too small to matter. On a time-to-target
+track the test is on times to target instead, and the minimum is `min_improvement_s` seconds: one
+rule file serves both kinds of track, and each kind reads the minimum in its own unit.
 """
 
 from __future__ import annotations
@@ -26,12 +28,24 @@ from evaluator.tracks import available_tracks
 class RecordRule:
     min_seeds: int
     p_below: float
-    min_improvement_nats: float
+    min_improvement_nats: float  # fixed-time tracks: mean val_loss, nats per token
+    min_improvement_s: float  # time-to-target tracks: mean time to target, seconds of the evaluator's clock
     drawn_seeds_only: bool
 
-    def text(self) -> str:
+    def min_improvement(self, timed: bool) -> float:
+        """The minimum improvement in the unit of the track's score (`timed`: a time-to-target track)."""
+        return self.min_improvement_s if timed else self.min_improvement_nats
+
+    def text(self, timed: bool = False) -> str:
         seeds = f"{self.min_seeds} distinct {'drawn ' if self.drawn_seeds_only else ''}seeds"
         drawn = " (only runs whose seed the evaluator drew count)" if self.drawn_seeds_only else ""
+        if timed:
+            return (
+                f"a record needs runs on at least {seeds}{drawn}, every run of the row reaching the target, and "
+                f"must beat the record holder of its time in a one-sided Welch t-test at p < {self.p_below:g} with "
+                f"a mean time to target shorter by at least {self.min_improvement_s:g} s (one time per seed: the "
+                "mean of its runs)"
+            )
         return (
             f"a record needs runs on at least {seeds}{drawn} and must beat the record holder of its time "
             f"in a one-sided Welch t-test at p < {self.p_below:g} with a mean val_loss lower by at least "

@@ -18,8 +18,10 @@ from evaluator.gpus import Placement
 from evaluator.paths import SPEC_DIR
 
 RESULT_FILE = "result.json"
-STATUSES = ("ok", "invalid_submission", "crashed", "over_budget", "out_of_memory", "killed", "invalid_model", "sandbox_error")
-# Exit codes of `evaluator run` (DESIGN.md): 0 ok, 1 the submission's fault, 2 bad input, 3 ours.
+STATUSES = ("ok", "invalid_submission", "crashed", "over_budget", "out_of_memory", "killed", "invalid_model",
+            "sandbox_error", "not_reached")
+# Exit codes of `evaluator run` (DESIGN.md): 0 ok, 1 the submission's fault (not_reached included: it
+# trained and was scored, and no model reached a time-to-target track's target), 2 bad input, 3 ours.
 EXIT_CODES = {status: 1 for status in STATUSES} | {"ok": 0, "invalid_submission": 2, "sandbox_error": 3}
 
 

@@ -1,9 +1,11 @@
 """`evaluator run`: check, train in a sandbox under the evaluator's own clock, score, record.
 
 The clock (DESIGN.md): it starts when the harness's "start" message arrives, immediately before the
-submission's module is imported, and stops when "saved" arrives; the jail is killed at once then,
+submission's module is imported, and stops when "saved" has been read and the jail killed for it,
 so nothing runs after the clock stops. At the budget the jail is killed and the run is
-`over_budget`. Nothing the jail says is trusted beyond being a signal.
+`over_budget`. On a track with snapshots the evaluator takes the model while the clock runs and
+scores every model it took (the validation curve; on a time-to-target track, the score). Nothing
+the jail says is trusted beyond being a signal.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -40,7 +42,7 @@ from evaluator.dataset.store import resolve_data_file, tokenizer_info
 from evaluator.errors import DataError, InvalidModel, UserError
 from evaluator.fsutil import atomic_write_bytes, atomic_write_text, sha256_file, stage_tree, tree_sha256
 from evaluator.gpus import Placement, hold_gpu, hold_host
-from evaluator.harness import MODEL_FILE
+from evaluator.harness import MODEL_FILE, SNAPSHOT_FILE
 from evaluator.manifest import MANIFEST_NAME, Manifest, merge_overrides, parse_manifest, parse_override
 from evaluator.nvml import TelemetrySampler
 from evaluator.progress import PlainLines, live
@@ -53,6 +55,7 @@ from evaluator.tracks import Track, load_track
 # they get this long before the run is declared broken.
 STARTUP_ALLOWANCE_S = 120.0
 _PROTOCOL_LINE_MAX = 64 * 1024
+_PROTOCOL_BACKLOG_MAX = 10_000  # lines read but not yet handled
 _LOG_TAIL_BYTES = 3000
 # --smoke: enough to catch a broken contract (a forward that returns a tuple, wrong logits) in
 # seconds instead of after a full run.
@@ -63,6 +66,10 @@ SMOKE_DOCUMENTS = 8
 # protocol with log lines could exhaust the evaluator's memory (outside every jail) and bloat
 # metrics.parquet. Rows past the cap are dropped.
 _METRICS_ROWS_MAX = 200_000
+_COPY_CHUNK = 2**20
+SNAPSHOTS_DIR = "snapshots"  # in the run directory: the snapshots taken, until they are scored
+# Disk the snapshots of one run may take, in model caps: beyond it, snapshots are refused.
+SNAPSHOTS_MAX_MODELS = 4
 _PACKAGE_DIR = Path(evaluator.__file__).resolve().parent
 # What the training jail runs of the evaluator: the harness, the API it hands the submission and the
 # training split's loader. They are copied into the run with the training split, and the jail sees
@@ -73,14 +80,23 @@ TRAINING_JAIL_MODULES = (
 )
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    """A model the evaluator took while the clock ran, frozen outside the jail's reach."""
+
+    time_s: float  # on the evaluator's clock, when its copy was complete: nothing newer is in it
+    path: Path
+
+
 @dataclass
 class TrainingOutcome:
     status: str
     message: str = ""
     train_seconds: float | None = None
     metrics_rows: list[tuple[float, int, str, float]] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, Any] = field(default_factory=dict)
     gpu_telemetry: dict[str, Any] | None = None
+    snapshots: list[Snapshot] = field(default_factory=list)
 
 
 def draw_seed() -> int:
@@ -105,8 +121,23 @@ def _fits_float64(value) -> bool:
     return isinstance(value, float) or abs(value) <= sys.float_info.max
 
 
-def _read_protocol(stream, events: queue.Queue) -> None:
-    """Reader thread: every complete JSON line from the jail becomes (arrival time, event)."""
+def _read_protocol(stream, events: queue.Queue, stop_clock: Callable[[], float], stop: threading.Event) -> None:
+    """Reader thread: every complete JSON line from the jail becomes (arrival time, event).
+
+    "saved" kills the jail here, the moment it is read, and arrives stamped when the jail is dead:
+    the clock stops there, and the model file can no longer change. A jail that floods lines to
+    build a backlog before the main loop therefore gains nothing; and the queue is bounded, so a
+    flood slows the jail's writes instead of filling the host's memory."""
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                events.put(item, timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     while True:
         line = stream.readline(_PROTOCOL_LINE_MAX + 1)
         if not line:
@@ -121,8 +152,10 @@ def _read_protocol(stream, events: queue.Queue) -> None:
         except (ValueError, RecursionError):  # e.g. 30,000 nested brackets
             continue
         if isinstance(event, dict) and isinstance(event.get("event"), str):
-            events.put((time.monotonic(), event))
-    events.put((time.monotonic(), None))
+            arrived = stop_clock() if event["event"] == "saved" else time.monotonic()
+            if not put((arrived, event)):
+                return
+    put((time.monotonic(), None))
 
 
 class _LiveDisplay:
@@ -174,10 +207,95 @@ def _status_text(step: int | None, metrics: dict[str, float], tokens_per_s: floa
     return "  ".join(parts) or "training"
 
 
-def _train(jailed, budget_s: float, display: _LiveDisplay, launched_at: float) -> TrainingOutcome:
-    events: queue.Queue = queue.Queue()
-    reader = threading.Thread(target=_read_protocol, args=(jailed.stdout, events), daemon=True)
+class _SnapshotTaker:
+    """The evaluator's side of ctx.snapshot(): takes a due snapshot out of the jail and answers.
+
+    Whatever the jail says, a snapshot is taken only when one is due on this clock (one per
+    interval), from a plain, dense file under the model cap, while the run's snapshots stay under
+    SNAPSHOTS_MAX_MODELS model caps of disk; the copy goes where the jail cannot reach, the jail's
+    file is removed, and the snapshot is stamped when the copy is complete (or when the jail died,
+    if that was earlier), so it holds nothing trained after its time. A line when none is due
+    costs a refusal and nothing else. Answers are written without blocking: a jail that does not
+    read them cannot stall the clock.
+    """
+
+    def __init__(self, every_s: float | None, jail_out: Path, into: Path, cap_bytes: int, answers_fd: int):
+        self.every_s = every_s
+        self.next_due_s = every_s
+        self.jail_out, self.into, self.cap_bytes = jail_out, into, cap_bytes
+        self.bytes_left = SNAPSHOTS_MAX_MODELS * cap_bytes
+        self.answers_fd = answers_fd
+        os.set_blocking(answers_fd, False)
+        self.jail_dead_at: float | None = None  # set by the protocol's reader when it kills the jail
+        self.taken: list[Snapshot] = []
+        self.take_s: list[float] = []  # how long each copy took here
+        self.save_s: list[float] = []  # the harness's account of saving it (advisory)
+
+    def handle(self, event: dict[str, Any], started_at: float, arrived: float) -> str | None:
+        """Answers the jail; returns a line for the progress display when a snapshot was taken."""
+        taken = None
+        if self.next_due_s is not None and arrived - started_at >= self.next_due_s:
+            taken = self._take(started_at)
+            if taken is not None:
+                self.take_s.append(time.monotonic() - arrived)
+                save_s = event.get("save_s")
+                if _fits_float64(save_s) and 0 <= save_s <= taken.time_s:
+                    self.save_s.append(float(save_s))
+                self.next_due_s = (math.floor(taken.time_s / self.every_s) + 1) * self.every_s
+        answer = json.dumps({"taken": taken is not None, "next_due_s": self.next_due_s}) + "\n"
+        try:
+            os.write(self.answers_fd, answer.encode())  # < PIPE_BUF: written whole or not at all
+        except OSError:  # a full pipe (a jail that does not read) or a closed one
+            pass
+        return None if taken is None else f"snapshot {len(self.taken)} taken at {taken.time_s:.1f} s"
+
+    def _take(self, started_at: float) -> Snapshot | None:
+        source = self.jail_out / SNAPSHOT_FILE
+        target = self.into / f"snapshot-{len(self.taken) + 1:03d}.pt"
+        try:
+            self.into.mkdir(exist_ok=True)
+            _take_file(source, target, min(self.cap_bytes, self.bytes_left))
+        except (InvalidModel, OSError):  # the submission's loss (or a full disk): nothing to score at this time
+            _remove(target)
+            return None
+        finally:
+            _remove(source)
+        # A copy that ends after the jail's death holds nothing newer than the death: stamped then,
+        # it is never later than the final model.
+        stamp = time.monotonic() if self.jail_dead_at is None else min(time.monotonic(), self.jail_dead_at)
+        taken = Snapshot(time_s=stamp - started_at, path=target)
+        self.bytes_left -= target.stat().st_size
+        self.taken.append(taken)
+        return taken
+
+
+def _remove(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:  # e.g. a directory of that name, which only the submission can have made
+        pass
+
+
+def _train(jailed, budget_s: float, display: _LiveDisplay, launched_at: float,
+           snapshots: _SnapshotTaker) -> TrainingOutcome:
+    events: queue.Queue = queue.Queue(maxsize=_PROTOCOL_BACKLOG_MAX)
+    stop = threading.Event()
+
+    def stop_clock() -> float:
+        jailed.kill()
+        snapshots.jail_dead_at = time.monotonic()
+        return snapshots.jail_dead_at
+
+    reader = threading.Thread(target=_read_protocol, args=(jailed.stdout, events, stop_clock, stop), daemon=True)
     reader.start()
+    try:
+        return _follow_protocol(events, jailed, budget_s, display, launched_at, snapshots)
+    finally:
+        stop.set()
+
+
+def _follow_protocol(events: queue.Queue, jailed, budget_s: float, display: _LiveDisplay, launched_at: float,
+                     snapshots: _SnapshotTaker) -> TrainingOutcome:
     outcome = TrainingOutcome(status="sandbox_error")
 
     # Phase 1: until "start", the harness is doing the evaluator's own work.
@@ -220,8 +338,7 @@ def _train(jailed, budget_s: float, display: _LiveDisplay, launched_at: float) -
             break
         elapsed = arrived - started_at
         kind = event["event"]
-        if kind == "saved":
-            jailed.kill()  # nothing may run after the clock stops
+        if kind == "saved":  # the reader has killed the jail: nothing runs after the clock stops
             outcome.train_seconds = elapsed
             if elapsed > budget_s:
                 outcome.status = "over_budget"
@@ -241,6 +358,10 @@ def _train(jailed, budget_s: float, display: _LiveDisplay, launched_at: float) -
             if "tokens" in clean and elapsed > 0:
                 tokens_per_s = clean["tokens"] / elapsed
             display.update(elapsed, _status_text(last_step, last_metrics, tokens_per_s))
+        elif kind == "snapshot":
+            said = snapshots.handle(event, started_at, arrived)
+            if said:
+                display.update(time.monotonic() - started_at, said)
         elif kind == "error":
             error_event = event
 
@@ -267,17 +388,17 @@ def _train(jailed, budget_s: float, display: _LiveDisplay, launched_at: float) -
     return outcome
 
 
-def _take_model(jail_out: Path, run_dir: Path, cap_bytes: int) -> Path:
-    """Copy the saved model out of the jail's output dir after checking it is a plain, capped file.
-
-    A copy, not a rename: under nsjail the output dir is a tmpfs of its own (Sandbox.capped_output_dir).
-    """
-    not_a_file = f"{MODEL_FILE} in the output directory is not a regular file (a symlink, FIFO or device)"
+def _take_file(source: Path, target: Path, cap_bytes: int) -> None:
+    """Copy a model the jail saved to `target`, out of its reach, after checking it is a plain,
+    capped file. A copy, not a rename: under nsjail the output dir is a tmpfs of its own
+    (Sandbox.capped_output_dir). Reads no more than the cap, however the file grows meanwhile; a
+    sparse file is refused, since its copy would cost the host's disk what it never cost the jail."""
+    not_a_file = f"{source.name} in the output directory is not a regular file (a symlink, FIFO or device)"
     try:
         # O_NOFOLLOW refuses a symlink instead of following it; O_NONBLOCK opens a FIFO without waiting.
-        fd = os.open(jail_out / MODEL_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
-        raise InvalidModel(f"no {MODEL_FILE} was saved") from None
+        raise InvalidModel(f"no {source.name} was saved") from None
     except OSError:
         raise InvalidModel(not_a_file) from None
     with open(fd, "rb") as saved:
@@ -285,11 +406,23 @@ def _take_model(jail_out: Path, run_dir: Path, cap_bytes: int) -> Path:
         if not stat.S_ISREG(info.st_mode):
             raise InvalidModel(not_a_file)
         if info.st_size > cap_bytes:
-            raise InvalidModel(f"{MODEL_FILE} is {info.st_size} bytes; the track allows {cap_bytes}")
-        target = run_dir / MODEL_FILE
-        with open(target, "wb") as copy:
-            shutil.copyfileobj(saved, copy)
-    return target
+            raise InvalidModel(f"{source.name} is {info.st_size} bytes; the track allows {cap_bytes}")
+        if info.st_blocks * 512 < info.st_size:
+            raise InvalidModel(f"{source.name} is a sparse file: torch.save never writes one")
+        try:
+            copy = open(target, "xb")  # never through a link someone planted
+        except FileExistsError:  # only an unsandboxed jail reaches the run directory
+            raise InvalidModel(f"{target.name} was already in the run directory: a jail wrote there") from None
+        with copy:
+            copied = 0
+            while chunk := saved.read(min(_COPY_CHUNK, cap_bytes + 1 - copied)):
+                copy.write(chunk)
+                copied += len(chunk)
+                if copied > cap_bytes:
+                    break
+    if copied > cap_bytes:  # written to while it was copied
+        target.unlink()
+        raise InvalidModel(f"{source.name} grew past the track's {cap_bytes} bytes while it was copied")
 
 
 def _write_metrics(run_dir: Path, rows: list[tuple[float, int, str, float]]) -> None:
@@ -508,6 +641,7 @@ def _plan(request: RunRequest, console: Console, held: ExitStack) -> _RunPlan:
         "vocab_size": vocab_size,
         "eos_id": eos_id,
         "eval_seq_len": track.eval["seq_len"],
+        "snapshot_every_s": track.snapshot_every_s,
         "config": config,
     }
     atomic_write_text(plan.job_path, json.dumps(job, indent=2))
@@ -577,7 +711,9 @@ def _train_in_jail(plan: _RunPlan, sandbox, console: Console, timings: dict[str,
         _gpu_telemetry(plan.gpu_minor) as telemetry,
         sandbox.start(spec) as jailed,
     ):
-        outcome = _train(jailed, plan.budget_s, display, launched)
+        snapshots = _SnapshotTaker(plan.track.snapshot_every_s, plan.jail_out, plan.run_dir / SNAPSHOTS_DIR,
+                                   model_cap, jailed.stdin.fileno())
+        outcome = _train(jailed, plan.budget_s, display, launched, snapshots)
         train_returned = time.monotonic()
         if outcome.status not in ("ok", "over_budget"):
             tail = jailed.log_tail(_LOG_TAIL_BYTES)
@@ -585,9 +721,12 @@ def _train_in_jail(plan: _RunPlan, sandbox, console: Console, timings: dict[str,
                 outcome.message += "\n--- log tail ---\n" + tail
         if outcome.status == "ok":  # "saved" has killed the jail: nothing writes there any more
             try:
-                _take_model(plan.jail_out, plan.run_dir, model_cap)
+                _take_file(plan.jail_out / MODEL_FILE, plan.run_dir / MODEL_FILE, model_cap)
             except InvalidModel as exc:
                 outcome.status, outcome.message = "invalid_model", str(exc)
+    outcome.snapshots = snapshots.taken
+    if snapshots.taken:
+        outcome.timings.update(snapshot_take_s=snapshots.take_s, snapshot_save_s=snapshots.save_s)
     timings.update(outcome.timings, teardown_s=time.monotonic() - train_returned, jail_total_s=time.monotonic() - launched)
     shutil.rmtree(plan.scratch, ignore_errors=True)
     shutil.rmtree(plan.jail_input, ignore_errors=True)
@@ -608,18 +747,80 @@ def _gpu_telemetry(gpu_minor: int | None) -> Iterator[TelemetrySampler | None]:
         yield sampler
 
 
-def _score(plan: _RunPlan, sandbox, console: Console):
-    """Score the saved model in sealed sandboxes; raises InvalidModel."""
+@dataclass(frozen=True)
+class ScoredRun:
+    """What scoring found: the score of the run and its validation curve."""
+
+    score: Any  # the ScoreReport of the final model; on a time-to-target track, of the deciding model
+    curve: list[dict[str, Any]]  # one point per model taken, in time order
+    reached_at_s: float | None  # time-to-target tracks: when the target was first reached
+
+
+def _score_run(plan: _RunPlan, sandbox, console: Console, outcome: TrainingOutcome) -> ScoredRun:
+    """Score the final model and every snapshot with the same code, limits and guarantees.
+
+    Fixed-time track: the final model is the score (scored first; its failure fails the run), a
+    snapshot that cannot be scored is a gap in the curve. Time-to-target track: the models in time
+    order until one reaches the target; its time is the score, and what comes after it is not
+    scored. Each model gets the track's scoring limits; after the first snapshot that cannot be
+    scored the other snapshots are skipped, so a model that spends every limit costs the evaluator
+    two scorings' time, not one per snapshot. Raises InvalidModel (the deciding model cannot be
+    scored) and SandboxUnavailable.
+    """
+    where = "sealed sandboxes" if sandbox.kind == "nsjail" else "unsandboxed processes"
+    console.print(f"scoring on the validation split, streamed, in two passes in {where} ...")
+    final = Snapshot(time_s=outcome.train_seconds, path=plan.run_dir / MODEL_FILE)  # taken by _train_in_jail
+    models = [*outcome.snapshots, final]
+    scores: dict[Path, Any] = {}
+    problems: dict[Path, str] = {}
+
+    def score(model: Snapshot, number: int) -> None:
+        if model is not final and problems:
+            problems[model.path] = "skipped"
+            return
+        label = "the final model" if model is final else f"snapshot {number} of {len(models) - 1}"
+        console.print(f"scoring {label}, taken at {model.time_s:.1f} s", markup=False, highlight=False)
+        try:
+            scores[model.path] = _score(plan, sandbox, model.path, f"{plan.run_id}-score-{number}")
+        except InvalidModel:
+            if model is final:
+                raise
+            problems[model.path] = "invalid_model"
+
+    target = plan.track.target
+    reached = None
+    if target is None:
+        score(final, len(models))
+        for number, snapshot in enumerate(outcome.snapshots, 1):
+            score(snapshot, number)
+    else:
+        for number, model in enumerate(models, 1):
+            score(model, number)
+            if model.path in scores and scores[model.path].val_loss <= target.val_loss:
+                reached = model
+                break
+    curve = []
+    for model in models:
+        if model.path in scores:
+            report = scores[model.path]
+            point = {"val_loss": report.val_loss, "val_bpb": report.val_bpb, "scored": "ok"}
+        else:
+            point = {"val_loss": None, "val_bpb": None, "scored": problems.get(model.path, "not_needed")}
+        curve.append({"time_s": round(model.time_s, 2), "model": "final" if model is final else "snapshot", **point})
+    deciding = final if reached is None else reached
+    return ScoredRun(score=scores[deciding.path], curve=curve, reached_at_s=None if reached is None else round(reached.time_s, 2))
+
+
+def _score(plan: _RunPlan, sandbox, model_path: Path, name: str):
+    """Score one saved model in sealed sandboxes; raises InvalidModel."""
     # Imported here: scoring needs torch, and every other command should start fast.
     from evaluator.scoring import ScoringLimits, score_model
 
     limits, protocol = plan.track.sandbox, plan.track.eval
-    where = "sealed sandboxes" if sandbox.kind == "nsjail" else "unsandboxed processes"
-    console.print(f"scoring on the validation split, streamed, in two passes in {where} ...")
     return score_model(
         sandbox=sandbox,
-        name=f"{plan.run_id}-score",
-        model_path=plan.run_dir / MODEL_FILE,  # taken out of the jail by _train_in_jail
+        name=name,
+        model_path=model_path,
         submission_dir=plan.staged,
         documents=read_documents(plan.val_path)[:SMOKE_DOCUMENTS] if plan.smoke else read_documents(plan.val_path),
         vocab_size=plan.vocab_size,
@@ -639,7 +840,8 @@ def _score(plan: _RunPlan, sandbox, console: Console):
     )
 
 
-def _record(plan: _RunPlan, outcome: TrainingOutcome, score, env: dict[str, Any], started: str) -> dict[str, Any]:
+def _record(plan: _RunPlan, outcome: TrainingOutcome, scored: ScoredRun | None, scoring_seconds: int | None,
+            env: dict[str, Any], started: str) -> dict[str, Any]:
     rows = outcome.metrics_rows
     tokens = _last_logged(rows, "tokens")
     reasons = _unofficial_reasons(plan, env["sandbox"], env["gpu"])
@@ -647,8 +849,10 @@ def _record(plan: _RunPlan, outcome: TrainingOutcome, score, env: dict[str, Any]
         pids = ", ".join(map(str, plan.gpu.busy_pids))
         reasons.append(f"GPU {plan.gpu.board.pci_bus_id} had work of other processes when the run started (pids {pids})")
     track = plan.track
+    scored = scored if outcome.status in ("ok", "not_reached") else None
+    score = None if scored is None else scored.score
     return {
-        "schema_version": 5,
+        "schema_version": 6,
         "run_id": plan.run_id,
         "status": outcome.status,
         "message": outcome.message,
@@ -662,7 +866,8 @@ def _record(plan: _RunPlan, outcome: TrainingOutcome, score, env: dict[str, Any]
             "manifest_sha256": sha256_file(plan.staged / MANIFEST_NAME),
             "tree_sha256": tree_sha256(plan.staged),
         },
-        "track": {"id": track.id, "sha256": track.sha256, "budget_s": track.budget_s, "device": track.device_kind},
+        "track": {"id": track.id, "sha256": track.sha256, "budget_s": track.budget_s, "device": track.device_kind,
+                  "snapshot_every_s": track.snapshot_every_s},
         "budget_s": plan.budget_s,
         "data": {
             "dataset_id": track.dataset["id"],
@@ -675,14 +880,14 @@ def _record(plan: _RunPlan, outcome: TrainingOutcome, score, env: dict[str, Any]
         "calibration": None if plan.calibration is None else plan.calibration.as_dict(),
         "overrides": plan.overrides,
         "smoke": plan.smoke,
-        "metrics": None if score is None or outcome.status != "ok" else {
+        "metrics": None if score is None else {
             "val_loss": score.val_loss,
             "val_bpb": score.val_bpb,
             "val_tokens": score.val_tokens,
             "val_bytes": score.val_bytes,
             "val_documents": score.val_documents,
         },
-        "scoring": None if score is None or outcome.status != "ok" else {
+        "scoring": None if score is None else {
             "protocol": "streamed",
             "passes": score.passes,
             "consistency_nats": track.eval["consistency_nats"],
@@ -693,7 +898,14 @@ def _record(plan: _RunPlan, outcome: TrainingOutcome, score, env: dict[str, Any]
             "tokens": tokens,
             "tokens_per_s": tokens / outcome.train_seconds if tokens and outcome.train_seconds else None,
         },
-        "scoring_seconds": score.seconds if score is not None else None,
+        "val_curve": None if scored is None else scored.curve,
+        "target": None if track.target is None else {
+            "val_loss": track.target.val_loss,
+            "provisional": track.target.provisional,
+            "reached": None if scored is None else scored.reached_at_s is not None,
+            "time_s": None if scored is None else scored.reached_at_s,
+        },
+        "scoring_seconds": None if scored is None else scoring_seconds,
         "environment": env,
         "gpu_telemetry": outcome.gpu_telemetry,
         "started_at": started,
@@ -761,8 +973,8 @@ def evaluate(
                              debug_scoring=debug_scoring, overrides=dict(overrides or {}), smoke=smoke)
         plan = _plan(request, console, held)
         started = utc_now()
-        timings: dict[str, float] = {}
-        score = None
+        timings: dict[str, Any] = {}
+        scored, scoring_seconds = None, None
         try:
             sandbox = open_sandbox(sandbox_choice)
         except SandboxUnavailable as exc:
@@ -784,15 +996,23 @@ def evaluate(
             if outcome.status == "ok":
                 scoring_started = time.monotonic()
                 try:
-                    score = _score(plan, sandbox, console)
+                    scored = _score_run(plan, sandbox, console, outcome)
                 except InvalidModel as exc:
                     outcome.status, outcome.message = "invalid_model", str(exc)
                 except SandboxUnavailable as exc:
                     outcome.status, outcome.message = "sandbox_error", f"the scoring sandbox failed: {exc}"
+                else:
+                    target = plan.track.target
+                    if target is not None and scored.reached_at_s is None:
+                        outcome.status = "not_reached"
+                        outcome.message = (f"no model reached the target val_loss {target.val_loss:g}; the final "
+                                           f"model's is {scored.score.val_loss:.4f}")
                 # Whole seconds: how long scoring takes is the model's to choose.
-                timings["scoring_s"] = round(time.monotonic() - scoring_started)
+                scoring_seconds = timings["scoring_s"] = round(time.monotonic() - scoring_started)
             shutil.rmtree(plan.jail_out, ignore_errors=True)
-        record = _record(plan, outcome, score, env, started)
+            # Scored, their work is done; kept, ten snapshots of a large model would fill a disk.
+            shutil.rmtree(plan.run_dir / SNAPSHOTS_DIR, ignore_errors=True)
+        record = _record(plan, outcome, scored, scoring_seconds, env, started)
         atomic_write_text(plan.run_dir / "timings.json", json.dumps(timings, indent=2) + "\n")
         write_result(plan.run_dir, record)
         return record, plan.run_dir
@@ -815,7 +1035,9 @@ def _jail_env(threads: int, home: Path) -> dict[str, str]:
 def summary_line(record: dict[str, Any]) -> str:
     seed = f"{record['seed']} (drawn)" if record["seed_drawn"] else str(record["seed"])
     parts = [f"{record['submission']['name']} seed {seed}: {record['status']}"]
-    metrics = record["metrics"]
+    metrics, target = record["metrics"], record["target"]
+    if target and target["reached"]:
+        parts.append(f"reached val_loss {target['val_loss']:g} at {target['time_s']:.1f} s")
     if metrics:
         parts.append(f"val_loss {metrics['val_loss']:.4f}  val_bpb {metrics['val_bpb']:.4f}")
     train = record["train"]
@@ -882,6 +1104,11 @@ def _run(args: argparse.Namespace) -> int:
         if losses:
             spread = statistics.stdev(losses) if len(losses) > 1 else 0.0
             console.print(f"val_loss over {len(losses)} of {len(records)} seeds: {statistics.mean(losses):.4f} ± {spread:.4f} (std)")
+        times = [r["target"]["time_s"] for r in records if r["target"] and r["target"]["reached"]]
+        if records[0]["target"]:
+            spread = f" ± {statistics.stdev(times):.1f} (std)" if len(times) > 1 else ""
+            mean_time = f": {statistics.mean(times):.1f} s{spread}" if times else ""
+            console.print(f"time to target reached by {len(times)} of {len(records)} seeds{mean_time}")
     if args.json:
         print(json.dumps(records[0] if len(records) == 1 else records, indent=2))
     return max(EXIT_CODES[r["status"]] for r in records)
@@ -907,8 +1134,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Check the submission, train it inside nsjail under the track's budget (the evaluator's own "
             "clock, from just before the submission is imported until the model is saved), score the "
             "saved model on the validation split in a second sandbox, and write results/runs/<run-id>/. "
-            "Exit codes: 0 ok; 1 the run failed through the submission's fault; 2 bad input or an invalid "
-            "submission; 3 the sandbox failed (the evaluator's fault)."
+            "On a track that takes snapshots, the evaluator asks for the model every snapshot_every_s and "
+            "scores each snapshot too (the validation curve); on a time-to-target track the score is when "
+            "the first model reached the target. Exit codes: 0 ok; 1 the run failed through the submission's "
+            "fault, or reached no target (not_reached); 2 bad input or an invalid submission; 3 the sandbox "
+            "failed (the evaluator's fault)."
         ),
     )
     run.add_argument("folder", metavar="DIR", help="the submission folder")

@@ -1,7 +1,9 @@
 """Signed results: `evaluator keygen`, `evaluator publish` and `evaluator verify`.
 
 A published result is an in-toto Statement v1 whose subject is the submission's tree hash and whose
-predicate is the run's `result.json` plus the training-loss curve it logged. The Statement travels
+predicate is the run's `result.json` plus the training-loss curve it logged. The two curves differ in
+whose word they are: the result's `val_curve` is what the evaluator measured on the models it took,
+the loss curve is what the submission reported through ctx.log, unverified. The Statement travels
 as the payload of a DSSE envelope signed with Ed25519 over DSSE's pre-authentication encoding
 (PAE), which binds the payload type to the signed bytes. Trusted public keys are the `*.pub` files
 in `spec/keys/`, one per signer; a key's name is its file name without the suffix.
@@ -41,6 +43,9 @@ PUBLIC_KEY_SUFFIX = ".pub"
 # Enough points to draw a smooth curve; a run that logs every step would otherwise bloat the envelope.
 LOSS_CURVE_MAX_POINTS = 1000
 LOSS_METRIC = "loss"
+# What is published: scored runs. not_reached is one too: on a time-to-target track, a run that was
+# scored and whose models all missed the target is an honest result, which the board lists as such.
+PUBLISHABLE_STATUSES = ("ok", "not_reached")
 
 _KEY_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _PATH_COMPONENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -208,8 +213,34 @@ def result_problem(result: Any) -> str | None:
             return f"{field}: {result[field]!r} is not an RFC 3339 date-time"
         if moment.tzinfo is None:
             return f"{field}: {result[field]!r} has no UTC offset"
-    if result["status"] == "ok" and result["metrics"] is None:
-        return "status is ok but metrics is null"
+    return _consistency_problem(result)
+
+
+def _consistency_problem(result: dict[str, Any]) -> str | None:
+    """What the schema cannot say: which fields a status implies. The leaderboard ranks on metrics,
+    draws val_curve and, on a time-to-target track, ranks on target.time_s; each must be there, and
+    agree with the status, whenever the status says the run was scored."""
+    status, target = result["status"], result["target"]
+    if status in PUBLISHABLE_STATUSES:
+        for field in ("metrics", "val_curve"):
+            if result[field] is None:
+                return f"status is {status} but {field} is null"
+    if status == "not_reached":
+        if target is None:
+            return "status is not_reached but target is null: only a time-to-target track has a target to miss"
+        if target["reached"] is not False:
+            return f"status is not_reached but target.reached is {json.dumps(target['reached'])}, not false"
+        if target["time_s"] is not None:
+            return "status is not_reached but target.time_s is set: a target not reached has no time"
+    if status == "ok" and target is not None:
+        if target["reached"] is not True:
+            return f"status is ok on a time-to-target track but target.reached is {json.dumps(target['reached'])}, not true"
+        if target["time_s"] is None:
+            return "status is ok on a time-to-target track but target.time_s is null: the time is its score"
+        first = next((point for point in result["val_curve"] if point["scored"] == "ok"
+                      and point["val_loss"] <= target["val_loss"]), None)
+        if first is None or first["time_s"] != target["time_s"]:
+            return "target.time_s is not the time of the val_curve's first model at or below the target"
     return None
 
 
@@ -309,9 +340,10 @@ def publish(
     """Sign one run's result into `results_dir`. Returns (path, newly written, warnings)."""
     run_dir = Path(run_dir)
     result = read_run_result(run_dir)
-    if result["status"] != "ok":
+    if result["status"] not in PUBLISHABLE_STATUSES:
         raise UserError(
-            f"refusing to publish run {result['run_id']}: status is {result['status']}, only ok runs are published"
+            f"refusing to publish run {result['run_id']}: status is {result['status']}, only scored runs "
+            "(ok, or not_reached on a time-to-target track) are published"
         )
     if result["smoke"]:
         raise UserError(
@@ -455,8 +487,8 @@ def _check_statement(statement: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     problem = result_problem(result)
     if problem:
         raise VerificationError(f"payload is not a valid result: {problem}")
-    if result["status"] != "ok":
-        raise VerificationError(f"the signed result has status {result['status']}, not ok")
+    if result["status"] not in PUBLISHABLE_STATUSES:
+        raise VerificationError(f"the signed result has status {result['status']}, not ok or not_reached")
     if result["smoke"]:
         raise VerificationError("the signed result is a smoke run, scored on a few documents only")
     submission = result["submission"]
@@ -559,6 +591,17 @@ def _run_publish(args: argparse.Namespace) -> int:
     return 0
 
 
+def score_text(result: dict[str, Any]) -> str:
+    """The run's score in a few words: its val_loss, and on a time-to-target track whether and when it got there."""
+    loss = f"val_loss {result['metrics']['val_loss']:.4f}"
+    target = result["target"]
+    if target is None:
+        return loss
+    if target["reached"]:
+        return f"reached val_loss {target['val_loss']:g} at {target['time_s']:.2f} s ({loss})"
+    return f"did not reach val_loss {target['val_loss']:g} (final model's {loss})"
+
+
 def _run_verify(args: argparse.Namespace) -> int:
     trusted = load_trusted_keys(Path(args.trusted_keys))
     if not trusted:
@@ -580,11 +623,10 @@ def _run_verify(args: argparse.Namespace) -> int:
             print(f"FAIL  {shown(path)}: {failures[path]}")
         else:
             good = by_path[path]
-            metrics = good.result["metrics"]
             mark = "" if good.result["official"] else ", unofficial"
             print(
                 f"OK    {shown(path)}: {good.result['submission']['name']} run {good.result['run_id']}, "
-                f"val_loss {metrics['val_loss']:.4f}{mark}, signed by {good.signer}"
+                f"{score_text(good.result)}{mark}, signed by {good.signer}"
             )
     sys.stderr.write(f"verify: {len(verified)} verified, {len(rejected)} failed\n")
     return 1 if rejected else 0
@@ -610,8 +652,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="sign a run's result into results/",
         description=(
             "Sign RUN_DIR/result.json as an in-toto Statement inside a DSSE envelope (Ed25519) and write it to "
-            "RESULTS/<track>/<submission>/<run-id>.json. Only ok runs are published; unofficial runs only with "
-            "--unofficial; a run whose submission folder or track file changed since it ran is refused."
+            "RESULTS/<track>/<submission>/<run-id>.json. Only scored runs are published (ok, or not_reached on "
+            "a time-to-target track); unofficial runs only with --unofficial; a run whose submission folder or track file changed since it ran is refused."
         ),
     )
     publish_parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory, e.g. results/runs/<run-id>")

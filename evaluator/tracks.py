@@ -26,6 +26,15 @@ def _track_schema() -> dict:
 
 
 @dataclass(frozen=True)
+class Target:
+    """A time-to-target track's goal: the first model at or below `val_loss` ends the race."""
+
+    val_loss: float
+    provisional: bool
+    provenance: str
+
+
+@dataclass(frozen=True)
 class Track:
     id: str
     path: Path
@@ -35,6 +44,20 @@ class Track:
     @property
     def budget_s(self) -> float:
         return float(self.raw["budget_s"])
+
+    @property
+    def snapshot_every_s(self) -> float | None:
+        """How often the evaluator asks for the model; None: the curve is the final model alone."""
+        value = self.raw.get("snapshot_every_s")
+        return None if value is None else float(value)
+
+    @property
+    def target(self) -> Target | None:
+        """The target of a time-to-target track; None on a fixed-time track."""
+        section = self.raw.get("target")
+        if section is None:
+            return None
+        return Target(val_loss=float(section["val_loss"]), provisional=section["provisional"], provenance=section["provenance"])
 
     @property
     def device_kind(self) -> str:

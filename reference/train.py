@@ -564,6 +564,8 @@ def train(ctx) -> nn.Module:
             step_time = dt if step <= 2 else max(0.8 * step_time + 0.2 * dt, dt)
             if step % cfg["log_every"] == 0 or step == 1:
                 ctx.log(step_total, loss=loss.item(), tokens=tokens_seen, flops=flops, lr_factor=f)
+            if ctx.snapshot_due():  # the evaluator's validation curve: the ensemble so far, as it would be returned
+                ctx.snapshot(Ensemble([*members, model]) if members else model)
         if step % cfg["log_every"]:  # so that the result's steps, tokens/s and FLOP/s count every step
             ctx.log(step_total, loss=loss.item(), tokens=tokens_seen, flops=flops, lr_factor=f)
         if ema is not None:

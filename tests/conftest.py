@@ -19,6 +19,8 @@ TINY_MODEL = '''
 import torch
 import torch.nn as nn
 
+from evaluator.api import RecomputeDecoder
+
 
 class TinyCausal(nn.Module):
     """Logits at t depend only on token t; a zero head gives uniform logits, so val_loss = ln(vocab)."""
@@ -31,6 +33,24 @@ class TinyCausal(nn.Module):
 
     def forward(self, tokens):
         return self.head(self.embed(tokens))
+
+    def decoder(self, rows):
+        # Its logits need only the newest token, so a step is one position. A subclass that changes
+        # forward (the attacks) is scored as a model without a decoder: its forward sees every prefix.
+        if type(self).forward is not TinyCausal.forward:
+            return RecomputeDecoder(self, rows)
+        return _NewestTokenDecoder(self)
+
+
+class _NewestTokenDecoder:
+    def __init__(self, model):
+        self.model = model
+
+    def step(self, tokens):
+        return self.model(tokens.reshape(-1, 1))[:, -1]
+
+    def keep(self, rows):
+        pass
 '''
 
 

@@ -73,7 +73,7 @@ CASES = [
     ("unknown-top-level-key", lambda f: _replace(f, "schema = 1", "schema = 1\nshcema = 1"), ["manifest.toml:3:1", "unknown key 'shcema' in the top level"]),
     ("unknown-submission-key", lambda f: _replace(f, 'track = "t4-5min"', 'track = "t4-5min"\ntrak = "x"'), ["unknown key 'trak' in [submission]"]),
     ("unknown-entry-key", lambda f: _replace(f, 'function = "train"', 'function = "train"\nfunc = "x"'), ["unknown key 'func' in [entry]"]),
-    ("unknown-track", lambda f: _replace(f, 'track = "t4-5min"', 'track = "a100-1min"'), ["manifest.toml:6:1: submission.track: unknown track 'a100-1min'", "available tracks: cpu-1min, t4-5min"]),
+    ("unknown-track", lambda f: _replace(f, 'track = "t4-5min"', 'track = "a100-1min"'), ["manifest.toml:6:1: submission.track: unknown track 'a100-1min'", "available tracks: cpu-1min, cpu-target, t4-5min, t4-target"]),
     ("unknown-override-track", lambda f: _replace(f, "[tracks.cpu-1min.config]", "[tracks.cpu-2min.config]"), [f"manifest.toml:{OVERRIDE_LINE}:1: tracks.cpu-2min: unknown track"]),
     ("unknown-override-track-dotted-key", lambda f: _append(f, "\n[tracks]\ncpu-3min.config.d_model = 8\n"), [f"manifest.toml:{APPENDED_LINE + 2}:1: tracks.cpu-3min: unknown track"]),
     # What tomllib itself gives up on becomes a finding with its line, never a traceback.
@@ -81,13 +81,13 @@ CASES = [
     ("config-3000-nested-inline-tables", lambda f: _append(f, "deep = " + "{a = " * 3000 + "1" + "}" * 3000 + "\n"), [f"manifest.toml:{APPENDED_LINE}:", "too deeply for the TOML parser"]),
     ("config-5000-digit-integer", lambda f: _append(f, "big = " + "7" * 5000 + "\n"), [f"manifest.toml:{APPENDED_LINE}:7: holds an integer of more than 4300 digits", "TOML integers are 64-bit"]),
     # What the job file (JSON) cannot carry to train() is refused by check, not by a crash at run time.
-    ("config-integer-beyond-64-bits", lambda f: _append(f, f"big = {2**63}\n"), [f"manifest.toml:{APPENDED_LINE}:1: tracks.cpu-1min.config.big is outside the range of a TOML integer"]),
+    ("config-integer-beyond-64-bits", lambda f: _append(f, f"big = {2**63}\n"), [f"manifest.toml:{APPENDED_LINE}:1: tracks.cpu-target.config.big is outside the range of a TOML integer"]),
     ("config-negative-integer-beyond-64-bits", lambda f: _replace(f, "d_model = 128", f"d_model = {-2**63 - 1}"), ["config.d_model is outside the range of a TOML integer"]),
     ("config-datetime", lambda f: _replace(f, "d_model = 128", "d_model = 1979-05-27T07:32:00Z"), ["manifest.toml:16:1: config.d_model is a TOML date-time, which the job file (JSON)", '"1979-05-27T07:32:00+00:00"']),
     ("config-date-in-array", lambda f: _replace(f, "d_model = 128", "d_model = [1, 1979-05-27]"), ["config.d_model[1] is a TOML date,"]),
-    ("override-local-time", lambda f: _append(f, "start = 07:32:00\n"), [f"manifest.toml:{APPENDED_LINE}:1: tracks.cpu-1min.config.start is a TOML time"]),
-    ("config-9-deep", lambda f: _append(f, "deep = " + "[" * 9 + "1" + "]" * 9 + "\n"), ["tracks.cpu-1min.config.deep[0][0][0][0][0][0][0][0] nests arrays and tables more than 8 deep below [config]"]),
-    ("config-odd-key-named-escaped", lambda f: _append(f, '"odd\\u001b[2J key" = 1979-05-27\n'), ['tracks.cpu-1min.config."odd\\u001b[2J key" is a TOML date']),
+    ("override-local-time", lambda f: _append(f, "start = 07:32:00\n"), [f"manifest.toml:{APPENDED_LINE}:1: tracks.cpu-target.config.start is a TOML time"]),
+    ("config-9-deep", lambda f: _append(f, "deep = " + "[" * 9 + "1" + "]" * 9 + "\n"), ["tracks.cpu-target.config.deep[0][0][0][0][0][0][0][0] nests arrays and tables more than 8 deep below [config]"]),
+    ("config-odd-key-named-escaped", lambda f: _append(f, '"odd\\u001b[2J key" = 1979-05-27\n'), ['tracks.cpu-target.config."odd\\u001b[2J key" is a TOML date']),
     # Free text reaches the leaderboard: one line, no control characters.
     ("newline-in-author", lambda f: _replace(f, '["Your Name <you@example.org>"]', '["Eve", "Mallory\\n| forged | row |"]'), ["manifest.toml:7:1: submission.authors[1] holds a control character at position 8 (a newline): it must be one line of plain text"]),
     ("tab-in-author", lambda f: _replace(f, "Your Name", "Your\\tName"), ["submission.authors[0] holds a control character at position 5 (a tab)"]),

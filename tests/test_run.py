@@ -46,6 +46,11 @@ def test_ok_run_is_scored_recorded_and_cleaned_up(tmp_path, runs_dir, capsys):
     assert record["scoring"] == {"protocol": "streamed", "passes": 2, "consistency_nats": 1e-3}
     assert isinstance(record["scoring_seconds"], int)
     assert 0 < record["train"]["train_seconds"] <= 5
+    # No snapshot within 5 s of a track that takes one every 20 s: the curve is the final model alone.
+    assert record["val_curve"] == [{"time_s": round(record["train"]["train_seconds"], 2), "model": "final",
+                                    "val_loss": record["metrics"]["val_loss"], "val_bpb": record["metrics"]["val_bpb"],
+                                    "scored": "ok"}]
+    assert record["target"] is None
     assert record["environment"]["sandbox"]["kind"] == "nsjail"
     assert record["official"] is False and "budget overridden" in record["unofficial_reasons"][0]
     assert (record["seed"], record["seed_drawn"]) == (0, False)  # the track's public default seed
@@ -80,6 +85,45 @@ def test_the_clock_cannot_be_escaped(tmp_path, runs_dir, capsys, name, body):
     assert code == 1
     assert record["metrics"] is None
     assert time.monotonic() - began < 3 + STARTUP_SLACK_S
+    _assert_nothing_left(record, runs_dir)
+
+
+# Buries an early "saved" behind a flood of lines, then goes on replacing model.pt with models that
+# carry the (advisory) time they were made at, until the jail is killed.
+SAVED_BEHIND_A_FLOOD = """
+import gc, json, os, sys, time
+import torch
+
+def train(ctx):
+    out = json.load(open(sys.argv[sys.argv.index("--job") + 1]))["out_dir"]
+    channel = next(o for o in gc.get_objects() if type(o).__name__ == "_Channel")
+    model = TinyCausal(ctx.vocab_size)
+    model.register_buffer("made_at", torch.tensor(ctx.elapsed()))
+    torch.save(model, out + "/model.pt")
+    for _ in range(100_000):
+        channel.send("snapshot", bytes=1, save_s=0.0)
+    channel.send("saved", bytes=1)
+    while True:
+        model.made_at.fill_(ctx.elapsed())
+        torch.save(model, out + "/next.pt")
+        os.replace(out + "/next.pt", out + "/model.pt")
+"""
+
+
+def test_an_early_saved_behind_a_backlog_stops_the_clock_only_when_the_jail_is_dead(tmp_path, runs_dir, capsys):
+    """The clock stops when the jail is dead, not when "saved" was read: whatever the model file
+    holds was written before the recorded time, however many lines the jail queued before it."""
+    folder = write_submission(tmp_path, "saved-behind-a-flood", SAVED_BEHIND_A_FLOOD)
+    code, record = run_cli(folder, runs_dir, "--budget", "20", "--smoke", "--sandbox", "nsjail", capsys=capsys)
+    assert (code, record["status"]) == (0, "ok"), record["message"]
+    made_at = subprocess.run(
+        [sys.executable, "-c", "import sys, torch; sys.path.insert(0, sys.argv[1]); "
+         "print(float(torch.load(sys.argv[2], weights_only=False).made_at))",
+         str(folder), str(runs_dir / record["run_id"] / "model.pt")],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    # The jail's advisory clock starts a moment after the evaluator's: allow it 50 ms.
+    assert float(made_at) <= record["train"]["train_seconds"] + 0.05
     _assert_nothing_left(record, runs_dir)
 
 

@@ -70,6 +70,38 @@ def editable_tracks(tmp_path, monkeypatch) -> Path:
     return tracks
 
 
+def make_val_curve(
+    train_seconds: float,
+    val_loss: float,
+    snapshot_every_s: float | None,
+    target: float | None = None,
+    time_to_target: float | None = None,
+) -> list[dict]:
+    """The curve the evaluator would measure: a snapshot every snapshot_every_s and the final model.
+
+    The deciding model (the final one, or on a target track the one taken at time_to_target) scores
+    val_loss, the models before it 0.1 apart above it (above the target on a target track), and on a
+    target track those after it are not scored."""
+    if time_to_target is not None and time_to_target > train_seconds:
+        raise ValueError("a run reaches its target while it trains")
+    times = []
+    while snapshot_every_s and (len(times) + 1) * snapshot_every_s < train_seconds:
+        times.append(round((len(times) + 1) * snapshot_every_s, 2))
+    if time_to_target is not None and time_to_target < train_seconds and time_to_target not in times:
+        times = sorted(times + [time_to_target])
+    models = [(time_s, "snapshot") for time_s in times] + [(round(train_seconds, 2), "final")]
+    deciding = len(models) - 1 if time_to_target is None else [t for t, _ in models].index(time_to_target)
+    above = val_loss if time_to_target is None else target
+    curve = []
+    for index, (time_s, model) in enumerate(models):
+        if index > deciding:
+            curve.append({"time_s": time_s, "model": model, "val_loss": None, "val_bpb": None, "scored": "not_needed"})
+            continue
+        loss = val_loss if index == deciding else round(above + 0.1 * (deciding - index), 4)
+        curve.append({"time_s": time_s, "model": model, "val_loss": loss, "val_bpb": round(loss / 2.3, 4), "scored": "ok"})
+    return curve
+
+
 def make_run(
     root: Path,
     run_id: str,
@@ -80,25 +112,41 @@ def make_run(
     val_loss: float = 4.0,
     started_at: datetime = T0,
     track: str = "cpu-1min",
-    status: str = "ok",
+    status: str | None = None,
     official: bool = True,
     authors: list[str] | None = None,
     loss_points: int = 40,
     extra_metric_rows: int = 0,
+    logged_rows: list[tuple[float, int, str, float]] = (),
     gpu_telemetry: dict | None = None,
     gpu: dict | None = None,
     calibration: dict | None = None,
+    snapshot_every_s: float | None = 20.0,
+    target: float | None = None,
+    provisional: bool = False,
+    time_to_target: float | None = None,
+    val_curve: list[dict] | None = None,
 ) -> Path:
-    """A run directory whose result.json validates against the schema, with a small metrics.parquet."""
+    """A run directory whose result.json validates against the schema, with a small metrics.parquet.
+
+    A time-to-target run: `target` is the track's target val_loss and `time_to_target` when the run
+    reached it (val_loss is then the deciding model's); without a time the run is not_reached (val_loss
+    is the final model's, above the target). `status` defaults to what these make of the run;
+    `logged_rows` are more (time_s, step, key, value) rows for metrics.parquet."""
+    if status is None:
+        status = "not_reached" if target is not None and time_to_target is None else "ok"
+    scored = status in ("ok", "not_reached")
     folder = make_submission(root, submission)
     run_dir = root / "runs" / run_id
     run_dir.mkdir(parents=True)
     train_seconds = 55.0 + seed
+    if val_curve is None and scored:
+        val_curve = make_val_curve(train_seconds, val_loss, snapshot_every_s, target, time_to_target)
     result = {
-        "schema_version": 5,
+        "schema_version": 6,
         "run_id": run_id,
         "status": status,
-        "message": "" if status == "ok" else "the train function raised",
+        "message": {"ok": "", "not_reached": "no model reached the target"}.get(status, "the train function raised"),
         "official": official,
         "unofficial_reasons": [] if official else ["--sandbox none: the run was not sandboxed"],
         "submission": {
@@ -109,7 +157,8 @@ def make_run(
             "tree_sha256": tree_sha256(folder),
             "path": str(folder),
         },
-        "track": {"id": track, "sha256": _track_sha256(track), "budget_s": 60, "device": "cpu"},
+        "track": {"id": track, "sha256": _track_sha256(track), "budget_s": 60, "device": "cpu",
+                  "snapshot_every_s": snapshot_every_s},
         "budget_s": 60,
         "data": {
             "dataset_id": "pydoc-100k",
@@ -124,11 +173,18 @@ def make_run(
         "smoke": False,
         "metrics": (
             {"val_loss": val_loss, "val_bpb": val_loss / 2.3, "val_tokens": 10000, "val_bytes": 40000, "val_documents": 100}
-            if status == "ok"
+            if scored
             else None
         ),
-        "scoring": {"protocol": "streamed", "passes": 2, "consistency_nats": 1e-3} if status == "ok" else None,
+        "scoring": {"protocol": "streamed", "passes": 2, "consistency_nats": 1e-3} if scored else None,
         "train": {"train_seconds": train_seconds, "steps": loss_points, "tokens": 1e6, "tokens_per_s": 1e6 / train_seconds},
+        "val_curve": val_curve if scored else None,
+        "target": None if target is None else {
+            "val_loss": target,
+            "provisional": provisional,
+            "reached": (time_to_target is not None) if scored else None,
+            "time_s": time_to_target if scored else None,
+        },
         "scoring_seconds": 4,
         "environment": {
             "python": "3.11.2",
@@ -149,6 +205,7 @@ def make_run(
         time_s = train_seconds * (step + 1) / loss_points
         rows.append((time_s, step, "loss", val_loss - 0.2 + 5.0 * 0.9 ** step))
     rows += [(0.5 * i, i, "lr", 1e-3) for i in range(extra_metric_rows)]
+    rows += list(logged_rows)
     table = pa.table(
         {
             "time_s": pa.array([r[0] for r in rows], pa.float64()),
@@ -270,6 +327,102 @@ def test_publish_refuses_a_run_that_is_not_ok(tmp_path, keys, monkeypatch, capsy
     code, _, stderr = run_cli(monkeypatch, capsys, "publish", run_dir, "--key", keys[0], "--results", tmp_path / "results")
     assert code == 2 and "status is crashed" in stderr
     assert not (tmp_path / "results").exists()
+
+
+# --- time-to-target runs: reached, not reached, and records whose fields disagree with their status ---
+
+
+def test_a_run_that_did_not_reach_its_target_is_published_and_verifies(tmp_path, keys, monkeypatch, capsys):
+    private, trusted = keys
+    run_dir = make_run(tmp_path, "missed", track="cpu-target", target=4.1, provisional=True, val_loss=4.3)
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["status"] == "not_reached" and result["target"] == {
+        "val_loss": 4.1, "provisional": True, "reached": False, "time_s": None}
+    code, stdout, stderr = run_cli(monkeypatch, capsys, "publish", run_dir, "--key", private, "--results", tmp_path / "results")
+    assert code == 0, stderr
+    target = published(tmp_path, run_dir)
+    assert decode_statement(target)["predicate"]["result"] == result
+    code, stdout, _ = run_cli(monkeypatch, capsys, "verify", target, "--trusted-keys", trusted)
+    assert code == 0 and stdout.startswith("OK") and "did not reach val_loss 4.1 (final model's val_loss 4.3000)" in stdout
+
+
+def test_a_run_that_reached_its_target_verifies_with_its_time(tmp_path, keys, monkeypatch, capsys):
+    private, trusted = keys
+    run_dir = make_run(tmp_path, "quick", track="cpu-target", target=4.1, time_to_target=27.5, val_loss=4.08)
+    result = json.loads((run_dir / "result.json").read_text())
+    scored = [point for point in result["val_curve"] if point["scored"] == "ok"]
+    assert result["status"] == "ok" and scored[-1] == {
+        "time_s": 27.5, "model": "snapshot", "val_loss": 4.08, "val_bpb": round(4.08 / 2.3, 4), "scored": "ok"}
+    assert {point["scored"] for point in result["val_curve"][len(scored):]} == {"not_needed"}
+    assert run_cli(monkeypatch, capsys, "publish", run_dir, "--key", private, "--results", tmp_path / "results")[0] == 0
+    code, stdout, _ = run_cli(monkeypatch, capsys, "verify", published(tmp_path, run_dir), "--trusted-keys", trusted)
+    assert code == 0 and "reached val_loss 4.1 at 27.50 s (val_loss 4.0800)" in stdout
+
+
+def test_publish_still_refuses_unscored_and_smoke_runs_of_a_target_track(tmp_path, keys, monkeypatch, capsys):
+    crashed = make_run(tmp_path, "crashed", track="cpu-target", target=4.1, status="crashed")
+    assert json.loads((crashed / "result.json").read_text())["target"]["reached"] is None
+    code, _, stderr = run_cli(monkeypatch, capsys, "publish", crashed, "--key", keys[0], "--results", tmp_path / "results")
+    assert code == 2 and "status is crashed" in stderr and "not_reached" in stderr
+    smoke = make_run(tmp_path, "smoke", track="cpu-target", target=4.1, official=False, val_loss=4.5)
+    result_path = smoke / "result.json"
+    result_path.write_text(result_path.read_text().replace('"smoke": false', '"smoke": true'))
+    code, _, stderr = run_cli(monkeypatch, capsys, "publish", smoke, "--key", keys[0], "--results", tmp_path / "results",
+                              "--unofficial")
+    assert code == 2 and "smoke run" in stderr
+    assert not (tmp_path / "results").exists()
+
+
+def _set(path: str, value):
+    """An edit of result.json: `value` at the dotted `path`."""
+    def edit(result: dict) -> None:
+        *parents, last = path.split(".")
+        for key in parents:
+            result = result[key]
+        result[last] = value
+    return edit
+
+
+# (what the run is, the edit that makes it inconsistent, the reason given)
+INCONSISTENT = {
+    "ok-without-curve": ({}, _set("val_curve", None), "status is ok but val_curve is null"),
+    "not-reached-without-metrics": ({"target": 4.1}, _set("metrics", None), "status is not_reached but metrics is null"),
+    "not-reached-without-curve": ({"target": 4.1}, _set("val_curve", None), "status is not_reached but val_curve is null"),
+    "not-reached-on-a-fixed-time-track": ({}, _set("status", "not_reached"), "status is not_reached but target is null"),
+    "not-reached-but-reached": ({"target": 4.1}, _set("target.reached", True), "status is not_reached but target.reached is true, not false"),
+    "not-reached-with-a-time": ({"target": 4.1}, _set("target.time_s", 12.0), "status is not_reached but target.time_s is set"),
+    "ok-but-not-reached": ({"target": 4.1, "time_to_target": 20.0}, _set("target.reached", False),
+                           "status is ok on a time-to-target track but target.reached is false, not true"),
+    "ok-reached-unknown": ({"target": 4.1, "time_to_target": 20.0}, _set("target.reached", None),
+                           "status is ok on a time-to-target track but target.reached is null, not true"),
+    "ok-without-a-time": ({"target": 4.1, "time_to_target": 20.0}, _set("target.time_s", None),
+                          "status is ok on a time-to-target track but target.time_s is null"),
+}
+
+
+@pytest.mark.parametrize("kind, edit, reason", INCONSISTENT.values(), ids=INCONSISTENT.keys())
+def test_publish_refuses_a_record_whose_fields_disagree_with_its_status(tmp_path, keys, monkeypatch, capsys, kind, edit, reason):
+    run_dir = make_run(tmp_path, "odd", track="cpu-target" if kind else "cpu-1min", val_loss=4.08, **kind)
+    result_path = run_dir / "result.json"
+    result = json.loads(result_path.read_text())
+    edit(result)
+    result_path.write_text(json.dumps(result))
+    code, _, stderr = run_cli(monkeypatch, capsys, "publish", run_dir, "--key", keys[0], "--results", tmp_path / "results")
+    assert code == 2 and "is not a valid result: " + reason in stderr and len(stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize("kind, edit, reason", INCONSISTENT.values(), ids=INCONSISTENT.keys())
+def test_verify_refuses_a_signed_record_whose_fields_disagree_with_its_status(tmp_path, keys, monkeypatch, capsys, kind, edit, reason):
+    # Signed by a trusted key, as an evaluator with a bug (or another evaluator) could have signed it.
+    private, trusted = keys
+    run_dir = make_run(tmp_path, "odd", track="cpu-target" if kind else "cpu-1min", val_loss=4.08, **kind)
+    result = json.loads((run_dir / "result.json").read_text())
+    edit(result)
+    target = tmp_path / "envelope.json"
+    target.write_bytes(_sign_with(private, build_statement(result, empty_loss_curve())))
+    code, stdout, _ = run_cli(monkeypatch, capsys, "verify", target, "--trusted-keys", trusted)
+    assert code == 1 and stdout.startswith("FAIL") and "payload is not a valid result: " + reason in stdout
 
 
 def test_publish_refuses_unofficial_unless_asked_and_then_marks_it(tmp_path, keys, monkeypatch, capsys):

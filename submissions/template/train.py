@@ -134,4 +134,7 @@ def train(ctx):
         tokens_seen += window[:, 1:].numel()
         if step % 5 == 0:
             ctx.log(step, loss=loss.item(), tokens=tokens_seen)
+        # The evaluator takes the model at its own times and scores each snapshot: your validation curve.
+        if ctx.snapshot_due():
+            ctx.snapshot(model)
     return model
