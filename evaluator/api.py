@@ -185,7 +185,8 @@ class Context:
 
     def snapshot_due(self) -> bool:
         """True when the evaluator wants a snapshot now (see the module docstring); cheap to call every step."""
-        return self._next_snapshot_s is not None and self._take_snapshot is not None and self.elapsed() >= self._next_snapshot_s
+        due_at = self._next_snapshot_s
+        return due_at is not None and self._take_snapshot is not None and self.elapsed() >= due_at
 
     def snapshot(self, model: Any) -> bool:
         """Hand the evaluator the model as it is now, if a snapshot is due; returns whether one was taken.

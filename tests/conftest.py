@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from evaluator.cli import main
+from evaluator.paths import HOME
 from evaluator.sandbox import Sandbox, SandboxUnavailable, cgroup_parent_dirs, open_sandbox
 
 
@@ -81,6 +82,24 @@ def run_cli(folder: Path, out: Path, *extra: str, capsys) -> tuple[int, dict]:
 @pytest.fixture
 def runs_dir(tmp_path: Path) -> Path:
     return tmp_path / "runs"
+
+
+@pytest.fixture
+def cpu_track_variant(tmp_path, monkeypatch):
+    """Installs variants of cpu-1min as extra tracks for this test: `variant(track_id, edit)` writes
+    `edit(cpu-1min's text with the new id)` as spec/tracks/<track_id>.toml and returns the id."""
+    tracks = tmp_path / "tracks"
+    tracks.mkdir()
+    for path in (HOME / "spec" / "tracks").glob("*.toml"):
+        (tracks / path.name).write_text(path.read_text())
+    monkeypatch.setattr("evaluator.tracks.TRACKS_DIR", tracks)
+
+    def variant(track_id: str, edit) -> str:
+        text = (HOME / "spec" / "tracks" / "cpu-1min.toml").read_text().replace('id = "cpu-1min"', f'id = "{track_id}"')
+        (tracks / f"{track_id}.toml").write_text(edit(text))
+        return track_id
+
+    return variant
 
 
 def processes_with(marker: str) -> list[int]:

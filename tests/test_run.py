@@ -201,21 +201,17 @@ def test_ctx_log_refuses_what_metrics_parquet_cannot_hold(tmp_path, runs_dir, ca
 
 
 @pytest.fixture
-def make_track(tmp_path, monkeypatch):
+def make_track(cpu_track_variant):
     """Installs a variant of cpu-1min with other sandbox limits as an extra track for this test."""
-    tracks = tmp_path / "tracks"
-    tracks.mkdir()
-    for path in (HOME / "spec" / "tracks").glob("*.toml"):
-        (tracks / path.name).write_text(path.read_text())
-    monkeypatch.setattr("evaluator.tracks.TRACKS_DIR", tracks)
 
     def make(track_id: str, **limits: int) -> str:
-        text = (HOME / "spec" / "tracks" / "cpu-1min.toml").read_text().replace('id = "cpu-1min"', f'id = "{track_id}"')
-        for key, value in limits.items():
-            text, count = re.subn(rf"(?m)^{key} = \d+", f"{key} = {value}", text)
-            assert count == 1, key
-        (tracks / f"{track_id}.toml").write_text(text)
-        return track_id
+        def edit(text: str) -> str:
+            for key, value in limits.items():
+                text, count = re.subn(rf"(?m)^{key} = \d+", f"{key} = {value}", text)
+                assert count == 1, key
+            return text
+
+        return cpu_track_variant(track_id, edit)
 
     return make
 

@@ -397,6 +397,8 @@ INCONSISTENT = {
                            "status is ok on a time-to-target track but target.reached is null, not true"),
     "ok-without-a-time": ({"target": 4.1, "time_to_target": 20.0}, _set("target.time_s", None),
                           "status is ok on a time-to-target track but target.time_s is null"),
+    "ok-with-a-time-the-curve-does-not-show": ({"target": 4.1, "time_to_target": 20.0}, _set("target.time_s", 10.0),
+                                               "target.time_s is not the time of the val_curve's first model at or below the target"),
 }
 
 

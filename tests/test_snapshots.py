@@ -12,7 +12,6 @@ import pytest
 
 from conftest import leftovers, run_cli, write_submission
 from evaluator.cli import main
-from evaluator.paths import HOME
 
 UNIFORM_LOSS = round(math.log(8192), 4)  # a zero head: uniform logits over the 8,192-token vocabulary
 
@@ -42,24 +41,26 @@ def make_worse(model):
 
 
 @pytest.fixture
-def snapshot_track(tmp_path, monkeypatch):
+def snapshot_track(cpu_track_variant):
     """cpu-1min with a snapshot every 2 s and, when asked, a target: an extra track for this test."""
-    tracks = tmp_path / "tracks"
-    tracks.mkdir()
-    for path in (HOME / "spec" / "tracks").glob("*.toml"):
-        (tracks / path.name).write_text(path.read_text())
-    monkeypatch.setattr("evaluator.tracks.TRACKS_DIR", tracks)
 
     def make(track_id: str, target: float | None = None) -> str:
-        text = (HOME / "spec" / "tracks" / "cpu-1min.toml").read_text().replace('id = "cpu-1min"', f'id = "{track_id}"')
-        text, count = re.subn(r"(?m)^snapshot_every_s = .*$", "snapshot_every_s = 2", text)
-        assert count == 1
-        if target is not None:
-            text += f'\n[target]\nval_loss = {target}\nprovisional = true\nprovenance = "a test"\n'
-        (tracks / f"{track_id}.toml").write_text(text)
-        return track_id
+        def edit(text: str) -> str:
+            text, count = re.subn(r"(?m)^snapshot_every_s = .*$", "snapshot_every_s = 2", text)
+            assert count == 1
+            if target is not None:
+                text += f'\n[target]\nval_loss = {target}\nprovisional = true\nprovenance = "a test"\n'
+            return text
+
+        return cpu_track_variant(track_id, edit)
 
     return make
+
+
+def _logged(runs_dir, record: dict) -> dict[str, float]:
+    """What the submission logged, by key (the last value of each)."""
+    rows = pq.read_table(runs_dir / record["run_id"] / "metrics.parquet").to_pylist()
+    return {row["key"]: row["value"] for row in rows}
 
 
 def _points(record: dict, model: str = "snapshot") -> list[dict]:
@@ -74,10 +75,10 @@ def test_snapshots_are_stamped_on_the_evaluators_clock_frozen_and_scored_like_th
     snapshot cannot be scored: a gap in the curve, and no later snapshot is scored."""
     body = JAIL_TOOLS + '''
 class Breakable(TinyCausal):
-    def forward(self, tokens):
+    def decoder(self, rows):
         if getattr(self, "broken", False):
             raise RuntimeError("this snapshot cannot be scored")
-        return super().forward(tokens)
+        return super().decoder(rows)
 
 
 def train(ctx):
@@ -108,7 +109,7 @@ def train(ctx):
     track = snapshot_track("cpu-snapshots")
     code, record = run_cli(folder, runs_dir, "--track", track, "--smoke", "--budget", "8.5", "--sandbox", "nsjail", capsys=capsys)
     assert (code, record["status"]) == (0, "ok"), record["message"]
-    logged = {row["key"]: row["value"] for row in pq.read_table(runs_dir / record["run_id"] / "metrics.parquet").to_pylist()}
+    logged = _logged(runs_dir, record)
     assert logged["early_taken"] == 0.0 and logged["again_taken"] == 0.0
     assert logged["taken"] == logged["offered"] == 3
 
@@ -129,6 +130,43 @@ def train(ctx):
     timings = json.loads((run_dir / "timings.json").read_text())
     assert len(timings["snapshot_take_s"]) == len(snapshots)
     assert leftovers(record["run_id"], run_dir) == []
+
+
+def test_a_snapshot_file_that_is_a_directory_or_sparse_is_refused_and_the_run_goes_on(
+        tmp_path, runs_dir, capsys, snapshot_track):
+    """What the jail leaves as snapshot.pt when it sends the line itself: a directory (which the
+    host cannot remove), then a sparse 100 MiB file (free for the jail, a real 100 MiB for the
+    host's disk). Both are refused, neither ends the run, and a real snapshot is taken after them."""
+    body = JAIL_TOOLS + '''
+import os
+
+
+def train(ctx):
+    model = TinyCausal(ctx.vocab_size)
+    channel = harness_channel()
+    path = jail_out() + "/snapshot.pt"
+    while not ctx.snapshot_due():
+        time.sleep(0.01)
+    os.mkdir(path)
+    channel.send("snapshot", bytes=1, save_s=0.0)
+    directory = channel.answer()
+    os.rmdir(path)
+    with open(path, "wb") as sparse:
+        sparse.truncate(100 * 2**20)
+    channel.send("snapshot", bytes=1, save_s=0.0)
+    hollow = channel.answer()
+    taken = ctx.snapshot(model)
+    ctx.log(1, directory=float(directory["taken"]), sparse=float(hollow["taken"]), taken=float(taken))
+    return model
+'''
+    folder = write_submission(tmp_path, "odd-snapshot-files", body)
+    track = snapshot_track("cpu-snapshots")
+    code, record = run_cli(folder, runs_dir, "--track", track, "--smoke", "--budget", "5", "--sandbox", "nsjail", capsys=capsys)
+    assert (code, record["status"]) == (0, "ok"), record["message"]
+    logged = _logged(runs_dir, record)
+    assert (logged["directory"], logged["sparse"], logged["taken"]) == (0.0, 0.0, 1.0)
+    (snapshot,) = _points(record)
+    assert 2 <= snapshot["time_s"] < 4 and (snapshot["scored"], snapshot["val_loss"]) == ("ok", UNIFORM_LOSS)
 
 
 TARGET_BODY = JAIL_TOOLS + '''

@@ -49,7 +49,7 @@ def test_code_in_the_pickle_and_in_forward_runs_only_in_the_scoring_jail(disk_di
             "tcp_port": listener.getsockname()[1],
         }
         folder = attack_submission(disk_dir, "snooping-model", "snooping_model", config)
-        code, record = run_cli(folder, runs_dir, "--budget", "10", "--sandbox", "nsjail", "--debug-scoring", capsys=capsys)
+        code, record = run_cli(folder, runs_dir, "--budget", "10", "--smoke", "--sandbox", "nsjail", "--debug-scoring", capsys=capsys)
         with pytest.raises(BlockingIOError):
             listener.accept()
     assert (code, record["status"]) == (0, "ok"), record["message"]
