@@ -77,6 +77,12 @@ def _init_device(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _clear_snapshot(out_dir: Path) -> None:
+    """The output dir is a tmpfs the size of one model: a snapshot the evaluator refused (one sent
+    a moment before it was due on its clock) must not leave too little room for the next save."""
+    (out_dir / SNAPSHOT_FILE).unlink(missing_ok=True)
+
+
 def _save(model, path: Path) -> int:
     import torch
 
@@ -117,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def take_snapshot(model) -> tuple[bool, float | None]:
         started = time.monotonic()
+        _clear_snapshot(Path(job["out_dir"]))
         size = _save(model, Path(job["out_dir"]) / SNAPSHOT_FILE)
         channel.send("snapshot", bytes=size, save_s=time.monotonic() - started)
         answer = channel.answer()
@@ -155,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         if job["device"].startswith("cuda"):
             torch.cuda.synchronize()
         signal.setitimer(signal.ITIMER_REAL, 0)
+        _clear_snapshot(Path(job["out_dir"]))
         size = _save(model, Path(job["out_dir"]) / MODEL_FILE)
     except BudgetExceeded as exc:
         channel.send("error", kind="over_budget", message=str(exc))

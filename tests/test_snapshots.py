@@ -169,6 +169,32 @@ def train(ctx):
     assert 2 <= snapshot["time_s"] < 4 and (snapshot["scored"], snapshot["val_loss"]) == ("ok", UNIFORM_LOSS)
 
 
+def test_a_refused_snapshot_leaves_room_for_the_next_save_in_a_tmpfs_of_one_model(
+        tmp_path, runs_dir, capsys, cpu_track_variant):
+    """The output dir holds one model (4 MiB here). A snapshot the evaluator refused, as one sent a
+    moment before it was due on its clock is, stays there; the next snapshot and the final model
+    must still fit. A 2.6 MB model, refused once, then taken, then returned."""
+    body = JAIL_TOOLS + '''
+def train(ctx):
+    model = TinyCausal(ctx.vocab_size, width=40)
+    torch.save(model, jail_out() + "/snapshot.pt")
+    channel = harness_channel()
+    channel.send("snapshot", bytes=1, save_s=0.0)
+    refused = channel.answer()
+    while not ctx.snapshot_due():
+        time.sleep(0.01)
+    ctx.log(1, refused_taken=float(refused["taken"]), taken=float(ctx.snapshot(model)))
+    return model
+'''
+    folder = write_submission(tmp_path, "refused-then-taken", body)
+    track = cpu_track_variant("cpu-one-small-model", lambda text: re.sub(
+        r"(?m)^snapshot_every_s = .*$", "snapshot_every_s = 2", re.sub(r"(?m)^model_mib = \d+", "model_mib = 4", text)))
+    code, record = run_cli(folder, runs_dir, "--track", track, "--smoke", "--budget", "5", "--sandbox", "nsjail", capsys=capsys)
+    assert (code, record["status"]) == (0, "ok"), record["message"]
+    assert (_logged(runs_dir, record)["refused_taken"], _logged(runs_dir, record)["taken"]) == (0.0, 1.0)
+    assert [point["model"] for point in record["val_curve"]] == ["snapshot", "final"]
+
+
 TARGET_BODY = JAIL_TOOLS + '''
 def train(ctx):
     model = TinyCausal(ctx.vocab_size)
