@@ -12,7 +12,7 @@ STAMP := $(VENV)/.setup-done
 # python3.11 and python3.11-venv for the tests that run the wheel as a user who cannot reach pyenv.
 APT_PACKAGES := libnl-route-3-200 python3.11-doc python3.11 python3.11-venv
 
-.PHONY: setup demo test bench results clean
+.PHONY: setup demo test test-fast bench results clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,10 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# The inner loop: everything but the tests marked slow (under a minute). CI runs `make test`.
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
 
 # Benchmarks print figures; they are not tests. bench: reference vs seed-moe vs template, 2 seeds.
 bench: setup

@@ -38,14 +38,14 @@ def main() -> int:
     track = load_track("cpu-1min")
     medians = []
     for number in range(1, args.rounds + 1):
-        timing = time_workload("cpu", track.threads, args.repeats)
+        timing = time_workload("cpu", track.device.threads, args.repeats)
         medians.append(timing.median_s)
         print(f"round {number}: median {timing.median_s:.3f} s, min {min(timing.seconds):.3f}, "
               f"max {max(timing.seconds):.3f}, spread {100 * timing.spread:.1f}% over {args.repeats} repeats")
     tokens = TIMED_STEPS * BATCH * SEQ_LEN
     flops = tokens * _matmul_flops_per_token()
     median = statistics.median(medians)
-    print(f"{WORKLOAD} on the CPU, {track.threads} threads: median of the round medians {median:.3f} s "
+    print(f"{WORKLOAD} on the CPU, {track.device.threads} threads: median of the round medians {median:.3f} s "
           f"(rounds {min(medians):.3f}-{max(medians):.3f}); {tokens} tokens, {flops / 1e9:.0f} GFLOP by count, "
           f"{flops / median / 1e9:.1f} GFLOP/s achieved")
     reference = track.calibration

@@ -24,7 +24,8 @@ from rich.table import Table
 
 from evaluator.cli import run_guarded
 from evaluator.paths import HOME
-from evaluator.runner import evaluate, last_logged_metric
+from evaluator.metrics import last_logged_metric
+from evaluator.runner import evaluate
 from evaluator.tracks import load_track
 
 DEFAULT_SUBMISSIONS = ["reference", "submissions/seed-moe", "submissions/template"]
@@ -70,8 +71,8 @@ def main() -> int:
     console = Console(stderr=True)
     out = args.out or HOME / "benchmarks" / "out" / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     track = load_track(args.track)
-    peak = matmul_peak_flops(track.threads)
-    console.print(f"float32 matmul peak on {track.threads} thread(s): {peak / 1e9:.1f} GFLOP/s")
+    peak = matmul_peak_flops(track.device.threads)
+    console.print(f"float32 matmul peak on {track.device.threads} thread(s): {peak / 1e9:.1f} GFLOP/s")
 
     runs: dict[str, list[tuple[dict, Path]]] = {s: [] for s in args.submissions}
     for seed in args.seeds:
@@ -115,7 +116,7 @@ def main() -> int:
     markdown = [
         f"# Side-by-side: {args.track}, seeds {', '.join(map(str, args.seeds))}, budget {args.budget or track.budget_s:g} s",
         "",
-        f"float32 matmul peak on {track.threads} thread(s): {peak / 1e9:.1f} GFLOP/s. Command: `{' '.join(sys.argv)}`",
+        f"float32 matmul peak on {track.device.threads} thread(s): {peak / 1e9:.1f} GFLOP/s. Command: `{' '.join(sys.argv)}`",
         "",
         "| " + " | ".join(headers) + " |",
         "|" + "---|" * len(headers),

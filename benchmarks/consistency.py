@@ -46,11 +46,11 @@ def _trained(name: str, folder: Path, seconds: float, vocab_size: int, eos_id: i
                     parameter.normal_(0.0, 0.02, generator=generator)
         return model.eval()
     manifest, _ = parse_manifest(folder)
-    torch.set_num_threads(track.threads)
+    torch.set_num_threads(track.device.threads)
     ctx = Context(
         train_tokens=read_train_tokens(resolve_data_file(track, "train"), eos_id), vocab_size=vocab_size,
         eos_id=eos_id, device="cpu", config=manifest.config_for(track.id), seed=0, budget_s=seconds,
-        scratch=Path(tempfile.gettempdir()), eval_seq_len=track.eval["seq_len"],
+        scratch=Path(tempfile.gettempdir()), eval_seq_len=track.eval.seq_len,
     )
     return sys.modules["train"].train(ctx).eval()
 
@@ -64,11 +64,11 @@ def main() -> None:
     track = load_track("cpu-1min")
     vocab_size, eos_id = tokenizer_info(resolve_data_file(track, "tokenizer"))
     documents = read_documents(resolve_data_file(track, "val"))
-    windows = [w for d in sorted(documents, key=lambda d: d.doc_id) for w in _windows(d, eos_id, track.eval["seq_len"])]
+    windows = [w for d in sorted(documents, key=lambda d: d.doc_id) for w in _windows(d, eos_id, track.eval.seq_len)]
     val_tokens = sum(len(d.tokens) for d in documents)
     sandbox = open_sandbox("nsjail")
-    limits = ScoringLimits(load_s=track.eval["load_s"], step_s=track.eval["step_s"], total_s=900,
-                           consistency_nats=track.eval["consistency_nats"])
+    limits = ScoringLimits(load_s=track.eval.load_s, step_s=track.eval.step_s, total_s=900,
+                           consistency_nats=track.eval.consistency_nats)
     table = Table(title=f"per-document log-likelihood, pass A - pass B, cpu-1min, {args.seeds} secret seeds")
     for column in ("model", "val_loss", "max |diff| per document, nats", "mean diff per token, nats", "track tolerance"):
         table.add_column(column, justify="left" if column == "model" else "right")
@@ -82,19 +82,19 @@ def main() -> None:
             for seed in range(args.seeds):
                 console.print(f"{name}: scoring, seed {seed} ...")
                 rng = random.Random(seed)
-                compositions = [compose(windows, track.eval["batch_size"], rng) for _ in range(PASSES)]
+                compositions = [compose(windows, track.eval.batch_size, rng) for _ in range(PASSES)]
                 first, second = _score_passes(
                     sandbox, compositions, limits, name=f"bench-consistency-{name}-{seed}",
                     model_path=model_path, submission_dir=folder, vocab_size=vocab_size, device="cpu",
-                    threads=track.threads, memory_bytes=track.sandbox["memory_mib"] * 2**20,
-                    pids=track.sandbox["pids"], debug_log_dir=None,
+                    threads=track.device.threads, memory_bytes=track.sandbox.memory_mib * 2**20,
+                    pids=track.sandbox.pids, debug_log_dir=None,
                 )
                 differences = [first[doc] - second[doc] for doc in first]
                 worst = max(worst, max(abs(d) for d in differences))
                 means.append(math.fsum(differences) / val_tokens)
                 losses.append(math.fsum(first.values()) / val_tokens)
             table.add_row(name, f"{sum(losses) / len(losses):.4f}", f"{worst:.2e}",
-                          f"{max(means, key=abs):+.2e}", f"{track.eval['consistency_nats']:g}")
+                          f"{max(means, key=abs):+.2e}", f"{track.eval.consistency_nats:g}")
     Console().print(table)
 
 

@@ -113,11 +113,11 @@ def measure_scoring(console: Console) -> list[tuple[str, float, float]]:
             began = time.monotonic()
             score_model(
                 sandbox=sandbox, name=f"bench-scoring-{len(figures)}", model_path=model_path, submission_dir=folder,
-                documents=documents, vocab_size=vocab_size, eos_id=eos_id, seq_len=track.eval["seq_len"],
-                batch_size=track.eval["batch_size"], device="cpu", gpu=None, threads=track.threads,
-                limits=ScoringLimits(load_s=track.eval["load_s"], step_s=track.eval["step_s"],
-                                     total_s=BENCHMARK_SCORING_S, consistency_nats=track.eval["consistency_nats"]),
-                memory_bytes=track.sandbox["memory_mib"] * 2**20, pids=track.sandbox["pids"],
+                documents=documents, vocab_size=vocab_size, eos_id=eos_id, seq_len=track.eval.seq_len,
+                batch_size=track.eval.batch_size, device="cpu", gpu=None, threads=track.device.threads,
+                limits=ScoringLimits(load_s=track.eval.load_s, step_s=track.eval.step_s,
+                                     total_s=BENCHMARK_SCORING_S, consistency_nats=track.eval.consistency_nats),
+                memory_bytes=track.sandbox.memory_mib * 2**20, pids=track.sandbox.pids,
             )
             wall = time.monotonic() - began
             figures.append((name, wall, wall / PASSES))
@@ -132,7 +132,7 @@ def main() -> None:
     console = Console(stderr=True)
     if not args.scoring_only:
         training_overhead(args.repeats, console)
-    limit = load_track("cpu-1min").eval["time_limit_s"]
+    limit = load_track("cpu-1min").eval.time_limit_s
     table = Table(title="scoring on cpu-1min: 100 validation documents, 2 passes, sealed nsjail, 2 threads")
     for column in ("model", "all of scoring, s", "per pass, s", f"within the track's {limit:g} s"):
         table.add_column(column, justify="left" if column == "model" else "right")

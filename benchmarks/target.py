@@ -23,8 +23,9 @@ from rich.console import Console
 
 from evaluator.cli import run_guarded
 from evaluator.paths import HOME, KEYS_DIR, RESULTS_DIR
+from evaluator.publish import envelope_paths, verify_paths
 from evaluator.runner import evaluate
-from evaluator.signing import envelope_paths, load_trusted_keys, verify_paths
+from evaluator.signing import load_trusted_keys
 from evaluator.tracks import load_track
 
 REFERENCE = HOME / "reference"

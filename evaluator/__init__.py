@@ -1,7 +1,8 @@
 """Honest evaluator for LLM training speedruns.
 
-The pipeline, one module per stage: manifest -> check -> sandbox -> harness -> scoring -> results ->
-leaderboard. `evaluator.api` is the only module a submission imports.
+The pipeline, one module or package per stage (docs/ARCHITECTURE.md): manifest -> check -> plan ->
+sandbox -> harness and training -> scoring and curve -> results -> signing and publish -> leaderboard;
+batch runs it on a cluster. `evaluator.api` is the only module a submission imports.
 """
 
 __version__ = "0.1.0"

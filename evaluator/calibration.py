@@ -161,26 +161,26 @@ def time_workload(device_kind: str, threads: int, repeats: int = DEFAULT_REPEATS
 def calibrate(track: Track, repeats: int = DEFAULT_REPEATS, cuda_index: int = 0) -> Calibration:
     """Time this host and compare it with the track's figure: factor > 1 means this host is slower."""
     reference = track.calibration
-    if reference["workload"] != WORKLOAD:
-        raise UserError(f"track {track.id} states a time for workload {reference['workload']!r}; this evaluator "
+    if reference.workload != WORKLOAD:
+        raise UserError(f"track {track.id} states a time for workload {reference.workload!r}; this evaluator "
                         f"runs {WORKLOAD!r}: the track file needs a new [calibration] figure")
-    timing = time_workload(track.device_kind, track.threads, repeats, cuda_index)
-    factor = timing.median_s / reference["seconds"]
+    timing = time_workload(track.device.kind, track.device.threads, repeats, cuda_index)
+    factor = timing.median_s / reference.seconds
     low, high = FACTOR_RANGE
     if not low <= factor <= high:
-        raise UserError(f"this host took {timing.median_s:.4g} s against track {track.id}'s {reference['seconds']:g} s: a "
+        raise UserError(f"this host took {timing.median_s:.4g} s against track {track.id}'s {reference.seconds:g} s: a "
                         f"factor of {factor:.3g}, outside {low:g}-{high:g}, compares things too unlike to scale a budget by")
     return Calibration(
         workload=WORKLOAD, factor=round(factor, 3), host_seconds=round(timing.median_s, 4),
         host_repeats=[round(seconds, 4) for seconds in timing.seconds], host_spread=round(timing.spread, 4),
-        host_device=timing.device, host_threads=timing.threads, track_seconds=reference["seconds"],
-        track_provenance=reference["provenance"],
+        host_device=timing.device, host_threads=timing.threads, track_seconds=reference.seconds,
+        track_provenance=reference.provenance,
     )
 
 
 def _run_calibrate(args: argparse.Namespace) -> int:
     track = load_track(args.track)
-    if track.device_kind == "cuda":
+    if track.device.kind == "cuda":
         # Held like a run's GPU: timing a GPU another run trains on would slow that run and time both.
         with hold_host(exclusive=False, holder=f"pid {os.getpid()}, evaluator calibrate"), \
                 hold_gpu(args.gpu, f"pid {os.getpid()}, evaluator calibrate") as placement:

@@ -18,8 +18,9 @@ COMMAND_MODULES = [
     "evaluator.runner",
     "evaluator.dataset.cli",
     "evaluator.signing",
-    "evaluator.leaderboard",
-    "evaluator.batch",
+    "evaluator.publish",
+    "evaluator.leaderboard.cli",
+    "evaluator.batch.driver",
     "evaluator.calibration",
 ]
 

@@ -8,8 +8,8 @@ from receiving "start" to receiving "saved", and it kills the jail as soon as "s
 
 Protocol: JSON lines on the original stdout; the submission's own stdout goes to stderr (the
 captured log). The evaluator answers a "snapshot" (SNAPSHOT_FILE is saved) with one JSON line on
-stdin: whether it took the snapshot, and when the next one is due. Imports only the submission API,
-the data loader and torch.
+stdin: whether it took the snapshot, and when the next one is due. Imports only the job file, the
+submission API, the data loader and torch (evaluator/in_jail.py).
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ import sys
 import time
 import traceback
 from pathlib import Path
+
+from evaluator.job import Job
 
 MODEL_FILE = "model.pt"
 SNAPSHOT_FILE = "snapshot.pt"
@@ -98,7 +100,7 @@ def _save(model, path: Path) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(sys.argv[1:] if argv is None else argv)
     channel = _Channel()
-    job = json.loads(args.job.read_text())
+    job = Job.read(args.job)
     # Phase times before the clock, reported for the overhead benchmark only (advisory, untrusted).
     phases = {}
     mark = time.monotonic()
@@ -110,12 +112,12 @@ def main(argv: list[str] | None = None) -> int:
 
     phases["import_s"] = time.monotonic() - mark
     mark = time.monotonic()
-    _set_threads(job["threads"])
-    _init_device(job["device"])
-    torch.manual_seed(job["seed"])
+    _set_threads(job.threads)
+    _init_device(job.device)
+    torch.manual_seed(job.seed)
     phases["device_init_s"] = time.monotonic() - mark
     mark = time.monotonic()
-    train_tokens = read_train_tokens(Path(job["train_path"]), job["eos_id"])
+    train_tokens = read_train_tokens(job.train_path, job.eos_id)
     phases["data_load_s"] = time.monotonic() - mark
 
     def emit(step: int, metrics: dict[str, float]) -> None:
@@ -123,47 +125,47 @@ def main(argv: list[str] | None = None) -> int:
 
     def take_snapshot(model) -> tuple[bool, float | None]:
         started = time.monotonic()
-        _clear_snapshot(Path(job["out_dir"]))
-        size = _save(model, Path(job["out_dir"]) / SNAPSHOT_FILE)
+        _clear_snapshot(job.out_dir)
+        size = _save(model, job.out_dir / SNAPSHOT_FILE)
         channel.send("snapshot", bytes=size, save_s=time.monotonic() - started)
         answer = channel.answer()
         next_due = answer.get("next_due_s")
         return answer.get("taken") is True, float(next_due) if isinstance(next_due, (int, float)) else None
 
+    def out_of_time(signum, frame):
+        raise BudgetExceeded(f"training budget of {job.budget_s:g} s is spent")
+
+    channel.send("start", phases=phases)
+    # Made now, so that its own clock (advisory: the evaluator's is the one that counts) starts with
+    # the evaluator's.
     ctx = Context(
         train_tokens=train_tokens,
-        vocab_size=job["vocab_size"],
-        eos_id=job["eos_id"],
-        device=job["device"],
-        config=job["config"],
-        seed=job["seed"],
-        budget_s=job["budget_s"],
-        scratch=Path(job["scratch"]),
-        eval_seq_len=job["eval_seq_len"],
-        snapshot_every_s=job["snapshot_every_s"],
+        vocab_size=job.vocab_size,
+        eos_id=job.eos_id,
+        device=job.device,
+        config=job.config,
+        seed=job.seed,
+        budget_s=job.budget_s,
+        scratch=job.scratch,
+        eval_seq_len=job.eval_seq_len,
+        snapshot_every_s=job.snapshot_every_s,
         _emit=emit,
         _take_snapshot=take_snapshot,
     )
-
-    def out_of_time(signum, frame):
-        raise BudgetExceeded(f"training budget of {job['budget_s']:g} s is spent")
-
-    channel.send("start", phases=phases)
-    ctx._started_at = time.monotonic()
     # A polite stop for code that never asks for time_left(); the evaluator's kill is the real one.
     signal.signal(signal.SIGALRM, out_of_time)
-    signal.setitimer(signal.ITIMER_REAL, job["budget_s"])
+    signal.setitimer(signal.ITIMER_REAL, job.budget_s)
     try:
-        sys.path.insert(0, job["submission_dir"])
-        module = importlib.import_module(job["module"])
-        model = getattr(module, job["function"])(ctx)
+        sys.path.insert(0, str(job.submission_dir))
+        module = importlib.import_module(job.module)
+        model = getattr(module, job.function)(ctx)
         if not isinstance(model, torch.nn.Module):
-            raise TypeError(f"{job['function']}() returned {type(model).__name__}, not a torch.nn.Module")
-        if job["device"].startswith("cuda"):
+            raise TypeError(f"{job.function}() returned {type(model).__name__}, not a torch.nn.Module")
+        if job.device.startswith("cuda"):
             torch.cuda.synchronize()
         signal.setitimer(signal.ITIMER_REAL, 0)
-        _clear_snapshot(Path(job["out_dir"]))
-        size = _save(model, Path(job["out_dir"]) / MODEL_FILE)
+        _clear_snapshot(job.out_dir)
+        size = _save(model, job.out_dir / MODEL_FILE)
     except BudgetExceeded as exc:
         channel.send("error", kind="over_budget", message=str(exc))
         return 1

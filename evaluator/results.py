@@ -1,4 +1,8 @@
-"""`result.json`: assembled from a run's facts, validated against `spec/result.schema.json`, written atomically."""
+"""`result.json`: assembled from a run's facts, validated, written atomically.
+
+`result_problems` is the one validator of a result: the run writes only what it passes, `evaluator
+batch` accepts only what it passes from a node, and `publish` and `verify` refuse what it refuses.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +12,22 @@ import re
 from datetime import datetime, timezone
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jsonschema
 
 from evaluator import __version__
-from evaluator.fsutil import atomic_write_text
+from evaluator.fsutil import atomic_write_text, sha256_file, tree_sha256
 from evaluator.gpus import Placement
-from evaluator.paths import SPEC_DIR
+from evaluator.manifest import MANIFEST_NAME
+from evaluator.metrics import last_logged
+from evaluator.paths import SPEC_DIR, shown
+from evaluator.plan import SMOKE_DOCUMENTS
+
+if TYPE_CHECKING:
+    from evaluator.curve import ScoredRun
+    from evaluator.plan import RunPlan
+    from evaluator.training import TrainingOutcome
 
 RESULT_FILE = "result.json"
 STATUSES = ("ok", "invalid_submission", "crashed", "over_budget", "out_of_memory", "killed", "invalid_model",
@@ -23,6 +35,8 @@ STATUSES = ("ok", "invalid_submission", "crashed", "over_budget", "out_of_memory
 # Exit codes of `evaluator run` (DESIGN.md): 0 ok, 1 the submission's fault (not_reached included: it
 # trained and was scored, and no model reached a time-to-target track's target), 2 bad input, 3 ours.
 EXIT_CODES = {status: 1 for status in STATUSES} | {"ok": 0, "invalid_submission": 2, "sandbox_error": 3}
+# The runs whose models were scored: their result carries metrics and a val_curve.
+SCORED_STATUSES = ("ok", "not_reached")
 
 
 @cache
@@ -30,21 +44,69 @@ def result_schema() -> dict:
     return json.loads((SPEC_DIR / "result.schema.json").read_text())
 
 
-def result_problems(record: dict[str, Any]) -> list[str]:
+def result_problems(result: Any) -> list[str]:
+    """Why `result` is not a valid result.json, or [] if it is: every schema error, or else the
+    first problem of what the schema cannot say (each of those checks reads fields the schema
+    guarantees, so it runs only once the schema holds)."""
     validator = jsonschema.Draft202012Validator(result_schema(), format_checker=jsonschema.FormatChecker())
-    return [
+    problems = [
         f"{'.'.join(map(str, e.absolute_path)) or '(top level)'}: {e.message}"
-        for e in sorted(validator.iter_errors(record), key=lambda e: list(map(str, e.absolute_path)))
+        for e in sorted(validator.iter_errors(result), key=lambda e: list(map(str, e.absolute_path)))
     ]
-
-
-def write_result(run_dir: Path, record: dict[str, Any]) -> Path:
-    """Validate, then write atomically: a result that does not match the schema is never written."""
-    problems = result_problems(record)
     if problems:
-        raise ValueError("result record does not match spec/result.schema.json: " + "; ".join(problems))
+        return problems
+    problem = _time_problem(result) or _consistency_problem(result)
+    return [problem] if problem else []
+
+
+def _time_problem(result: dict[str, Any]) -> str | None:
+    """The schema's date-time format is not enforced by jsonschema without extra packages; the
+    leaderboard compares these times, so they must parse and carry a UTC offset."""
+    for field in ("started_at", "ended_at"):
+        try:
+            moment = parse_utc(result[field])
+        except ValueError:
+            return f"{field}: {result[field]!r} is not an RFC 3339 date-time"
+        if moment.tzinfo is None:
+            return f"{field}: {result[field]!r} has no UTC offset"
+    return None
+
+
+def _consistency_problem(result: dict[str, Any]) -> str | None:
+    """What the schema cannot say: which fields a status implies. The leaderboard ranks on metrics,
+    draws val_curve and, on a time-to-target track, ranks on target.time_s; each must be there, and
+    agree with the status, whenever the status says the run was scored."""
+    status, target = result["status"], result["target"]
+    if status in SCORED_STATUSES:
+        for field in ("metrics", "val_curve"):
+            if result[field] is None:
+                return f"status is {status} but {field} is null"
+    if status == "not_reached":
+        if target is None:
+            return "status is not_reached but target is null: only a time-to-target track has a target to miss"
+        if target["reached"] is not False:
+            return f"status is not_reached but target.reached is {json.dumps(target['reached'])}, not false"
+        if target["time_s"] is not None:
+            return "status is not_reached but target.time_s is set: a target not reached has no time"
+    if status == "ok" and target is not None:
+        if target["reached"] is not True:
+            return f"status is ok on a time-to-target track but target.reached is {json.dumps(target['reached'])}, not true"
+        if target["time_s"] is None:
+            return "status is ok on a time-to-target track but target.time_s is null: the time is its score"
+        first = next((point for point in result["val_curve"] if point["scored"] == "ok"
+                      and point["val_loss"] <= target["val_loss"]), None)
+        if first is None or first["time_s"] != target["time_s"]:
+            return "target.time_s is not the time of the val_curve's first model at or below the target"
+    return None
+
+
+def write_result(run_dir: Path, result: dict[str, Any]) -> Path:
+    """Validate, then write atomically: a result that `result_problems` refuses is never written."""
+    problems = result_problems(result)
+    if problems:
+        raise ValueError("result is not valid, so it is not written: " + "; ".join(problems))
     path = Path(run_dir) / RESULT_FILE
-    atomic_write_text(path, json.dumps(record, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(path, json.dumps(result, indent=2, sort_keys=True) + "\n")
     return path
 
 
@@ -53,12 +115,12 @@ def utc_now() -> str:
 
 
 # RFC 3339's date-time: what every Python's fromisoformat reads alike (3.11 also takes ISO 8601's
-# week dates and basic format, 3.10 not even the "Z"), so a record verifies the same on each.
+# week dates and basic format, 3.10 not even the "Z"), so a result verifies the same on each.
 _RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?(Z|[+-]\d{2}:\d{2})")
 
 
 def parse_utc(moment: str) -> datetime:
-    """A record's time, as utc_now() writes it ("...Z") or with another offset; ValueError otherwise."""
+    """A result's time, as utc_now() writes it ("...Z") or with another offset; ValueError otherwise."""
     if not _RFC3339.fullmatch(moment):
         raise ValueError(f"{moment!r} is not an RFC 3339 date-time")
     return datetime.fromisoformat(moment[:-1] + "+00:00" if moment.endswith("Z") else moment)
@@ -100,4 +162,102 @@ def environment(
         "cpu": _cpu_name(),
         "gpu": _gpu_info(gpu),
         "sandbox": {"kind": sandbox_kind, "version": sandbox_version, "unavailable": list(sandbox_unavailable)},
+    }
+
+
+def _unofficial_reasons(plan: RunPlan, sandbox: dict, gpu: dict | None) -> list[str]:
+    track, budget_s = plan.track, plan.budget_s
+    reasons = []
+    if plan.overrides:
+        reasons.append("config overridden on the command line (--set): the submission's files do not describe what ran")
+    if plan.smoke:  # its budget is part of what a smoke run is
+        reasons.append(f"smoke run (--smoke): {budget_s:g} s of training, {SMOKE_DOCUMENTS} validation documents")
+    elif plan.calibration is not None:
+        reasons.append(f"budget calibrated: x{plan.calibration.factor:g} ({budget_s:.1f} s instead of the track's "
+                       f"{track.budget_s:g} s; the track's figure is {plan.calibration.track_provenance.split(' ', 1)[0]})")
+    elif budget_s != track.budget_s:
+        reasons.append(f"budget overridden: {budget_s:g} s instead of the track's {track.budget_s:g} s")
+    if sandbox["kind"] != "nsjail":
+        nsjail_missing = [what for what in sandbox["unavailable"] if what.startswith("nsjail: ")]
+        reasons.append(f"not sandboxed ({nsjail_missing[0]})" if nsjail_missing else "not sandboxed (--sandbox none)")
+    if plan.debug_scoring:
+        reasons.append("the model server's output was kept (--debug-scoring)")
+    wanted = track.device.gpu_name_contains
+    if wanted and (gpu is None or wanted not in gpu["name"]):
+        reasons.append(f"GPU is {gpu['name'] if gpu else 'absent'}; the track requires one whose name contains {wanted!r}")
+    return reasons
+
+
+def build_result(plan: RunPlan, outcome: TrainingOutcome, scored: ScoredRun | None, scoring_seconds: int | None,
+                 env: dict[str, Any], started: str) -> dict[str, Any]:
+    """The result of a run, from what its plan decided, what training and scoring found, and the
+    environment (`environment()`); `started` is when the sandbox was opened (utc_now())."""
+    rows = outcome.metrics_rows
+    tokens = last_logged(rows, "tokens")
+    reasons = _unofficial_reasons(plan, env["sandbox"], env["gpu"])
+    if plan.gpu is not None and plan.gpu.busy_pids:
+        pids = ", ".join(map(str, plan.gpu.busy_pids))
+        reasons.append(f"GPU {plan.gpu.board.pci_bus_id} had work of other processes when the run started (pids {pids})")
+    track = plan.track
+    scored = scored if outcome.status in SCORED_STATUSES else None
+    score = None if scored is None else scored.score
+    return {
+        "schema_version": 6,
+        "run_id": plan.run_id,
+        "status": outcome.status,
+        "message": outcome.message,
+        "official": not reasons,
+        "unofficial_reasons": reasons,
+        "submission": {
+            "name": plan.manifest.name,
+            "authors": plan.manifest.authors,
+            "description": plan.manifest.description,
+            "path": shown(plan.folder.resolve()),
+            "manifest_sha256": sha256_file(plan.staged / MANIFEST_NAME),
+            "tree_sha256": tree_sha256(plan.staged),
+        },
+        "track": {"id": track.id, "sha256": track.sha256, "budget_s": track.budget_s, "device": track.device.kind,
+                  "snapshot_every_s": track.snapshot_every_s},
+        "budget_s": plan.budget_s,
+        "data": {
+            "dataset_id": track.dataset.id,
+            "train_sha256": track.dataset.train.sha256,
+            "val_sha256": track.dataset.val.sha256,
+            "tokenizer_sha256": track.dataset.tokenizer.sha256,
+        },
+        "seed": plan.seed,
+        "seed_drawn": plan.seed_drawn,
+        "calibration": None if plan.calibration is None else plan.calibration.as_dict(),
+        "overrides": plan.overrides,
+        "smoke": plan.smoke,
+        "metrics": None if score is None else {
+            "val_loss": score.val_loss,
+            "val_bpb": score.val_bpb,
+            "val_tokens": score.val_tokens,
+            "val_bytes": score.val_bytes,
+            "val_documents": score.val_documents,
+        },
+        "scoring": None if score is None else {
+            "protocol": "streamed",
+            "passes": score.passes,
+            "consistency_nats": track.eval.consistency_nats,
+        },
+        "train": {
+            "train_seconds": outcome.train_seconds,
+            "steps": max((row[1] for row in rows), default=None),
+            "tokens": tokens,
+            "tokens_per_s": tokens / outcome.train_seconds if tokens and outcome.train_seconds else None,
+        },
+        "val_curve": None if scored is None else scored.curve,
+        "target": None if track.target is None else {
+            "val_loss": track.target.val_loss,
+            "provisional": track.target.provisional,
+            "reached": None if scored is None else scored.reached_at_s is not None,
+            "time_s": None if scored is None else scored.reached_at_s,
+        },
+        "scoring_seconds": None if scored is None else scoring_seconds,
+        "environment": env,
+        "gpu_telemetry": outcome.gpu_telemetry,
+        "started_at": started,
+        "ended_at": utc_now(),
     }

@@ -57,6 +57,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from evaluator import in_jail
 from evaluator.dataset.loader import Document
 from evaluator.errors import InvalidModel
 from evaluator.model_server import (
@@ -66,9 +67,6 @@ from evaluator.model_server import (
 from evaluator.nvml import Board
 from evaluator.sandbox import JailSpec, SandboxUnavailable
 
-EVALUATOR_PACKAGE_DIR = Path(__file__).resolve().parent
-# What a scoring jail runs of the evaluator: the server and the submission API it hands models.
-IN_JAIL_MODULES = ("__init__.py", "api.py", "model_server.py")
 TORCH_DTYPES = {name: getattr(torch, name) for name in LOGIT_DTYPES}
 # The server's own start (interpreter, `import torch`) is the evaluator's work, not the model's.
 SERVER_START_S = 120.0
@@ -384,7 +382,7 @@ def _server_spec(*, name: str, workdir: Path, image: Path | None, model_path: Pa
         "HOME": "/nonexistent",
         "OMP_NUM_THREADS": str(threads),
         "MKL_NUM_THREADS": str(threads),
-        "PYTHONPATH": str(EVALUATOR_PACKAGE_DIR.parent),
+        "PYTHONPATH": str(in_jail.PACKAGE_DIR.parent),
         # Nothing is writable in a sealed jail: CUDA must not try to keep a JIT cache there.
         "CUDA_CACHE_DISABLE": "1",
     }
@@ -434,14 +432,14 @@ def _score_passes(sandbox, compositions: list[list[list[_Window]]], limits: Scor
                   model_path: Path, submission_dir: Path, vocab_size: int, device: str, gpu: Board | None,
                   threads: int, memory_bytes: int, pids: int, debug_log_dir: Path | None) -> list[dict[str, float]]:
     """Each composition streamed in a jail of its own: per pass, each document's total nats."""
-    in_jail = [EVALUATOR_PACKAGE_DIR / module for module in IN_JAIL_MODULES] + [submission_dir, model_path]
+    image_paths = [*in_jail.sources(in_jail.SCORING), submission_dir, model_path]
     passes: list[dict[str, float]] = []
     total_tokens = sum(len(window.targets) for batch in compositions[0] for window in batch)
     # The servers' nsjail config and log never enter the run directory: the log holds their exit
     # status, a number the model chooses.
     with (
         tempfile.TemporaryDirectory(prefix="speedrun-scoring-") as scratch,
-        sandbox.memory_image(in_jail, gpu=gpu is not None) as image,
+        sandbox.memory_image(image_paths, gpu=gpu is not None) as image,
         _progress("scoring", len(compositions) * total_tokens) as advance,
     ):
         # From here: copying the image is the evaluator's work, not the model's time.

@@ -1,4 +1,7 @@
-"""Track files (`spec/tracks/*.toml`): loaded, validated against `spec/track.schema.json`, typed."""
+"""Track files (`spec/tracks/*.toml`): loaded, validated against `spec/track.schema.json`, typed.
+
+Each table of a track file is one frozen dataclass, so a misspelt field fails where it is read.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,6 @@ import json
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any
 
 import jsonschema
 
@@ -35,57 +37,79 @@ class Target:
 
 
 @dataclass(frozen=True)
+class Device:
+    kind: str  # "cpu" or "cuda"
+    threads: int  # CPU threads, enforced as CPU time (a cgroup quota)
+    gpu_name_contains: str | None = None  # a run on another GPU is unofficial
+    gpu_memory_gib: float | None = None  # what the track's GPU reports
+
+
+@dataclass(frozen=True)
+class SandboxLimits:
+    """The training jail's limits (the scoring jails share memory and pids)."""
+
+    memory_mib: int
+    pids: int
+    scratch_mib: int
+    model_mib: int  # the cap on model.pt and on each snapshot
+    log_mib: int
+    grace_s: float  # the sandbox's hard limit, this long after startup allowance plus budget
+
+
+@dataclass(frozen=True)
+class DataFile:
+    sha256: str
+    path: str | None = None  # relative to the home, or absolute; None: private, found by its hash
+
+
+@dataclass(frozen=True)
+class Dataset:
+    id: str
+    train: DataFile
+    val: DataFile
+    tokenizer: DataFile
+
+    def file(self, which: str) -> DataFile:
+        """`which` is "train", "val" or "tokenizer"."""
+        return {"train": self.train, "val": self.val, "tokenizer": self.tokenizer}[which]
+
+
+@dataclass(frozen=True)
+class EvalProtocol:
+    """How a model is scored (evaluator/scoring.py)."""
+
+    seq_len: int
+    batch_size: int
+    load_s: float
+    step_s: float
+    time_limit_s: float
+    consistency_nats: float
+
+
+@dataclass(frozen=True)
+class CalibrationFigure:
+    """The calibration workload's time on the track's hardware (docs/CALIBRATION.md)."""
+
+    workload: str
+    seconds: float
+    provenance: str
+
+
+@dataclass(frozen=True)
 class Track:
     id: str
     path: Path
     sha256: str
-    raw: dict[str, Any]
-
-    @property
-    def budget_s(self) -> float:
-        return float(self.raw["budget_s"])
-
-    @property
-    def snapshot_every_s(self) -> float | None:
-        """How often the evaluator asks for the model; None: the curve is the final model alone."""
-        value = self.raw.get("snapshot_every_s")
-        return None if value is None else float(value)
-
-    @property
-    def target(self) -> Target | None:
-        """The target of a time-to-target track; None on a fixed-time track."""
-        section = self.raw.get("target")
-        if section is None:
-            return None
-        return Target(val_loss=float(section["val_loss"]), provisional=section["provisional"], provenance=section["provenance"])
-
-    @property
-    def device_kind(self) -> str:
-        return self.raw["device"]["kind"]
-
-    @property
-    def threads(self) -> int:
-        return self.raw["device"]["threads"]
-
-    @property
-    def sandbox(self) -> dict[str, Any]:
-        return self.raw["sandbox"]
-
-    @property
-    def dataset(self) -> dict[str, Any]:
-        return self.raw["dataset"]
-
-    @property
-    def eval(self) -> dict[str, Any]:
-        return self.raw["eval"]
-
-    @property
-    def seeds(self) -> dict[str, Any]:
-        return self.raw["seeds"]
-
-    @property
-    def calibration(self) -> dict[str, Any]:
-        return self.raw["calibration"]
+    title: str
+    budget_s: float
+    snapshot_every_s: float | None  # how often the evaluator asks for the model; None: the final model alone
+    target: Target | None  # time-to-target tracks only
+    device: Device
+    sandbox: SandboxLimits
+    dataset: Dataset
+    eval: EvalProtocol
+    calibration: CalibrationFigure
+    default_seed: int  # the public seed of development runs
 
 
 def available_tracks() -> list[str]:
@@ -123,4 +147,22 @@ def load_track_file(path: Path) -> Track:
         raise TrackError(f"{path}: invalid track file: {details}")
     if raw["id"] != path.stem:
         raise TrackError(f"{path}: id {raw['id']!r} must equal the file name {path.stem!r}")
-    return Track(id=raw["id"], path=path, sha256=sha256_file(path), raw=raw)
+    return Track(
+        id=raw["id"],
+        path=path,
+        sha256=sha256_file(path),
+        title=raw["title"],
+        budget_s=float(raw["budget_s"]),
+        snapshot_every_s=None if raw.get("snapshot_every_s") is None else float(raw["snapshot_every_s"]),
+        target=None if "target" not in raw else Target(
+            val_loss=float(raw["target"]["val_loss"]), provisional=raw["target"]["provisional"],
+            provenance=raw["target"]["provenance"],
+        ),
+        device=Device(**raw["device"]),
+        sandbox=SandboxLimits(**raw["sandbox"]),
+        dataset=Dataset(id=raw["dataset"]["id"], **{which: DataFile(**raw["dataset"][which])
+                                                    for which in ("train", "val", "tokenizer")}),
+        eval=EvalProtocol(**raw["eval"]),
+        calibration=CalibrationFigure(**raw["calibration"]),
+        default_seed=raw["seeds"]["default"],
+    )

@@ -23,7 +23,6 @@ step passed.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import glob
 import json
 import os
@@ -42,9 +41,9 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from evaluator.calibration import calibrate  # noqa: E402
 from evaluator.cli import run_guarded  # noqa: E402
-from evaluator.runner import evaluate, last_logged_metric  # noqa: E402
-from evaluator import sandbox as sandbox_module  # noqa: E402
-from evaluator.sandbox import CGROUP_ROOT, JailSpec, open_sandbox  # noqa: E402
+from evaluator.metrics import last_logged_metric  # noqa: E402
+from evaluator.runner import evaluate  # noqa: E402
+from evaluator.sandbox import CGROUP_ROOT, JailSpec, cgroup_version, open_sandbox  # noqa: E402
 from evaluator.nvml import driver_and_boards  # noqa: E402
 from evaluator.tracks import load_track  # noqa: E402
 
@@ -213,7 +212,7 @@ def check_device(lines: list[str], data: dict) -> bool:
         data["device"] = dict(name=props.name, capability=f"{props.major}.{props.minor}", memory_gib=round(props.total_memory / 2**30, 1), sms=props.multi_processor_count)
     data["nodes"] = sh("ls -l /dev/nvidia* 2>&1")  # the glob names /dev/nvidia-caps, so ls lists it
     data["cgroups"] = sh(f"mount | grep cgroup; cat {CGROUP_ROOT}/cgroup.controllers 2>/dev/null")
-    data["sandbox_cgroup_version"] = sandbox_module.cgroup_version()
+    data["sandbox_cgroup_version"] = cgroup_version()
     data["libcuda"] = sh("ldconfig -p | grep -E 'libcuda\\.so|libnvidia-ml' ; echo LD_LIBRARY_PATH=$LD_LIBRARY_PATH")
     data["kernel"] = platform.release()
     for key in ("nvidia_smi", "nodes", "cgroups", "libcuda"):
@@ -291,7 +290,7 @@ def reference_run(sandbox: str, budget: float, out: Path):
         lines.append(f"train {train}")
         if data["achieved_tflops"]:
             lines.append(f"model FLOPs (6N + 12LTd) per second of training: {data['achieved_tflops']:.1f} TFLOP/s")
-        t4_gib = load_track("t4-5min").raw["device"]["gpu_memory_gib"]
+        t4_gib = load_track("t4-5min").device.gpu_memory_gib
         lines.append(f"GPU memory used (nvidia-smi, whole GPU, polled from outside; the evaluator's and this script's "
                      f"own CUDA contexts included): before {baseline} MiB, peak {poll.peak_mib} MiB; a T4 offers {t4_gib} GiB")
         lines.append(f"timings.json: {json.dumps({k: round(v, 2) for k, v in timings.items()})}")
@@ -311,15 +310,16 @@ def reference_run(sandbox: str, budget: float, out: Path):
     return step
 
 
-def _gpu_jail(scratch: Path, name: str, argv: list[str]) -> tuple[str, str, str]:
-    """Runs argv in an nsjail given GPU 0; (stdout, outcome, stderr tail)."""
+def _gpu_jail(scratch: Path, name: str, argv: list[str], sysfs: bool = True) -> tuple[str, str, str]:
+    """Runs argv in an nsjail given GPU 0, with its read-only /sys or (sysfs=False) without; (stdout,
+    outcome, stderr tail)."""
     workdir = scratch / name
     workdir.mkdir()
     spec = JailSpec(
         name=name, argv=argv, workdir=workdir, cwd=Path("/tmp"),
         env={"PATH": "/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8"},
         ro_paths=[], rw_paths=[], tmpfs={}, memory_bytes=8 << 30, pids=256, time_limit_s=120,
-        log_path=scratch / f"{name}.log", log_cap_bytes=1 << 20, gpu_index=0,
+        log_path=scratch / f"{name}.log", log_cap_bytes=1 << 20, gpu_index=0, gpu_sysfs=sysfs,
     )
     with open_sandbox("nsjail").start(spec) as jail:
         jail.stdin.close()
@@ -329,33 +329,13 @@ def _gpu_jail(scratch: Path, name: str, argv: list[str]) -> tuple[str, str, str]
     return stdout.decode(errors="replace"), f"{outcome.reason} {outcome.detail}", spec.log_path.read_text(errors="replace")[-3000:]
 
 
-@contextlib.contextmanager
-def _jails_without_sysfs():
-    """Jails started inside this block are built as the sandbox builds them, less the /sys mount."""
-    build = sandbox_module.nsjail_config
-
-    def without_sysfs(spec, log_file):
-        config = build(spec, log_file)
-        kept = [mount for mount in config.mount if mount.dst != "/sys"]
-        del config.mount[:]
-        config.mount.extend(kept)
-        return config
-
-    sandbox_module.nsjail_config = without_sysfs
-    try:
-        yield
-    finally:
-        sandbox_module.nsjail_config = build
-
-
 def sysfs_needed(lines: list[str], data: dict) -> bool:
     """cuInit in a GPU jail as the sandbox builds it, and without its /sys: the read-only sysfs of
     GPU jails stays only where CUDA needs it."""
-    variants = {"with sysfs": contextlib.nullcontext(), "without sysfs": _jails_without_sysfs()}
+    variants = {"with sysfs": True, "without sysfs": False}
     with tempfile.TemporaryDirectory(prefix="gpu-sysfs-") as scratch:
-        for variant, building in variants.items():
-            with building:
-                stdout, outcome, stderr = _gpu_jail(Path(scratch), variant.replace(" ", "-"), [sys.executable, "-c", CUINIT_PROBE])
+        for variant, sysfs in variants.items():
+            stdout, outcome, stderr = _gpu_jail(Path(scratch), variant.replace(" ", "-"), [sys.executable, "-c", CUINIT_PROBE], sysfs)
             try:
                 data[variant] = json.loads(stdout.strip().splitlines()[-1])
             except (ValueError, IndexError):
@@ -450,10 +430,10 @@ def sealed_gpu_scoring(lines: list[str], data: dict) -> bool:
         report = score_model(
             sandbox=open_sandbox("nsjail"), name="gpu-check-scoring", model_path=Path(scratch) / "model.pt",
             submission_dir=folder, documents=documents, vocab_size=vocab_size, eos_id=eos_id,
-            seq_len=track.eval["seq_len"], batch_size=8, device="cuda:0", gpu=gpu_zero(), threads=track.threads,
-            limits=ScoringLimits(load_s=track.eval["load_s"], step_s=track.eval["step_s"],
-                                 total_s=track.eval["time_limit_s"], consistency_nats=track.eval["consistency_nats"]),
-            memory_bytes=track.sandbox["memory_mib"] * 2**20, pids=track.sandbox["pids"], debug_log_dir=Path(scratch),
+            seq_len=track.eval.seq_len, batch_size=8, device="cuda:0", gpu=gpu_zero(), threads=track.device.threads,
+            limits=ScoringLimits(load_s=track.eval.load_s, step_s=track.eval.step_s,
+                                 total_s=track.eval.time_limit_s, consistency_nats=track.eval.consistency_nats),
+            memory_bytes=track.sandbox.memory_mib * 2**20, pids=track.sandbox.pids, debug_log_dir=Path(scratch),
         )
         wall = time.monotonic() - began
         logs = "".join(path.read_text(errors="replace") for path in sorted(Path(scratch).glob("scoring-pass-*.log")))

@@ -14,9 +14,9 @@ from evaluator.results import result_problems
 from evaluator.paths import HOME
 from evaluator.runner import evaluate
 from evaluator.tracks import load_track
-from test_leaderboard import _signer
-from test_signing import make_run
-from evaluator.signing import publish
+from leaderboard_support import _signer
+from publish_support import make_run
+from evaluator.publish import publish
 
 RETURN_UNIFORM = """
 def train(ctx):
@@ -24,14 +24,15 @@ def train(ctx):
 """
 
 
+@pytest.mark.slow
 def test_calibrate_times_the_workload_and_compares_it_with_the_tracks_figure(capsys):
     assert main(["calibrate", "--track", "cpu-1min", "--repeats", "2", "--json"]) == 0
     figures = json.loads(capsys.readouterr().out)
     track = load_track("cpu-1min")
-    assert figures["workload"] == calibration.WORKLOAD == track.calibration["workload"]
+    assert figures["workload"] == calibration.WORKLOAD == track.calibration.workload
     assert len(figures["host_repeats"]) == 2 and all(seconds > 0 for seconds in figures["host_repeats"])
-    assert figures["host_device"] == "cpu" and figures["host_threads"] == track.threads
-    assert figures["track_seconds"] == track.calibration["seconds"]
+    assert figures["host_device"] == "cpu" and figures["host_threads"] == track.device.threads
+    assert figures["track_seconds"] == track.calibration.seconds
     assert figures["factor"] == pytest.approx(figures["host_seconds"] / figures["track_seconds"], rel=1e-3)
     assert figures["calibrated_budget_s"] == pytest.approx(track.budget_s * figures["factor"])
     assert figures["track_provenance"].startswith("measured on ")
@@ -55,6 +56,7 @@ def test_bad_calibration_requests_are_one_line(capsys, tmp_path, monkeypatch):
     assert "states a time for workload 'dense-transformer-v0'" in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_a_calibrated_run_scales_the_budget_is_unofficial_and_says_why(tmp_path, capsys, monkeypatch):
     limits_seen = []
     real_score_model = scoring.score_model
@@ -72,9 +74,9 @@ def test_a_calibrated_run_scales_the_budget_is_unofficial_and_says_why(tmp_path,
     factor = record["calibration"]["factor"]
     assert factor == 3.0 and record["budget_s"] == pytest.approx(180)
     eval_section = load_track("cpu-1min").eval
-    assert limits_seen == [scoring.ScoringLimits(load_s=3 * eval_section["load_s"], step_s=3 * eval_section["step_s"],
-                                                 total_s=3 * eval_section["time_limit_s"],
-                                                 consistency_nats=eval_section["consistency_nats"])]
+    assert limits_seen == [scoring.ScoringLimits(load_s=3 * eval_section.load_s, step_s=3 * eval_section.step_s,
+                                                 total_s=3 * eval_section.time_limit_s,
+                                                 consistency_nats=eval_section.consistency_nats)]
     assert record["calibration"]["workload"] == calibration.WORKLOAD
     assert record["official"] is False
     assert any(reason.startswith(f"budget calibrated: x{factor:g}") for reason in record["unofficial_reasons"])
@@ -83,6 +85,7 @@ def test_a_calibrated_run_scales_the_budget_is_unofficial_and_says_why(tmp_path,
         evaluate(folder, budget_s=5, calibrated_budget=True, runs_dir=tmp_path / "runs")
 
 
+@pytest.mark.slow
 def test_a_faster_host_gets_a_shorter_budget_but_never_shorter_scoring_deadlines(tmp_path, capsys, monkeypatch):
     # Loading a model and starting processes take what they take: only the training budget shrinks.
     monkeypatch.setattr(calibration, "time_workload", lambda *args: calibration.HostTiming("cpu", 2, [0.101]))
@@ -96,7 +99,7 @@ def test_a_faster_host_gets_a_shorter_budget_but_never_shorter_scoring_deadlines
     folder = write_submission(tmp_path, "fast-host", RETURN_UNIFORM)
     code, record = run_cli(folder, tmp_path / "runs", "--budget", "calibrated", "--sandbox", "none", capsys=capsys)
     assert record["calibration"]["factor"] == 0.1 and record["budget_s"] == pytest.approx(6)
-    assert seen[0].load_s == load_track("cpu-1min").eval["load_s"]
+    assert seen[0].load_s == load_track("cpu-1min").eval.load_s
 
 
 def test_a_factor_too_far_from_one_is_refused(tmp_path, monkeypatch):

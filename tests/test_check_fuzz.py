@@ -21,6 +21,9 @@ import pytest
 from evaluator.cli import main
 from evaluator.paths import HOME
 
+# The slow tier (`make test-fast` leaves it out): every test here checks hundreds of generated manifests.
+pytestmark = pytest.mark.slow
+
 TEMPLATE = HOME / "submissions" / "template"
 SEED = 18
 CASES = 600

@@ -91,7 +91,7 @@ def test_no_validation_document_text_or_window_appears_in_training():
 def test_tracks_pin_the_committed_files(capsys):
     for track_id in ("cpu-1min", "t4-5min"):
         track = tracks.load_track(track_id)
-        assert track.dataset["id"] == "pydoc-100k"
+        assert track.dataset.id == "pydoc-100k"
         assert verify_track(track) == []
         assert resolve_data_file(track, "val") == VAL
     assert main(["data", "verify"]) == 0

@@ -19,6 +19,9 @@ import pytest
 from conftest import missing
 from evaluator import tracks
 
+# The slow tier (`make test-fast` leaves it out): every test here builds a wheel or installs one.
+pytestmark = pytest.mark.slow
+
 CHECKOUT = Path(__file__).resolve().parent.parent
 PYENV_VERSIONS = Path.home() / ".pyenv" / "versions"
 NOBODY = 65534
@@ -191,13 +194,13 @@ def test_the_training_jail_sees_none_of_the_installed_package(system_venv, tmp_p
     assert record["status"] == "crashed" and record["environment"]["sandbox"]["kind"] == "nsjail", record["message"]
     found = json.loads(next(line for line in record["message"].splitlines() if line.startswith("RuntimeError: FOUND "))[20:])
     jail_input = str(work / "results" / "runs" / record["run_id"] / "jail-input")
-    val_sha256 = tracks.load_track("cpu-1min").dataset["val"]["sha256"]
+    val_sha256 = tracks.load_track("cpu-1min").dataset.val.sha256
     assert val_sha256 not in found["parquet"].values()
     assert [path for path in found["parquet"] if "_home" in path or path.endswith("val.parquet")] == []
     assert f"{jail_input}/train.parquet" in found["parquet"]  # the copy the jail reads, and the walk works
     site_package = next(p for p in found["package"] if "site-packages" in p)
     assert found["package"][site_package] == [], found["package"]  # the installed package: an empty mount
-    assert found["package"][f"{jail_input}/evaluator"] == ["__init__.py", "api.py", "dataset", "errors.py", "harness.py"]
+    assert found["package"][f"{jail_input}/evaluator"] == ["__init__.py", "api.py", "dataset", "errors.py", "harness.py", "job.py"]
 
 
 NOTEBOOK = CHECKOUT / "examples" / "colab-t4.ipynb"

@@ -53,7 +53,7 @@ def _documents() -> list[Document]:
 DOCUMENTS = _documents()
 
 # Every test here needs a working nsjail (the fixture is in conftest.py).
-pytestmark = pytest.mark.usefixtures("nsjail")
+pytestmark = [pytest.mark.usefixtures("nsjail"), pytest.mark.slow]  # and the slow tier (`make test-fast` leaves it out)
 
 
 def _score(nsjail, tmp_path: Path, model, **overrides) -> ScoreReport:

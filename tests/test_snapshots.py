@@ -13,6 +13,9 @@ import pytest
 from conftest import leftovers, run_cli, write_submission
 from evaluator.cli import main
 
+# The slow tier (`make test-fast` leaves it out): every test here runs an evaluation.
+pytestmark = pytest.mark.slow
+
 UNIFORM_LOSS = round(math.log(8192), 4)  # a zero head: uniform logits over the 8,192-token vocabulary
 
 # Helpers every submission below uses: the harness's own protocol channel (a submission can always

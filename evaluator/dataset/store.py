@@ -29,27 +29,27 @@ def locate_data_file(track: Track, which: str) -> Path:
     """Where the track's file should be, without reading it."""
     if which not in DATA_FILES:
         raise ValueError(f"unknown data file {which!r}; expected one of {', '.join(DATA_FILES)}")
-    entry = track.dataset[which]
-    if "path" in entry:
-        path = Path(entry["path"])
+    entry = track.dataset.file(which)
+    if entry.path is not None:
+        path = Path(entry.path)
         return path if path.is_absolute() else HOME / path
     private_dir = os.environ.get(PRIVATE_DATA_ENV)
     if not private_dir:
         raise DataError(
             f"track {track.id!r} keeps its {which} file private (pinned by hash only); set "
-            f"{PRIVATE_DATA_ENV} to the directory that holds {entry['sha256']}{_PRIVATE_SUFFIX[which]}"
+            f"{PRIVATE_DATA_ENV} to the directory that holds {entry.sha256}{_PRIVATE_SUFFIX[which]}"
         )
-    return Path(private_dir) / f"{entry['sha256']}{_PRIVATE_SUFFIX[which]}"
+    return Path(private_dir) / f"{entry.sha256}{_PRIVATE_SUFFIX[which]}"
 
 
 def resolve_data_file(track: Track, which: str) -> Path:
     """The track's `which` file ("train", "val" or "tokenizer"), after checking its SHA-256."""
     path = locate_data_file(track, which)
-    expected = track.dataset[which]["sha256"]
+    expected = track.dataset.file(which).sha256
     _check_dataset_folder(track, which, path)
     if not path.is_file():
         raise DataError(
-            f"{path}: the {which} file of dataset {track.dataset['id']!r} (track {track.id!r}) is "
+            f"{path}: the {which} file of dataset {track.dataset.id!r} (track {track.id!r}) is "
             f"missing; rebuild it with 'evaluator data build' or fetch the file with SHA-256 {expected}"
         )
     actual = sha256_file(path)
@@ -65,7 +65,7 @@ def _check_dataset_folder(track: Track, which: str, path: Path) -> None:
     """A file under spec/datasets/ must sit in the folder of the dataset the track names."""
     if not path.is_relative_to(DATASETS_DIR):
         return
-    dataset_id = track.dataset["id"]
+    dataset_id = track.dataset.id
     folder = next(iter(path.relative_to(DATASETS_DIR).parts), "")
     if (DATASETS_DIR / dataset_id).is_dir() and folder == dataset_id:
         return

@@ -29,7 +29,7 @@ UNIFORM = round(math.log(8192), 4)
 
 
 # Every test here needs a working nsjail (the fixture is in conftest.py).
-pytestmark = pytest.mark.usefixtures("nsjail")
+pytestmark = [pytest.mark.usefixtures("nsjail"), pytest.mark.slow]  # and the slow tier (`make test-fast` leaves it out)
 
 
 def test_code_in_the_pickle_and_in_forward_runs_only_in_the_scoring_jail(disk_dir, capsys):
@@ -60,7 +60,7 @@ def test_code_in_the_pickle_and_in_forward_runs_only_in_the_scoring_jail(disk_di
     snooped = [json.loads(line) for line in re.findall(r"^SNOOPED (.*)$", logs, re.MULTILINE)]
     stages = [found.pop("stage") for found in snooped]
     # Every batch process of both passes unpickled the model and ran a forward.
-    batches = 2 * math.ceil(record["metrics"]["val_documents"] / TRACK.eval["batch_size"])
+    batches = 2 * math.ceil(record["metrics"]["val_documents"] / TRACK.eval.batch_size)
     assert stages.count("unpickle") == stages.count("forward") == batches
     for found in snooped:
         assert found.pop("uid") == NOBODY and found.pop("hostname") == JAIL_HOSTNAME
@@ -107,8 +107,8 @@ def test_a_model_that_trains_while_it_is_loaded_is_stopped(tmp_path, runs_dir, c
     folder = attack_submission(tmp_path, "trains-after-the-clock", "trains_after_the_clock")
     began = time.monotonic()
     code, record = run_cli(folder, runs_dir, "--budget", "5", "--sandbox", "nsjail", capsys=capsys)
-    assert time.monotonic() - began < 5 + TRACK.eval["load_s"] + STARTUP_SLACK_S
+    assert time.monotonic() - began < 5 + TRACK.eval.load_s + STARTUP_SLACK_S
     assert (code, record["status"]) == (1, "invalid_model")
-    assert record["message"] == Refusal.LOAD_TIMEOUT.format(seconds=TRACK.eval["load_s"])
+    assert record["message"] == Refusal.LOAD_TIMEOUT.format(seconds=TRACK.eval.load_s)
     assert record["train"]["train_seconds"] < 5
     assert leftovers(record["run_id"], runs_dir / record["run_id"]) == []

@@ -27,6 +27,7 @@ from adversarial_support import (
     STARTUP_SLACK_S,
     attack_submission,
     disk_dir,  # noqa: F401 (a fixture)
+
     finish,
     leftovers,
     probe_report,
@@ -40,13 +41,16 @@ from evaluator.paths import HOME
 from evaluator.sandbox import JAIL_HOSTNAME, NOBODY, SHM_BYTES, TMP_BYTES, JailSpec, SandboxUnavailable, open_sandbox
 from evaluator.tracks import load_track
 
+# The slow tier (`make test-fast` leaves it out): every test here runs an evaluation.
+pytestmark = pytest.mark.slow
+
 TRACK = load_track("cpu-1min")
 SIGNING_KEY = HOME / "results" / "demo-key" / "demo-not-secret.key"
 REFUSED = {"EACCES", "ENOENT", "EPERM", "EROFS"}
 
 
 def _mib(key: str) -> int:
-    return TRACK.sandbox[key] << 20
+    return getattr(TRACK.sandbox, key) << 20
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +142,7 @@ def test_a_snooping_submission_reaches_no_network_no_secrets_and_no_host_process
 
 def test_searching_the_filesystem_finds_no_data_keys_sockets_or_canaries(snoop):
     found = snoop["report"]["filesystem"]
-    val_sha256 = TRACK.dataset["val"]["sha256"]
+    val_sha256 = TRACK.dataset.val.sha256
     assert str(resolve_data_file(TRACK, "val")) not in found["parquet"]
     assert val_sha256 not in found["parquet"].values()
     assert sha256_file(SIGNING_KEY) not in found["key"].values()
@@ -147,7 +151,7 @@ def test_searching_the_filesystem_finds_no_data_keys_sockets_or_canaries(snoop):
     # copies of its in-jail modules), not the training split (the jail reads a copy of it).
     assert found["repo"] == [], found["repo"]
     report = snoop["report"]
-    assert report["evaluator_modules"] == ["evaluator", "evaluator.api", "evaluator.dataset", "evaluator.dataset.loader", "evaluator.errors"]
+    assert report["evaluator_modules"] == ["evaluator", "evaluator.api", "evaluator.dataset", "evaluator.dataset.loader", "evaluator.errors", "evaluator.job"]
     assert report["host_module_import"].startswith("ModuleNotFoundError"), report["host_module_import"]
 
 
@@ -210,7 +214,7 @@ def test_filling_every_writable_place_and_a_thread_bomb_hit_their_limits(confirm
     assert first["bytes"] + second["bytes"] <= _mib("model_mib") and second["stopped_by"] == "ENOSPC", second
     assert report["output_sparse_8_gib"] == "EFBIG"
     assert report["output_many_files"]["files"] < 100 and report["output_many_files"]["stopped_by"] == "ENOSPC"
-    assert report["threads"]["threads"] < TRACK.sandbox["pids"] and report["threads"]["stopped_by"] == "RuntimeError"
+    assert report["threads"]["threads"] < TRACK.sandbox.pids and report["threads"]["stopped_by"] == "RuntimeError"
     assert not (run_dir / "jail-out").exists()
     assert sum(path.stat().st_size for path in run_dir.rglob("*") if path.is_file()) < 16 << 20
     assert leftovers(record["run_id"], run_dir) == []

@@ -39,7 +39,7 @@ def train(ctx):
 
 
 # Every test here needs a working nsjail (the fixture is in conftest.py).
-pytestmark = pytest.mark.usefixtures("nsjail")
+pytestmark = [pytest.mark.usefixtures("nsjail"), pytest.mark.slow]  # and the slow tier (`make test-fast` leaves it out)
 
 
 def _start_mid_training(tmp_path):

@@ -7,6 +7,9 @@ runs whose seed the evaluator drew): it needs `min_seeds` distinct seeds, a one-
 with a tight enough spread a p-value certifies differences too small to matter. On a time-to-target
 track the test is on times to target instead, and the minimum is `min_improvement_s` seconds: one
 rule file serves both kinds of track, and each kind reads the minimum in its own unit.
+
+The rules are a file of their own, validated against `spec/record-rules.schema.json`: they re-rank
+the board (evaluator.leaderboard.board applies them), they never make a result invalid.
 """
 
 from __future__ import annotations

@@ -78,7 +78,8 @@ _MAX_SYMLINK_HOPS = 40
 # Per-file work is a few system calls; threads overlap them (sendfile releases the GIL).
 _COPY_THREADS = min(8, os.cpu_count() or 1)
 
-EVALUATOR_PACKAGE_DIR = Path(__file__).resolve().parent
+# The package this file (evaluator/sandbox/memory_image.py) belongs to.
+EVALUATOR_PACKAGE_DIR = Path(__file__).resolve().parent.parent
 
 
 class ImageError(ValueError):

@@ -1,11 +1,11 @@
-"""`evaluator batch`: a real local Ray instance runs tiny submissions; archives from nodes are unpacked safely."""
+"""evaluator/batch/driver.py: a real local Ray instance runs tiny submissions; resume, retries, refusals.
 
-import io
+The node's GPU assignment (evaluator/batch/node.py) is tested here too: it needs this module's Ray instance."""
+
 import json
 import re
 import shutil
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -13,14 +13,13 @@ from pathlib import Path
 import pytest
 
 from conftest import missing
-from evaluator.batch import UnsafeArchive, _earlier_results, extract_archive, pack_folder
+from evaluator.batch.driver import _earlier_results
 from evaluator.cli import main
 from evaluator.fsutil import tree_sha256
 from evaluator.manifest import parse_manifest
 from evaluator.paths import HOME
 
 TEMPLATE = HOME / "submissions" / "template"
-CAP = 1 << 20
 TINY = {"d_model": 32, "n_layers": 1, "n_heads": 2, "seq_len": 32, "batch_size": 4, "margin_s": 1.0}
 
 
@@ -75,10 +74,11 @@ def local_ray():
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def _records(results: Path) -> list[dict]:
+def _run_results(results: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((results / "runs").glob("*/result.json"))]
 
 
+@pytest.mark.slow
 def test_batch_runs_every_seed_skips_invalid_and_resumes(local_ray, tmp_path, capsys):
     tiny_a = _tiny_submission(tmp_path, "tiny-a")
     tiny_b = _tiny_submission(tmp_path, "tiny-b")
@@ -89,17 +89,17 @@ def test_batch_runs_every_seed_skips_invalid_and_resumes(local_ray, tmp_path, ca
 
     code = main(["batch", str(tiny_a), str(broken), str(tiny_b), *common])
     err = capsys.readouterr().err
-    records = _records(results)
-    assert [(r["submission"]["name"], r["seed"], r["status"]) for r in sorted(records, key=lambda r: (r["submission"]["name"], r["seed"]))] == [
+    run_results = _run_results(results)
+    assert [(r["submission"]["name"], r["seed"], r["status"]) for r in sorted(run_results, key=lambda r: (r["submission"]["name"], r["seed"]))] == [
         ("tiny-a", 0, "ok"), ("tiny-a", 1, "ok"), ("tiny-b", 0, "ok"), ("tiny-b", 1, "ok"),
     ], err
     assert code == 1  # every run ok, but one submission was invalid
-    for record in records:
-        folder = tiny_a if record["submission"]["name"] == "tiny-a" else tiny_b
-        assert record["submission"]["path"] == str(folder.resolve())  # the original, not the node's copy
-        assert record["submission"]["tree_sha256"] == tree_sha256(folder)
-        assert record["budget_s"] == 3 and record["metrics"]["val_loss"] > 0
-        run_dir = results / "runs" / record["run_id"]
+    for result in run_results:
+        folder = tiny_a if result["submission"]["name"] == "tiny-a" else tiny_b
+        assert result["submission"]["path"] == str(folder.resolve())  # the original, not the node's copy
+        assert result["submission"]["tree_sha256"] == tree_sha256(folder)
+        assert result["budget_s"] == 3 and result["metrics"]["val_loss"] > 0
+        run_dir = results / "runs" / result["run_id"]
         assert (run_dir / "metrics.parquet").is_file() and (run_dir / "model.pt").is_file()
     assert "broken: invalid, skipped" in err and "weights.pt" in err
     assert "batch summary" in err and err.count("): ok  val_loss") == 4
@@ -110,24 +110,26 @@ def test_batch_runs_every_seed_skips_invalid_and_resumes(local_ray, tmp_path, ca
     assert code == 0, err
     assert time.monotonic() - started < 10
     assert "4 already in" in err and "0 to run" in err and "batch summary" in err
-    assert len(_records(results)) == 4
+    assert len(_run_results(results)) == 4
 
 
+@pytest.mark.slow
 def test_batch_with_secret_seeds_draws_on_the_node_and_resumes_by_count(local_ray, tmp_path, capsys):
     tiny = _tiny_submission(tmp_path, "tiny-drawn")
     results = tmp_path / "results"
     common = ["--track", "cpu-1min", "--budget", "3", "--results", str(results), "--sandbox", "none", "--secret-seeds"]
     assert main(["batch", str(tiny), "--seeds", "1", *common]) == 0, capsys.readouterr().err
-    first = _records(results)
+    first = _run_results(results)
     assert [(r["seed_drawn"], r["status"]) for r in first] == [(True, "ok")]
     assert f"{first[0]['seed']} (drawn)" in capsys.readouterr().err
     code = main(["batch", str(tiny), "--seeds", "2", *common])
     err = capsys.readouterr().err
     assert code == 0 and "1 already in" in err and "1 to run" in err
-    records = _records(results)
-    assert len(records) == 2 and all(r["seed_drawn"] for r in records) and len({r["seed"] for r in records}) == 2
+    run_results = _run_results(results)
+    assert len(run_results) == 2 and all(r["seed_drawn"] for r in run_results) and len({r["seed"] for r in run_results}) == 2
 
 
+@pytest.mark.slow
 def test_a_failing_node_is_retried_once_then_reported(local_ray, tmp_path, capsys):
     # The fake T4 makes the run land here; the node has no CUDA, so `evaluator run` refuses (exit 2).
     code = main(["batch", str(_tiny_submission(tmp_path, "tiny-gpu")), "--track", "t4-5min", "--results", str(tmp_path / "results"), "--sandbox", "none"])
@@ -135,12 +137,12 @@ def test_a_failing_node_is_retried_once_then_reported(local_ray, tmp_path, capsy
     assert code == 3, err
     assert err.count("exited with code 2 without a result") == 2 and "retrying once" in err
     assert "evaluator failure" in err
-    assert _records(tmp_path / "results") == []
+    assert _run_results(tmp_path / "results") == []
 
 
 def test_a_gpu_task_hands_its_run_the_gpu_ray_assigned(local_ray):
     # Ray's own id for the fake GPU the local instance declares; `evaluator run --gpu 0` then means it.
-    from evaluator.batch import assigned_gpu_environment
+    from evaluator.batch.node import assigned_gpu_environment
 
     on_gpu = local_ray.remote(num_gpus=1, num_cpus=0)(assigned_gpu_environment)
     on_cpu = local_ray.remote(num_gpus=0, num_cpus=1)(assigned_gpu_environment)
@@ -148,25 +150,25 @@ def test_a_gpu_task_hands_its_run_the_gpu_ray_assigned(local_ray):
     assert local_ray.get(on_cpu.remote()) == {}
 
 
-def _fake_record(runs: Path, run_id: str, status: str, sandbox: str, ended: str, calibration: dict | None = None,
+def _fake_result(runs: Path, run_id: str, status: str, sandbox: str, ended: str, calibration: dict | None = None,
                  seed: int = 0, drawn: bool = False) -> None:
-    record = {
+    result = {
         "run_id": run_id, "status": status, "seed": seed, "seed_drawn": drawn, "budget_s": 60, "ended_at": ended,
         "calibration": calibration,
         "submission": {"tree_sha256": "t"}, "track": {"sha256": "k"}, "environment": {"sandbox": {"kind": sandbox}},
     }
     (runs / run_id).mkdir(parents=True)
-    (runs / run_id / "result.json").write_text(json.dumps(record))
+    (runs / run_id / "result.json").write_text(json.dumps(result))
 
 
 def test_resume_counts_verdicts_but_not_the_evaluators_failures(tmp_path):
     runs = tmp_path / "runs"
-    _fake_record(runs, "a-crashed", "crashed", "nsjail", "2026-01-01T00:00:02Z")
-    _fake_record(runs, "b-ok", "ok", "nsjail", "2026-01-01T00:00:01Z")
-    _fake_record(runs, "c-broken", "sandbox_error", "nsjail", "2026-01-01T00:00:03Z")
-    _fake_record(runs, "d-unsandboxed", "ok", "none", "2026-01-01T00:00:04Z")
+    _fake_result(runs, "a-crashed", "crashed", "nsjail", "2026-01-01T00:00:02Z")
+    _fake_result(runs, "b-ok", "ok", "nsjail", "2026-01-01T00:00:01Z")
+    _fake_result(runs, "c-broken", "sandbox_error", "nsjail", "2026-01-01T00:00:03Z")
+    _fake_result(runs, "d-unsandboxed", "ok", "none", "2026-01-01T00:00:04Z")
     # A calibrated budget that came to the track's 60 s on this host is still not the track's budget.
-    _fake_record(runs, "e-calibrated", "ok", "nsjail", "2026-01-01T00:00:05Z", calibration={"factor": 1.0})
+    _fake_result(runs, "e-calibrated", "ok", "nsjail", "2026-01-01T00:00:05Z", calibration={"factor": 1.0})
     key = ("t", "k", 0, 60.0)
     assert _earlier_results(runs, "none")[key][0][0]["run_id"] == "d-unsandboxed"  # ok, then the newest
     assert _earlier_results(runs, "nsjail")[key][0][0]["run_id"] == "b-ok"
@@ -176,11 +178,11 @@ def test_resume_counts_verdicts_but_not_the_evaluators_failures(tmp_path):
     (runs / "a-crashed" / "result.json").unlink()
     assert _earlier_results(runs, "nsjail") == {}
     # Drawn seeds are filed together: each settles one drawn run, whatever its number.
-    _fake_record(runs, "f-drawn", "ok", "nsjail", "2026-01-01T00:00:06Z", seed=0, drawn=True)
-    _fake_record(runs, "g-drawn", "crashed", "nsjail", "2026-01-01T00:00:07Z", seed=77, drawn=True)
+    _fake_result(runs, "f-drawn", "ok", "nsjail", "2026-01-01T00:00:06Z", seed=0, drawn=True)
+    _fake_result(runs, "g-drawn", "crashed", "nsjail", "2026-01-01T00:00:07Z", seed=77, drawn=True)
     found = _earlier_results(runs, "nsjail")
     assert list(found) == [("t", "k", None, 60.0)]
-    assert [record["run_id"] for record, _ in found[("t", "k", None, 60.0)]] == ["f-drawn", "g-drawn"]
+    assert [result["run_id"] for result, _ in found[("t", "k", None, 60.0)]] == ["f-drawn", "g-drawn"]
 
 
 def test_only_invalid_submissions_start_nothing(tmp_path, capsys):
@@ -219,7 +221,7 @@ def test_batch_sandboxes_with_nsjail_by_default_and_offers_no_fallback(capsys):
 
 
 def test_without_nsjail_a_local_batch_refuses_before_ray_starts(tmp_path, capsys, monkeypatch):
-    import evaluator.batch as batch
+    from evaluator.batch import cluster, driver
     from evaluator.sandbox import SandboxUnavailable
 
     _ray()
@@ -231,8 +233,8 @@ def test_without_nsjail_a_local_batch_refuses_before_ray_starts(tmp_path, capsys
     def ray_must_not_start(self):
         raise AssertionError("Ray was started although nsjail is unavailable")
 
-    monkeypatch.setattr(batch, "open_sandbox", no_nsjail)
-    monkeypatch.setattr(batch._RayInstance, "__enter__", ray_must_not_start)
+    monkeypatch.setattr(driver, "open_sandbox", no_nsjail)
+    monkeypatch.setattr(cluster.RayInstance, "__enter__", ray_must_not_start)
     results = tmp_path / "results"
     code = main(["batch", str(_tiny_submission(tmp_path, "tiny")), "--track", "cpu-1min", "--results", str(results)])
     err = capsys.readouterr().err
@@ -247,66 +249,3 @@ def test_without_ray_it_says_how_to_install_it(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert code == 2
     assert err.count("\n") == 1 and "pip install -e '.[cluster]'" in err
-
-
-def _tar(*members: tuple[tarfile.TarInfo, bytes | None]) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as archive:
-        for info, data in members:
-            if data is not None:
-                info.size = len(data)
-            archive.addfile(info, io.BytesIO(data) if data is not None else None)
-    return buffer.getvalue()
-
-
-def _member(name: str, kind: bytes = tarfile.REGTYPE, linkname: str = "") -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.type = kind
-    info.linkname = linkname
-    return info
-
-
-@pytest.mark.parametrize(
-    "bad",
-    [
-        (_member("link", tarfile.SYMTYPE, "/etc/passwd"), None),
-        (_member("hard", tarfile.LNKTYPE, "result.json"), None),
-        (_member("../escape.txt"), b"x"),
-        (_member("sub/../../escape.txt"), b"x"),
-        (_member("/tmp/absolute.txt"), b"x"),
-        (_member("fifo", tarfile.FIFOTYPE), None),
-    ],
-    ids=["symlink", "hardlink", "dotdot", "nested-dotdot", "absolute", "fifo"],
-)
-def test_extraction_refuses_links_escapes_and_special_files(tmp_path, bad):
-    dest = tmp_path / "dest"
-    dest.mkdir()
-    with pytest.raises(UnsafeArchive):
-        extract_archive(_tar((_member("result.json"), b"{}"), bad), dest, CAP)
-    assert not (tmp_path / "escape.txt").exists()
-    assert not any(p.is_symlink() for p in dest.rglob("*"))
-
-
-def test_extraction_refuses_duplicates_and_oversized_archives(tmp_path):
-    dest = tmp_path / "dest"
-    dest.mkdir()
-    with pytest.raises(UnsafeArchive, match="twice"):
-        extract_archive(_tar((_member("a"), b"1"), (_member("a"), b"2")), dest, CAP)
-    assert (dest / "a").read_bytes() == b"1"
-    with pytest.raises(UnsafeArchive, match="cap"):
-        extract_archive(_tar((_member("big"), b"x" * 4096)), tmp_path / "unused", 2048)
-
-
-def test_pack_and_extract_round_trip_leaves_links_behind(tmp_path):
-    source = tmp_path / "source"
-    (source / "sandbox").mkdir(parents=True)
-    (source / "result.json").write_text("{}")
-    (source / "sandbox" / "nsjail.log").write_text("log")
-    (source / "model.pt").write_bytes(b"weights")
-    (source / "outside").symlink_to("/etc/passwd")
-    archive = pack_folder(source, CAP, leave_out=frozenset({"model.pt"}))
-    dest = tmp_path / "dest"
-    dest.mkdir()
-    extract_archive(archive, dest, CAP)
-    assert sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*")) == ["result.json", "sandbox", "sandbox/nsjail.log"]
-    assert (dest / "sandbox" / "nsjail.log").read_text() == "log"

@@ -1,0 +1,371 @@
+"""The board: verified runs pooled into rows, ranked, and each track's world record decided.
+
+One row per submission, track and kind of run: a submission's official runs, its unofficial runs
+(unsandboxed, budget overridden, ...) and its runs at a calibrated budget are never pooled.
+Official rows are ranked by mean val_loss; the others are listed after them, unranked.
+
+A time-to-target track (its results carry a `target`; the track need not be defined here) ranks
+by mean time to target instead: the evaluator-clock time of the first model, snapshot or final,
+at or below the target. A row any of whose runs did not reach it is listed after the ranked rows.
+A track's kind and target are those of its newest run; a run made for another goal is set aside,
+as its score is not comparable.
+
+Records: official submissions are walked in the order of their first run, and each track's rule
+(`spec/record-rules.toml`, read through evaluator.leaderboard.rules) decides whether a row takes
+the record from the holder of its time: enough distinct seeds among the runs it counts, a one-sided
+Welch p below the rule's threshold and a large enough improvement (in nats, or in seconds on a
+time-to-target track). The p-value of each test is kept on the row, for every format to show.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from evaluator.leaderboard.rules import RecordRule, RecordRules
+from evaluator.leaderboard.stats import mean, sample_variance, welch_one_sided_p
+from evaluator.paths import shown
+from evaluator.publish import VerifiedResult
+from evaluator.results import parse_utc
+
+
+# Record statuses, as they appear in JSON and Parquet.
+RECORD = "record"
+FORMER_RECORD = "former record"
+NOT_SIGNIFICANT = "not significant"
+TOO_SMALL = "improvement too small"
+TOO_FEW_SEEDS = "too few seeds"
+NOT_ELIGIBLE = "unofficial"
+NOT_REACHED = "target not always reached"  # time-to-target tracks: an unranked row holds no record
+
+
+@dataclass(frozen=True)
+class TrackTarget:
+    """A time-to-target track's goal, as its results state it (the track file may not be here)."""
+
+    val_loss: float
+    provisional: bool
+
+
+def _target_of(result: dict[str, Any]) -> TrackTarget | None:
+    target = result["target"]
+    return None if target is None else TrackTarget(float(target["val_loss"]), bool(target["provisional"]))
+
+
+@dataclass(frozen=True)
+class Run:
+    run_id: str
+    seed: int
+    seed_drawn: bool
+    val_loss: float
+    val_bpb: float
+    train_seconds: float | None
+    budget_s: float
+    started_at: datetime
+    ended_at: datetime
+    signer: str
+    authors: list[str]
+    description: str
+    loss_curve: dict[str, Any]  # the submission's word: what it logged as `loss`, never checked
+    val_curve: list[dict[str, Any]]  # the evaluator's: what it measured on the models it took
+    target: dict[str, Any] | None  # time-to-target tracks: the result's target, reached and time_s
+    throttled_s: float | None  # None: no GPU telemetry (a CPU track, or NVML absent)
+    throttle_reasons: tuple[str, ...]
+    gpu: dict[str, Any] | None  # the board: name, PCI bus id and UUID tell two of one host apart
+    calibration_factor: float | None  # --budget calibrated: what the track's budget was multiplied by
+
+    @classmethod
+    def from_verified(cls, verified: VerifiedResult) -> Run:
+        result = verified.result
+        return cls(
+            run_id=result["run_id"],
+            seed=result["seed"],
+            seed_drawn=result["seed_drawn"],
+            val_loss=float(result["metrics"]["val_loss"]),
+            val_bpb=float(result["metrics"]["val_bpb"]),
+            train_seconds=result["train"]["train_seconds"],
+            budget_s=float(result["budget_s"]),
+            started_at=parse_utc(result["started_at"]),
+            ended_at=parse_utc(result["ended_at"]),
+            signer=verified.signer,
+            authors=result["submission"]["authors"],
+            description=result["submission"]["description"],
+            loss_curve=verified.loss_curve,
+            val_curve=result["val_curve"] or [],
+            target=result["target"],
+            throttled_s=_throttled_seconds(result["gpu_telemetry"]),
+            throttle_reasons=tuple(result["gpu_telemetry"]["throttle_reasons"]) if result["gpu_telemetry"] else (),
+            calibration_factor=None if result["calibration"] is None else result["calibration"]["factor"],
+            gpu=None if result["environment"]["gpu"] is None else {
+                key: result["environment"]["gpu"][key] for key in ("name", "pci_bus_id", "uuid")
+            },
+        )
+
+    @property
+    def time_to_target(self) -> float | None:
+        """The run's score on a time-to-target track; None when it did not reach the target (or has none)."""
+        return float(self.target["time_s"]) if self.target is not None and self.target["reached"] else None
+
+    @property
+    def val_points(self) -> list[tuple[float, float, str]]:
+        """(time_s, val_loss, model) of every model the evaluator scored, in time order; models it could
+        not score, or did not need to, are gaps."""
+        points = [(float(p["time_s"]), float(p["val_loss"]), p["model"]) for p in self.val_curve
+                  if p["scored"] == "ok" and p["val_loss"] is not None]
+        return sorted(points, key=lambda point: point[0])
+
+    @property
+    def score_time(self) -> float | None:
+        """When the model whose metrics are the run's score was taken: the one that reached the
+        target, else the final model (None if the curve does not say)."""
+        if self.time_to_target is not None:
+            return self.time_to_target
+        return next((float(p["time_s"]) for p in self.val_curve if p["model"] == "final"), self.train_seconds)
+
+
+def _throttled_seconds(telemetry: dict[str, Any] | None) -> float | None:
+    return None if telemetry is None or not telemetry["samples"] else float(telemetry["throttled_s"])
+
+
+@dataclass
+class Row:
+    track: str
+    submission: str
+    official: bool
+    calibrated: bool  # runs at a calibrated budget: always unofficial, and never pooled with other runs
+    runs: list[Run]  # in the order they started
+    rank: int | None = None
+    record_status: str = ""
+    # The test that decided record_status: its p-value, the improvement in mean val_loss over the
+    # record holder it was tested against, and that holder.
+    record_p_value: float | None = None
+    record_improvement: float | None = None
+    record_baseline: str | None = None
+    record_rule: RecordRule | None = None
+    target: TrackTarget | None = None  # set: a time-to-target track, whose rows rank on times
+
+    @property
+    def timed(self) -> bool:
+        return self.target is not None
+
+    @property
+    def authors(self) -> list[str]:
+        return list(dict.fromkeys(author for run in self.runs for author in run.authors))
+
+    @property
+    def description(self) -> str:
+        return self.runs[-1].description
+
+    @property
+    def val_losses(self) -> list[float]:
+        return [run.val_loss for run in self.runs]
+
+    @property
+    def mean_val_loss(self) -> float:
+        return mean(self.val_losses)
+
+    @property
+    def std_val_loss(self) -> float | None:
+        return math.sqrt(sample_variance(self.val_losses)) if len(self.runs) > 1 else None
+
+    @property
+    def best_run(self) -> Run:
+        return min(self.runs, key=lambda run: run.val_loss)
+
+    @property
+    def times_to_target(self) -> list[float | None]:
+        return [run.time_to_target for run in self.runs]
+
+    @property
+    def reached_runs(self) -> int:
+        return sum(1 for time_s in self.times_to_target if time_s is not None)
+
+    @property
+    def all_reached(self) -> bool:
+        return self.reached_runs == len(self.runs)
+
+    @property
+    def mean_time_to_target(self) -> float | None:
+        """None unless every run reached the target: a mean of the lucky runs alone would flatter the row."""
+        return mean(self.times_to_target) if self.all_reached else None
+
+    @property
+    def std_time_to_target(self) -> float | None:
+        return math.sqrt(sample_variance(self.times_to_target)) if self.all_reached and len(self.runs) > 1 else None
+
+    @property
+    def fastest_run(self) -> Run | None:
+        reached = [run for run in self.runs if run.time_to_target is not None]
+        return min(reached, key=lambda run: run.time_to_target) if reached else None
+
+    def score(self, run: Run) -> float | None:
+        """What ranks the row, lower is better: the time to target (None where the run did not reach
+        it: such a row is never tested), or the val_loss on a fixed-time track."""
+        return run.time_to_target if self.timed else run.val_loss
+
+    @property
+    def mean_val_bpb(self) -> float:
+        return mean([run.val_bpb for run in self.runs])
+
+    @property
+    def mean_train_seconds(self) -> float | None:
+        seconds = [run.train_seconds for run in self.runs if run.train_seconds is not None]
+        return mean(seconds) if seconds else None
+
+    @property
+    def seeds(self) -> int:
+        return len({run.seed for run in self.runs})
+
+    @property
+    def drawn_seeds(self) -> int:
+        return len({run.seed for run in self.runs if run.seed_drawn})
+
+    def counted_scores(self, rule: RecordRule) -> list[float]:
+        """What the record test compares: one score (val_loss, or time to target) per distinct seed (the
+        mean of that seed's runs, so repeating a seed adds no sample), of every seed, or of drawn seeds
+        only if the rule says so."""
+        by_seed: dict[int, list[float]] = {}
+        for run in self.runs:
+            if run.seed_drawn or not rule.drawn_seeds_only:
+                by_seed.setdefault(run.seed, []).append(self.score(run))
+        return [mean(scores) for scores in by_seed.values()]
+
+    def counted_seeds(self, rule: RecordRule) -> int:
+        return self.drawn_seeds if rule.drawn_seeds_only else self.seeds
+
+    @property
+    def throttled_runs(self) -> tuple[int, int] | None:
+        """(runs the driver slowed, runs with GPU telemetry), or None when no run has telemetry."""
+        sampled = [run.throttled_s for run in self.runs if run.throttled_s is not None]
+        return (sum(1 for seconds in sampled if seconds > 0), len(sampled)) if sampled else None
+
+    @property
+    def throttle_reasons(self) -> list[str]:
+        """Why the driver slowed the runs it slowed."""
+        return sorted({reason for run in self.runs if run.throttled_s for reason in run.throttle_reasons})
+
+    @property
+    def first_run_at(self) -> datetime:
+        return min(run.started_at for run in self.runs)
+
+    @property
+    def latest_run_at(self) -> datetime:
+        return max(run.ended_at for run in self.runs)
+
+    @property
+    def signers(self) -> list[str]:
+        return sorted({run.signer for run in self.runs})
+
+
+def build_rows(
+    verified: list[VerifiedResult], rules: RecordRules, track: str | None = None
+) -> tuple[list[Row], list[tuple[Path, str]]]:
+    """Group verified runs into rows, rank them and mark records. Also returns the envelopes it set
+    aside: duplicates, and runs made for another goal than their track's newest run."""
+    duplicates: list[tuple[Path, str]] = []
+    seen: dict[str, Path] = {}
+    by_track: dict[str, list[VerifiedResult]] = {}
+    for item in sorted(verified, key=lambda v: str(v.path)):
+        result = item.result
+        if track is not None and result["track"]["id"] != track:
+            continue
+        if result["run_id"] in seen:
+            # The same signed run copied to a second file must not count twice.
+            first = shown(seen[result["run_id"]])
+            duplicates.append((item.path, f"duplicate of run {result['run_id']} already counted from {first}"))
+            continue
+        seen[result["run_id"]] = item.path
+        by_track.setdefault(result["track"]["id"], []).append(item)
+    ordered: list[Row] = []
+    for track_id in sorted(by_track):
+        items, target = _comparable_runs(by_track[track_id], duplicates)
+        rows: dict[tuple[str, str, bool, bool], Row] = {}
+        for item in items:
+            result = item.result
+            calibrated = result["calibration"] is not None  # never official: the schema says so, and so does this
+            key = (track_id, result["submission"]["name"], result["official"] and not calibrated, calibrated)
+            rows.setdefault(key, Row(*key, runs=[], target=target)).runs.append(Run.from_verified(item))
+        in_track = list(rows.values())
+        for row in in_track:
+            row.runs.sort(key=lambda run: (run.started_at, run.run_id))
+        _mark_records(in_track, rules.for_track(track_id))
+        official = sorted((r for r in in_track if r.official), key=_rank_key)
+        unofficial = sorted((r for r in in_track if not r.official), key=lambda r: (r.calibrated, *_rank_key(r)))
+        for rank, row in enumerate((r for r in official if _rankable(r)), start=1):
+            row.rank = rank
+        ordered.extend(official + unofficial)
+    return ordered, duplicates
+
+
+def _rankable(row: Row) -> bool:
+    """Every row of a fixed-time track; on a time-to-target track, a row whose runs all reached the target."""
+    return not row.timed or row.all_reached
+
+
+def _rank_key(row: Row) -> tuple:
+    if not row.timed:
+        return (row.mean_val_loss, row.submission)
+    # Rows that did not always reach the target come after the others: the more often they reached
+    # it the earlier, then by the mean time of the runs that did.
+    reached = [time_s for time_s in row.times_to_target if time_s is not None]
+    return (not row.all_reached, -row.reached_runs / len(row.runs), mean(reached) if reached else math.inf,
+            row.submission)
+
+
+def _goal_text(target: TrackTarget | None) -> str:
+    return "a fixed time" if target is None else f"the target val_loss {target.val_loss:g}"
+
+
+def _comparable_runs(
+    items: list[VerifiedResult], set_aside: list[tuple[Path, str]]
+) -> tuple[list[VerifiedResult], TrackTarget | None]:
+    """The runs of one track that were made for the goal of its newest run, and that goal.
+
+    The track file may not be here, so its kind is read from the results; a run made for another
+    target (or none: an older, fixed-time version of the track) has a score that means something
+    else, and ranking it with the others would be wrong. It is set aside with the reason."""
+    newest = max(items, key=lambda v: (parse_utc(v.result["started_at"]), v.result["run_id"]))
+    target = _target_of(newest.result)
+    kept = []
+    for item in items:
+        theirs = _target_of(item.result)
+        if (theirs is None) == (target is None) and (theirs is None or theirs.val_loss == target.val_loss):
+            kept.append(item)
+            continue
+        set_aside.append((item.path, (
+            f"run {item.result['run_id']} was made for {_goal_text(theirs)}, the track's newest run "
+            f"({newest.result['run_id']}) for {_goal_text(target)}: their scores are not comparable")))
+    return kept, target
+
+
+def _mark_records(rows: list[Row], rule: RecordRule) -> None:
+    holder: Row | None = None
+    for row in sorted(rows, key=lambda r: (r.first_run_at, r.submission)):
+        row.record_rule = rule
+        if not row.official:
+            row.record_status = NOT_ELIGIBLE
+        elif not _rankable(row):
+            row.record_status = NOT_REACHED
+        elif row.counted_seeds(rule) < rule.min_seeds:
+            row.record_status = TOO_FEW_SEEDS
+        elif holder is None:
+            row.record_status = RECORD
+            holder = row
+        else:
+            baseline, challenger = holder.counted_scores(rule), row.counted_scores(rule)
+            row.record_p_value = welch_one_sided_p(baseline, challenger)
+            # Rounded: val_losses are multiples of 1e-4 (times of 0.01 s), and their float difference
+            # must not fall a hair below a threshold it meets exactly.
+            row.record_improvement = round(mean(baseline) - mean(challenger), 9)
+            row.record_baseline = holder.submission
+            if row.record_p_value >= rule.p_below:
+                row.record_status = NOT_SIGNIFICANT
+            elif row.record_improvement < rule.min_improvement(row.timed):
+                row.record_status = TOO_SMALL
+            else:
+                holder.record_status = FORMER_RECORD
+                row.record_status = RECORD
+                holder = row

@@ -1,0 +1,264 @@
+"""The run plan: everything decided before a jail starts, and the run directory laid out for it.
+
+Planning checks the submission, resolves the track and its data, takes the host's locks for the
+whole run, calibrates if asked, stages the submission and what the training jail runs, and writes
+the job file (evaluator/job.py) the harness reads.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import secrets
+import shutil
+from contextlib import ExitStack
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from evaluator import in_jail
+from evaluator.calibration import WORKLOAD, Calibration, calibrate
+from evaluator.check import check_submission
+from evaluator.dataset.store import resolve_data_file, tokenizer_info
+from evaluator.errors import DataError, UserError
+from evaluator.fsutil import atomic_write_text, sha256_file, stage_tree
+from evaluator.gpus import Placement, hold_gpu, hold_host
+from evaluator.job import Job
+from evaluator.manifest import Manifest, merge_overrides
+from evaluator.paths import DATASETS_DIR, shown
+from evaluator.tracks import Track, load_track
+
+# --smoke: enough to catch a broken contract (a forward that returns a tuple, wrong logits) in
+# seconds instead of after a full run.
+SMOKE_BUDGET_S = 10.0
+
+SMOKE_DOCUMENTS = 8
+
+
+
+def check_budget(budget_s: float) -> None:
+    """The one rule for a budget, whoever asks for it (`run`, `batch`)."""
+    if not (budget_s > 0 and math.isfinite(budget_s)):
+        raise UserError(f"--budget must be a positive number of seconds, not {budget_s}")
+
+
+def check_seed_count(seeds: int) -> None:
+    """The one rule for --seeds, whoever asks for it (`run`, `batch`)."""
+    if seeds < 1:
+        raise UserError("--seeds must be at least 1")
+
+
+def draw_seed() -> int:
+    """A seed from the kernel's random source, drawn after the submission is fixed: nobody can have
+    tuned for it. 31 bits, so every seeding API a submission might pass it to accepts it."""
+    return int.from_bytes(os.urandom(4), "little") & 0x7FFF_FFFF
+
+
+
+def _new_run_id(name: str, seed: int) -> str:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return f"{stamp}-{name}-s{seed}-{secrets.token_hex(3)}"
+
+
+
+def _require_torch() -> None:
+    """Before anything is made: a run without torch would fail halfway, leaving a run directory."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise UserError(
+            "evaluator run needs PyTorch, which is not installed here. On a CPU machine: pip install torch "
+            "--index-url https://download.pytorch.org/whl/cpu ; on a GPU host or a notebook, the CUDA build "
+            "it already has (README: running on a GPU)"
+        ) from None
+
+
+
+def _check_device(track: Track) -> str:
+    if track.device.kind == "cpu":
+        return "cpu"
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UserError(
+            f"track {track.id} needs a CUDA GPU and this machine (or this torch, {torch.__version__}) has none; "
+            "use --track cpu-1min, or install a CUDA build of torch on a GPU host (see README)"
+        )
+    return "cuda:0"
+
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Everything decided before the sandbox starts."""
+
+    folder: Path
+    manifest: Manifest
+    track: Track
+    device: str
+    seed: int
+    seed_drawn: bool
+    budget_s: float
+    calibration: Calibration | None  # --budget calibrated: budget and scoring deadlines x its factor
+    overrides: dict[str, Any]  # --set: merged into the manifest's [config] for this run
+    smoke: bool
+    gpu: Placement | None  # the GPU this run holds; None on a CPU track
+    train_path: Path
+    val_path: Path
+    vocab_size: int
+    eos_id: int
+    run_id: str
+    run_dir: Path
+    staged: Path
+    jail_input: Path  # the in-jail modules (as a package under it) and the training split's copy
+    jail_out: Path
+    scratch: Path
+    job_path: Path
+    debug_scoring: bool
+
+    @property
+    def deadline_factor(self) -> float:
+        """What the scoring deadlines are multiplied by: a calibration's factor, but never below 1,
+        because what they mostly wait for (process start, imports, a CUDA context) is no faster on
+        a faster GPU."""
+        return 1.0 if self.calibration is None else max(1.0, self.calibration.factor)
+
+    @property
+    def gpu_minor(self) -> int | None:
+        """The board the jails are given, /dev/nvidia<minor>."""
+        return None if self.gpu is None else self.gpu.board.minor
+
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """What the caller of `evaluate` asks for; see its docstring."""
+
+    folder: Path
+    track_id: str | None
+    seed: int | None
+    secret_seed: bool
+    budget_s: float | None
+    calibrated_budget: bool
+    gpu: int | None
+    runs_dir: Path
+    debug_scoring: bool
+    overrides: dict[str, Any]
+    smoke: bool
+
+
+
+def make_plan(request: RunRequest, console: Console, held: ExitStack) -> RunPlan:
+    """Check the submission, resolve track and data, take the host's locks (into `held`, for the whole
+    run), calibrate if asked, lay out the run directory and the job file."""
+    folder, seed, budget_s, gpu = Path(request.folder), request.seed, request.budget_s, request.gpu
+    _require_torch()
+    report = check_submission(folder, request.overrides, request.track_id)
+    if not report.ok:
+        for finding in report.findings:
+            console.print(f"{folder}/{finding}", markup=False, highlight=False)
+        raise UserError(f"{folder}: the submission is invalid ({len(report.findings)} problem(s)); fix them and run again")
+    manifest = report.manifest
+    track = load_track(request.track_id or manifest.track)
+    device = _check_device(track)
+    if request.secret_seed and seed is not None:
+        raise UserError("a secret seed is drawn by the evaluator: give a seed or ask for a secret one, not both")
+    if request.calibrated_budget and budget_s is not None:
+        raise UserError("a calibrated budget is the track's scaled by this host's speed: give a budget or ask for a calibrated one, not both")
+    if request.calibrated_budget and request.smoke:
+        raise UserError("a smoke run has a budget of its own: drop --smoke or --budget calibrated")
+    config = merge_overrides(manifest.config_for(track.id), request.overrides)  # check_submission has validated it
+    if request.smoke and budget_s is None:
+        budget_s = min(SMOKE_BUDGET_S, track.budget_s)
+    seed = draw_seed() if request.secret_seed else track.default_seed if seed is None else seed
+    budget_s = track.budget_s if budget_s is None else budget_s
+    check_budget(budget_s)
+    train_path = resolve_data_file(track, "train").resolve()
+    val_path = resolve_data_file(track, "val").resolve()
+    vocab_size, eos_id = tokenizer_info(resolve_data_file(track, "tokenizer"))
+    if request.debug_scoring and not val_path.is_relative_to(DATASETS_DIR.resolve()):
+        # What a model prints while scoring can be the validation text itself.
+        raise UserError(
+            f"--debug-scoring keeps what the model prints while it sees the validation split; track "
+            f"{track.id} scores a private split ({val_path}), so that output must never be kept"
+        )
+
+    run_id = _new_run_id(manifest.name, seed)
+    holder = f"pid {os.getpid()}, run {run_id}"
+    # Scoring a private split: nothing else may train on this host meanwhile (THREAT_MODEL.md).
+    held.enter_context(hold_host(exclusive=not val_path.is_relative_to(DATASETS_DIR.resolve()), holder=holder))
+    if device.startswith("cuda"):
+        placement = held.enter_context(hold_gpu(gpu, holder))
+    elif gpu is not None:
+        raise UserError(f"--gpu applies to GPU tracks; track {track.id} runs on the CPU")
+    else:
+        placement = None
+    calibration = None
+    if request.calibrated_budget:
+        console.print(f"calibrating: timing {WORKLOAD} here against track {track.id}'s figure ...")
+        calibration = calibrate(track, cuda_index=0 if placement is None else placement.cuda_index)
+        budget_s = track.budget_s * calibration.factor
+        console.print(f"calibrated: x{calibration.factor:g} (here {calibration.host_seconds:.3f} s, track "
+                      f"{calibration.track_seconds:g} s, {calibration.track_provenance.split(',', 1)[0]}): budget "
+                      f"{budget_s:.1f} s, unofficial", markup=False, highlight=False)
+    run_dir = (Path(request.runs_dir) / run_id).resolve()
+    plan = RunPlan(
+        folder=folder, manifest=manifest, track=track, device=device, seed=seed, seed_drawn=request.secret_seed,
+        budget_s=budget_s, calibration=calibration, overrides=request.overrides, smoke=request.smoke, gpu=placement,
+        train_path=train_path, val_path=val_path, vocab_size=vocab_size, eos_id=eos_id,
+        run_id=run_id, run_dir=run_dir, staged=run_dir / "submission", jail_input=run_dir / "jail-input", jail_out=run_dir / "jail-out",
+        scratch=run_dir / "scratch", job_path=run_dir / "job.json", debug_scoring=request.debug_scoring,
+    )
+    try:
+        for directory in (plan.jail_out, plan.scratch, run_dir / "sandbox"):
+            directory.mkdir(parents=True)
+    except OSError as error:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise UserError(f"cannot make the run directory {shown(run_dir)}: {error.strerror}; run from a folder "
+                        "you can write (runs go to ./results/runs/) or give --out DIR") from error
+    try:
+        # The run uses a snapshot: edits to the folder during the run change nothing, and the hash
+        # recorded is the hash of exactly what ran.
+        stage_tree(folder, plan.staged)
+        jail_train_path = _stage_jail_input(plan)
+    except BaseException:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    job = Job(
+        submission_dir=plan.staged,
+        module=manifest.entry_module_name,
+        function=manifest.entry_function,
+        train_path=jail_train_path,
+        out_dir=plan.jail_out,
+        scratch=plan.scratch,
+        device=device,
+        threads=track.device.threads,
+        seed=seed,
+        budget_s=budget_s,
+        vocab_size=vocab_size,
+        eos_id=eos_id,
+        eval_seq_len=track.eval.seq_len,
+        snapshot_every_s=track.snapshot_every_s,
+        config=config,
+    )
+    atomic_write_text(plan.job_path, job.to_json())
+    return plan
+
+
+
+def _stage_jail_input(plan: RunPlan) -> Path:
+    """Copy the in-jail modules and the training split into plan.jail_input; return the split's
+    copy, checked again against the track's hash (the copy is what the jail reads)."""
+    for module, source in zip(in_jail.TRAINING, in_jail.sources(in_jail.TRAINING)):
+        target = plan.jail_input / "evaluator" / module
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+    train_copy = plan.jail_input / "train.parquet"
+    shutil.copyfile(plan.train_path, train_copy)
+    if sha256_file(train_copy) != plan.track.dataset.train.sha256:
+        raise DataError(f"{plan.train_path} changed while it was copied for the run; run again")
+    return train_copy
+
