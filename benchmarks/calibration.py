@@ -49,8 +49,8 @@ def main() -> int:
           f"(rounds {min(medians):.3f}-{max(medians):.3f}); {tokens} tokens, {flops / 1e9:.0f} GFLOP by count, "
           f"{flops / median / 1e9:.1f} GFLOP/s achieved")
     reference = track.calibration
-    print(f"against cpu-1min's figure ({reference['seconds']:g} s, {reference['provenance'].split(',')[0]}): "
-          f"factor {median / reference['seconds']:.3f}")
+    print(f"against cpu-1min's figure ({reference.seconds:g} s, {reference.provenance.split(',')[0]}): "
+          f"factor {median / reference.seconds:.3f}")
     return 0
 
 

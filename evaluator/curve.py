@@ -29,7 +29,6 @@ class ScoredRun:
     reached_at_s: float | None  # time-to-target tracks: when the target was first reached
 
 
-
 def score_run(plan: RunPlan, sandbox, console: Console, outcome: TrainingOutcome) -> ScoredRun:
     """Score the final model and every snapshot with the same code, limits and guarantees.
 
@@ -43,7 +42,7 @@ def score_run(plan: RunPlan, sandbox, console: Console, outcome: TrainingOutcome
     """
     where = "sealed sandboxes" if sandbox.kind == "nsjail" else "unsandboxed processes"
     console.print(f"scoring on the validation split, streamed, in two passes in {where} ...")
-    final = Snapshot(time_s=outcome.train_seconds, path=plan.run_dir / MODEL_FILE)  # taken by _train_in_jail
+    final = Snapshot(time_s=outcome.train_seconds, path=plan.run_dir / MODEL_FILE)  # taken by training.train_in_jail
     models = [*outcome.snapshots, final]
     scores: dict[Path, Any] = {}
     problems: dict[Path, str] = {}
@@ -83,7 +82,6 @@ def score_run(plan: RunPlan, sandbox, console: Console, outcome: TrainingOutcome
         curve.append({"time_s": round(model.time_s, 2), "model": "final" if model is final else "snapshot", **point})
     deciding = final if reached is None else reached
     return ScoredRun(score=scores[deciding.path], curve=curve, reached_at_s=None if reached is None else round(reached.time_s, 2))
-
 
 
 def _score_model(plan: RunPlan, sandbox, model_path: Path, name: str):

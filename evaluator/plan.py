@@ -34,9 +34,7 @@ from evaluator.tracks import Track, load_track
 # --smoke: enough to catch a broken contract (a forward that returns a tuple, wrong logits) in
 # seconds instead of after a full run.
 SMOKE_BUDGET_S = 10.0
-
 SMOKE_DOCUMENTS = 8
-
 
 
 def check_budget(budget_s: float) -> None:
@@ -57,11 +55,9 @@ def draw_seed() -> int:
     return int.from_bytes(os.urandom(4), "little") & 0x7FFF_FFFF
 
 
-
 def _new_run_id(name: str, seed: int) -> str:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     return f"{stamp}-{name}-s{seed}-{secrets.token_hex(3)}"
-
 
 
 def _require_torch() -> None:
@@ -76,7 +72,6 @@ def _require_torch() -> None:
         ) from None
 
 
-
 def _check_device(track: Track) -> str:
     if track.device.kind == "cpu":
         return "cpu"
@@ -88,7 +83,6 @@ def _check_device(track: Track) -> str:
             "use --track cpu-1min, or install a CUDA build of torch on a GPU host (see README)"
         )
     return "cuda:0"
-
 
 
 @dataclass(frozen=True)
@@ -131,6 +125,32 @@ class RunPlan:
         """The board the jails are given, /dev/nvidia<minor>."""
         return None if self.gpu is None else self.gpu.board.minor
 
+    def unofficial_reasons(self, sandbox: dict[str, Any], gpu: dict[str, Any] | None) -> list[str]:
+        """Why this run cannot be official, from what was decided here and where it ran (the
+        result's environment.sandbox and environment.gpu); [] for an official run."""
+        track, budget_s = self.track, self.budget_s
+        reasons = []
+        if self.overrides:
+            reasons.append("config overridden on the command line (--set): the submission's files do not describe what ran")
+        if self.smoke:  # its budget is part of what a smoke run is
+            reasons.append(f"smoke run (--smoke): {budget_s:g} s of training, {SMOKE_DOCUMENTS} validation documents")
+        elif self.calibration is not None:
+            reasons.append(f"budget calibrated: x{self.calibration.factor:g} ({budget_s:.1f} s instead of the track's "
+                           f"{track.budget_s:g} s; the track's figure is {self.calibration.track_provenance.split(' ', 1)[0]})")
+        elif budget_s != track.budget_s:
+            reasons.append(f"budget overridden: {budget_s:g} s instead of the track's {track.budget_s:g} s")
+        if sandbox["kind"] != "nsjail":
+            nsjail_missing = [what for what in sandbox["unavailable"] if what.startswith("nsjail: ")]
+            reasons.append(f"not sandboxed ({nsjail_missing[0]})" if nsjail_missing else "not sandboxed (--sandbox none)")
+        if self.debug_scoring:
+            reasons.append("the model server's output was kept (--debug-scoring)")
+        wanted = track.device.gpu_name_contains
+        if wanted and (gpu is None or wanted not in gpu["name"]):
+            reasons.append(f"GPU is {gpu['name'] if gpu else 'absent'}; the track requires one whose name contains {wanted!r}")
+        if self.gpu is not None and self.gpu.busy_pids:
+            pids = ", ".join(map(str, self.gpu.busy_pids))
+            reasons.append(f"GPU {self.gpu.board.pci_bus_id} had work of other processes when the run started (pids {pids})")
+        return reasons
 
 
 @dataclass(frozen=True)
@@ -148,7 +168,6 @@ class RunRequest:
     debug_scoring: bool
     overrides: dict[str, Any]
     smoke: bool
-
 
 
 def make_plan(request: RunRequest, console: Console, held: ExitStack) -> RunPlan:
@@ -246,7 +265,6 @@ def make_plan(request: RunRequest, console: Console, held: ExitStack) -> RunPlan
     )
     atomic_write_text(plan.job_path, job.to_json())
     return plan
-
 
 
 def _stage_jail_input(plan: RunPlan) -> Path:

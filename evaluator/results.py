@@ -22,7 +22,6 @@ from evaluator.gpus import Placement
 from evaluator.manifest import MANIFEST_NAME
 from evaluator.metrics import last_logged
 from evaluator.paths import SPEC_DIR, shown
-from evaluator.plan import SMOKE_DOCUMENTS
 
 if TYPE_CHECKING:
     from evaluator.curve import ScoredRun
@@ -165,39 +164,13 @@ def environment(
     }
 
 
-def _unofficial_reasons(plan: RunPlan, sandbox: dict, gpu: dict | None) -> list[str]:
-    track, budget_s = plan.track, plan.budget_s
-    reasons = []
-    if plan.overrides:
-        reasons.append("config overridden on the command line (--set): the submission's files do not describe what ran")
-    if plan.smoke:  # its budget is part of what a smoke run is
-        reasons.append(f"smoke run (--smoke): {budget_s:g} s of training, {SMOKE_DOCUMENTS} validation documents")
-    elif plan.calibration is not None:
-        reasons.append(f"budget calibrated: x{plan.calibration.factor:g} ({budget_s:.1f} s instead of the track's "
-                       f"{track.budget_s:g} s; the track's figure is {plan.calibration.track_provenance.split(' ', 1)[0]})")
-    elif budget_s != track.budget_s:
-        reasons.append(f"budget overridden: {budget_s:g} s instead of the track's {track.budget_s:g} s")
-    if sandbox["kind"] != "nsjail":
-        nsjail_missing = [what for what in sandbox["unavailable"] if what.startswith("nsjail: ")]
-        reasons.append(f"not sandboxed ({nsjail_missing[0]})" if nsjail_missing else "not sandboxed (--sandbox none)")
-    if plan.debug_scoring:
-        reasons.append("the model server's output was kept (--debug-scoring)")
-    wanted = track.device.gpu_name_contains
-    if wanted and (gpu is None or wanted not in gpu["name"]):
-        reasons.append(f"GPU is {gpu['name'] if gpu else 'absent'}; the track requires one whose name contains {wanted!r}")
-    return reasons
-
-
 def build_result(plan: RunPlan, outcome: TrainingOutcome, scored: ScoredRun | None, scoring_seconds: int | None,
                  env: dict[str, Any], started: str) -> dict[str, Any]:
     """The result of a run, from what its plan decided, what training and scoring found, and the
     environment (`environment()`); `started` is when the sandbox was opened (utc_now())."""
     rows = outcome.metrics_rows
     tokens = last_logged(rows, "tokens")
-    reasons = _unofficial_reasons(plan, env["sandbox"], env["gpu"])
-    if plan.gpu is not None and plan.gpu.busy_pids:
-        pids = ", ".join(map(str, plan.gpu.busy_pids))
-        reasons.append(f"GPU {plan.gpu.board.pci_bus_id} had work of other processes when the run started (pids {pids})")
+    reasons = plan.unofficial_reasons(env["sandbox"], env["gpu"])
     track = plan.track
     scored = scored if outcome.status in SCORED_STATUSES else None
     score = None if scored is None else scored.score

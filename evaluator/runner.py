@@ -36,7 +36,6 @@ def _handle_sigterm(signum, frame):
     raise KeyboardInterrupt
 
 
-
 @contextmanager
 def _sigterm_unwinds() -> Iterator[None]:
     """While a run is under way, SIGTERM unwinds like Ctrl-C, so every jail is killed and its cgroup
@@ -50,7 +49,6 @@ def _sigterm_unwinds() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
 
 
 def evaluate(
@@ -130,7 +128,6 @@ def evaluate(
         return result, plan.run_dir
 
 
-
 def summary_line(result: dict[str, Any]) -> str:
     seed = f"{result['seed']} (drawn)" if result["seed_drawn"] else str(result["seed"])
     parts = [f"{result['submission']['name']} seed {seed}: {result['status']}"]
@@ -149,7 +146,6 @@ def summary_line(result: dict[str, Any]) -> str:
     return "  ".join(parts)
 
 
-
 def _base_seed(args: argparse.Namespace) -> int | None:
     """--seed, else the track's default seed; None when the manifest is too broken to tell (evaluate reports it)."""
     if args.seed is not None:
@@ -161,7 +157,6 @@ def _base_seed(args: argparse.Namespace) -> int | None:
             return None
         track_id = manifest.track
     return load_track(track_id).default_seed
-
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -214,9 +209,7 @@ def _run(args: argparse.Namespace) -> int:
     return max(EXIT_CODES[r["status"]] for r in results)
 
 
-
 CALIBRATED = "calibrated"
-
 
 
 def _budget(text: str) -> float | str:
@@ -226,7 +219,6 @@ def _budget(text: str) -> float | str:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is neither a number of seconds nor 'calibrated'") from None
-
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -100,7 +100,6 @@ class Track:
     id: str
     path: Path
     sha256: str
-    title: str
     budget_s: float
     snapshot_every_s: float | None  # how often the evaluator asks for the model; None: the final model alone
     target: Target | None  # time-to-target tracks only
@@ -151,7 +150,6 @@ def load_track_file(path: Path) -> Track:
         id=raw["id"],
         path=path,
         sha256=sha256_file(path),
-        title=raw["title"],
         budget_s=float(raw["budget_s"]),
         snapshot_every_s=None if raw.get("snapshot_every_s") is None else float(raw["snapshot_every_s"]),
         target=None if "target" not in raw else Target(

@@ -62,7 +62,6 @@ class Snapshot:
     path: Path
 
 
-
 @dataclass
 class TrainingOutcome:
     status: str
@@ -74,10 +73,8 @@ class TrainingOutcome:
     snapshots: list[Snapshot] = field(default_factory=list)
 
 
-
 def _fits_int64(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63
-
 
 
 def _fits_float64(value) -> bool:
@@ -85,7 +82,6 @@ def _fits_float64(value) -> bool:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return False
     return isinstance(value, float) or abs(value) <= sys.float_info.max
-
 
 
 def _read_protocol(stream, events: queue.Queue, stop_clock: Callable[[], float], stop: threading.Event) -> None:
@@ -123,7 +119,6 @@ def _read_protocol(stream, events: queue.Queue, stop_clock: Callable[[], float],
             if not put((arrived, event)):
                 return
     put((time.monotonic(), None))
-
 
 
 class _LiveDisplay:
@@ -164,7 +159,6 @@ class _LiveDisplay:
             self.lines.say(self._last_line)
 
 
-
 def _status_text(step: int | None, metrics: dict[str, float], tokens_per_s: float | None) -> str:
     parts = []
     if step is not None:
@@ -174,7 +168,6 @@ def _status_text(step: int | None, metrics: dict[str, float], tokens_per_s: floa
     if tokens_per_s:
         parts.append(f"{tokens_per_s:,.0f} tok/s")
     return "  ".join(parts) or "training"
-
 
 
 class _SnapshotTaker:
@@ -239,13 +232,11 @@ class _SnapshotTaker:
         return taken
 
 
-
 def _remove(path: Path) -> None:
     try:
         path.unlink(missing_ok=True)
     except OSError:  # e.g. a directory of that name, which only the submission can have made
         pass
-
 
 
 def _train(jailed, budget_s: float, display: _LiveDisplay, launched_at: float,
@@ -264,7 +255,6 @@ def _train(jailed, budget_s: float, display: _LiveDisplay, launched_at: float,
         return _follow_protocol(events, jailed, budget_s, display, launched_at, snapshots)
     finally:
         stop.set()
-
 
 
 def _follow_protocol(events: queue.Queue, jailed, budget_s: float, display: _LiveDisplay, launched_at: float,
@@ -361,7 +351,6 @@ def _follow_protocol(events: queue.Queue, jailed, budget_s: float, display: _Liv
     return outcome
 
 
-
 def _take_file(source: Path, target: Path, cap_bytes: int) -> None:
     """Copy a model the jail saved to `target`, out of its reach, after checking it is a plain,
     capped file. A copy, not a rename: under nsjail the output dir is a tmpfs of its own
@@ -399,7 +388,6 @@ def _take_file(source: Path, target: Path, cap_bytes: int) -> None:
         raise InvalidModel(f"{source.name} grew past the track's {cap_bytes} bytes while it was copied")
 
 
-
 def hidden_from_training(val_path: Path) -> list[Path]:
     """What holds the validation split, or could: the package, the home's spec/, the split's folder,
     what a checkout the package runs from holds besides (its git objects, build and dist output),
@@ -415,7 +403,6 @@ def hidden_from_training(val_path: Path) -> list[Path]:
         for pattern in ("lib/python3*/*-packages/evaluator/_home", "local/lib/python3*/*-packages/evaluator/_home"):
             hidden += prefix.glob(pattern)
     return hidden
-
 
 
 def train_in_jail(plan: RunPlan, sandbox, console: Console, timings: dict[str, float]) -> TrainingOutcome:
@@ -476,7 +463,6 @@ def train_in_jail(plan: RunPlan, sandbox, console: Console, timings: dict[str, f
     return outcome
 
 
-
 @contextmanager
 def _gpu_telemetry(gpu_minor: int | None) -> Iterator[TelemetrySampler | None]:
     """NVML samples of the jail's GPU while it trains, taken here, outside the jail."""
@@ -485,7 +471,6 @@ def _gpu_telemetry(gpu_minor: int | None) -> Iterator[TelemetrySampler | None]:
         return
     with TelemetrySampler(gpu_minor) as sampler:
         yield sampler
-
 
 
 def _jail_env(threads: int, home: Path) -> dict[str, str]:

@@ -219,3 +219,32 @@ def _tamper_payload(envelope_path: Path, private: Path, tmp_path: Path) -> None:
 def _sign_with_unknown_key(envelope_path: Path, private: Path, tmp_path: Path) -> None:
     stranger, _, _ = generate_key_pair(tmp_path / "stranger", "stranger")
     envelope_path.write_bytes(_sign_with(stranger, decode_statement(envelope_path)))
+
+
+def _set(path: str, value):
+    """An edit of result.json: `value` at the dotted `path`."""
+    def edit(result: dict) -> None:
+        *parents, last = path.split(".")
+        for key in parents:
+            result = result[key]
+        result[last] = value
+    return edit
+
+
+# (what the run is, the edit that makes it inconsistent, the reason given)
+INCONSISTENT = {
+    "ok-without-curve": ({}, _set("val_curve", None), "status is ok but val_curve is null"),
+    "not-reached-without-metrics": ({"target": 4.1}, _set("metrics", None), "status is not_reached but metrics is null"),
+    "not-reached-without-curve": ({"target": 4.1}, _set("val_curve", None), "status is not_reached but val_curve is null"),
+    "not-reached-on-a-fixed-time-track": ({}, _set("status", "not_reached"), "status is not_reached but target is null"),
+    "not-reached-but-reached": ({"target": 4.1}, _set("target.reached", True), "status is not_reached but target.reached is true, not false"),
+    "not-reached-with-a-time": ({"target": 4.1}, _set("target.time_s", 12.0), "status is not_reached but target.time_s is set"),
+    "ok-but-not-reached": ({"target": 4.1, "time_to_target": 20.0}, _set("target.reached", False),
+                           "status is ok on a time-to-target track but target.reached is false, not true"),
+    "ok-reached-unknown": ({"target": 4.1, "time_to_target": 20.0}, _set("target.reached", None),
+                           "status is ok on a time-to-target track but target.reached is null, not true"),
+    "ok-without-a-time": ({"target": 4.1, "time_to_target": 20.0}, _set("target.time_s", None),
+                          "status is ok on a time-to-target track but target.time_s is null"),
+    "ok-with-a-time-the-curve-does-not-show": ({"target": 4.1, "time_to_target": 20.0}, _set("target.time_s", 10.0),
+                                               "target.time_s is not the time of the val_curve's first model at or below the target"),
+}

@@ -16,6 +16,7 @@ and folders. Ray is an optional extra, imported only when this command runs.
 """
 
 from evaluator.batch.archive import UnsafeArchive, extract_archive, pack_folder
-from evaluator.batch.driver import register
 
-__all__ = ["UnsafeArchive", "extract_archive", "pack_folder", "register"]
+# The command is evaluator.batch.driver (evaluator/cli.py); importing it here would load the driver
+# in every Ray worker that imports node.py.
+__all__ = ["UnsafeArchive", "extract_archive", "pack_folder"]

@@ -293,7 +293,6 @@ def _counter(path: Path, key: str) -> int:
     return 0
 
 
-
 def reap_stale_cgroups() -> list[str]:
     """Kill and remove the jail cgroups whose evaluator process is gone; return their leaf names."""
     leaves: set[str] = set()

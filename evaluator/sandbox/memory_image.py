@@ -26,7 +26,8 @@ The image holds:
 - with gpu=True, the NVIDIA driver's user-space libraries and their closure.
 
 The trusted part of a plan is computed once per process (cached); a build then only copies.
-Host side only: standard library imports, and nothing here imports torch.
+Host side only: standard library imports (and evaluator.paths, itself standard library only);
+nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -44,8 +45,9 @@ import subprocess
 import sys
 import sysconfig
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterable
+
+from evaluator.paths import PACKAGE_DIR
 
 # The installed distributions a scoring jail imports; their requirements come with them.
 DISTRIBUTIONS = ("torch", "numpy")
@@ -77,9 +79,6 @@ _PAGE = 4096
 _MAX_SYMLINK_HOPS = 40
 # Per-file work is a few system calls; threads overlap them (sendfile releases the GIL).
 _COPY_THREADS = min(8, os.cpu_count() or 1)
-
-# The package this file (evaluator/sandbox/memory_image.py) belongs to.
-EVALUATOR_PACKAGE_DIR = Path(__file__).resolve().parent.parent
 
 
 class ImageError(ValueError):
@@ -382,7 +381,7 @@ def _evaluator_path_files(site_dirs: list[str]) -> list[str]:
     """The site-packages files that put the (editable) `evaluator` package on sys.path: setuptools'
     `__editable__*finder.py` mapping it to its folder, and the `.pth` files that name that folder,
     its parent or such a finder."""
-    package, repository = str(EVALUATOR_PACKAGE_DIR), str(EVALUATOR_PACKAGE_DIR.parent)
+    package, repository = str(PACKAGE_DIR), str(PACKAGE_DIR.parent)
     chosen: list[str] = []
     finders: list[str] = []
     for site_dir in site_dirs:

@@ -105,7 +105,6 @@ def _python_roots() -> list[Path]:
     return [Path(sys.base_prefix), interpreter_prefix, Path(sys.prefix)]
 
 
-
 def _hidden_destinations(hidden_paths: Iterable[Path], roots: list[Path]) -> list[str]:
     """Where each existing hidden path shows in the jail through a bound root (compared as real
     paths: a root or a path reached through a symlink is still the same directory)."""

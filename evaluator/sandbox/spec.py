@@ -29,7 +29,7 @@ STACK_BYTES = 8 << 20
 _JAIL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)  # keywords only: a field added anywhere shifts nothing
 class JailSpec:
     name: str  # unique per jail, e.g. f"{run_id}-train"; names the cgroup
     argv: list[str]  # argv[0] an absolute path (usually sys.executable)

@@ -15,6 +15,7 @@ from evaluator.metrics import LOSS_CURVE_MAX_POINTS, empty_loss_curve
 from evaluator.publish import PREDICATE_TYPE, STATEMENT_TYPE, build_statement
 from evaluator.signing import PAYLOAD_TYPE, envelope_bytes, generate_key_pair, keyid_of, load_private_key, pae
 from publish_support import (
+    INCONSISTENT,
     _sign_with,
     _sign_with_unknown_key,
     _tamper_payload,
@@ -23,7 +24,6 @@ from publish_support import (
     published,
     run_cli,
 )
-from test_results import INCONSISTENT
 
 
 @pytest.fixture

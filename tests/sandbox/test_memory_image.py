@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-import evaluator
 from evaluator.sandbox import memory_image
 
 
@@ -82,6 +81,10 @@ def test_a_gpu_image_takes_the_driver_libraries_from_the_library_path(tmp_path):
     assert str(driver_dir / "libcuda.so.1") not in dict(memory_image.plan([], gpu=False).files)
 
 
-def test_the_image_looks_for_the_path_files_of_the_evaluator_package_itself():
-    # The .pth and editable-finder files that put `evaluator` on sys.path are found by this folder.
-    assert memory_image.EVALUATOR_PACKAGE_DIR == Path(evaluator.__file__).resolve().parent
+def test_the_image_takes_the_path_files_of_the_evaluator_package_itself():
+    # The .pth and editable-finder files that put `evaluator` on sys.path (this checkout's editable
+    # install): without them a sealed jail could not import the model server.
+    site_dirs = [path for path in sys.path if path.endswith("site-packages")]
+    names = {Path(path).name for path in memory_image._evaluator_path_files(site_dirs)}
+    assert any(name.startswith("__editable__") and name.endswith(".pth") for name in names), names
+    assert any(name.startswith("__editable__") and name.endswith("_finder.py") for name in names), names
