@@ -263,6 +263,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--debug-scoring", action="store_true",
                      help="keep what the model server prints (its stderr) as scoring-pass-N.log in the run directory, "
                           "to debug a model that fails scoring; makes the run unofficial; refused for a private split")
-    run.add_argument("--json", action="store_true", help="print the result record (a list with --seeds) on stdout and nothing else there")
+    run.add_argument("--json", action="store_true", help="print the result, as in result.json (a list with --seeds), on stdout and nothing else there")
     run.set_defaults(handler=_run)
 
