@@ -59,19 +59,32 @@ class SandboxLimits:
 @dataclass(frozen=True)
 class DataFile:
     sha256: str
-    path: str | None = None  # relative to the home, or absolute; None: private, found by its hash
+    path: str | None = None  # relative to the home, or absolute; None: the hidden split, found by its hash
 
 
 @dataclass(frozen=True)
 class Dataset:
     id: str
     train: DataFile
-    val: DataFile
+    val: DataFile  # the public development split
     tokenizer: DataFile
+    hidden: DataFile | None = None  # the hidden test split, on the scoring host only (docs/DATASET.md)
 
     def file(self, which: str) -> DataFile:
-        """`which` is "train", "val" or "tokenizer"."""
-        return {"train": self.train, "val": self.val, "tokenizer": self.tokenizer}[which]
+        """`which` is "train", "val", "tokenizer" or "hidden" (KeyError where the track names none)."""
+        entry = {"train": self.train, "val": self.val, "tokenizer": self.tokenizer, "hidden": self.hidden}[which]
+        if entry is None:
+            raise KeyError(which)
+        return entry
+
+
+@dataclass(frozen=True)
+class Contamination:
+    """When a model has memorised the public split: its hidden-split val_loss exceeds its public one by
+    more than `max_gap_nats`, a figure measured on honest models (`provenance` says whose)."""
+
+    max_gap_nats: float
+    provenance: str
 
 
 @dataclass(frozen=True)
@@ -108,6 +121,7 @@ class Track:
     dataset: Dataset
     eval: EvalProtocol
     calibration: CalibrationFigure
+    contamination: Contamination
     default_seed: int  # the public seed of development runs
 
 
@@ -159,8 +173,11 @@ def load_track_file(path: Path) -> Track:
         device=Device(**raw["device"]),
         sandbox=SandboxLimits(**raw["sandbox"]),
         dataset=Dataset(id=raw["dataset"]["id"], **{which: DataFile(**raw["dataset"][which])
-                                                    for which in ("train", "val", "tokenizer")}),
+                                                    for which in ("train", "val", "tokenizer", "hidden")
+                                                    if which in raw["dataset"]}),
         eval=EvalProtocol(**raw["eval"]),
         calibration=CalibrationFigure(**raw["calibration"]),
+        contamination=Contamination(max_gap_nats=float(raw["contamination"]["max_gap_nats"]),
+                                    provenance=raw["contamination"]["provenance"]),
         default_seed=raw["seeds"]["default"],
     )

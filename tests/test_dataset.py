@@ -20,7 +20,6 @@ from evaluator.dataset import source_hub, source_pydoc
 from evaluator.dataset.build import EOS_TOKEN, is_validation, truncate_text
 from evaluator.dataset.loader import read_documents, read_train_tokens
 from evaluator.dataset.store import (
-    PRIVATE_DATA_ENV,
     resolve_data_file,
     tokenizer_info,
     verify_track,
@@ -190,9 +189,8 @@ def write_track(directory: Path, track_id: str, dataset_lines: str) -> Path:
     return path
 
 
-def pinned(name: str, path: Path, digest: str | None = None, with_path: bool = True) -> str:
-    location = f'path = "{path}", ' if with_path else ""
-    return f'{name} = {{ {location}sha256 = "{digest or sha256_file(path)}" }}'
+def pinned(name: str, path: Path, digest: str | None = None) -> str:
+    return f'{name} = {{ path = "{path}", sha256 = "{digest or sha256_file(path)}" }}'
 
 
 def dataset_section(dataset_id="pydoc-100k", train=None, val=None, tokenizer=None) -> str:
@@ -253,28 +251,6 @@ def test_verify_unknown_track_id_is_one_line_and_exit_2(capsys):
     code, out, err = run_cli(capsys, "data", "verify", "--track", "no-such-track")
     assert code == 2 and out == ""
     assert err.startswith("evaluator: unknown track 'no-such-track'") and err.count("\n") == 1
-
-
-def test_private_validation_split_is_found_by_hash(tmp_path, capsys, monkeypatch):
-    private = tmp_path / "private"
-    private.mkdir()
-    digest = sha256_file(VAL)
-    shutil.copy(VAL, private / f"{digest}.parquet")
-    track_path = write_track(tmp_path, "official", dataset_section(val=pinned("val", VAL, with_path=False)))
-    track = tracks.load_track_file(track_path)
-
-    monkeypatch.delenv(PRIVATE_DATA_ENV, raising=False)
-    with pytest.raises(DataError, match=f"set {PRIVATE_DATA_ENV}"):
-        resolve_data_file(track, "val")
-
-    monkeypatch.setenv(PRIVATE_DATA_ENV, str(tmp_path))  # the wrong directory
-    with pytest.raises(DataError, match="missing"):
-        resolve_data_file(track, "val")
-
-    monkeypatch.setenv(PRIVATE_DATA_ENV, str(private))
-    assert resolve_data_file(track, "val") == private / f"{digest}.parquet"
-    code, out, _ = run_cli(capsys, "data", "verify", "--track", str(track_path))
-    assert code == 0 and out.count("ok ") == 3
 
 
 def test_tokenizer_info_refuses_a_tokenizer_without_separator(tmp_path):

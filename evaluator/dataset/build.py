@@ -96,22 +96,30 @@ def encode_all(tokenizer, texts: Sequence[str]) -> list[tuple[int, ...]]:
     return [tuple(encoding.ids) for encoding in tokenizer.encode_batch(list(texts), add_special_tokens=False)]
 
 
+class OverlapIndex:
+    """The ids, texts and 64-token windows of a set of documents, to test others against."""
+
+    def __init__(self, documents: Sequence[BuiltDocument]):
+        self.ids = {doc.doc_id for doc in documents}
+        self.texts = {doc.text for doc in documents}
+        self.windows = {window for doc in documents for window in _windows(doc.tokens)}
+
+    def problems(self, doc: BuiltDocument, side: str = "training") -> list[str]:
+        """Every way in which `doc` leaks into the indexed documents, one line each."""
+        problems = []
+        if doc.doc_id in self.ids:
+            problems.append(f"document id {doc.doc_id!r} is in both splits")
+        if doc.text in self.texts:
+            problems.append(f"the text of validation document {doc.doc_id!r} is also in {side}")
+        if any(window in self.windows for window in _windows(doc.tokens)):
+            problems.append(f"validation document {doc.doc_id!r} shares a {OVERLAP_WINDOW}-token window with {side}")
+        return problems
+
+
 def split_overlap(train: Sequence[BuiltDocument], val: Sequence[BuiltDocument]) -> list[str]:
     """Every way in which a validation document leaks into the training split, one line each."""
-    train_ids = {doc.doc_id for doc in train}
-    train_texts = {doc.text for doc in train}
-    train_windows = {window for doc in train for window in _windows(doc.tokens)}
-    problems = []
-    for doc in val:
-        if doc.doc_id in train_ids:
-            problems.append(f"document id {doc.doc_id!r} is in both splits")
-        if doc.text in train_texts:
-            problems.append(f"the text of validation document {doc.doc_id!r} is also in training")
-        if any(window in train_windows for window in _windows(doc.tokens)):
-            problems.append(
-                f"validation document {doc.doc_id!r} shares a {OVERLAP_WINDOW}-token window with training"
-            )
-    return problems
+    index = OverlapIndex(train)
+    return [problem for doc in val for problem in index.problems(doc)]
 
 
 def _windows(tokens: Sequence[int]) -> Iterable[bytes]:
@@ -120,7 +128,9 @@ def _windows(tokens: Sequence[int]) -> Iterable[bytes]:
     return (packed[4 * i : 4 * i + width] for i in range(len(tokens) - OVERLAP_WINDOW + 1))
 
 
-def parquet_bytes(documents: Sequence[BuiltDocument]) -> bytes:
+def parquet_bytes(documents: Sequence[BuiltDocument], metadata: dict[bytes, bytes] | None = None) -> bytes:
+    """The split's deterministic Parquet bytes; `metadata` goes into the schema's key-value metadata
+    (a hidden split's embedding bound)."""
     table = pa.table(
         {
             "doc_id": [doc.doc_id for doc in documents],
@@ -129,7 +139,7 @@ def parquet_bytes(documents: Sequence[BuiltDocument]) -> bytes:
             "n_tokens": [len(doc.tokens) for doc in documents],
             "n_bytes": [doc.n_bytes for doc in documents],
         },
-        schema=SCHEMA,
+        schema=SCHEMA if metadata is None else SCHEMA.with_metadata(metadata),
     )
     sink = pa.BufferOutputStream()
     pq.write_table(

@@ -1,4 +1,4 @@
-"""`evaluator data build` and `evaluator data verify`."""
+"""`evaluator data build`, `evaluator data verify` and `evaluator data private`."""
 
 from __future__ import annotations
 
@@ -15,13 +15,17 @@ DEFAULT_DATASET_ID = "pydoc-100k"
 def register(subparsers) -> None:
     data = subparsers.add_parser(
         "data",
-        help="build the fixed dataset or verify the data files against the tracks",
-        description="Build a dataset (Parquet splits, tokenizer, datasheet) or verify pinned hashes.",
+        help="build the fixed dataset, verify the data files against the tracks, or draw a hidden split",
+        description=(
+            "Build a dataset (Parquet splits, tokenizer, datasheet), verify pinned hashes, or draw a hidden "
+            "test split for official scoring (docs/DATASET.md)."
+        ),
     )
     commands = data.add_subparsers(title="data commands", metavar="COMMAND", parser_class=type(data))
     commands.required = True
     _register_build(commands)
     _register_verify(commands)
+    _register_private(commands)
 
 
 def _register_build(commands) -> None:
@@ -68,12 +72,50 @@ def _register_verify(commands) -> None:
             "Check every data file that a track pins (train, val, tokenizer) against its SHA-256, "
             "and that it reads as what it is (Parquet split with the expected columns, tokenizer with "
             "the <|endoftext|> separator, token ids within the vocabulary). Prints one line per file; "
-            "exits 1 if any file is missing, differs or is unreadable. A file that a track pins by "
-            "hash only is looked up in $EVALUATOR_PRIVATE_DATA (see docs/DATASET.md)."
+            "exits 1 if any file is missing, differs or is unreadable. A track's hidden split (pinned by "
+            "hash only) is looked up in $EVALUATOR_PRIVATE_DATA and checked where it is there; where it is "
+            "not, the line says so and that is no failure: runs there are development results (docs/DATASET.md)."
         ),
     )
     verify.add_argument("--track", help="a track id or a track .toml file (default: every track in spec/tracks)")
     verify.set_defaults(handler=run_verify)
+
+
+def _register_private(commands) -> None:
+    private = commands.add_parser(
+        "private",
+        help="draw a hidden test split from a pool of documents, refusing a pool a submission could carry",
+        description=(
+            "The organiser's tool: draw --docs documents at random from a pool, cut and tokenize them like the "
+            "track's public documents, drop every one that shares a 64-token window, a text or an id with the "
+            "public splits, and write DIR/<sha256>.parquet. Then it prints the hash and the line for the "
+            "track file. It also prints the embedding bound: how many of the pool's documents a submission "
+            "folder at the size cap can carry compressed with xz, what share of the hidden split that covers, "
+            "and the val_loss that would buy. A bound above the track's record margin is refused (exit 2) "
+            "unless --accept-embeddable: draw from a pool thousands of times larger than a submission can "
+            "carry, or from unpublished text. The bound is kept in the file, and results scored on it carry it."
+        ),
+        epilog=(
+            "examples:\n"
+            "  evaluator data private --pool unpublished.jsonl --docs 200 --out /srv/evaluator-private\n"
+            "  evaluator data private --pool hub:HuggingFaceTB/smollm-corpus:cosmopedia-v2 --docs 200 --out DIR\n"
+            "Then: export EVALUATOR_PRIVATE_DATA=DIR on the scoring host, and add the printed line to the\n"
+            "track's [dataset] section."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    private.add_argument("--pool", required=True, metavar="FILE",
+                         help='JSON lines of {"doc_id": ..., "text": ...}, a Parquet file with those columns, or '
+                              "hub:DATASET[:CONFIG] (its train split, streamed; needs a network and the 'hub' extra)")
+    private.add_argument("--docs", type=_positive_int, required=True, metavar="N",
+                         help="how many documents the hidden split holds (the public one has 100; more make scores less noisy)")
+    private.add_argument("--out", type=Path, required=True, metavar="DIR", help="where <sha256>.parquet is written (keep it off the repository)")
+    private.add_argument("--track", default="t4-5min", metavar="ID",
+                         help="the track whose tokenizer, public splits and record margin apply (default: t4-5min)")
+    private.add_argument("--accept-embeddable", action="store_true",
+                         help="write the split even when a submission could carry enough of the pool to beat the record "
+                              "margin (for tests and development; its bound is recorded in every result scored on it)")
+    private.set_defaults(handler=run_private)
 
 
 def _positive_int(text: str) -> int:
@@ -132,7 +174,7 @@ def _build(args: argparse.Namespace) -> tuple[Path, dict[str, str]]:
 
 def run_verify(args: argparse.Namespace) -> int:
     from evaluator import tracks
-    from evaluator.dataset.store import check_data_files
+    from evaluator.dataset.store import HIDDEN, check_data_files, find_hidden_split
 
     if args.track is None:
         chosen = [tracks.load_track(track_id) for track_id in tracks.available_tracks()]
@@ -145,16 +187,71 @@ def run_verify(args: argparse.Namespace) -> int:
     failures = checked = 0
     id_width = max(len(track.id) for track in chosen)
     for track in chosen:
-        for which, path, problem in check_data_files(track):
+        rows = check_data_files(track)
+        for which, path, problem in rows:
             checked += 1
             if problem is None:
                 print(f"ok    {track.id:{id_width}}  {which:9}  {shown(path)}")
             else:
                 failures += 1
                 print(f"FAIL  {track.id:{id_width}}  {which:9}  {problem}")
+        if track.dataset.hidden is not None and not any(which == HIDDEN for which, _, _ in rows):
+            _, absent = find_hidden_split(track)
+            print(f"--    {track.id:{id_width}}  {HIDDEN:9}  {absent}: runs here are development results")
     if failures:
         sys.stderr.write(f"evaluator: {failures} of {checked} data files are missing or do not match their track\n")
         return 1
     return 0
 
 
+
+
+def run_private(args: argparse.Namespace) -> int:
+    import random
+
+    from rich.console import Console
+    from tokenizers import Tokenizer
+
+    from evaluator.check import FOLDER_MAX_BYTES
+    from evaluator.dataset import private
+    from evaluator.dataset.loader import read_documents
+    from evaluator.dataset.store import resolve_data_file, tokenizer_info
+    from evaluator.errors import DataError
+    from evaluator.leaderboard.rules import load_record_rules
+    from evaluator.paths import SPEC_DIR
+    from evaluator.progress import PlainLines
+    from evaluator.tracks import load_track
+
+    track = load_track(args.track)
+    console = Console(stderr=True)
+    train_path, val_path = resolve_data_file(track, "train"), resolve_data_file(track, "val")
+    tokenizer_path = resolve_data_file(track, "tokenizer")
+    vocab_size, _ = tokenizer_info(tokenizer_path)
+    margin = load_record_rules(SPEC_DIR / "record-rules.toml").for_track(track.id).min_improvement_nats
+    rng = random.SystemRandom()  # nobody, the organiser included, can tell which documents it draws
+    lines = PlainLines(console, every_s=5.0)
+    survey, candidates = private.survey_pool(
+        private.pool_rows(args.pool), args.docs * private.OVERSAMPLE, rng,
+        on_row=lambda count: lines.say(f"reading the pool: {count:,} documents ..."),
+    )
+    lines.say(f"read the pool: {survey.documents:,} documents, {survey.text_bytes:,} bytes of text", final=True)
+    try:
+        public = private.public_documents(train_path, val_path)
+        documents = private.draw_documents(candidates, args.docs, Tokenizer.from_file(str(tokenizer_path)), public)
+    except DataError as exc:
+        raise UserError(str(exc)) from None
+    train_tokens = (token for doc in read_documents(train_path) for token in doc.tokens)
+    bound = private.embedding_bound(survey, private.unigram_loss(train_tokens, documents, vocab_size),
+                                    FOLDER_MAX_BYTES, margin)
+    print(f"embedding bound: {bound.sentence()}")
+    if bound.embeddable and not args.accept_embeddable:
+        raise UserError(
+            f"refusing the pool: {bound.sentence()}; a submission could buy a record by carrying it. Draw from a "
+            "pool thousands of times larger, or from unpublished text, or pass --accept-embeddable"
+        )
+    path, digest = private.write_hidden_split(args.out, documents, bound)
+    print(f"{digest}  {shown(path)}")
+    print(f"{len(documents)} documents, {sum(len(doc.tokens) for doc in documents):,} tokens"
+          + ("; EMBEDDABLE (--accept-embeddable): results scored on it say so" if bound.embeddable else ""))
+    print(f"in the track's [dataset]: hidden = {{ sha256 = \"{digest}\" }}")
+    return 0

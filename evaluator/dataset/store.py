@@ -1,10 +1,10 @@
 """Where a track's data files live, and the check that they are the files the track pins.
 
-A track's `[dataset]` entry names each file (`train`, `val`, `tokenizer`) by SHA-256, usually with a
-`path` (relative to the evaluator's home, evaluator/paths.py, or absolute). An entry without a `path` is a private file:
-it is looked up as `<sha256>.parquet` (or `.json` for the tokenizer) in the directory named by the
-environment variable `EVALUATOR_PRIVATE_DATA`, so an organiser can score on a split that is not in
-the repository (docs/DATASET.md).
+A track's `[dataset]` names each public file (`train`, `val`, `tokenizer`) by SHA-256 and a `path`
+(relative to the evaluator's home, evaluator/paths.py, or absolute). The hidden test split
+(`hidden`) is named by its SHA-256 alone: it is looked up as `<sha256>.parquet` in the directory
+named by the environment variable `EVALUATOR_PRIVATE_DATA`, on the scoring host only
+(docs/DATASET.md). A host without it scores the public split: a development result.
 """
 
 from __future__ import annotations
@@ -22,43 +22,56 @@ from evaluator.tracks import Track
 
 PRIVATE_DATA_ENV = "EVALUATOR_PRIVATE_DATA"
 DATA_FILES = ("train", "val", "tokenizer")
-_PRIVATE_SUFFIX = {"train": ".parquet", "val": ".parquet", "tokenizer": ".json"}
+HIDDEN = "hidden"
 
 
 def locate_data_file(track: Track, which: str) -> Path:
-    """Where the track's file should be, without reading it."""
+    """Where the track's public file should be, without reading it."""
     if which not in DATA_FILES:
         raise ValueError(f"unknown data file {which!r}; expected one of {', '.join(DATA_FILES)}")
-    entry = track.dataset.file(which)
-    if entry.path is not None:
-        path = Path(entry.path)
-        return path if path.is_absolute() else HOME / path
-    private_dir = os.environ.get(PRIVATE_DATA_ENV)
-    if not private_dir:
-        raise DataError(
-            f"track {track.id!r} keeps its {which} file private (pinned by hash only); set "
-            f"{PRIVATE_DATA_ENV} to the directory that holds {entry.sha256}{_PRIVATE_SUFFIX[which]}"
-        )
-    return Path(private_dir) / f"{entry.sha256}{_PRIVATE_SUFFIX[which]}"
+    path = Path(track.dataset.file(which).path)
+    return path if path.is_absolute() else HOME / path
 
 
 def resolve_data_file(track: Track, which: str) -> Path:
     """The track's `which` file ("train", "val" or "tokenizer"), after checking its SHA-256."""
     path = locate_data_file(track, which)
-    expected = track.dataset.file(which).sha256
     _check_dataset_folder(track, which, path)
     if not path.is_file():
         raise DataError(
             f"{path}: the {which} file of dataset {track.dataset.id!r} (track {track.id!r}) is "
-            f"missing; rebuild it with 'evaluator data build' or fetch the file with SHA-256 {expected}"
+            f"missing; rebuild it with 'evaluator data build' or fetch the file with SHA-256 "
+            f"{track.dataset.file(which).sha256}"
         )
+    _check_hash(track, which, path)
+    return path
+
+
+def find_hidden_split(track: Track) -> tuple[Path | None, str | None]:
+    """(path, None) where this host holds the track's hidden split, checked against its SHA-256;
+    (None, why) where it does not, and the run scores the public split instead. A file that is there
+    but is not the one the track pins is a DataError, never a quiet development run."""
+    if track.dataset.hidden is None:
+        return None, f"track {track.id} names no hidden split"
+    name = f"{track.dataset.hidden.sha256}.parquet"
+    private_dir = os.environ.get(PRIVATE_DATA_ENV)
+    if not private_dir:
+        return None, f"the track's hidden split is not on this host ({PRIVATE_DATA_ENV} is not set)"
+    path = Path(private_dir) / name
+    if not path.is_file():
+        return None, f"the track's hidden split is not on this host (no {name[:12]}... in {PRIVATE_DATA_ENV})"
+    _check_hash(track, HIDDEN, path)
+    return path.resolve(), None
+
+
+def _check_hash(track: Track, which: str, path: Path) -> None:
+    expected = track.dataset.file(which).sha256
     actual = sha256_file(path)
     if actual != expected:
         raise DataError(
             f"{path}: SHA-256 is {actual} but track {track.id!r} pins {expected}; refusing to use "
             "a data file that is not the one the track names"
         )
-    return path
 
 
 def _check_dataset_folder(track: Track, which: str, path: Path) -> None:
@@ -104,6 +117,7 @@ def tokenizer_info(path: Path) -> tuple[int, int]:
 
 def check_data_files(track: Track) -> list[tuple[str, Path | None, str | None]]:
     """(which, path, problem) for each of the track's data files; problem is None when it is fine.
+    The hidden split is checked where this host holds it, and left out where it does not.
 
     Beyond the hash, each file must be readable as what it is: the splits as Parquet with the
     right columns and consistent counts, the tokenizer as a tokenizer with a separator, and every
@@ -111,9 +125,14 @@ def check_data_files(track: Track) -> list[tuple[str, Path | None, str | None]]:
     """
     results: dict[str, tuple[str, Path | None, str | None]] = {}
     vocab_size = None
-    for which in ("tokenizer", "train", "val"):
+    for which in ("tokenizer", "train", "val", HIDDEN):
         try:
-            path = resolve_data_file(track, which)
+            if which == HIDDEN:
+                path, _ = find_hidden_split(track)
+                if path is None:
+                    continue
+            else:
+                path = resolve_data_file(track, which)
             if which == "tokenizer":
                 vocab_size, _ = tokenizer_info(path)
             else:
@@ -121,7 +140,7 @@ def check_data_files(track: Track) -> list[tuple[str, Path | None, str | None]]:
             results[which] = (which, path, None)
         except DataError as exc:
             results[which] = (which, None, str(exc))
-    return [results[which] for which in DATA_FILES]
+    return [results[which] for which in (*DATA_FILES, HIDDEN) if which in results]
 
 
 def _check_token_range(path: Path, documents, vocab_size: int | None) -> None:
