@@ -22,13 +22,14 @@ from rich.console import Console
 from evaluator import in_jail
 from evaluator.calibration import WORKLOAD, Calibration, calibrate
 from evaluator.check import check_submission
-from evaluator.dataset.store import resolve_data_file, tokenizer_info
+from evaluator.dataset.private import read_bound
+from evaluator.dataset.store import find_hidden_split, resolve_data_file, tokenizer_info
 from evaluator.errors import DataError, UserError
 from evaluator.fsutil import atomic_write_text, sha256_file, stage_tree
 from evaluator.gpus import Placement, hold_gpu, hold_host
 from evaluator.job import Job
 from evaluator.manifest import Manifest, merge_overrides
-from evaluator.paths import DATASETS_DIR, shown
+from evaluator.paths import shown
 from evaluator.tracks import Track, load_track
 
 # --smoke: enough to catch a broken contract (a forward that returns a tuple, wrong logits) in
@@ -101,7 +102,10 @@ class RunPlan:
     smoke: bool
     gpu: Placement | None  # the GPU this run holds; None on a CPU track
     train_path: Path
-    val_path: Path
+    val_path: Path  # the public development split
+    hidden_path: Path | None  # the hidden test split, where this host holds it: the score that ranks
+    hidden_absent: str | None  # why the run scores the public split instead (no hidden split here)
+    hidden_bound: dict[str, Any] | None  # the hidden split's embedding bound (evaluator/dataset/private.py)
     vocab_size: int
     eos_id: int
     run_id: str
@@ -121,6 +125,11 @@ class RunPlan:
         return 1.0 if self.calibration is None else max(1.0, self.calibration.factor)
 
     @property
+    def score_path(self) -> Path:
+        """The split whose score ranks: the hidden one where it is here, else the public one."""
+        return self.val_path if self.hidden_path is None else self.hidden_path
+
+    @property
     def gpu_minor(self) -> int | None:
         """The board the jails are given, /dev/nvidia<minor>."""
         return None if self.gpu is None else self.gpu.board.minor
@@ -130,6 +139,8 @@ class RunPlan:
         result's environment.sandbox and environment.gpu); [] for an official run."""
         track, budget_s = self.track, self.budget_s
         reasons = []
+        if self.hidden_path is None:
+            reasons.append(f"development result: scored on the public split, which anyone can memorise ({self.hidden_absent})")
         if self.overrides:
             reasons.append("config overridden on the command line (--set): the submission's files do not describe what ran")
         if self.smoke:  # its budget is part of what a smoke run is
@@ -197,18 +208,19 @@ def make_plan(request: RunRequest, console: Console, held: ExitStack) -> RunPlan
     check_budget(budget_s)
     train_path = resolve_data_file(track, "train").resolve()
     val_path = resolve_data_file(track, "val").resolve()
+    hidden_path, hidden_absent = find_hidden_split(track)
     vocab_size, eos_id = tokenizer_info(resolve_data_file(track, "tokenizer"))
-    if request.debug_scoring and not val_path.is_relative_to(DATASETS_DIR.resolve()):
-        # What a model prints while scoring can be the validation text itself.
+    if request.debug_scoring and hidden_path is not None:
+        # What a model prints while scoring can be the hidden text itself.
         raise UserError(
-            f"--debug-scoring keeps what the model prints while it sees the validation split; track "
-            f"{track.id} scores a private split ({val_path}), so that output must never be kept"
+            f"--debug-scoring keeps what the model prints while it sees the validation text; track "
+            f"{track.id} scores its hidden split here, so that output must never be kept"
         )
 
     run_id = _new_run_id(manifest.name, seed)
     holder = f"pid {os.getpid()}, run {run_id}"
-    # Scoring a private split: nothing else may train on this host meanwhile (THREAT_MODEL.md).
-    held.enter_context(hold_host(exclusive=not val_path.is_relative_to(DATASETS_DIR.resolve()), holder=holder))
+    # Scoring a hidden split: nothing else may train on this host meanwhile (THREAT_MODEL.md).
+    held.enter_context(hold_host(exclusive=hidden_path is not None, holder=holder))
     if device.startswith("cuda"):
         placement = held.enter_context(hold_gpu(gpu, holder))
     elif gpu is not None:
@@ -227,7 +239,8 @@ def make_plan(request: RunRequest, console: Console, held: ExitStack) -> RunPlan
     plan = RunPlan(
         folder=folder, manifest=manifest, track=track, device=device, seed=seed, seed_drawn=request.secret_seed,
         budget_s=budget_s, calibration=calibration, overrides=request.overrides, smoke=request.smoke, gpu=placement,
-        train_path=train_path, val_path=val_path, vocab_size=vocab_size, eos_id=eos_id,
+        train_path=train_path, val_path=val_path, hidden_path=hidden_path, hidden_absent=hidden_absent,
+        hidden_bound=None if hidden_path is None else read_bound(hidden_path), vocab_size=vocab_size, eos_id=eos_id,
         run_id=run_id, run_dir=run_dir, staged=run_dir / "submission", jail_input=run_dir / "jail-input", jail_out=run_dir / "jail-out",
         scratch=run_dir / "scratch", job_path=run_dir / "job.json", debug_scoring=request.debug_scoring,
     )

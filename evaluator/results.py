@@ -75,11 +75,14 @@ def _consistency_problem(result: dict[str, Any]) -> str | None:
     """What the schema cannot say: which fields a status implies. The leaderboard ranks on metrics,
     draws val_curve and, on a time-to-target track, ranks on target.time_s; each must be there, and
     agree with the status, whenever the status says the run was scored."""
-    status, target = result["status"], result["target"]
+    status, target, data = result["status"], result["target"], result["data"]
     if status in SCORED_STATUSES:
         for field in ("metrics", "val_curve"):
             if result[field] is None:
                 return f"status is {status} but {field} is null"
+    problem = _split_problem(result, data)
+    if problem:
+        return problem
     if status == "not_reached":
         if target is None:
             return "status is not_reached but target is null: only a time-to-target track has a target to miss"
@@ -96,6 +99,46 @@ def _consistency_problem(result: dict[str, Any]) -> str | None:
                       and point["val_loss"] <= target["val_loss"]), None)
         if first is None or first["time_s"] != target["time_s"]:
             return "target.time_s is not the time of the val_curve's first model at or below the target"
+    return None
+
+
+def _metrics(score: Any) -> dict[str, Any] | None:
+    """A ScoreReport as the result shows it."""
+    if score is None:
+        return None
+    return {"val_loss": score.val_loss, "val_bpb": score.val_bpb, "val_tokens": score.val_tokens,
+            "val_bytes": score.val_bytes, "val_documents": score.val_documents}
+
+
+def contamination(hidden_loss: float, public_loss: float, max_gap_nats: float) -> dict[str, Any]:
+    """The contamination check of a model scored on both splits: how much worse it does on the
+    hidden split than on the public one, and whether that is more than honest models do."""
+    gap = round(hidden_loss - public_loss, 4)
+    return {"gap_nats": gap, "max_gap_nats": max_gap_nats, "flagged": gap > max_gap_nats}
+
+
+def _split_problem(result: dict[str, Any], data: dict[str, Any]) -> str | None:
+    """Which split scored the run, and what follows: a hidden score comes with the public one and the
+    contamination check, in agreement with each other; a public score comes with neither."""
+    hidden = data["scored_on"] == "hidden"
+    if hidden and data["hidden_sha256"] is None:
+        return "data.scored_on is hidden but data.hidden_sha256 is null"
+    if not hidden and data["embedding_bound"] is not None:
+        return "data.embedding_bound is set but the run was scored on the public split"
+    if (data["curve_scored_on"] is None) != (result["val_curve"] is None):
+        return "data.curve_scored_on must be set exactly when there is a val_curve"
+    if data["curve_scored_on"] == "hidden" and not hidden:
+        return "data.curve_scored_on is hidden but the run was scored on the public split"
+    scored = result["metrics"] is not None
+    for field in ("dev_metrics", "contamination"):
+        if (result[field] is not None) != (hidden and scored):
+            return (f"{field} must be set exactly when the hidden split was scored "
+                    f"(scored_on {data['scored_on']}, metrics {'set' if scored else 'null'})")
+    check = result["contamination"]
+    if check is not None:
+        expected = contamination(result["metrics"]["val_loss"], result["dev_metrics"]["val_loss"], check["max_gap_nats"])
+        if check != expected:
+            return "contamination does not follow from metrics, dev_metrics and max_gap_nats"
     return None
 
 
@@ -174,8 +217,9 @@ def build_result(plan: RunPlan, outcome: TrainingOutcome, scored: ScoredRun | No
     track = plan.track
     scored = scored if outcome.status in SCORED_STATUSES else None
     score = None if scored is None else scored.score
+    dev_score = None if scored is None else scored.dev_score
     return {
-        "schema_version": 6,
+        "schema_version": 7,
         "run_id": plan.run_id,
         "status": outcome.status,
         "message": outcome.message,
@@ -197,19 +241,20 @@ def build_result(plan: RunPlan, outcome: TrainingOutcome, scored: ScoredRun | No
             "train_sha256": track.dataset.train.sha256,
             "val_sha256": track.dataset.val.sha256,
             "tokenizer_sha256": track.dataset.tokenizer.sha256,
+            "hidden_sha256": None if track.dataset.hidden is None else track.dataset.hidden.sha256,
+            "scored_on": "public" if plan.hidden_path is None else "hidden",
+            "curve_scored_on": None if scored is None else scored.curve_split,
+            "embedding_bound": plan.hidden_bound,
         },
         "seed": plan.seed,
         "seed_drawn": plan.seed_drawn,
         "calibration": None if plan.calibration is None else plan.calibration.as_dict(),
         "overrides": plan.overrides,
         "smoke": plan.smoke,
-        "metrics": None if score is None else {
-            "val_loss": score.val_loss,
-            "val_bpb": score.val_bpb,
-            "val_tokens": score.val_tokens,
-            "val_bytes": score.val_bytes,
-            "val_documents": score.val_documents,
-        },
+        "metrics": _metrics(score),
+        "dev_metrics": _metrics(dev_score),
+        "contamination": None if score is None or dev_score is None else contamination(
+            score.val_loss, dev_score.val_loss, track.contamination.max_gap_nats),
         "scoring": None if score is None else {
             "protocol": "streamed",
             "passes": score.passes,
