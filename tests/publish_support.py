@@ -102,13 +102,18 @@ def make_run(
     provisional: bool = False,
     time_to_target: float | None = None,
     val_curve: list[dict] | None = None,
+    scored_on: str = "hidden",
+    dev_val_loss: float | None = None,
+    max_gap_nats: float = 0.5,
 ) -> Path:
     """A run directory whose result.json validates against the schema, with a small metrics.parquet.
 
     A time-to-target run: `target` is the track's target val_loss and `time_to_target` when the run
     reached it (val_loss is then the deciding model's); without a time the run is not_reached (val_loss
     is the final model's, above the target). `status` defaults to what these make of the run;
-    `logged_rows` are more (time_s, step, key, value) rows for metrics.parquet."""
+    `logged_rows` are more (time_s, step, key, value) rows for metrics.parquet. `scored_on` "hidden":
+    scored on the hidden split, with `dev_val_loss` (default val_loss - 0.05) on the public one;
+    "public": a development result."""
     if status is None:
         status = "not_reached" if target is not None and time_to_target is None else "ok"
     scored = status in ("ok", "not_reached")
@@ -118,13 +123,18 @@ def make_run(
     train_seconds = 55.0 + seed
     if val_curve is None and scored:
         val_curve = make_val_curve(train_seconds, val_loss, snapshot_every_s, target, time_to_target)
+    hidden = scored_on == "hidden"
+    dev_val_loss = round(val_loss - 0.05, 4) if dev_val_loss is None else dev_val_loss
+    reasons = [] if official else ["--sandbox none: the run was not sandboxed"]
+    if not hidden:
+        reasons.insert(0, "development result: scored on the public split, which anyone can memorise (test)")
     result = {
-        "schema_version": 6,
+        "schema_version": 7,
         "run_id": run_id,
         "status": status,
         "message": {"ok": "", "not_reached": "no model reached the target"}.get(status, "the train function raised"),
-        "official": official,
-        "unofficial_reasons": [] if official else ["--sandbox none: the run was not sandboxed"],
+        "official": not reasons,
+        "unofficial_reasons": reasons,
         "submission": {
             "name": submission,
             "authors": authors or ["Ada Example <ada@example.org>"],
@@ -141,6 +151,10 @@ def make_run(
             "train_sha256": "01" * 32,
             "val_sha256": "02" * 32,
             "tokenizer_sha256": "03" * 32,
+            "hidden_sha256": "04" * 32,
+            "scored_on": scored_on,
+            "curve_scored_on": (scored_on if target is not None else "public") if scored else None,
+            "embedding_bound": None,
         },
         "seed": seed,
         "seed_drawn": seed_drawn,
@@ -150,6 +164,18 @@ def make_run(
         "metrics": (
             {"val_loss": val_loss, "val_bpb": val_loss / 2.3, "val_tokens": 10000, "val_bytes": 40000, "val_documents": 100}
             if scored
+            else None
+        ),
+        "dev_metrics": (
+            {"val_loss": dev_val_loss, "val_bpb": dev_val_loss / 2.3, "val_tokens": 10400, "val_bytes": 41000,
+             "val_documents": 100}
+            if scored and hidden
+            else None
+        ),
+        "contamination": (
+            {"gap_nats": round(val_loss - dev_val_loss, 4), "max_gap_nats": max_gap_nats,
+             "flagged": round(val_loss - dev_val_loss, 4) > max_gap_nats}
+            if scored and hidden
             else None
         ),
         "scoring": {"protocol": "streamed", "passes": 2, "consistency_nats": 1e-3} if scored else None,

@@ -1,8 +1,14 @@
 """The board: verified runs pooled into rows, ranked, and each track's world record decided.
 
-One row per submission, track and kind of run: a submission's official runs, its unofficial runs
-(unsandboxed, budget overridden, ...) and its runs at a calibrated budget are never pooled.
-Official rows are ranked by mean val_loss; the others are listed after them, unranked.
+Each track has two tables: the official one, of runs scored on the hidden test split, and the
+development one, of runs scored on the public split, which anyone can memorise. One row per
+submission, table and kind of run: a submission's official runs, its unofficial runs (unsandboxed,
+budget overridden, ...) and its runs at a calibrated budget are never pooled. Official rows are
+ranked by mean val_loss (the hidden split's); in a development table the runs that would be official
+but for the split are ranked the same way, and never hold a record. The others are listed after
+them, unranked. An official row shows its runs' public-split score beside the hidden one, and how
+many of them the contamination check flagged (a model much better on the public split than on the
+hidden one has memorised it).
 
 A time-to-target track (its results carry a `target`; the track need not be defined here) ranks
 by mean time to target instead: the evaluator-clock time of the first model, snapshot or final,
@@ -40,6 +46,7 @@ TOO_SMALL = "improvement too small"
 TOO_FEW_SEEDS = "too few seeds"
 NOT_ELIGIBLE = "unofficial"
 NOT_REACHED = "target not always reached"  # time-to-target tracks: an unranked row holds no record
+DEVELOPMENT = "development"  # scored on the public split: never a record
 
 
 @dataclass(frozen=True)
@@ -75,7 +82,16 @@ class Run:
     throttled_s: float | None  # None: no GPU telemetry (a CPU track, or NVML absent)
     throttle_reasons: tuple[str, ...]
     gpu: dict[str, Any] | None  # the board: name, PCI bus id and UUID tell two of one host apart
+    unofficial_reasons: tuple[str, ...]
     calibration_factor: float | None  # --budget calibrated: what the track's budget was multiplied by
+    development: bool  # scored on the public split
+    dev_val_loss: float | None  # scored on the hidden split: the same model on the public split
+    contaminated: bool  # the contamination check flagged it
+
+    @property
+    def clean_development(self) -> bool:
+        """Scored on the public split, and official in every other respect (the split is its one reason)."""
+        return self.development and len(self.unofficial_reasons) == 1
 
     @classmethod
     def from_verified(cls, verified: VerifiedResult) -> Run:
@@ -99,6 +115,10 @@ class Run:
             throttled_s=_throttled_seconds(result["gpu_telemetry"]),
             throttle_reasons=tuple(result["gpu_telemetry"]["throttle_reasons"]) if result["gpu_telemetry"] else (),
             calibration_factor=None if result["calibration"] is None else result["calibration"]["factor"],
+            unofficial_reasons=tuple(result["unofficial_reasons"]),
+            development=result["data"]["scored_on"] == "public",
+            dev_val_loss=None if result["dev_metrics"] is None else float(result["dev_metrics"]["val_loss"]),
+            contaminated=result["contamination"] is not None and result["contamination"]["flagged"],
             gpu=None if result["environment"]["gpu"] is None else {
                 key: result["environment"]["gpu"][key] for key in ("name", "pci_bus_id", "uuid")
             },
@@ -137,6 +157,8 @@ class Row:
     official: bool
     calibrated: bool  # runs at a calibrated budget: always unofficial, and never pooled with other runs
     runs: list[Run]  # in the order they started
+    development: bool = False  # a development table's row: scored on the public split
+    clean_development: bool = False  # in a development table, official but for the split: ranked
     rank: int | None = None
     record_status: str = ""
     # The test that decided record_status: its p-value, the improvement in mean val_loss over the
@@ -205,6 +227,21 @@ class Row:
         """What ranks the row, lower is better: the time to target (None where the run did not reach
         it: such a row is never tested), or the val_loss on a fixed-time track."""
         return run.time_to_target if self.timed else run.val_loss
+
+    @property
+    def ranked(self) -> bool:
+        """Ranked in its table: official, or official but for the public split in a development table."""
+        return self.official or self.clean_development
+
+    @property
+    def mean_dev_val_loss(self) -> float | None:
+        """The runs' mean public-split val_loss, where the hidden split scored them."""
+        losses = [run.dev_val_loss for run in self.runs if run.dev_val_loss is not None]
+        return mean(losses) if losses else None
+
+    @property
+    def contaminated_runs(self) -> int:
+        return sum(1 for run in self.runs if run.contaminated)
 
     @property
     def mean_val_bpb(self) -> float:
@@ -282,21 +319,25 @@ def build_rows(
     ordered: list[Row] = []
     for track_id in sorted(by_track):
         items, target = _comparable_runs(by_track[track_id], duplicates)
-        rows: dict[tuple[str, str, bool, bool], Row] = {}
+        rows: dict[tuple[str, bool, bool, bool, bool], Row] = {}
         for item in items:
-            result = item.result
+            result, run = item.result, Run.from_verified(item)
             calibrated = result["calibration"] is not None  # never official: the schema says so, and so does this
-            key = (track_id, result["submission"]["name"], result["official"] and not calibrated, calibrated)
-            rows.setdefault(key, Row(*key, runs=[], target=target)).runs.append(Run.from_verified(item))
-        in_track = list(rows.values())
-        for row in in_track:
-            row.runs.sort(key=lambda run: (run.started_at, run.run_id))
-        _mark_records(in_track, rules.for_track(track_id))
-        official = sorted((r for r in in_track if r.official), key=_rank_key)
-        unofficial = sorted((r for r in in_track if not r.official), key=lambda r: (r.calibrated, *_rank_key(r)))
-        for rank, row in enumerate((r for r in official if _rankable(r)), start=1):
-            row.rank = rank
-        ordered.extend(official + unofficial)
+            official = result["official"] and not calibrated and not run.development
+            clean = run.clean_development and not calibrated
+            key = (result["submission"]["name"], official, calibrated, run.development, clean)
+            rows.setdefault(key, Row(track_id, key[0], official, calibrated, runs=[], target=target,
+                                     development=run.development, clean_development=clean)).runs.append(run)
+        for development in (False, True):
+            in_table = [row for row in rows.values() if row.development == development]
+            for row in in_table:
+                row.runs.sort(key=lambda run: (run.started_at, run.run_id))
+            _mark_records(in_table, rules.for_track(track_id))
+            ranked = sorted((r for r in in_table if r.ranked), key=_rank_key)
+            unranked = sorted((r for r in in_table if not r.ranked), key=lambda r: (r.calibrated, *_rank_key(r)))
+            for rank, row in enumerate((r for r in ranked if _rankable(r)), start=1):
+                row.rank = rank
+            ordered.extend(ranked + unranked)
     return ordered, duplicates
 
 
@@ -345,7 +386,9 @@ def _mark_records(rows: list[Row], rule: RecordRule) -> None:
     holder: Row | None = None
     for row in sorted(rows, key=lambda r: (r.first_run_at, r.submission)):
         row.record_rule = rule
-        if not row.official:
+        if row.development:
+            row.record_status = DEVELOPMENT
+        elif not row.official:
             row.record_status = NOT_ELIGIBLE
         elif not _rankable(row):
             row.record_status = NOT_REACHED

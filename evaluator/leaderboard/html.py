@@ -14,12 +14,12 @@ from evaluator.leaderboard.board import RECORD, Row, Run, TrackTarget
 from evaluator.leaderboard.text import (
     RANKING_TEXT,
     UNBROKEN,
-    by_track,
+    by_table,
     columns_of,
-    heading_suffix,
     row_cells,
+    table_heading_suffix,
+    table_rule_text,
     target_ranking_text,
-    track_rule_text,
 )
 
 
@@ -246,18 +246,18 @@ def render_html(rows: list[Row], verified_count: int) -> str:
     ]
     if not rows:
         body.append("<p>No verified results yet.</p>")
-    for track_id, track_rows in by_track(rows).items():
+    for (track_id, _), track_rows in by_table(rows).items():
         target = track_rows[0].target
-        body.append(f"<h2>Track <code>{html.escape(track_id)}</code>{html.escape(heading_suffix(target))}</h2>")
+        body.append(f"<h2>Track <code>{html.escape(track_id)}</code>{html.escape(table_heading_suffix(track_rows))}</h2>")
         if target is not None:
             body.append(f'<p class="rule">{html.escape(target_ranking_text(target))}</p>')
-        body.append(f'<p class="rule">{html.escape(track_rule_text(track_id, track_rows))}</p>')
+        body.append(f'<p class="rule">{html.escape(table_rule_text(track_id, track_rows))}</p>')
         columns = columns_of(track_rows)
         headers = "".join(f'<th class="{_html_class(h, numeric)}">{html.escape(h)}</th>' for h, numeric in columns)
         body.append(f"<table><thead><tr>{headers}</tr></thead><tbody>")
         for index, row in enumerate(track_rows):
             classes = ["record"] if row.record_status == RECORD else []
-            classes += [] if row.official else ["unofficial"]
+            classes += [] if row.ranked else ["unofficial"]
             cells = [html.escape(cell) for cell in row_cells(row)]
             cells[1] = f'<span class="swatch" style="background:{PALETTE[index % len(PALETTE)]}"></span>{cells[1]}'
             tds = "".join(

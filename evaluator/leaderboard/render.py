@@ -27,10 +27,12 @@ from evaluator.leaderboard.board import RECORD, Row, Run, TrackTarget
 from evaluator.leaderboard.text import (
     RANKING_TEXT,
     UNBROKEN,
+    by_table,
     by_track,
     columns_of,
-    heading_suffix,
     row_cells,
+    table_heading_suffix,
+    table_rule_text,
     target_ranking_text,
     track_rule_text,
     visible,
@@ -45,7 +47,7 @@ TERMINAL_HEADERS = {"val_loss mean ± std": "val_loss ± std", "best val_loss": 
 
 def _rich_table(track_id: str, rows: list[Row]) -> Table:
     # A Text title: a str title would be read as rich markup.
-    title = Text(f"Track {visible(track_id)}{heading_suffix(rows[0].target)}")
+    title = Text(f"Track {visible(track_id)}{table_heading_suffix(rows)}")
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     for header, numeric in columns_of(rows):
         if numeric or header in UNBROKEN:
@@ -59,7 +61,7 @@ def _rich_table(track_id: str, rows: list[Row]) -> Table:
 
 def _row_cards(track_id: str, rows: list[Row]) -> Text:
     """Two lines per row: what a terminal too narrow for the table still shows legibly."""
-    text = Text(f"Track {visible(track_id)}{heading_suffix(rows[0].target)}\n", style="italic")
+    text = Text(f"Track {visible(track_id)}{table_heading_suffix(rows)}\n", style="italic")
     for row in rows:
         cells = dict(zip((header for header, _ in columns_of(rows)), row_cells(row, names_only=True)))
         style = "bold" if row.record_status == RECORD else ""
@@ -72,6 +74,8 @@ def _row_cards(track_id: str, rows: list[Row]) -> Text:
         else:
             scores = (f"val_loss {cells['val_loss mean ± std']} · {runs} · best {cells['best val_loss']}"
                       f" · bpb {cells['val_bpb']} · {cells['train s']} s")
+        if "public val_loss" in cells:
+            scores += f" · public split {cells['public val_loss']}"
         text.append(f"     {scores} · GPU {cells['GPU clocks']}\n", style=style)
         details = [cells["authors"], f"latest {cells['latest run']}", cells["status"], cells["record"]]
         text.append(f"     {' · '.join(details)}\n")
@@ -81,7 +85,7 @@ def _row_cards(track_id: str, rows: list[Row]) -> Text:
 def print_table(console: Console, rows: list[Row], verified_count: int) -> None:
     if not rows:
         console.print("No verified results.")
-    for track_id, track_rows in by_track(rows).items():
+    for (track_id, _), track_rows in by_table(rows).items():
         table = _rich_table(track_id, track_rows)
         natural_width = Measurement.get(console, console.options.update_width(10_000), table).maximum
         if natural_width <= console.width:
@@ -90,7 +94,7 @@ def print_table(console: Console, rows: list[Row], verified_count: int) -> None:
             console.print(_row_cards(track_id, track_rows))
         if track_rows[0].timed:
             console.print(target_ranking_text(track_rows[0].target), markup=False, highlight=False)
-        console.print(visible(track_rule_text(track_id, track_rows)), markup=False, highlight=False)
+        console.print(visible(table_rule_text(track_id, track_rows)), markup=False, highlight=False)
     console.print(f"{verified_count} verified result(s). {RANKING_TEXT}", markup=False, highlight=False)
 
 
@@ -127,12 +131,12 @@ def render_markdown(rows: list[Row], verified_count: int) -> str:
     ]
     if not rows:
         lines += ["No verified results yet.", ""]
-    for track_id, track_rows in by_track(rows).items():
+    for (track_id, _), track_rows in by_table(rows).items():
         target = track_rows[0].target
-        lines += [f"## Track {_markdown_code(visible(track_id))}{_markdown_cell(heading_suffix(target))}", ""]
+        lines += [f"## Track {_markdown_code(visible(track_id))}{_markdown_cell(table_heading_suffix(track_rows))}", ""]
         if target is not None:
             lines += [_markdown_cell(target_ranking_text(target)), ""]
-        lines += [_markdown_cell(visible(track_rule_text(track_id, track_rows))), ""]
+        lines += [_markdown_cell(visible(table_rule_text(track_id, track_rows))), ""]
         columns = columns_of(track_rows)
         lines.append("| " + " | ".join(header for header, _ in columns) + " |")
         lines.append("|" + "|".join("---:" if numeric else "---" for _, numeric in columns) + "|")
@@ -151,6 +155,7 @@ def _row_json(row: Row) -> dict[str, Any]:
         "rank": row.rank,
         "submission": row.submission,
         "official": row.official,
+        "development": row.development,
         "calibrated": row.calibrated,
         "authors": row.authors,
         "description": row.description,
@@ -165,6 +170,8 @@ def _row_json(row: Row) -> dict[str, Any]:
         "best_val_loss": row.best_run.val_loss,
         "best_run_id": row.best_run.run_id,
         "val_bpb_mean": row.mean_val_bpb,
+        "public_val_loss_mean": row.mean_dev_val_loss,
+        "contaminated_runs": row.contaminated_runs,
         "train_seconds_mean": row.mean_train_seconds,
         "first_run_at": row.first_run_at.isoformat(),
         "latest_run_at": row.latest_run_at.isoformat(),
@@ -190,6 +197,8 @@ def _row_json(row: Row) -> dict[str, Any]:
                 "calibration_factor": run.calibration_factor,
                 "val_loss": run.val_loss,
                 "val_bpb": run.val_bpb,
+                "public_val_loss": run.dev_val_loss,
+                "contaminated": run.contaminated,
                 "train_seconds": run.train_seconds,
                 "throttled_s": run.throttled_s,
                 "gpu": run.gpu,
@@ -239,6 +248,7 @@ PARQUET_SCHEMA = pa.schema(
         ("rank", pa.int32()),
         ("submission", pa.string()),
         ("official", pa.bool_()),
+        ("development", pa.bool_()),
         ("calibrated", pa.bool_()),
         ("authors", pa.list_(pa.string())),
         ("description", pa.string()),
@@ -253,6 +263,8 @@ PARQUET_SCHEMA = pa.schema(
         ("best_val_loss", pa.float64()),
         ("best_run_id", pa.string()),
         ("val_bpb_mean", pa.float64()),
+        ("public_val_loss_mean", pa.float64()),
+        ("contaminated_runs", pa.int32()),
         ("train_seconds_mean", pa.float64()),
         ("first_run_at", pa.timestamp("us", tz="UTC")),
         ("latest_run_at", pa.timestamp("us", tz="UTC")),

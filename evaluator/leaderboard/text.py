@@ -10,6 +10,7 @@ from __future__ import annotations
 import unicodedata
 
 from evaluator.leaderboard.board import (
+    DEVELOPMENT,
     FORMER_RECORD,
     NOT_REACHED,
     NOT_SIGNIFICANT,
@@ -77,6 +78,8 @@ def _record_text(row: Row) -> str:
         return f"not a record: {test}, an improvement under {row.record_rule.min_improvement(row.timed):g}{unit}"
     if row.record_status == NOT_REACHED:
         return "needs every run to reach the target"
+    if row.record_status == DEVELOPMENT:
+        return "never a record (public split)"
     if row.record_status == TOO_FEW_SEEDS:
         drawn = "drawn " if row.record_rule.drawn_seeds_only else ""
         return f"needs ≥{row.record_rule.min_seeds} {drawn}seeds"
@@ -130,9 +133,30 @@ TARGET_COLUMNS = [
 UNBROKEN = {"submission", "GPU clocks", "latest run", "status"}
 
 
+# An official table's rows were scored on the hidden split; this column shows the same models on the
+# public one (after the score columns).
+PUBLIC_COLUMN = ("public val_loss", True)
+
+
 def columns_of(rows: list[Row]) -> list[tuple[str, bool]]:
-    """The columns of one track's table."""
-    return TARGET_COLUMNS if rows and rows[0].timed else COLUMNS
+    """The columns of one table."""
+    columns = TARGET_COLUMNS if rows and rows[0].timed else COLUMNS
+    if rows and not rows[0].development:
+        at = columns.index(("train s", True))
+        columns = [*columns[:at], PUBLIC_COLUMN, *columns[at:]]
+    return columns
+
+
+def _status_text(row: Row) -> str:
+    if row.official:
+        status = "official"
+    elif row.calibrated:
+        status = _calibrated_text(row)
+    else:
+        status = "development" if row.clean_development else "unofficial"
+    if row.contaminated_runs:
+        status += f", contaminated in {row.contaminated_runs}/{len(row.runs)}"
+    return status
 
 
 def _author_name(author: str) -> str:
@@ -149,6 +173,8 @@ def row_cells(row: Row, names_only: bool = False) -> list[str]:
         scores = [_mean_std_time(row), _runs_text(row), _time(None if fastest is None else fastest.time_to_target)]
     else:
         scores = [_mean_std(row), _runs_text(row), _loss(row.best_run.val_loss), _loss(row.mean_val_bpb)]
+    if not row.development:
+        scores.append(_loss(row.mean_dev_val_loss))
     cells = [
         str(row.rank) if row.rank is not None else "-",
         row.submission,
@@ -157,7 +183,7 @@ def row_cells(row: Row, names_only: bool = False) -> list[str]:
         _gpu_text(row),
         ", ".join(authors),
         row.latest_run_at.date().isoformat(),
-        "official" if row.official else _calibrated_text(row) if row.calibrated else "unofficial",
+        _status_text(row),
         _record_text(row),
     ]
     return [visible(cell) for cell in cells]
@@ -170,12 +196,38 @@ def by_track(rows: list[Row]) -> dict[str, list[Row]]:
     return grouped
 
 
+def by_table(rows: list[Row]) -> dict[tuple[str, bool], list[Row]]:
+    """Each track's tables: (track id, development) -> its rows, the official table first."""
+    grouped: dict[tuple[str, bool], list[Row]] = {}
+    for row in rows:
+        grouped.setdefault((row.track, row.development), []).append(row)
+    return grouped
+
+
+def table_heading_suffix(rows: list[Row]) -> str:
+    """What a table's heading adds to "Track <id>": its target, and whether it is a development table."""
+    return heading_suffix(rows[0].target) + (" · development (public split)" if rows[0].development else "")
+
+
+DEVELOPMENT_TEXT = (
+    "Development table: these runs were scored on the public split, which anyone can memorise, so none is "
+    "official and none holds a record; a row is ranked here when its runs would be official but for the split."
+)
+
+
+def table_rule_text(track_id: str, rows: list[Row]) -> str:
+    """The sentence under a table's heading: the track's record rule, or what a development table is."""
+    return DEVELOPMENT_TEXT if rows[0].development else track_rule_text(track_id, rows)
+
+
 RANKING_TEXT = (
     "Ranked by mean validation loss (nats/token, lower is better); ± is the sample standard deviation "
-    "over runs; \"drawn\" counts seeds the evaluator drew, which nobody could choose. Submissions are "
-    "considered for the record in the order of their first run; unofficial runs are listed apart and "
-    "never hold a record. GPU clocks: \"throttled in k/n\" when the driver reported a power or thermal "
-    "slowdown during training in k of the n runs it was sampled in."
+    "over runs; \"drawn\" counts seeds the evaluator drew, which nobody could choose. Official tables are "
+    "scored on the hidden test split, with the same models' public-split val_loss beside it; \"contaminated "
+    "in k/n\" when k runs did much better on the public split than on the hidden one (they memorised it). "
+    "Submissions are considered for the record in the order of their first run; unofficial runs are listed "
+    "apart and never hold a record. GPU clocks: \"throttled in k/n\" when the driver reported a power or "
+    "thermal slowdown during training in k of the n runs it was sampled in."
 )
 
 

@@ -97,7 +97,8 @@ def _runs(losses: list[float], *, drawn: bool = False, first_seed: int = 0, seed
         Run(run_id=f"r{seed}-{index}", seed=seed, seed_drawn=drawn, val_loss=loss, val_bpb=loss / 2.3,
             train_seconds=55.0, budget_s=60.0, started_at=T0, ended_at=T0, signer="tester", authors=["A"],
             description="", loss_curve={}, val_curve=[], target=None, throttled_s=None, throttle_reasons=(), gpu=None,
-            calibration_factor=None)
+            calibration_factor=None, unofficial_reasons=(), development=False, dev_val_loss=loss - 0.05,
+            contaminated=False)
         for index, (seed, loss) in enumerate(zip(seeds, losses))
     ]
 
@@ -271,3 +272,38 @@ def test_a_run_made_for_another_goal_is_set_aside(tmp_path, monkeypatch, capsys)
                                       "the target val_loss 4.1: their scores are not comparable")
     assert "run older-s0 was made for a fixed time" in reasons["older-s0.json"]
     assert "2 envelope(s) rejected" in stderr
+
+
+def test_development_runs_form_a_table_of_their_own_and_contaminated_runs_are_marked(tmp_path, monkeypatch, capsys):
+    """Runs scored on the public split are ranked among themselves and never hold a record, however
+    good; an official row shows its public-split score and how many runs the contamination check flagged."""
+    _, key, trusted = _signer(tmp_path)
+    results = tmp_path / "results"
+    for seed, loss in enumerate([4.00, 4.01, 3.99]):
+        publish(make_run(tmp_path, f"honest-s{seed}", submission="honest", seed=seed, val_loss=loss,
+                         started_at=T0 + timedelta(hours=seed)), key, results, False)
+        publish(make_run(tmp_path, f"cheat-s{seed}", submission="cheat", seed=seed, val_loss=loss + 0.3,
+                         dev_val_loss=0.05 if seed else loss, started_at=T0 + timedelta(days=1, hours=seed)),
+                key, results, False)
+        publish(make_run(tmp_path, f"dev-s{seed}", submission="dev", seed=seed, val_loss=1.0 + seed / 100,
+                         scored_on="public", started_at=T0 + timedelta(days=2, hours=seed)), key, results, True)
+    code, stdout, _ = run_cli(monkeypatch, capsys, "leaderboard", "--results", results, "--trusted-keys", trusted,
+                              "--format", "json")
+    assert code == 0
+    rows = {row["submission"]: row for row in json.loads(stdout)["rows"]}
+    assert rows["honest"]["rank"] == 1 and rows["honest"]["record_status"] == "record"
+    assert rows["honest"]["public_val_loss_mean"] == pytest.approx(3.95) and rows["honest"]["contaminated_runs"] == 0
+    assert rows["cheat"]["contaminated_runs"] == 2 and rows["cheat"]["official"] is True
+    assert rows["dev"]["development"] is True and rows["dev"]["official"] is False
+    assert rows["dev"]["rank"] == 1 and rows["dev"]["record_status"] == "development"  # first of its own table
+    assert rows["dev"]["public_val_loss_mean"] is None
+
+    code, stdout, _ = run_cli(monkeypatch, capsys, "leaderboard", "--results", results, "--trusted-keys", trusted,
+                              "--format", "markdown")
+    assert code == 0
+    headings = [line for line in stdout.splitlines() if line.startswith("## ")]
+    assert headings == ["## Track `cpu-1min`", "## Track `cpu-1min` · development (public split)"]
+    official, development = stdout.split(headings[1])
+    assert "| public val_loss |" in official and "official, contaminated in 2/3" in official
+    assert "public val_loss" not in development and "Development table: these runs were scored on the public split" in development
+    assert "| 1 | dev |" in development and "| development | never a record (public split) |" in development

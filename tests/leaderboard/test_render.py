@@ -12,7 +12,13 @@ from html.parser import HTMLParser
 import pyarrow.parquet as pq
 import pytest
 
-from evaluator.leaderboard.text import COLUMNS, TARGET_COLUMNS
+from evaluator.leaderboard.text import COLUMNS, PUBLIC_COLUMN, TARGET_COLUMNS
+
+
+def _official(columns):
+    """An official table's columns: the public split's score after the score columns."""
+    at = columns.index(("train s", True))
+    return [*columns[:at], PUBLIC_COLUMN, *columns[at:]]
 from evaluator.publish import publish
 from evaluator.signing import generate_key_pair, load_private_key
 from leaderboard_support import (
@@ -85,9 +91,9 @@ def test_text_formats_state_the_target_and_rank_on_times(timed_board, monkeypatc
     assert "## Track `toy-target` · time to target val\\_loss 4.1 (provisional)" in stdout
     assert "The target is provisional" in stdout
     table = [line for line in stdout.splitlines() if line.startswith("|")]
-    assert table[0] == "| " + " | ".join(header for header, _ in TARGET_COLUMNS) + " |"
+    assert table[0] == "| " + " | ".join(header for header, _ in _official(TARGET_COLUMNS)) + " |"
     assert len(table) == 2 + len(TIMED) and all(line.count(" | ") == table[0].count(" | ") for line in table[2:])
-    assert table[2].startswith("| 1 | tiny | 19.51 ± 0.01 s | 3 | 19.50 s | 56.0 | - |")
+    assert table[2].startswith("| 1 | tiny | 19.51 ± 0.01 s | 3 | 19.50 s | 4.0000 | 56.0 | - |")
     assert table[3].startswith("| 2 | **swift** | 20.01 ± 0.01 s | 3 | 20.00 s |")
     assert "| - | partial | reached in 2 of 3 runs | 3 | 15.00 s |" in stdout
     assert "needs every run to reach the target" in stdout
@@ -182,8 +188,8 @@ def test_markdown_shows_hostile_authors_as_text_in_their_own_row(hostile_board, 
     rendered = _Cells()
     rendered.feed(markdown.render("\n".join(table_lines)))
     assert set(rendered.tags) == {"table", "thead", "tbody", "tr", "th", "td"}
-    assert len(rendered.cells) == len(COLUMNS)
-    authors_cell = rendered.cells[[header for header, _ in COLUMNS].index("authors")]
+    assert len(rendered.cells) == len(_official(COLUMNS))
+    authors_cell = rendered.cells[[header for header, _ in _official(COLUMNS)].index("authors")]
     assert authors_cell == ", ".join(HOSTILE_AUTHORS).replace("\n", "\\x0a").replace("\x1b", "\\x1b").replace(
         "\x07", "\\x07").replace("\x9b", "\\x9b")
 
