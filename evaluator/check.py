@@ -1,7 +1,15 @@
 """`evaluator check` and `evaluator new`: static checks of a submission folder, or of every
 submission folder a git change touches (`check --changed BASE`, what a pull request is held to).
 
-Nothing in the folder is run or imported here: the entry module is only parsed with `ast`.
+Nothing in the folder is run or imported here: Python files are only parsed with `ast` and
+`tokenize`, other files only read as text.
+
+Besides the contract (manifest, entry point, file types and sizes), `check` reports data carried in
+the folder: a submission that brings the public validation split, or extra training text, in its
+code buys a score it did not train for. It reports long or encoded-looking literals and comments
+(base64, base85, hex, lists of numbers), large collections of constants, calls of decoders and
+decompressors, non-ASCII text, oversized [config] values, and more text or information (the folder's
+xz-compressed size) than honest training code needs; see "data carried in code" below.
 """
 
 from __future__ import annotations
@@ -9,7 +17,9 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
+import io
 import json
+import lzma
 import os
 import re
 import shutil
@@ -17,7 +27,8 @@ import stat
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+import tokenize
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -29,8 +40,10 @@ from evaluator.manifest import (
 from evaluator.paths import SUBMISSIONS_DIR, TEMPLATE_DIR, WORKSPACE, shown
 from evaluator.tracks import TrackError, available_tracks, load_track_file, track_path
 
-FOLDER_MAX_BYTES = 1024 * 1024
-FILE_MAX_BYTES = 256 * 1024
+# Honest submissions are a few to tens of KB: the largest folder, reference/, is 27,595 bytes, its
+# train.py 25,583. Room for several times that; no room for data (which the checks below bound too).
+FOLDER_MAX_BYTES = 256 * 1024
+FILE_MAX_BYTES = 128 * 1024
 # Weights, arrays, pickles and archives: a submission may not bring pretrained weights or data.
 FORBIDDEN_SUFFIXES = {
     ".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".onnx", ".npy", ".npz", ".pkl", ".pickle",
@@ -69,6 +82,7 @@ def check_submission(folder: Path, overrides: dict | None = None, track_id: str 
         raise UserError(f"{folder}: no such submission folder")
     manifest, findings = parse_manifest(folder)
     findings += _check_tree(folder)
+    findings += payload_findings(scan_folder(folder))
     if manifest is not None:
         findings += _check_track(manifest)
         findings += _check_entry(folder, manifest)
@@ -93,7 +107,7 @@ def _check_tree(folder: Path) -> list[Finding]:
             total += info.st_size
             findings += _check_file(path, rel, info.st_size)
     if total > FOLDER_MAX_BYTES:
-        findings.append(Finding(".", f"the folder holds {total} bytes; the limit is {FOLDER_MAX_BYTES} (1 MiB): remove generated or data files"))
+        findings.append(Finding(".", f"the folder holds {total} bytes; the limit is {FOLDER_MAX_BYTES} ({FOLDER_MAX_BYTES // 1024} KiB): remove generated or data files"))
     return findings
 
 
@@ -108,12 +122,357 @@ def _check_file(path: Path, rel: str, size: int) -> list[Finding]:
     if banned := suffixes & FORBIDDEN_SUFFIXES:
         return [Finding(rel, f"{'/'.join(sorted(banned))} files are not allowed: a submission may not bring weights, data or archives; train from ctx.train_tokens")]
     if size > FILE_MAX_BYTES:
-        return [Finding(rel, f"is {size} bytes; the limit per file is {FILE_MAX_BYTES} (256 KiB)")]
+        return [Finding(rel, f"is {size} bytes; the limit per file is {FILE_MAX_BYTES} ({FILE_MAX_BYTES // 1024} KiB)")]
     with open(path, "rb") as handle:
         head = handle.read(_BINARY_PROBE_BYTES)
     if b"\0" in head:
         return [Finding(rel, "is a binary file: only source and text files are allowed")]
     return []
+
+
+# --- data carried in code ---------------------------------------------------------------------
+#
+# A folder that holds code can hold data: the public validation split (10,451 tokens) fits in a 19 KB
+# .py file as one base85 string and scores 0.045 nats after no training; a quarter of it, 4.3 KB in
+# seven 700-character strings, scores like the reference. No check proves that code carries no data,
+# so these refuse the usual ways of carrying it and bound how much any other way can carry. Each limit
+# is set from the honest submissions in the repository (reference/, submissions/template/,
+# submissions/seed-moe/, tests/fixtures/submissions/nanogpt-style/), measured with
+#   python -c 'import sys; from evaluator.check import scan_folder; print(scan_folder(sys.argv[1]).figures())' DIR
+# and the figure in each comment is the largest of theirs.
+
+# A string or bytes literal outside a docstring, in characters. Honest: 44 (nanogpt-style); the
+# adversarial suite's attack_kit.py has one of 175.
+LITERAL_MAX_CHARS = 512
+# Comments, docstrings, string literals, the manifest and every other text file, in UTF-8 bytes, for the
+# whole folder. Honest: 9,323 (reference). Raw text cannot be told from documentation: this bounds it.
+TEXT_MAX_BYTES = 24 * 1024
+# Characters of text that reads like encoded data rather than words (see _looks_encoded), for the whole
+# folder. Honest: 189 (nanogpt-style: mostly the table and headings of its README.md, judged together).
+# At base85's 6.4 bits a character this is ~800 bytes of data.
+ENCODED_TEXT_MAX_CHARS = 1024
+# Characters of number literals (digits, points, exponents, signs of exponents) in the whole folder.
+# Honest: 279 (seed-moe). Token ids written out cost ~5 characters each: this is ~200 tokens.
+NUMBER_TEXT_MAX_CHARS = 1024
+# Constants listed in one list, tuple, set or dict display, or in one [config] array. Honest: 3
+# (reference, seed-moe); the adversarial suite's escape.py has 12.
+COLLECTION_MAX_ITEMS = 64
+# Characters outside ASCII in the whole folder (comments, strings, names, whitespace alike): a large
+# alphabet carries more bits a character than ASCII, and some characters are invisible. Honest: 0 in all
+# four; the largest count in any one file of the evaluator's own code is 15.
+NON_ASCII_MAX_CHARS = 256
+# Values in [config] and its per-track overrides together, an array's items each counted (key names
+# carry data too). Honest: 42 (reference).
+CONFIG_MAX_VALUES = 256
+# One [config] string, in characters. Honest: 40 (nanogpt-style's betas_note); most are a word.
+CONFIG_STRING_MAX_CHARS = 256
+# The folder's files compressed together with xz: what they can hold, however it is written. Honest:
+# 8,564 bytes (reference). The public validation split's tokens compress to 12,876 bytes.
+INFORMATION_MAX_BYTES = 16 * 1024
+# Functions that decode, decompress or deserialise bytes: how data hidden in code is unpacked, and of
+# no use to training code. Calling one, or importing one by name, is a finding; encoding (a compressed
+# report of what a run saw, say) is not. Honest: none called.
+DECODER_FUNCTIONS = frozenset({
+    "decompress", "decompressobj", "LZMADecompressor", "BZ2Decompressor",
+    "b64decode", "standard_b64decode", "urlsafe_b64decode", "b32decode", "b32hexdecode", "b16decode",
+    "b85decode", "a85decode", "decodebytes", "unhexlify", "a2b_base64", "a2b_hex", "a2b_uu", "a2b_qp", "fromhex",
+})
+# Functions whose names are too common to refuse alone (json.loads, bytes.decode), refused from these modules.
+DECODER_FUNCTIONS_OF = {"codecs": {"decode", "getdecoder", "iterdecode"}, "pickle": {"load", "loads", "Unpickler"}, "marshal": {"load", "loads"}}
+
+# _looks_encoded judges a piece of text on its own from this many characters (whitespace aside); the
+# shorter pieces of a file are judged together, so that a payload split into small literals is judged whole.
+_ENCODED_PIECE_MIN_CHARS = 16
+# The share of neighbouring characters that change class (lower case, upper case, digit, other):
+# base85 0.71, escaped bytes 0.71, base64 0.64, comma-separated token ids 0.48, hex 0.47; English prose
+# ~0.11, and 99 % of the literals and comments of 16 characters or more in PyTorch's nn and optim
+# packages and in this evaluator are below 0.43 (the rest are short regular expressions and formulas).
+_ENCODED_CLASS_CHANGE_SHARE = 0.4
+# Base32 and other one-case alphabets seldom change class but lack vowels: random letters are a fifth
+# vowels, English ~38 % and code ~30 %. Judged from this many letters, where short names and URLs
+# (few vowels) no longer dominate.
+_VOWEL_SHARE_MIN = 0.25
+_VOWEL_JUDGED_MIN_LETTERS = 48
+_LITERAL_KINDS = ("string literal", "bytes literal")
+# The start of a manifest line that is a table header or a bare (possibly dotted) key's assignment.
+_TOML_KEY_OR_HEADER = re.compile(r"^\s*(?:\[\[?[^\]#]*\]\]?|[A-Za-z0-9_.-]+\s*=)")
+
+
+@dataclass(frozen=True)
+class _Text:
+    """A piece of free text: a literal, docstring or comment of a Python file, or a line of another file."""
+
+    file: str
+    line: int
+    column: int | None
+    kind: str
+    text: str
+
+    @property
+    def visible(self) -> str:
+        return "".join(self.text.split())
+
+
+@dataclass
+class FolderScan:
+    """What `scan_folder` measured in a folder, and the findings that name one place in it (a long
+    literal, a large collection, a decoder, a long [config] value)."""
+
+    texts: list[_Text] = field(default_factory=list)
+    numbers: list[tuple[str, int, int]] = field(default_factory=list)     # (file, line, characters)
+    non_ascii: list[tuple[str, int, str]] = field(default_factory=list)   # (file, line, character)
+    config_values: int = 0
+    config_position: tuple[int | None, int | None] = (None, None)  # of the [config] table
+    information_bytes: int = 0
+    findings: list[Finding] = field(default_factory=list)
+
+    def encoded(self) -> list[_Text]:
+        """The texts that read like encoded data: each long one judged alone, a file's short ones together."""
+        found = []
+        for file in dict.fromkeys(text.file for text in self.texts):
+            texts = [text for text in self.texts if text.file == file]
+            short = [text for text in texts if len(text.visible) < _ENCODED_PIECE_MIN_CHARS]
+            found += [text for text in texts if len(text.visible) >= _ENCODED_PIECE_MIN_CHARS and _looks_encoded(text.visible)]
+            pooled = "".join(text.visible for text in short)
+            # Not the manifest's: its short `key = value` lines are structure, and its values are bounded
+            # by the [config] limits instead.
+            if file != MANIFEST_NAME and len(pooled) >= _ENCODED_PIECE_MIN_CHARS and _looks_encoded(pooled):
+                # Named: the pieces that look encoded on their own too, where some do (not the honest ones).
+                found += [text for text in short if _looks_encoded(text.visible)] or short
+        return sorted(found, key=lambda text: (text.file, text.line))
+
+    def figures(self) -> dict[str, int]:
+        """Each measured figure, named by the limit it is held to."""
+        return {
+            "LITERAL_MAX_CHARS": max((len(t.text) for t in self.texts if t.kind in _LITERAL_KINDS), default=0),
+            "TEXT_MAX_BYTES": sum(_utf8_size(text.text) for text in self.texts),
+            "ENCODED_TEXT_MAX_CHARS": sum(len(text.visible) for text in self.encoded()),
+            "NUMBER_TEXT_MAX_CHARS": sum(chars for _, _, chars in self.numbers),
+            "NON_ASCII_MAX_CHARS": len(self.non_ascii),
+            "CONFIG_MAX_VALUES": self.config_values,
+            "INFORMATION_MAX_BYTES": self.information_bytes,
+        }
+
+
+def _utf8_size(text: str) -> int:
+    # surrogatepass: a str literal may hold a lone surrogate ("\ud800"), which strict UTF-8 refuses.
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def _char_class(char: str) -> int:
+    return 0 if char.islower() else 1 if char.isupper() else 2 if char.isdigit() else 3
+
+
+def _looks_encoded(visible: str) -> bool:
+    """Whether text without its whitespace reads like base64/base85/base32/hex or written-out numbers
+    rather than words, names and code."""
+    if len(visible) < 2:
+        return False
+    classes = [_char_class(char) for char in visible]
+    changes = sum(a != b for a, b in zip(classes, classes[1:]))
+    if changes >= _ENCODED_CLASS_CHANGE_SHARE * (len(visible) - 1):
+        return True
+    letters = [char for char in visible if char.isascii() and char.isalpha()]
+    vowels = sum(char in "aeiouAEIOU" for char in letters)
+    return len(letters) >= _VOWEL_JUDGED_MIN_LETTERS and vowels < _VOWEL_SHARE_MIN * len(letters)
+
+
+def scan_folder(folder: Path | str) -> FolderScan:
+    """Measure the free text, numbers, non-ASCII characters and information in the folder's files that
+    `_check_tree` accepts (the others are refused already), and the manifest's [config] if it is valid."""
+    folder = Path(folder)
+    manifest, _ = parse_manifest(folder)
+    scan = FolderScan()
+    contents = []
+    for path in submission_paths(folder):
+        info = path.lstat()
+        rel = _shown_path(path.relative_to(folder).as_posix())
+        if not stat.S_ISREG(info.st_mode) or _check_file(path, rel, info.st_size):
+            continue
+        data = path.read_bytes()
+        contents.append(data)
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as error:
+            # The manifest's parser and the entry module's check report it already.
+            if rel != MANIFEST_NAME and (manifest is None or rel != manifest.entry_module):
+                scan.findings.append(Finding(rel, f"holds bytes that are not UTF-8 text (at byte {error.start}): only source and text files are allowed"))
+            continue
+        scan.non_ascii += [(rel, number, char) for number, line in enumerate(text.split("\n"), 1) for char in line if not char.isascii()]
+        if rel.endswith(".py"):
+            _scan_python(rel, text, scan)
+        else:
+            _scan_lines(rel, text, scan)
+    scan.information_bytes = len(lzma.compress(b"".join(contents)))
+    if manifest is not None:
+        _scan_config(manifest, scan)
+    return scan
+
+
+def _scan_lines(rel: str, text: str, scan: FolderScan) -> None:
+    if rel == MANIFEST_NAME:
+        # What a manifest line says beyond its key or table header: a value, a comment. Keys and values
+        # are held to the [config] limits as well.
+        lines = [_TOML_KEY_OR_HEADER.sub("", line, count=1) for line in text.split("\n")]
+    else:
+        lines = text.split("\n")
+    scan.texts += [_Text(rel, number, None, "line", line) for number, line in enumerate(lines, 1) if line.strip()]
+
+
+def _scan_python(rel: str, source: str, scan: FolderScan) -> None:
+    try:
+        tree = ast.parse(source, filename=rel)
+        tokens = list(tokenize.generate_tokens(io.StringIO(source).readline))
+    except (SyntaxError, ValueError, MemoryError, RecursionError, tokenize.TokenError):
+        # It cannot be imported, so all it can be is text to read: judged line by line, as other files are.
+        _scan_lines(rel, source, scan)
+        return
+    for token in tokens:
+        if token.type == tokenize.COMMENT:
+            scan.texts.append(_Text(rel, token.start[0], token.start[1] + 1, "comment", token.string[1:]))
+        elif token.type == tokenize.NUMBER:
+            scan.numbers.append((rel, token.start[0], len(token.string)))
+    docstrings = {
+        id(node.body[0].value) for node in ast.walk(tree)
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)
+        and isinstance(node.body[0].value.value, str)
+    }
+    for node in ast.walk(tree):
+        problem = None
+        if isinstance(node, ast.Constant) and isinstance(node.value, (str, bytes)):
+            kind = "docstring" if id(node) in docstrings else _LITERAL_KINDS[isinstance(node.value, bytes)]
+            text = node.value if isinstance(node.value, str) else node.value.decode("latin-1")
+            scan.texts.append(_Text(rel, node.lineno, node.col_offset + 1, kind, text))
+            if kind != "docstring" and len(text) > LITERAL_MAX_CHARS:
+                problem = f"a {kind} of {len(text):,} characters; the limit outside docstrings is {LITERAL_MAX_CHARS}: a submission may not carry data in its code"
+        elif isinstance(node, (ast.List, ast.Tuple, ast.Set, ast.Dict)):
+            constants = sum(_is_constant(item) for item in (node.values if isinstance(node, ast.Dict) else node.elts))
+            if constants > COLLECTION_MAX_ITEMS:
+                problem = (f"lists {constants:,} constants in one {type(node).__name__.lower()}; the limit is {COLLECTION_MAX_ITEMS}: "
+                           "a submission may not carry data (token ids, weights) in its code")
+        elif decoder := _decoder_named(node):
+            problem = (f"uses {decoder}(), which decodes, decompresses or deserialises: training code has no use for it, "
+                       "and it is how data hidden in code is unpacked; remove it")
+        if problem:
+            scan.findings.append(Finding(rel, problem, node.lineno, node.col_offset + 1))
+
+
+def _is_constant(node: ast.expr) -> bool:
+    """A literal, or a signed one (-1 is a unary minus applied to 1 in the syntax tree)."""
+    return isinstance(node, ast.Constant) or (isinstance(node, ast.UnaryOp) and isinstance(node.operand, ast.Constant))
+
+
+def _decoder_named(node: ast.AST) -> str | None:
+    """The decoder that a call (`zlib.decompress(...)`, `b85decode(...)`) or a `from m import f` names."""
+    if isinstance(node, ast.ImportFrom) and node.module:
+        module = node.module.split(".")[0]
+        names = [alias.name for alias in node.names]
+        return next((name for name in names if name in DECODER_FUNCTIONS or name in DECODER_FUNCTIONS_OF.get(module, ())), None)
+    if not isinstance(node, ast.Call):
+        return None
+    function = node.func
+    if isinstance(function, ast.Name) and function.id in DECODER_FUNCTIONS:
+        return function.id
+    if isinstance(function, ast.Attribute):
+        owner = function.value.id if isinstance(function.value, ast.Name) else None
+        if function.attr in DECODER_FUNCTIONS or function.attr in DECODER_FUNCTIONS_OF.get(owner, ()):
+            return function.attr
+    return None
+
+
+def _scan_config(manifest: Manifest, scan: FolderScan) -> None:
+    scan.config_position = manifest.position_of("config")
+    tables = [(("config",), manifest.config)] + [(("tracks", track, "config"), table) for track, table in manifest.track_overrides.items()]
+    for prefix, table in tables:
+        for key, value in table.items():
+            line, column = manifest.position_of(*prefix, key)
+            scan.config_values += _count_values(value)
+            for problem in _config_value_problems(value):
+                scan.findings.append(Finding(MANIFEST_NAME, f"a [config] value here {problem}: a submission may not carry data in its manifest", line, column))
+
+
+def _count_values(value) -> int:
+    """A value counts one, an array its items, a table each key and its value: keys carry data too."""
+    if isinstance(value, dict):
+        return sum(1 + _count_values(item) for item in value.values())
+    if isinstance(value, list):
+        return sum(_count_values(item) for item in value)
+    return 1
+
+
+def _config_value_problems(value) -> Iterator[str]:
+    if isinstance(value, str) and len(value) > CONFIG_STRING_MAX_CHARS:
+        yield f"is a string of {len(value):,} characters; the limit is {CONFIG_STRING_MAX_CHARS}"
+    elif isinstance(value, list) and len(value) > COLLECTION_MAX_ITEMS:
+        yield f"is an array of {len(value):,} items; the limit is {COLLECTION_MAX_ITEMS}"
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    for item in items:
+        yield from _config_value_problems(item)
+
+
+def payload_findings(scan: FolderScan) -> list[Finding]:
+    """The scan's own findings, then one for each folder-wide limit the scan exceeds, at the file (and
+    line) that contributes most."""
+    findings = list(scan.findings)
+    figures = scan.figures()
+    text_bytes = figures["TEXT_MAX_BYTES"]
+    if text_bytes > TEXT_MAX_BYTES:
+        running = 0
+        for crossing in sorted(scan.texts, key=lambda text: (text.file, text.line)):
+            running += _utf8_size(crossing.text)
+            if running > TEXT_MAX_BYTES:
+                break
+        findings.append(Finding(
+            crossing.file,
+            f"the folder holds {text_bytes:,} bytes of comments, docstrings, string literals and other text, and passes "
+            f"the limit of {TEXT_MAX_BYTES:,} here: a submission may not carry text to train or score on",
+            crossing.line, crossing.column,
+        ))
+    if figures["ENCODED_TEXT_MAX_CHARS"] > ENCODED_TEXT_MAX_CHARS:
+        encoded = scan.encoded()
+        for file in dict.fromkeys(text.file for text in encoded):
+            pieces = [text for text in encoded if text.file == file]
+            kinds = ", ".join(sorted({text.kind for text in pieces}))
+            findings.append(Finding(
+                file,
+                f"{len(pieces):,} piece(s) of text ({kinds}; {sum(len(t.visible) for t in pieces):,} characters, lines "
+                f"{pieces[0].line}-{pieces[-1].line}) read like encoded data (base64, base85, hex, written-out numbers), "
+                f"not words; the limit is {ENCODED_TEXT_MAX_CHARS:,} characters in the folder: a submission may not carry data",
+                pieces[0].line, pieces[0].column,
+            ))
+    if figures["NUMBER_TEXT_MAX_CHARS"] > NUMBER_TEXT_MAX_CHARS:
+        per_line: dict[tuple[str, int], int] = {}
+        for file, line, chars in scan.numbers:
+            per_line[file, line] = per_line.get((file, line), 0) + chars
+        file = max(dict.fromkeys(f for f, _ in per_line), key=lambda f: sum(c for (g, _), c in per_line.items() if g == f))
+        line = max((entry for entry in per_line.items() if entry[0][0] == file), key=lambda entry: entry[1])[0][1]
+        findings.append(Finding(
+            file,
+            f"the folder's number literals take {figures['NUMBER_TEXT_MAX_CHARS']:,} characters, most of them in this file (the "
+            f"most on this line); "
+            f"the limit is {NUMBER_TEXT_MAX_CHARS:,}: a submission may not carry data (token ids, weights) in its code",
+            line,
+        ))
+    if figures["NON_ASCII_MAX_CHARS"] > NON_ASCII_MAX_CHARS:
+        file = max(dict.fromkeys(f for f, _, _ in scan.non_ascii), key=lambda f: sum(g == f for g, _, _ in scan.non_ascii))
+        _, line, char = next(entry for entry in scan.non_ascii if entry[0] == file)
+        findings.append(Finding(
+            file,
+            f"the folder holds {figures['NON_ASCII_MAX_CHARS']:,} characters outside ASCII, most of them in this file "
+            f"(the first: U+{ord(char):04X}); the limit is {NON_ASCII_MAX_CHARS}: large alphabets and invisible "
+            "characters can carry data; write comments and names in ASCII",
+            line,
+        ))
+    if figures["CONFIG_MAX_VALUES"] > CONFIG_MAX_VALUES:
+        findings.append(Finding(MANIFEST_NAME, f"[config] and its overrides hold {figures['CONFIG_MAX_VALUES']:,} keys and values; the limit is {CONFIG_MAX_VALUES}: a submission may not carry data in its manifest", *scan.config_position))
+    if figures["INFORMATION_MAX_BYTES"] > INFORMATION_MAX_BYTES:
+        findings.append(Finding(
+            ".",
+            f"the folder's files compress (xz) to {figures['INFORMATION_MAX_BYTES']:,} bytes; the limit is {INFORMATION_MAX_BYTES:,} "
+            "(the reference compresses to ~8,600): a submission may not carry data; remove it, or generated code",
+        ))
+    return findings
 
 
 def _check_track(manifest: Manifest) -> list[Finding]:
@@ -404,7 +763,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Validate manifest.toml against spec/manifest.schema.json and check the folder statically: "
             "entry module and function, track, no symlinks or special files, no weights or archives, "
-            "size limits (folder 1 MiB, file 256 KiB, manifest 64 KiB). Nothing in the folder is run. "
+            "size limits (folder 256 KiB, file 128 KiB, manifest 64 KiB). Nothing in the folder is run. "
+            "It also reports data carried in the folder, since a submission that brings the public validation split or "
+            "extra training text in its code buys a score it did not train for: string and bytes literals over 512 "
+            "characters outside docstrings; comments, literals and lines of other files that read like encoded data "
+            "(base64, base85, hex, written-out numbers: over 1,024 characters in the folder); more than 64 constants in "
+            "one list, tuple, set, dict or [config] array; over 1,024 characters of number literals; calls of "
+            "decoders and decompressors (zlib.decompress, b85decode, bytes.fromhex, pickle.loads, ...); over 256 non-ASCII characters; over "
+            "24 KiB of comments, docstrings, literals and other text; [config] strings over 256 characters or over 256 "
+            "keys and values; and a folder that compresses (xz) to over 16 KiB. The limits are set from the honest "
+            "submissions' figures, with room to spare; each finding names its file and line. "
             "Exit 0 when valid, 2 when not. "
             "With --changed BASE instead of DIR, check what a pull request changes: in the git repository of "
             "the current folder, every path that `git diff BASE...HEAD` (since the merge base) adds, modifies "

@@ -111,8 +111,8 @@ CASES = [
     ("weight-file", lambda f: _write(f, "weights.pt", b"not really weights"), ["weights.pt: .pt files are not allowed"]),
     ("nested-safetensors", lambda f: _write(f, "ckpt/model.safetensors", b"x"), ["ckpt/model.safetensors: .safetensors files are not allowed"]),
     ("archive", lambda f: _write(f, "data.tar.gz", b"x"), [".gz/.tar files are not allowed"]),
-    ("oversized-file", lambda f: _write(f, "notes.txt", "x" * (300 * 1024)), ["notes.txt: is 307200 bytes; the limit per file is 262144"]),
-    ("oversized-folder", lambda f: [_write(f, f"part{i}.txt", "y" * (200 * 1024)) for i in range(6)], ["the limit is 1048576"]),
+    ("oversized-file", lambda f: _write(f, "notes.txt", "x" * (150 * 1024)), ["notes.txt: is 153600 bytes; the limit per file is 131072 (128 KiB)"]),
+    ("oversized-folder", lambda f: [_write(f, f"part{i}.txt", "y" * (100 * 1024)) for i in range(3)], ["the limit is 262144 (256 KiB)"]),
     ("binary-blob", lambda f: _write(f, "blob.dat", b"\x00\x01\x02" * 100), ["blob.dat: is a binary file"]),
     ("escape-sequence-in-a-file-name", lambda f: _write(f, "evil\x1b]0;owned\x07.pt", b"x"), ["evil\\x1b]0;owned\\x07.pt: .pt files are not allowed"]),
 ]
