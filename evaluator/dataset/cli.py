@@ -90,7 +90,7 @@ def _register_private(commands) -> None:
             "track's public documents, drop every one that shares a 64-token window, a text or an id with the "
             "public splits, and write DIR/<sha256>.parquet. Then it prints the hash and the line for the "
             "track file. It also prints the embedding bound: how many of the pool's documents a submission "
-            "folder at the size cap can carry compressed with xz, what share of the hidden split that covers, "
+            "can carry compressed with xz (check's cap on a folder's compressed size), what share of the hidden split that covers, "
             "and the val_loss that would buy. A bound above the track's record margin is refused (exit 2) "
             "unless --accept-embeddable: draw from a pool thousands of times larger than a submission can "
             "carry, or from unpublished text. The bound is kept in the file, and results scored on it carry it."
@@ -212,7 +212,7 @@ def run_private(args: argparse.Namespace) -> int:
     from rich.console import Console
     from tokenizers import Tokenizer
 
-    from evaluator.check import FOLDER_MAX_BYTES
+    from evaluator.check import INFORMATION_MAX_BYTES
     from evaluator.dataset import private
     from evaluator.dataset.loader import read_documents
     from evaluator.dataset.store import resolve_data_file, tokenizer_info
@@ -242,7 +242,7 @@ def run_private(args: argparse.Namespace) -> int:
         raise UserError(str(exc)) from None
     train_tokens = (token for doc in read_documents(train_path) for token in doc.tokens)
     bound = private.embedding_bound(survey, private.unigram_loss(train_tokens, documents, vocab_size),
-                                    FOLDER_MAX_BYTES, margin)
+                                    INFORMATION_MAX_BYTES, margin)
     print(f"embedding bound: {bound.sentence()}")
     if bound.embeddable and not args.accept_embeddable:
         raise UserError(

@@ -9,7 +9,8 @@ documents and scores near zero on them. The **embedding bound** says what that b
   pool is larger than `COMPRESSED_SAMPLE_BYTES`, the first that many bytes of text are compressed
   and the cost per document is extrapolated (xz finds no repeats beyond its 64 MiB dictionary, so a
   sample as large as the dictionary predicts the rest);
-- a submission folder at the size cap (evaluator/check.py) carries `cap / cost` documents, a share
+- a submission carries `cap / cost` documents, where the cap is what `evaluator check` lets a folder
+  hold however it is written (its files compressed together with xz: INFORMATION_MAX_BYTES): a share
   `covered_share` of the pool, and so, in expectation, of the randomly drawn hidden documents;
 - memorised documents cost about nothing, the others what an honest model pays: the gain is
   `covered_share x honest_loss_nats`, where the honest loss is a unigram model of the training split
@@ -60,7 +61,7 @@ class EmbeddingBound:
     pool_documents: int
     pool_bytes: int  # UTF-8 text of the whole pool
     compressed_bytes_per_document: float  # xz, measured on the pool (or its first COMPRESSED_SAMPLE_BYTES)
-    carry_cap_bytes: int  # a submission folder's size cap
+    carry_cap_bytes: int  # what a submission folder may hold, compressed (evaluator/check.py)
     carried_documents: int
     covered_share: float  # of the pool, and so of the hidden documents, in expectation
     honest_loss_nats: float  # a unigram model of the training split, on the hidden documents
@@ -76,7 +77,7 @@ class EmbeddingBound:
 
     def sentence(self) -> str:
         return (
-            f"a {self.carry_cap_bytes:,}-byte submission carries {self.carried_documents:,} of the pool's "
+            f"a submission of {self.carry_cap_bytes:,} bytes compressed carries {self.carried_documents:,} of the pool's "
             f"{self.pool_documents:,} documents compressed with xz ({self.compressed_bytes_per_document:,.0f} "
             f"bytes each), {self.covered_share:.2%} of the hidden split, worth about {self.gain_nats:.4f} nats "
             f"against the record margin of {self.margin_nats:g}"
