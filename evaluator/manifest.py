@@ -13,6 +13,7 @@ import json
 import os
 import re
 import sys
+import unicodedata
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -181,8 +182,11 @@ _CONTROL_NAMES = {"\n": "a newline", "\r": "a carriage return", "\t": "a tab", "
 
 def _control_character_message(dotted: str, value: str) -> str:
     index, char = next((i, c) for i, c in enumerate(value) if re.fullmatch(_one_line_pattern(), c) is None)
-    name = _CONTROL_NAMES.get(char, f"U+{ord(char):04X}")
-    return f"{dotted} holds a control character at position {index + 1} ({name}): it must be one line of plain text; remove it"
+    if unicodedata.category(char) == "Cc":
+        kind, name = "a control character", _CONTROL_NAMES.get(char, f"U+{ord(char):04X}")
+    else:  # Cf, Zl, Zp: invisible, or they reorder or break the text around them on a page
+        kind, name = "a format character", f"U+{ord(char):04X} {unicodedata.name(char, 'unnamed')}"
+    return f"{dotted} holds {kind} at position {index + 1} ({name}): it must be one line of plain text; remove it"
 
 
 def _in_config(path: tuple[Any, ...]) -> bool:

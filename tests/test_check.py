@@ -93,6 +93,10 @@ CASES = [
     ("tab-in-author", lambda f: _replace(f, "Your Name", "Your\\tName"), ["submission.authors[0] holds a control character at position 5 (a tab)"]),
     ("escape-sequence-in-description", lambda f: _replace(f, 'description = "A', 'description = "\\u001b]0;owned\\u0007A'), ["manifest.toml:8:1: submission.description holds a control character at position 1 (ESC"]),
     ("c1-csi-in-description", lambda f: _replace(f, 'description = "A', 'description = "\\u009b2JA'), ["submission.description holds a control character at position 1 (U+009B)"]),
+    # And nothing that makes a page show other text than it holds: bidi overrides, zero-width and separator characters.
+    ("bidi-override-in-author", lambda f: _replace(f, "Your Name", "Your \\u202eemaN"), ["submission.authors[0] holds a format character at position 6 (U+202E RIGHT-TO-LEFT OVERRIDE)"]),
+    ("zero-width-space-in-description", lambda f: _replace(f, 'description = "A', 'description = "\\u200bA'), ["submission.description holds a format character at position 1 (U+200B ZERO WIDTH SPACE)"]),
+    ("line-separator-in-description", lambda f: _replace(f, 'description = "A', 'description = "\\u2028A'), ["submission.description holds a format character at position 1 (U+2028 LINE SEPARATOR)"]),
     ("multiline-description", lambda f: (_replace(f, 'description = "A small ', 'description = """A small\n'), _replace(f, 'to copy."', 'to copy."""')), ["submission.description holds a control character at position 8 (a newline)"]),
     ("non-utf8-manifest", lambda f: _write(f, "manifest.toml", (TEMPLATE / "manifest.toml").read_bytes() + b"\n# \xff\xfe\n"), ["not valid UTF-8"]),
     ("oversized-manifest", lambda f: _write(f, "manifest.toml", (TEMPLATE / "manifest.toml").read_text() + "#" * 70000 + "\n"), ["the limit is 65536"]),

@@ -11,6 +11,7 @@ import html
 import io
 import json
 import re
+import unicodedata
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
@@ -224,9 +225,12 @@ def _track_json(target: TrackTarget | None) -> dict[str, Any]:
             "ranking": target_ranking_text(target)}
 
 
-# ensure_ascii=False keeps names readable but leaves DEL and C1 (CSI among them) raw; JSON's \u
-# escapes are valid wherever they occur, which is only inside strings.
-_JSON_RAW_CONTROLS = {code: f"\\u{code:04x}" for code in range(0x7F, 0xA0)}
+# ensure_ascii=False keeps names readable but leaves DEL, C1 (CSI among them), format characters
+# (bidi overrides, zero-width spaces) and line separators raw; JSON's \u escapes are valid wherever
+# they occur, which is only inside strings. Astral format characters (tags) are left: JSON would need
+# a surrogate pair, and they show as nothing rather than reorder a line.
+_JSON_RAW_CONTROLS = {code: f"\\u{code:04x}" for code in range(0x10000)
+                      if 0x7F <= code < 0xA0 or unicodedata.category(chr(code)) in ("Cf", "Zl", "Zp")}
 
 
 def render_json(rows: list[Row], verified_count: int, rejected: list[tuple[Path, str]]) -> str:

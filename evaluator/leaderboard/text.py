@@ -23,12 +23,23 @@ from evaluator.leaderboard.board import (
 from evaluator.leaderboard.rules import RecordRule
 
 
+# Control characters (C0, DEL, C1), format characters (bidi overrides and isolates, zero-width
+# characters, soft hyphens) and line and paragraph separators: what breaks a row, drives a terminal,
+# or makes a page show other text than it holds.
+_HIDDEN_CATEGORIES = {"Cc", "Cf", "Zl", "Zp"}
+
+
 def visible(text: str) -> str:
-    """Text from a result with every control character (C0, DEL, C1: newline, tab and ESC included)
-    written out as \\xNN, so that no result can break a table row or send a terminal an escape
-    sequence. `evaluator check` refuses them in a manifest's free text; results signed before it did,
-    or by another evaluator, are shown this way."""
-    return "".join(f"\\x{ord(char):02x}" if unicodedata.category(char) == "Cc" else char for char in text)
+    """Text from a result with every control, format and separator character written out as \\xNN
+    or \\uNNNN, so that no result can break a table row, send a terminal an escape sequence or
+    reorder what a reader sees. `evaluator check` refuses them in a manifest's free text; results
+    signed before it did, or by another evaluator, are shown this way."""
+    return "".join(_escaped(char) if unicodedata.category(char) in _HIDDEN_CATEGORIES else char for char in text)
+
+
+def _escaped(char: str) -> str:
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
 def _loss(value: float | None) -> str:

@@ -126,13 +126,15 @@ def test_a_forged_val_loss_in_metrics_reaches_no_output(timed_board, monkeypatch
 
 # Authors as a result signed before `evaluator check` refused control characters could hold them:
 # Markdown specials, a leading #, a newline that would end the table row, terminal escape sequences
-# (OSC title, clear screen, C1 CSI) and a bell.
+# (OSC title, clear screen, C1 CSI), a bell, and what makes a page show other text than it holds:
+# a right-to-left override, a zero-width space, a line separator.
 HOSTILE_AUTHORS = [
     "# Mallory *bold* _it_ `code` [link](https://example.org/x) ~~gone~~ back\\slash",
     "Eve\n| forged | row |\n# Heading",
     "\x1b]0;owned\x07\x1b[2J\x9b31mred",
+    "Trudy \u202eeciovni\u200b\u2028line",
 ]
-_RAW_CONTROL = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f]")
+_RAW_CONTROL = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u200b\u202e\u2028]")
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +193,8 @@ def test_markdown_shows_hostile_authors_as_text_in_their_own_row(hostile_board, 
     assert len(rendered.cells) == len(_official(COLUMNS))
     authors_cell = rendered.cells[[header for header, _ in _official(COLUMNS)].index("authors")]
     assert authors_cell == ", ".join(HOSTILE_AUTHORS).replace("\n", "\\x0a").replace("\x1b", "\\x1b").replace(
-        "\x07", "\\x07").replace("\x9b", "\\x9b")
+        "\x07", "\\x07").replace("\x9b", "\\x9b").replace("\u202e", "\\u202e").replace("\u200b", "\\u200b").replace(
+        "\u2028", "\\u2028")
 
 
 @pytest.mark.parametrize("fmt", ["table", "html", "json"])
@@ -203,6 +206,7 @@ def test_no_format_passes_a_control_character_from_a_result(hostile_board, monke
         assert json.loads(stdout)["rows"][0]["authors"] == HOSTILE_AUTHORS
     elif fmt == "html":
         assert "\\x1b]0;owned\\x07\\x1b[2J\\x9b31mred" in stdout and "Eve\\x0a| forged" in stdout
+        assert "Trudy \\u202eeciovni\\u200b\\u2028line" in stdout
     else:  # the plain-text table may fold the authors column: the characters are shown, not sent
         assert "\\x1b" in stdout and "\\x07" in stdout
 
