@@ -183,7 +183,7 @@ class RunRequest:
 
 def make_plan(request: RunRequest, console: Console, held: ExitStack) -> RunPlan:
     """Check the submission, resolve track and data, take the host's locks (into `held`, for the whole
-    run), calibrate if asked, lay out the run directory and the job file."""
+    run), calibrate if asked, lay out the run directory (stage_run fills it)."""
     folder, seed, budget_s, gpu = Path(request.folder), request.seed, request.budget_s, request.gpu
     _require_torch()
     report = check_submission(folder, request.overrides, request.track_id)
@@ -194,16 +194,14 @@ def make_plan(request: RunRequest, console: Console, held: ExitStack) -> RunPlan
     manifest = report.manifest
     track = load_track(request.track_id or manifest.track)
     device = _check_device(track)
-    if request.secret_seed and seed is not None:
-        raise UserError("a secret seed is drawn by the evaluator: give a seed or ask for a secret one, not both")
     if request.calibrated_budget and budget_s is not None:
         raise UserError("a calibrated budget is the track's scaled by this host's speed: give a budget or ask for a calibrated one, not both")
     if request.calibrated_budget and request.smoke:
         raise UserError("a smoke run has a budget of its own: drop --smoke or --budget calibrated")
-    config = merge_overrides(manifest.config_for(track.id), request.overrides)  # check_submission has validated it
     if request.smoke and budget_s is None:
         budget_s = min(SMOKE_BUDGET_S, track.budget_s)
-    seed = draw_seed() if request.secret_seed else track.default_seed if seed is None else seed
+    # A secret seed with a seed given was drawn by the caller (evaluator batch, whose retries keep it).
+    seed = (draw_seed() if request.secret_seed else track.default_seed) if seed is None else seed
     budget_s = track.budget_s if budget_s is None else budget_s
     check_budget(budget_s)
     train_path = resolve_data_file(track, "train").resolve()
@@ -251,14 +249,18 @@ def make_plan(request: RunRequest, console: Console, held: ExitStack) -> RunPlan
         shutil.rmtree(run_dir, ignore_errors=True)
         raise UserError(f"cannot make the run directory {shown(run_dir)}: {error.strerror}; run from a folder "
                         "you can write (runs go to ./results/runs/) or give --out DIR") from error
-    try:
-        # The run uses a snapshot: edits to the folder during the run change nothing, and the hash
-        # recorded is the hash of exactly what ran.
-        stage_tree(folder, plan.staged)
-        jail_train_path = _stage_jail_input(plan)
-    except BaseException:
-        shutil.rmtree(run_dir, ignore_errors=True)
-        raise
+    return plan
+
+
+def stage_run(plan: RunPlan) -> None:
+    """Stage the submission and the training jail's input into the run directory and write the job
+    file. A failure here is the evaluator's (the folder passed check): evaluate() writes an
+    evaluator_error result for it."""
+    # The run uses a snapshot: edits to the folder during the run change nothing, and the hash
+    # recorded is the hash of exactly what ran.
+    stage_tree(plan.folder, plan.staged)
+    jail_train_path = _stage_jail_input(plan)
+    track, manifest = plan.track, plan.manifest
     job = Job(
         submission_dir=plan.staged,
         module=manifest.entry_module_name,
@@ -266,18 +268,17 @@ def make_plan(request: RunRequest, console: Console, held: ExitStack) -> RunPlan
         train_path=jail_train_path,
         out_dir=plan.jail_out,
         scratch=plan.scratch,
-        device=device,
+        device=plan.device,
         threads=track.device.threads,
-        seed=seed,
-        budget_s=budget_s,
-        vocab_size=vocab_size,
-        eos_id=eos_id,
+        seed=plan.seed,
+        budget_s=plan.budget_s,
+        vocab_size=plan.vocab_size,
+        eos_id=plan.eos_id,
         eval_seq_len=track.eval.seq_len,
         snapshot_every_s=track.snapshot_every_s,
-        config=config,
+        config=merge_overrides(manifest.config_for(track.id), plan.overrides),  # check_submission validated it
     )
     atomic_write_text(plan.job_path, job.to_json())
-    return plan
 
 
 def _stage_jail_input(plan: RunPlan) -> Path:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 import sys
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from evaluator.errors import UserError
 from evaluator.fsutil import atomic_write_bytes, sha256_file, tree_sha256
 from evaluator.metrics import LOSS_CURVE_MAX_POINTS, LOSS_METRIC, METRICS_FILE, empty_loss_curve, read_loss_curve
 from evaluator.paths import KEYS_DIR, RESULTS_DIR, RUNS_DIR, WORKSPACE, shown
-from evaluator.results import SCORED_STATUSES, result_problems
+from evaluator.results import PUBLISHED_STATUSES, result_problems, strict_json_loads
 from evaluator.signing import (
     TrustedKey,
     VerificationError,
@@ -49,30 +48,6 @@ _PATH_COMPONENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 # --- reading a run's result -------------------------------------------------------------------
-
-
-def _reject_non_finite(name: str) -> float:
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):  # 1e999 is valid JSON and overflows to infinity
-        raise ValueError(f"{text[:40]} does not fit a 64-bit float")
-    return value
-
-
-def _int64(text: str) -> int:
-    if len(text) > 20 or not -(2**63) <= int(text) < 2**63:  # the length test first: int() of 10**6 digits is slow
-        raise ValueError(f"{text[:40]} does not fit a 64-bit integer")
-    return int(text)
-
-
-def strict_json_loads(data: bytes | str) -> Any:
-    """JSON as the standard defines it: Python's NaN/Infinity extensions are refused, and so are
-    numbers no 64-bit float or integer holds (1e999 would become an infinity, and 10**400 cannot
-    become a float at all)."""
-    return json.loads(data, parse_constant=_reject_non_finite, parse_float=_finite_float, parse_int=_int64)
 
 
 def _in_one_line(problems: list[str]) -> str:
@@ -153,17 +128,19 @@ def publish(
     """Sign one run's result into `results_dir`. Returns (path, newly written, warnings)."""
     run_dir = Path(run_dir)
     result = read_run_result(run_dir)
-    # What is published: scored runs. not_reached is one too: on a time-to-target track, a run that was
-    # scored and whose models all missed the target is an honest result, which the board lists as such.
-    if result["status"] not in SCORED_STATUSES:
+    # What is published: scored runs (not_reached is one: on a time-to-target track, a run that was
+    # scored and whose models all missed the target is an honest result), and runs that failed through
+    # the submission's fault, which the board counts beside them. Not the evaluator's or the
+    # sandbox's failures: those are retried with the same seed.
+    if result["status"] not in PUBLISHED_STATUSES:
         raise UserError(
-            f"refusing to publish run {result['run_id']}: status is {result['status']}, only scored runs "
-            "(ok, or not_reached on a time-to-target track) are published"
+            f"refusing to publish run {result['run_id']}: status is {result['status']}, the evaluator's or the "
+            "sandbox's failure, not a verdict on the submission; run it again with the same seed (--drawn-seed)"
         )
     if result["smoke"]:
         raise UserError(
-            f"refusing to publish run {result['run_id']}: it is a smoke run (--smoke), scored on "
-            f"{result['metrics']['val_documents']} documents: a check of the contract, not a score"
+            f"refusing to publish run {result['run_id']}: it is a smoke run (--smoke): a check of the "
+            "contract, not a score"
         )
     if not result["official"] and not allow_unofficial:
         reasons = "; ".join(result["unofficial_reasons"]) or "no reason recorded"
@@ -257,8 +234,8 @@ def _check_statement(statement: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     problems = result_problems(result)
     if problems:
         raise VerificationError(f"payload is not a valid result: {_in_one_line(problems)}")
-    if result["status"] not in SCORED_STATUSES:
-        raise VerificationError(f"the signed result has status {result['status']}, not ok or not_reached")
+    if result["status"] not in PUBLISHED_STATUSES:
+        raise VerificationError(f"the signed result has status {result['status']}, which is never published")
     if result["smoke"]:
         raise VerificationError("the signed result is a smoke run, scored on a few documents only")
     submission = result["submission"]
@@ -348,7 +325,10 @@ def _run_publish(args: argparse.Namespace) -> int:
 
 
 def score_text(result: dict[str, Any]) -> str:
-    """The run's score in a few words: its val_loss, and on a time-to-target track whether and when it got there."""
+    """The run's score in a few words: its val_loss, and on a time-to-target track whether and when it
+    got there; a failed run's status."""
+    if result["metrics"] is None:
+        return f"{result['status']}, no score"
     loss = f"val_loss {result['metrics']['val_loss']:.4f}"
     target = result["target"]
     if target is None:

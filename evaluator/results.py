@@ -7,6 +7,7 @@ batch` accepts only what it passes from a node, and `publish` and `verify` refus
 from __future__ import annotations
 
 import json
+import math
 import platform
 import re
 from datetime import datetime, timezone
@@ -30,12 +31,23 @@ if TYPE_CHECKING:
 
 RESULT_FILE = "result.json"
 STATUSES = ("ok", "invalid_submission", "crashed", "over_budget", "out_of_memory", "killed", "invalid_model",
-            "sandbox_error", "not_reached")
+            "sandbox_error", "not_reached", "evaluator_error")
 # Exit codes of `evaluator run` (DESIGN.md): 0 ok, 1 the submission's fault (not_reached included: it
-# trained and was scored, and no model reached a time-to-target track's target), 2 bad input, 3 ours.
-EXIT_CODES = {status: 1 for status in STATUSES} | {"ok": 0, "invalid_submission": 2, "sandbox_error": 3}
+# trained and was scored, and no model reached a time-to-target track's target), 2 bad input, 3 the
+# sandbox failed, 4 the evaluator itself failed (a bug: the result says so, the traceback is logged).
+EXIT_CODES = {status: 1 for status in STATUSES} | {"ok": 0, "invalid_submission": 2, "sandbox_error": 3,
+                                                   "evaluator_error": 4}
+# The message of every evaluator_error: the same sentence whatever failed, since what failed may
+# have been handed something a submission chose.
+EVALUATOR_ERROR_MESSAGE = ("the evaluator itself failed during the run (a bug, not the submission's fault); "
+                           "its traceback is in the run directory's evaluator-error.log")
+EVALUATOR_ERROR_LOG = "evaluator-error.log"
 # The runs whose models were scored: their result carries metrics and a val_curve.
 SCORED_STATUSES = ("ok", "not_reached")
+# Runs that failed through the submission's fault: published too, so that the leaderboard counts a
+# submission's failed official runs beside its scored ones (a failure is no free re-roll).
+FAILED_STATUSES = ("crashed", "over_budget", "out_of_memory", "killed", "invalid_model")
+PUBLISHED_STATUSES = SCORED_STATUSES + FAILED_STATUSES
 
 
 @cache
@@ -54,8 +66,44 @@ def result_problems(result: Any) -> list[str]:
     ]
     if problems:
         return problems
-    problem = _time_problem(result) or _consistency_problem(result)
+    problem = _strict_json_problem(result) or _time_problem(result) or _consistency_problem(result)
     return [problem] if problem else []
+
+
+def _reject_non_finite(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999 is valid JSON and overflows to infinity
+        raise ValueError(f"{text[:40]} does not fit a 64-bit float")
+    return value
+
+
+def _int64(text: str) -> int:
+    if len(text) > 20 or not -(2**63) <= int(text) < 2**63:  # the length test first: int() of 10**6 digits is slow
+        raise ValueError(f"{text[:40]} does not fit a 64-bit integer")
+    return int(text)
+
+
+def strict_json_loads(data: bytes | str) -> Any:
+    """JSON as the standard defines it: Python's NaN/Infinity extensions are refused, and so are
+    numbers no 64-bit float or integer holds (1e999 would become an infinity, and 10**400 cannot
+    become a float at all)."""
+    return json.loads(data, parse_constant=_reject_non_finite, parse_float=_finite_float, parse_int=_int64)
+
+
+def _strict_json_problem(result: dict[str, Any]) -> str | None:
+    """What strict JSON cannot hold, and so `publish`, `verify` and another machine's reader refuse:
+    a non-finite number, or a string that is not Unicode text (a lone surrogate)."""
+    try:
+        json.dumps(result, allow_nan=False, ensure_ascii=False).encode("utf-8")
+    except ValueError as error:  # UnicodeEncodeError is a ValueError too
+        kind = ("a string that is not valid UTF-8 (a lone surrogate)" if isinstance(error, UnicodeError)
+                else "a number that is not finite (NaN or infinity)")
+        return f"the result holds {kind}: strict JSON cannot carry it"
+    return None
 
 
 def _time_problem(result: dict[str, Any]) -> str | None:
@@ -100,6 +148,14 @@ def _consistency_problem(result: dict[str, Any]) -> str | None:
         if first is None or first["time_s"] != target["time_s"]:
             return "target.time_s is not the time of the val_curve's first model at or below the target"
     return None
+
+
+def _rate(tokens: float | None, seconds: float | None) -> float | None:
+    """Tokens per second, where both are known and the quotient is a finite number."""
+    if not tokens or not seconds:
+        return None
+    rate = tokens / seconds
+    return rate if math.isfinite(rate) else None
 
 
 def _metrics(score: Any) -> dict[str, Any] | None:
@@ -208,9 +264,10 @@ def environment(
 
 
 def build_result(plan: RunPlan, outcome: TrainingOutcome, scored: ScoredRun | None, scoring_seconds: int | None,
-                 env: dict[str, Any], started: str) -> dict[str, Any]:
+                 env: dict[str, Any], started: str, staged: bool = True) -> dict[str, Any]:
     """The result of a run, from what its plan decided, what training and scoring found, and the
-    environment (`environment()`); `started` is when the sandbox was opened (utc_now())."""
+    environment (`environment()`); `started` is when the sandbox was opened (utc_now()). `staged`
+    false: the evaluator failed before the submission was staged, so its folder is what is hashed."""
     rows = outcome.metrics_rows
     tokens = last_logged(rows, "tokens")
     reasons = plan.unofficial_reasons(env["sandbox"], env["gpu"])
@@ -230,8 +287,8 @@ def build_result(plan: RunPlan, outcome: TrainingOutcome, scored: ScoredRun | No
             "authors": plan.manifest.authors,
             "description": plan.manifest.description,
             "path": shown(plan.folder.resolve()),
-            "manifest_sha256": sha256_file(plan.staged / MANIFEST_NAME),
-            "tree_sha256": tree_sha256(plan.staged),
+            "manifest_sha256": sha256_file((plan.staged if staged else plan.folder) / MANIFEST_NAME),
+            "tree_sha256": tree_sha256(plan.staged if staged else plan.folder),
         },
         "track": {"id": track.id, "sha256": track.sha256, "budget_s": track.budget_s, "device": track.device.kind,
                   "snapshot_every_s": track.snapshot_every_s},
@@ -264,7 +321,7 @@ def build_result(plan: RunPlan, outcome: TrainingOutcome, scored: ScoredRun | No
             "train_seconds": outcome.train_seconds,
             "steps": max((row[1] for row in rows), default=None),
             "tokens": tokens,
-            "tokens_per_s": tokens / outcome.train_seconds if tokens and outcome.train_seconds else None,
+            "tokens_per_s": _rate(tokens, outcome.train_seconds),
         },
         "val_curve": None if scored is None else scored.curve,
         "target": None if track.target is None else {

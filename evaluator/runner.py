@@ -14,19 +14,29 @@ import signal
 import statistics
 import threading
 import time
+import traceback
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 from rich.console import Console
 
-from evaluator.curve import score_run
+from evaluator.curve import ScoredRun, score_run
 from evaluator.errors import InvalidModel, UserError
 from evaluator.fsutil import atomic_write_text
 from evaluator.manifest import merge_overrides, parse_manifest, parse_override
 from evaluator.paths import RUNS_DIR, shown
-from evaluator.plan import SMOKE_BUDGET_S, SMOKE_DOCUMENTS, RunRequest, check_seed_count, make_plan
-from evaluator.results import EXIT_CODES, build_result, environment, utc_now, write_result
+from evaluator.plan import SMOKE_BUDGET_S, SMOKE_DOCUMENTS, RunPlan, RunRequest, check_seed_count, make_plan, stage_run
+from evaluator.results import (
+    EVALUATOR_ERROR_LOG,
+    EVALUATOR_ERROR_MESSAGE,
+    EXIT_CODES,
+    build_result,
+    environment,
+    utc_now,
+    write_result,
+)
 from evaluator.sandbox import SandboxUnavailable, open_sandbox
 from evaluator.tracks import load_track
 from evaluator.training import SNAPSHOTS_DIR, TrainingOutcome, train_in_jail
@@ -68,7 +78,8 @@ def evaluate(
     console: Console | None = None,
 ) -> tuple[dict[str, Any], Path]:
     """One evaluation run: returns the result (also written as result.json) and the run directory.
-    `secret_seed` has the evaluator draw the seed (recorded as `seed_drawn`) instead of taking `seed`.
+    `secret_seed` has the evaluator draw the seed (recorded as `seed_drawn`); with `seed` too, that seed
+    was drawn by the caller (evaluator batch draws once, so that a retried run keeps its seed).
     `calibrated_budget` times this host first and scales the track's budget and scoring deadlines by
     how much slower it is than the track's hardware (unofficial; docs/CALIBRATION.md).
     `gpu`: CUDA's index of the GPU to hold (default: the first no other run holds).
@@ -82,50 +93,93 @@ def evaluate(
                              budget_s=budget_s, calibrated_budget=calibrated_budget, gpu=gpu, runs_dir=runs_dir,
                              debug_scoring=debug_scoring, overrides=dict(overrides or {}), smoke=smoke)
         plan = make_plan(request, console, held)
-        started = utc_now()
-        timings: dict[str, Any] = {}
-        scored, scoring_seconds = None, None
+        run = _Run(plan, started=utc_now())
         try:
-            sandbox = open_sandbox(sandbox_choice)
-        except SandboxUnavailable as exc:
-            env = environment("nsjail", "unavailable", plan.gpu, (f"nsjail: {exc}",))
-            outcome = TrainingOutcome(status="sandbox_error", message=f"nsjail cannot run here: {exc}")
-        else:
-            env = environment(sandbox.kind, sandbox.version, plan.gpu, sandbox.unavailable)
-            label = "nsjail" if sandbox.kind == "nsjail" else "NONE — unsandboxed, unofficial"
-            seed_label = f"{plan.seed} (drawn)" if plan.seed_drawn else str(plan.seed)
-            console.print(f"[bold]{plan.manifest.name}[/] on [bold]{plan.track.id}[/], seed {seed_label}, budget {plan.budget_s:g} s, sandbox: {label}")
-            console.print(f"sandbox: {sandbox.reason}", markup=False, highlight=False)
-            for missing in sandbox.unavailable:
-                console.print(f"sandbox: could not use {missing}", markup=False, highlight=False)
-            timings["prepare_s"] = time.monotonic() - began
-            try:
-                outcome = train_in_jail(plan, sandbox, console, timings)
-            except SandboxUnavailable as exc:
-                outcome = TrainingOutcome(status="sandbox_error", message=f"the training sandbox failed to start: {exc}")
-            if outcome.status == "ok":
-                scoring_started = time.monotonic()
-                try:
-                    scored = score_run(plan, sandbox, console, outcome)
-                except InvalidModel as exc:
-                    outcome.status, outcome.message = "invalid_model", str(exc)
-                except SandboxUnavailable as exc:
-                    outcome.status, outcome.message = "sandbox_error", f"the scoring sandbox failed: {exc}"
-                else:
-                    target = plan.track.target
-                    if target is not None and scored.reached_at_s is None:
-                        outcome.status = "not_reached"
-                        outcome.message = (f"no model reached the target val_loss {target.val_loss:g}; the final "
-                                           f"model's is {scored.score.val_loss:.4f}")
-                # Whole seconds: how long scoring takes is the model's to choose.
-                scoring_seconds = timings["scoring_s"] = round(time.monotonic() - scoring_started)
-            shutil.rmtree(plan.jail_out, ignore_errors=True)
-            # Scored, their work is done; kept, ten snapshots of a large model would fill a disk.
-            shutil.rmtree(plan.run_dir / SNAPSHOTS_DIR, ignore_errors=True)
-        result = build_result(plan, outcome, scored, scoring_seconds, env, started)
-        atomic_write_text(plan.run_dir / "timings.json", json.dumps(timings, indent=2) + "\n")
-        write_result(plan.run_dir, result)
+            _train_and_score(run, sandbox_choice, console, began)
+            result = build_result(plan, run.outcome, run.scored, run.scoring_seconds, run.env, run.started)
+            atomic_write_text(plan.run_dir / "timings.json", json.dumps(run.timings, indent=2) + "\n")
+            write_result(plan.run_dir, result)
+        except Exception:  # the evaluator's own failure: the run still ends in a result, with its seed
+            result = _evaluator_error(run, console)
         return result, plan.run_dir
+
+
+@dataclass
+class _Run:
+    """What one run has found so far: what an evaluator_error result keeps of it."""
+
+    plan: RunPlan
+    started: str  # when the sandbox was opened (utc_now())
+    outcome: TrainingOutcome | None = None
+    scored: ScoredRun | None = None
+    scoring_seconds: int | None = None
+    env: dict[str, Any] | None = None
+    staged: bool = False
+    timings: dict[str, Any] = field(default_factory=dict)
+
+
+def _train_and_score(run: _Run, sandbox_choice: str, console: Console, began: float) -> None:
+    plan, timings = run.plan, run.timings
+    stage_run(plan)
+    run.staged = True
+    try:
+        sandbox = open_sandbox(sandbox_choice)
+    except SandboxUnavailable as exc:
+        run.env = environment("nsjail", "unavailable", plan.gpu, (f"nsjail: {exc}",))
+        run.outcome = TrainingOutcome(status="sandbox_error", message=f"nsjail cannot run here: {exc}")
+        return
+    run.env = environment(sandbox.kind, sandbox.version, plan.gpu, sandbox.unavailable)
+    label = "nsjail" if sandbox.kind == "nsjail" else "NONE — unsandboxed, unofficial"
+    seed_label = f"{plan.seed} (drawn)" if plan.seed_drawn else str(plan.seed)
+    console.print(f"[bold]{plan.manifest.name}[/] on [bold]{plan.track.id}[/], seed {seed_label}, budget {plan.budget_s:g} s, sandbox: {label}")
+    console.print(f"sandbox: {sandbox.reason}", markup=False, highlight=False)
+    for missing in sandbox.unavailable:
+        console.print(f"sandbox: could not use {missing}", markup=False, highlight=False)
+    timings["prepare_s"] = time.monotonic() - began
+    try:
+        try:
+            run.outcome = train_in_jail(plan, sandbox, console, timings)
+        except SandboxUnavailable as exc:
+            run.outcome = TrainingOutcome(status="sandbox_error", message=f"the training sandbox failed to start: {exc}")
+        outcome = run.outcome
+        if outcome.status == "ok":
+            scoring_started = time.monotonic()
+            try:
+                run.scored = score_run(plan, sandbox, console, outcome)
+            except InvalidModel as exc:
+                outcome.status, outcome.message = "invalid_model", str(exc)
+            except SandboxUnavailable as exc:
+                outcome.status, outcome.message = "sandbox_error", f"the scoring sandbox failed: {exc}"
+            else:
+                target = plan.track.target
+                if target is not None and run.scored.reached_at_s is None:
+                    outcome.status = "not_reached"
+                    outcome.message = (f"no model reached the target val_loss {target.val_loss:g}; the final "
+                                       f"model's is {run.scored.score.val_loss:.4f}")
+            # Whole seconds: how long scoring takes is the model's to choose.
+            run.scoring_seconds = timings["scoring_s"] = round(time.monotonic() - scoring_started)
+    finally:
+        shutil.rmtree(plan.jail_out, ignore_errors=True)
+        # Scored, their work is done; kept, ten snapshots of a large model would fill a disk.
+        shutil.rmtree(plan.run_dir / SNAPSHOTS_DIR, ignore_errors=True)
+
+
+def _evaluator_error(run: _Run, console: Console) -> dict[str, Any]:
+    """The result of a run in which the evaluator itself failed: status evaluator_error, the fixed
+    sentence, the run's seed and what training measured (no scores: what failed may have been
+    scoring). The traceback goes to the run directory's log, never to the result or the console."""
+    plan = run.plan
+    log = plan.run_dir / EVALUATOR_ERROR_LOG
+    atomic_write_text(log, traceback.format_exc())
+    measured = run.outcome or TrainingOutcome(status="evaluator_error")
+    outcome = TrainingOutcome(status="evaluator_error", message=EVALUATOR_ERROR_MESSAGE,
+                              train_seconds=measured.train_seconds, metrics_rows=measured.metrics_rows,
+                              gpu_telemetry=measured.gpu_telemetry)
+    env = run.env or environment("unknown", "unknown", plan.gpu, ("the evaluator failed before it opened a sandbox",))
+    result = build_result(plan, outcome, None, None, env, run.started, staged=run.staged)
+    write_result(plan.run_dir, result)
+    console.print(f"evaluator error: {EVALUATOR_ERROR_MESSAGE} ({shown(log)})", markup=False, highlight=False)
+    return result
 
 
 def summary_line(result: dict[str, Any]) -> str:
@@ -164,7 +218,11 @@ def _run(args: argparse.Namespace) -> int:
     check_seed_count(args.seeds)
     if args.secret_seeds and args.seed is not None:
         raise UserError("--secret-seeds draws every seed: drop --seed")
-    if args.secret_seeds:
+    if args.drawn_seed is not None and (args.secret_seeds or args.seed is not None or args.seeds != 1):
+        raise UserError("--drawn-seed is the one seed of the run: drop --seed, --seeds and --secret-seeds")
+    if args.drawn_seed is not None:
+        seeds = [args.drawn_seed]
+    elif args.secret_seeds:
         seeds = [None] * args.seeds
     else:
         base_seed = _base_seed(args)
@@ -178,7 +236,7 @@ def _run(args: argparse.Namespace) -> int:
             Path(args.folder),
             track_id=args.track,
             seed=seed,
-            secret_seed=args.secret_seeds,
+            secret_seed=args.secret_seeds or args.drawn_seed is not None,
             budget_s=None if args.budget == CALIBRATED else args.budget,
             calibrated_budget=args.budget == CALIBRATED,
             gpu=args.gpu,
@@ -212,6 +270,16 @@ def _run(args: argparse.Namespace) -> int:
 CALIBRATED = "calibrated"
 
 
+def _drawn_seed(text: str) -> int:
+    try:
+        seed = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= seed < 2**31:  # draw_seed's 31 bits
+        raise argparse.ArgumentTypeError(f"{seed} is not a seed draw_seed could have drawn (0 to 2**31 - 1)")
+    return seed
+
+
 def _budget(text: str) -> float | str:
     if text == CALIBRATED:
         return text
@@ -243,6 +311,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--secret-seeds", action="store_true",
                      help="draw each seed from os.urandom instead of the track's public ones; the result records "
                           "it as drawn, and only drawn seeds count for a record on tracks whose record rule says so")
+    run.add_argument("--drawn-seed", type=_drawn_seed, metavar="N",
+                     help="run seed N, drawn from os.urandom by the caller, and record it as drawn: evaluator batch "
+                          "draws each run's seed once, so that a run retried after an evaluator or sandbox failure "
+                          "keeps its seed instead of getting a new draw")
     run.add_argument("--gpu", type=int, metavar="N",
                      help="on a GPU track, the GPU to use, as CUDA numbers them here (after CUDA_VISIBLE_DEVICES); "
                           "default: the first that no other run of this evaluator holds")
@@ -262,7 +334,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                           f"{SMOKE_DOCUMENTS} validation documents; unofficial, never publishable")
     run.add_argument("--debug-scoring", action="store_true",
                      help="keep what the model server prints (its stderr) as scoring-pass-N.log in the run directory, "
-                          "to debug a model that fails scoring; makes the run unofficial; refused for a private split")
+                          "to debug a model that fails scoring; makes the run unofficial; refused for a hidden split")
     run.add_argument("--json", action="store_true", help="print the result, as in result.json (a list with --seeds), on stdout and nothing else there")
     run.set_defaults(handler=_run)
 

@@ -18,12 +18,12 @@ from evaluator.batch.cluster import INSTALL_HINT, RayInstance, describe_ray_erro
 from evaluator.batch.node import evaluate_on_node
 from evaluator.batch.receive import receive
 from evaluator.batch.report import BatchProgress, batch_console, outcome_text, say, summary
-from evaluator.batch.runs import Run, Submission
+from evaluator.batch.runs import RETRIED_STATUSES, Run, Submission
 from evaluator.check import check_submission
 from evaluator.errors import UserError
 from evaluator.fsutil import tree_sha256
 from evaluator.paths import HOME, RESULTS_DIR, shown
-from evaluator.plan import check_budget, check_seed_count
+from evaluator.plan import check_budget, check_seed_count, draw_seed
 from evaluator.results import RESULT_FILE, SCORED_STATUSES
 from evaluator.sandbox import SandboxUnavailable, open_sandbox
 from evaluator.tracks import Track, load_track
@@ -69,13 +69,17 @@ def _check_all(folders: list[Path], track_id: str | None, console: Console) -> t
     return valid, invalid
 
 
-def _earlier_results(runs_dir: Path, sandbox_choice: str) -> dict[tuple, list[tuple[dict[str, Any], Path]]]:
+def _earlier_results(runs_dir: Path, sandbox_choice: str) -> tuple[dict[tuple, list[tuple[dict[str, Any], Path]]],
+                                                                     dict[tuple, list[int]]]:
     """Results under runs_dir that already settle a (tree, track file, seed, budget) run: any verdict but
-    the evaluator's own failure; with --sandbox nsjail, only sandboxed ones. Best first: `ok`, then the
-    newest. Runs whose seed was drawn are filed under seed None: each of them settles one drawn run."""
+    the sandbox's or the evaluator's own failure; with --sandbox nsjail, only sandboxed ones. Best first:
+    `ok`, then the newest. Runs whose seed was drawn are filed under seed None: each of them settles one
+    drawn run. Also, under the same keys, the drawn seeds whose runs failed without a verdict: a resumed
+    batch runs them again with those seeds, never with new draws."""
     found: dict[tuple, list[tuple[dict[str, Any], Path]]] = {}
+    failed_draws: dict[tuple, list[int]] = {}
     if not runs_dir.is_dir():
-        return found
+        return found, failed_draws
     for path in runs_dir.glob(f"*/{RESULT_FILE}"):
         if path.parent.name.startswith("."):
             continue
@@ -86,14 +90,21 @@ def _earlier_results(runs_dir: Path, sandbox_choice: str) -> dict[tuple, list[tu
             status, sandbox_kind, ended = result["status"], result["environment"]["sandbox"]["kind"], result["ended_at"]
         except (OSError, ValueError, TypeError, KeyError):
             continue
-        if status == "sandbox_error" or (sandbox_choice == "nsjail" and sandbox_kind != "nsjail"):
-            continue
         if result.get("calibration") is not None:  # its budget is this host's, whatever number it came to
+            continue
+        if status in RETRIED_STATUSES:
+            if seed is None:
+                failed_draws.setdefault(key, []).append(result["seed"])
+            continue
+        if sandbox_choice == "nsjail" and sandbox_kind != "nsjail":
             continue
         found.setdefault(key, []).append((result, path.parent))
     for settling in found.values():
         settling.sort(key=lambda item: (item[0]["status"] in SCORED_STATUSES, item[0]["ended_at"]), reverse=True)  # scored first
-    return found
+    for key, seeds in failed_draws.items():
+        settled = {result["seed"] for result, _ in found.get(key, [])}
+        failed_draws[key] = sorted(set(seeds) - settled)
+    return found, failed_draws
 
 
 def _schedule(ray, runs: list[Run], runs_dir: Path, sandbox_choice: str, budget_override: float | None, console: Console) -> None:
@@ -106,6 +117,7 @@ def _schedule(ray, runs: list[Run], runs_dir: Path, sandbox_choice: str, budget_
         request = {
             "track": track.id,
             "seed": run.seed,
+            "seed_drawn": run.seed_drawn,
             "budget_s": budget_override,
             "sandbox": sandbox_choice,
             "home": str(HOME),
@@ -137,7 +149,7 @@ def _schedule(ray, runs: list[Run], runs_dir: Path, sandbox_choice: str, budget_
                     if message is not None:
                         receive(run, message, runs_dir)
                     if run.needs_retry and run.attempts < ATTEMPTS:
-                        progress.say(outcome_text(run, "; retrying once"))
+                        progress.say(outcome_text(run, f"; retrying once with the same seed, {run.seed}"))
                         run.result, run.run_dir, run.failure = None, None, ""
                         in_flight[submit(run)] = run
                         continue
@@ -185,19 +197,28 @@ def _batch(args: argparse.Namespace) -> int:
     runs_dir = Path(args.results) / "runs"
     submissions, invalid = _check_all([Path(p) for p in args.submissions], args.track, console)
 
-    earlier = _earlier_results(runs_dir, args.sandbox)
+    earlier, failed_draws = _earlier_results(runs_dir, args.sandbox)
     runs: list[Run] = []
     for submission in submissions:
         track = submission.track
         budget_s = track.budget_s if args.budget is None else float(args.budget)
-        drawn_before = list(earlier.get((submission.tree_sha256, track.sha256, None, budget_s), []))
+        drawn_key = (submission.tree_sha256, track.sha256, None, budget_s)
+        drawn_before, to_retry = list(earlier.get(drawn_key, [])), list(failed_draws.get(drawn_key, []))
         for offset in range(args.seeds):
-            seed = None if args.secret_seeds else track.default_seed + offset
-            run = Run(submission=submission, seed=seed, budget_s=budget_s)
-            settling = drawn_before if args.secret_seeds else earlier.get((submission.tree_sha256, track.sha256, seed, budget_s), [])
-            if settling:
-                run.result, run.run_dir = settling.pop(0) if args.secret_seeds else settling[0]
-                run.state, run.reused = "finished", True
+            if not args.secret_seeds:
+                run = Run(submission=submission, seed=track.default_seed + offset, seed_drawn=False, budget_s=budget_s)
+                settling = earlier.get((submission.tree_sha256, track.sha256, run.seed, budget_s), [])
+                if settling:
+                    run.result, run.run_dir = settling[0]
+                    run.state, run.reused = "finished", True
+            elif drawn_before:
+                result, run_dir = drawn_before.pop(0)
+                run = Run(submission=submission, seed=result["seed"], seed_drawn=True, budget_s=budget_s,
+                          result=result, run_dir=run_dir, state="finished", reused=True)
+            else:
+                # A seed drawn before, whose run failed without a verdict, is run again before any new draw.
+                seed = to_retry.pop(0) if to_retry else draw_seed()
+                run = Run(submission=submission, seed=seed, seed_drawn=True, budget_s=budget_s)
             runs.append(run)
     to_run = [run for run in runs if not run.reused]
     if to_run:

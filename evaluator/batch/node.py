@@ -103,7 +103,7 @@ def _run_on_node(submission_archive: bytes, request: dict[str, Any]) -> dict[str
         argv = [
             sys.executable, "-m", "evaluator.cli", "run", str(submission),
             "--track", request["track"],
-            *(["--secret-seeds"] if request["seed"] is None else ["--seed", str(request["seed"])]),
+            "--drawn-seed" if request["seed_drawn"] else "--seed", str(request["seed"]),
             "--sandbox", request["sandbox"], "--out", str(out), "--json",
         ]
         if request["budget_s"] is not None:

@@ -1,13 +1,12 @@
 """The driver's side of a node's reply: unpack the run directory it sent, accept its result only if
-it is valid and is the run that was asked for (same tree, same track file, the seed sent or one
-drawn), and move it into `<results>/runs/<run-id>/`.
+it is valid and is the run that was asked for (same tree, same track file, the seed sent, drawn or
+not), and move it into `<results>/runs/<run-id>/`.
 
 Apart because this is where the driver trusts another machine's word, and nowhere else.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -19,7 +18,7 @@ from evaluator.batch.node import RUN_ID_PATTERN
 from evaluator.batch.runs import Run
 from evaluator.harness import MODEL_FILE
 from evaluator.paths import shown
-from evaluator.results import RESULT_FILE, result_problems, write_result
+from evaluator.results import RESULT_FILE, result_problems, strict_json_loads, write_result
 
 
 def receive(run: Run, reply: dict[str, Any], runs_dir: Path) -> None:
@@ -38,7 +37,7 @@ def receive(run: Run, reply: dict[str, Any], runs_dir: Path) -> None:
     incoming = Path(tempfile.mkdtemp(prefix=f".incoming-{run_id}-", dir=runs_dir))
     try:
         extract_archive(reply["archive"], incoming, RUN_ARCHIVE_CAP_BYTES)
-        result = json.loads((incoming / RESULT_FILE).read_text(encoding="utf-8"))
+        result = strict_json_loads((incoming / RESULT_FILE).read_bytes())
         problems = result_problems(result)
         submission = run.submission
         if not problems:
@@ -46,10 +45,8 @@ def receive(run: Run, reply: dict[str, Any], runs_dir: Path) -> None:
                 problems.append("it evaluated a different submission tree than the one sent")
             if result["track"]["sha256"] != submission.track.sha256:
                 problems.append(f"its spec/tracks/{submission.track.id}.toml differs from this machine's")
-            if run.seed is None and not result["seed_drawn"]:
-                problems.append(f"it ran seed {result['seed']}, which it did not draw")
-            if run.seed is not None and (result["seed"], result["seed_drawn"]) != (run.seed, False):
-                problems.append(f"it ran seed {result['seed']} instead of {run.seed}")
+            if (result["seed"], result["seed_drawn"]) != (run.seed, run.seed_drawn):
+                problems.append(f"it ran seed {result['seed']} instead of {run.label.rsplit(' seed ', 1)[1]}")
         if problems:
             run.failure = f"the result from {run.node} cannot be accepted: " + "; ".join(problems)
             return

@@ -99,10 +99,10 @@ def summary(console: Console, runs: list[Run], invalid: list[tuple[Path, int]]) 
         metrics = result["metrics"] if result else None
         train_s = result["train"]["train_seconds"] if result else None
         status = result["status"] if result else "evaluator failure"
-        note = "earlier run" if run.reused else run.note or ("retried" if run.attempts > 1 else "")
+        note = "earlier run" if run.reused else run.note or ("retried, same seed" if run.attempts > 1 else "")
         table.add_row(
             run.submission.name,
-            str(run.seed) if run.seed is not None else f"{result['seed']} (drawn)" if result else "drawn",
+            f"{run.seed} (drawn)" if run.seed_drawn else str(run.seed),
             status,
             f"{metrics['val_loss']:.4f}" if metrics else "-",
             f"{metrics['val_bpb']:.4f}" if metrics else "-",

@@ -13,6 +13,9 @@ from typing import Any
 from evaluator.results import EXIT_CODES
 from evaluator.tracks import Track
 
+# Statuses that say nothing about the submission: a run that ends in one is retried with its seed.
+RETRIED_STATUSES = ("sandbox_error", "evaluator_error")
+
 
 @dataclass
 class Submission:
@@ -26,7 +29,8 @@ class Submission:
 @dataclass
 class Run:
     submission: Submission
-    seed: int | None  # None: the node's evaluator draws it (--secret-seeds); the result then says which
+    seed: int  # the track's public seed + offset, or one the driver drew (kept by every retry of the run)
+    seed_drawn: bool
     budget_s: float
     state: str = "queued"  # queued | running | finished
     attempts: int = 0
@@ -40,14 +44,14 @@ class Run:
 
     @property
     def label(self) -> str:
-        if self.seed is not None:
-            return f"{self.submission.name} seed {self.seed}"
-        return f"{self.submission.name} seed {self.result['seed']} (drawn)" if self.result else f"{self.submission.name} drawn seed"
+        return f"{self.submission.name} seed {self.seed}" + (" (drawn)" if self.seed_drawn else "")
 
     @property
     def needs_retry(self) -> bool:
-        return self.result is None or self.result["status"] == "sandbox_error"
+        """No verdict on the submission: the node, the sandbox or the evaluator failed. The retry keeps
+        the seed: a new draw would be a re-roll for a submission that can make the host fail."""
+        return self.result is None or self.result["status"] in RETRIED_STATUSES
 
     @property
     def exit_code(self) -> int:
-        return 3 if self.result is None else EXIT_CODES[self.result["status"]]
+        return 3 if self.result is None else min(3, EXIT_CODES[self.result["status"]])

@@ -114,7 +114,7 @@ def test_batch_runs_every_seed_skips_invalid_and_resumes(local_ray, tmp_path, ca
 
 
 @pytest.mark.slow
-def test_batch_with_secret_seeds_draws_on_the_node_and_resumes_by_count(local_ray, tmp_path, capsys):
+def test_batch_with_secret_seeds_draws_each_seed_once_and_resumes_by_count(local_ray, tmp_path, capsys):
     tiny = _tiny_submission(tmp_path, "tiny-drawn")
     results = tmp_path / "results"
     common = ["--track", "cpu-1min", "--budget", "3", "--results", str(results), "--sandbox", "none", "--secret-seeds"]
@@ -130,13 +130,17 @@ def test_batch_with_secret_seeds_draws_on_the_node_and_resumes_by_count(local_ra
 
 
 @pytest.mark.slow
-def test_a_failing_node_is_retried_once_then_reported(local_ray, tmp_path, capsys):
+def test_a_failing_node_is_retried_once_with_the_same_drawn_seed_then_reported(local_ray, tmp_path, capsys):
     # The fake T4 makes the run land here; the node has no CUDA, so `evaluator run` refuses (exit 2).
-    code = main(["batch", str(_tiny_submission(tmp_path, "tiny-gpu")), "--track", "t4-5min", "--results", str(tmp_path / "results"), "--sandbox", "none"])
+    code = main(["batch", str(_tiny_submission(tmp_path, "tiny-gpu")), "--track", "t4-5min", "--results",
+                 str(tmp_path / "results"), "--sandbox", "none", "--secret-seeds"])
     err = capsys.readouterr().err
     assert code == 3, err
-    assert err.count("exited with code 2 without a result") == 2 and "retrying once" in err
-    assert "evaluator failure" in err
+    assert err.count("exited with code 2 without a result") == 2
+    retry = re.search(r"retrying once with the same seed, (\d+)", err)
+    assert retry, err
+    # No re-roll: the run that was retried, and is reported, has the seed the driver drew once.
+    assert re.search(rf"tiny-gpu\s+{retry.group(1)} \(drawn\)\s+evaluator failure", err), err
     assert _run_results(tmp_path / "results") == []
 
 
@@ -169,20 +173,26 @@ def test_resume_counts_verdicts_but_not_the_evaluators_failures(tmp_path):
     _fake_result(runs, "d-unsandboxed", "ok", "none", "2026-01-01T00:00:04Z")
     # A calibrated budget that came to the track's 60 s on this host is still not the track's budget.
     _fake_result(runs, "e-calibrated", "ok", "nsjail", "2026-01-01T00:00:05Z", calibration={"factor": 1.0})
+    _fake_result(runs, "h-evaluator", "evaluator_error", "nsjail", "2026-01-01T00:00:08Z")
     key = ("t", "k", 0, 60.0)
-    assert _earlier_results(runs, "none")[key][0][0]["run_id"] == "d-unsandboxed"  # ok, then the newest
-    assert _earlier_results(runs, "nsjail")[key][0][0]["run_id"] == "b-ok"
+    assert _earlier_results(runs, "none")[0][key][0][0]["run_id"] == "d-unsandboxed"  # ok, then the newest
+    assert _earlier_results(runs, "nsjail")[0][key][0][0]["run_id"] == "b-ok"
     (runs / "b-ok" / "result.json").unlink()
     (runs / "d-unsandboxed" / "result.json").unlink()
-    assert _earlier_results(runs, "nsjail")[key][0][0]["run_id"] == "a-crashed"
+    assert _earlier_results(runs, "nsjail")[0][key][0][0]["run_id"] == "a-crashed"
     (runs / "a-crashed" / "result.json").unlink()
-    assert _earlier_results(runs, "nsjail") == {}
+    assert _earlier_results(runs, "nsjail") == ({}, {})
     # Drawn seeds are filed together: each settles one drawn run, whatever its number.
     _fake_result(runs, "f-drawn", "ok", "nsjail", "2026-01-01T00:00:06Z", seed=0, drawn=True)
     _fake_result(runs, "g-drawn", "crashed", "nsjail", "2026-01-01T00:00:07Z", seed=77, drawn=True)
-    found = _earlier_results(runs, "nsjail")
-    assert list(found) == [("t", "k", None, 60.0)]
-    assert [result["run_id"] for result, _ in found[("t", "k", None, 60.0)]] == ["f-drawn", "g-drawn"]
+    found, failed_draws = _earlier_results(runs, "nsjail")
+    drawn = ("t", "k", None, 60.0)
+    assert list(found) == [drawn] and failed_draws == {}
+    assert [result["run_id"] for result, _ in found[drawn]] == ["f-drawn", "g-drawn"]
+    # A drawn seed whose run failed without a verdict is kept for the retry: no new draw replaces it.
+    _fake_result(runs, "i-drawn-broken", "evaluator_error", "nsjail", "2026-01-01T00:00:09Z", seed=123, drawn=True)
+    _fake_result(runs, "j-drawn-broken", "sandbox_error", "nsjail", "2026-01-01T00:00:10Z", seed=77, drawn=True)
+    assert _earlier_results(runs, "nsjail")[1] == {drawn: [123]}  # 77 has its verdict already
 
 
 def test_only_invalid_submissions_start_nothing(tmp_path, capsys):

@@ -89,11 +89,19 @@ def test_publish_thins_a_long_loss_curve_keeping_both_ends(tmp_path, keys, monke
     assert curve["step"][0] == 0 and curve["step"][-1] == 3 * LOSS_CURVE_MAX_POINTS + 6
 
 
-def test_publish_refuses_a_run_that_is_not_ok(tmp_path, keys, monkeypatch, capsys):
-    run_dir = make_run(tmp_path, "crashed-run", status="crashed")
-    code, _, stderr = run_cli(monkeypatch, capsys, "publish", run_dir, "--key", keys[0], "--results", tmp_path / "results")
-    assert code == 2 and "status is crashed" in stderr
-    assert not (tmp_path / "results").exists()
+def test_publish_signs_a_failed_run_but_refuses_the_evaluators_own_failure(tmp_path, keys, monkeypatch, capsys):
+    # A crash is the submission's: it is published, and the leaderboard counts it beside the scored runs.
+    private, trusted = keys
+    crashed = make_run(tmp_path, "crashed-run", status="crashed")
+    code, _, stderr = run_cli(monkeypatch, capsys, "publish", crashed, "--key", private, "--results", tmp_path / "results")
+    assert code == 0, stderr
+    code, stdout, _ = run_cli(monkeypatch, capsys, "verify", tmp_path / "results", "--trusted-keys", trusted)
+    assert code == 0 and "OK" in stdout
+    # The evaluator's own failure is no verdict on the submission: it is run again with the same seed.
+    broken = make_run(tmp_path, "broken-run", status="evaluator_error")
+    code, _, stderr = run_cli(monkeypatch, capsys, "publish", broken, "--key", private, "--results", tmp_path / "other")
+    assert code == 2 and "status is evaluator_error" in stderr and "--drawn-seed" in stderr
+    assert not (tmp_path / "other").exists()
 
 
 # --- time-to-target runs: reached, not reached, and results whose fields disagree with their status ---
@@ -126,11 +134,11 @@ def test_a_run_that_reached_its_target_verifies_with_its_time(tmp_path, keys, mo
     assert code == 0 and "reached val_loss 4.1 at 27.50 s (val_loss 4.0800)" in stdout
 
 
-def test_publish_still_refuses_unscored_and_smoke_runs_of_a_target_track(tmp_path, keys, monkeypatch, capsys):
-    crashed = make_run(tmp_path, "crashed", track="cpu-target", target=4.1, status="crashed")
-    assert json.loads((crashed / "result.json").read_text())["target"]["reached"] is None
-    code, _, stderr = run_cli(monkeypatch, capsys, "publish", crashed, "--key", keys[0], "--results", tmp_path / "results")
-    assert code == 2 and "status is crashed" in stderr and "not_reached" in stderr
+def test_publish_still_refuses_sandbox_failures_and_smoke_runs_of_a_target_track(tmp_path, keys, monkeypatch, capsys):
+    broken = make_run(tmp_path, "broken", track="cpu-target", target=4.1, status="sandbox_error")
+    assert json.loads((broken / "result.json").read_text())["target"]["reached"] is None
+    code, _, stderr = run_cli(monkeypatch, capsys, "publish", broken, "--key", keys[0], "--results", tmp_path / "results")
+    assert code == 2 and "status is sandbox_error" in stderr
     smoke = make_run(tmp_path, "smoke", track="cpu-target", target=4.1, official=False, val_loss=4.5)
     result_path = smoke / "result.json"
     result_path.write_text(result_path.read_text().replace('"smoke": false', '"smoke": true'))
