@@ -26,7 +26,7 @@ time-to-target track). The p-value of each test is kept on the row, for every fo
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,7 @@ from evaluator.leaderboard.rules import RecordRule, RecordRules
 from evaluator.leaderboard.stats import mean, sample_variance, welch_one_sided_p
 from evaluator.paths import shown
 from evaluator.publish import VerifiedResult
-from evaluator.results import parse_utc
+from evaluator.results import FAILED_STATUSES, parse_utc
 
 
 # Record statuses, as they appear in JSON and Parquet.
@@ -159,6 +159,7 @@ class Row:
     runs: list[Run]  # in the order they started
     development: bool = False  # a development table's row: scored on the public split
     clean_development: bool = False  # in a development table, official but for the split: ranked
+    failed_statuses: list[str] = field(default_factory=list)  # its kind's published runs that failed, not scored
     rank: int | None = None
     record_status: str = ""
     # The test that decided record_status: its p-value, the improvement in mean val_loss over the
@@ -320,14 +321,19 @@ def build_rows(
     for track_id in sorted(by_track):
         items, target = _comparable_runs(by_track[track_id], duplicates)
         rows: dict[tuple[str, bool, bool, bool, bool], Row] = {}
+        failed: dict[tuple[str, bool, bool, bool, bool], list[str]] = {}
         for item in items:
-            result, run = item.result, Run.from_verified(item)
-            calibrated = result["calibration"] is not None  # never official: the schema says so, and so does this
-            official = result["official"] and not calibrated and not run.development
-            clean = run.clean_development and not calibrated
-            key = (result["submission"]["name"], official, calibrated, run.development, clean)
-            rows.setdefault(key, Row(track_id, key[0], official, calibrated, runs=[], target=target,
-                                     development=run.development, clean_development=clean)).runs.append(run)
+            result = item.result
+            key = _row_key(result)
+            if result["status"] in FAILED_STATUSES:
+                failed.setdefault(key, []).append(result["status"])
+                continue
+            name, official, calibrated, development, clean = key
+            rows.setdefault(key, Row(track_id, name, official, calibrated, runs=[], target=target,
+                                     development=development, clean_development=clean)).runs.append(Run.from_verified(item))
+        for key, statuses in failed.items():
+            if key in rows:  # a submission none of whose runs of this kind was scored has no row to count them on
+                rows[key].failed_statuses = sorted(statuses)
         for development in (False, True):
             in_table = [row for row in rows.values() if row.development == development]
             for row in in_table:
@@ -339,6 +345,15 @@ def build_rows(
                 row.rank = rank
             ordered.extend(ranked + unranked)
     return ordered, duplicates
+
+
+def _row_key(result: dict[str, Any]) -> tuple[str, bool, bool, bool, bool]:
+    """(submission, official, calibrated, development, official but for the split): the runs one row pools."""
+    calibrated = result["calibration"] is not None  # never official: the schema says so, and so does this
+    development = result["data"]["scored_on"] == "public"
+    official = result["official"] and not calibrated and not development
+    clean = development and len(result["unofficial_reasons"]) == 1 and not calibrated
+    return result["submission"]["name"], official, calibrated, development, clean
 
 
 def _rankable(row: Row) -> bool:

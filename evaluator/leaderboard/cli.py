@@ -53,7 +53,7 @@ def _run_leaderboard(args: argparse.Namespace) -> int:
     rows, duplicates = build_rows(verified, rules, args.track)
     rejected += duplicates
     exit_code = 1 if rejected else 0  # whatever is shown: a rejected envelope is something to look at
-    counted = sum(len(row.runs) for row in rows)
+    counted = sum(len(row.runs) + len(row.failed_statuses) for row in rows)
     if rejected:
         sys.stderr.write(f"leaderboard: {len(rejected)} envelope(s) rejected, not shown:\n")
         for path, reason in rejected:

@@ -108,7 +108,8 @@ def _runs_text(row: Row) -> str:
     details = [f"{row.seeds} seeds"] if row.seeds != len(row.runs) else []
     if row.drawn_seeds:
         details.append(f"{row.drawn_seeds} drawn")
-    return text + (f" ({', '.join(details)})" if details else "")
+    failed = f" + {len(row.failed_statuses)} failed" if row.failed_statuses else ""
+    return text + (f" ({', '.join(details)})" if details else "") + failed
 
 
 # A T4 sits at its 70 W cap under load by design; thermal and hardware slowdowns are the ones that
