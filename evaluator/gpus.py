@@ -10,7 +10,7 @@ GPU, device 0.
 Locks are `flock`s on files under LOCK_DIR, which live as long as the evaluator's process does (the
 kernel drops them when it dies, however it dies): one per board, held exclusively by the run on it
 from planning until its result is written, training and scoring both; and one for the host, held
-shared by every run and exclusively by a run that scores a private split, so that nothing else
+shared by every run and exclusively by a run that scores a hidden split, so that nothing else
 trains on the host while one does (THREAT_MODEL.md).
 """
 
@@ -157,13 +157,13 @@ def _flock(name: str, exclusive: bool, holder: str) -> Iterator[str | None]:
 
 @contextmanager
 def hold_host(exclusive: bool, holder: str) -> Iterator[None]:
-    """The host lock: shared by every run, exclusive for a run that scores a private split."""
+    """The host lock: shared by every run, exclusive for a run that scores a hidden split."""
     with _flock("host.lock", exclusive, holder) as other:
         if other is not None and exclusive:
-            raise GpuUnavailable("this run scores a private split, and nothing else may run on the host meanwhile; "
+            raise GpuUnavailable("this run scores a hidden split, and nothing else may run on the host meanwhile; "
                                  "other runs of this evaluator are under way: wait for them to finish")
         if other is not None:
-            raise GpuUnavailable(f"a run that scores a private split holds this host ({other}); wait for it to finish")
+            raise GpuUnavailable(f"a run that scores a hidden split holds this host ({other}); wait for it to finish")
         yield
 
 

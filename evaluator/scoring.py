@@ -472,7 +472,7 @@ def score_model(*, sandbox, name: str, model_path: Path, submission_dir: Path, d
 
     Raises InvalidModel (with one of the Refusal sentences) when the model cannot be scored, and
     SandboxUnavailable when the sandbox itself fails (the evaluator's fault, not the model's).
-    `debug_log_dir`: keep the servers' stderr there (for the operator; never for a private split).
+    `debug_log_dir`: keep the servers' stderr there (for the operator; never for a hidden split).
     `device` is the model's device as the jail sees it; `gpu` is the host's board the jails are given
     (its node /dev/nvidia<minor> only), None on the CPU.
     """

@@ -114,7 +114,7 @@ def test_other_work_on_the_gpu_at_the_start_is_reported(two_gpus):
 
 def test_a_private_split_run_has_the_host_to_itself(two_gpus):
     with gpus.hold_host(exclusive=False, holder="a"), gpus.hold_host(exclusive=False, holder="b"):
-        with pytest.raises(gpus.GpuUnavailable, match="scores a private split.*other runs of this evaluator"):
+        with pytest.raises(gpus.GpuUnavailable, match="scores a hidden split.*other runs of this evaluator"):
             with gpus.hold_host(exclusive=True, holder="private"):
                 pass
     with gpus.hold_host(exclusive=True, holder="pid 7, run private"):
@@ -130,7 +130,7 @@ def test_a_run_refused_by_a_lock_or_a_gpu_flag_leaves_nothing_behind(two_gpus, t
         assert main(["run", str(folder), "--out", str(runs), "--budget", "5"]) == 2
     assert main(["run", str(folder), "--out", str(runs), "--gpu", "1"]) == 2
     err = capsys.readouterr().err
-    assert "a run that scores a private split holds this host (pid 7, run private)" in err
+    assert "a run that scores a hidden split holds this host (pid 7, run private)" in err
     assert "--gpu applies to GPU tracks; track cpu-1min runs on the CPU" in err
     assert "Traceback" not in err and not runs.exists()
 

@@ -287,12 +287,16 @@ def test_development_runs_form_a_table_of_their_own_and_contaminated_runs_are_ma
                 key, results, False)
         publish(make_run(tmp_path, f"dev-s{seed}", submission="dev", seed=seed, val_loss=1.0 + seed / 100,
                          scored_on="public", started_at=T0 + timedelta(days=2, hours=seed)), key, results, True)
+    # A failed official run is published too, and counted beside the scored ones: no free re-roll.
+    publish(make_run(tmp_path, "honest-s3", submission="honest", seed=3, status="crashed",
+                     started_at=T0 + timedelta(hours=3)), key, results, False)
     code, stdout, _ = run_cli(monkeypatch, capsys, "leaderboard", "--results", results, "--trusted-keys", trusted,
                               "--format", "json")
     assert code == 0
     rows = {row["submission"]: row for row in json.loads(stdout)["rows"]}
     assert rows["honest"]["rank"] == 1 and rows["honest"]["record_status"] == "record"
     assert rows["honest"]["public_val_loss_mean"] == pytest.approx(3.95) and rows["honest"]["contaminated_runs"] == 0
+    assert (rows["honest"]["runs"], rows["honest"]["failed_statuses"]) == (3, ["crashed"])
     assert rows["cheat"]["contaminated_runs"] == 2 and rows["cheat"]["official"] is True
     assert rows["dev"]["development"] is True and rows["dev"]["official"] is False
     assert rows["dev"]["rank"] == 1 and rows["dev"]["record_status"] == "development"  # first of its own table
@@ -305,5 +309,6 @@ def test_development_runs_form_a_table_of_their_own_and_contaminated_runs_are_ma
     assert headings == ["## Track `cpu-1min`", "## Track `cpu-1min` · development (public split)"]
     official, development = stdout.split(headings[1])
     assert "| public val_loss |" in official and "official, contaminated in 2/3" in official
+    assert "| 1 | **honest** | 4.0000 ± 0.0100 | 3 + 1 failed |" in official
     assert "public val_loss" not in development and "Development table: these runs were scored on the public split" in development
     assert "| 1 | dev |" in development and "| development | never a record (public split) |" in development
