@@ -84,6 +84,7 @@ def check_submission(folder: Path, overrides: dict | None = None, track_id: str 
     findings += _check_tree(folder)
     findings += payload_findings(scan_folder(folder))
     if manifest is not None:
+        findings += _check_name(folder, manifest)
         findings += _check_track(manifest)
         findings += _check_entry(folder, manifest)
         if overrides:
@@ -475,6 +476,16 @@ def payload_findings(scan: FolderScan) -> list[Finding]:
     return findings
 
 
+def _check_name(folder: Path, manifest: Manifest) -> list[Finding]:
+    """A submission's name is its folder's name: results are filed, pooled and shown by name, so a
+    folder that took another's name would pool its runs into that submission's row."""
+    folder_name = folder.resolve().name
+    if manifest.name == folder_name:
+        return []
+    return [Finding(MANIFEST_NAME, f"submission.name {json.dumps(manifest.name)} must be the folder's name "
+                                   f"\"{_shown_path(folder_name)}\": rename the folder or the submission")]
+
+
 def _check_track(manifest: Manifest) -> list[Finding]:
     findings = []
     for track_id in [manifest.track, *manifest.track_overrides]:
@@ -571,6 +582,8 @@ class ChangeReport:
     submissions: list[CheckReport]
     deleted: list[str]
     outside: list[str]
+    edited: list[str]  # folders the base already has: a new version of a submission is a new folder
+    merge_bases: list[str]  # more than one: a criss-cross history, whose merge no single base describes
 
     @property
     def folder_count(self) -> int:
@@ -578,7 +591,8 @@ class ChangeReport:
 
     @property
     def ok(self) -> bool:
-        return self.folder_count == 1 and not self.deleted and not self.outside and all(r.ok for r in self.submissions)
+        return (self.folder_count == 1 and not self.deleted and not self.outside and not self.edited
+                and len(self.merge_bases) == 1 and all(r.ok for r in self.submissions))
 
     def as_dict(self) -> dict:
         return {
@@ -588,11 +602,15 @@ class ChangeReport:
             "submissions": [report.as_dict() for report in self.submissions],
             "deleted": self.deleted,
             "outside": self.outside,
+            "edited": self.edited,
+            "merge_bases": self.merge_bases,
         }
 
 
-def check_changed(base: str, cwd: Path) -> ChangeReport:
-    """Check what HEAD changes since its merge base with `base`, in the git repository holding `cwd`."""
+def check_changed(base: str, cwd: Path, allow_edit: frozenset[str] = frozenset()) -> ChangeReport:
+    """Check what HEAD changes since its merge base with `base`, in the git repository holding `cwd`.
+    A folder the merge base already has may be changed only if `allow_edit` names it (the organiser's
+    word): published results name a folder's tree, and a competitor may not rewrite another's."""
     if base.startswith("-"):
         raise UserError(f"--changed {_shown_path(base)}: BASE must name a commit, not look like an option")
     top = Path(_git(cwd, ["rev-parse", "--show-toplevel"], f"{_shown_path(str(cwd))} is not in a git repository: --changed compares two of its commits").decode().rstrip("\n"))
@@ -615,8 +633,14 @@ def check_changed(base: str, cwd: Path) -> ChangeReport:
     folders_in_head = _folders_in_head(top, head_commit)
     present = sorted(touched_folders & folders_in_head)
     deleted = [f"{SUBMISSIONS_FOLDER}/{name}" for name in sorted(touched_folders - folders_in_head)]
+    # Two merge bases (a branch that merged the base and kept an old file) let the diff against one
+    # of them hide what merging would revert: judged only where there is exactly one.
+    merge_bases = _git(top, ["merge-base", "--all", base_commit, head_commit], f"{_shown_path(base)} and HEAD share no history").decode().split()
+    in_base = _folders_in_head(top, merge_bases[0]) if len(merge_bases) == 1 else set()
+    edited = [f"{SUBMISSIONS_FOLDER}/{name}" for name in present if name in in_base and name not in allow_edit]
     return ChangeReport(
-        base=base, head=head_commit, submissions=_check_as_committed(top, head_commit, present), deleted=deleted, outside=outside,
+        base=base, head=head_commit, submissions=_check_as_committed(top, head_commit, present), deleted=deleted,
+        outside=outside, edited=edited, merge_bases=merge_bases,
     )
 
 
@@ -640,8 +664,9 @@ def _commit(top: Path, revision: str) -> str:
     ).decode().strip()
 
 
-def _folders_in_head(top: Path, head_commit: str) -> set[str]:
-    listing = _git(top, ["ls-tree", "-z", head_commit, "--", f"{SUBMISSIONS_FOLDER}/"], "cannot list HEAD's submission folders")
+def _folders_in_head(top: Path, commit: str) -> set[str]:
+    """The submission folders `commit` holds."""
+    listing = _git(top, ["ls-tree", "-z", commit, "--", f"{SUBMISSIONS_FOLDER}/"], "cannot list the submission folders")
     folders = set()
     for entry in listing.split(b"\0")[:-1]:
         info, _, path = entry.partition(b"\t")
@@ -684,7 +709,7 @@ def _working_directory(folder: Path) -> Iterator[None]:
 
 
 def _run_check_changed(args: argparse.Namespace) -> int:
-    change = check_changed(args.changed, Path.cwd())
+    change = check_changed(args.changed, Path.cwd(), frozenset(args.allow_edit))
     if args.json:
         print(json.dumps(change.as_dict(), indent=2))
         return 0 if change.ok else 2
@@ -704,6 +729,15 @@ def _run_check_changed(args: argparse.Namespace) -> int:
         problems += 1
     for path in change.outside:
         print(f"{_shown_path(path)}: changed outside {SUBMISSIONS_FOLDER}/<name>/: a submission's pull request changes nothing else", file=sys.stderr)
+        problems += 1
+    for folder in change.edited:
+        print(f"{_shown_path(folder)}: already in {_shown_path(change.base)}: a pull request adds a new folder (a new version "
+              "of a submission is a new folder, and no one edits another's); only the organiser may allow it (--allow-edit)",
+              file=sys.stderr)
+        problems += 1
+    if len(change.merge_bases) > 1:
+        print(f"{span}: {len(change.merge_bases)} merge bases (a criss-cross history): what merging would change is not "
+              f"what HEAD changes since any one of them; rebase the branch onto {_shown_path(change.base)}", file=sys.stderr)
         problems += 1
     if change.folder_count == 0:
         print(f"{span} changes nothing under {SUBMISSIONS_FOLDER}/<name>/: a submission's pull request adds its folder there", file=sys.stderr)
@@ -787,7 +821,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     target = check.add_mutually_exclusive_group(required=True)
     target.add_argument("folder", metavar="DIR", nargs="?", help="the submission folder (holds manifest.toml)")
     target.add_argument("--changed", metavar="BASE", help="check every submission folder HEAD changes since its merge base with BASE, and refuse anything else it changes")
-    check.add_argument("--json", action="store_true", help="print the findings as JSON on stdout (with --changed: ok, base, head, submissions, deleted, outside)")
+    check.add_argument("--allow-edit", action="append", default=[], metavar="NAME",
+                       help="with --changed: let the change edit submissions/NAME, which the base already has (the "
+                            "organiser's decision; a published submission's new version is otherwise a new folder)")
+    check.add_argument("--json", action="store_true", help="print the findings as JSON on stdout (with --changed: ok, base, head, submissions, deleted, outside, edited, merge_bases)")
     check.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="also check what these overrides (as evaluator run --set takes them) make of the manifest's [config]")
     check.set_defaults(handler=_run_check)

@@ -16,7 +16,7 @@ TEMPLATE = HOME / "submissions" / "template"
 
 @pytest.fixture
 def submission(tmp_path: Path) -> Path:
-    folder = tmp_path / "sub"
+    folder = tmp_path / "template"  # a submission's name is its folder's
     shutil.copytree(TEMPLATE, folder, ignore=shutil.ignore_patterns("__pycache__"))
     return folder
 

@@ -221,12 +221,58 @@ def test_json_output(repo, capsys):
         "submissions": [{"ok": True, "folder": "submissions/alice-fast", "submission": "alice-fast", "track": "t4-5min", "findings": []}],
         "deleted": [],
         "outside": ["evaluator/x.py"],
+        "edited": [],
+        "merge_bases": [_git(repo, "merge-base", "main", "HEAD").strip()],
     }
     _git(repo, "reset", "-q", "--hard", "main")
     _add_submission(repo, "alice-fast")
     _commit(repo)
     code, out, _ = _check_changed(capsys, "--json")
     assert code == 0 and json.loads(out)["ok"] is True
+
+
+def test_a_folder_named_after_another_submission_is_refused(repo, capsys):
+    # A squatter: its own folder, another's name. Its runs would be filed and pooled under that name.
+    _add_submission(repo, "evil", name="template")
+    _commit(repo)
+    code, _, err = _check_changed(capsys)
+    assert code == 2
+    assert 'submissions/evil/manifest.toml: submission.name "template" must be the folder\'s name "evil"' in err
+
+
+def test_a_change_to_a_folder_the_base_already_has_is_refused_unless_the_organiser_allows_it(repo, capsys):
+    # Another competitor's published folder, edited: its results would stop verifying once merged.
+    train = repo / "submissions" / "template" / "train.py"
+    train.write_text(train.read_text() + "\n# tweaked\n")
+    _commit(repo)
+    code, _, err = _check_changed(capsys)
+    assert code == 2
+    assert "submissions/template: already in main: a pull request adds a new folder" in err
+    code, out, err = _check_changed(capsys, "--allow-edit", "template")
+    assert code == 0, err
+    assert "ok, one submission and nothing else" in out
+
+
+def test_a_criss_cross_history_is_refused(repo, capsys):
+    # The branch merges a maintainer's fix to main while keeping the old file: with two merge bases,
+    # the diff against one of them shows only the new folder, yet merging would revert the fix.
+    _add_submission(repo, "alice-fast")
+    _commit(repo, "the submission")
+    _git(repo, "checkout", "-q", "main")
+    _write(repo, "evaluator/x.py", "VALUE = 2  # the fix\n")
+    _commit(repo, "a fix on main")
+    fix = _git(repo, "rev-parse", "HEAD").strip()
+    _git(repo, "checkout", "-q", "change")
+    _git(repo, "checkout", "-q", "-b", "side", "main~1")
+    _git(repo, "merge", "-q", "--no-edit", "change")
+    _git(repo, "checkout", "-q", "main")
+    _git(repo, "merge", "-q", "--no-edit", "side")  # main now holds the submission's commit and the fix
+    _git(repo, "checkout", "-q", "change")
+    _git(repo, "merge", "-q", "--no-edit", "-s", "ours", fix)  # the branch "takes" the fix, keeps the old file
+    assert len(_git(repo, "merge-base", "--all", "main", "HEAD").split()) == 2
+    code, _, err = _check_changed(capsys)
+    assert code == 2
+    assert "2 merge bases (a criss-cross history)" in err and "rebase the branch onto main" in err
 
 
 def test_hostile_file_names_reach_no_terminal_raw(repo, capsys):
@@ -236,7 +282,7 @@ def test_hostile_file_names_reach_no_terminal_raw(repo, capsys):
     code, out, err = _check_changed(capsys)
     assert code == 2
     assert not CONTROL_CHARACTERS.search(out + err), repr(out + err)
-    assert "submissions/evil\\x1b[2J: ok" in out
+    assert 'submissions/evil\\x1b[2J/manifest.toml: submission.name "evil" must be the folder\'s name "evil\\x1b[2J"' in err
     assert "notes\\x1b]0;owned\\x07.txt: changed outside" in err
     code, out, _ = _check_changed(capsys, "--json")
     assert not CONTROL_CHARACTERS.search(out), repr(out)

@@ -115,6 +115,7 @@ def _schedule(ray, runs: list[Run], runs_dir: Path, sandbox_choice: str, budget_
         track = run.submission.track
         run.state, run.attempts = "queued", run.attempts + 1
         request = {
+            "name": run.submission.name,
             "track": track.id,
             "seed": run.seed,
             "seed_drawn": run.seed_drawn,

@@ -96,8 +96,10 @@ def _run_on_node(submission_archive: bytes, request: dict[str, Any]) -> dict[str
     workdir = Path(tempfile.mkdtemp(prefix="evaluator-batch-"))
     try:
         os.chmod(workdir, 0o755)  # under nsjail the run is user nobody: it must reach the submission
-        submission = workdir / "submission"
-        submission.mkdir()
+        # Under its own name: a submission's name is its folder's (evaluator check). The driver
+        # checked the folder, so the name matches the manifest's pattern and is one path component.
+        submission = workdir / "submission" / request["name"]
+        submission.mkdir(parents=True)
         extract_archive(submission_archive, submission, SUBMISSION_ARCHIVE_CAP_BYTES)
         out = workdir / "runs"
         argv = [

@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from evaluator.leaderboard.rules import RecordRule, RecordRules
@@ -306,6 +306,7 @@ def build_rows(
     duplicates: list[tuple[Path, str]] = []
     seen: dict[str, Path] = {}
     by_track: dict[str, list[VerifiedResult]] = {}
+    owners = _name_owners(verified)
     for item in sorted(verified, key=lambda v: str(v.path)):
         result = item.result
         if track is not None and result["track"]["id"] != track:
@@ -314,6 +315,15 @@ def build_rows(
             # The same signed run copied to a second file must not count twice.
             first = shown(seen[result["run_id"]])
             duplicates.append((item.path, f"duplicate of run {result['run_id']} already counted from {first}"))
+            continue
+        name, folder = result["submission"]["name"], result["submission"]["path"]
+        if PurePosixPath(folder).name != name:
+            duplicates.append((item.path, f"run {result['run_id']} names submission {name!r} but ran the folder "
+                                          f"{folder!r}: a submission's name is its folder's"))
+            continue
+        if owners[name] != folder:
+            duplicates.append((item.path, f"run {result['run_id']} ran {folder!r}, but the name {name!r} belongs to "
+                                          f"{owners[name]!r}, which published under it first"))
             continue
         seen[result["run_id"]] = item.path
         by_track.setdefault(result["track"]["id"], []).append(item)
@@ -345,6 +355,15 @@ def build_rows(
                 row.rank = rank
             ordered.extend(ranked + unranked)
     return ordered, duplicates
+
+
+def _name_owners(verified: list[VerifiedResult]) -> dict[str, str]:
+    """Each submission name's folder: the one whose run under that name started first. A second folder
+    that takes the name cannot pool its runs into the first one's row."""
+    owners: dict[str, str] = {}
+    for item in sorted(verified, key=lambda v: (parse_utc(v.result["started_at"]), v.result["run_id"])):
+        owners.setdefault(item.result["submission"]["name"], item.result["submission"]["path"])
+    return owners
 
 
 def _row_key(result: dict[str, Any]) -> tuple[str, bool, bool, bool, bool]:

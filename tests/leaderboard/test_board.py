@@ -312,3 +312,21 @@ def test_development_runs_form_a_table_of_their_own_and_contaminated_runs_are_ma
     assert "| 1 | **honest** | 4.0000 ± 0.0100 | 3 + 1 failed |" in official
     assert "public val_loss" not in development and "Development table: these runs were scored on the public split" in development
     assert "| 1 | dev |" in development and "| development | never a record (public split) |" in development
+
+
+def test_a_name_belongs_to_the_folder_that_published_under_it_first(tmp_path, monkeypatch, capsys):
+    """A second folder that takes a published name (its own folder called the same, elsewhere) cannot
+    pool its runs into the first one's row: they are set aside with the reason."""
+    _, key, trusted = _signer(tmp_path)
+    results = tmp_path / "results"
+    for seed, loss in enumerate([4.00, 4.01, 3.99]):
+        publish(make_run(tmp_path / "first", f"alpha-s{seed}", submission="alpha", seed=seed, val_loss=loss,
+                         started_at=T0 + timedelta(hours=seed)), key, results, False)
+    squatter = make_run(tmp_path / "second", "squat-s0", submission="alpha", val_loss=6.0, started_at=T0 + timedelta(days=1))
+    publish(squatter, key, results, False)
+    code, stdout, stderr = run_cli(monkeypatch, capsys, "leaderboard", "--results", results, "--trusted-keys", trusted,
+                                   "--format", "json")
+    assert code == 1  # something was set aside
+    [row] = json.loads(stdout)["rows"]
+    assert row["submission"] == "alpha" and row["runs"] == 3 and row["val_loss_mean"] == pytest.approx(4.0)
+    assert "run squat-s0 ran" in stderr and "but the name 'alpha' belongs to" in stderr
