@@ -147,7 +147,7 @@ def _consistency_problem(result: dict[str, Any]) -> str | None:
                       and point["val_loss"] <= target["val_loss"]), None)
         if first is None or first["time_s"] != target["time_s"]:
             return "target.time_s is not the time of the val_curve's first model at or below the target"
-    return None
+    return _official_problem(result) or _curve_problem(result)
 
 
 def _rate(tokens: float | None, seconds: float | None) -> float | None:
@@ -171,6 +171,46 @@ def contamination(hidden_loss: float, public_loss: float, max_gap_nats: float) -
     hidden split than on the public one, and whether that is more than honest models do."""
     gap = round(hidden_loss - public_loss, 4)
     return {"gap_nats": gap, "max_gap_nats": max_gap_nats, "flagged": gap > max_gap_nats}
+
+
+def _official_problem(result: dict[str, Any]) -> str | None:
+    """`official` must follow from the facts the result states: a result that claims it while it ran
+    unsandboxed, off the track's budget, overridden, as a smoke run, calibrated or on the public split
+    (or that lists a reason and claims it anyway) is not one the evaluator wrote."""
+    reasons = result["unofficial_reasons"]
+    if not result["official"]:
+        return None if reasons else "official is false but unofficial_reasons is empty"
+    facts = {
+        "unofficial_reasons lists reasons": bool(reasons),
+        "it ran without nsjail": result["environment"]["sandbox"]["kind"] != "nsjail",
+        "its budget is not the track's": result["budget_s"] != result["track"]["budget_s"],
+        "its config was overridden": bool(result["overrides"]),
+        "it is a smoke run": result["smoke"],
+        "its budget was calibrated": result["calibration"] is not None,
+        "it was scored on the public split": result["data"]["scored_on"] != "hidden",
+    }
+    contradiction = next((fact for fact, holds in facts.items() if holds), None)
+    return None if contradiction is None else f"official is true but {contradiction}"
+
+
+def _curve_problem(result: dict[str, Any]) -> str | None:
+    """The scores must be the deciding model's point of the validation curve, where the curve was
+    scored on the same split (else, on a fixed-time track with a hidden split, the public scores are
+    the final model's point)."""
+    curve, metrics = result["val_curve"], result["metrics"]
+    if curve is None or metrics is None:
+        return None
+    target = result["target"]
+    if target is not None and target["reached"]:
+        point = next((p for p in curve if p["scored"] == "ok" and p["time_s"] == target["time_s"]), None)
+    else:
+        point = next((p for p in curve if p["model"] == "final"), None)
+    same_split = result["data"]["curve_scored_on"] == result["data"]["scored_on"]
+    scores = metrics if same_split else result["dev_metrics"]
+    if point is None or scores is None or (point["val_loss"], point["val_bpb"]) != (scores["val_loss"], scores["val_bpb"]):
+        which = "metrics" if same_split else "dev_metrics"
+        return f"{which} are not the deciding model's point of val_curve"
+    return None
 
 
 def _split_problem(result: dict[str, Any], data: dict[str, Any]) -> str | None:

@@ -121,10 +121,12 @@ def make_run(
     run_dir = root / "runs" / run_id
     run_dir.mkdir(parents=True)
     train_seconds = 55.0 + seed
-    if val_curve is None and scored:
-        val_curve = make_val_curve(train_seconds, val_loss, snapshot_every_s, target, time_to_target)
     hidden = scored_on == "hidden"
     dev_val_loss = round(val_loss - 0.05, 4) if dev_val_loss is None else dev_val_loss
+    # A fixed-time track's curve is scored on the public split, where the hidden split ranks the final model.
+    curve_loss = dev_val_loss if hidden and target is None else val_loss
+    if val_curve is None and scored:
+        val_curve = make_val_curve(train_seconds, curve_loss, snapshot_every_s, target, time_to_target)
     reasons = [] if official else ["--sandbox none: the run was not sandboxed"]
     if not hidden:
         reasons.insert(0, "development result: scored on the public split, which anyone can memorise (test)")
@@ -162,12 +164,13 @@ def make_run(
         "overrides": {},
         "smoke": False,
         "metrics": (
-            {"val_loss": val_loss, "val_bpb": val_loss / 2.3, "val_tokens": 10000, "val_bytes": 40000, "val_documents": 100}
+            {"val_loss": val_loss, "val_bpb": round(val_loss / 2.3, 4), "val_tokens": 10000, "val_bytes": 40000,
+             "val_documents": 100}
             if scored
             else None
         ),
         "dev_metrics": (
-            {"val_loss": dev_val_loss, "val_bpb": dev_val_loss / 2.3, "val_tokens": 10400, "val_bytes": 41000,
+            {"val_loss": dev_val_loss, "val_bpb": round(dev_val_loss / 2.3, 4), "val_tokens": 10400, "val_bytes": 41000,
              "val_documents": 100}
             if scored and hidden
             else None
@@ -257,6 +260,13 @@ def _set(path: str, value):
     return edit
 
 
+def _both(first, second):
+    def edit(result: dict) -> None:
+        first(result)
+        second(result)
+    return edit
+
+
 # (what the run is, the edit that makes it inconsistent, the reason given)
 INCONSISTENT = {
     "ok-without-curve": ({}, _set("val_curve", None), "status is ok but val_curve is null"),
@@ -273,4 +283,18 @@ INCONSISTENT = {
                           "status is ok on a time-to-target track but target.time_s is null"),
     "ok-with-a-time-the-curve-does-not-show": ({"target": 4.1, "time_to_target": 20.0}, _set("target.time_s", 10.0),
                                                "target.time_s is not the time of the val_curve's first model at or below the target"),
+    # What a batch node claimed of a run: official, yet unsandboxed, on another budget, or with scores
+    # the curve does not show (the driver accepted it, publish signed it and verify printed OK).
+    "official-but-unsandboxed": ({}, _set("environment.sandbox.kind", "none"), "official is true but it ran without nsjail"),
+    "official-on-another-budget": ({}, _set("budget_s", 600), "official is true but its budget is not the track's"),
+    "official-on-the-public-split": ({"scored_on": "public", "official": False}, _both(_set("official", True), _set("unofficial_reasons", [])),
+                                     "data.scored_on: 'hidden' was expected"),  # the schema's own rule
+    "official-with-a-reason": ({}, _set("unofficial_reasons", ["not sandboxed"]), "official is true but unofficial_reasons lists reasons"),
+    "unofficial-without-a-reason": ({}, _set("official", False), "official is false but unofficial_reasons is empty"),
+    "scores-the-curve-does-not-show": ({"scored_on": "public", "official": False}, _set("metrics.val_loss", 3.0001),
+                                       "metrics are not the deciding model's point of val_curve"),
+    "public-scores-the-curve-does-not-show": ({}, _set("dev_metrics.val_bpb", 1.0),
+                                              "dev_metrics are not the deciding model's point of val_curve"),
+    "contamination-not-from-the-scores": ({}, _set("contamination.flagged", True),
+                                          "contamination does not follow from metrics, dev_metrics and max_gap_nats"),
 }
