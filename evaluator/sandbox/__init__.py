@@ -2,6 +2,7 @@
 
 The training run and the model server both go through this package; nothing else talks to nsjail.
 Paths inside the jail are the host paths (identity bind mounts), so one argv works in both modes.
+A training jail sees an allow-list of the host (host_view.py), never a system folder wholesale.
 
 A sealed jail (JailSpec.sealed_image, for the model server, which sees validation tokens) sees no
 host file at all: its filesystem is a read-only tmpfs image that `Sandbox.memory_image` fills by
@@ -15,7 +16,9 @@ reads, io_uring, ...) and page-cache steering (fadvise, readahead, MADV_PAGEOUT,
 
 The modules, each importing only those above it:
 - spec.py: the contract (JailSpec, JailOutcome, SandboxUnavailable, a jail's fixed limits);
-- memory_image.py: what a sealed jail's image holds, and copying it (standard library only);
+- memory_image.py: what a jail's Python needs of the host, what a sealed jail's image holds, and
+  copying it (standard library only);
+- host_view.py: what a jail that is not sealed sees of the host (an allow-list, as read-only binds);
 - cgroups.py: a jail's cgroups (v1, v2, delegated), its kill and counters, reaping stale ones;
 - mounts.py: the tmpfs mounts the evaluator makes on the host (capped output dirs, images);
 - nsjail.py: nsjail's config (mounts, seccomp, rlimits) and reading how a jail ended from its log;

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import sys
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -175,7 +176,8 @@ def _create_cgroup(spec: JailSpec, pids: int) -> Cgroup:
 
 @cache
 def _nsjail_problem() -> str | None:
-    """Why nsjail cannot run here, or None when a minimal jail ran /bin/true (once per process)."""
+    """Why nsjail cannot run here, or None when a minimal jail ran this interpreter (once per
+    process). The interpreter, not a system program: a jail sees Python, not the host's /bin."""
     try:
         binary = nsjail_binary()
         version = nsjail_version()
@@ -192,7 +194,7 @@ def _nsjail_problem() -> str | None:
         workdir = Path(scratch)
         probe = JailSpec(
             name="probe",
-            argv=["/bin/true"],
+            argv=[sys.executable, "-I", "-c", ""],
             workdir=workdir,
             cwd=Path("/"),
             env={},
@@ -212,7 +214,7 @@ def _nsjail_problem() -> str | None:
             return f"{binary}: {error}"
         outcome = jail.outcome()
     if outcome.reason != "exited" or outcome.returncode != 0:
-        return f"{binary} could not run /bin/true in a jail: {outcome.detail}"
+        return f"{binary} could not run Python in a jail: {outcome.detail}"
     return None
 
 
@@ -226,7 +228,7 @@ def open_sandbox(choice: str) -> Sandbox:
     else:
         problem = _nsjail_problem()
         if problem is None:
-            why = f"{choice}: a probe jail ran /bin/true"
+            why = f"{choice}: a probe jail ran Python"
             return Sandbox("nsjail", nsjail_version(), why)
         if choice == "nsjail":
             raise SandboxUnavailable(problem)

@@ -13,8 +13,9 @@ Every path keeps its host path: `root/work/main/.venv/bin/python` is the host's
 
 The image holds:
 - the interpreter (sys.executable and what it resolves to), libpython, the standard library of
-  sys.base_prefix without site-packages, tests, IDLE, Tk, turtledemo, ensurepip, lib2to3 and the
-  static-build `config-*` dir, and the venv's pyvenv.cfg;
+  sys.base_prefix without site-packages, tests, IDLE, Tk, turtledemo, ensurepip, lib2to3,
+  pydoc_data (the documentation's text) and the static-build `config-*` dir, and the venv's
+  pyvenv.cfg;
 - from the venv's site-packages: the distributions in DISTRIBUTIONS and the closure of their
   requirements (environment markers evaluated, extras skipped; on a CUDA host the nvidia-* wheels),
   each by its RECORD (`dist.files`) less C headers, static archives and type stubs (there is no
@@ -24,6 +25,9 @@ The image holds:
 - the dynamic loader and the closure of the shared libraries the trusted ELF objects above need,
   from one `ldd` run over all of them, plus /etc/ld.so.cache and the few /etc files a jail reads;
 - with gpu=True, the NVIDIA driver's user-space libraries and their closure.
+
+The same trusted plan, less slim and with more distributions and the compiler's files, is what a
+jail that is not sealed sees of the host (host_view.py binds it instead of copying it).
 
 The trusted part of a plan is computed once per process (cached); a build then only copies.
 Host side only: standard library imports (and evaluator.paths, itself standard library only);
@@ -51,7 +55,8 @@ from evaluator.paths import PACKAGE_DIR
 
 # The installed distributions a scoring jail imports; their requirements come with them.
 DISTRIBUTIONS = ("torch", "numpy")
-# What the dynamic loader, Python and torch read from /etc (the same list a normal jail binds).
+# What the dynamic loader, Python and torch read from /etc. Not /etc/localtime: it points into
+# /usr/share, which no jail sees, and without it a jail's local time is UTC.
 ETC_FILES = (
     "/etc/ld.so.cache",
     "/etc/ld.so.conf",
@@ -60,17 +65,18 @@ ETC_FILES = (
     "/etc/group",
     "/etc/nsswitch.conf",
     "/etc/hosts",
-    "/etc/localtime",
 )
-# Top-level entries of the standard library that a model server never imports.
+# Top-level entries of the standard library that no jail imports. pydoc_data holds the Python
+# documentation as text (topics.py): a dataset built from that documentation must not be in a jail.
 _STDLIB_SKIPPED = {
     "site-packages", "test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3",
-    "__phello__",
+    "__phello__", "pydoc_data",
 }
 # Test packages nested in the standard library (ctypes/test, unittest/test, distutils/tests, ...).
 _STDLIB_NESTED_SKIPPED = {"test", "tests", "idle_test"}
 _STDLIB_DYNLOAD_SKIPPED = re.compile(r"(_tkinter|_test|_ctypes_test|_xxtestfuzz|xxlimited)\b")
-# Files of a distribution's RECORD that nothing in a jail without a compiler reads.
+# Files of a distribution's RECORD that nothing in a jail without a compiler reads (a slim plan's
+# saving: a sealed image is copied into memory).
 _DIST_SKIPPED_SUFFIXES = (".h", ".hh", ".hpp", ".hxx", ".cuh", ".inl", ".pyi", ".a")
 _DRIVER_LIBRARY = re.compile(r"lib(cuda|nvidia-[A-Za-z0-9_.+-]+?)\.so(\.[0-9.]+)?$")
 _SHARED_OBJECT = re.compile(r"\.so($|\.)")
@@ -250,7 +256,7 @@ def plan(extra_paths: Iterable[str | os.PathLike], *, gpu: bool,
     that is missing or is not a regular file, directory or symlink (or holds such a thing).
     """
     dirs = tuple(os.fspath(d) for d in library_dirs) if gpu else ()
-    collector = _Collector(_trusted_plan(gpu, dirs))
+    collector = _Collector(trusted_plan(gpu, dirs))
     for path in extra_paths:
         # Never run ldd on these: it may execute code of the object it inspects, and a caller's
         # tree may hold a submission's. Their libraries must come from the trusted closure.
@@ -259,7 +265,17 @@ def plan(extra_paths: Iterable[str | os.PathLike], *, gpu: bool,
 
 
 @functools.cache
-def _trusted_plan(gpu: bool, library_dirs: tuple[str, ...]) -> ImagePlan:
+def trusted_plan(gpu: bool, library_dirs: tuple[str, ...], distributions: tuple[str, ...] = DISTRIBUTIONS,
+                 trusted_paths: tuple[str, ...] = (), slim: bool = True) -> ImagePlan:
+    """What a jail's Python needs of the host: the interpreter and its standard library, the
+    installed `distributions` with their requirements, `trusted_paths` (host files and directories,
+    such as a compiler's; an ELF file named there is inspected by ldd with the rest), the closure of
+    their shared libraries, the /etc files, and with gpu=True the NVIDIA driver's libraries.
+
+    slim=True (a sealed image, copied into memory) leaves out what only saves bytes: the
+    distributions' C headers, static archives and type stubs, the standard library's -O caches and
+    its C test modules. A plan that is bound, not copied, keeps them (slim=False): a compiler reads
+    the headers, and directories that stay whole need fewer mounts."""
     collector = _Collector()
     objects: list[str] = []  # ELF objects whose libraries the jail's loader will need
 
@@ -272,13 +288,17 @@ def _trusted_plan(gpu: bool, library_dirs: tuple[str, ...]) -> ImagePlan:
     if sys.prefix != sys.base_prefix:
         collector.add_if_present(os.path.join(sys.prefix, "pyvenv.cfg"))
     for stdlib in dict.fromkeys(_stdlib_dirs()):
-        collector.add(stdlib, skip=_stdlib_skip(stdlib))
+        collector.add(stdlib, skip=_stdlib_skip(stdlib, slim))
 
     site_dirs = _site_dirs()
-    for dist in _distribution_closure(DISTRIBUTIONS, site_dirs):
-        _add_distribution(collector, dist)
+    for dist in _distribution_closure(distributions, site_dirs):
+        _add_distribution(collector, dist, slim)
     for path in _evaluator_path_files(site_dirs):
         collector.add(path)
+    for path in trusted_paths:
+        collector.add(path)
+        if os.path.isfile(path) and _is_elf(path):
+            objects.append(os.path.realpath(path))
 
     if gpu:
         # Not testable without a GPU host: the driver's user-space half (libcuda, libnvidia-ml,
@@ -313,7 +333,7 @@ def _stdlib_dirs() -> list[str]:
     return [os.path.realpath(paths[key]) for key in ("stdlib", "platstdlib") if os.path.isdir(paths[key])]
 
 
-def _stdlib_skip(stdlib: str):
+def _stdlib_skip(stdlib: str, slim: bool):
     top = stdlib.rstrip("/") + "/"
     dynload = top + "lib-dynload/"
 
@@ -324,6 +344,8 @@ def _stdlib_skip(stdlib: str):
             return name in _STDLIB_SKIPPED or (is_dir and name.startswith("config-"))
         if is_dir:
             return name in _STDLIB_NESTED_SKIPPED
+        if not slim:
+            return False
         if path.startswith(dynload):
             return bool(_STDLIB_DYNLOAD_SKIPPED.match(name))
         return ".opt-1.pyc" in name or ".opt-2.pyc" in name  # only -O and -OO read these
@@ -360,13 +382,13 @@ def _distribution_closure(names: Iterable[str], site_dirs: list[str]) -> list[im
     return list(found.values())
 
 
-def _add_distribution(collector: _Collector, dist: importlib.metadata.Distribution) -> None:
+def _add_distribution(collector: _Collector, dist: importlib.metadata.Distribution, slim: bool) -> None:
     files = dist.files
     name = dist.metadata["Name"]
     if files is None:
         raise ImageError(f"the installed distribution {name} lists no files (no RECORD)")
     for file in files:
-        if file.suffix in _DIST_SKIPPED_SUFFIXES or file.name.endswith((".opt-1.pyc", ".opt-2.pyc")):
+        if slim and (file.suffix in _DIST_SKIPPED_SUFFIXES or file.name.endswith((".opt-1.pyc", ".opt-2.pyc"))):
             continue
         path = os.fspath(dist.locate_file(file))  # may hold "..": resolve() walks it as the kernel does
         collector.add_if_present(path)

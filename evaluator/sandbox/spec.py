@@ -61,11 +61,14 @@ class JailSpec:
     # A memory image (Sandbox.memory_image) to build the jail's whole filesystem from, instead of
     # the host's dirs: no host file, no writable path, no /tmp or /dev/shm; /proc with hidepid=2.
     sealed_image: Path | None = None
-    # Paths the jail must not see although a directory it binds holds them (the evaluator package,
-    # whose installed copy carries the validation split, inside the bound Python install): each
-    # such path is covered by an empty read-only tmpfs. nsjail only; a path nothing bound holds
-    # needs nothing, and none may hold a path the jail is given.
+    # Paths the jail must not see although a directory it binds whole holds them (the evaluator
+    # package, whose installed copy carries the validation split, should an install put it inside a
+    # directory of the host view): each such path is covered by an empty read-only tmpfs. nsjail
+    # only; a path nothing bound whole holds needs nothing, and none may hold a path the jail is given.
     hidden_paths: list[Path] = field(default_factory=list)
+    # Installed distributions (names as pip knows them) a jail that is not sealed sees besides the
+    # interpreter, torch and numpy, each with its requirements (host_view.py). nsjail only.
+    distributions: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

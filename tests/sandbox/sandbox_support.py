@@ -44,6 +44,11 @@ def python(code: str) -> list[str]:
     return [sys.executable, "-c", code]
 
 
+def sleeper(seconds: float) -> list[str]:
+    """A process that sleeps: in Python, because a jail sees the interpreter, not the host's /bin."""
+    return python(f"import time; time.sleep({seconds})")
+
+
 def run_to_end(
     box: Sandbox, spec: JailSpec, stdin: bytes = b""
 ) -> tuple[bytes, JailOutcome]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from evaluator.sandbox import cgroups, reap_stale
-from sandbox_support import make_spec, python, unsandboxed  # noqa: F401 (a fixture)
+from sandbox_support import make_spec, python, sleeper, unsandboxed  # noqa: F401 (a fixture)
 
 
 def make_cgroup_root(root: Path, v1_controllers: tuple[str, ...], unified_controllers: str | None) -> None:
@@ -132,22 +132,22 @@ def test_reap_stale_removes_what_a_dead_evaluator_left(nsjail, tmp_path):
     orphan = cgroups.Cgroup(f"left-behind.1@{dead_owner}")
     for directory in orphan.dirs:
         directory.mkdir(parents=True)
-    sleeper = subprocess.Popen(["/bin/sleep", "60"])
+    host_sleeper = subprocess.Popen(["/bin/sleep", "60"])
     for procs in orphan.procs_files:
-        Path(procs).write_text(str(sleeper.pid))
-    with nsjail.start(make_spec(tmp_path, ["/bin/sleep", "60"])) as live:
+        Path(procs).write_text(str(host_sleeper.pid))
+    with nsjail.start(make_spec(tmp_path, sleeper(60))) as live:
         reaped = reap_stale()
         assert live._cgroup.leaf not in reaped
         assert live.wait(timeout=0) is None
     assert orphan.leaf in reaped
-    assert sleeper.wait(timeout=5) == -signal.SIGKILL
+    assert host_sleeper.wait(timeout=5) == -signal.SIGKILL
     assert not any(directory.exists() for directory in orphan.dirs)
 
 
 @pytest.mark.slow
 def test_two_jails_of_the_same_name_get_their_own_cgroups(nsjail, tmp_path):
-    first = make_spec(tmp_path / "first", ["/bin/sleep", "60"], name="same-name")
-    second = make_spec(tmp_path / "second", ["/bin/sleep", "60"], name="same-name")
+    first = make_spec(tmp_path / "first", sleeper(60), name="same-name")
+    second = make_spec(tmp_path / "second", sleeper(60), name="same-name")
     (tmp_path / "first").mkdir()
     (tmp_path / "second").mkdir()
     with nsjail.start(first) as one, nsjail.start(second) as other:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import _ctypes
+import os
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -23,10 +26,11 @@ def test_mounts_are_identity_paths_and_only_what_is_needed(tmp_path):
     config = nsjail_config(spec, tmp_path / "nsjail.log")
     binds = {m.dst: m for m in config.mount if m.is_bind}
     assert all(m.src == m.dst for m in binds.values())
-    assert "/" not in binds and "/dev" not in binds and "/etc" not in binds
-    assert not binds["/usr"].rw and not binds[str(tmp_path / "submission")].rw
-    assert binds[str(tmp_path / "out")].rw
-    assert not binds[sys.prefix].rw and not binds[sys.base_prefix].rw
+    # The host's system dirs are never bound whole: the jail sees an allow-list (host_view.py).
+    assert not binds.keys() & {"/", "/dev", "/etc", "/usr", "/usr/lib", "/usr/share", "/bin", "/lib", sys.prefix}
+    assert not binds[str(tmp_path / "submission")].rw and binds[str(tmp_path / "out")].rw
+    assert os.path.realpath(sys.executable) in binds
+    assert [d for d, m in binds.items() if m.rw] == [*_DEVICE_NODES, str(tmp_path / "out")]
     assert {d for d in binds if d.startswith("/dev/")} == set(_DEVICE_NODES)
     destinations = [m.dst for m in config.mount]
     # The scratch tmpfs sits inside the rw output dir, so it must be mounted after it.
@@ -50,19 +54,25 @@ def test_gpu_jail_binds_only_the_assigned_gpu(tmp_path):
     assert not [m for m in cpu_config.mount if "nvidia" in m.dst]
 
 
-def test_gpu_jail_gets_the_hosts_library_path_and_a_cpu_jail_does_not(tmp_path, monkeypatch):
+def test_gpu_jail_gets_the_hosts_library_path_and_its_driver_libraries_only(tmp_path, monkeypatch):
+    # No GPU here: a real shared library under the driver's name stands in for libcuda.
     driver_libs = tmp_path / "nvidia" / "lib64"
     driver_libs.mkdir(parents=True)
+    (driver_libs / "libcuda.so.1").write_bytes(Path(_ctypes.__file__).read_bytes())
+    (driver_libs / "libcuda.so").symlink_to("libcuda.so.1")
+    (driver_libs / "notes.txt").write_text("not a library")
     monkeypatch.setenv("LD_LIBRARY_PATH", f"{driver_libs}:relative/lib:{tmp_path / 'missing'}:/usr/lib")
     gpu_config = nsjail_config(make_spec(tmp_path, ["/bin/true"], gpu_index=0), tmp_path / "log")
     assert f"LD_LIBRARY_PATH={driver_libs}:/usr/lib" in gpu_config.envar
     binds = {m.dst: m for m in gpu_config.mount if m.is_bind}
-    assert not binds[str(driver_libs)].rw
-    assert "/usr/lib" not in binds  # already inside the read-only /usr
+    links = {m.dst: m.src for m in gpu_config.mount if m.is_symlink}
+    assert not binds[str(driver_libs / "libcuda.so.1")].rw and links[str(driver_libs / "libcuda.so")] == "libcuda.so.1"
+    assert str(driver_libs) not in binds and str(driver_libs / "notes.txt") not in binds  # the driver's, not the dir
+    assert "/usr/lib" not in binds
     cpu_spec = make_spec(tmp_path, ["/bin/true"])
     cpu_config = nsjail_config(cpu_spec, tmp_path / "log")
     assert not [v for v in cpu_config.envar if v.startswith("LD_LIBRARY_PATH")]
-    assert str(driver_libs) not in {m.dst for m in cpu_config.mount}
+    assert not [m for m in cpu_config.mount if m.dst.startswith(str(driver_libs))]
     assert jail_environment(cpu_spec) == cpu_spec.env
 
 
