@@ -163,9 +163,11 @@ class Context:
     def log(self, step: int, **metrics: float) -> None:
         """Report metrics (e.g. `loss=2.3, tokens=123456`) for the progress display and metrics.parquet.
 
-        `step` must fit in int64 and values must be numbers a float64 holds (NaN and inf are fine).
-        `loss` is shown live and plotted on the leaderboard; `tokens` (cumulative training tokens
-        seen) gives tokens/s.
+        `step` must fit in int64 and values must be numbers a float64 holds. The evaluator keeps a
+        line of at most 32 metrics whose names are short identifiers (letters, digits, `_` and `.`,
+        up to 64 characters) and whose values are finite: it drops any other line whole, NaN and
+        infinity included, and counts it (result.json's `train.refused_lines`). `loss` is shown
+        live and plotted on the leaderboard; `tokens` (cumulative training tokens seen) gives tokens/s.
         """
         try:
             step = operator.index(step)  # numpy and 0-d tensor integers too

@@ -362,6 +362,7 @@ def build_result(plan: RunPlan, outcome: TrainingOutcome, scored: ScoredRun | No
             "steps": max((row[1] for row in rows), default=None),
             "tokens": tokens,
             "tokens_per_s": _rate(tokens, outcome.train_seconds),
+            "refused_lines": outcome.refused_lines,
         },
         "val_curve": None if scored is None else scored.curve,
         "target": None if track.target is None else {

@@ -33,13 +33,14 @@ from evaluator.nvml import TelemetrySampler
 from evaluator.paths import PACKAGE_DIR, SPEC_DIR
 from evaluator.plan import RunPlan
 from evaluator.progress import PlainLines, live
+from evaluator.protocol import LINE_MAX_BYTES, Tally, parse_line
 from evaluator.sandbox import JailSpec
 
 # Interpreter start, `import torch`, device initialisation and data loading happen before the clock;
 # they get this long before the run is declared broken.
 STARTUP_ALLOWANCE_S = 120.0
-_PROTOCOL_LINE_MAX = 64 * 1024
-_PROTOCOL_BACKLOG_MAX = 10_000  # lines read but not yet handled
+# Events read but not yet handled: each is a checked event of at most METRICS_PER_LINE_MAX numbers.
+_PROTOCOL_BACKLOG_MAX = 1_000
 _LOG_TAIL_BYTES = 3000
 
 # Rows of ctx.log metrics one run may record: a T4 run logging five metrics at every step stays far
@@ -71,21 +72,21 @@ class TrainingOutcome:
     timings: dict[str, Any] = field(default_factory=dict)
     gpu_telemetry: dict[str, Any] | None = None
     snapshots: list[Snapshot] = field(default_factory=list)
+    refused_lines: int = 0  # protocol lines outside the grammar (evaluator/protocol.py), dropped
 
 
-def _fits_int64(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63
+class _ReaderFailed:
+    """What the reader thread hands the main loop when it fails: the evaluator's own error, which the
+    main loop raises (evaluate() then writes an evaluator_error result)."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
 
 
-def _fits_float64(value) -> bool:
-    """A number a float64 column holds (JSON integers can have any number of digits)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    return isinstance(value, float) or abs(value) <= sys.float_info.max
-
-
-def _read_protocol(stream, events: queue.Queue, stop_clock: Callable[[], float], stop: threading.Event) -> None:
-    """Reader thread: every complete JSON line from the jail becomes (arrival time, event).
+def _read_protocol(stream, events: queue.Queue, stop_clock: Callable[[], float], stop: threading.Event,
+                   tally: Tally) -> None:
+    """Reader thread: every line from the jail that the grammar (evaluator/protocol.py) accepts
+    becomes (arrival time, event); the rest are counted in `tally` and dropped.
 
     "saved" kills the jail here, the moment it is read, and arrives stamped when the jail is dead:
     the clock stops there, and the model file can no longer change. A jail that floods lines to
@@ -101,24 +102,26 @@ def _read_protocol(stream, events: queue.Queue, stop_clock: Callable[[], float],
                 continue
         return False
 
-    while True:
-        line = stream.readline(_PROTOCOL_LINE_MAX + 1)
-        if not line:
-            break
-        if len(line) > _PROTOCOL_LINE_MAX or not line.endswith(b"\n"):
-            # An oversized line is noise from a misbehaving submission: skip to its end.
-            while line and not line.endswith(b"\n"):
-                line = stream.readline(_PROTOCOL_LINE_MAX)
-            continue
-        try:
-            event = json.loads(line)
-        except (ValueError, RecursionError):  # e.g. 30,000 nested brackets
-            continue
-        if isinstance(event, dict) and isinstance(event.get("event"), str):
-            arrived = stop_clock() if event["event"] == "saved" else time.monotonic()
-            if not put((arrived, event)):
-                return
-    put((time.monotonic(), None))
+    try:
+        while True:
+            line = stream.readline(LINE_MAX_BYTES + 1)
+            if not line:
+                break
+            if len(line) > LINE_MAX_BYTES or not line.endswith(b"\n"):
+                # An oversized line is refused whole: skip to its end, holding at most a line's worth.
+                while line and not line.endswith(b"\n"):
+                    line = stream.readline(LINE_MAX_BYTES)
+                tally.lines += 1
+                tally.refused += 1
+                continue
+            event = parse_line(line, tally)
+            if event is not None:
+                arrived = stop_clock() if event["event"] == "saved" else time.monotonic()
+                if not put((arrived, event)):
+                    return
+        put((time.monotonic(), None))
+    except Exception as error:  # the evaluator's own failure, never the jail's: its lines cannot raise here
+        put((time.monotonic(), _ReaderFailed(error)))
 
 
 class _LiveDisplay:
@@ -201,9 +204,8 @@ class _SnapshotTaker:
             taken = self._take(started_at)
             if taken is not None:
                 self.take_s.append(time.monotonic() - arrived)
-                save_s = event.get("save_s")
-                if _fits_float64(save_s) and 0 <= save_s <= taken.time_s:
-                    self.save_s.append(float(save_s))
+                if event["save_s"] <= taken.time_s:
+                    self.save_s.append(event["save_s"])
                 self.next_due_s = (math.floor(taken.time_s / self.every_s) + 1) * self.every_s
         answer = json.dumps({"taken": taken is not None, "next_due_s": self.next_due_s}) + "\n"
         try:
@@ -249,10 +251,13 @@ def _train(jailed, budget_s: float, display: _LiveDisplay, launched_at: float,
         snapshots.jail_dead_at = time.monotonic()
         return snapshots.jail_dead_at
 
-    reader = threading.Thread(target=_read_protocol, args=(jailed.stdout, events, stop_clock, stop), daemon=True)
+    tally = Tally()
+    reader = threading.Thread(target=_read_protocol, args=(jailed.stdout, events, stop_clock, stop, tally), daemon=True)
     reader.start()
     try:
-        return _follow_protocol(events, jailed, budget_s, display, launched_at, snapshots)
+        outcome = _follow_protocol(events, jailed, budget_s, display, launched_at, snapshots)
+        outcome.refused_lines = tally.refused
+        return outcome
     finally:
         stop.set()
 
@@ -270,15 +275,15 @@ def _follow_protocol(events: queue.Queue, jailed, budget_s: float, display: _Liv
         except queue.Empty:
             outcome.message = f"the harness did not start within {STARTUP_ALLOWANCE_S:g} s"
             return outcome
+        if isinstance(event, _ReaderFailed):
+            raise RuntimeError("the protocol's reader failed") from event.error
         if event is None:
             outcome.message = "the harness ended before the submission was started"
             return outcome
         if event["event"] == "start":
             started_at = arrived
             outcome.timings["launch_to_start_s"] = arrived - launched_at
-            phases = event.get("phases")
-            if isinstance(phases, dict):
-                outcome.timings.update({f"harness_{k}": float(v) for k, v in phases.items() if _fits_float64(v)})
+            outcome.timings.update({f"harness_{k}": v for k, v in event["phases"].items()})
             display.update(0.0, "importing submission")
 
     # Phase 2: the clock runs.
@@ -297,6 +302,8 @@ def _follow_protocol(events: queue.Queue, jailed, budget_s: float, display: _Liv
         except queue.Empty:
             display.update(time.monotonic() - started_at, _status_text(last_step, last_metrics, tokens_per_s))
             continue
+        if isinstance(event, _ReaderFailed):
+            raise RuntimeError("the protocol's reader failed") from event.error
         if event is None:
             break
         elapsed = arrived - started_at
@@ -311,10 +318,7 @@ def _follow_protocol(events: queue.Queue, jailed, budget_s: float, display: _Liv
             display.update(elapsed, f"saved after {elapsed:.1f} s")
             return outcome
         if kind == "log":
-            step, metrics = event.get("step"), event.get("metrics")
-            if not _fits_int64(step) or not isinstance(metrics, dict):
-                continue
-            clean = {k: float(v) for k, v in metrics.items() if isinstance(k, str) and _fits_float64(v)}
+            step, clean = event["step"], event["metrics"]
             rows = [(elapsed, step, key, value) for key, value in clean.items()]
             outcome.metrics_rows.extend(rows[: max(0, _METRICS_ROWS_MAX - len(outcome.metrics_rows))])
             last_step, last_metrics = step, clean
@@ -337,12 +341,12 @@ def _follow_protocol(events: queue.Queue, jailed, budget_s: float, display: _Liv
         outcome.status, outcome.message = "killed", "killed by the sandbox's hard time limit"
     elif ended.reason == "sandbox_error":
         outcome.status, outcome.message = "sandbox_error", ended.detail
-    elif error_event is not None and error_event.get("kind") == "over_budget":
-        outcome.status, outcome.message = "over_budget", str(error_event.get("message", ""))[:4000]
+    elif error_event is not None and error_event["kind"] == "over_budget":
+        outcome.status, outcome.message = "over_budget", error_event["message"][:4000]
     elif ended.reason == "pids_limit":
         outcome.status, outcome.message = "crashed", "hit the track's limit on processes and threads"
     elif error_event is not None:
-        outcome.status, outcome.message = "crashed", str(error_event.get("message", ""))[-4000:]
+        outcome.status, outcome.message = "crashed", error_event["message"][-4000:]
     elif ended.reason == "signaled":
         outcome.status, outcome.message = "crashed", f"killed by signal {ended.signal}: {ended.detail}"
     else:
@@ -416,6 +420,7 @@ def train_in_jail(plan: RunPlan, sandbox, console: Console, timings: dict[str, f
         env=_jail_env(plan.track.device.threads, plan.scratch) | {"PYTHONPATH": str(plan.jail_input)},
         ro_paths=[plan.staged, plan.jail_input, plan.job_path],
         hidden_paths=hidden_from_training(plan.val_path),
+        distributions=("pyarrow",),  # the training split's reader (evaluator/dataset/loader.py)
         rw_paths=[plan.jail_out],
         tmpfs={plan.scratch: limits.scratch_mib * 2**20},
         memory_bytes=limits.memory_mib * 2**20,

@@ -182,7 +182,8 @@ def make_run(
             else None
         ),
         "scoring": {"protocol": "streamed", "passes": 2, "consistency_nats": 1e-3} if scored else None,
-        "train": {"train_seconds": train_seconds, "steps": loss_points, "tokens": 1e6, "tokens_per_s": 1e6 / train_seconds},
+        "train": {"train_seconds": train_seconds, "steps": loss_points, "tokens": 1e6, "tokens_per_s": 1e6 / train_seconds,
+                  "refused_lines": 0},
         "val_curve": val_curve if scored else None,
         "target": None if target is None else {
             "val_loss": target,

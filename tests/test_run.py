@@ -55,7 +55,11 @@ def test_ok_run_is_scored_recorded_and_cleaned_up(tmp_path, runs_dir, capsys):
                                     "scored": "ok"}]
     assert record["target"] is None
     assert record["environment"]["sandbox"]["kind"] == "nsjail"
-    assert record["official"] is False and "budget overridden" in record["unofficial_reasons"][0]
+    assert record["official"] is False
+    assert record["unofficial_reasons"][0].startswith("development result: scored on the public split")
+    assert "budget overridden" in record["unofficial_reasons"][1]
+    assert record["data"]["scored_on"] == record["data"]["curve_scored_on"] == "public"
+    assert record["dev_metrics"] is None and record["contamination"] is None and record["train"]["refused_lines"] == 0
     assert (record["seed"], record["seed_drawn"]) == (0, False)  # the track's public default seed
     assert record["gpu_telemetry"] is None  # a CPU track samples no GPU
     run_dir = runs_dir / record["run_id"]

@@ -13,9 +13,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -34,10 +36,11 @@ from adversarial_support import (
     processes_with,
     start_evaluator,
 )
-from conftest import missing, run_cli
+from conftest import missing, run_cli, write_submission
 from evaluator.dataset.store import resolve_data_file
 from evaluator.fsutil import sha256_file, tree_sha256
 from evaluator.paths import HOME
+from evaluator.results import result_problems
 from evaluator.sandbox import JAIL_HOSTNAME, NOBODY, SHM_BYTES, TMP_BYTES, JailSpec, SandboxUnavailable, open_sandbox
 from evaluator.tracks import load_track
 
@@ -236,6 +239,53 @@ def test_floods_of_output_are_capped_and_a_daemon_dies_with_the_run(confirmed_ja
     assert 0 < rows <= 200_000, rows
     assert processes_with(marker) == []
     assert leftovers(record["run_id"], run_dir) == []
+
+
+def _peak_rss_growth(action) -> tuple[object, int]:
+    """(what action() returned, how far this process's resident memory rose above where it started
+    while it ran, in bytes), sampled every 20 ms from /proc/self/status."""
+    def rss() -> int:
+        line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmRSS:"))
+        return int(line.split()[1]) * 1024
+
+    baseline, peak, done = rss(), [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], rss() - baseline)
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        returned = action()
+    finally:
+        done.set()
+        sampler.join()
+    return returned, peak[0]
+
+
+# The evaluator's own memory may grow this much, whatever a jail sends (docs/THREAT_MODEL.md).
+HOST_GROWTH_BOUND_BYTES = 256 * 2**20
+
+
+def test_a_fuzzed_protocol_is_refused_line_by_line_and_the_host_stays_bounded(confirmed_jail, tmp_path, runs_dir, capsys):
+    # An honest run first, unmeasured: what every run costs this process once (torch's import, the
+    # sandbox's plans) is not what a jail's flood adds.
+    honest = write_submission(tmp_path, "honest", "def train(ctx):\n    return TinyCausal(ctx.vocab_size)\n")
+    assert run_cli(honest, runs_dir, "--budget", "5", "--smoke", "--sandbox", "nsjail", capsys=capsys)[0] == 0
+    folder = attack_submission(tmp_path, "fuzz", "fuzz_protocol")
+    (code, record), growth = _peak_rss_growth(
+        lambda: run_cli(folder, runs_dir, "--budget", "40", "--sandbox", "nsjail", capsys=capsys))
+    assert (code, record["status"]) == (0, "ok"), record["message"]
+    run_dir = runs_dir / record["run_id"]
+    sent = int(re.search(r"FUZZ SENT (\d+)", (run_dir / "train.log").read_text()).group(1))
+    assert record["train"]["refused_lines"] >= sent - 200  # the random lines may happen to be valid
+    assert record["train"]["tokens"] == 1000 and record["train"]["tokens_per_s"] is not None
+    assert pq.read_metadata(run_dir / "metrics.parquet").num_rows == 200_000
+    assert result_problems(record) == []  # publishable: nothing non-finite, no lone surrogate
+    print(f"host resident memory grew by {growth / 2**20:.0f} MiB at most")
+    assert growth < HOST_GROWTH_BOUND_BYTES, growth
 
 
 def test_ignoring_signals_and_leaving_a_daemon_still_ends_at_the_budget(confirmed_jail, tmp_path, runs_dir, capsys):

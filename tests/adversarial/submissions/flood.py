@@ -8,8 +8,8 @@ from attack_kit import daemonize, protocol_fd, require_jail
 
 STDOUT_MIB = 768
 PROTOCOL_JUNK_MIB = 256
-LOG_EVENTS = 500
-METRICS_PER_EVENT = 2000
+LOG_EVENTS = 8000
+METRICS_PER_EVENT = 32  # the most one line may carry: 256,000 rows, past the 200,000 kept
 
 
 def train(ctx):
