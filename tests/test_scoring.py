@@ -193,11 +193,13 @@ def test_a_model_that_changes_what_the_next_batch_process_inherits_is_refused(ns
     assert str(caught.value) == Refusal.TAMPERED
 
 
-def test_a_model_cannot_set_the_servers_io_priority(nsjail, tmp_path):
+@pytest.mark.parametrize("what", ["ioprio", "sched_attr"])
+def test_a_model_cannot_set_the_servers_io_priority_or_scheduler_attributes(nsjail, tmp_path, what):
     """Refused outright (seccomp): the I/O priority a process reports changes by itself, so the
-    server could not compare it."""
+    server could not compare it; sched_setattr's custom slice and uclamp are not among what it
+    compares, and a batch process set the slice for the next to read back, 26 bits a hand-off."""
     with pytest.raises(InvalidModel) as caught:
-        _score(nsjail, tmp_path, toy_models.Tamperer(VOCAB, "ioprio"))
+        _score(nsjail, tmp_path, toy_models.Tamperer(VOCAB, what))
     assert str(caught.value) == Refusal.LOAD_FAILED
 
 

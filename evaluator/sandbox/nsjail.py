@@ -81,13 +81,17 @@ ERRNO(1) {
 """
 # A sealed jail (the model server) also parks no state in its IPC or network namespace between its
 # processes: no SysV shared memory, semaphores or message queues, no POSIX message queues, no
-# sockets (it talks over the pipes nsjail gave it), and no ioprio_set, by which a batch process
-# could mark the server with an I/O priority that the next one would inherit.
+# sockets (it talks over the pipes nsjail gave it), and no ioprio_set or sched_setattr, by which a
+# batch process could mark the server with state the next one would inherit and read back: an I/O
+# priority (which the server cannot compare: it changes by itself), or a scheduler attribute that
+# the server's pre-fork comparison does not cover (EEVDF's custom slice, 0.1-100 ms: 26 bits a
+# hand-off, measured; uclamp). Policy, priority and nice stay settable through their own calls,
+# which the server compares before every fork.
 _SEALED_DENIED = """\
 ERRNO(1) {
   shmget, semget, msgget, mq_open,
   socket, socketpair,
-  ioprio_set
+  ioprio_set, sched_setattr
 }
 """
 SECCOMP_POLICY = _DENIED + "DEFAULT ALLOW\n"
