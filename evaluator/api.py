@@ -41,9 +41,11 @@ the target was first reached). Offer them from the training loop:
         ctx.snapshot(model)
 
 `snapshot(model)` saves the model as the final one is saved and returns once the evaluator has
-taken its copy, out of the jail's reach; that time counts on the clock like any other work. The
-evaluator stamps the snapshot with its own clock when the copy is complete, and refuses one that
-is not due. A submission that never offers snapshots still runs: its curve is the final model
+taken its copy, out of the jail's reach; that time counts on the clock like any other work. A
+snapshot is taken only within `snapshot_window_s` (a quarter of the interval) after it falls due:
+an interval whose window passes without one has none. The evaluator stamps it with its own clock
+when the copy is complete, and never earlier than the window's end, so its time is the same
+wherever in the window it was offered; it refuses one that is not due. A submission that never offers snapshots still runs: its curve is the final model
 alone. On a fixed-time track the final model alone is the score, whatever the snapshots score.
 """
 
@@ -127,6 +129,7 @@ class Context:
         scratch: a writable, size-limited directory, empty at start, gone after the run.
         eval_seq_len: the longest context the model must accept when scored.
         snapshot_every_s: how often the evaluator wants a snapshot; None when the track takes none.
+        snapshot_window_s: how long after it falls due a snapshot is still taken.
     """
 
     train_tokens: Any
@@ -139,6 +142,7 @@ class Context:
     scratch: Path
     eval_seq_len: int
     snapshot_every_s: float | None = None
+    snapshot_window_s: float | None = None
     _started_at: float = field(default_factory=time.monotonic, repr=False)
     _emit: Callable[[int, dict[str, float]], None] | None = field(default=None, repr=False)
     # Saves the model and waits for the evaluator's answer: (taken, when the next one is due).
@@ -188,7 +192,14 @@ class Context:
     def snapshot_due(self) -> bool:
         """True when the evaluator wants a snapshot now (see the module docstring); cheap to call every step."""
         due_at = self._next_snapshot_s
-        return due_at is not None and self._take_snapshot is not None and self.elapsed() >= due_at
+        if due_at is None or self._take_snapshot is None:
+            return False
+        elapsed = self.elapsed()
+        if self.snapshot_every_s and self.snapshot_window_s is not None:
+            while elapsed > due_at + self.snapshot_window_s:  # that interval's window has passed: it has none
+                due_at += self.snapshot_every_s
+            self._next_snapshot_s = due_at
+        return elapsed >= due_at
 
     def snapshot(self, model: Any) -> bool:
         """Hand the evaluator the model as it is now, if a snapshot is due; returns whether one was taken.

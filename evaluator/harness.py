@@ -149,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         scratch=job.scratch,
         eval_seq_len=job.eval_seq_len,
         snapshot_every_s=job.snapshot_every_s,
+        snapshot_window_s=job.snapshot_window_s,
         _emit=emit,
         _take_snapshot=take_snapshot,
     )

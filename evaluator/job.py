@@ -30,6 +30,7 @@ class Job:
     eos_id: int
     eval_seq_len: int
     snapshot_every_s: float | None  # None: the track takes no snapshots
+    snapshot_window_s: float | None  # how long after each due time a snapshot is still taken
     config: dict[str, Any]  # the manifest's [config] for the track, with the run's --set overrides
 
     def to_json(self) -> str:

@@ -36,6 +36,10 @@ from evaluator.tracks import Track, load_track
 # seconds instead of after a full run.
 SMOKE_BUDGET_S = 10.0
 SMOKE_DOCUMENTS = 8
+# A snapshot is taken only within this share of the interval after it falls due, and stamped no
+# earlier than the window's end: a submission cannot choose its moment (the crossing of a target),
+# and honest code that asks ctx.snapshot_due() every step has a quarter of an interval to do so.
+SNAPSHOT_WINDOW_FRACTION = 0.25
 
 
 def check_budget(budget_s: float) -> None:
@@ -123,6 +127,11 @@ class RunPlan:
         because what they mostly wait for (process start, imports, a CUDA context) is no faster on
         a faster GPU."""
         return 1.0 if self.calibration is None else max(1.0, self.calibration.factor)
+
+    @property
+    def snapshot_window_s(self) -> float | None:
+        every_s = self.track.snapshot_every_s
+        return None if every_s is None else every_s * SNAPSHOT_WINDOW_FRACTION
 
     @property
     def score_path(self) -> Path:
@@ -276,6 +285,7 @@ def stage_run(plan: RunPlan) -> None:
         eos_id=plan.eos_id,
         eval_seq_len=track.eval.seq_len,
         snapshot_every_s=track.snapshot_every_s,
+        snapshot_window_s=plan.snapshot_window_s,
         config=merge_overrides(manifest.config_for(track.id), plan.overrides),  # check_submission validated it
     )
     atomic_write_text(plan.job_path, job.to_json())

@@ -176,17 +176,20 @@ def _status_text(step: int | None, metrics: dict[str, float], tokens_per_s: floa
 class _SnapshotTaker:
     """The evaluator's side of ctx.snapshot(): takes a due snapshot out of the jail and answers.
 
-    Whatever the jail says, a snapshot is taken only when one is due on this clock (one per
-    interval), from a plain, dense file under the model cap, while the run's snapshots stay under
+    Whatever the jail says, a snapshot is taken only when one is due on this clock and within the
+    window after its due time (one per interval: an interval whose window passed has none), from a
+    plain, dense file under the model cap, while the run's snapshots stay under
     SNAPSHOTS_MAX_MODELS model caps of disk; the copy goes where the jail cannot reach, the jail's
     file is removed, and the snapshot is stamped when the copy is complete (or when the jail died,
-    if that was earlier), so it holds nothing trained after its time. A line when none is due
-    costs a refusal and nothing else. Answers are written without blocking: a jail that does not
-    read them cannot stall the clock.
+    if that was earlier), so it holds nothing trained after its time, and never before the window's
+    end, so a submission gains nothing by choosing its moment in the window. A line when none is
+    due costs a refusal and nothing else. Answers are written without blocking: a jail that does
+    not read them cannot stall the clock.
     """
 
-    def __init__(self, every_s: float | None, jail_out: Path, into: Path, cap_bytes: int, answers_fd: int):
-        self.every_s = every_s
+    def __init__(self, every_s: float | None, window_s: float | None, jail_out: Path, into: Path, cap_bytes: int,
+                 answers_fd: int):
+        self.every_s, self.window_s = every_s, window_s
         self.next_due_s = every_s
         self.jail_out, self.into, self.cap_bytes = jail_out, into, cap_bytes
         self.bytes_left = SNAPSHOTS_MAX_MODELS * cap_bytes
@@ -200,13 +203,18 @@ class _SnapshotTaker:
     def handle(self, event: dict[str, Any], started_at: float, arrived: float) -> str | None:
         """Answers the jail; returns a line for the progress display when a snapshot was taken."""
         taken = None
-        if self.next_due_s is not None and arrived - started_at >= self.next_due_s:
-            taken = self._take(started_at)
+        elapsed = arrived - started_at
+        if self.next_due_s is not None and elapsed >= self.next_due_s:
+            interval = math.floor(elapsed / self.every_s)
+            window_end = interval * self.every_s + self.window_s
+            if elapsed <= window_end:
+                taken = self._take(started_at, not_before_s=window_end)
+            if taken is not None or elapsed > window_end:  # taken, or too late: the next interval's turn
+                self.next_due_s = (interval + 1) * self.every_s
             if taken is not None:
                 self.take_s.append(time.monotonic() - arrived)
                 if event["save_s"] <= taken.time_s:
                     self.save_s.append(event["save_s"])
-                self.next_due_s = (math.floor(taken.time_s / self.every_s) + 1) * self.every_s
         answer = json.dumps({"taken": taken is not None, "next_due_s": self.next_due_s}) + "\n"
         try:
             os.write(self.answers_fd, answer.encode())  # < PIPE_BUF: written whole or not at all
@@ -214,7 +222,7 @@ class _SnapshotTaker:
             pass
         return None if taken is None else f"snapshot {len(self.taken)} taken at {taken.time_s:.1f} s"
 
-    def _take(self, started_at: float) -> Snapshot | None:
+    def _take(self, started_at: float, not_before_s: float) -> Snapshot | None:
         source = self.jail_out / SNAPSHOT_FILE
         target = self.into / f"snapshot-{len(self.taken) + 1:03d}.pt"
         try:
@@ -225,10 +233,11 @@ class _SnapshotTaker:
             return None
         finally:
             _remove(source)
-        # A copy that ends after the jail's death holds nothing newer than the death: stamped then,
-        # it is never later than the final model.
+        # A copy that ends after the jail's death holds nothing newer than the death. Stamped no
+        # earlier than the window's end; train_in_jail brings a stamp past the final model's time
+        # back to it (the final model holds more training at that time).
         stamp = time.monotonic() if self.jail_dead_at is None else min(time.monotonic(), self.jail_dead_at)
-        taken = Snapshot(time_s=stamp - started_at, path=target)
+        taken = Snapshot(time_s=max(stamp - started_at, not_before_s), path=target)
         self.bytes_left -= target.stat().st_size
         self.taken.append(taken)
         return taken
@@ -442,7 +451,7 @@ def train_in_jail(plan: RunPlan, sandbox, console: Console, timings: dict[str, f
         _gpu_telemetry(plan.gpu_minor) as telemetry,
         sandbox.start(spec) as jailed,
     ):
-        snapshots = _SnapshotTaker(plan.track.snapshot_every_s, plan.jail_out, plan.run_dir / SNAPSHOTS_DIR,
+        snapshots = _SnapshotTaker(plan.track.snapshot_every_s, plan.snapshot_window_s, plan.jail_out, plan.run_dir / SNAPSHOTS_DIR,
                                    model_cap, jailed.stdin.fileno())
         outcome = _train(jailed, plan.budget_s, display, launched, snapshots)
         train_returned = time.monotonic()
@@ -455,7 +464,8 @@ def train_in_jail(plan: RunPlan, sandbox, console: Console, timings: dict[str, f
                 _take_file(plan.jail_out / MODEL_FILE, plan.run_dir / MODEL_FILE, model_cap)
             except InvalidModel as exc:
                 outcome.status, outcome.message = "invalid_model", str(exc)
-    outcome.snapshots = snapshots.taken
+    outcome.snapshots = [snapshot if outcome.train_seconds is None or snapshot.time_s <= outcome.train_seconds
+                         else Snapshot(time_s=outcome.train_seconds, path=snapshot.path) for snapshot in snapshots.taken]
     if snapshots.taken:
         outcome.timings.update(snapshot_take_s=snapshots.take_s, snapshot_save_s=snapshots.save_s)
     timings.update(outcome.timings, teardown_s=time.monotonic() - train_returned, jail_total_s=time.monotonic() - launched)

@@ -118,8 +118,8 @@ def train(ctx):
 
     snapshots = _points(record)
     assert len(snapshots) == logged["taken"]
-    for number, point in enumerate(snapshots, 1):  # one per interval, stamped after it was due
-        assert 2 * number <= point["time_s"] < 2 * number + 1.5
+    for number, point in enumerate(snapshots, 1):  # one per interval, stamped no earlier than its window's end
+        assert 2 * number + 0.5 <= point["time_s"] < 2 * number + 1.5
     assert [point["scored"] for point in record["val_curve"]] == ["ok", "invalid_model", "skipped", "ok"]
     assert snapshots[0]["val_loss"] == UNIFORM_LOSS  # the model as it was when it was taken
     assert [point["val_loss"] for point in snapshots[1:]] == [None, None]
@@ -133,6 +133,40 @@ def train(ctx):
     timings = json.loads((run_dir / "timings.json").read_text())
     assert len(timings["snapshot_take_s"]) == len(snapshots)
     assert leftovers(record["run_id"], run_dir) == []
+
+
+def test_a_submission_cannot_choose_the_moment_of_its_snapshots(tmp_path, runs_dir, capsys, snapshot_track):
+    """Past its window (a quarter of the interval after it fell due) an interval's snapshot is refused
+    and the interval has none; inside it, the stamp is the window's end wherever the offer came: a
+    submission that waits for its crossing of a target gains nothing by it."""
+    body = JAIL_TOOLS + """
+def offer_at(ctx, channel, model, at_s):
+    while ctx.elapsed() < at_s:
+        time.sleep(0.005)
+    torch.save(model, jail_out() + "/snapshot.pt")
+    channel.send("snapshot", bytes=1, save_s=0.0)  # straight to the evaluator, whatever snapshot_due() says
+    return channel.answer()
+
+
+def train(ctx):
+    model, channel = TinyCausal(ctx.vocab_size), harness_channel()
+    late = offer_at(ctx, channel, model, 2.9)  # due at 2 s, its window ended at 2.5 s
+    chosen = offer_at(ctx, channel, model, 4.1)  # due at 4 s, inside the window
+    again = offer_at(ctx, channel, model, 4.3)  # the same interval once more
+    ctx.log(1, late=float(late["taken"]), late_next=late["next_due_s"], chosen=float(chosen["taken"]),
+            again=float(again["taken"]))
+    while ctx.elapsed() < 5.5:  # past the window's end: a snapshot is never later than the final model
+        time.sleep(0.01)
+    return model
+"""
+    folder = write_submission(tmp_path, "chooser", body)
+    track = snapshot_track("cpu-snapshots")
+    code, record = run_cli(folder, runs_dir, "--track", track, "--smoke", "--budget", "8", "--sandbox", "nsjail", capsys=capsys)
+    assert (code, record["status"]) == (0, "ok"), record["message"]
+    logged = _logged(runs_dir, record)
+    assert (logged["late"], logged["late_next"], logged["chosen"], logged["again"]) == (0.0, 4.0, 1.0, 0.0)
+    [snapshot] = _points(record)
+    assert 4.5 <= snapshot["time_s"] < 5.0  # the window's end, not 4.1 s plus the copy
 
 
 def test_a_snapshot_file_that_is_a_directory_or_sparse_is_refused_and_the_run_goes_on(
