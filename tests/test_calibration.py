@@ -137,4 +137,4 @@ def test_the_leaderboard_keeps_calibrated_runs_in_rows_of_their_own(tmp_path, mo
 def test_a_result_with_overrides_or_from_a_smoke_run_can_never_be_official(tmp_path, change):
     result = json.loads((make_run(tmp_path, "official") / "result.json").read_text())
     assert result_problems(result | change)  # official: true with either
-    assert result_problems(result | change | {"official": False}) == []
+    assert result_problems(result | change | {"official": False, "unofficial_reasons": ["overridden"]}) == []

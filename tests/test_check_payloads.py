@@ -43,7 +43,7 @@ def _packed(tokens: list[int]) -> bytes:
 
 @pytest.fixture
 def submission(tmp_path: Path) -> Path:
-    folder = tmp_path / "sub"
+    folder = tmp_path / "template"  # a submission's name is its folder's
     shutil.copytree(TEMPLATE, folder, ignore=shutil.ignore_patterns("__pycache__"))
     return folder
 
@@ -226,7 +226,7 @@ def _names_that_carry_the_split(folder: Path) -> list[str]:
     payload = base64.b32encode(_packed(_val_tokens())).decode().rstrip("=").lower()
     names = [payload[i : i + 24] for i in range(0, len(payload), 24)]
     _add_to_train(folder, "\n" + "\n".join(f"_{name} = None" for name in names) + "\n")
-    return ["sub/.: the folder's files compress (xz) to"]
+    return ["template/.: the folder's files compress (xz) to"]
 
 
 ATTACKS = [
