@@ -48,6 +48,7 @@ def _fail_once(original):
 # stage -> (the name monkeypatch replaces: its first call fails, whether the result has a training time)
 STAGES = {
     "staging": ("evaluator.plan.stage_tree", False),
+    "protocol reader": ("evaluator.training.parse_line", False),
     "snapshot copy": ("evaluator.training._take_file", False),
     "metrics": ("evaluator.training.write_metrics", False),
     "scoring": ("evaluator.curve._score_model", True),
@@ -83,3 +84,24 @@ def test_a_fault_at_any_stage_ends_in_an_evaluator_error_result(stage, cpu_track
     assert "_Injected: injected fault" in log and "Traceback" in log
     assert leftovers(result["run_id"], run_dir) == []
     assert not (run_dir / "snapshots").exists() and not (run_dir / "jail-out").exists()
+
+
+def test_a_fault_while_signing_leaves_the_result_valid_and_no_envelope(tmp_path, monkeypatch):
+    """Signing is the last stage: a failure there writes nothing, and the run can be published later."""
+    from evaluator.publish import publish
+    from evaluator.signing import generate_key_pair, load_private_key
+    from publish_support import make_run
+
+    run_dir = make_run(tmp_path, "signed-later")
+    before = (run_dir / "result.json").read_bytes()
+    private, _, _ = generate_key_pair(tmp_path / "keys", "tester")
+    key, results = load_private_key(private), tmp_path / "results"
+    monkeypatch.setattr("evaluator.publish.sign_statement", _fail_once(lambda *args: None))
+    with pytest.raises(_Injected):
+        publish(run_dir, key, results, False)
+    assert not results.exists() or not any(results.rglob("*.json"))
+    assert (run_dir / "result.json").read_bytes() == before
+    assert result_problems(json.loads(before)) == []
+    monkeypatch.undo()
+    path, written, _ = publish(run_dir, key, results, False)
+    assert written and path.is_file()
