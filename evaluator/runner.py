@@ -301,7 +301,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "scores each snapshot too (the validation curve); on a time-to-target track the score is when "
             "the first model reached the target. Exit codes: 0 ok; 1 the run failed through the submission's "
             "fault, or reached no target (not_reached); 2 bad input or an invalid submission; 3 the sandbox "
-            "failed (the evaluator's fault)."
+            "failed; 4 the evaluator itself failed (evaluator_error: the result keeps the seed, the traceback is "
+            "in the run directory's evaluator-error.log). Scores come from the track's hidden test split where "
+            "this host holds it ($EVALUATOR_PRIVATE_DATA); elsewhere from the public split, a development result."
         ),
     )
     run.add_argument("folder", metavar="DIR", help="the submission folder")
