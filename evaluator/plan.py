@@ -23,7 +23,7 @@ from evaluator import in_jail
 from evaluator.calibration import WORKLOAD, Calibration, calibrate
 from evaluator.check import check_submission
 from evaluator.dataset.private import read_bound
-from evaluator.dataset.store import find_hidden_split, resolve_data_file, tokenizer_info
+from evaluator.dataset.store import PRIVATE_DATA_ENV, find_hidden_split, resolve_data_file, tokenizer_info
 from evaluator.errors import DataError, UserError
 from evaluator.fsutil import atomic_write_text, sha256_file, stage_tree
 from evaluator.gpus import Placement, hold_gpu, hold_host
@@ -188,6 +188,7 @@ class RunRequest:
     debug_scoring: bool
     overrides: dict[str, Any]
     smoke: bool
+    sandbox_choice: str  # "auto", "nsjail" or "none": a host with the hidden split runs nsjail or nothing
 
 
 def make_plan(request: RunRequest, console: Console, held: ExitStack) -> RunPlan:
@@ -216,6 +217,13 @@ def make_plan(request: RunRequest, console: Console, held: ExitStack) -> RunPlan
     train_path = resolve_data_file(track, "train").resolve()
     val_path = resolve_data_file(track, "val").resolve()
     hidden_path, hidden_absent = find_hidden_split(track)
+    if hidden_path is not None and request.sandbox_choice == "none":
+        # Unsandboxed, the submission's code could read the hidden file (its name is the track's
+        # public hash) and its model would be handed every hidden token with the network open.
+        raise UserError(
+            f"this host holds track {track.id}'s hidden split ({PRIVATE_DATA_ENV}): submissions run here only in "
+            f"nsjail; drop --sandbox none, or unset {PRIVATE_DATA_ENV} for a development run"
+        )
     vocab_size, eos_id = tokenizer_info(resolve_data_file(track, "tokenizer"))
     if request.debug_scoring and hidden_path is not None:
         # What a model prints while scoring can be the hidden text itself.

@@ -168,9 +168,11 @@ def _metrics(score: Any) -> dict[str, Any] | None:
 
 def contamination(hidden_loss: float, public_loss: float, max_gap_nats: float) -> dict[str, Any]:
     """The contamination check of a model scored on both splits: how much worse it does on the
-    hidden split than on the public one, and whether that is more than honest models do."""
+    hidden split than on the public one, flagged where that is further from zero than honest models
+    go, either way: far worse on the hidden split, it memorised the public one; far better, the
+    hidden split has leaked."""
     gap = round(hidden_loss - public_loss, 4)
-    return {"gap_nats": gap, "max_gap_nats": max_gap_nats, "flagged": gap > max_gap_nats}
+    return {"gap_nats": gap, "max_gap_nats": max_gap_nats, "flagged": abs(gap) > max_gap_nats}
 
 
 def _official_problem(result: dict[str, Any]) -> str | None:

@@ -91,7 +91,8 @@ def evaluate(
         began = time.monotonic()
         request = RunRequest(folder=Path(folder), track_id=track_id, seed=seed, secret_seed=secret_seed,
                              budget_s=budget_s, calibrated_budget=calibrated_budget, gpu=gpu, runs_dir=runs_dir,
-                             debug_scoring=debug_scoring, overrides=dict(overrides or {}), smoke=smoke)
+                             debug_scoring=debug_scoring, overrides=dict(overrides or {}), smoke=smoke,
+                             sandbox_choice=sandbox_choice)
         plan = make_plan(request, console, held)
         run = _Run(plan, started=utc_now())
         try:
@@ -123,7 +124,8 @@ def _train_and_score(run: _Run, sandbox_choice: str, console: Console, began: fl
     stage_run(plan)
     run.staged = True
     try:
-        sandbox = open_sandbox(sandbox_choice)
+        # With the hidden split here, nsjail or nothing: `auto` never falls back to running unsandboxed.
+        sandbox = open_sandbox("nsjail" if plan.hidden_path is not None else sandbox_choice)
     except SandboxUnavailable as exc:
         run.env = environment("nsjail", "unavailable", plan.gpu, (f"nsjail: {exc}",))
         run.outcome = TrainingOutcome(status="sandbox_error", message=f"nsjail cannot run here: {exc}")
@@ -164,6 +166,16 @@ def _train_and_score(run: _Run, sandbox_choice: str, console: Console, began: fl
         shutil.rmtree(plan.run_dir / SNAPSHOTS_DIR, ignore_errors=True)
 
 
+def _environment_or_less(plan: RunPlan) -> dict[str, Any]:
+    """The environment block of a run that failed before it opened a sandbox; without the GPU's
+    details where reading them is what failed."""
+    unavailable = ("the evaluator failed before it opened a sandbox",)
+    try:
+        return environment("unknown", "unknown", plan.gpu, unavailable)
+    except Exception:  # NVML, torch's CUDA query: whatever failed may fail again
+        return environment("unknown", "unknown", None, unavailable)
+
+
 def _evaluator_error(run: _Run, console: Console) -> dict[str, Any]:
     """The result of a run in which the evaluator itself failed: status evaluator_error, the fixed
     sentence, the run's seed and what training measured (no scores: what failed may have been
@@ -175,7 +187,7 @@ def _evaluator_error(run: _Run, console: Console) -> dict[str, Any]:
     outcome = TrainingOutcome(status="evaluator_error", message=EVALUATOR_ERROR_MESSAGE,
                               train_seconds=measured.train_seconds, metrics_rows=measured.metrics_rows,
                               gpu_telemetry=measured.gpu_telemetry)
-    env = run.env or environment("unknown", "unknown", plan.gpu, ("the evaluator failed before it opened a sandbox",))
+    env = run.env or _environment_or_less(plan)
     result = build_result(plan, outcome, None, None, env, run.started, staged=run.staged)
     write_result(plan.run_dir, result)
     console.print(f"evaluator error: {EVALUATOR_ERROR_MESSAGE} ({shown(log)})", markup=False, highlight=False)

@@ -234,8 +234,8 @@ class _SnapshotTaker:
         finally:
             _remove(source)
         # A copy that ends after the jail's death holds nothing newer than the death. Stamped no
-        # earlier than the window's end; train_in_jail brings a stamp past the final model's time
-        # back to it (the final model holds more training at that time).
+        # earlier than the window's end; train_in_jail leaves out a snapshot stamped at or after the
+        # final model's time (the final model holds more training at that time).
         stamp = time.monotonic() if self.jail_dead_at is None else min(time.monotonic(), self.jail_dead_at)
         taken = Snapshot(time_s=max(stamp - started_at, not_before_s), path=target)
         self.bytes_left -= target.stat().st_size
@@ -401,12 +401,12 @@ def _take_file(source: Path, target: Path, cap_bytes: int) -> None:
         raise InvalidModel(f"{source.name} grew past the track's {cap_bytes} bytes while it was copied")
 
 
-def hidden_from_training(val_path: Path) -> list[Path]:
-    """What holds the validation split, or could: the package, the home's spec/, the split's folder,
+def hidden_from_training(val_path: Path, hidden_split: Path | None) -> list[Path]:
+    """What holds a validation split, or could: the package, the home's spec/, the splits' folders,
     what a checkout the package runs from holds besides (its git objects, build and dist output),
     and the home of every other installed copy in the Python installs a jail binds. The sandbox
     covers those a bound directory holds."""
-    hidden = [PACKAGE_DIR, SPEC_DIR.resolve(), val_path.parent]
+    hidden = [PACKAGE_DIR, SPEC_DIR.resolve(), val_path.parent, *([] if hidden_split is None else [hidden_split.parent])]
     checkout = PACKAGE_DIR.parent
     if (checkout / "pyproject.toml").is_file():
         hidden += [checkout / name for name in ("spec", ".git", "build", "dist")]
@@ -428,7 +428,7 @@ def train_in_jail(plan: RunPlan, sandbox, console: Console, timings: dict[str, f
         cwd=plan.scratch,
         env=_jail_env(plan.track.device.threads, plan.scratch) | {"PYTHONPATH": str(plan.jail_input)},
         ro_paths=[plan.staged, plan.jail_input, plan.job_path],
-        hidden_paths=hidden_from_training(plan.val_path),
+        hidden_paths=hidden_from_training(plan.val_path, plan.hidden_path),
         distributions=("pyarrow",),  # the training split's reader (evaluator/dataset/loader.py)
         rw_paths=[plan.jail_out],
         tmpfs={plan.scratch: limits.scratch_mib * 2**20},
@@ -464,8 +464,10 @@ def train_in_jail(plan: RunPlan, sandbox, console: Console, timings: dict[str, f
                 _take_file(plan.jail_out / MODEL_FILE, plan.run_dir / MODEL_FILE, model_cap)
             except InvalidModel as exc:
                 outcome.status, outcome.message = "invalid_model", str(exc)
-    outcome.snapshots = [snapshot if outcome.train_seconds is None or snapshot.time_s <= outcome.train_seconds
-                         else Snapshot(time_s=outcome.train_seconds, path=snapshot.path) for snapshot in snapshots.taken]
+    # A snapshot stamped at or after the final model's time holds less training than it at no earlier
+    # time: it is left out (the final model is scored in any case).
+    outcome.snapshots = [snapshot for snapshot in snapshots.taken
+                         if outcome.train_seconds is None or snapshot.time_s < outcome.train_seconds]
     if snapshots.taken:
         outcome.timings.update(snapshot_take_s=snapshots.take_s, snapshot_save_s=snapshots.save_s)
     timings.update(outcome.timings, teardown_s=time.monotonic() - train_returned, jail_total_s=time.monotonic() - launched)

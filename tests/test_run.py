@@ -376,7 +376,7 @@ def test_the_training_jail_covers_the_package_its_checkout_and_every_installed_h
     other_home.mkdir(parents=True)
     monkeypatch.setattr(sys, "base_prefix", str(tmp_path))
     val = HOME / "spec" / "datasets" / "pydoc-100k" / "val.parquet"
-    hidden = set(training.hidden_from_training(val))
+    hidden = set(training.hidden_from_training(val, None))
     assert {HOME / "evaluator", HOME / "spec", HOME / ".git", val.parent, other_home} <= hidden
 
 

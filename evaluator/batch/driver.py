@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from evaluator.plan import check_budget, check_seed_count, draw_seed
 from evaluator.results import RESULT_FILE, SCORED_STATUSES
 from evaluator.sandbox import SandboxUnavailable, open_sandbox
 from evaluator.tracks import Track, load_track
+from evaluator.training import STARTUP_ALLOWANCE_S
 
 # `evaluator run` enforces every limit itself; this watchdog only catches a run that hangs outside
 # them (interpreter start, imports and the scoring sandbox's start-up are not in the track's limits).
@@ -36,15 +38,17 @@ SANDBOX_CHOICES = ("nsjail", "none")
 
 
 def _scorings(track: Track, budget_s: float) -> int:
-    """How many models one run may have scored, each within the track's scoring limit: the final
-    model and a snapshot per interval (a model that takes every limit must not outlast the watchdog)."""
+    """How many scorings one run may need, each within the track's scoring limit: the final model, a
+    snapshot per interval, and the deciding model once more on the public split where a hidden split
+    ranks (a model that takes every limit must not outlast the watchdog)."""
     every_s = track.snapshot_every_s
-    return 1 + (0 if every_s is None else math.floor(budget_s / every_s))
+    return 1 + (0 if every_s is None else math.floor(budget_s / every_s)) + (track.dataset.hidden is not None)
 
 
 def _watchdog_s(track: Track, budget_s: float) -> float:
     """How long the node lets one `evaluator run` take before it stops it."""
-    return budget_s + track.sandbox.grace_s + _scorings(track, budget_s) * track.eval.time_limit_s + RUN_WATCHDOG_SLACK_S
+    return (STARTUP_ALLOWANCE_S + budget_s + track.sandbox.grace_s + _scorings(track, budget_s) * track.eval.time_limit_s
+            + RUN_WATCHDOG_SLACK_S)
 
 
 def _check_all(folders: list[Path], track_id: str | None, console: Console) -> tuple[list[Submission], list[tuple[Path, int]]]:
@@ -105,6 +109,45 @@ def _earlier_results(runs_dir: Path, sandbox_choice: str) -> tuple[dict[tuple, l
         settled = {result["seed"] for result, _ in found.get(key, [])}
         failed_draws[key] = sorted(set(seeds) - settled)
     return found, failed_draws
+
+
+DRAWN_SEEDS_FILE = "drawn-seeds.jsonl"
+
+
+class _DrawLedger:
+    """Every seed `batch --secret-seeds` drew, written down (and synced) before its run is handed to
+    a node: a run that leaves no result (a node that died, a watchdog's stop, a refused archive)
+    keeps its seed when the batch is resumed, so its failure is never a fresh draw."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._drawn: dict[tuple, list[int]] = {}
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            lines = []
+        for line in lines:
+            try:
+                entry = json.loads(line)
+                key = (entry["tree_sha256"], entry["track_sha256"], None, float(entry["budget_s"]))
+                self._drawn.setdefault(key, []).append(int(entry["seed"]))
+            except (ValueError, TypeError, KeyError):
+                continue  # a line cut short by a crash mid-append: its run was never handed out
+
+    def seeds(self, key: tuple) -> list[int]:
+        return list(self._drawn.get(key, []))
+
+    def draw(self, key: tuple) -> int:
+        seed = draw_seed()
+        tree, track, _, budget_s = key
+        line = json.dumps({"tree_sha256": tree, "track_sha256": track, "budget_s": budget_s, "seed": seed}) + "\n"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as ledger:
+            ledger.write(line)
+            ledger.flush()
+            os.fsync(ledger.fileno())
+        self._drawn.setdefault(key, []).append(seed)
+        return seed
 
 
 def _schedule(ray, runs: list[Run], runs_dir: Path, sandbox_choice: str, budget_override: float | None, console: Console) -> None:
@@ -199,12 +242,18 @@ def _batch(args: argparse.Namespace) -> int:
     submissions, invalid = _check_all([Path(p) for p in args.submissions], args.track, console)
 
     earlier, failed_draws = _earlier_results(runs_dir, args.sandbox)
+    ledger = _DrawLedger(runs_dir / DRAWN_SEEDS_FILE)
     runs: list[Run] = []
     for submission in submissions:
         track = submission.track
         budget_s = track.budget_s if args.budget is None else float(args.budget)
         drawn_key = (submission.tree_sha256, track.sha256, None, budget_s)
-        drawn_before, to_retry = list(earlier.get(drawn_key, [])), list(failed_draws.get(drawn_key, []))
+        drawn_before = list(earlier.get(drawn_key, []))
+        # Every seed this batch ever drew for the run and that has no verdict yet, whether its run
+        # failed, was stopped or left no result at all: run again before any new draw.
+        settled = {result["seed"] for result, _ in drawn_before}
+        to_retry = [seed for seed in dict.fromkeys([*ledger.seeds(drawn_key), *failed_draws.get(drawn_key, [])])
+                    if seed not in settled]
         for offset in range(args.seeds):
             if not args.secret_seeds:
                 run = Run(submission=submission, seed=track.default_seed + offset, seed_drawn=False, budget_s=budget_s)
@@ -218,7 +267,7 @@ def _batch(args: argparse.Namespace) -> int:
                           result=result, run_dir=run_dir, state="finished", reused=True)
             else:
                 # A seed drawn before, whose run failed without a verdict, is run again before any new draw.
-                seed = to_retry.pop(0) if to_retry else draw_seed()
+                seed = to_retry.pop(0) if to_retry else ledger.draw(drawn_key)
                 run = Run(submission=submission, seed=seed, seed_drawn=True, budget_s=budget_s)
             runs.append(run)
     to_run = [run for run in runs if not run.reused]

@@ -90,7 +90,7 @@ def _register_private(commands) -> None:
             "track's public documents, drop every one that shares a 64-token window, a text or an id with the "
             "public splits, and write DIR/<sha256>.parquet. Then it prints the hash and the line for the "
             "track file. It also prints the embedding bound: how many of the pool's documents a submission "
-            "can carry compressed with xz (check's cap on a folder's compressed size), what share of the hidden split that covers, "
+            "can carry at check's cap on a folder's compressed size, coded better than xz, what share of the hidden split that covers, "
             "and the val_loss that would buy. A bound above the track's record margin is refused (exit 2) "
             "unless --accept-embeddable: draw from a pool thousands of times larger than a submission can "
             "carry, or from unpublished text. The bound is kept in the file, and results scored on it carry it."
@@ -241,8 +241,9 @@ def run_private(args: argparse.Namespace) -> int:
     except DataError as exc:
         raise UserError(str(exc)) from None
     train_tokens = (token for doc in read_documents(train_path) for token in doc.tokens)
+    tokens_per_document = sum(len(doc.tokens) for doc in documents) / len(documents)
     bound = private.embedding_bound(survey, private.unigram_loss(train_tokens, documents, vocab_size),
-                                    INFORMATION_MAX_BYTES, margin)
+                                    tokens_per_document, INFORMATION_MAX_BYTES, margin)
     print(f"embedding bound: {bound.sentence()}")
     if bound.embeddable and not args.accept_embeddable:
         raise UserError(

@@ -5,10 +5,14 @@ submission may carry text in its code: if the split is drawn from a pool of publ
 submission that carries a share f of the pool, compressed, carries about a share f of the hidden
 documents and scores near zero on them. The **embedding bound** says what that buys:
 
-- the pool is compressed with xz (preset 9, extreme), so its cost per document is known; where the
-  pool is larger than `COMPRESSED_SAMPLE_BYTES`, the first that many bytes of text are compressed
-  and the cost per document is extrapolated (xz finds no repeats beyond its 64 MiB dictionary, so a
-  sample as large as the dictionary predicts the rest);
+- the pool is compressed with xz (preset 9, extreme); where the pool is larger than
+  `COMPRESSED_SAMPLE_BYTES`, the first that many bytes of text are compressed and the cost per
+  document is extrapolated (xz finds no repeats beyond its 64 MiB dictionary, so a sample as large
+  as the dictionary predicts the rest). A submission can do better than xz: an arithmetic coder
+  driven by a model it trains in the jail on the training split (the reference's 5.3 nats a token
+  beat a unigram model's 6.9, which beats xz on prose). So the cost assumed per document is the
+  lesser of xz's and a unigram coder's (the honest loss below, times the hidden documents' mean
+  length), divided by CODER_ADVANTAGE;
 - a submission carries `cap / cost` documents, where the cap is what `evaluator check` lets a folder
   hold however it is written (its files compressed together with xz: INFORMATION_MAX_BYTES): a share
   `covered_share` of the pool, and so, in expectation, of the randomly drawn hidden documents;
@@ -52,6 +56,8 @@ COMPRESSED_SAMPLE_BYTES = 64 * 2**20
 # overlapping the public splits, and the rest stay a uniform sample.
 OVERSAMPLE = 4
 HUB_PREFIX = "hub:"
+# How much better than the cheaper of xz and a unigram coder a model-driven coder is assumed to be.
+CODER_ADVANTAGE = 2.0
 
 
 @dataclass(frozen=True)
@@ -60,7 +66,7 @@ class EmbeddingBound:
 
     pool_documents: int
     pool_bytes: int  # UTF-8 text of the whole pool
-    compressed_bytes_per_document: float  # xz, measured on the pool (or its first COMPRESSED_SAMPLE_BYTES)
+    compressed_bytes_per_document: float  # the cost assumed: min(xz, unigram coder) / CODER_ADVANTAGE
     carry_cap_bytes: int  # what a submission folder may hold, compressed (evaluator/check.py)
     carried_documents: int
     covered_share: float  # of the pool, and so of the hidden documents, in expectation
@@ -78,8 +84,8 @@ class EmbeddingBound:
     def sentence(self) -> str:
         return (
             f"a submission of {self.carry_cap_bytes:,} bytes compressed carries {self.carried_documents:,} of the pool's "
-            f"{self.pool_documents:,} documents compressed with xz ({self.compressed_bytes_per_document:,.0f} "
-            f"bytes each), {self.covered_share:.2%} of the hidden split, worth about {self.gain_nats:.4f} nats "
+            f"{self.pool_documents:,} documents ({self.compressed_bytes_per_document:,.0f} bytes each, coded better "
+            f"than xz), {self.covered_share:.2%} of the hidden split, worth about {self.gain_nats:.4f} nats "
             f"against the record margin of {self.margin_nats:g}"
         )
 
@@ -224,8 +230,11 @@ def unigram_loss(train_tokens: Iterable[int], documents: Sequence[BuiltDocument]
     return -sum(math.log((counts[token] + 1) / total) for token in tokens) / max(1, len(tokens))
 
 
-def embedding_bound(survey: _PoolSurvey, honest_loss: float, cap_bytes: int, margin: float) -> EmbeddingBound:
-    per_document = survey.compressed_bytes / max(1, survey.sampled_documents)
+def embedding_bound(survey: _PoolSurvey, honest_loss: float, tokens_per_document: float, cap_bytes: int,
+                    margin: float) -> EmbeddingBound:
+    xz_per_document = survey.compressed_bytes / max(1, survey.sampled_documents)
+    unigram_per_document = honest_loss * tokens_per_document / math.log(2) / 8
+    per_document = min(xz_per_document, unigram_per_document) / CODER_ADVANTAGE
     carried = min(survey.documents, math.floor(cap_bytes / per_document)) if per_document > 0 else survey.documents
     share = carried / max(1, survey.documents)
     return EmbeddingBound(

@@ -259,3 +259,20 @@ def test_without_ray_it_says_how_to_install_it(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert code == 2
     assert err.count("\n") == 1 and "pip install -e '.[cluster]'" in err
+
+
+def test_a_drawn_seed_is_written_down_before_its_run_and_kept_when_the_run_left_no_result(tmp_path):
+    """A run stopped by the watchdog, or whose node died, leaves no result.json: the ledger still
+    knows its seed, so a resumed batch runs that seed again rather than a fresh draw."""
+    from evaluator.batch.driver import _DrawLedger
+
+    path = tmp_path / "runs" / "drawn-seeds.jsonl"
+    key = ("tree", "track", None, 60.0)
+    first = _DrawLedger(path)
+    seed = first.draw(key)
+    assert first.seeds(key) == [seed]
+    with open(path, "a") as ledger:
+        ledger.write('{"tree_sha256": "tree", "track_sha')  # an append cut short by a crash
+    again = _DrawLedger(path)
+    assert again.seeds(key) == [seed] and again.seeds(("other", "track", None, 60.0)) == []
+    assert json.loads(path.read_text().splitlines()[0])["seed"] == seed
