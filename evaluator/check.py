@@ -584,6 +584,7 @@ class ChangeReport:
     outside: list[str]
     edited: list[str]  # folders the base already has: a new version of a submission is a new folder
     merge_bases: list[str]  # more than one: a criss-cross history, whose merge no single base describes
+    taken: list[str]  # new folders under a name another folder has published results under
 
     @property
     def folder_count(self) -> int:
@@ -592,7 +593,7 @@ class ChangeReport:
     @property
     def ok(self) -> bool:
         return (self.folder_count == 1 and not self.deleted and not self.outside and not self.edited
-                and len(self.merge_bases) == 1 and all(r.ok for r in self.submissions))
+                and not self.taken and len(self.merge_bases) == 1 and all(r.ok for r in self.submissions))
 
     def as_dict(self) -> dict:
         return {
@@ -603,6 +604,7 @@ class ChangeReport:
             "deleted": self.deleted,
             "outside": self.outside,
             "edited": self.edited,
+            "taken": self.taken,
             "merge_bases": self.merge_bases,
         }
 
@@ -638,10 +640,25 @@ def check_changed(base: str, cwd: Path, allow_edit: frozenset[str] = frozenset()
     merge_bases = _git(top, ["merge-base", "--all", base_commit, head_commit], f"{_shown_path(base)} and HEAD share no history").decode().split()
     in_base = _folders_in_head(top, merge_bases[0]) if len(merge_bases) == 1 else set()
     edited = [f"{SUBMISSIONS_FOLDER}/{name}" for name in present if name in in_base and name not in allow_edit]
+    # A new folder under a name that has published results (another folder's: the reference lives at
+    # the top, for one) would have its runs filed and pooled under that name.
+    published = _published_names(top, merge_bases[0]) if len(merge_bases) == 1 else set()
+    taken = [f"{SUBMISSIONS_FOLDER}/{name}" for name in present if name in published and name not in in_base]
     return ChangeReport(
         base=base, head=head_commit, submissions=_check_as_committed(top, head_commit, present), deleted=deleted,
-        outside=outside, edited=edited, merge_bases=merge_bases,
+        outside=outside, edited=edited, merge_bases=merge_bases, taken=taken,
     )
+
+
+def _published_names(top: Path, commit: str) -> set[str]:
+    """The submission names that have published results in `commit` (results/<track>/<name>/)."""
+    listing = _git(top, ["ls-tree", "-r", "-z", "--name-only", commit, "--", "results/"], "cannot list the published results")
+    names = set()
+    for path in listing.split(b"\0")[:-1]:
+        parts = os.fsdecode(path).split("/")
+        if len(parts) == 4 and parts[1] != "runs" and parts[3].endswith(".json"):
+            names.add(parts[2])
+    return names
 
 
 def _git(where: Path, args: list[str], failure: str, env: dict[str, str] | None = None) -> bytes:
@@ -735,6 +752,11 @@ def _run_check_changed(args: argparse.Namespace) -> int:
               "of a submission is a new folder, and no one edits another's); only the organiser may allow it (--allow-edit)",
               file=sys.stderr)
         problems += 1
+    for folder in change.taken:
+        name = folder.rsplit("/", 1)[-1]
+        print(f"{_shown_path(folder)}: the name {_shown_path(name)} has published results of another folder "
+              "(results/<track>/<name>/): a name belongs to the folder that first published under it", file=sys.stderr)
+        problems += 1
     if len(change.merge_bases) > 1:
         print(f"{span}: {len(change.merge_bases)} merge bases (a criss-cross history): what merging would change is not "
               f"what HEAD changes since any one of them; rebase the branch onto {_shown_path(change.base)}", file=sys.stderr)
@@ -824,7 +846,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     check.add_argument("--allow-edit", action="append", default=[], metavar="NAME",
                        help="with --changed: let the change edit submissions/NAME, which the base already has (the "
                             "organiser's decision; a published submission's new version is otherwise a new folder)")
-    check.add_argument("--json", action="store_true", help="print the findings as JSON on stdout (with --changed: ok, base, head, submissions, deleted, outside, edited, merge_bases)")
+    check.add_argument("--json", action="store_true", help="print the findings as JSON on stdout (with --changed: ok, base, head, submissions, deleted, outside, edited, taken, merge_bases)")
     check.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="also check what these overrides (as evaluator run --set takes them) make of the manifest's [config]")
     check.set_defaults(handler=_run_check)

@@ -222,6 +222,7 @@ def test_json_output(repo, capsys):
         "deleted": [],
         "outside": ["evaluator/x.py"],
         "edited": [],
+        "taken": [],
         "merge_bases": [_git(repo, "merge-base", "main", "HEAD").strip()],
     }
     _git(repo, "reset", "-q", "--hard", "main")
@@ -238,6 +239,21 @@ def test_a_folder_named_after_another_submission_is_refused(repo, capsys):
     code, _, err = _check_changed(capsys)
     assert code == 2
     assert 'submissions/evil/manifest.toml: submission.name "template" must be the folder\'s name "evil"' in err
+
+
+def test_a_new_folder_under_a_name_with_published_results_is_refused(repo, capsys):
+    # The reference lives at the top of the repository and has results; a pull request adding
+    # submissions/reference/ would have its runs filed and pooled under that name.
+    _git(repo, "checkout", "-q", "main")
+    _write(repo, "results/cpu-1min/reference/20260101T000000Z-reference-s1-abcdef.json", "{}")
+    _commit(repo, "published results")
+    _git(repo, "checkout", "-q", "change")
+    _git(repo, "reset", "-q", "--hard", "main")
+    _add_submission(repo, "reference")
+    _commit(repo)
+    code, _, err = _check_changed(capsys)
+    assert code == 2
+    assert "submissions/reference: the name reference has published results of another folder" in err
 
 
 def test_a_change_to_a_folder_the_base_already_has_is_refused_unless_the_organiser_allows_it(repo, capsys):
