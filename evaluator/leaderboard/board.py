@@ -8,7 +8,7 @@ ranked by mean val_loss (the hidden split's); in a development table the runs th
 but for the split are ranked the same way, and never hold a record. The others are listed after
 them, unranked. An official row shows its runs' public-split score beside the hidden one, and how
 many of them the contamination check flagged (a model much better on the public split than on the
-hidden one has memorised it).
+hidden one has memorised it; much better on the hidden one, the hidden split has leaked).
 
 A time-to-target track (its results carry a `target`; the track need not be defined here) ranks
 by mean time to target instead: the evaluator-clock time of the first model, snapshot or final,
