@@ -120,9 +120,21 @@ class _Run:
 
 
 def _train_and_score(run: _Run, sandbox_choice: str, console: Console, began: float) -> None:
+    plan = run.plan
+    try:
+        stage_run(plan)
+        run.staged = True
+        _sandboxed_run(run, sandbox_choice, console, began)
+    finally:
+        # What the jails used or left, whatever happened: the run directory keeps its record, the
+        # logs and the model. Scored, the snapshots' work is done; kept, ten snapshots of a large
+        # model would fill a disk.
+        for folder in (plan.jail_out, plan.scratch, plan.jail_input, plan.run_dir / SNAPSHOTS_DIR):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _sandboxed_run(run: _Run, sandbox_choice: str, console: Console, began: float) -> None:
     plan, timings = run.plan, run.timings
-    stage_run(plan)
-    run.staged = True
     try:
         # With the hidden split here, nsjail or nothing: `auto` never falls back to running unsandboxed.
         sandbox = open_sandbox("nsjail" if plan.hidden_path is not None else sandbox_choice)
@@ -139,41 +151,36 @@ def _train_and_score(run: _Run, sandbox_choice: str, console: Console, began: fl
         console.print(f"sandbox: could not use {missing}", markup=False, highlight=False)
     timings["prepare_s"] = time.monotonic() - began
     try:
+        run.outcome = train_in_jail(plan, sandbox, console, timings)
+    except SandboxUnavailable as exc:
+        run.outcome = TrainingOutcome(status="sandbox_error", message=f"the training sandbox failed to start: {exc}")
+    outcome = run.outcome
+    if outcome.status == "ok":
+        scoring_started = time.monotonic()
         try:
-            run.outcome = train_in_jail(plan, sandbox, console, timings)
+            run.scored = score_run(plan, sandbox, console, outcome)
+        except InvalidModel as exc:
+            outcome.status, outcome.message = "invalid_model", str(exc)
         except SandboxUnavailable as exc:
-            run.outcome = TrainingOutcome(status="sandbox_error", message=f"the training sandbox failed to start: {exc}")
-        outcome = run.outcome
-        if outcome.status == "ok":
-            scoring_started = time.monotonic()
-            try:
-                run.scored = score_run(plan, sandbox, console, outcome)
-            except InvalidModel as exc:
-                outcome.status, outcome.message = "invalid_model", str(exc)
-            except SandboxUnavailable as exc:
-                outcome.status, outcome.message = "sandbox_error", f"the scoring sandbox failed: {exc}"
-            else:
-                target = plan.track.target
-                if target is not None and run.scored.reached_at_s is None:
-                    outcome.status = "not_reached"
-                    outcome.message = (f"no model reached the target val_loss {target.val_loss:g}; the final "
-                                       f"model's is {run.scored.score.val_loss:.4f}")
-            # Whole seconds: how long scoring takes is the model's to choose.
-            run.scoring_seconds = timings["scoring_s"] = round(time.monotonic() - scoring_started)
-    finally:
-        shutil.rmtree(plan.jail_out, ignore_errors=True)
-        # Scored, their work is done; kept, ten snapshots of a large model would fill a disk.
-        shutil.rmtree(plan.run_dir / SNAPSHOTS_DIR, ignore_errors=True)
+            outcome.status, outcome.message = "sandbox_error", f"the scoring sandbox failed: {exc}"
+        else:
+            target = plan.track.target
+            if target is not None and run.scored.reached_at_s is None:
+                outcome.status = "not_reached"
+                outcome.message = (f"no model reached the target val_loss {target.val_loss:g}; the final "
+                                   f"model's is {run.scored.score.val_loss:.4f}")
+        # Whole seconds: how long scoring takes is the model's to choose.
+        run.scoring_seconds = timings["scoring_s"] = round(time.monotonic() - scoring_started)
 
 
 def _environment_or_less(plan: RunPlan) -> dict[str, Any]:
     """The environment block of a run that failed before it opened a sandbox; without the GPU's
     details where reading them is what failed."""
-    unavailable = ("the evaluator failed before it opened a sandbox",)
+    unavailable = ("sandbox: the evaluator failed before it opened one",)
     try:
-        return environment("unknown", "unknown", plan.gpu, unavailable)
+        return environment("none", "not opened", plan.gpu, unavailable)
     except Exception:  # NVML, torch's CUDA query: whatever failed may fail again
-        return environment("unknown", "unknown", None, unavailable)
+        return environment("none", "not opened", None, unavailable)
 
 
 def _evaluator_error(run: _Run, console: Console) -> dict[str, Any]:

@@ -132,7 +132,7 @@ _RAW_CONTROL = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f]")
 
 
 def test_check_never_raises_on_generated_manifests(tmp_path, capsys):
-    folder = tmp_path / "sub"
+    folder = tmp_path / "template"  # the template's name: a submission's name is its folder's
     shutil.copytree(TEMPLATE, folder, ignore=shutil.ignore_patterns("__pycache__"))
     template = (TEMPLATE / "manifest.toml").read_text()
     rng = random.Random(SEED)

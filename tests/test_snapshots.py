@@ -194,6 +194,8 @@ def train(ctx):
     hollow = channel.answer()
     taken = ctx.snapshot(model)
     ctx.log(1, directory=float(directory["taken"]), sparse=float(hollow["taken"]), taken=float(taken))
+    while ctx.elapsed() < 3.0:  # past the snapshot's window: a snapshot later than the final model is left out
+        time.sleep(0.01)
     return model
 '''
     folder = write_submission(tmp_path, "odd-snapshot-files", body)
@@ -221,6 +223,8 @@ def train(ctx):
     while not ctx.snapshot_due():
         time.sleep(0.01)
     ctx.log(1, refused_taken=float(refused["taken"]), taken=float(ctx.snapshot(model)))
+    while ctx.elapsed() < 3.0:  # past the snapshot's window: a snapshot later than the final model is left out
+        time.sleep(0.01)
     return model
 '''
     folder = write_submission(tmp_path, "refused-then-taken", body)

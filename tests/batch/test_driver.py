@@ -140,7 +140,7 @@ def test_a_failing_node_is_retried_once_with_the_same_drawn_seed_then_reported(l
     retry = re.search(r"retrying once with the same seed, (\d+)", err)
     assert retry, err
     # No re-roll: the run that was retried, and is reported, has the seed the driver drew once.
-    assert re.search(rf"tiny-gpu\s+{retry.group(1)} \(drawn\)\s+evaluator failure", err), err
+    assert re.search(rf"tiny-gpu\W+{retry.group(1)} \(drawn\)\W+evaluator failure", err), err
     assert _run_results(tmp_path / "results") == []
 
 
