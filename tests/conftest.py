@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -69,14 +70,33 @@ def write_submission(parent: Path, name: str, body: str, config: dict | None = N
 
 
 def run_cli(folder: Path, out: Path, *extra: str, capsys) -> tuple[int, dict]:
-    """`evaluator run DIR --out OUT --json ...`; returns the exit code and the printed record."""
+    """`evaluator run DIR --out OUT --json ...`; returns the exit code and the printed record, after
+    checking that what the run wrote can be published: every kind of run the suite makes."""
     code = main(["run", str(folder), "--out", str(out), "--json", *extra])
     captured = capsys.readouterr()
     try:
         record = json.loads(captured.out)
     except ValueError:
         pytest.fail(f"--json printed no record (exit {code}):\nstdout: {captured.out}\nstderr: {captured.err}")
+    assert_publishable(record, Path(out) / record["run_id"])
     return code, record
+
+
+def assert_publishable(record: dict, run_dir: Path) -> None:
+    """The run's result passes the one validator, and a run of a published status is signed and
+    verified as `publish` and `verify` would (smoke runs are never published)."""
+    from evaluator.publish import publish, verify_paths
+    from evaluator.results import PUBLISHED_STATUSES, result_problems
+    from evaluator.signing import generate_key_pair, load_private_key, load_trusted_keys
+
+    assert result_problems(record) == [], record
+    if record["status"] not in PUBLISHED_STATUSES or record["smoke"]:
+        return
+    with tempfile.TemporaryDirectory(prefix="publishable-") as scratch:
+        private, _, _ = generate_key_pair(Path(scratch, "keys"), "suite")
+        envelope, _, _ = publish(run_dir, load_private_key(private), Path(scratch, "results"), allow_unofficial=True)
+        verified, rejected = verify_paths([envelope], load_trusted_keys(Path(scratch, "keys")))
+    assert rejected == [] and len(verified) == 1, rejected
 
 
 @pytest.fixture
