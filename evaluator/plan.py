@@ -251,6 +251,10 @@ def make_plan(request: RunRequest, console: Console, held: ExitStack) -> RunPlan
                       f"{calibration.track_seconds:g} s, {calibration.track_provenance.split(',', 1)[0]}): budget "
                       f"{budget_s:.1f} s, unofficial", markup=False, highlight=False)
     run_dir = (Path(request.runs_dir) / run_id).resolve()
+    if hidden_path is not None and run_dir.is_relative_to(hidden_path.parent):
+        # The jails see the run directory, and the hidden split's folder is hidden from every jail.
+        raise UserError(f"the run directory {shown(run_dir)} lies inside {PRIVATE_DATA_ENV}; give --out a folder "
+                        "outside it: no jail may see the hidden split's folder")
     plan = RunPlan(
         folder=folder, manifest=manifest, track=track, device=device, seed=seed, seed_drawn=request.secret_seed,
         budget_s=budget_s, calibration=calibration, overrides=request.overrides, smoke=request.smoke, gpu=placement,

@@ -266,3 +266,11 @@ def test_without_its_hidden_split_a_run_is_a_development_result(hidden_track, tm
         f"is not on this host ({PRIVATE_DATA_ENV} is not set))"]
     assert result["data"]["scored_on"] == "public" and result["metrics"]["val_documents"] == 100
     assert result["dev_metrics"] is None and result["contamination"] is None
+
+
+def test_a_run_directory_inside_the_hidden_splits_folder_is_refused(hidden_track, hidden_dir, tmp_path, capsys):
+    # Every jail sees its run directory, and no jail may see the hidden split's folder.
+    folder = write_submission(tmp_path, "bigram", BIGRAM)
+    code = main(["run", str(folder), "--track", hidden_track, "--out", str(hidden_dir / "runs"), "--json"])
+    assert code == 2 and "lies inside EVALUATOR_PRIVATE_DATA" in capsys.readouterr().err
+    assert not (hidden_dir / "runs").exists()
