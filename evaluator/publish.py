@@ -15,7 +15,6 @@ signed result to the same rules.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from dataclasses import dataclass

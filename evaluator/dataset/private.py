@@ -29,10 +29,10 @@ carries it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import lzma
 import math
-import os
 import random
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 from evaluator.dataset.build import EOS_TOKEN, BuiltDocument, OverlapIndex, encode_all, parquet_bytes, truncate_text
 from evaluator.dataset.loader import read_documents
 from evaluator.errors import DataError, UserError
-from evaluator.fsutil import atomic_write_bytes, sha256_file
+from evaluator.fsutil import atomic_write_bytes
 
 # The Parquet key-value metadata entry that holds a hidden split's embedding bound.
 BOUND_METADATA_KEY = b"evaluator.embedding_bound"
@@ -248,12 +248,10 @@ def embedding_bound(survey: _PoolSurvey, honest_loss: float, tokens_per_document
 def write_hidden_split(out_dir: Path, documents: Sequence[BuiltDocument], bound: EmbeddingBound) -> tuple[Path, str]:
     """Write `<sha256>.parquet` into `out_dir` (atomically); returns its path and hash."""
     data = parquet_bytes(documents, metadata={BOUND_METADATA_KEY: json.dumps(bound.as_dict(), sort_keys=True).encode()})
-    out_dir.mkdir(parents=True, exist_ok=True)
-    staging = out_dir / f".hidden-{os.getpid()}.parquet"
-    atomic_write_bytes(staging, data)
-    digest = sha256_file(staging)
+    digest = hashlib.sha256(data).hexdigest()
     path = out_dir / f"{digest}.parquet"
-    os.replace(staging, path)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, data)
     return path, digest
 
 

@@ -82,16 +82,9 @@ class Run:
     throttled_s: float | None  # None: no GPU telemetry (a CPU track, or NVML absent)
     throttle_reasons: tuple[str, ...]
     gpu: dict[str, Any] | None  # the board: name, PCI bus id and UUID tell two of one host apart
-    unofficial_reasons: tuple[str, ...]
     calibration_factor: float | None  # --budget calibrated: what the track's budget was multiplied by
-    development: bool  # scored on the public split
     dev_val_loss: float | None  # scored on the hidden split: the same model on the public split
     contaminated: bool  # the contamination check flagged it
-
-    @property
-    def clean_development(self) -> bool:
-        """Scored on the public split, and official in every other respect (the split is its one reason)."""
-        return self.development and len(self.unofficial_reasons) == 1
 
     @classmethod
     def from_verified(cls, verified: VerifiedResult) -> Run:
@@ -115,8 +108,6 @@ class Run:
             throttled_s=_throttled_seconds(result["gpu_telemetry"]),
             throttle_reasons=tuple(result["gpu_telemetry"]["throttle_reasons"]) if result["gpu_telemetry"] else (),
             calibration_factor=None if result["calibration"] is None else result["calibration"]["factor"],
-            unofficial_reasons=tuple(result["unofficial_reasons"]),
-            development=result["data"]["scored_on"] == "public",
             dev_val_loss=None if result["dev_metrics"] is None else float(result["dev_metrics"]["val_loss"]),
             contaminated=result["contamination"] is not None and result["contamination"]["flagged"],
             gpu=None if result["environment"]["gpu"] is None else {
