@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import random
 import sys
 import tempfile
 from pathlib import Path
@@ -31,7 +30,7 @@ from evaluator.dataset.loader import read_documents, read_train_tokens
 from evaluator.dataset.store import resolve_data_file, tokenizer_info
 from evaluator.manifest import parse_manifest
 from evaluator.sandbox import open_sandbox
-from evaluator.scoring import PASSES, ScoringLimits, _score_passes, _windows, compose
+from evaluator.scoring import ScoringLimits, ScoringSession, ScoringSetup
 from evaluator.tracks import load_track
 from overhead import SCORED, _untrained_model
 
@@ -64,7 +63,6 @@ def main() -> None:
     track = load_track("cpu-1min")
     vocab_size, eos_id = tokenizer_info(resolve_data_file(track, "tokenizer"))
     documents = read_documents(resolve_data_file(track, "val"))
-    windows = [w for d in sorted(documents, key=lambda d: d.doc_id) for w in _windows(d, eos_id, track.eval.seq_len)]
     val_tokens = sum(len(d.tokens) for d in documents)
     sandbox = open_sandbox("nsjail")
     limits = ScoringLimits(load_s=track.eval.load_s, step_s=track.eval.step_s, total_s=900,
@@ -79,20 +77,19 @@ def main() -> None:
             model_path = Path(tmp) / f"{name}.pt"
             torch.save(model, model_path)
             worst, means, losses = 0.0, [], []
-            for seed in range(args.seeds):
-                console.print(f"{name}: scoring, seed {seed} ...")
-                rng = random.Random(seed)
-                compositions = [compose(windows, track.eval.batch_size, rng) for _ in range(PASSES)]
-                first, second = _score_passes(
-                    sandbox, compositions, limits, name=f"bench-consistency-{name}-{seed}",
-                    model_path=model_path, submission_dir=folder, vocab_size=vocab_size, device="cpu",
-                    threads=track.device.threads, memory_bytes=track.sandbox.memory_mib * 2**20,
-                    pids=track.sandbox.pids, debug_log_dir=None,
-                )
-                differences = [first[doc] - second[doc] for doc in first]
-                worst = max(worst, max(abs(d) for d in differences))
-                means.append(math.fsum(differences) / val_tokens)
-                losses.append(math.fsum(first.values()) / val_tokens)
+            setup = ScoringSetup(name=f"bench-consistency-{name}", submission_dir=folder, vocab_size=vocab_size,
+                                 eos_id=eos_id, seq_len=track.eval.seq_len, batch_size=track.eval.batch_size, device="cpu",
+                                 gpu=None, threads=track.device.threads, limits=limits,
+                                 memory_bytes=track.sandbox.memory_mib * 2**20, pids=track.sandbox.pids,
+                                 model_cap_bytes=track.sandbox.model_mib * 2**20)
+            with ScoringSession(sandbox, setup, models=args.seeds) as session:
+                for seed in range(args.seeds):
+                    console.print(f"{name}: scoring, seed {seed} ...")
+                    first, second = session.document_nats(model_path, documents, secret_seed=seed)
+                    differences = [first[doc] - second[doc] for doc in first]
+                    worst = max(worst, max(abs(d) for d in differences))
+                    means.append(math.fsum(differences) / val_tokens)
+                    losses.append(math.fsum(first.values()) / val_tokens)
             table.add_row(name, f"{sum(losses) / len(losses):.4f}", f"{worst:.2e}",
                           f"{max(means, key=abs):+.2e}", f"{track.eval.consistency_nats:g}")
     Console().print(table)

@@ -3,7 +3,10 @@
 A fixed workload (a few training steps of a small dense transformer: float32 on the CPU, fp16
 autocast on CUDA) is timed here and compared with the same workload's time on the track's hardware,
 which the track file states with its provenance (`[calibration]`: measured on that hardware, or
-estimated and how). The ratio scales a track's budget and scoring deadlines for a development run
+estimated and how). The host's time is the fastest repeat's: other work on the host can only add
+time. A measurement that shows other work (on the CPU, the workload received less than
+MIN_CPU_SHARE of its threads' time; anywhere, repeats further apart than MAX_REPEAT_RATIO) is
+taken again, and after ATTEMPTS refused: a busy host gives no factor worth scaling a budget by. The ratio scales a track's budget and scoring deadlines for a development run
 on other hardware; such a run is always unofficial. docs/CALIBRATION.md says where the ratio
 misleads.
 
@@ -40,6 +43,10 @@ CHILD_TIMEOUT_S = 600  # a CPU far slower than any track's would still finish we
 # Factors beyond these say the comparison is meaningless (a figure for other hardware, a broken
 # host), not that a budget of seconds or of days is right.
 FACTOR_RANGE = (0.02, 50.0)
+# A quiet 2-core host gives the CPU workload ~0.97 of its threads' time and repeats within a few %.
+MIN_CPU_SHARE = 0.8
+MAX_REPEAT_RATIO = 1.25  # slowest repeat / fastest
+ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -47,15 +54,34 @@ class HostTiming:
     device: str  # "cpu" or the CUDA device's name
     threads: int
     seconds: list[float]  # one per repeat: TIMED_STEPS steps, after warm-up
+    cpu_seconds: list[float]  # the process's CPU time in each repeat (all its threads)
 
     @property
-    def median_s(self) -> float:
-        return statistics.median(self.seconds)
+    def best_s(self) -> float:
+        return min(self.seconds)
 
     @property
     def spread(self) -> float:
         """Coefficient of variation over the repeats (0 with a single repeat)."""
         return statistics.stdev(self.seconds) / statistics.mean(self.seconds) if len(self.seconds) > 1 else 0.0
+
+    @property
+    def cpu_share(self) -> float | None:
+        """On the CPU: the least share of its threads' time a repeat received; None on a GPU."""
+        if self.device != "cpu":
+            return None
+        return min(cpu / (wall * self.threads) for cpu, wall in zip(self.cpu_seconds, self.seconds))
+
+    def busy_reason(self) -> str | None:
+        """Why these figures show a busy host, or None."""
+        share = self.cpu_share
+        if share is not None and share < MIN_CPU_SHARE:
+            return (f"the workload received {share:.0%} of its {self.threads} CPUs' time (a quiet host gives at least "
+                    f"{MIN_CPU_SHARE:.0%})")
+        ratio = max(self.seconds) / min(self.seconds)
+        if ratio > MAX_REPEAT_RATIO:
+            return f"its repeats took {min(self.seconds):.3f}-{max(self.seconds):.3f} s (at most {MAX_REPEAT_RATIO:g} x apart on a quiet host)"
+        return None
 
 
 @dataclass(frozen=True)
@@ -64,11 +90,12 @@ class Calibration:
 
     workload: str
     factor: float
-    host_seconds: float  # the median of host_repeats
+    host_seconds: float  # the fastest of host_repeats
     host_repeats: list[float]
     host_spread: float
     host_device: str
     host_threads: int
+    host_cpu_share: float | None  # on the CPU: the least share of its threads' time a repeat received
     track_seconds: float
     track_provenance: str
 
@@ -115,16 +142,17 @@ def _time_here(device_name: str, threads: int, repeats: int) -> HostTiming:
 
     for _ in range(WARMUP_STEPS):
         step()
-    seconds = []
+    seconds, cpu_seconds = [], []
     for _ in range(repeats):
         synchronize()
-        began = time.perf_counter()
+        began, began_cpu = time.perf_counter(), time.process_time()
         for _ in range(TIMED_STEPS):
             step()
         synchronize()
         seconds.append(time.perf_counter() - began)
+        cpu_seconds.append(time.process_time() - began_cpu)
     name = torch.cuda.get_device_name(device) if use_fp16 else "cpu"
-    return HostTiming(device=name, threads=threads, seconds=seconds)
+    return HostTiming(device=name, threads=threads, seconds=seconds, cpu_seconds=cpu_seconds)
 
 
 def time_workload(device_kind: str, threads: int, repeats: int = DEFAULT_REPEATS, cuda_index: int = 0) -> HostTiming:
@@ -164,17 +192,28 @@ def calibrate(track: Track, repeats: int = DEFAULT_REPEATS, cuda_index: int = 0)
     if reference.workload != WORKLOAD:
         raise UserError(f"track {track.id} states a time for workload {reference.workload!r}; this evaluator "
                         f"runs {WORKLOAD!r}: the track file needs a new [calibration] figure")
-    timing = time_workload(track.device.kind, track.device.threads, repeats, cuda_index)
-    factor = timing.median_s / reference.seconds
+    for attempt in range(1, ATTEMPTS + 1):
+        timing = time_workload(track.device.kind, track.device.threads, repeats, cuda_index)
+        busy = timing.busy_reason()
+        if busy is None:
+            break
+        if attempt < ATTEMPTS:
+            print(f"calibration: the host looks busy ({busy}); measuring again ({attempt + 1} of {ATTEMPTS})",
+                  file=sys.stderr)
+    else:
+        raise UserError(f"this host is busy: {busy}, in each of {ATTEMPTS} measurements; calibrate when nothing else "
+                        "runs here")
+    factor = timing.best_s / reference.seconds
     low, high = FACTOR_RANGE
     if not low <= factor <= high:
-        raise UserError(f"this host took {timing.median_s:.4g} s against track {track.id}'s {reference.seconds:g} s: a "
+        raise UserError(f"this host took {timing.best_s:.4g} s against track {track.id}'s {reference.seconds:g} s: a "
                         f"factor of {factor:.3g}, outside {low:g}-{high:g}, compares things too unlike to scale a budget by")
+    share = timing.cpu_share
     return Calibration(
-        workload=WORKLOAD, factor=round(factor, 3), host_seconds=round(timing.median_s, 4),
+        workload=WORKLOAD, factor=round(factor, 3), host_seconds=round(timing.best_s, 4),
         host_repeats=[round(seconds, 4) for seconds in timing.seconds], host_spread=round(timing.spread, 4),
-        host_device=timing.device, host_threads=timing.threads, track_seconds=reference.seconds,
-        track_provenance=reference.provenance,
+        host_device=timing.device, host_threads=timing.threads, host_cpu_share=None if share is None else round(share, 3),
+        track_seconds=reference.seconds, track_provenance=reference.provenance,
     )
 
 
@@ -194,9 +233,10 @@ def _run_calibrate(args: argparse.Namespace) -> int:
         print(json.dumps(calibration.as_dict() | {"track": track.id, "calibrated_budget_s": budget_s}, indent=2))
         return 0
     repeats = ", ".join(f"{seconds:.3f}" for seconds in calibration.host_repeats)
-    print(f"workload {WORKLOAD} on {calibration.host_device} ({calibration.host_threads} thread(s)): median "
-          f"{calibration.host_seconds:.3f} s over {len(calibration.host_repeats)} repeat(s) [{repeats}], "
-          f"spread {100 * calibration.host_spread:.1f}%")
+    received = "" if calibration.host_cpu_share is None else f", received {calibration.host_cpu_share:.0%} of its CPUs' time"
+    print(f"workload {WORKLOAD} on {calibration.host_device} ({calibration.host_threads} thread(s)): fastest "
+          f"{calibration.host_seconds:.3f} s of {len(calibration.host_repeats)} repeat(s) [{repeats}], "
+          f"spread {100 * calibration.host_spread:.1f}%{received}")
     print(f"track {track.id}: {calibration.track_seconds:g} s, {calibration.track_provenance}")
     print(f"factor {calibration.factor:.3f}: this host is {'slower' if calibration.factor > 1 else 'faster'} than the "
           f"track's hardware; a calibrated budget is {budget_s:.1f} s instead of {track.budget_s:g} s")

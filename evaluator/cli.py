@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "evaluator.publish",
     "evaluator.leaderboard.cli",
     "evaluator.batch.driver",
+    "evaluator.compare",
     "evaluator.calibration",
 ]
 

@@ -10,6 +10,7 @@ split than on the hidden one has memorised it).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,12 @@ class ScoredRun:
     dev_score: Any  # the deciding model's ScoreReport on the public split, where the hidden split ranks; else None
 
 
-def score_run(plan: RunPlan, sandbox, console: Console, outcome: TrainingOutcome) -> ScoredRun:
+# A model chooses how long its scoring takes: on the hidden split, its time is recorded this coarsely.
+HIDDEN_TIME_RESOLUTION_S = 10
+
+
+def score_run(plan: RunPlan, sandbox, console: Console, outcome: TrainingOutcome,
+              scorings: list[dict[str, Any]]) -> ScoredRun:
     """Score the final model and every snapshot with the same code, limits and guarantees.
 
     Fixed-time track: the final model is the score (scored first; its failure fails the run), a
@@ -50,7 +56,9 @@ def score_run(plan: RunPlan, sandbox, console: Console, outcome: TrainingOutcome
     time-to-target track (the crossing is the score). The deciding model is also scored on the public
     split, and a model that cannot be scored there fails the run like one that cannot be scored at
     all (else a model that recognised public text could refuse it and escape the contamination
-    check). Raises InvalidModel (the deciding model cannot be scored) and SandboxUnavailable.
+    check). Raises InvalidModel (the deciding model cannot be scored; the message says which model)
+    and SandboxUnavailable. Every scoring started is appended to `scorings`, failed ones included
+    (the result's model_scorings).
     """
     where = "sealed sandboxes" if sandbox.kind == "nsjail" else "unsandboxed processes"
     hidden = plan.hidden_path is not None
@@ -60,45 +68,62 @@ def score_run(plan: RunPlan, sandbox, console: Console, outcome: TrainingOutcome
     models = [*outcome.snapshots, final]
     target = plan.track.target
     curve_path = plan.val_path if hidden and target is None else plan.score_path
-    scores: dict[Path, Any] = {}
-    problems: dict[Path, str] = {}
+    # Imported here: scoring needs torch, and every other command should start fast.
+    from evaluator.scoring import ScoringSession, ScoringUsage
 
-    def score(model: Snapshot, number: int | str, split_path: Path):
-        label = "the final model" if model is final else f"snapshot {number} of {len(models) - 1}"
-        on = "the public split" if split_path == plan.val_path else "the hidden split"
-        console.print(f"scoring {label}, taken at {model.time_s:.1f} s, on {on}", markup=False, highlight=False)
-        return _score_model(plan, sandbox, model.path, split_path, f"{plan.run_id}-score-{number}")
+    documents: dict[Path, list] = {}
+    with ScoringSession(sandbox, _setup(plan), models=len(models) + hidden) as session:
+        scores: dict[Path, Any] = {}
+        problems: dict[Path, str] = {}
 
-    def score_snapshot(snapshot: Snapshot, number: int) -> None:
-        if problems:
-            problems[snapshot.path] = "skipped"
-            return
-        try:
-            scores[snapshot.path] = score(snapshot, number, curve_path)
-        except InvalidModel:
-            problems[snapshot.path] = "invalid_model"
+        def score(model: Snapshot, number: int | str, split_path: Path):
+            label = "the final model" if model is final else f"snapshot {number} of {len(models) - 1}"
+            split = "public" if split_path == plan.val_path else "hidden"
+            console.print(f"scoring {label}, taken at {model.time_s:.1f} s, on the {split} split", markup=False, highlight=False)
+            usage, began, ended = ScoringUsage(), time.monotonic(), "sandbox_error"
+            try:
+                if split_path not in documents:
+                    documents[split_path] = read_documents(split_path)[:SMOKE_DOCUMENTS if plan.smoke else None]
+                report = session.score(model.path, documents[split_path], usage=usage)
+                ended = "ok"
+                return report
+            except InvalidModel as exc:
+                ended = "invalid_model"
+                raise InvalidModel(f"{label} (taken at {model.time_s:.1f} s, on the {split} split): {exc}") from None
+            finally:
+                scorings.append(_scoring_record(model is final, model.time_s, split, ended, time.monotonic() - began,
+                                                usage.cpu_s))
 
-    reached = None
-    dev_score = None
-    if target is None:
-        ranking = score(final, len(models), plan.score_path)
-        if hidden:
-            dev_score = score(final, "dev", plan.val_path)
-        scores[final.path] = dev_score if hidden else ranking
-        for number, snapshot in enumerate(outcome.snapshots, 1):
-            score_snapshot(snapshot, number)
-    else:
-        for number, model in enumerate(models, 1):
-            if model is final:
-                scores[final.path] = score(final, number, curve_path)
-            else:
-                score_snapshot(model, number)
-            if model.path in scores and scores[model.path].val_loss <= target.val_loss:
-                reached = model
-                break
-        ranking = scores[(final if reached is None else reached).path]
-        if hidden:
-            dev_score = score(final if reached is None else reached, "dev", plan.val_path)
+        def score_snapshot(snapshot: Snapshot, number: int) -> None:
+            if problems:
+                problems[snapshot.path] = "skipped"
+                return
+            try:
+                scores[snapshot.path] = score(snapshot, number, curve_path)
+            except InvalidModel:
+                problems[snapshot.path] = "invalid_model"
+
+        reached = None
+        dev_score = None
+        if target is None:
+            ranking = score(final, len(models), plan.score_path)
+            if hidden:
+                dev_score = score(final, "dev", plan.val_path)
+            scores[final.path] = dev_score if hidden else ranking
+            for number, snapshot in enumerate(outcome.snapshots, 1):
+                score_snapshot(snapshot, number)
+        else:
+            for number, model in enumerate(models, 1):
+                if model is final:
+                    scores[final.path] = score(final, number, curve_path)
+                else:
+                    score_snapshot(model, number)
+                if model.path in scores and scores[model.path].val_loss <= target.val_loss:
+                    reached = model
+                    break
+            ranking = scores[(final if reached is None else reached).path]
+            if hidden:
+                dev_score = score(final if reached is None else reached, "dev", plan.val_path)
     curve = []
     for model in models:
         if model.path in scores:
@@ -111,18 +136,27 @@ def score_run(plan: RunPlan, sandbox, console: Console, outcome: TrainingOutcome
                      reached_at_s=None if reached is None else round(reached.time_s, 2), dev_score=dev_score)
 
 
-def _score_model(plan: RunPlan, sandbox, model_path: Path, split_path: Path, name: str):
-    """Score one saved model on one split in sealed sandboxes; raises InvalidModel."""
-    # Imported here: scoring needs torch, and every other command should start fast.
-    from evaluator.scoring import ScoringLimits, score_model
+def _scoring_record(final: bool, time_s: float, split: str, ended: str, wall_s: float,
+                    cpu_s: float | None) -> dict[str, Any]:
+    """One model's scoring as the result's model_scorings shows it."""
+
+    def shown(seconds: float) -> float:
+        if split == "hidden":
+            return float(HIDDEN_TIME_RESOLUTION_S * round(seconds / HIDDEN_TIME_RESOLUTION_S))
+        return round(seconds, 1)
+
+    return {"model": "final" if final else "snapshot", "time_s": round(time_s, 2), "split": split, "outcome": ended,
+            "wall_s": shown(wall_s), "cpu_s": None if cpu_s is None else shown(cpu_s)}
+
+
+def _setup(plan: RunPlan):
+    """What every model of the run is scored with: the track's scoring rules and limits."""
+    from evaluator.scoring import ScoringLimits, ScoringSetup
 
     limits, protocol = plan.track.sandbox, plan.track.eval
-    return score_model(
-        sandbox=sandbox,
-        name=name,
-        model_path=model_path,
+    return ScoringSetup(
+        name=f"{plan.run_id}-score",
         submission_dir=plan.staged,
-        documents=read_documents(split_path)[:SMOKE_DOCUMENTS] if plan.smoke else read_documents(split_path),
         vocab_size=plan.vocab_size,
         eos_id=plan.eos_id,
         seq_len=protocol.seq_len,
@@ -136,6 +170,6 @@ def _score_model(plan: RunPlan, sandbox, model_path: Path, split_path: Path, nam
                              consistency_nats=protocol.consistency_nats),
         memory_bytes=limits.memory_mib * 2**20,
         pids=limits.pids,
+        model_cap_bytes=limits.model_mib * 2**20,
         debug_log_dir=plan.run_dir if plan.debug_scoring else None,
     )
-

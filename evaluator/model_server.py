@@ -1,6 +1,6 @@
 """The model server: runs inside a scoring sandbox and streams one batch of rows at a time.
 
-    python -P -B -m evaluator.model_server --model PATH --submission DIR --device cpu|cuda:0 --threads N
+    python -P -B -m evaluator.model_server --submission DIR --model-cap BYTES --device cpu|cuda:0 --threads N
 
 This is the only place a saved model is ever unpickled. It imports nothing from the host side of
 the evaluator (stdlib, torch and `evaluator.api`); `evaluator.scoring` checks everything it sends
@@ -10,11 +10,14 @@ Two kinds of process. The *server* is the jail's first process (pid 1 of its pid
 imports torch but never runs a tensor operation, never touches CUDA or OpenMP and never loads the
 model; it makes itself non-dumpable (so no process of the jail can read or write its memory
 through /proc, and with /proc mounted hidepid=2 none can even see it) and ignores every signal it
-can. For each batch it kills and reaps every other process of the jail, then forks a fresh *batch
-process* that loads the model and answers that batch's steps. A batch process has seen no other
-batch, inherits no descriptor of the server's but the reply pipe, and is gone, with everything it
-started, before the next one exists. The batch process runs the model, so everything it writes is
-the model's to choose; the host gives it no more trust than that.
+can. It serves model after model of one run: the host sends each model's bytes (MODEL), which the
+server keeps in its own memory; no model file is in the jail. For each batch it kills and reaps
+every other process of the jail, copies the current model into a fresh sealed memfd, then forks a
+fresh *batch process* that loads the model from that memfd and answers that batch's steps. A batch
+process has seen no other batch and no other model, inherits no descriptor of the server's but the
+reply pipe and its own memfd, and is gone, with everything it started, before the next one exists.
+The batch process runs the model, so everything it writes is the model's to choose; the host gives
+it no more trust than that.
 
 Even the pid of the next batch process carries nothing: a batch may use at most PIDS_PER_BATCH
 process and thread ids, and the server advances the pid namespace's counter to the next multiple
@@ -27,6 +30,8 @@ Without a jail (`--sandbox none`) the server is not a pid namespace's init: it t
 batch process's process group only, and pids follow the host's counter. Nothing is sealed there.
 
 Requests (host -> server), repeated until EOF; a header struct "<II" (op, n), then n int64 values:
+    MODEL n=B   (B bytes follow, not int64 values) the model file for the batches that follow, at
+                most --model-cap bytes
     OPEN  n=1   the number of rows R: kill and reap everything, fork a batch process for R rows;
                 it replies READY (or ERROR)
     STEP  n=R   the next token of each of the R live rows; the batch process replies LOGITS [R, V]
@@ -60,7 +65,7 @@ import torch
 
 REQUEST_HEADER = struct.Struct("<II")
 REPLY_HEADER = struct.Struct("<IIII")
-OPEN, STEP, KEEP, CLOSE = 1, 2, 3, 4
+OPEN, STEP, KEEP, CLOSE, MODEL = 1, 2, 3, 4, 5
 STARTED, READY, LOGITS, ERROR, CLOSED, ENDED = 1, 2, 3, 4, 5, 6
 LOGIT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 ERROR_STAGES = ("load", "step", "output", "processes", "tampered")
@@ -85,12 +90,13 @@ def _read_exactly(fd: int, count: int) -> bytes | None:
 
 
 def read_request(fd: int) -> tuple[int, bytes] | None:
-    """(op, payload of n int64 values), or None at EOF between requests."""
+    """(op, payload of n int64 values, or of n bytes for MODEL), or None at EOF between requests."""
     header = _read_exactly(fd, REQUEST_HEADER.size)
     if header is None:
         return None
     op, count = REQUEST_HEADER.unpack(header)
-    payload = _read_exactly(fd, count * TOKEN.size) if count else b""
+    size = count if op == MODEL else count * TOKEN.size
+    payload = _read_exactly(fd, size) if size else b""
     if payload is None:
         raise EOFError("the request stream ended inside a message")
     return op, payload
@@ -122,15 +128,17 @@ def _as_logits(output, rows: int) -> torch.Tensor:
     return output.detach().to("cpu").contiguous()
 
 
-def _serve_batch(requests: int, replies: int, rows: int, model_path: str, submission_dir: str,
-                 device: str, threads: int) -> None:
+def _serve_batch(requests: int, replies: int, model_fd: int, rows: int, submission_dir: str, device: str,
+                 threads: int) -> None:
     from evaluator.api import decoder_for
 
     torch.set_num_threads(threads)
     # First on sys.path so that pickled classes resolve to the submission's modules, as in training.
     sys.path.insert(0, submission_dir)
     try:
-        model = torch.load(model_path, map_location=device, weights_only=False)
+        # Left open: the batch process's own sealed copy, which holds nothing it may not read.
+        model_file = os.fdopen(model_fd, "rb", closefd=False)
+        model = torch.load(model_file, map_location=device, weights_only=False)
         if not isinstance(model, torch.nn.Module):
             raise TypeError("the saved object is not a torch.nn.Module")
         model.eval()
@@ -169,7 +177,10 @@ def _serve_batch(requests: int, replies: int, rows: int, model_path: str, submis
         send_reply(replies, LOGITS, code, logits.shape[0], logits.shape[1], payload)
 
 
-def _batch_process(requests: int, replies: int, rows: int, options: dict) -> None:
+_PROTOCOL_FD, _MODEL_FD = 3, 4
+
+
+def _batch_process(requests: int, replies: int, model: int, rows: int, options: dict) -> None:
     """The child's side of a fork: private descriptors, default signals, then the batch."""
     for number in range(1, signal.NSIG):
         try:
@@ -177,14 +188,16 @@ def _batch_process(requests: int, replies: int, rows: int, options: dict) -> Non
         except (OSError, ValueError):
             pass
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # a closed pipe is an error to report, not death
-    protocol = os.dup(replies)
+    # Above every descriptor in use, so that the dup2s below clobber none of them.
+    kept = [fcntl.fcntl(fd, fcntl.F_DUPFD, 1 << 10) for fd in (replies, model)]
     os.dup2(requests, 0)
     # Model code that prints writes to the log, never into the protocol.
     os.dup2(2, 1)
-    os.closerange(3, protocol)
-    os.closerange(protocol + 1, 1 << 16)
+    os.dup2(kept[0], _PROTOCOL_FD)
+    os.dup2(kept[1], _MODEL_FD)
+    os.closerange(_MODEL_FD + 1, 1 << 16)
     sys.stdout = sys.stderr
-    _serve_batch(0, protocol, rows, **options)
+    _serve_batch(0, _PROTOCOL_FD, _MODEL_FD, rows, **options)
 
 
 # --- the server (never runs the model) -----------------------------------------------------------
@@ -266,8 +279,9 @@ class _Child:
 
 
 class _Server:
-    def __init__(self, options: dict) -> None:
+    def __init__(self, options: dict, model_cap: int) -> None:
         self.options = options
+        self.model_cap = model_cap
         self.requests = os.dup(0)
         self.replies = os.dup(1)
         devnull = os.open(os.devnull, os.O_RDWR)
@@ -275,6 +289,7 @@ class _Server:
         os.dup2(2, 1)
         os.close(devnull)
         self.child: _Child | None = None
+        self.model: bytes | None = None
         # As a pid namespace's init, every other process of the jail is ours to kill (see module doc).
         self.isolated = os.getpid() == 1
         self.batches = 0
@@ -295,6 +310,10 @@ class _Server:
             if not _advance_pids_to(next_pid):
                 send_reply(self.replies, ERROR, PROCESSES_ERROR)
                 return
+        if self.model is None:
+            send_reply(self.replies, ERROR, LOAD_ERROR)
+            return
+        model = _sealed_copy(self.model)
         read_end, write_end = os.pipe()
         pid = os.fork()
         if pid == 0:
@@ -302,10 +321,11 @@ class _Server:
                 os.setpgid(0, 0)
                 os.close(write_end)
                 os.close(self.requests)
-                _batch_process(read_end, self.replies, rows, self.options)
+                _batch_process(read_end, self.replies, model, rows, self.options)
             finally:
                 os._exit(0)
         os.close(read_end)
+        os.close(model)
         self.child = _Child(pid, write_end, os.pidfd_open(pid))
 
     def end_batch(self) -> None:
@@ -346,7 +366,12 @@ class _Server:
             if request is None:
                 break
             op, payload = request
-            if op == OPEN and len(payload) == TOKEN.size:
+            if op == MODEL:
+                self.end_batch()
+                if len(payload) > self.model_cap:
+                    return 1  # the host never sends more: it is not the host we serve
+                self.model = payload
+            elif op == OPEN and len(payload) == TOKEN.size:
                 self.open_batch(TOKEN.unpack(payload)[0])
             elif op == CLOSE:
                 self.end_batch()
@@ -357,7 +382,17 @@ class _Server:
         return 0
 
 
-def serve(model_path: str, submission_dir: str, device: str, threads: int) -> int:
+def _sealed_copy(model: bytes) -> int:
+    """A memfd holding `model`, read from its start, sealed against every change: the one batch
+    process that inherits it can read its model and nothing else, and leave nothing in it."""
+    fd = os.memfd_create("model", os.MFD_ALLOW_SEALING)
+    _write_all(fd, model)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
+def serve(submission_dir: str, model_cap: int, device: str, threads: int) -> int:
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
     for number in range(1, signal.NSIG):
         if number not in (signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD):
@@ -365,18 +400,18 @@ def serve(model_path: str, submission_dir: str, device: str, threads: int) -> in
                 signal.signal(number, signal.SIG_IGN)
             except (OSError, ValueError):
                 pass
-    options = dict(model_path=model_path, submission_dir=submission_dir, device=device, threads=threads)
-    return _Server(options).run()
+    options = dict(submission_dir=submission_dir, device=device, threads=threads)
+    return _Server(options, model_cap).run()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m evaluator.model_server", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", required=True, help="the saved model (torch.save of the whole module)")
     parser.add_argument("--submission", required=True, help="the submission folder, put on sys.path of each batch process")
+    parser.add_argument("--model-cap", type=int, required=True, help="the largest model (MODEL request) taken, in bytes")
     parser.add_argument("--device", required=True, help="cpu or cuda:0")
     parser.add_argument("--threads", type=int, required=True, help="torch intra-op threads of each batch process")
     args = parser.parse_args(argv)
-    return serve(args.model, args.submission, args.device, args.threads)
+    return serve(args.submission, args.model_cap, args.device, args.threads)
 
 
 if __name__ == "__main__":

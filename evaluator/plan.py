@@ -120,6 +120,7 @@ class RunPlan:
     scratch: Path
     job_path: Path
     debug_scoring: bool
+    comparison: dict[str, Any] | None  # evaluator compare's {"id", "pair", "side"} of this run; None otherwise
 
     @property
     def deadline_factor(self) -> float:
@@ -143,9 +144,11 @@ class RunPlan:
         """The board the jails are given, /dev/nvidia<minor>."""
         return None if self.gpu is None else self.gpu.board.minor
 
-    def unofficial_reasons(self, sandbox: dict[str, Any], gpu: dict[str, Any] | None) -> list[str]:
-        """Why this run cannot be official, from what was decided here and where it ran (the
-        result's environment.sandbox and environment.gpu); [] for an official run."""
+    def unofficial_reasons(self, sandbox: dict[str, Any], gpu: dict[str, Any] | None,
+                           received: dict[str, Any] | None) -> list[str]:
+        """Why this run cannot be official, from what was decided here, where it ran (the result's
+        environment.sandbox and environment.gpu) and what its jail received (train.received); [] for
+        an official run."""
         track, budget_s = self.track, self.budget_s
         reasons = []
         if self.hidden_path is None:
@@ -164,6 +167,7 @@ class RunPlan:
             reasons.append(f"not sandboxed ({nsjail_missing[0]})" if nsjail_missing else "not sandboxed (--sandbox none)")
         if self.debug_scoring:
             reasons.append("the model server's output was kept (--debug-scoring)")
+        reasons += busy_host_reasons(track, received)
         wanted = track.device.gpu_name_contains
         if wanted and (gpu is None or wanted not in gpu["name"]):
             reasons.append(f"GPU is {gpu['name'] if gpu else 'absent'}; the track requires one whose name contains {wanted!r}")
@@ -171,6 +175,20 @@ class RunPlan:
             pids = ", ".join(map(str, self.gpu.busy_pids))
             reasons.append(f"GPU {self.gpu.board.pci_bus_id} had work of other processes when the run started (pids {pids})")
         return reasons
+
+
+def busy_host_reasons(track: Track, received: dict[str, Any] | None) -> list[str]:
+    """On a CPU track: the jail must have received the track's share of the CPU time its threads
+    asked for while the clock ran."""
+    minimum = track.device.min_cpu_share
+    if minimum is None:
+        return []
+    if received is None:
+        return ["the CPU time the training jail received was not measured (it had no cgroup)"]
+    if received["share"] < minimum:
+        return [f"the host was busy: the training jail got {received['share']:.0%} of the CPU time its threads asked "
+                f"for (the track asks for at least {minimum:.0%})"]
+    return []
 
 
 @dataclass(frozen=True)
@@ -189,6 +207,7 @@ class RunRequest:
     overrides: dict[str, Any]
     smoke: bool
     sandbox_choice: str  # "auto", "nsjail" or "none": a host with the hidden split runs nsjail or nothing
+    comparison: dict[str, Any] | None = None  # set by evaluator compare: {"id", "pair", "side"}
 
 
 def make_plan(request: RunRequest, console: Console, held: ExitStack) -> RunPlan:
@@ -262,6 +281,7 @@ def make_plan(request: RunRequest, console: Console, held: ExitStack) -> RunPlan
         hidden_bound=None if hidden_path is None else read_bound(hidden_path), vocab_size=vocab_size, eos_id=eos_id,
         run_id=run_id, run_dir=run_dir, staged=run_dir / "submission", jail_input=run_dir / "jail-input", jail_out=run_dir / "jail-out",
         scratch=run_dir / "scratch", job_path=run_dir / "job.json", debug_scoring=request.debug_scoring,
+        comparison=request.comparison,
     )
     try:
         for directory in (plan.jail_out, plan.scratch, run_dir / "sandbox"):

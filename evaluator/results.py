@@ -190,9 +190,18 @@ def _official_problem(result: dict[str, Any]) -> str | None:
         "it is a smoke run": result["smoke"],
         "its budget was calibrated": result["calibration"] is not None,
         "it was scored on the public split": result["data"]["scored_on"] != "hidden",
+        "its training jail received less than the track's share of its CPUs": _busy(result["train"]["received"],
+                                                                                   result["track"]["device"]),
     }
     contradiction = next((fact for fact, holds in facts.items() if holds), None)
     return None if contradiction is None else f"official is true but {contradiction}"
+
+
+def _busy(received: dict[str, Any] | None, device: str) -> bool:
+    """On a CPU track, the official rule of plan.busy_host_reasons: a measured share at its minimum."""
+    if device != "cpu":
+        return False
+    return received is None or received["share"] < received["min_share"]
 
 
 def _curve_problem(result: dict[str, Any]) -> str | None:
@@ -306,19 +315,21 @@ def environment(
 
 
 def build_result(plan: RunPlan, outcome: TrainingOutcome, scored: ScoredRun | None, scoring_seconds: int | None,
-                 env: dict[str, Any], started: str, staged: bool = True) -> dict[str, Any]:
+                 env: dict[str, Any], started: str, staged: bool = True,
+                 scorings: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """The result of a run, from what its plan decided, what training and scoring found, and the
     environment (`environment()`); `started` is when the sandbox was opened (utc_now()). `staged`
-    false: the evaluator failed before the submission was staged, so its folder is what is hashed."""
+    false: the evaluator failed before the submission was staged, so its folder is what is hashed.
+    `scorings`: every model's scoring that started (curve.score_run), failed ones included."""
     rows = outcome.metrics_rows
     tokens = last_logged(rows, "tokens")
-    reasons = plan.unofficial_reasons(env["sandbox"], env["gpu"])
+    reasons = plan.unofficial_reasons(env["sandbox"], env["gpu"], outcome.received)
     track = plan.track
     scored = scored if outcome.status in SCORED_STATUSES else None
     score = None if scored is None else scored.score
     dev_score = None if scored is None else scored.dev_score
     return {
-        "schema_version": 7,
+        "schema_version": 8,
         "run_id": plan.run_id,
         "status": outcome.status,
         "message": outcome.message,
@@ -347,6 +358,7 @@ def build_result(plan: RunPlan, outcome: TrainingOutcome, scored: ScoredRun | No
         },
         "seed": plan.seed,
         "seed_drawn": plan.seed_drawn,
+        "comparison": plan.comparison,
         "calibration": None if plan.calibration is None else plan.calibration.as_dict(),
         "overrides": plan.overrides,
         "smoke": plan.smoke,
@@ -365,6 +377,7 @@ def build_result(plan: RunPlan, outcome: TrainingOutcome, scored: ScoredRun | No
             "tokens": tokens,
             "tokens_per_s": _rate(tokens, outcome.train_seconds),
             "refused_lines": outcome.refused_lines,
+            "received": outcome.received,
         },
         "val_curve": None if scored is None else scored.curve,
         "target": None if track.target is None else {
@@ -374,6 +387,7 @@ def build_result(plan: RunPlan, outcome: TrainingOutcome, scored: ScoredRun | No
             "time_s": None if scored is None else scored.reached_at_s,
         },
         "scoring_seconds": None if scored is None else scoring_seconds,
+        "model_scorings": scorings or None,
         "environment": env,
         "gpu_telemetry": outcome.gpu_telemetry,
         "started_at": started,

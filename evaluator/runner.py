@@ -13,6 +13,7 @@ import shutil
 import signal
 import statistics
 import threading
+import textwrap
 import time
 import traceback
 from contextlib import ExitStack, contextmanager
@@ -75,6 +76,7 @@ def evaluate(
     sandbox_choice: str = "auto",
     runs_dir: Path = RUNS_DIR,
     debug_scoring: bool = False,
+    comparison: dict[str, Any] | None = None,
     console: Console | None = None,
 ) -> tuple[dict[str, Any], Path]:
     """One evaluation run: returns the result (also written as result.json) and the run directory.
@@ -85,19 +87,21 @@ def evaluate(
     `gpu`: CUDA's index of the GPU to hold (default: the first no other run holds).
     `overrides`: merged into the manifest's [config] (`{"d_model": 512}`, tables merged); recorded,
     and the run is unofficial. `smoke`: 10 s of training (unless `budget_s`) and the first 8
-    validation documents, to catch a broken contract early; unofficial and never publishable."""
+    validation documents, to catch a broken contract early; unofficial and never publishable.
+    `comparison`: the run's place in an `evaluator compare` ({"id", "pair", "side"}), recorded."""
     with _sigterm_unwinds(), ExitStack() as held:
         console = console or Console(stderr=True)
         began = time.monotonic()
         request = RunRequest(folder=Path(folder), track_id=track_id, seed=seed, secret_seed=secret_seed,
                              budget_s=budget_s, calibrated_budget=calibrated_budget, gpu=gpu, runs_dir=runs_dir,
                              debug_scoring=debug_scoring, overrides=dict(overrides or {}), smoke=smoke,
-                             sandbox_choice=sandbox_choice)
+                             sandbox_choice=sandbox_choice, comparison=comparison)
         plan = make_plan(request, console, held)
         run = _Run(plan, started=utc_now())
         try:
             _train_and_score(run, sandbox_choice, console, began)
-            result = build_result(plan, run.outcome, run.scored, run.scoring_seconds, run.env, run.started)
+            result = build_result(plan, run.outcome, run.scored, run.scoring_seconds, run.env, run.started,
+                                  scorings=run.scorings)
             atomic_write_text(plan.run_dir / "timings.json", json.dumps(run.timings, indent=2) + "\n")
             write_result(plan.run_dir, result)
         except Exception:  # the evaluator's own failure: the run still ends in a result, with its seed
@@ -114,6 +118,7 @@ class _Run:
     outcome: TrainingOutcome | None = None
     scored: ScoredRun | None = None
     scoring_seconds: int | None = None
+    scorings: list[dict[str, Any]] = field(default_factory=list)  # every model's scoring (model_scorings)
     env: dict[str, Any] | None = None
     staged: bool = False
     timings: dict[str, Any] = field(default_factory=dict)
@@ -158,7 +163,7 @@ def _sandboxed_run(run: _Run, sandbox_choice: str, console: Console, began: floa
     if outcome.status == "ok":
         scoring_started = time.monotonic()
         try:
-            run.scored = score_run(plan, sandbox, console, outcome)
+            run.scored = score_run(plan, sandbox, console, outcome, run.scorings)
         except InvalidModel as exc:
             outcome.status, outcome.message = "invalid_model", str(exc)
         except SandboxUnavailable as exc:
@@ -193,30 +198,47 @@ def _evaluator_error(run: _Run, console: Console) -> dict[str, Any]:
     measured = run.outcome or TrainingOutcome(status="evaluator_error")
     outcome = TrainingOutcome(status="evaluator_error", message=EVALUATOR_ERROR_MESSAGE,
                               train_seconds=measured.train_seconds, metrics_rows=measured.metrics_rows,
-                              gpu_telemetry=measured.gpu_telemetry)
+                              gpu_telemetry=measured.gpu_telemetry, received=measured.received)
     env = run.env or _environment_or_less(plan)
-    result = build_result(plan, outcome, None, None, env, run.started, staged=run.staged)
+    result = build_result(plan, outcome, None, None, env, run.started, staged=run.staged, scorings=run.scorings)
     write_result(plan.run_dir, result)
     console.print(f"evaluator error: {EVALUATOR_ERROR_MESSAGE} ({shown(log)})", markup=False, highlight=False)
     return result
 
 
-def summary_line(result: dict[str, Any]) -> str:
+SUMMARY_WIDTH = 80
+
+
+def summary_lines(result: dict[str, Any]) -> list[str]:
+    """The run's closing summary, in lines that fit an 80-column terminal: the score, what training
+    did and received, then why the run is unofficial."""
     seed = f"{result['seed']} (drawn)" if result["seed_drawn"] else str(result["seed"])
-    parts = [f"{result['submission']['name']} seed {seed}: {result['status']}"]
+    head = [f"{result['submission']['name']} seed {seed}: {result['status']}"]
     metrics, target = result["metrics"], result["target"]
     if target and target["reached"]:
-        parts.append(f"reached val_loss {target['val_loss']:g} at {target['time_s']:.1f} s")
+        head.append(f"reached val_loss {target['val_loss']:g} at {target['time_s']:.1f} s")
     if metrics:
-        parts.append(f"val_loss {metrics['val_loss']:.4f}  val_bpb {metrics['val_bpb']:.4f}")
-    train = result["train"]
+        head.append(f"val_loss {metrics['val_loss']:.4f}  val_bpb {metrics['val_bpb']:.4f}")
+    train, facts = result["train"], []
     if train["train_seconds"] is not None:
-        parts.append(f"train {train['train_seconds']:.1f} s")
+        facts.append(f"trained {train['train_seconds']:.1f} s")
     if train["tokens"]:
-        parts.append(f"{train['tokens']:,.0f} tokens")
+        facts.append(f"{train['tokens']:,.0f} tokens")
+    if train["received"] is not None:
+        facts.append(f"got {train['received']['share']:.0%} of the CPU it asked for")
+    if result["scoring_seconds"] is not None:
+        facts.append(f"scored in {result['scoring_seconds']} s")
+    lines = _wrapped("  ".join(head)) + _wrapped(", ".join(facts))
     if not result["official"]:
-        parts.append("(unofficial: " + "; ".join(result["unofficial_reasons"]) + ")")
-    return "  ".join(parts)
+        lines.append("unofficial:")
+        for reason in result["unofficial_reasons"]:
+            lines += _wrapped(reason, first="  - ", rest="    ")
+    return lines
+
+
+def _wrapped(text: str, first: str = "", rest: str = "  ") -> list[str]:
+    return textwrap.wrap(text, SUMMARY_WIDTH, initial_indent=first, subsequent_indent=rest,
+                         break_on_hyphens=False) if text else []
 
 
 def _base_seed(args: argparse.Namespace) -> int | None:
@@ -267,7 +289,8 @@ def _run(args: argparse.Namespace) -> int:
             console=console,
         )
         results.append(result)
-        console.print(summary_line(result), markup=False, highlight=False)
+        for line in summary_lines(result):
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
         if result["status"] != "ok" and result["message"]:
             console.print(result["message"], markup=False, highlight=False)
         console.print(f"run directory: {run_dir}", markup=False, highlight=False)

@@ -32,7 +32,11 @@ Deadlines (the track's `[eval]`): `load_s` from asking for a batch process to it
 model's unpickling and `decoder()`), `step_s` for each step's reply, `time_limit_s` for all of
 scoring, both passes and the jails' start included (copying the image is not). They leave no
 room to train after the clock: whatever a model computes in scoring starts again from the model
-file for every batch.
+file for every batch. On the CPU they count the scoring jails' CPU time over their threads (their
+cgroups' account), not the wall clock: a busy host makes scoring slower, never a model invalid. A
+model that waits instead of computing uses no CPU time, so the wall clock stays as a backstop,
+WALL_BACKSTOP_FACTOR times each deadline. On a GPU they count wall time: the work is the GPU's,
+which CPU time does not measure (a GPU run's host load shows in its NVML telemetry instead).
 
 Sealed output. Nothing the model writes reaches anyone: the servers' stderr is discarded (kept in
 a file only when the operator asks for it, which makes the run unofficial), and every failure is
@@ -49,8 +53,9 @@ import select
 import struct
 import sys
 import tempfile
+import threading
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -61,11 +66,12 @@ from evaluator import in_jail
 from evaluator.dataset.loader import Document
 from evaluator.errors import InvalidModel
 from evaluator.model_server import (
-    CLOSE, CLOSED, ENDED, ERROR, KEEP, LOAD_ERROR, LOGIT_DTYPES, LOGITS, OPEN, OUTPUT_ERROR,
+    CLOSE, CLOSED, ENDED, ERROR, KEEP, LOAD_ERROR, LOGIT_DTYPES, LOGITS, MODEL, OPEN, OUTPUT_ERROR,
     PIDS_PER_BATCH, PROCESSES_ERROR, READY, REPLY_HEADER, REQUEST_HEADER, STARTED, STEP, TAMPERED_ERROR,
 )
 from evaluator.nvml import Board
 from evaluator.sandbox import JailSpec, SandboxUnavailable
+from evaluator.tracks import WALL_BACKSTOP_FACTOR
 
 TORCH_DTYPES = {name: getattr(torch, name) for name in LOGIT_DTYPES}
 # The server's own start (interpreter, `import torch`) is the evaluator's work, not the model's.
@@ -76,7 +82,10 @@ CLOSE_S = 10.0
 # The sandbox's own hard limit fires this long after the evaluator's deadline, so that a stall is
 # reported by the evaluator rather than seen as a killed server.
 SANDBOX_BACKSTOP_S = 5.0
+# Past a deadline's wall time, a CPU-time deadline is looked at again at least this often.
+RECHECK_S = 0.05
 PASSES = 2
+OMP_SPIN_COUNT = 30_000
 PIPE_BYTES = 1 << 20
 # The mean per-token difference between the passes may be at most this share of the per-document
 # tolerance (with tolerance ~1e-3 nats that is 1e-5 nats/token, far below a record's 0.005).
@@ -108,6 +117,10 @@ class Refusal:
     LOAD_TIMEOUT = "loading the model took longer than the track's {seconds:g} s"
     STEP_TIMEOUT = "a scoring step took longer than the track's {seconds:g} s"
     TOTAL_TIMEOUT = "scoring took longer than the track's {seconds:g} s in all"
+    # Appended to a timeout: what the deadline counted, and how much was used.
+    OF_CPU_TIME = " of CPU time per thread (it used {used:.0f} s)"
+    OF_WALL_TIME = " (it used {used:.0f} s)"
+    BACKSTOP = " of wall time x {factor} (the backstop of a CPU-time deadline: it used {used:.0f} s of CPU time per thread)"
     INCONSISTENT = (
         "the model's scores depend on which other documents it is scored with: two independent "
         "scoring passes disagree by more than the track's tolerance of {tolerance:g} nats"
@@ -135,6 +148,13 @@ class ScoreReport:
     seconds: float
 
 
+@dataclass
+class ScoringUsage:
+    """What one model's scoring used, filled in as it goes (so that a failed scoring has it too)."""
+
+    cpu_s: float | None = None  # the scoring jails' CPU time, where the deadlines counted it; else None
+
+
 @dataclass(frozen=True)
 class _Window:
     doc_id: str
@@ -142,28 +162,87 @@ class _Window:
     targets: list[int]
 
 
+class _Clock:
+    """The time a deadline charges to the model: what the scoring jails' CPU time grew by since the
+    model's scoring began, over the track's threads (a budget of CPU work, however the passes share
+    the threads), where `cpu` (the CPU device, jails with cgroups); else the wall clock. A stage is
+    charged its own jail's time, all of scoring every jail's."""
+
+    def __init__(self, threads: int, jails: list, cpu: bool):
+        self.threads, self.jails = threads, jails
+        readings = [jailed.cpu_seconds() for jailed in jails]
+        self.cpu = cpu and None not in readings  # no cgroup (--sandbox none without root): nothing to count
+        self._began = {id(jailed): reading or 0.0 for jailed, reading in zip(jails, readings)}
+
+    def cpu_seconds(self, jailed=None) -> float:
+        """CPU time `jailed` (default: every jail) used since the model's scoring began (a closed
+        jail's account is final)."""
+        counted = self.jails if jailed is None else [jailed]
+        return sum((each.cpu_seconds() or 0.0) - self._began[id(each)] for each in counted)
+
+    def charged(self, jailed=None) -> float:
+        return self.cpu_seconds(jailed) / self.threads if self.cpu else time.monotonic()
+
+
+@dataclass(frozen=True)
+class _Limit:
+    seconds: float
+    wall_start: float
+    charged_start: float | None  # None: a wall-clock limit (the evaluator's own work, or no CPU clock)
+    sentence: str
+    jailed: object = None  # the jail whose time a stage's limit charges; None: every jail's (all of scoring)
+
+
 class _Deadlines:
-    def __init__(self, limits: ScoringLimits):
-        self.limits = limits
-        self._end = time.monotonic() + limits.total_s
+    def __init__(self, limits: ScoringLimits, clock: _Clock):
+        self.limits, self.clock = limits, clock
+        self._total = self._limit(limits.total_s, Refusal.TOTAL_TIMEOUT.format(seconds=limits.total_s), None)
 
-    def remaining(self) -> float:
-        return self._end - time.monotonic()
+    def _limit(self, seconds: float, sentence: str, jailed) -> _Limit:
+        charged = self.clock.charged(jailed) if self.clock.cpu else None
+        return _Limit(seconds, time.monotonic(), charged, sentence, jailed)
 
-    def until(self, seconds: float | None, sentence: str) -> tuple[float, str]:
-        """(absolute deadline, the sentence for missing it): the sooner of `seconds` and the total."""
-        total = (self._end, Refusal.TOTAL_TIMEOUT.format(seconds=self.limits.total_s))
-        if seconds is None:
-            return total
-        own = time.monotonic() + seconds
-        return (own, sentence) if own < self._end else total
+    @staticmethod
+    def wall(seconds: float, sentence: str) -> tuple[_Limit, ...]:
+        """A limit on the evaluator's own work (a server's start), on the wall clock."""
+        return (_Limit(seconds, time.monotonic(), None, sentence),)
+
+    def until(self, seconds: float | None, sentence: str, jailed=None) -> tuple[_Limit, ...]:
+        """The limits a wait starts under: `seconds` of `jailed`'s time (missing it is `sentence`) and
+        all of scoring's."""
+        return (self._total,) if seconds is None else (self._limit(seconds, sentence, jailed), self._total)
+
+
+def _wait_s(deadlines: _Deadlines | None, limits: tuple[_Limit, ...]) -> float:
+    """How long to wait before looking again; InvalidModel for a limit used up. The jails' CPU time
+    over the track's threads cannot outrun the wall clock (their quotas add up to at most the track's
+    threads), so a limit's CPU time is read only once its seconds have passed on the wall clock.
+    Outside a model's scoring (`deadlines` None) every limit is a wall-clock one."""
+    now, wait = time.monotonic(), math.inf
+    for limit in limits:
+        waited = now - limit.wall_start
+        if limit.charged_start is None:
+            if waited >= limit.seconds:
+                raise InvalidModel(limit.sentence + Refusal.OF_WALL_TIME.format(used=waited))
+            wait = min(wait, limit.seconds - waited)
+            continue
+        backstop = limit.seconds * WALL_BACKSTOP_FACTOR
+        used = deadlines.clock.charged(limit.jailed) - limit.charged_start if waited >= limit.seconds else 0.0
+        if used >= limit.seconds:
+            raise InvalidModel(limit.sentence + Refusal.OF_CPU_TIME.format(used=used))
+        if waited >= backstop:
+            raise InvalidModel(limit.sentence + Refusal.BACKSTOP.format(factor=WALL_BACKSTOP_FACTOR, used=used))
+        left = max(limit.seconds - used, RECHECK_S) if waited >= limit.seconds else limit.seconds - waited
+        wait = min(wait, left, backstop - waited)
+    return wait
 
 
 class _Stream:
     """One model server: requests out, checked replies back, every read and write under a deadline."""
 
     def __init__(self, jailed, vocab_size: int, memory_bytes: int):
-        self._jailed = jailed
+        self.jailed = jailed
+        self.deadlines: _Deadlines | None = None  # the model's, set before each model
         self._vocab_size = vocab_size
         self._memory_bytes = memory_bytes
         self._requests = jailed.stdin.fileno()
@@ -176,10 +255,18 @@ class _Stream:
                 fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
             except OSError:  # above /proc/sys/fs/pipe-max-size for an unprivileged evaluator
                 pass
-        self.dtype_name: str | None = None
+        self.dtype_name: str | None = None  # the current model's, from its first logits
+        self._payload = bytearray()
 
-    def send(self, op: int, values: Sequence[int], deadline: tuple[float, str]) -> None:
-        data = REQUEST_HEADER.pack(op, len(values)) + struct.pack(f"<{len(values)}q", *values)
+    def send(self, op: int, values: Sequence[int], deadline: tuple[_Limit, ...]) -> None:
+        self._write(REQUEST_HEADER.pack(op, len(values)) + struct.pack(f"<{len(values)}q", *values), deadline)
+
+    def send_bytes(self, op: int, data: bytes, deadline: tuple[_Limit, ...]) -> None:
+        """A request whose n counts bytes, not int64 values (MODEL)."""
+        self._write(REQUEST_HEADER.pack(op, len(data)), deadline)
+        self._write(data, deadline)
+
+    def _write(self, data, deadline: tuple[_Limit, ...]) -> None:
         view = memoryview(data)
         while view:
             _, writable, _ = select.select([], [self._requests], [], self._left(deadline))
@@ -192,12 +279,12 @@ class _Stream:
             except BrokenPipeError:
                 raise self._ended() from None
 
-    def expect(self, kind: int, deadline: tuple[float, str]) -> None:
+    def expect(self, kind: int, deadline: tuple[_Limit, ...]) -> None:
         got, code, _, _ = self._header(deadline)
         if got != kind:
             raise self._unexpected(got, code)
 
-    def logits(self, rows: int, deadline: tuple[float, str]) -> torch.Tensor:
+    def logits(self, rows: int, deadline: tuple[_Limit, ...]) -> torch.Tensor:
         """The next reply as float32 logits [rows, vocab], checked."""
         got, code, got_rows, vocab = self._header(deadline)
         if got != LOGITS:
@@ -212,8 +299,12 @@ class _Stream:
         elif dtype_name != self.dtype_name:
             raise InvalidModel(Refusal.DTYPE_CHANGED)
         dtype = TORCH_DTYPES[dtype_name]
-        payload = bytearray(rows * vocab * dtype.itemsize)
-        self._read_into(memoryview(payload), deadline)
+        size = rows * vocab * dtype.itemsize
+        if len(self._payload) < size:
+            self._payload = bytearray(size)
+        # One buffer for every step, not a fresh megabyte each: the logits are used up before the next read.
+        payload = memoryview(self._payload)[:size]
+        self._read_into(payload, deadline)
         logits = torch.frombuffer(payload, dtype=dtype).view(rows, vocab).float()
         if not torch.isfinite(logits).all():
             raise InvalidModel(Refusal.NON_FINITE)
@@ -235,12 +326,8 @@ class _Stream:
                 raise self._ended()
             filled += count
 
-    @staticmethod
-    def _left(deadline: tuple[float, str]) -> float:
-        left = deadline[0] - time.monotonic()
-        if left <= 0:
-            raise InvalidModel(deadline[1])
-        return left
+    def _left(self, deadline: tuple[_Limit, ...]) -> float:
+        return _wait_s(self.deadlines, deadline)
 
     def _unexpected(self, kind: int, code: int) -> Exception:
         if kind == ERROR:
@@ -255,8 +342,8 @@ class _Stream:
 
     def _ended(self) -> Exception:
         """Why the batch process or the server stopped answering: the sandbox's account first."""
-        self._jailed.close()
-        outcome = self._jailed.outcome()
+        self.jailed.close()
+        outcome = self.jailed.outcome()
         if outcome.reason == "sandbox_error":
             return SandboxUnavailable(f"the scoring sandbox failed: {outcome.detail}")
         if outcome.reason == "oom":
@@ -315,19 +402,56 @@ def compose(windows: list[_Window], batch_size: int, rng: random.Random) -> list
     return [batch for batch in batches if batch]
 
 
+def compose_side_by_side(first: list[list[_Window]], batch_size: int,
+                         rng: random.Random) -> list[list[_Window]] | None:
+    """A second secret composition whose j-th batch holds no window of a document that `first`'s
+    j-th batch holds, so that the two can be scored at the same time: no two batch processes that
+    run side by side ever hold one document, and none can pass the other a token it has not been
+    scored on yet. Two windows of one document still never share a batch. None where the documents
+    are too long for it (a document needs a batch for each window outside its own first batches).
+    """
+    in_first: dict[str, set[int]] = {}
+    by_document: dict[str, list[_Window]] = {}
+    for index, batch in enumerate(first):
+        for window in batch:
+            in_first.setdefault(window.doc_id, set()).add(index)
+            by_document.setdefault(window.doc_id, []).append(window)
+    order = list(by_document)
+    rng.shuffle(order)
+    order.sort(key=lambda doc_id: -len(by_document[doc_id]))  # the longest first: they have the fewest places
+    second: list[list[_Window]] = [[] for _ in first]
+    for doc_id in order:
+        allowed = [index for index in range(len(first)) if index not in in_first[doc_id] and len(second[index]) < batch_size]
+        if len(allowed) < len(by_document[doc_id]):
+            return None
+        rng.shuffle(allowed)
+        allowed.sort(key=lambda index: len(second[index]))  # the emptiest first, ties in secret order
+        for window, index in zip(by_document[doc_id], allowed):
+            second[index].append(window)
+    for batch in second:
+        rng.shuffle(batch)
+    return second
+
+
 def _stream_batch(stream: _Stream, batch: list[_Window], deadlines: _Deadlines,
-                  advance: Callable[[int], None]) -> list[list[float]]:
-    """Per-row token losses (nats) of one batch, streamed position by position."""
+                  advance: Callable[[int], None], stages: dict[str, float]) -> list[list[float]]:
+    """Per-row token losses (nats) of one batch, streamed position by position. `stages` gets the
+    seconds spent waiting for the batch process's load and for its logits."""
     limits = deadlines.limits
+    began = time.monotonic()
     stream.send(OPEN, [len(batch)], deadlines.until(None, ""))
-    stream.expect(READY, deadlines.until(limits.load_s, Refusal.LOAD_TIMEOUT.format(seconds=limits.load_s)))
+    stream.expect(READY, deadlines.until(limits.load_s, Refusal.LOAD_TIMEOUT.format(seconds=limits.load_s), stream.jailed))
+    stages["batch_load_s"] = stages.get("batch_load_s", 0.0) + time.monotonic() - began
     step_timeout = Refusal.STEP_TIMEOUT.format(seconds=limits.step_s)
     nats: list[list[float]] = [[] for _ in batch]
     live = list(range(len(batch)))
     position = 0
     while live:
+        asked = time.monotonic()
         stream.send(STEP, [batch[row].inputs[position] for row in live], deadlines.until(None, ""))
-        logits = stream.logits(len(live), deadlines.until(limits.step_s, step_timeout))
+        logits = stream.logits(len(live), deadlines.until(limits.step_s, step_timeout, stream.jailed))
+        stages["step_wait_s"] = stages.get("step_wait_s", 0.0) + time.monotonic() - asked
+        stages["steps"] = stages.get("steps", 0) + 1
         targets = torch.tensor([batch[row].targets[position] for row in live])
         token_nats = -torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).squeeze(1)
         for row, value in zip(live, token_nats.tolist()):
@@ -340,13 +464,14 @@ def _stream_batch(stream: _Stream, batch: list[_Window], deadlines: _Deadlines,
             if live:
                 stream.send(KEEP, going_on, deadlines.until(None, ""))
     stream.send(CLOSE, [], deadlines.until(None, ""))
-    stream.expect(CLOSED, deadlines.until(CLOSE_S, Refusal.PROTOCOL))
+    stream.expect(CLOSED, deadlines.wall(CLOSE_S, Refusal.PROTOCOL))
     return nats
 
 
 @contextmanager
 def _progress(description: str, total: int) -> Iterator[Callable[[int], None]]:
-    """A transient progress bar on stderr where it redraws in place; else a line every 10 s."""
+    """A transient progress bar on stderr where it redraws in place; else a line every 10 s. Both
+    passes' threads advance it."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -354,11 +479,12 @@ def _progress(description: str, total: int) -> Iterator[Callable[[int], None]]:
 
     console = Console(stderr=True)
     if not live(console):
-        lines, done = PlainLines(console, every_s=10.0), [0]
+        lines, done, lock = PlainLines(console, every_s=10.0), [0], threading.Lock()
 
         def advance(count: int) -> None:
-            done[0] += count
-            lines.say(f"{description}: {done[0]:,}/{total:,} predictions", final=done[0] >= total)
+            with lock:
+                done[0] += count
+                lines.say(f"{description}: {done[0]:,}/{total:,} predictions", final=done[0] >= total)
 
         yield advance
         return
@@ -368,20 +494,26 @@ def _progress(description: str, total: int) -> Iterator[Callable[[int], None]]:
         yield lambda advance: progress.advance(task, advance)
 
 
-def _server_spec(*, name: str, workdir: Path, image: Path | None, model_path: Path, submission_dir: Path,
-                 device: str, gpu: Board | None, threads: int, time_limit_s: float, memory_bytes: int,
-                 pids: int, log_path: Path | None) -> JailSpec:
+def _server_spec(setup: ScoringSetup, *, name: str, workdir: Path, image: Path | None, time_limit_s: float,
+                 log_path: Path | None) -> JailSpec:
+    threads, gpu = setup.pass_threads, setup.gpu
     argv = [
         # -P: the working directory (the submission) must not shadow `evaluator` on sys.path.
         sys.executable, "-P", "-B", "-m", "evaluator.model_server",
-        "--model", str(model_path), "--submission", str(submission_dir),
-        "--device", device, "--threads", str(threads),
+        "--submission", str(setup.submission_dir), "--model-cap", str(setup.model_cap_bytes),
+        "--device", setup.device, "--threads", str(threads),
     ]
     env = {
         "PATH": "/usr/local/bin:/usr/bin:/bin",
         "HOME": "/nonexistent",
         "OMP_NUM_THREADS": str(threads),
         "MKL_NUM_THREADS": str(threads),
+        # OpenMP's idle threads spin about as long as the gaps within a step, then sleep: spinning
+        # through the host's share of each step would charge the host's slowness to the model's
+        # CPU-time deadlines (libgomp's default spins ten times as long), and sleeping at once costs
+        # a wake-up per parallel region (measured: 0.55 ms a step against 0.23 ms, reference-sized
+        # logits on 2 threads; benchmarks/SCORING-cpu-1min.md).
+        "GOMP_SPINCOUNT": str(OMP_SPIN_COUNT),
         "PYTHONPATH": str(in_jail.PACKAGE_DIR.parent),
         # Nothing is writable in a sealed jail: CUDA must not try to keep a JIT cache there.
         "CUDA_CACHE_DISABLE": "1",
@@ -390,14 +522,14 @@ def _server_spec(*, name: str, workdir: Path, image: Path | None, model_path: Pa
         name=name,
         argv=argv,
         workdir=workdir,
-        cwd=submission_dir,
+        cwd=setup.submission_dir,
         env=env,
         # Without an image (--sandbox none) nothing is mounted anyway: the paths are the host's.
         ro_paths=[],
         rw_paths=[],
         tmpfs={},
-        memory_bytes=memory_bytes,
-        pids=pids,
+        memory_bytes=setup.memory_bytes,
+        pids=setup.pids,
         time_limit_s=time_limit_s,
         log_path=log_path or workdir / "server.log",
         log_cap_bytes=1 << 20 if log_path else 0,
@@ -428,85 +560,291 @@ def check_consistency(passes: list[dict[str, float]], val_tokens: int, tolerance
         raise InvalidModel(Refusal.INCONSISTENT.format(tolerance=tolerance))
 
 
-def _score_passes(sandbox, compositions: list[list[list[_Window]]], limits: ScoringLimits, *, name: str,
-                  model_path: Path, submission_dir: Path, vocab_size: int, device: str, gpu: Board | None,
-                  threads: int, memory_bytes: int, pids: int, debug_log_dir: Path | None) -> list[dict[str, float]]:
-    """Each composition streamed in a jail of its own: per pass, each document's total nats."""
-    image_paths = [*in_jail.sources(in_jail.SCORING), submission_dir, model_path]
-    passes: list[dict[str, float]] = []
-    total_tokens = sum(len(window.targets) for batch in compositions[0] for window in batch)
-    # The servers' nsjail config and log never enter the run directory: the log holds their exit
-    # status, a number the model chooses.
-    with (
-        tempfile.TemporaryDirectory(prefix="speedrun-scoring-") as scratch,
-        sandbox.memory_image(image_paths, gpu=gpu is not None) as image,
-        _progress("scoring", len(compositions) * total_tokens) as advance,
-    ):
-        # From here: copying the image is the evaluator's work, not the model's time.
-        deadlines = _Deadlines(limits)
-        for number, composition in enumerate(compositions, 1):
-            workdir = Path(scratch) / f"pass-{number}"
-            spec = _server_spec(
-                name=f"{name}-{number}", workdir=workdir, image=image, model_path=model_path,
-                submission_dir=submission_dir, device=device, gpu=gpu, threads=threads,
-                time_limit_s=SERVER_START_S + max(deadlines.remaining(), 0) + SANDBOX_BACKSTOP_S,
-                memory_bytes=memory_bytes, pids=pids,
-                log_path=debug_log_dir / f"scoring-pass-{number}.log" if debug_log_dir else None,
-            )
-            with sandbox.start(spec) as jailed:
-                stream = _Stream(jailed, vocab_size, memory_bytes)
-                try:
-                    stream.expect(STARTED, (time.monotonic() + SERVER_START_S, "the model server did not start"))
-                except InvalidModel as exc:  # nothing of the model has run yet: this is ours
-                    raise SandboxUnavailable(f"the scoring server did not start: {exc}") from None
-                per_row = [_stream_batch(stream, batch, deadlines, advance) for batch in composition]
-            passes.append(_document_nats(composition, per_row))
-    return passes
+@dataclass(frozen=True)
+class ScoringSetup:
+    """What every model of a run is scored with: one ScoringSession's servers and rules."""
+
+    name: str  # names the servers' jails
+    submission_dir: Path  # put on each batch process's sys.path (the model's classes)
+    vocab_size: int
+    eos_id: int
+    seq_len: int
+    batch_size: int
+    device: str  # the model's device as the jail sees it: "cpu" or "cuda:0"
+    gpu: Board | None  # the host's board the jails are given (its node /dev/nvidia<minor> only); None on the CPU
+    threads: int  # the track's: the passes share them where they run side by side
+    limits: ScoringLimits
+    memory_bytes: int
+    pids: int
+    model_cap_bytes: int  # the largest model file the servers take
+    debug_log_dir: Path | None = None  # keep the servers' stderr there (for the operator; never for a hidden split)
+
+    @property
+    def parallel(self) -> bool:
+        """The passes run side by side (compose_side_by_side) where the track's threads can be shared
+        out among them."""
+        return self.threads >= PASSES
+
+    @property
+    def pass_threads(self) -> int:
+        """Each pass's jail: its torch threads and its CPU quota."""
+        return self.threads // PASSES if self.parallel else self.threads
+
+
+class _Server:
+    """One pass's model server: a sealed jail that takes model after model and scores each batch of
+    each in a fresh batch process. After a model failed in it, it is closed, never reused: the
+    model's batch process may have left anything in its pipes."""
+
+    def __init__(self, sandbox, setup: ScoringSetup, spec: JailSpec):
+        self.jailed = sandbox.start(spec)
+        self.stream = _Stream(self.jailed, setup.vocab_size, setup.memory_bytes)
+        self.closed = False
+        self.batches = 0  # opened so far: each takes PIDS_PER_BATCH of the jail's process ids
+
+    def wait_started(self) -> None:
+        try:
+            self.stream.expect(STARTED, _Deadlines.wall(SERVER_START_S, "the model server did not start"))
+        except InvalidModel as exc:  # nothing of a model has run yet: this is ours
+            raise SandboxUnavailable(f"the scoring server did not start: {exc}") from None
+
+    def take_model(self, model: bytes) -> None:
+        try:
+            self.stream.send_bytes(MODEL, model, _Deadlines.wall(SERVER_START_S, "the model server did not take the model"))
+            self.stream.dtype_name = None  # a new model may use another dtype; it may not change it
+        except InvalidModel as exc:  # the server is ours, and every process of the last model is gone
+            raise SandboxUnavailable(f"the scoring server failed: {exc}") from None
+
+    def close(self) -> None:
+        self.closed = True
+        self.jailed.close()
+
+
+class ScoringSession:
+    """The sealed model servers of one run, used for every model it scores, on every split: one
+    memory image (the Python install, torch, the in-jail modules and the submission; no model and
+    no data) and one server per pass, started once. Each model reaches a server as bytes (MODEL),
+    and each of its batch processes gets a private, sealed copy: no batch process can read another
+    model, or leave anything for another batch.
+
+    `models`: how many scorings the session may run (the servers' hard time limit covers them all).
+    """
+
+    def __init__(self, sandbox, setup: ScoringSetup, models: int = 1):
+        self.sandbox, self.setup = sandbox, setup
+        per_model_s = setup.limits.total_s * (WALL_BACKSTOP_FACTOR if setup.gpu is None else 1)
+        self._time_limit_s = SERVER_START_S + models * (per_model_s + SERVER_START_S) + SANDBOX_BACKSTOP_S
+        self._servers: list[_Server | None] = [None] * PASSES
+        self._started = 0
+        self.stages: dict[str, float] = {}  # where the session's time went, for benchmarks/scoring_cost.py
+
+    def __enter__(self) -> ScoringSession:
+        began = time.monotonic()
+        self._stack = ExitStack()
+        try:
+            # The servers' nsjail config and log never enter the run directory: the log holds their
+            # exit status, a number the model chooses.
+            self._scratch = Path(self._stack.enter_context(tempfile.TemporaryDirectory(prefix="speedrun-scoring-")))
+            image_paths = [*in_jail.sources(in_jail.SCORING), self.setup.submission_dir]
+            self._image = self._stack.enter_context(self.sandbox.memory_image(image_paths, gpu=self.setup.gpu is not None))
+        except BaseException:
+            self._stack.close()
+            raise
+        self._add_stage("image_s", began)
+        try:
+            self._ready_servers()  # now, so that their start is the session's, not the first model's
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for server in self._servers:
+            if server is not None:
+                server.close()
+        self._stack.close()
+
+    @property
+    def servers_started(self) -> int:
+        return self._started
+
+    def _add_stage(self, stage: str, began: float) -> None:
+        self.stages[stage] = self.stages.get(stage, 0.0) + time.monotonic() - began
+
+    def _ready_servers(self) -> list[_Server]:
+        """A running server per pass; those missing are started together, so their starts overlap."""
+        began = time.monotonic()
+        setup, fresh = self.setup, []
+        for number, server in enumerate(self._servers, 1):
+            if server is None or server.closed:
+                self._started += 1
+                # A server that replaces one (after a failed model) gets a name and log of its own.
+                suffix = "" if self._started <= PASSES else f"-{self._started}"
+                name = f"{setup.name}-{number}{suffix}"
+                log_path = setup.debug_log_dir / f"scoring-pass-{number}{suffix}.log" if setup.debug_log_dir else None
+                spec = _server_spec(setup, name=name, workdir=self._scratch / f"server-{self._started}", image=self._image,
+                                    time_limit_s=self._time_limit_s, log_path=log_path)
+                self._servers[number - 1] = server = _Server(self.sandbox, setup, spec)
+                fresh.append(server)
+        for server in fresh:
+            server.wait_started()
+        self._add_stage("server_start_s", began)
+        return list(self._servers)
+
+    def score(self, model_path: Path, documents: Sequence[Document], *, secret_seed: int | None = None,
+              usage: ScoringUsage | None = None, label: str = "scoring") -> ScoreReport:
+        """Scores the saved model at `model_path` on `documents` (see the module docstring for the rules).
+
+        Raises InvalidModel (with one of the Refusal sentences) when the model cannot be scored, and
+        SandboxUnavailable when the sandbox itself fails (the evaluator's fault, not the model's).
+        `usage` gets what the scoring used, also when it fails.
+        """
+        started = time.monotonic()
+        passes = self.document_nats(model_path, documents, secret_seed=secret_seed, usage=usage, label=label)
+        ordered = sorted(documents, key=lambda document: document.doc_id)
+        val_tokens = sum(len(document.tokens) for document in ordered)
+        check_consistency(passes, val_tokens, self.setup.limits.consistency_nats)
+        total_nats = math.fsum(math.fsum(p.get(document.doc_id, 0.0) for p in passes) / PASSES for document in ordered)
+        val_bytes = sum(document.n_bytes for document in ordered)
+        return ScoreReport(
+            val_loss=round(total_nats / val_tokens, SCORE_DECIMALS),
+            val_bpb=round(total_nats / math.log(2) / val_bytes, SCORE_DECIMALS),
+            val_tokens=val_tokens,
+            val_bytes=val_bytes,
+            val_documents=len(ordered),
+            passes=PASSES,
+            seconds=round(time.monotonic() - started),
+        )
+
+    def document_nats(self, model_path: Path, documents: Sequence[Document], *, secret_seed: int | None = None,
+                      usage: ScoringUsage | None = None, label: str = "scoring") -> list[dict[str, float]]:
+        """Each pass's total nats per document, before the passes are compared (score() compares them;
+        benchmarks/consistency.py measures how far honest models' passes differ)."""
+        setup, usage = self.setup, usage if usage is not None else ScoringUsage()
+        _check_documents(documents, setup.vocab_size, setup.eos_id)
+        ordered = sorted(documents, key=lambda document: document.doc_id)
+        windows = [window for document in ordered for window in _windows(document, setup.eos_id, setup.seq_len)]
+        rng = random.Random(secret_seed if secret_seed is not None else int.from_bytes(os.urandom(32), "big"))
+        first = compose(windows, setup.batch_size, rng)
+        second = compose_side_by_side(first, setup.batch_size, rng) if setup.parallel else None
+        side_by_side = second is not None
+        compositions = [first, second if side_by_side else compose(windows, setup.batch_size, rng)]
+        model = _read_model(Path(model_path), setup.model_cap_bytes)
+        for server, composition in zip(self._servers, compositions):
+            if server is not None and server.batches + len(composition) > _batches_per_server():
+                server.close()  # its pid namespace would run out of process ids: a fresh one takes over
+        servers = self._ready_servers()
+        # From here: the model's time. The image and the servers' start were the evaluator's.
+        clock = _Clock(setup.threads, [server.jailed for server in servers], cpu=setup.gpu is None)
+        deadlines = _Deadlines(setup.limits, clock)
+        total_tokens = sum(len(window.targets) for window in windows)
+        previous_threads = torch.get_num_threads()
+        # The host's share of a step is a few small tensor operations: more threads would only spin
+        # against the server's threads for the same cores.
+        torch.set_num_threads(1)
+        scoring_began = time.monotonic()
+        try:
+            with _progress(label, PASSES * total_tokens) as advance:
+                passes = _run_passes(servers, compositions, model, deadlines, advance, self.stages, side_by_side)
+        except BaseException:
+            for server in servers:
+                server.close()
+            raise
+        finally:
+            torch.set_num_threads(previous_threads)
+            usage.cpu_s = clock.cpu_seconds() if clock.cpu else None
+            self._add_stage("models_s", scoring_began)
+        return passes
+
+
+def _run_passes(servers: list[_Server], compositions: list[list[list[_Window]]], model: bytes, deadlines: _Deadlines,
+                advance: Callable[[int], None], stages: dict[str, float], side_by_side: bool) -> list[dict[str, float]]:
+    """Each composition streamed by its own server; per pass, each document's total nats.
+
+    `side_by_side` (compositions from compose_side_by_side): the passes' j-th batches run at the same
+    time, each pass on its share of the track's threads, and both end before either pass's next
+    batch begins, so that no two batch processes alive at once hold one document. While one waits
+    for its batch process or for the host, the other computes. Else one pass after the other. The
+    first failure is raised; the other pass is stopped by killing its jail's processes (its thread
+    then reads the end of its pipe) and by breaking the barrier it may wait at."""
+    results: list[dict[str, float] | None] = [None] * len(servers)
+    failures: list[BaseException] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(len(servers))
+    own_stages: list[dict[str, float]] = [{} for _ in servers]  # one per thread, summed at the end
+
+    def run(index: int) -> None:
+        server, composition, began = servers[index], compositions[index], time.monotonic()
+        try:
+            server.take_model(model)
+            server.stream.deadlines = deadlines
+            server.batches += len(composition)
+            per_row = []
+            for batch in composition:
+                per_row.append(_stream_batch(server.stream, batch, deadlines, advance, own_stages[index]) if batch else [])
+                if side_by_side:
+                    barrier.wait()
+            results[index] = _document_nats(composition, per_row)
+            own_stages[index]["pass_s"] = time.monotonic() - began
+        except threading.BrokenBarrierError:
+            pass  # the other pass failed: its failure is the one raised
+        except BaseException as exc:  # handed to the caller's thread, which raises the first
+            with lock:
+                failures.append(exc)
+                first = len(failures) == 1
+            if first:
+                barrier.abort()
+                for other in servers:
+                    if other is not server:
+                        other.jailed.kill()
+
+    if side_by_side:
+        threads = [threading.Thread(target=run, args=(index,), name=f"scoring-pass-{index + 1}")
+                   for index in range(len(servers))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    else:
+        for index in range(len(servers)):
+            if not failures:
+                run(index)
+    for measured in own_stages:
+        for stage, seconds in measured.items():
+            stages[stage] = stages.get(stage, 0.0) + seconds
+    if failures:
+        raise failures[0]
+    return results
+
+
+def _batches_per_server() -> int:
+    """How many batches one server can open: the model server starts each batch process at the next
+    multiple of PIDS_PER_BATCH, and a pid namespace's ids end at the kernel's pid_max (32,768 by
+    default: 128 batches, less the server's own start)."""
+    with open("/proc/sys/kernel/pid_max") as handle:
+        return int(handle.read()) // PIDS_PER_BATCH - 2
+
+
+def _read_model(path: Path, cap_bytes: int) -> bytes:
+    """The model file's bytes for the servers: a copy the evaluator took, read without following a link."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    with open(fd, "rb") as saved:
+        model = saved.read(cap_bytes + 1)
+    if len(model) > cap_bytes:
+        raise InvalidModel(f"{path.name} is over the track's {cap_bytes} bytes")
+    return model
 
 
 def score_model(*, sandbox, name: str, model_path: Path, submission_dir: Path, documents: Sequence[Document],
                 vocab_size: int, eos_id: int, seq_len: int, batch_size: int, device: str,
-                gpu: Board | None, threads: int, limits: ScoringLimits, memory_bytes: int, pids: int, debug_log_dir: Path | None = None,
-                secret_seed: int | None = None) -> ScoreReport:
-    """Scores the saved model at `model_path` on `documents` (see the module docstring for the rules).
-
-    Raises InvalidModel (with one of the Refusal sentences) when the model cannot be scored, and
-    SandboxUnavailable when the sandbox itself fails (the evaluator's fault, not the model's).
-    `debug_log_dir`: keep the servers' stderr there (for the operator; never for a hidden split).
-    `device` is the model's device as the jail sees it; `gpu` is the host's board the jails are given
-    (its node /dev/nvidia<minor> only), None on the CPU.
-    """
-    started = time.monotonic()
-    _check_documents(documents, vocab_size, eos_id)
-    ordered = sorted(documents, key=lambda document: document.doc_id)
-    windows = [window for document in ordered for window in _windows(document, eos_id, seq_len)]
-    rng = random.Random(secret_seed if secret_seed is not None else int.from_bytes(os.urandom(32), "big"))
-    compositions = [compose(windows, batch_size, rng) for _ in range(PASSES)]
-    model_path, submission_dir = Path(model_path), Path(submission_dir)
-
-    previous_threads = torch.get_num_threads()
-    # The host's share of a step is a few small tensor operations: more threads would only spin
-    # against the server's threads for the same cores.
-    torch.set_num_threads(1)
-    try:
-        passes = _score_passes(
-            sandbox, compositions, limits, name=name, model_path=model_path, submission_dir=submission_dir,
-            vocab_size=vocab_size, device=device, gpu=gpu, threads=threads,
-            memory_bytes=memory_bytes, pids=pids, debug_log_dir=debug_log_dir,
-        )
-    finally:
-        torch.set_num_threads(previous_threads)
-
-    val_tokens = sum(len(document.tokens) for document in ordered)
-    check_consistency(passes, val_tokens, limits.consistency_nats)
-    total_nats = math.fsum(math.fsum(p.get(document.doc_id, 0.0) for p in passes) / PASSES for document in ordered)
-    val_bytes = sum(document.n_bytes for document in ordered)
-    return ScoreReport(
-        val_loss=round(total_nats / val_tokens, SCORE_DECIMALS),
-        val_bpb=round(total_nats / math.log(2) / val_bytes, SCORE_DECIMALS),
-        val_tokens=val_tokens,
-        val_bytes=val_bytes,
-        val_documents=len(ordered),
-        passes=PASSES,
-        seconds=round(time.monotonic() - started),
-    )
+                gpu: Board | None, threads: int, limits: ScoringLimits, memory_bytes: int, pids: int,
+                debug_log_dir: Path | None = None, secret_seed: int | None = None,
+                usage: ScoringUsage | None = None) -> ScoreReport:
+    """One model scored in a session of its own (ScoringSession.score has the rules)."""
+    model_path = Path(model_path)
+    setup = ScoringSetup(name=name, submission_dir=Path(submission_dir), vocab_size=vocab_size, eos_id=eos_id,
+                         seq_len=seq_len, batch_size=batch_size, device=device, gpu=gpu, threads=threads, limits=limits,
+                         memory_bytes=memory_bytes, pids=pids, model_cap_bytes=max(model_path.stat().st_size, 1),
+                         debug_log_dir=debug_log_dir)
+    with ScoringSession(sandbox, setup) as session:
+        return session.score(model_path, documents, secret_seed=secret_seed, usage=usage)

@@ -42,6 +42,7 @@ class Device:
     threads: int  # CPU threads, enforced as CPU time (a cgroup quota)
     gpu_name_contains: str | None = None  # a run on another GPU is unofficial
     gpu_memory_gib: float | None = None  # what the track's GPU reports
+    min_cpu_share: float | None = None  # CPU tracks: an official run's jail received at least this share of its threads
 
 
 @dataclass(frozen=True)
@@ -87,9 +88,16 @@ class Contamination:
     provenance: str
 
 
+# How many times its deadline a stage of scoring may take on the wall clock where the deadline counts
+# CPU time (a model that waits instead of computing uses none).
+WALL_BACKSTOP_FACTOR = 4
+
+
 @dataclass(frozen=True)
 class EvalProtocol:
-    """How a model is scored (evaluator/scoring.py)."""
+    """How a model is scored (evaluator/scoring.py). On a CPU track the deadlines count the scoring
+    jails' CPU time over their threads, and the wall clock ends a stage at WALL_BACKSTOP_FACTOR times
+    its deadline; on a GPU track they count wall time."""
 
     seq_len: int
     batch_size: int
@@ -97,6 +105,10 @@ class EvalProtocol:
     step_s: float
     time_limit_s: float
     consistency_nats: float
+
+    def wall_limit_s(self, device_kind: str) -> float:
+        """The longest all of one model's scoring may take on the wall clock."""
+        return self.time_limit_s * (WALL_BACKSTOP_FACTOR if device_kind == "cpu" else 1)
 
 
 @dataclass(frozen=True)

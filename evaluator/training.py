@@ -9,6 +9,7 @@ so nothing runs after the clock stops. At the budget the jail is killed and the 
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
@@ -73,6 +74,7 @@ class TrainingOutcome:
     gpu_telemetry: dict[str, Any] | None = None
     snapshots: list[Snapshot] = field(default_factory=list)
     refused_lines: int = 0  # protocol lines outside the grammar (evaluator/protocol.py), dropped
+    received: dict[str, Any] | None = None  # the CPU time the jail received while the clock ran (_ReceivedCpu)
 
 
 class _ReaderFailed:
@@ -160,6 +162,75 @@ class _LiveDisplay:
         if self.lines is not None and elapsed is not None:
             self._last_line = f"{self.label}: {completed:5.1f}/{self.budget_s:g} s  {status}"
             self.lines.say(self._last_line)
+
+
+class _ReceivedCpu:
+    """The compute the training jail received while the clock ran, against what it asked for: its
+    cgroup's CPU time over the CPU time its threads wanted (how many were running or waiting for a
+    CPU, sampled ten times a second, at most its CPUs at once). A busy host shows as a jail that
+    wants CPUs and gets less; a submission that leaves its threads idle asks for less, and is not
+    taken for one. Sampled as the run goes, so that progress says so while it happens."""
+
+    SAMPLE_EVERY_S = 0.1
+    WINDOW_S = 5.0  # the live figure covers about this much of the latest wall time
+
+    def __init__(self, jailed, cpus: int, min_share: float | None):
+        self.jailed, self.cpus, self.min_share = jailed, cpus, min_share
+        self.started: tuple[float, float] | None = None  # (monotonic time, CPU seconds) when the clock started
+        self.stopped_at: float | None = None
+        self.demand_s = 0.0
+        self._window: collections.deque[tuple[float, float, float]] = collections.deque()  # (time, CPU, demand)
+        self._note = ""
+
+    def start(self, at: float) -> None:
+        cpu = self.jailed.cpu_seconds() if self.min_share is not None else None
+        if cpu is not None:
+            self.started = (at, cpu)
+            self._window.append((at, cpu, 0.0))
+
+    def stop(self, at: float) -> None:
+        if self.stopped_at is None:
+            self.stopped_at = at
+
+    def sample(self) -> None:
+        """Count the jail's runnable threads, at most every SAMPLE_EVERY_S."""
+        now = time.monotonic()
+        if self.started is None or self.stopped_at is not None or now - self._window[-1][0] < self.SAMPLE_EVERY_S:
+            return
+        runnable, cpu = self.jailed.runnable_threads(), self.jailed.cpu_seconds()
+        if runnable is None or cpu is None:
+            return
+        self.demand_s += min(runnable, self.cpus) * (now - self._window[-1][0])
+        self._window.append((now, cpu, self.demand_s))
+        while len(self._window) > 2 and now - self._window[1][0] >= self.WINDOW_S:
+            self._window.popleft()
+
+    def live_note(self) -> str:
+        """"host busy: got 41% of the CPU it asked for" while the latest seconds' share is below the
+        track's, else ""."""
+        self.sample()
+        if self.min_share is None or len(self._window) < 2:
+            return self._note
+        (then, cpu_then, demand_then), (now, cpu, demand) = self._window[0], self._window[-1]
+        if now - then < self.WINDOW_S / 2 or demand <= demand_then:
+            return self._note
+        share = (cpu - cpu_then) / (demand - demand_then)
+        self._note = f"host busy: got {share:.0%} of the CPU it asked for" if share < self.min_share else ""
+        return self._note
+
+    def received(self, train_seconds: float | None) -> dict[str, Any] | None:
+        """The figures for the result, once the jail is dead (so its CPU time is final)."""
+        if self.started is None:
+            return None
+        wall_s = train_seconds if train_seconds is not None else (self.stopped_at or time.monotonic()) - self.started[0]
+        cpu = self.jailed.cpu_seconds()
+        if cpu is None or wall_s <= 0:
+            return None
+        used = max(0.0, cpu - self.started[1])
+        # Nothing asked for, nothing withheld; sampling can put what was received a little above it.
+        share = 1.0 if self.demand_s <= 0 else min(1.0, used / self.demand_s)
+        return {"cpu_s": round(used, 2), "wall_s": round(wall_s, 2), "cpus": self.cpus,
+                "demand_s": round(self.demand_s, 2), "share": round(share, 3), "min_share": self.min_share}
 
 
 def _status_text(step: int | None, metrics: dict[str, float], tokens_per_s: float | None) -> str:
@@ -251,7 +322,7 @@ def _remove(path: Path) -> None:
 
 
 def _train(jailed, budget_s: float, display: _LiveDisplay, launched_at: float,
-           snapshots: _SnapshotTaker) -> TrainingOutcome:
+           snapshots: _SnapshotTaker, meter: _ReceivedCpu) -> TrainingOutcome:
     events: queue.Queue = queue.Queue(maxsize=_PROTOCOL_BACKLOG_MAX)
     stop = threading.Event()
 
@@ -264,15 +335,16 @@ def _train(jailed, budget_s: float, display: _LiveDisplay, launched_at: float,
     reader = threading.Thread(target=_read_protocol, args=(jailed.stdout, events, stop_clock, stop, tally), daemon=True)
     reader.start()
     try:
-        outcome = _follow_protocol(events, jailed, budget_s, display, launched_at, snapshots)
+        outcome = _follow_protocol(events, jailed, budget_s, display, launched_at, snapshots, meter)
         outcome.refused_lines = tally.refused
+        outcome.received = meter.received(outcome.train_seconds)
         return outcome
     finally:
         stop.set()
 
 
 def _follow_protocol(events: queue.Queue, jailed, budget_s: float, display: _LiveDisplay, launched_at: float,
-                     snapshots: _SnapshotTaker) -> TrainingOutcome:
+                     snapshots: _SnapshotTaker, meter: _ReceivedCpu) -> TrainingOutcome:
     outcome = TrainingOutcome(status="sandbox_error")
 
     # Phase 1: until "start", the harness is doing the evaluator's own work.
@@ -291,6 +363,7 @@ def _follow_protocol(events: queue.Queue, jailed, budget_s: float, display: _Liv
             return outcome
         if event["event"] == "start":
             started_at = arrived
+            meter.start(arrived)
             outcome.timings["launch_to_start_s"] = arrived - launched_at
             outcome.timings.update({f"harness_{k}": v for k, v in event["phases"].items()})
             display.update(0.0, "importing submission")
@@ -299,21 +372,28 @@ def _follow_protocol(events: queue.Queue, jailed, budget_s: float, display: _Liv
     deadline = started_at + budget_s
     last_step, last_metrics, tokens_per_s = None, {}, None
     error_event = None
+
+    def status() -> str:
+        return "  ".join(filter(None, (_status_text(last_step, last_metrics, tokens_per_s), meter.live_note())))
+
     while True:
+        meter.sample()
         now = time.monotonic()
         if now >= deadline:
             jailed.kill()
+            meter.stop(deadline)
             outcome.status = "over_budget"
             outcome.message = f"did not save a model within the {budget_s:g} s budget; stopped at the budget"
             return outcome
         try:
-            arrived, event = events.get(timeout=min(0.25, deadline - now))
+            arrived, event = events.get(timeout=min(_ReceivedCpu.SAMPLE_EVERY_S, deadline - now))
         except queue.Empty:
-            display.update(time.monotonic() - started_at, _status_text(last_step, last_metrics, tokens_per_s))
+            display.update(time.monotonic() - started_at, status())
             continue
         if isinstance(event, _ReaderFailed):
             raise RuntimeError("the protocol's reader failed") from event.error
         if event is None:
+            meter.stop(arrived)
             break
         elapsed = arrived - started_at
         kind = event["event"]
@@ -333,7 +413,7 @@ def _follow_protocol(events: queue.Queue, jailed, budget_s: float, display: _Liv
             last_step, last_metrics = step, clean
             if "tokens" in clean and elapsed > 0:
                 tokens_per_s = clean["tokens"] / elapsed
-            display.update(elapsed, _status_text(last_step, last_metrics, tokens_per_s))
+            display.update(elapsed, status())
         elif kind == "snapshot":
             said = snapshots.handle(event, started_at, arrived)
             if said:
@@ -453,7 +533,8 @@ def train_in_jail(plan: RunPlan, sandbox, console: Console, timings: dict[str, f
     ):
         snapshots = _SnapshotTaker(plan.track.snapshot_every_s, plan.snapshot_window_s, plan.jail_out, plan.run_dir / SNAPSHOTS_DIR,
                                    model_cap, jailed.stdin.fileno())
-        outcome = _train(jailed, plan.budget_s, display, launched, snapshots)
+        meter = _ReceivedCpu(jailed, plan.track.device.threads, plan.track.device.min_cpu_share)
+        outcome = _train(jailed, plan.budget_s, display, launched, snapshots, meter)
         train_returned = time.monotonic()
         if outcome.status not in ("ok", "over_budget"):
             tail = jailed.log_tail(_LOG_TAIL_BYTES)

@@ -105,6 +105,7 @@ def make_run(
     scored_on: str = "hidden",
     dev_val_loss: float | None = None,
     max_gap_nats: float = 0.5,
+    comparison: dict | None = None,
 ) -> Path:
     """A run directory whose result.json validates against the schema, with a small metrics.parquet.
 
@@ -131,7 +132,7 @@ def make_run(
     if not hidden:
         reasons.insert(0, "development result: scored on the public split, which anyone can memorise (test)")
     result = {
-        "schema_version": 7,
+        "schema_version": 8,
         "run_id": run_id,
         "status": status,
         "message": {"ok": "", "not_reached": "no model reached the target"}.get(status, "the train function raised"),
@@ -160,6 +161,7 @@ def make_run(
         },
         "seed": seed,
         "seed_drawn": seed_drawn,
+        "comparison": comparison,
         "calibration": calibration,
         "overrides": {},
         "smoke": False,
@@ -183,7 +185,9 @@ def make_run(
         ),
         "scoring": {"protocol": "streamed", "passes": 2, "consistency_nats": 1e-3} if scored else None,
         "train": {"train_seconds": train_seconds, "steps": loss_points, "tokens": 1e6, "tokens_per_s": 1e6 / train_seconds,
-                  "refused_lines": 0},
+                  "refused_lines": 0,
+                  "received": {"cpu_s": round(2 * 0.97 * train_seconds, 2), "wall_s": train_seconds, "cpus": 2,
+                               "demand_s": round(2 * train_seconds, 2), "share": 0.97, "min_share": 0.9}},
         "val_curve": val_curve if scored else None,
         "target": None if target is None else {
             "val_loss": target,
@@ -192,6 +196,9 @@ def make_run(
             "time_s": time_to_target if scored else None,
         },
         "scoring_seconds": 4,
+        "model_scorings": [{"model": point["model"], "time_s": point["time_s"], "split": "public", "outcome": point["scored"],
+                            "wall_s": 2.0, "cpu_s": 3.5} for point in val_curve if point["scored"] != "skipped"
+                           and point["scored"] != "not_needed"] if scored else None,
         "environment": {
             "python": "3.11.2",
             "torch": "2.13.0",

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from conftest import run_cli, write_submission
-from evaluator import calibration, scoring
+from evaluator import calibration, curve, scoring
 from evaluator.cli import main
 from evaluator.errors import InvalidModel
 from evaluator.results import result_problems
@@ -59,15 +59,15 @@ def test_bad_calibration_requests_are_one_line(capsys, tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_a_calibrated_run_scales_the_budget_is_unofficial_and_says_why(tmp_path, capsys, monkeypatch):
     limits_seen = []
-    real_score_model = scoring.score_model
+    real_setup = curve._setup
 
-    def score_model(**options):
-        limits_seen.append(options["limits"])
-        return real_score_model(**options)
+    def setup(plan):
+        limits_seen.append(real_setup(plan).limits)
+        return real_setup(plan)
 
-    monkeypatch.setattr(scoring, "score_model", score_model)
+    monkeypatch.setattr(curve, "_setup", setup)
     # A host 3x slower than the track: three times the budget, and the scoring deadlines with it.
-    monkeypatch.setattr(calibration, "time_workload", lambda *args: calibration.HostTiming("cpu", 2, [3.03, 3.03]))
+    monkeypatch.setattr(calibration, "time_workload", lambda *args: calibration.HostTiming("cpu", 2, [2.1, 2.1], [4.2, 4.2]))
     folder = write_submission(tmp_path, "calibrated", RETURN_UNIFORM)
     code, record = run_cli(folder, tmp_path / "runs", "--budget", "calibrated", "--sandbox", "none", capsys=capsys)
     assert code == 0 and record["status"] == "ok", record["message"]
@@ -88,14 +88,15 @@ def test_a_calibrated_run_scales_the_budget_is_unofficial_and_says_why(tmp_path,
 @pytest.mark.slow
 def test_a_faster_host_gets_a_shorter_budget_but_never_shorter_scoring_deadlines(tmp_path, capsys, monkeypatch):
     # Loading a model and starting processes take what they take: only the training budget shrinks.
-    monkeypatch.setattr(calibration, "time_workload", lambda *args: calibration.HostTiming("cpu", 2, [0.101]))
+    monkeypatch.setattr(calibration, "time_workload", lambda *args: calibration.HostTiming("cpu", 2, [0.07], [0.14]))
     seen = []
 
-    def score_model(**options):  # the limits are all this test needs: stop before scoring
-        seen.append(options["limits"])
+    def setup(plan):  # the limits are all this test needs: stop before scoring
+        seen.append(real_setup(plan).limits)
         raise InvalidModel("not scored by this test")
 
-    monkeypatch.setattr(scoring, "score_model", score_model)
+    real_setup = curve._setup
+    monkeypatch.setattr(curve, "_setup", setup)
     folder = write_submission(tmp_path, "fast-host", RETURN_UNIFORM)
     code, record = run_cli(folder, tmp_path / "runs", "--budget", "calibrated", "--sandbox", "none", capsys=capsys)
     assert record["calibration"]["factor"] == 0.1 and record["budget_s"] == pytest.approx(6)
@@ -103,8 +104,8 @@ def test_a_faster_host_gets_a_shorter_budget_but_never_shorter_scoring_deadlines
 
 
 def test_a_factor_too_far_from_one_is_refused(tmp_path, monkeypatch):
-    monkeypatch.setattr(calibration, "time_workload", lambda *args: calibration.HostTiming("cpu", 2, [1010.0]))
-    with pytest.raises(calibration.UserError, match="factor of 1e\\+03, outside 0.02-50"):
+    monkeypatch.setattr(calibration, "time_workload", lambda *args: calibration.HostTiming("cpu", 2, [1010.0], [2000.0]))
+    with pytest.raises(calibration.UserError, match="factor of 1.44e\\+03, outside 0.02-50"):
         calibration.calibrate(load_track("cpu-1min"))
 
 
@@ -112,7 +113,7 @@ def test_a_calibrated_result_can_never_be_official(tmp_path):
     result = json.loads((make_run(tmp_path, "official") / "result.json").read_text())
     assert result["official"] is True and result_problems(result) == []
     result["calibration"] = {"workload": calibration.WORKLOAD, "factor": 2.0, "host_seconds": 2.0, "host_repeats": [2.0],
-                             "host_spread": 0.0, "host_device": "cpu", "host_threads": 2, "track_seconds": 1.01,
+                             "host_spread": 0.0, "host_device": "cpu", "host_threads": 2, "host_cpu_share": 0.99, "track_seconds": 1.01,
                              "track_provenance": "measured on a test"}
     assert any("official" in problem and "False was expected" in problem for problem in result_problems(result))
 
@@ -121,7 +122,7 @@ def test_the_leaderboard_keeps_calibrated_runs_in_rows_of_their_own(tmp_path, mo
     _, key, trusted = _signer(tmp_path)
     results = tmp_path / "results"
     figures = {"workload": calibration.WORKLOAD, "factor": 1.8, "host_seconds": 0.49, "host_repeats": [0.49],
-               "host_spread": 0.0, "host_device": "NVIDIA GeForce RTX 3060", "host_threads": 2, "track_seconds": 0.27,
+               "host_spread": 0.0, "host_device": "NVIDIA GeForce RTX 3060", "host_threads": 2, "host_cpu_share": None, "track_seconds": 0.27,
                "track_provenance": "estimated from a test"}
     publish(make_run(tmp_path, "plain", submission="mine", official=False), key, results, True)
     publish(make_run(tmp_path, "scaled", submission="mine", official=False, calibration=figures), key, results, True)
@@ -138,3 +139,27 @@ def test_a_result_with_overrides_or_from_a_smoke_run_can_never_be_official(tmp_p
     result = json.loads((make_run(tmp_path, "official") / "result.json").read_text())
     assert result_problems(result | change)  # official: true with either
     assert result_problems(result | change | {"official": False, "unofficial_reasons": ["overridden"]}) == []
+
+
+def test_the_factor_is_the_fastest_repeat_and_a_busy_host_is_measured_again(monkeypatch, capsys):
+    """Load only adds time: the fastest repeat is the estimate. A measurement whose repeats got too
+    little of their CPUs, or lie far apart, is taken again."""
+    measurements = iter([
+        calibration.HostTiming("cpu", 2, [2.0, 2.1, 2.2], [1.2, 1.3, 1.3]),  # ~30 % of 2 CPUs: busy
+        calibration.HostTiming("cpu", 2, [0.7, 1.4, 0.72], [1.4, 2.8, 1.44]),  # 2 x apart: busy
+        calibration.HostTiming("cpu", 2, [0.75, 0.7, 0.8], [1.5, 1.4, 1.58]),
+    ])
+    monkeypatch.setattr(calibration, "time_workload", lambda *args: next(measurements))
+    figures = calibration.calibrate(load_track("cpu-1min"))
+    assert figures.host_seconds == 0.7 and figures.factor == round(0.7 / load_track("cpu-1min").calibration.seconds, 3)
+    assert figures.host_cpu_share == 0.988
+    said = capsys.readouterr().err
+    assert "received 30% of its 2 CPUs' time" in said and "(2 of 3)" in said and "(3 of 3)" in said
+
+
+def test_a_host_busy_in_every_measurement_is_refused(monkeypatch):
+    busy = calibration.HostTiming("cpu", 2, [2.0, 2.1, 2.2], [1.2, 1.3, 1.3])
+    monkeypatch.setattr(calibration, "time_workload", lambda *args: busy)
+    with pytest.raises(calibration.UserError, match=f"this host is busy: .* in each of {calibration.ATTEMPTS} "
+                                                    "measurements; calibrate when nothing else runs here"):
+        calibration.calibrate(load_track("cpu-1min"))

@@ -51,7 +51,7 @@ STAGES = {
     "protocol reader": ("evaluator.training.parse_line", False),
     "snapshot copy": ("evaluator.training._take_file", False),
     "metrics": ("evaluator.training.write_metrics", False),
-    "scoring": ("evaluator.curve._score_model", True),
+    "scoring": ("evaluator.scoring._read_model", True),
     "result building": ("evaluator.runner.build_result", True),
 }
 

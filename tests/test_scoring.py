@@ -25,7 +25,10 @@ from evaluator.dataset.loader import Document
 from evaluator.errors import InvalidModel
 from evaluator.model_server import PIDS_PER_BATCH
 from evaluator.paths import HOME
-from evaluator.scoring import Refusal, ScoreReport, ScoringLimits, _windows, compose, score_model
+from evaluator import scoring
+from evaluator.scoring import (
+    WALL_BACKSTOP_FACTOR, Refusal, ScoreReport, ScoringLimits, ScoringSession, ScoringSetup, _windows, compose, score_model,
+)
 
 FIXTURE_MODELS = Path(__file__).parent / "fixtures" / "models"
 sys.path.insert(0, str(FIXTURE_MODELS))
@@ -37,6 +40,9 @@ SEQ_LEN = 16
 NAN_TOKEN = VOCAB - 1  # appears once: document doc-05, token 20, the input at position 21
 LENGTHS = [1, 5, 16, 17, 40, 33, 2, 9, 12, 31, 3, 24]
 LIMITS = ScoringLimits(load_s=10, step_s=10, total_s=60, consistency_nats=1e-3)
+# How a timeout's sentence goes on: CPU-time deadlines on the CPU, the wall clock's backstop for a model that waits.
+CPU_TIME = Refusal.OF_CPU_TIME.split("{")[0].rstrip()
+BACKSTOP = Refusal.BACKSTOP.format(factor=WALL_BACKSTOP_FACTOR, used=0).rsplit(" 0 s", 1)[0]
 
 
 def _documents() -> list[Document]:
@@ -223,20 +229,27 @@ def test_a_model_that_uses_too_many_pids_in_a_batch_is_refused(nsjail, tmp_path)
         (toy_models.ForgesReply(VOCAB, b"\x03\x00\x00\x00\x02\x00\x00\x00\x04\x00\x00\x00\x41\x00\x00\x00"),
          Refusal.BAD_SHAPE, {}),
         ({"not": "a model"}, Refusal.LOAD_FAILED, {}),
-        (toy_models.TrainsOnLoad(VOCAB, 60), Refusal.LOAD_TIMEOUT.format(seconds=3), {"load_s": 3}),
-        (toy_models.TrainsFirstCall(VOCAB, 60), Refusal.STEP_TIMEOUT.format(seconds=3), {"step_s": 3}),
-        (toy_models.Sleeps(VOCAB), Refusal.STEP_TIMEOUT.format(seconds=3), {"step_s": 3}),
-        (toy_models.SlowSteps(VOCAB), Refusal.TOTAL_TIMEOUT.format(seconds=12), {"total_s": 12}),
+        (toy_models.TrainsOnLoad(VOCAB, 60), Refusal.LOAD_TIMEOUT.format(seconds=3) + CPU_TIME, {"load_s": 3}),
+        (toy_models.TrainsFirstCall(VOCAB, 60), Refusal.STEP_TIMEOUT.format(seconds=3) + CPU_TIME, {"step_s": 3}),
+        # Sleeping uses no CPU time: the wall-clock backstop ends it.
+        (toy_models.Sleeps(VOCAB), Refusal.STEP_TIMEOUT.format(seconds=1) + BACKSTOP, {"step_s": 1}),
+        (toy_models.SlowSteps(VOCAB), Refusal.TOTAL_TIMEOUT.format(seconds=3) + CPU_TIME, {"total_s": 3}),
     ],
     ids=["nan", "float64-beyond-float32", "wrong-vocab", "integer-logits", "returns-tuple", "raises", "exits",
          "forged-garbage", "forged-header", "not-a-module", "trains-on-load", "trains-in-first-call", "sleeps",
          "too-slow-in-all"],
 )
 def test_invalid_models_get_a_fixed_sentence(nsjail, tmp_path, model, expected, limits):
+    """Fixed but for a timeout's whole seconds used (CPU time per thread, on the CPU)."""
     options = {"load_s": LIMITS.load_s, "step_s": LIMITS.step_s, "total_s": LIMITS.total_s, **limits}
     with pytest.raises(InvalidModel) as caught:
         _score(nsjail, tmp_path, model, limits=ScoringLimits(**options, consistency_nats=LIMITS.consistency_nats))
-    assert str(caught.value) == expected
+    if expected.endswith("(it used"):
+        assert re.fullmatch(re.escape(expected) + r" \d+ s\)", str(caught.value)), str(caught.value)
+    elif expected.endswith("it used"):
+        assert re.fullmatch(re.escape(expected) + r" \d+ s of CPU time per thread\)", str(caught.value)), str(caught.value)
+    else:
+        assert str(caught.value) == expected
 
 
 def test_a_model_finds_no_data_and_no_network(nsjail, tmp_path):
@@ -284,3 +297,132 @@ def test_code_in_the_pickle_runs_only_inside_the_jail(nsjail, tmp_path):
     assert report.val_loss == round(math.log(VOCAB), 4)
     assert "MARKER ran as uid 65534" in (tmp_path / "scoring-pass-1.log").read_text()
     assert not marker.exists()
+
+
+def _session(nsjail, tmp_path: Path, **overrides):
+    options = dict(name=f"test-session-{uuid.uuid4().hex[:8]}", submission_dir=FIXTURE_MODELS, vocab_size=VOCAB,
+                   eos_id=EOS, seq_len=SEQ_LEN, batch_size=4, device="cpu", gpu=None, threads=1, limits=LIMITS,
+                   memory_bytes=2 << 30, pids=64, model_cap_bytes=64 << 20)
+    options.update(overrides)
+    return ScoringSession(nsjail, ScoringSetup(**options), models=4)
+
+
+def _saved(tmp_path: Path, name: str, model) -> Path:
+    path = tmp_path / "models" / f"{name}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model, path)
+    return path
+
+
+def test_a_model_in_a_session_finds_no_other_model(nsjail, tmp_path):
+    """One session serves every model of a run: the model scored before, its bytes sent to the same
+    servers, is nowhere a later model's batch process can read (its own copy is: the control)."""
+    earlier = _saved(tmp_path, "earlier", toy_models.Marked(VOCAB, "EARLIER-MODEL-MARKER-5150"))
+    seeker = _saved(tmp_path, "seeker", toy_models.SeeksModels(VOCAB, "SEEKER-OWN-MARKER-8086", "EARLIER-MODEL-MARKER-5150"))
+    with _session(nsjail, tmp_path, debug_log_dir=tmp_path) as session:
+        assert session.score(earlier, DOCUMENTS, secret_seed=1).val_loss == round(math.log(VOCAB), 4)
+        assert session.score(seeker, DOCUMENTS, secret_seed=1).val_loss == round(math.log(VOCAB), 4)
+    logs = "".join(path.read_text() for path in sorted(tmp_path.glob("scoring-pass-*.log")))
+    seen = [tuple(map(int, found)) for found in re.findall(r"SEEK own=(\d+) other=(\d+)", logs)]
+    assert seen and all(own >= 1 and other == 0 for own, other in seen), seen
+
+
+@pytest.mark.parametrize("threads", [1, 2], ids=["one-pass-at-a-time", "side-by-side"])
+@pytest.mark.parametrize("failing", ["forges-reply", "tampers", "sleeps"])
+def test_after_a_model_fails_the_next_one_is_scored_by_fresh_servers(nsjail, tmp_path, failing, threads):
+    """A model that broke the protocol, tampered with its server or ran out of time leaves its server
+    closed (with the passes side by side, the other pass is stopped): the next model of the session
+    is scored as if alone, with all of its own time."""
+    model = {"forges-reply": toy_models.ForgesReply(VOCAB, b"x" * 5000), "tampers": toy_models.Tamperer(VOCAB, "rlimit"),
+             "sleeps": toy_models.Sleeps(VOCAB)}[failing]
+    bad, honest = _saved(tmp_path, "bad", model), _saved(tmp_path, "honest", toy_models.PairTable(VOCAB))
+    limits = ScoringLimits(load_s=10, step_s=1, total_s=20, consistency_nats=1e-3)
+    with _session(nsjail, tmp_path, limits=limits, threads=threads) as session:
+        with pytest.raises(InvalidModel):
+            session.score(bad, DOCUMENTS, secret_seed=1)
+        report = session.score(honest, DOCUMENTS, secret_seed=1)
+        assert session.stages["server_start_s"] > 0
+    assert report.val_loss == round(_loss_by_hand(toy_models.PairTable(VOCAB)), 4)
+
+
+def test_a_server_out_of_process_ids_is_replaced_before_the_model_that_would_exhaust_it(nsjail, tmp_path, monkeypatch):
+    """Each batch process starts at the next multiple of PIDS_PER_BATCH, so a server can open only so
+    many batches: the session starts a fresh one before a model that would need more."""
+    windows = [window for document in DOCUMENTS for window in _windows(document, EOS, SEQ_LEN)]
+    one_model = len(compose(windows, 4, random.Random(0)))
+    monkeypatch.setattr(scoring, "_batches_per_server", lambda: one_model + 1)
+    path = _saved(tmp_path, "uniform", toy_models.UniformStreaming(VOCAB))
+    with _session(nsjail, tmp_path) as session:
+        reports = [session.score(path, DOCUMENTS, secret_seed=seed) for seed in range(3)]
+        started = session.servers_started
+    assert {report.val_loss for report in reports} == {round(math.log(VOCAB), 4)}
+    assert started == 3 * scoring.PASSES  # the first two servers, then two fresh ones for each later model
+
+
+def test_each_model_of_a_session_chooses_its_own_logit_dtype(nsjail, tmp_path):
+    """A model may not change its dtype while scoring; the next model of the run may use another."""
+    single = _saved(tmp_path, "float32", toy_models.UniformStreaming(VOCAB))
+    half = _saved(tmp_path, "bfloat16", toy_models.UniformStreaming(VOCAB, dtype=torch.bfloat16))
+    with _session(nsjail, tmp_path) as session:
+        losses = [session.score(path, DOCUMENTS, secret_seed=1).val_loss for path in (single, half, single)]
+    assert losses == [round(math.log(VOCAB), 4)] * 3
+
+
+def _distinct_documents(count: int) -> list[Document]:
+    """Documents that each begin with a token of their own, so that a batch process's first tokens name them."""
+    rng = random.Random(9)
+    return [Document(f"doc-{index:02d}", [index + 1] + [rng.randrange(1, VOCAB) for _ in range(rng.randrange(3, 20))],
+                     n_bytes=60) for index in range(count)]
+
+
+def _windows_of(documents: list[Document]) -> list:
+    return [window for document in documents for window in _windows(document, EOS, SEQ_LEN)]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_side_by_side_compositions_never_give_two_concurrent_batches_one_document(seed):
+    rng = random.Random(seed)
+    documents = _distinct_documents(rng.randrange(5, 60))
+    # Some documents of several windows, as long ones are cut.
+    windows = _windows_of(documents) + [scoring._Window(f"doc-{rng.randrange(len(documents)):02d}", [1], [2])
+                                        for _ in range(rng.randrange(0, 4))]
+    windows = list({(w.doc_id, tuple(w.inputs), tuple(w.targets)): w for w in windows}.values())
+    batch_size = rng.choice([2, 4, 8, 32])
+    first = compose(windows, batch_size, rng)
+    second = scoring.compose_side_by_side(first, batch_size, rng)
+    if second is None:  # too few batches for some document: then the passes run one after the other
+        most = max(sum(w.doc_id == doc for w in windows) for doc in {w.doc_id for w in windows})
+        assert len(first) < 2 * most
+        return
+    assert len(second) == len(first)
+    assert sorted(map(id, (w for batch in second for w in batch))) == sorted(map(id, windows))
+    for together_first, together_second in zip(first, second):
+        assert not {w.doc_id for w in together_first} & {w.doc_id for w in together_second}
+    for batch in second:
+        assert len(batch) <= batch_size and len({w.doc_id for w in batch}) == len(batch)
+
+
+def test_batch_processes_alive_at_once_never_hold_one_document(nsjail, tmp_path):
+    """Seen from inside the jails: the two passes run side by side, and no batch process of one
+    pass shares a document with any batch process of the other that is alive at the same time (else
+    it could pass on tokens the other has not been scored on)."""
+    documents = _distinct_documents(40)
+    path = _saved(tmp_path, "logs", toy_models.LogsBatches(VOCAB))
+    with _session(nsjail, tmp_path, threads=2, debug_log_dir=tmp_path) as session:
+        session.score(path, documents, secret_seed=3)
+    processes = []  # (pass, first tokens, first moment alive, last moment alive)
+    for number in (1, 2):
+        log = (tmp_path / f"scoring-pass-{number}.log").read_text()
+        alive: dict[str, list[float]] = {}
+        for pid, moment in re.findall(r"ALIVE (\d+) ([\d.]+)", log):
+            alive.setdefault(pid, []).append(float(moment))
+        for pid, tokens in re.findall(r"FIRST (\d+) ([\d ]+)", log):
+            processes.append((number, set(tokens.split()), min(alive[pid]), max(alive[pid])))
+    assert {number for number, *_ in processes} == {1, 2} and len(processes) >= 2 * 10
+    overlapping = 0
+    for one in (p for p in processes if p[0] == 1):
+        for other in (p for p in processes if p[0] == 2):
+            if one[2] <= other[3] and other[2] <= one[3]:
+                overlapping += 1
+                assert not one[1] & other[1], (one, other)
+    assert overlapping >= 5  # they did run side by side

@@ -47,8 +47,8 @@ def _scorings(track: Track, budget_s: float) -> int:
 
 def _watchdog_s(track: Track, budget_s: float) -> float:
     """How long the node lets one `evaluator run` take before it stops it."""
-    return (STARTUP_ALLOWANCE_S + budget_s + track.sandbox.grace_s + _scorings(track, budget_s) * track.eval.time_limit_s
-            + RUN_WATCHDOG_SLACK_S)
+    scoring_s = _scorings(track, budget_s) * track.eval.wall_limit_s(track.device.kind)
+    return STARTUP_ALLOWANCE_S + budget_s + track.sandbox.grace_s + scoring_s + RUN_WATCHDOG_SLACK_S
 
 
 def _check_all(folders: list[Path], track_id: str | None, console: Console) -> tuple[list[Submission], list[tuple[Path, int]]]:

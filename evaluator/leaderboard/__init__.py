@@ -4,7 +4,7 @@ One row per submission, track and kind of run, ranked by mean val_loss (by mean 
 time-to-target track); each track's record rule decides which row holds its world record. The
 modules, each depending only on those above it:
 
-- `stats`: Welch's one-sided t-test and Student's t, from the standard library
+- `stats`: Welch's one-sided t-test, the one-sided paired t-test and Student's t, from the standard library
 - `rules`: `spec/record-rules.toml`, each track's record rule
 - `board`: verified runs pooled into rows, ranked, and the record decided
 - `text`: a row's cells and the sentences every format shows

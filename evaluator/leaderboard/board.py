@@ -21,6 +21,12 @@ Records: official submissions are walked in the order of their first run, and ea
 the record from the holder of its time: enough distinct seeds among the runs it counts, a one-sided
 Welch p below the rule's threshold and a large enough improvement (in nats, or in seconds on a
 time-to-target track). The p-value of each test is kept on the row, for every format to show.
+
+On a track whose rule is `paired`, the test is on paired evidence instead: the runs of every
+`evaluator compare` with the holder as side a and the row as side b (their results carry a
+`comparison`), matched pair by pair, each pair's difference B - A in a one-sided paired t-test.
+Those runs are also ordinary runs of their submissions, pooled into their rows like any other: a
+comparison is two sets of honest runs, and leaving them out would hide scores from the board.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from evaluator.leaderboard.rules import RecordRule, RecordRules
-from evaluator.leaderboard.stats import mean, sample_variance, welch_one_sided_p
+from evaluator.leaderboard.stats import mean, paired_one_sided_p, sample_variance, welch_one_sided_p
 from evaluator.paths import shown
 from evaluator.publish import VerifiedResult
 from evaluator.results import FAILED_STATUSES, parse_utc
@@ -44,6 +50,7 @@ FORMER_RECORD = "former record"
 NOT_SIGNIFICANT = "not significant"
 TOO_SMALL = "improvement too small"
 TOO_FEW_SEEDS = "too few seeds"
+TOO_FEW_PAIRS = "too few pairs"  # a paired track: no comparison against the holder, or too few of its pairs
 NOT_ELIGIBLE = "unofficial"
 NOT_REACHED = "target not always reached"  # time-to-target tracks: an unranked row holds no record
 DEVELOPMENT = "development"  # scored on the public split: never a record
@@ -85,6 +92,7 @@ class Run:
     calibration_factor: float | None  # --budget calibrated: what the track's budget was multiplied by
     dev_val_loss: float | None  # scored on the hidden split: the same model on the public split
     contaminated: bool  # the contamination check flagged it
+    comparison: dict[str, Any] | None  # a run of evaluator compare: {"id", "pair", "side"}
 
     @classmethod
     def from_verified(cls, verified: VerifiedResult) -> Run:
@@ -110,6 +118,7 @@ class Run:
             calibration_factor=None if result["calibration"] is None else result["calibration"]["factor"],
             dev_val_loss=None if result["dev_metrics"] is None else float(result["dev_metrics"]["val_loss"]),
             contaminated=result["contamination"] is not None and result["contamination"]["flagged"],
+            comparison=result["comparison"],
             gpu=None if result["environment"]["gpu"] is None else {
                 key: result["environment"]["gpu"][key] for key in ("name", "pci_bus_id", "uuid")
             },
@@ -141,6 +150,16 @@ def _throttled_seconds(telemetry: dict[str, Any] | None) -> float | None:
     return None if telemetry is None or not telemetry["samples"] else float(telemetry["throttled_s"])
 
 
+@dataclass(frozen=True)
+class PairedTest:
+    """Paired evidence against the record holder: how many pairs counted, and their differences
+    (the row's score minus the holder's, lower is better)."""
+
+    pairs: int
+    mean_difference: float | None  # None without a pair
+    standard_error: float | None  # None under two pairs
+
+
 @dataclass
 class Row:
     track: str
@@ -159,6 +178,7 @@ class Row:
     record_improvement: float | None = None
     record_baseline: str | None = None
     record_rule: RecordRule | None = None
+    record_paired: PairedTest | None = None  # a paired track's evidence against record_baseline
     target: TrackTarget | None = None  # set: a time-to-target track, whose rows rank on times
 
     @property
@@ -423,12 +443,22 @@ def _mark_records(rows: list[Row], rule: RecordRule) -> None:
             row.record_status = RECORD
             holder = row
         else:
-            baseline, challenger = holder.counted_scores(rule), row.counted_scores(rule)
-            row.record_p_value = welch_one_sided_p(baseline, challenger)
+            row.record_baseline = holder.submission
+            if rule.paired:
+                differences = paired_differences(holder, row, rule)
+                row.record_paired = _paired_test(differences)
+                if len(differences) < rule.min_seeds:
+                    row.record_status = TOO_FEW_PAIRS
+                    continue
+                row.record_p_value = paired_one_sided_p(differences)
+                improvement = -mean(differences)
+            else:
+                baseline, challenger = holder.counted_scores(rule), row.counted_scores(rule)
+                row.record_p_value = welch_one_sided_p(baseline, challenger)
+                improvement = mean(baseline) - mean(challenger)
             # Rounded: val_losses are multiples of 1e-4 (times of 0.01 s), and their float difference
             # must not fall a hair below a threshold it meets exactly.
-            row.record_improvement = round(mean(baseline) - mean(challenger), 9)
-            row.record_baseline = holder.submission
+            row.record_improvement = round(improvement, 9)
             if row.record_p_value >= rule.p_below:
                 row.record_status = NOT_SIGNIFICANT
             elif row.record_improvement < rule.min_improvement(row.timed):
@@ -437,3 +467,39 @@ def _mark_records(rows: list[Row], rule: RecordRule) -> None:
                 holder.record_status = FORMER_RECORD
                 row.record_status = RECORD
                 holder = row
+
+
+def paired_differences(holder: Row, challenger: Row, rule: RecordRule) -> list[float]:
+    """One difference (the challenger's score minus the holder's) per pair of every comparison that
+    ran the holder as side a and the challenger as side b, in the order of the comparisons and pairs.
+
+    A pair counts when both its runs are in the rows (official and scored: a run that failed is on
+    its row's failed count, as in the unpaired test), have one seed, drawn if the rule counts only
+    drawn seeds, and on a time-to-target track both reached the target. Two runs in one slot (the
+    same comparison, pair and side) would be a re-roll: the one that started first counts."""
+    def slots(row: Row, side: str) -> dict[tuple[str, int], Run]:
+        found: dict[tuple[str, int], Run] = {}
+        for run in row.runs:  # in the order they started
+            if run.comparison is not None and run.comparison["side"] == side:
+                found.setdefault((run.comparison["id"], run.comparison["pair"]), run)
+        return found
+
+    baseline_runs, challenger_runs = slots(holder, "a"), slots(challenger, "b")
+    differences = []
+    for key in sorted(baseline_runs.keys() & challenger_runs.keys()):
+        a, b = baseline_runs[key], challenger_runs[key]
+        if a.seed != b.seed or (rule.drawn_seeds_only and not (a.seed_drawn and b.seed_drawn)):
+            continue
+        score_a, score_b = holder.score(a), challenger.score(b)
+        if score_a is not None and score_b is not None:
+            differences.append(score_b - score_a)
+    return differences
+
+
+def _paired_test(differences: list[float]) -> PairedTest:
+    count = len(differences)
+    return PairedTest(
+        pairs=count,
+        mean_difference=mean(differences) if count else None,
+        standard_error=math.sqrt(sample_variance(differences) / count) if count > 1 else None,
+    )

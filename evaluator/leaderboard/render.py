@@ -182,6 +182,11 @@ def _row_json(row: Row) -> dict[str, Any]:
         "record_p_value": row.record_p_value,
         "record_improvement": row.record_improvement,
         "record_baseline": row.record_baseline,
+        # A paired track's evidence against record_baseline: its comparisons' pairs, and the mean and
+        # standard error of their differences (this row's score minus the baseline's); null elsewhere.
+        "record_pairs": None if row.record_paired is None else row.record_paired.pairs,
+        "record_paired_difference": None if row.record_paired is None else row.record_paired.mean_difference,
+        "record_paired_standard_error": None if row.record_paired is None else row.record_paired.standard_error,
         "signers": row.signers,
         # Time-to-target tracks; null on a fixed-time track. The mean and std need every run to
         # have reached the target, the best time only one.
@@ -207,6 +212,7 @@ def _row_json(row: Row) -> dict[str, Any]:
                 "gpu": run.gpu,
                 "started_at": run.started_at.isoformat(),
                 "signer": run.signer,
+                "comparison": run.comparison,
                 "target": run.target,
                 "val_curve": run.val_curve,
             }
@@ -280,6 +286,9 @@ PARQUET_SCHEMA = pa.schema(
         ("record_p_value", pa.float64()),
         ("record_improvement", pa.float64()),
         ("record_baseline", pa.string()),
+        ("record_pairs", pa.int32()),
+        ("record_paired_difference", pa.float64()),
+        ("record_paired_standard_error", pa.float64()),
         ("signers", pa.list_(pa.string())),
         ("run_ids", pa.list_(pa.string())),
         ("val_losses", pa.list_(pa.float64())),

@@ -8,6 +8,12 @@ with a tight enough spread a p-value certifies differences too small to matter. 
 track the test is on times to target instead, and the minimum is `min_improvement_s` seconds: one
 rule file serves both kinds of track, and each kind reads the minimum in its own unit.
 
+With `paired`, the test is not on the two rows' own runs but on an `evaluator compare` of the
+holder (side a) against the challenger (side b): both run on the same host, interleaved, each pair
+with one seed, so that the host's drift and the seed's luck cancel in each pair's difference. The
+same three conditions hold for the pairs: `min_seeds` pairs, a one-sided paired t-test below
+`p_below`, and a mean difference of at least the minimum improvement.
+
 The rules are a file of their own, validated against `spec/record-rules.schema.json`: they re-rank
 the board (evaluator.leaderboard.board applies them), they never make a result invalid.
 """
@@ -34,6 +40,9 @@ class RecordRule:
     min_improvement_nats: float  # fixed-time tracks: mean val_loss, nats per token
     min_improvement_s: float  # time-to-target tracks: mean time to target, seconds of the evaluator's clock
     drawn_seeds_only: bool
+    # Decided by paired evidence (a comparison against the holder) instead of the rows' own runs.
+    # A default, so that a rules file written before it keeps its meaning.
+    paired: bool = False
 
     def min_improvement(self, timed: bool) -> float:
         """The minimum improvement in the unit of the track's score (`timed`: a time-to-target track)."""
@@ -42,6 +51,8 @@ class RecordRule:
     def text(self, timed: bool = False) -> str:
         seeds = f"{self.min_seeds} distinct {'drawn ' if self.drawn_seeds_only else ''}seeds"
         drawn = " (only runs whose seed the evaluator drew count)" if self.drawn_seeds_only else ""
+        if self.paired:
+            return self._paired_text(timed, seeds, drawn)
         if timed:
             return (
                 f"a record needs runs on at least {seeds}{drawn}, every run of the row reaching the target, and "
@@ -53,6 +64,18 @@ class RecordRule:
             f"a record needs runs on at least {seeds}{drawn} and must beat the record holder of its time "
             f"in a one-sided Welch t-test at p < {self.p_below:g} with a mean val_loss lower by at least "
             f"{self.min_improvement_nats:g} nats (one val_loss per seed: the mean of its runs)"
+        )
+
+    def _paired_text(self, timed: bool, seeds: str, drawn: str) -> str:
+        score, unit = ("time to target", "s") if timed else ("val_loss", "nats")
+        reached = ", every run of the row reaching the target," if timed else ""
+        pairs_drawn = "drawn " if self.drawn_seeds_only else ""
+        return (
+            f"a record needs runs on at least {seeds}{drawn}{reached} and paired evidence against the record "
+            f"holder of its time: an evaluator compare with the holder as A and the challenger as B, both runs of a "
+            f"pair on one host with one seed, of at least {self.min_seeds} scored pairs with {pairs_drawn}seeds, "
+            f"whose {score} differences (B - A) pass a one-sided paired t-test at p < {self.p_below:g} with a "
+            f"mean difference of at most -{self.min_improvement(timed):g} {unit} (shown as mean ± standard error)"
         )
 
 

@@ -1,4 +1,5 @@
-"""Welch's one-sided t-test, and the Student's t distribution under it, from the standard library.
+"""Welch's one-sided t-test, the one-sided paired t-test, and the Student's t distribution under
+them, from the standard library.
 
 The maths alone: it knows nothing of results, rows or rules, so it can be read and checked on its
 own against closed forms and published tables. Student's t CDF comes from the regularized
@@ -85,3 +86,17 @@ def welch_one_sided_p(baseline: list[float], challenger: list[float]) -> float:
         var_base**2 / (len(baseline) - 1) + var_chal**2 / (len(challenger) - 1)
     )
     return 1.0 - student_t_cdf(t, df)
+
+
+def paired_one_sided_p(differences: list[float]) -> float:
+    """p-value of the one-sided paired t-test for "the mean difference is below zero", where each
+    difference is the challenger's score minus the baseline's on one pair (lower scores are better):
+    Student's one-sample t on the differences, n - 1 degrees of freedom."""
+    if len(differences) < 2:
+        raise ValueError("the paired t-test needs at least two pairs")
+    centre = mean(differences)
+    spread = sample_variance(differences)
+    if spread == 0.0:
+        # Every pair differs by the same amount: the sign is certain.
+        return 0.0 if centre < 0 else 1.0
+    return student_t_cdf(centre / math.sqrt(spread / len(differences)), len(differences) - 1)

@@ -15,6 +15,7 @@ from evaluator.leaderboard.board import (
     NOT_REACHED,
     NOT_SIGNIFICANT,
     RECORD,
+    TOO_FEW_PAIRS,
     TOO_FEW_SEEDS,
     TOO_SMALL,
     Row,
@@ -74,9 +75,22 @@ def _improvement(row: Row) -> str:
     return f"{row.record_improvement:+.2f} s" if row.timed else f"{row.record_improvement:+.4f}"
 
 
+def _difference(row: Row, value: float) -> str:
+    return f"{value:+.2f} s" if row.timed else f"{value:+.4f}"
+
+
+def _paired_text(row: Row) -> str:
+    """The paired test: 'paired vs HOLDER: mean difference ± its standard error over n pairs, p'."""
+    paired = row.record_paired
+    return (f"paired vs {row.record_baseline}: {_difference(row, paired.mean_difference)} ± "
+            f"{_difference(row, paired.standard_error)[1:]} over {paired.pairs} pairs, {_p_value(row.record_p_value)}")
+
+
 def _record_text(row: Row) -> str:
     test = ""
-    if row.record_p_value is not None:
+    if row.record_p_value is not None and row.record_paired is not None:
+        test = _paired_text(row)
+    elif row.record_p_value is not None:
         test = f"{_p_value(row.record_p_value)}, {_improvement(row)} vs {row.record_baseline}"
     if row.record_status == RECORD:
         return f"★ record ({test or 'the first'})"
@@ -87,6 +101,9 @@ def _record_text(row: Row) -> str:
     if row.record_status == TOO_SMALL:
         unit = " s" if row.timed else ""
         return f"not a record: {test}, an improvement under {row.record_rule.min_improvement(row.timed):g}{unit}"
+    if row.record_status == TOO_FEW_PAIRS:
+        return (f"not a record: needs ≥{row.record_rule.min_seeds} scored pairs of a comparison vs "
+                f"{row.record_baseline}, has {row.record_paired.pairs}")
     if row.record_status == NOT_REACHED:
         return "needs every run to reach the target"
     if row.record_status == DEVELOPMENT:

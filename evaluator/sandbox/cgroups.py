@@ -24,6 +24,8 @@ from pathlib import Path
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 CGROUP_PARENT = "speedrun-evaluator"
 _CONTROLLERS = ("memory", "pids", "cpu")
+# Under v1 the CPU time a cgroup used is cpuacct's, a hierarchy of its own (or one mounted with cpu).
+_V1_HIERARCHIES = (*_CONTROLLERS, "cpuacct")
 # CFS scheduling period of a jail with a CPU quota; the quota is `cpus` periods' worth of CPU time.
 CPU_PERIOD_US = 100_000
 
@@ -36,9 +38,10 @@ def cgroup_version() -> int | None:
     if os.geteuid() != 0:
         return None
     v1_files = (
-        *(CGROUP_ROOT / controller / "cgroup.procs" for controller in _CONTROLLERS),
+        *(CGROUP_ROOT / hierarchy / "cgroup.procs" for hierarchy in _V1_HIERARCHIES),
         CGROUP_ROOT / "memory" / "memory.limit_in_bytes",
         CGROUP_ROOT / "cpu" / "cpu.cfs_quota_us",
+        CGROUP_ROOT / "cpuacct" / "cpuacct.usage",
     )
     if all(path.is_file() for path in v1_files):
         return 1
@@ -81,7 +84,8 @@ def cgroup_parent_dirs() -> list[Path]:
 def _parent_dirs(version: int | None) -> list[Path]:
     if version == 2:
         return [_v2_parent()]
-    return [CGROUP_ROOT / controller / CGROUP_PARENT for controller in _CONTROLLERS]
+    # Resolved: where cpu and cpuacct are one hierarchy, both names lead to the same directory.
+    return list(dict.fromkeys((CGROUP_ROOT / hierarchy).resolve() / CGROUP_PARENT for hierarchy in _V1_HIERARCHIES))
 
 
 # SPEEDRUN_EVALUATOR_CGROUP=delegated: under cgroup v2, put the jails into the cgroup systemd (or
@@ -143,15 +147,15 @@ class Cgroup:
     def __init__(self, leaf: str):
         self.leaf = leaf
         self.version = cgroup_version()
-        leaves = [parent / leaf for parent in _parent_dirs(self.version)]
         if self.version == 2:
-            self.memory_dir = self.pids_dir = self.cpu_dir = leaves[0]
+            self.memory_dir = self.pids_dir = self.cpu_dir = self.cpuacct_dir = _v2_parent() / leaf
         else:
-            self.memory_dir, self.pids_dir, self.cpu_dir = leaves
+            self.memory_dir, self.pids_dir, self.cpu_dir, self.cpuacct_dir = (
+                (CGROUP_ROOT / hierarchy).resolve() / CGROUP_PARENT / leaf for hierarchy in _V1_HIERARCHIES)
 
     @property
     def dirs(self) -> tuple[Path, ...]:
-        return tuple(dict.fromkeys((self.memory_dir, self.pids_dir, self.cpu_dir)))
+        return tuple(dict.fromkeys((self.memory_dir, self.pids_dir, self.cpu_dir, self.cpuacct_dir)))
 
     @classmethod
     def create(cls, name: str, memory_bytes: int, pids: int, cpus: int | None) -> Cgroup:
@@ -223,6 +227,33 @@ class Cgroup:
     def cpu_throttled_periods(self) -> int:
         return _counter(self.cpu_dir / "cpu.stat", "nr_throttled")
 
+    def runnable_threads(self) -> int | None:
+        """How many of the cgroup's threads are running or waiting for a CPU now (state R); None
+        once the cgroup is gone."""
+        listing = self.cpu_dir / ("cgroup.threads" if self.version == 2 else "tasks")
+        try:
+            threads = listing.read_text().split()
+        except OSError:
+            return None
+        runnable = 0
+        for tid in threads:
+            try:
+                stat = Path(f"/proc/{tid}/stat").read_text()
+            except OSError:
+                continue  # ended meanwhile
+            # The state follows the command name, which may hold spaces and parentheses.
+            runnable += stat.rpartition(")")[2].split()[0] == "R"
+        return runnable
+
+    def cpu_seconds(self) -> float | None:
+        """CPU time every process of the cgroup has used, exited ones included; None once it is gone."""
+        try:
+            if self.version == 2:
+                return _counter(self.cpu_dir / "cpu.stat", "usage_usec", missing=None) / 1e6
+            return int((self.cpuacct_dir / "cpuacct.usage").read_text()) / 1e9
+        except (OSError, ValueError, TypeError):
+            return None
+
     def remove(self) -> None:
         for directory in self.dirs:
             for _ in range(200):  # members that were just killed leave within milliseconds
@@ -282,7 +313,7 @@ def _delegate_v2_controllers() -> None:
             )) from error
 
 
-def _counter(path: Path, key: str) -> int:
+def _counter(path: Path, key: str, missing: int | None = 0) -> int | None:
     try:
         for line in path.read_text().splitlines():
             name, _, value = line.partition(" ")
@@ -290,7 +321,7 @@ def _counter(path: Path, key: str) -> int:
                 return int(value)
     except (OSError, ValueError):
         pass
-    return 0
+    return missing
 
 
 def reap_stale_cgroups() -> list[str]:

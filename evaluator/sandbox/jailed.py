@@ -186,6 +186,7 @@ class Jailed:
         self._timed_out = False
         self._outcome: JailOutcome | None = None
         self._closed = False
+        self._closed_cpu_s: float | None = None
         self._lock = threading.Lock()
         procs_files = cgroup.procs_files if cgroup is not None else ()
         try:
@@ -255,6 +256,22 @@ class Jailed:
                 self._outcome = self._classify()
             return self._outcome
 
+    def cpu_seconds(self) -> float | None:
+        """CPU time the jail's processes have used so far (its cgroup's account, exited processes
+        included); after close(), what they used in all. None where the jail has no cgroup."""
+        if self._cgroup is None:
+            return None
+        if self._closed_cpu_s is not None:
+            return self._closed_cpu_s
+        return self._cgroup.cpu_seconds()
+
+    def runnable_threads(self) -> int | None:
+        """How many of the jail's threads want a CPU now (running or waiting for one); None where the
+        jail has no cgroup or has ended."""
+        if self._cgroup is None or self._closed_cpu_s is not None:
+            return None
+        return self._cgroup.runnable_threads()
+
     def log_tail(self, n_bytes: int = 4000) -> str:
         """The end of the jail's stderr (at most TAIL_KEEP_BYTES), including any part the cap
         kept out of the log file."""
@@ -270,6 +287,8 @@ class Jailed:
             self._timer.cancel()
         self.kill()
         self.outcome()  # read the cgroup counters while the cgroup still exists
+        if self._cgroup is not None:
+            self._closed_cpu_s = self._cgroup.cpu_seconds()
         self._stderr.join(timeout=5)
         for pipe in (self.stdin, self.stdout):
             try:

@@ -88,7 +88,8 @@ def test_nothing_the_model_prints_or_raises_leaves_the_scoring_jail(disk_dir, ca
     folder = attack_submission(disk_dir, "leaky-model", "leaky_model")
     code, record = run_cli(folder, runs_dir, "--budget", "5", "--sandbox", "nsjail", capsys=capsys)
     assert (code, record["status"]) == (1, "invalid_model")
-    assert record["message"] == Refusal.STEP_FAILED
+    assert re.fullmatch(r"the final model \(taken at [\d.]+ s, on the public split\): " + re.escape(Refusal.STEP_FAILED),
+                        record["message"]), record["message"]
     run_dir = runs_dir / record["run_id"]
     # What the model printed: the marker, then the token ids it was given, e.g. "0 417 23 ...".
     openings = [" ".join(map(str, [0, *document.tokens[:5]])) for document in read_documents(resolve_data_file(TRACK, "val"))]
@@ -107,8 +108,13 @@ def test_a_model_that_trains_while_it_is_loaded_is_stopped(tmp_path, runs_dir, c
     folder = attack_submission(tmp_path, "trains-after-the-clock", "trains_after_the_clock")
     began = time.monotonic()
     code, record = run_cli(folder, runs_dir, "--budget", "5", "--sandbox", "nsjail", capsys=capsys)
-    assert time.monotonic() - began < 5 + TRACK.eval.load_s + STARTUP_SLACK_S
+    # The deadline counts CPU time over the jail's threads: one busy thread runs out of it in
+    # load_s x threads seconds, having computed no more than all the threads could in load_s.
+    assert time.monotonic() - began < 5 + TRACK.eval.load_s * TRACK.device.threads + STARTUP_SLACK_S
     assert (code, record["status"]) == (1, "invalid_model")
-    assert record["message"] == Refusal.LOAD_TIMEOUT.format(seconds=TRACK.eval.load_s)
+    # It names the model, the stage and what it used of the deadline, counted in CPU time.
+    assert re.fullmatch(r"the final model \(taken at [\d.]+ s, on the public split\): "
+                        + re.escape(Refusal.LOAD_TIMEOUT.format(seconds=TRACK.eval.load_s))
+                        + r" of CPU time per thread \(it used \d+ s\)", record["message"]), record["message"]
     assert record["train"]["train_seconds"] < 5
     assert leftovers(record["run_id"], runs_dir / record["run_id"]) == []

@@ -98,7 +98,7 @@ def _runs(losses: list[float], *, drawn: bool = False, first_seed: int = 0, seed
             train_seconds=55.0, budget_s=60.0, started_at=T0, ended_at=T0, signer="tester", authors=["A"],
             description="", loss_curve={}, val_curve=[], target=None, throttled_s=None, throttle_reasons=(), gpu=None,
             calibration_factor=None, dev_val_loss=loss - 0.05,
-            contaminated=False)
+            contaminated=False, comparison=None)
         for index, (seed, loss) in enumerate(zip(seeds, losses))
     ]
 

@@ -27,8 +27,9 @@ def test_the_rules_file_sets_each_tracks_rule_and_the_page_states_it(board, monk
     assert code == 1
     cpu_rule = document["record_rules"]["cpu-1min"]
     assert cpu_rule.pop("text").startswith("Track cpu-1min: a record needs runs on at least 4 distinct seeds")
+    # `paired` is left out of the file: false, as before the option existed.
     assert cpu_rule == {"min_seeds": 4, "p_below": 0.2, "min_improvement_nats": 0.005, "min_improvement_s": 1.0,
-                        "drawn_seeds_only": False}
+                        "drawn_seeds_only": False, "paired": False}
     assert document["record_rules"]["t4-5min"]["min_seeds"] == 3  # [default] where a track has no section
     assert {row["record_status"] for row in document["rows"] if row["track"] == "cpu-1min" and row["official"]} == {TOO_FEW_SEEDS}
     code, stdout, _ = leaderboard(monkeypatch, capsys, board, "--format", "markdown", "--rules", rules)
@@ -40,6 +41,7 @@ def test_the_rules_file_sets_each_tracks_rule_and_the_page_states_it(board, monk
     ("[track.cpu-1min]\np_below = 2\n", "track.cpu-1min.p_below"),
     ("[track.cpu-1min]\nmin_seeds = 1\n", "track.cpu-1min.min_seeds"),
     ("[track.cpu-1min]\nseeds = 3\n", "Additional properties"),
+    ("[track.cpu-1min]\npaired = 1\n", "track.cpu-1min.paired"),
     ("[default\n", "cannot read the record rules"),
     ("[track.t4-5mn]\ndrawn_seeds_only = true\n", "[track.t4-5mn] names no track"),
 ])
@@ -53,3 +55,4 @@ def test_the_shipped_rules_are_valid_and_strict_on_the_t4_track():
     rules = load_record_rules(RECORD_RULES_FILE)
     assert rules.for_track("cpu-1min") == DEFAULT_RULE
     assert rules.for_track("t4-5min") == dataclasses.replace(DEFAULT_RULE, drawn_seeds_only=True)
+    assert rules.default["paired"] is False  # stated in the file, where the organiser reads it

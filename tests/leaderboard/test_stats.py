@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from evaluator.leaderboard.stats import regularized_incomplete_beta, student_t_cdf, welch_one_sided_p
+from evaluator.leaderboard.stats import paired_one_sided_p, regularized_incomplete_beta, student_t_cdf, welch_one_sided_p
 
 
 @pytest.mark.parametrize("x", [0.0, 0.01, 0.3, 0.5, 0.77, 0.999, 1.0])
@@ -52,3 +52,20 @@ def test_welch_one_sided_p_values():
     assert welch_one_sided_p([1, 2, 3], [4, 5, 6]) == pytest.approx(1 - welch_one_sided_p([4, 5, 6], [1, 2, 3]))
     assert welch_one_sided_p([2.0, 2.0, 2.0], [1.0, 1.0, 1.0]) == 0.0
     assert welch_one_sided_p([1.0, 1.0, 1.0], [1.0, 1.0, 1.0]) == 1.0
+
+
+def test_paired_one_sided_p_values():
+    # Differences -1, -2, -3: mean -2, standard error 1/sqrt(3), t = -2 sqrt(3) on 2 degrees of freedom.
+    t = -2 * math.sqrt(3)
+    assert paired_one_sided_p([-1.0, -2.0, -3.0]) == pytest.approx(0.5 + t / (2 * math.sqrt(2 + t * t)), abs=1e-13)
+    # Six pairs (5 df) whose t is minus the tabulated 95 % point, 2.0150483733330233: p = 0.05. The spread has
+    # mean 0 and standard error sqrt(6/5)/sqrt(6); shifting it down by t standard errors sets the mean.
+    spread = [-1.0, 1.0, -1.0, 1.0, -1.0, 1.0]
+    shift = 2.0150483733330233 * math.sqrt(6 / 5) / math.sqrt(6)
+    assert paired_one_sided_p([d - shift for d in spread]) == pytest.approx(0.05, abs=1e-12)
+    # One-sided: the mirror image has the complementary p; a worse challenger gets a large one.
+    assert paired_one_sided_p([1.0, 2.0, 3.0]) == pytest.approx(1 - paired_one_sided_p([-1.0, -2.0, -3.0]))
+    assert paired_one_sided_p([-0.5, -0.5, -0.5]) == 0.0
+    assert paired_one_sided_p([0.0, 0.0]) == 1.0
+    with pytest.raises(ValueError):
+        paired_one_sided_p([-1.0])

@@ -18,7 +18,7 @@ def make_cgroup_root(root: Path, v1_controllers: tuple[str, ...], unified_contro
     for controller in v1_controllers:
         (root / controller).mkdir()
         (root / controller / "cgroup.procs").touch()
-    for limit in ("memory/memory.limit_in_bytes", "cpu/cpu.cfs_quota_us"):
+    for limit in ("memory/memory.limit_in_bytes", "cpu/cpu.cfs_quota_us", "cpuacct/cpuacct.usage"):
         if (root / limit).parent.is_dir():
             (root / limit).touch()
     if unified_controllers is not None:
@@ -32,6 +32,7 @@ def make_cgroup_root(root: Path, v1_controllers: tuple[str, ...], unified_contro
         ((), "cpuset cpu io memory hugetlb pids", 2),  # v2 only, as on the lent H200 machine
         ((), "cpuset cpu io memory", None),  # v2 without pids
         (("memory", "pids"), None, None),  # v1 without cpu
+        (("memory", "pids", "cpu"), None, None),  # v1 without cpuacct: a jail's CPU time goes unmeasured
     ],
 )
 def test_cgroup_version_is_the_hierarchy_that_offers_memory_pids_and_cpu(
