@@ -343,7 +343,7 @@ def _finished_text(run: PairRun, timed: bool) -> str:
         text += f", {'time to target' if timed else 'val_loss'} {_score_text(score, timed)}"
     received = result["train"]["received"]
     if received is not None:
-        text += f", received {received['share']:.0%} of {received['cpus']} CPUs"
+        text += f", got {received['share']:.0%} of the CPU it asked for"
     return text
 
 
@@ -411,7 +411,7 @@ def _score_text(score: float | None, timed: bool, signed: bool = False) -> str:
 
 def _received_text(run: PairRun) -> str:
     received = None if run.result is None else run.result["train"]["received"]
-    return "-" if received is None else f"{received['share']:.0%} of {received['cpus']}"
+    return "-" if received is None else f"{received['share']:.0%}"
 
 
 def _cell(run: PairRun, timed: bool) -> str:
@@ -446,7 +446,7 @@ def render_text(comparison: Comparison) -> str:
     lines = [
         f"comparison {plan.id}: A = {plan.a.name} ({visible(plan.a.folder)}), B = {plan.b.name} ({visible(plan.b.folder)})",
         f"track {plan.track}, budget {plan.budget_s:g} s, {'drawn' if plan.secret_seeds else 'public'} seeds; "
-        f"{what}, lower is better; received: the CPU share the training jail received",
+        f"{what}, lower is better; received: the share of the CPU time its threads asked for that the training jail got",
         "",
         f"{'pair':>4}  {'seed':>10}  order  {'A ' + what:>16}  {'B ' + what:>16}  {'B - A':>10}  {'A received':>10}  {'B received':>10}",
     ]
@@ -559,7 +559,7 @@ def render_comparison_html(comparison: Comparison) -> str:
         f'<p class="rule">Track <code>{escaped(plan.track)}</code>, budget {plan.budget_s:g} s, '
         f"{'seeds drawn by the evaluator' if plan.secret_seeds else 'public seeds'}. Both runs of a pair ran on this "
         f"host with the pair's seed, in ABBA order; B - A is the difference of their {what} (lower is better). "
-        "Received: the CPU share the training jail received while the clock ran.</p>",
+        "Received: the share of the CPU time its threads asked for that the training jail got while the clock ran.</p>",
         f"<table><thead><tr>{header}</tr></thead><tbody>{''.join(body_rows)}</tbody></table>",
         "".join(f'<p class="rule">{escaped(line)}</p>' for line in summary_lines(comparison)),
     ]

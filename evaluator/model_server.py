@@ -11,9 +11,12 @@ imports torch but never runs a tensor operation, never touches CUDA or OpenMP an
 model; it makes itself non-dumpable (so no process of the jail can read or write its memory
 through /proc, and with /proc mounted hidepid=2 none can even see it) and ignores every signal it
 can. It serves model after model of one run: the host sends each model's bytes (MODEL), which the
-server keeps in its own memory; no model file is in the jail. For each batch it kills and reaps
-every other process of the jail, copies the current model into a fresh sealed memfd, then forks a
-fresh *batch process* that loads the model from that memfd and answers that batch's steps. A batch
+kernel moves into a sealed memfd (splice); no model file is in the jail. For each batch it kills
+and reaps every other process of the jail, copies the current model into a fresh sealed memfd,
+then forks a fresh *batch process* that loads the model from that memfd and answers that batch's
+steps. Tokens and models pass the server by splice, never through its memory: a batch process is
+a fork of the server and inherits all of that memory, so nothing of an earlier batch, model or
+split may be in it. A batch
 process has seen no other batch and no other model, inherits no descriptor of the server's but the
 reply pipe and its own memfd, and is gone, with everything it started, before the next one exists.
 The batch process runs the model, so everything it writes is the model's to choose; the host gives
@@ -36,12 +39,13 @@ Requests (host -> server), repeated until EOF; a header struct "<II" (op, n), th
                 it replies READY (or ERROR)
     STEP  n=R   the next token of each of the R live rows; the batch process replies LOGITS [R, V]
     KEEP  n=K   row indices (ascending, into the live rows): only those rows go on; no reply
-    CLOSE n=0   kill and reap the batch; the server replies CLOSED
+    CLOSE n=1   a nonce: kill and reap the batch; the server replies CLOSED with the nonce
 
 Replies (server or batch process -> host): a header struct "<IIII" (kind, code, rows, vocab):
     STARTED (the server, once, after importing torch)   READY (the batch process loaded the model)
     LOGITS  code = dtype index in LOGIT_DTYPES, then rows*vocab logits, C order, native byte order
-    ERROR   code = the stage that failed (ERROR_STAGES)  CLOSED (the server, after a CLOSE)
+    ERROR   code = the stage that failed (ERROR_STAGES)
+    CLOSED  (the server, after a CLOSE) code, rows = the nonce's low and high 32 bits
     ENDED   (the server: the batch process ended before CLOSE; everything of it has been reaped)
 """
 
@@ -90,12 +94,12 @@ def _read_exactly(fd: int, count: int) -> bytes | None:
 
 
 def read_request(fd: int) -> tuple[int, bytes] | None:
-    """(op, payload of n int64 values, or of n bytes for MODEL), or None at EOF between requests."""
+    """(op, payload of n int64 values), or None at EOF between requests: what a batch process reads."""
     header = _read_exactly(fd, REQUEST_HEADER.size)
     if header is None:
         return None
     op, count = REQUEST_HEADER.unpack(header)
-    size = count if op == MODEL else count * TOKEN.size
+    size = count * TOKEN.size
     payload = _read_exactly(fd, size) if size else b""
     if payload is None:
         raise EOFError("the request stream ended inside a message")
@@ -289,7 +293,9 @@ class _Server:
         os.dup2(2, 1)
         os.close(devnull)
         self.child: _Child | None = None
-        self.model: bytes | None = None
+        self.model: int | None = None  # a sealed memfd: the current model's bytes (MODEL)
+        self.model_size = 0
+        self.devnull = os.open(os.devnull, os.O_WRONLY)
         # As a pid namespace's init, every other process of the jail is ours to kill (see module doc).
         self.isolated = os.getpid() == 1
         self.batches = 0
@@ -313,7 +319,7 @@ class _Server:
         if self.model is None:
             send_reply(self.replies, ERROR, LOAD_ERROR)
             return
-        model = _sealed_copy(self.model)
+        model = _sealed_copy(self.model, self.model_size)
         read_end, write_end = os.pipe()
         pid = os.fork()
         if pid == 0:
@@ -342,13 +348,35 @@ class _Server:
         if self.isolated:
             _kill_everything_else()
 
-    def forward(self, op: int, payload: bytes) -> None:
-        if self.child is None:
-            return  # the batch already ended, and the host was told
+    def forward(self, op: int, count: int) -> None:
+        """A STEP or KEEP: its header, then its values moved from the host's pipe into the batch
+        process's by the kernel (splice), never through the server's memory, which every later batch
+        process inherits: no token of this batch stays there for them."""
+        size = count * TOKEN.size
+        if self.child is None:  # the batch already ended, and the host was told
+            _splice_exactly(self.requests, self.devnull, size)
+            return
         try:
-            _write_all(self.child.requests, REQUEST_HEADER.pack(op, len(payload) // TOKEN.size) + payload)
+            _write_all(self.child.requests, REQUEST_HEADER.pack(op, count))
+            moved = _splice_exactly(self.requests, self.child.requests, size)
         except BrokenPipeError:
+            moved = None
+        if moved is None:
             self.batch_ended()
+
+    def take_model(self, size: int) -> bool:
+        """MODEL: the model's bytes, moved by the kernel into a memfd sealed against every change, never
+        through the server's memory; False when the host sent more than the cap."""
+        self.end_batch()
+        if size > self.model_cap:
+            return False
+        if self.model is not None:
+            os.close(self.model)
+        self.model = os.memfd_create("model", os.MFD_ALLOW_SEALING)
+        self.model_size = size
+        _splice_exactly(self.requests, self.model, size)
+        fcntl.fcntl(self.model, fcntl.F_ADD_SEALS, _ALL_SEALS)
+        return True
 
     def batch_ended(self) -> None:
         self.end_batch()
@@ -362,32 +390,67 @@ class _Server:
             if self.child is not None and self.child.exited in ready:
                 self.batch_ended()
                 continue
-            request = read_request(self.requests)
-            if request is None:
+            header = _read_exactly(self.requests, REQUEST_HEADER.size)
+            if header is None:
                 break
-            op, payload = request
-            if op == MODEL:
-                self.end_batch()
-                if len(payload) > self.model_cap:
+            op, count = REQUEST_HEADER.unpack(header)
+            if op in (STEP, KEEP):
+                self.forward(op, count)
+            elif op == MODEL:
+                if not self.take_model(count):
                     return 1  # the host never sends more: it is not the host we serve
-                self.model = payload
-            elif op == OPEN and len(payload) == TOKEN.size:
-                self.open_batch(TOKEN.unpack(payload)[0])
-            elif op == CLOSE:
-                self.end_batch()
-                send_reply(self.replies, CLOSED)
-            elif op in (STEP, KEEP):
-                self.forward(op, payload)
+            elif op in (OPEN, CLOSE) and count == 1:
+                value = TOKEN.unpack(_read_exactly(self.requests, TOKEN.size) or bytes(TOKEN.size))[0]
+                if op == OPEN:
+                    self.open_batch(value)
+                else:
+                    self.close_batch(value)
+            else:
+                _splice_exactly(self.requests, self.devnull, count * TOKEN.size)
         self.end_batch()
         return 0
 
+    def close_batch(self, nonce: int) -> None:
+        """CLOSE: kill and reap the batch, then check what the next batch process would inherit (a
+        batch process that changed it in a model's last batch is caught here, not in the next
+        model's), and answer CLOSED with the host's nonce, which no batch process has seen: a
+        CLOSED a batch process forged on the shared reply pipe cannot carry it."""
+        self.end_batch()
+        if self.state is not None and _inherited_state((self.replies, 2)) != self.state:
+            send_reply(self.replies, ERROR, TAMPERED_ERROR)
+            return
+        send_reply(self.replies, CLOSED, nonce & 0xFFFFFFFF, nonce >> 32)
 
-def _sealed_copy(model: bytes) -> int:
-    """A memfd holding `model`, read from its start, sealed against every change: the one batch
-    process that inherits it can read its model and nothing else, and leave nothing in it."""
+
+_ALL_SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL
+
+
+def _splice_exactly(source: int, target: int, size: int) -> int | None:
+    """Move `size` bytes from the pipe `source` to `target` in the kernel; EOFError at a cut request.
+    A target pipe that breaks is drained into nothing, so the request stream stays whole: None then."""
+    moved = 0
+    while moved < size:
+        try:
+            count = os.splice(source, target, size - moved)
+        except BrokenPipeError:
+            with open(os.devnull, "wb") as sink:
+                _splice_exactly(source, sink.fileno(), size - moved)
+            return None
+        if count == 0:
+            raise EOFError("the request stream ended inside a message")
+        moved += count
+    return moved
+
+
+def _sealed_copy(model: int, size: int) -> int:
+    """A fresh memfd holding the model, copied in the kernel, read from its start, sealed against
+    every change: the one batch process that inherits it can read its model and nothing else, and
+    leave nothing in it for the next (which gets a copy of its own)."""
     fd = os.memfd_create("model", os.MFD_ALLOW_SEALING)
-    _write_all(fd, model)
-    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
+    copied = 0
+    while copied < size:
+        copied += os.sendfile(fd, model, copied, size - copied)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _ALL_SEALS)
     os.lseek(fd, 0, os.SEEK_SET)
     return fd
 

@@ -199,9 +199,9 @@ def _official_problem(result: dict[str, Any]) -> str | None:
 
 def _busy(received: dict[str, Any] | None, device: str) -> bool:
     """On a CPU track, the official rule of plan.busy_host_reasons: a measured share at its minimum."""
-    if device != "cpu":
+    if device != "cpu" or received is None:  # without a measure, plan.busy_host_reasons has said why
         return False
-    return received is None or received["share"] < received["min_share"]
+    return received["share"] < received["min_share"]
 
 
 def _curve_problem(result: dict[str, Any]) -> str | None:

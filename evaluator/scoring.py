@@ -3,8 +3,9 @@ computes val_loss and val_bpb. Honest by construction, not by audit.
 
 The saved model is never unpickled here: `evaluator.model_server` loads it inside a jail whose
 whole filesystem is a memory-backed image of what it needs (the Python install, torch, the
-evaluator's in-jail modules, the submission and the model file; no data, no network, nothing
-writable), one fresh batch process per batch. Everything coming back is untrusted: the reply
+evaluator's in-jail modules and the submission; no model file, no data, no network, nothing
+writable), one fresh batch process per batch, from a sealed memfd copy of the model the host sent
+(ScoringSession: one image and one server per pass for every model of a run). Everything coming back is untrusted: the reply
 header's kind and sizes, the exact [rows, vocab] shape, a float dtype that never changes, the byte
 count, and finite logits once cast to float32.
 
@@ -29,8 +30,9 @@ the model returns can move it), and the mean difference per token within a hundr
 The score is the mean of the two passes.
 
 Deadlines (the track's `[eval]`): `load_s` from asking for a batch process to its READY (the
-model's unpickling and `decoder()`), `step_s` for each step's reply, `time_limit_s` for all of
-scoring, both passes and the jails' start included (copying the image is not). They leave no
+model's unpickling and `decoder()`), `step_s` for each step's reply, `time_limit_s` for all of a
+model's scoring, both passes (the session's image and servers are the evaluator's work, not the
+model's; a server that replaces one a model failed in starts before the next model's clock). They leave no
 room to train after the clock: whatever a model computes in scoring starts again from the model
 file for every batch. On the CPU they count the scoring jails' CPU time over their threads (their
 cgroups' account), not the wall clock: a busy host makes scoring slower, never a model invalid. A
@@ -49,6 +51,7 @@ import fcntl
 import math
 import os
 import random
+import secrets
 import select
 import struct
 import sys
@@ -164,12 +167,12 @@ class _Window:
 
 class _Clock:
     """The time a deadline charges to the model: what the scoring jails' CPU time grew by since the
-    model's scoring began, over the track's threads (a budget of CPU work, however the passes share
-    the threads), where `cpu` (the CPU device, jails with cgroups); else the wall clock. A stage is
-    charged its own jail's time, all of scoring every jail's."""
+    model's scoring began, where `cpu` (the CPU device, jails with cgroups); else the wall clock. A
+    stage is charged its own jail's time over that jail's threads, all of scoring every jail's over
+    the track's threads (a budget of CPU work, however the passes share them)."""
 
-    def __init__(self, threads: int, jails: list, cpu: bool):
-        self.threads, self.jails = threads, jails
+    def __init__(self, threads: int, jail_threads: int, jails: list, cpu: bool):
+        self.threads, self.jail_threads, self.jails = threads, jail_threads, jails
         readings = [jailed.cpu_seconds() for jailed in jails]
         self.cpu = cpu and None not in readings  # no cgroup (--sandbox none without root): nothing to count
         self._began = {id(jailed): reading or 0.0 for jailed, reading in zip(jails, readings)}
@@ -181,7 +184,10 @@ class _Clock:
         return sum((each.cpu_seconds() or 0.0) - self._began[id(each)] for each in counted)
 
     def charged(self, jailed=None) -> float:
-        return self.cpu_seconds(jailed) / self.threads if self.cpu else time.monotonic()
+        """A stage's jail's CPU time over that jail's threads; all of scoring's over the track's."""
+        if not self.cpu:
+            return time.monotonic()
+        return self.cpu_seconds(jailed) / (self.threads if jailed is None else self.jail_threads)
 
 
 @dataclass(frozen=True)
@@ -279,10 +285,14 @@ class _Stream:
             except BrokenPipeError:
                 raise self._ended() from None
 
-    def expect(self, kind: int, deadline: tuple[_Limit, ...]) -> None:
-        got, code, _, _ = self._header(deadline)
+    def expect(self, kind: int, deadline: tuple[_Limit, ...], code: int = 0, rows: int = 0) -> None:
+        """The next reply is `kind`; for CLOSED, with the nonce the host sent (`code`, `rows`), which
+        a batch process forging one on the shared reply pipe has never seen."""
+        got, got_code, got_rows, _ = self._header(deadline)
         if got != kind:
-            raise self._unexpected(got, code)
+            raise self._unexpected(got, got_code)
+        if kind == CLOSED and (got_code, got_rows) != (code, rows):
+            raise InvalidModel(Refusal.PROTOCOL)
 
     def logits(self, rows: int, deadline: tuple[_Limit, ...]) -> torch.Tensor:
         """The next reply as float32 logits [rows, vocab], checked."""
@@ -402,14 +412,26 @@ def compose(windows: list[_Window], batch_size: int, rng: random.Random) -> list
     return [batch for batch in batches if batch]
 
 
+SIDE_BY_SIDE_ATTEMPTS = 8
+
+
 def compose_side_by_side(first: list[list[_Window]], batch_size: int,
                          rng: random.Random) -> list[list[_Window]] | None:
     """A second secret composition whose j-th batch holds no window of a document that `first`'s
     j-th batch holds, so that the two can be scored at the same time: no two batch processes that
     run side by side ever hold one document, and none can pass the other a token it has not been
-    scored on yet. Two windows of one document still never share a batch. None where the documents
-    are too long for it (a document needs a batch for each window outside its own first batches).
+    scored on yet. Two windows of one document still never share a batch. None where no such
+    composition is found in SIDE_BY_SIDE_ATTEMPTS secret orders (documents of many windows, batches
+    near full): the passes then run one after the other.
     """
+    for _ in range(SIDE_BY_SIDE_ATTEMPTS):
+        second = _deal_side_by_side(first, batch_size, rng)
+        if second is not None:
+            return second
+    return None
+
+
+def _deal_side_by_side(first: list[list[_Window]], batch_size: int, rng: random.Random) -> list[list[_Window]] | None:
     in_first: dict[str, set[int]] = {}
     by_document: dict[str, list[_Window]] = {}
     for index, batch in enumerate(first):
@@ -463,8 +485,9 @@ def _stream_batch(stream: _Stream, batch: list[_Window], deadlines: _Deadlines,
             live = [live[index] for index in going_on]
             if live:
                 stream.send(KEEP, going_on, deadlines.until(None, ""))
-    stream.send(CLOSE, [], deadlines.until(None, ""))
-    stream.expect(CLOSED, deadlines.wall(CLOSE_S, Refusal.PROTOCOL))
+    nonce = secrets.randbits(63)
+    stream.send(CLOSE, [nonce], deadlines.until(None, ""))
+    stream.expect(CLOSED, deadlines.wall(CLOSE_S, Refusal.PROTOCOL), code=nonce & 0xFFFFFFFF, rows=nonce >> 32)
     return nats
 
 
@@ -582,8 +605,8 @@ class ScoringSetup:
     @property
     def parallel(self) -> bool:
         """The passes run side by side (compose_side_by_side) where the track's threads can be shared
-        out among them."""
-        return self.threads >= PASSES
+        out among them, on the CPU: two CUDA contexts on one T4 are not measured yet."""
+        return self.gpu is None and self.threads >= PASSES
 
     @property
     def pass_threads(self) -> int:
@@ -735,7 +758,7 @@ class ScoringSession:
                 server.close()  # its pid namespace would run out of process ids: a fresh one takes over
         servers = self._ready_servers()
         # From here: the model's time. The image and the servers' start were the evaluator's.
-        clock = _Clock(setup.threads, [server.jailed for server in servers], cpu=setup.gpu is None)
+        clock = _Clock(setup.threads, setup.pass_threads, [server.jailed for server in servers], cpu=setup.gpu is None)
         deadlines = _Deadlines(setup.limits, clock)
         total_tokens = sum(len(window.targets) for window in windows)
         previous_threads = torch.get_num_threads()
@@ -803,8 +826,16 @@ def _run_passes(servers: list[_Server], compositions: list[list[list[_Window]]],
                    for index in range(len(servers))]
         for thread in threads:
             thread.start()
-        for thread in threads:
-            thread.join()
+        try:
+            for thread in threads:
+                thread.join()
+        except BaseException:  # interrupted (SIGTERM, Ctrl-C): stop both passes before their pipes close
+            barrier.abort()
+            for server in servers:
+                server.jailed.kill()
+            for thread in threads:
+                thread.join()
+            raise
     else:
         for index in range(len(servers)):
             if not failures:

@@ -110,3 +110,27 @@ def test_the_closing_summary_fits_an_80_column_terminal(tmp_path):
     text = " ".join(line.strip() for line in lines)
     assert "got 97% of the CPU it asked for" in text and "1,000,000 tokens" in text and "got 41% of the" in text
     assert lines[0].startswith("a-submission-with-a-rather-long-name seed 0: ok  val_loss ")
+
+
+PINS_ITSELF = """
+import os
+
+def train(ctx):
+    try:
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+        pinned = True
+    except PermissionError:
+        pinned = False
+    ctx.log(1, loss=1.0, tokens=2000 if pinned else 1000)
+    return TinyCausal(ctx.vocab_size)
+"""
+
+
+@pytest.mark.slow
+def test_a_training_jail_cannot_pin_its_threads_to_pass_for_a_busy_host(tmp_path, runs_dir, capsys, nsjail):
+    """Pinned to one CPU, two threads would ask for two and get one: a run that looks as if the host
+    were busy, unofficial by the submission's choice (a re-roll). seccomp refuses sched_setaffinity."""
+    folder = write_submission(tmp_path, "pins-itself", PINS_ITSELF)
+    code, record = run_cli(folder, runs_dir, "--budget", "5", "--sandbox", "nsjail", capsys=capsys)
+    assert code == 0, record["message"]
+    assert record["train"]["tokens"] == 1000

@@ -192,18 +192,19 @@ def test_every_batch_process_starts_at_a_pid_fixed_in_advance(nsjail, tmp_path):
         assert len(set(counters)) == 1  # the ids were used up without a trace in the server's Python state
 
 
-@pytest.mark.parametrize("what", ["rlimit", "priority", "affinity", "pipe"])
+@pytest.mark.parametrize("what", ["rlimit", "priority", "pipe"])
 def test_a_model_that_changes_what_the_next_batch_process_inherits_is_refused(nsjail, tmp_path, what):
     with pytest.raises(InvalidModel) as caught:
         _score(nsjail, tmp_path, toy_models.Tamperer(VOCAB, what))
     assert str(caught.value) == Refusal.TAMPERED
 
 
-@pytest.mark.parametrize("what", ["ioprio", "sched_attr"])
+@pytest.mark.parametrize("what", ["ioprio", "sched_attr", "affinity"])
 def test_a_model_cannot_set_the_servers_io_priority_or_scheduler_attributes(nsjail, tmp_path, what):
     """Refused outright (seccomp): the I/O priority a process reports changes by itself, so the
     server could not compare it; sched_setattr's custom slice and uclamp are not among what it
-    compares, and a batch process set the slice for the next to read back, 26 bits a hand-off."""
+    compares, and a batch process set the slice for the next to read back, 26 bits a hand-off; CPU
+    affinity is refused in every jail (tests/test_busy_host.py says why)."""
     with pytest.raises(InvalidModel) as caught:
         _score(nsjail, tmp_path, toy_models.Tamperer(VOCAB, what))
     assert str(caught.value) == Refusal.LOAD_FAILED
@@ -368,10 +369,10 @@ def test_each_model_of_a_session_chooses_its_own_logit_dtype(nsjail, tmp_path):
     assert losses == [round(math.log(VOCAB), 4)] * 3
 
 
-def _distinct_documents(count: int) -> list[Document]:
+def _distinct_documents(count: int, lengths: tuple[int, int] = (3, 20)) -> list[Document]:
     """Documents that each begin with a token of their own, so that a batch process's first tokens name them."""
     rng = random.Random(9)
-    return [Document(f"doc-{index:02d}", [index + 1] + [rng.randrange(1, VOCAB) for _ in range(rng.randrange(3, 20))],
+    return [Document(f"doc-{index:02d}", [index + 1] + [rng.randrange(1, VOCAB) for _ in range(rng.randrange(*lengths))],
                      n_bytes=60) for index in range(count)]
 
 
@@ -379,7 +380,7 @@ def _windows_of(documents: list[Document]) -> list:
     return [window for document in documents for window in _windows(document, EOS, SEQ_LEN)]
 
 
-@pytest.mark.parametrize("seed", range(20))
+@pytest.mark.parametrize("seed", range(40))
 def test_side_by_side_compositions_never_give_two_concurrent_batches_one_document(seed):
     rng = random.Random(seed)
     documents = _distinct_documents(rng.randrange(5, 60))
@@ -390,9 +391,7 @@ def test_side_by_side_compositions_never_give_two_concurrent_batches_one_documen
     batch_size = rng.choice([2, 4, 8, 32])
     first = compose(windows, batch_size, rng)
     second = scoring.compose_side_by_side(first, batch_size, rng)
-    if second is None:  # too few batches for some document: then the passes run one after the other
-        most = max(sum(w.doc_id == doc for w in windows) for doc in {w.doc_id for w in windows})
-        assert len(first) < 2 * most
+    if second is None:  # none found (documents of many windows, full batches): one pass after the other
         return
     assert len(second) == len(first)
     assert sorted(map(id, (w for batch in second for w in batch))) == sorted(map(id, windows))
@@ -406,9 +405,9 @@ def test_batch_processes_alive_at_once_never_hold_one_document(nsjail, tmp_path)
     """Seen from inside the jails: the two passes run side by side, and no batch process of one
     pass shares a document with any batch process of the other that is alive at the same time (else
     it could pass on tokens the other has not been scored on)."""
-    documents = _distinct_documents(40)
+    documents = _distinct_documents(40, lengths=(20, 60))  # one window each, long enough to overlap
     path = _saved(tmp_path, "logs", toy_models.LogsBatches(VOCAB))
-    with _session(nsjail, tmp_path, threads=2, debug_log_dir=tmp_path) as session:
+    with _session(nsjail, tmp_path, threads=2, seq_len=64, debug_log_dir=tmp_path) as session:
         session.score(path, documents, secret_seed=3)
     processes = []  # (pass, first tokens, first moment alive, last moment alive)
     for number in (1, 2):
@@ -425,4 +424,21 @@ def test_batch_processes_alive_at_once_never_hold_one_document(nsjail, tmp_path)
             if one[2] <= other[3] and other[2] <= one[3]:
                 overlapping += 1
                 assert not one[1] & other[1], (one, other)
-    assert overlapping >= 5  # they did run side by side
+    assert overlapping >= 3  # they did run side by side (of ten pairs of batches, most overlap)
+
+
+def test_no_token_of_an_earlier_scoring_is_in_a_later_batch_processs_memory(nsjail, tmp_path):
+    """A batch process is a fork of its server and inherits all its memory: the tokens of the
+    scorings before it (another split's, a snapshot's) must never have been there."""
+    def all_of(token: int) -> list[Document]:
+        return [Document(f"doc-{index:02d}", [token] * 30, n_bytes=90) for index in range(12)]
+
+    earlier = _saved(tmp_path, "earlier", toy_models.UniformStreaming(VOCAB))
+    seeker = _saved(tmp_path, "seeker", toy_models.SeeksTokens(VOCAB, own=41, other=37))
+    # 12 documents, batches of 12 or more rows: each step sends twelve equal tokens.
+    with _session(nsjail, tmp_path, threads=2, batch_size=32, debug_log_dir=tmp_path) as session:
+        session.score(earlier, all_of(37), secret_seed=1)
+        session.score(seeker, all_of(41), secret_seed=2)
+    logs = "".join(path.read_text() for path in sorted(tmp_path.glob("scoring-pass-*.log")))
+    seen = [tuple(map(int, found)) for found in re.findall(r"SEEK own=(\d+) other=(\d+)", logs)]
+    assert seen and all(own >= 1 and other == 0 for own, other in seen), seen
