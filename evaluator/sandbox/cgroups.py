@@ -247,11 +247,12 @@ class Cgroup:
 
     def cpu_seconds(self) -> float | None:
         """CPU time every process of the cgroup has used, exited ones included; None once it is gone."""
+        if self.version == 2:
+            usage_us = _counter(self.cpu_dir / "cpu.stat", "usage_usec", missing=None)
+            return None if usage_us is None else usage_us / 1e6
         try:
-            if self.version == 2:
-                return _counter(self.cpu_dir / "cpu.stat", "usage_usec", missing=None) / 1e6
             return int((self.cpuacct_dir / "cpuacct.usage").read_text()) / 1e9
-        except (OSError, ValueError, TypeError):
+        except (OSError, ValueError):
             return None
 
     def remove(self) -> None:

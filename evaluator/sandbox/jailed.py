@@ -268,7 +268,7 @@ class Jailed:
     def runnable_threads(self) -> int | None:
         """How many of the jail's threads want a CPU now (running or waiting for one); None where the
         jail has no cgroup or has ended."""
-        if self._cgroup is None or self._closed_cpu_s is not None:
+        if self._cgroup is None or self._closed:
             return None
         return self._cgroup.runnable_threads()
 
