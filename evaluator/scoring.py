@@ -37,7 +37,9 @@ room to train after the clock: whatever a model computes in scoring starts again
 file for every batch. On the CPU they count the scoring jails' CPU time over their threads (their
 cgroups' account), not the wall clock: a busy host makes scoring slower, never a model invalid. A
 model that waits instead of computing uses no CPU time, so the wall clock stays as a backstop,
-WALL_BACKSTOP_FACTOR times each deadline. On a GPU they count wall time: the work is the GPU's,
+WALL_BACKSTOP_FACTOR times each deadline, not counting the host's time: what it kept the jails
+from a CPU they asked for, and the evaluator's own turns (a host so busy that a stage passes BUSY_HOST_WALL_FACTOR times its
+deadline fails the run as the evaluator's, `sandbox_error`). On a GPU they count wall time: the work is the GPU's,
 which CPU time does not measure (a GPU run's host load shows in its NVML telemetry instead).
 
 Sealed output. Nothing the model writes reaches anyone: the servers' stderr is discarded (kept in
@@ -74,7 +76,7 @@ from evaluator.model_server import (
 )
 from evaluator.nvml import Board
 from evaluator.sandbox import JailSpec, SandboxUnavailable
-from evaluator.tracks import WALL_BACKSTOP_FACTOR
+from evaluator.tracks import BUSY_HOST_WALL_FACTOR, WALL_BACKSTOP_FACTOR
 
 TORCH_DTYPES = {name: getattr(torch, name) for name in LOGIT_DTYPES}
 # The server's own start (interpreter, `import torch`) is the evaluator's work, not the model's.
@@ -123,7 +125,11 @@ class Refusal:
     # Appended to a timeout: what the deadline counted, and how much was used.
     OF_CPU_TIME = " of CPU time per thread (it used {used:.0f} s)"
     OF_WALL_TIME = " (it used {used:.0f} s)"
-    BACKSTOP = " of wall time x {factor} (the backstop of a CPU-time deadline: it used {used:.0f} s of CPU time per thread)"
+    BACKSTOP = (" of wall time x {factor}, not counting the host's (the backstop of a CPU-time deadline: it "
+                "used {used:.0f} s of CPU time per thread)")
+    # Not the model's failure (SandboxUnavailable): the host gave the scoring jails too little CPU.
+    BUSY_HOST = (" of wall time x {factor}, most of it waiting for a CPU the host was busy with (it used "
+                 "{used:.0f} s of CPU time per thread): the host is too busy to score on")
     INCONSISTENT = (
         "the model's scores depend on which other documents it is scored with: two independent "
         "scoring passes disagree by more than the track's tolerance of {tolerance:g} nats"
@@ -169,13 +175,42 @@ class _Clock:
     """The time a deadline charges to the model: what the scoring jails' CPU time grew by since the
     model's scoring began, where `cpu` (the CPU device, jails with cgroups); else the wall clock. A
     stage is charged its own jail's time over that jail's threads, all of scoring every jail's over
-    the track's threads (a budget of CPU work, however the passes share them)."""
+    the track's threads (a budget of CPU work, however the passes share them).
+
+    On the CPU it also counts how long the jails' threads waited for a CPU they asked for (runnable
+    threads, at most a jail's quota, sampled at random moments about ten times a second, less the CPU
+    time they got): wall time a busy host withheld, which the wall-clock backstop does not count,
+    nor the evaluator's own turns (scoring each step's logits), which a busy host stretches too. A
+    thread that waits for a CPU the host gives it at once is running, and charged: only contention
+    from outside the jail shows as withheld."""
+
+    SAMPLE_EVERY_S = (0.05, 0.15)  # random, so that a model cannot be runnable exactly when looked at
 
     def __init__(self, threads: int, jail_threads: int, jails: list, cpu: bool):
         self.threads, self.jail_threads, self.jails = threads, jail_threads, jails
         readings = [jailed.cpu_seconds() for jailed in jails]
         self.cpu = cpu and None not in readings  # no cgroup (--sandbox none without root): nothing to count
         self._began = {id(jailed): reading or 0.0 for jailed, reading in zip(jails, readings)}
+        self._demand = {id(jailed): 0.0 for jailed in jails}  # CPU seconds asked for since the model began
+        self._evaluators_s = 0.0  # the evaluator's turns, per pass
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._sampler = threading.Thread(target=self._sample, name="scoring-demand", daemon=True)
+        if self.cpu:
+            self._sampler.start()
+
+    def close(self) -> None:
+        self._stopped.set()
+        if self._sampler.is_alive():
+            self._sampler.join()
+
+    def _sample(self) -> None:
+        last = time.monotonic()
+        while not self._stopped.wait(random.uniform(*self.SAMPLE_EVERY_S)):
+            now = time.monotonic()
+            for jailed in self.jails:
+                self._demand[id(jailed)] += min(jailed.runnable_threads() or 0, self.jail_threads) * (now - last)
+            last = now
 
     def cpu_seconds(self, jailed=None) -> float:
         """CPU time `jailed` (default: every jail) used since the model's scoring began (a closed
@@ -189,12 +224,27 @@ class _Clock:
             return time.monotonic()
         return self.cpu_seconds(jailed) / (self.threads if jailed is None else self.jail_threads)
 
+    def evaluators_turn(self, seconds: float) -> None:
+        """A pass's stream spent `seconds` on its own work while its batch process waited for it."""
+        with self._lock:
+            self._evaluators_s += seconds / len(self.jails)
+
+    def not_the_models(self, jailed=None) -> float:
+        """Wall time since the model's scoring began that was not the model's: what the host withheld
+        from `jailed`'s threads (what they asked for and did not get); for all of scoring (`jailed`
+        None), every jail's over the track's threads and the evaluator's turns."""
+        if jailed is not None:
+            return max(0.0, self._demand[id(jailed)] - self.cpu_seconds(jailed)) / self.jail_threads
+        withheld = sum(max(0.0, self._demand[id(each)] - self.cpu_seconds(each)) for each in self.jails)
+        return withheld / self.threads + self._evaluators_s
+
 
 @dataclass(frozen=True)
 class _Limit:
     seconds: float
     wall_start: float
     charged_start: float | None  # None: a wall-clock limit (the evaluator's own work, or no CPU clock)
+    excused_start: float  # the clock's not_the_models() when the limit began
     sentence: str
     jailed: object = None  # the jail whose time a stage's limit charges; None: every jail's (all of scoring)
 
@@ -205,13 +255,13 @@ class _Deadlines:
         self._total = self._limit(limits.total_s, Refusal.TOTAL_TIMEOUT.format(seconds=limits.total_s), None)
 
     def _limit(self, seconds: float, sentence: str, jailed) -> _Limit:
-        charged = self.clock.charged(jailed) if self.clock.cpu else None
-        return _Limit(seconds, time.monotonic(), charged, sentence, jailed)
+        charged, excused = (self.clock.charged(jailed), self.clock.not_the_models(jailed)) if self.clock.cpu else (None, 0.0)
+        return _Limit(seconds, time.monotonic(), charged, excused, sentence, jailed)
 
     @staticmethod
     def wall(seconds: float, sentence: str) -> tuple[_Limit, ...]:
         """A limit on the evaluator's own work (a server's start), on the wall clock."""
-        return (_Limit(seconds, time.monotonic(), None, sentence),)
+        return (_Limit(seconds, time.monotonic(), None, 0.0, sentence),)
 
     def until(self, seconds: float | None, sentence: str, jailed=None) -> tuple[_Limit, ...]:
         """The limits a wait starts under: `seconds` of `jailed`'s time (missing it is `sentence`) and
@@ -223,7 +273,10 @@ def _wait_s(deadlines: _Deadlines | None, limits: tuple[_Limit, ...]) -> float:
     """How long to wait before looking again; InvalidModel for a limit used up. The jails' CPU time
     over the track's threads cannot outrun the wall clock (their quotas add up to at most the track's
     threads), so a limit's CPU time is read only once its seconds have passed on the wall clock.
-    Outside a model's scoring (`deadlines` None) every limit is a wall-clock one."""
+    The backstop of a CPU-time limit counts the wall time that was the model's (_Clock.not_the_models);
+    a host that withholds so much that even the whole wall clock's cap passes fails the evaluator
+    (SandboxUnavailable), not the model. Outside a model's scoring (`deadlines` None) every limit is
+    a wall-clock one."""
     now, wait = time.monotonic(), math.inf
     for limit in limits:
         waited = now - limit.wall_start
@@ -232,14 +285,20 @@ def _wait_s(deadlines: _Deadlines | None, limits: tuple[_Limit, ...]) -> float:
                 raise InvalidModel(limit.sentence + Refusal.OF_WALL_TIME.format(used=waited))
             wait = min(wait, limit.seconds - waited)
             continue
-        backstop = limit.seconds * WALL_BACKSTOP_FACTOR
-        used = deadlines.clock.charged(limit.jailed) - limit.charged_start if waited >= limit.seconds else 0.0
+        if waited < limit.seconds:
+            wait = min(wait, limit.seconds - waited)
+            continue
+        clock = deadlines.clock
+        used = clock.charged(limit.jailed) - limit.charged_start
         if used >= limit.seconds:
             raise InvalidModel(limit.sentence + Refusal.OF_CPU_TIME.format(used=used))
-        if waited >= backstop:
+        if waited >= limit.seconds * BUSY_HOST_WALL_FACTOR:
+            raise SandboxUnavailable(limit.sentence + Refusal.BUSY_HOST.format(factor=BUSY_HOST_WALL_FACTOR, used=used))
+        idle = waited - (clock.not_the_models(limit.jailed) - limit.excused_start)
+        backstop = limit.seconds * WALL_BACKSTOP_FACTOR
+        if idle >= backstop:
             raise InvalidModel(limit.sentence + Refusal.BACKSTOP.format(factor=WALL_BACKSTOP_FACTOR, used=used))
-        left = max(limit.seconds - used, RECHECK_S) if waited >= limit.seconds else limit.seconds - waited
-        wait = min(wait, left, backstop - waited)
+        wait = min(wait, max(min(limit.seconds - used, backstop - idle), RECHECK_S))
     return wait
 
 
@@ -472,7 +531,8 @@ def _stream_batch(stream: _Stream, batch: list[_Window], deadlines: _Deadlines,
         asked = time.monotonic()
         stream.send(STEP, [batch[row].inputs[position] for row in live], deadlines.until(None, ""))
         logits = stream.logits(len(live), deadlines.until(limits.step_s, step_timeout, stream.jailed))
-        stages["step_wait_s"] = stages.get("step_wait_s", 0.0) + time.monotonic() - asked
+        replied = time.monotonic()
+        stages["step_wait_s"] = stages.get("step_wait_s", 0.0) + replied - asked
         stages["steps"] = stages.get("steps", 0) + 1
         targets = torch.tensor([batch[row].targets[position] for row in live])
         token_nats = -torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).squeeze(1)
@@ -485,6 +545,7 @@ def _stream_batch(stream: _Stream, batch: list[_Window], deadlines: _Deadlines,
             live = [live[index] for index in going_on]
             if live:
                 stream.send(KEEP, going_on, deadlines.until(None, ""))
+        deadlines.clock.evaluators_turn(time.monotonic() - replied)
     nonce = secrets.randbits(63)
     stream.send(CLOSE, [nonce], deadlines.until(None, ""))
     stream.expect(CLOSED, deadlines.wall(CLOSE_S, Refusal.PROTOCOL), code=nonce & 0xFFFFFFFF, rows=nonce >> 32)
@@ -655,7 +716,7 @@ class ScoringSession:
 
     def __init__(self, sandbox, setup: ScoringSetup, models: int = 1):
         self.sandbox, self.setup = sandbox, setup
-        per_model_s = setup.limits.total_s * (WALL_BACKSTOP_FACTOR if setup.gpu is None else 1)
+        per_model_s = setup.limits.total_s * (BUSY_HOST_WALL_FACTOR if setup.gpu is None else 1)
         self._time_limit_s = SERVER_START_S + models * (per_model_s + SERVER_START_S) + SANDBOX_BACKSTOP_S
         self._servers: list[_Server | None] = [None] * PASSES
         self._started = 0
@@ -775,6 +836,7 @@ class ScoringSession:
             raise
         finally:
             torch.set_num_threads(previous_threads)
+            clock.close()
             usage.cpu_s = clock.cpu_seconds() if clock.cpu else None
             self._add_stage("models_s", scoring_began)
         return passes

@@ -89,15 +89,18 @@ class Contamination:
 
 
 # How many times its deadline a stage of scoring may take on the wall clock where the deadline counts
-# CPU time (a model that waits instead of computing uses none).
+# CPU time (a model that waits instead of computing uses none), not counting the time a busy host
+# kept the jail's threads from a CPU they asked for; and the wall clock's cap however busy the host
+# (past it the host, not the model, fails the run).
 WALL_BACKSTOP_FACTOR = 4
+BUSY_HOST_WALL_FACTOR = 16
 
 
 @dataclass(frozen=True)
 class EvalProtocol:
     """How a model is scored (evaluator/scoring.py). On a CPU track the deadlines count the scoring
     jails' CPU time over their threads, and the wall clock ends a stage at WALL_BACKSTOP_FACTOR times
-    its deadline; on a GPU track they count wall time."""
+    its deadline (time a busy host withheld not counted); on a GPU track they count wall time."""
 
     seq_len: int
     batch_size: int
@@ -107,7 +110,8 @@ class EvalProtocol:
     consistency_nats: float
 
     def wall_limit_s(self, device_kind: str) -> float:
-        """The longest all of one model's scoring may take on the wall clock."""
+        """The longest all of one model's scoring takes on the wall clock on a host that gives the
+        scoring jails the CPU time they ask for."""
         return self.time_limit_s * (WALL_BACKSTOP_FACTOR if device_kind == "cpu" else 1)
 
 

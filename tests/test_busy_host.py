@@ -99,6 +99,41 @@ def test_a_busy_host_makes_an_honest_run_unofficial_never_invalid(tmp_path, runs
     assert scoring["wall_s"] > TIGHT_SCORING_S and scoring["cpu_s"] / 2 < TIGHT_SCORING_S
 
 
+SLEEPS = """
+import time
+
+
+class Sleeps(TinyCausal):
+    def decoder(self, rows):
+        return _SleepingDecoder(self)
+
+
+class _SleepingDecoder(_NewestTokenDecoder):
+    def step(self, tokens):
+        time.sleep(3600)
+
+
+def train(ctx):
+    ctx.log(1, loss=1.0, tokens=1000)
+    return Sleeps(ctx.vocab_size)
+"""
+
+
+@pytest.mark.slow
+def test_on_a_busy_host_a_model_that_waits_still_meets_the_wall_clock_backstop(tmp_path, runs_dir, capsys, nsjail,
+                                                                              burners, cpu_track_variant):
+    """The backstop does not count time the host kept the jail from a CPU; a sleeping thread asks for
+    none, so a model cannot hide its waiting behind the host's load."""
+    track = cpu_track_variant("short-steps", lambda text: text.replace("step_s = 5 ", "step_s = 1 "))
+    folder = write_submission(tmp_path, "sleeps", SLEEPS)
+    code, record = run_cli(folder, runs_dir, "--track", track, "--budget", "3", "--sandbox", "nsjail", capsys=capsys)
+    assert (code, record["status"]) == (1, "invalid_model")
+    assert record["message"].startswith("the final model (taken at ")
+    assert "a scoring step took longer than the track's 1 s of wall time x 4, not counting the host's" in record["message"]
+    (scoring,) = record["model_scorings"]
+    assert 4 <= scoring["wall_s"] < 16
+
+
 def test_the_closing_summary_fits_an_80_column_terminal(tmp_path):
     run_dir = make_run(tmp_path, "run-1", submission="a-submission-with-a-rather-long-name", official=False)
     result = json.loads((run_dir / "result.json").read_text())
