@@ -18,7 +18,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from evaluator.calibration import (  # noqa: E402
-    BATCH, D_MODEL, FFN, LAYERS, SEQ_LEN, TIMED_STEPS, VOCAB, WORKLOAD, time_workload,
+    BATCH,
+    D_MODEL,
+    FFN,
+    LAYERS,
+    SEQ_LEN,
+    TIMED_STEPS,
+    VOCAB,
+    WORKLOAD,
+    time_workload,
 )
 from evaluator.tracks import load_track  # noqa: E402
 
@@ -27,7 +35,9 @@ def _matmul_flops_per_token() -> float:
     """6 x the parameters a token passes through in matmuls, plus attention's two T x d products."""
     per_layer = 4 * D_MODEL * D_MODEL + 2 * D_MODEL * FFN
     parameters = LAYERS * per_layer + D_MODEL * VOCAB  # the embedding is a lookup, the head a matmul
-    attention = LAYERS * 2 * 2 * SEQ_LEN * D_MODEL  # QK^T and AV forward, over all T keys: the masked kernels compute them all
+    attention = (
+        LAYERS * 2 * 2 * SEQ_LEN * D_MODEL
+    )  # QK^T and AV forward, over all T keys: the masked kernels compute them all
     return 6 * parameters + 3 * attention  # backward costs twice the forward
 
 
@@ -41,18 +51,24 @@ def main() -> int:
     for number in range(1, args.rounds + 1):
         timing = time_workload("cpu", track.device.threads, args.repeats)
         fastest.append(timing.best_s)
-        print(f"round {number}: fastest {timing.best_s:.3f} s, median {statistics.median(timing.seconds):.3f}, "
-              f"slowest {max(timing.seconds):.3f}, spread {100 * timing.spread:.1f}% over {args.repeats} repeats, "
-              f"received {timing.cpu_share:.0%} of the CPUs' time at least; busy: {timing.busy_reason() or 'no'}")
+        print(
+            f"round {number}: fastest {timing.best_s:.3f} s, median {statistics.median(timing.seconds):.3f}, "
+            f"slowest {max(timing.seconds):.3f}, spread {100 * timing.spread:.1f}% over {args.repeats} repeats, "
+            f"received {timing.cpu_share:.0%} of the CPUs' time at least; busy: {timing.busy_reason() or 'no'}"
+        )
     tokens = TIMED_STEPS * BATCH * SEQ_LEN
     flops = tokens * _matmul_flops_per_token()
     median = statistics.median(fastest)
-    print(f"{WORKLOAD} on the CPU, {track.device.threads} threads: median of the rounds' fastest repeats {median:.3f} s "
-          f"(rounds {min(fastest):.3f}-{max(fastest):.3f}); {tokens} tokens, {flops / 1e9:.0f} GFLOP by count, "
-          f"{flops / median / 1e9:.1f} GFLOP/s achieved")
+    print(
+        f"{WORKLOAD} on the CPU, {track.device.threads} threads: median of the rounds' fastest repeats {median:.3f} s "
+        f"(rounds {min(fastest):.3f}-{max(fastest):.3f}); {tokens} tokens, {flops / 1e9:.0f} GFLOP by count, "
+        f"{flops / median / 1e9:.1f} GFLOP/s achieved"
+    )
     reference = track.calibration
-    print(f"against cpu-1min's figure ({reference.seconds:g} s, {reference.provenance.split(',')[0]}): "
-          f"factor {median / reference.seconds:.3f}")
+    print(
+        f"against cpu-1min's figure ({reference.seconds:g} s, {reference.provenance.split(',')[0]}): "
+        f"factor {median / reference.seconds:.3f}"
+    )
     return 0
 
 

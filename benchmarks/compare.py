@@ -23,8 +23,8 @@ from rich.console import Console
 from rich.table import Table
 
 from evaluator.cli import run_guarded
-from evaluator.paths import HOME
 from evaluator.metrics import last_logged_metric
+from evaluator.paths import HOME
 from evaluator.runner import evaluate
 from evaluator.tracks import load_track
 
@@ -60,7 +60,9 @@ def _mean(values: list[float], fmt: str) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("submissions", nargs="*", default=DEFAULT_SUBMISSIONS, help="submission folders (default: %(default)s)")
+    parser.add_argument(
+        "submissions", nargs="*", default=DEFAULT_SUBMISSIONS, help="submission folders (default: %(default)s)"
+    )
     parser.add_argument("--track", default="cpu-1min")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--budget", type=float, help="override the track's budget (makes runs unofficial)")
@@ -78,36 +80,63 @@ def main() -> int:
     for seed in args.seeds:
         for submission in args.submissions:
             record, run_dir = evaluate(
-                HOME / submission, track_id=args.track, seed=seed, budget_s=args.budget,
-                sandbox_choice=args.sandbox, runs_dir=out / "runs", console=console,
+                HOME / submission,
+                track_id=args.track,
+                seed=seed,
+                budget_s=args.budget,
+                sandbox_choice=args.sandbox,
+                runs_dir=out / "runs",
+                console=console,
             )
-            console.print(f"{submission} seed {seed}: {record['status']} "
-                          + (f"val_loss {record['metrics']['val_loss']:.4f}" if record["metrics"] else record["message"][:200]))
+            console.print(
+                f"{submission} seed {seed}: {record['status']} "
+                + (f"val_loss {record['metrics']['val_loss']:.4f}" if record["metrics"] else record["message"][:200])
+            )
             runs[submission].append((record, run_dir))
 
     reference_losses = [r["metrics"]["val_loss"] for r, _ in runs.get("reference", []) if r["metrics"]]
     reference_mean = statistics.mean(reference_losses) if reference_losses else None
-    headers = ["submission", "ok runs", "val_loss (mean ± std)", "val_bpb", "train s", "steps", "tokens/s", "vs reference", "FLOP/s of peak"]
+    headers = [
+        "submission",
+        "ok runs",
+        "val_loss (mean ± std)",
+        "val_bpb",
+        "train s",
+        "steps",
+        "tokens/s",
+        "vs reference",
+        "FLOP/s of peak",
+    ]
     rows = []
     for submission, results in runs.items():
         ok = [(r, d) for r, d in results if r["status"] == "ok"]
         losses = [r["metrics"]["val_loss"] for r, _ in ok]
-        flops = [last_logged_metric(d, "flops") / r["train"]["train_seconds"] for r, d in ok if last_logged_metric(d, "flops")]
-        relative = f"{(statistics.mean(losses) / reference_mean - 1) * 100:+.1f} %" if losses and reference_mean else "-"
+        flops = [
+            last_logged_metric(d, "flops") / r["train"]["train_seconds"]
+            for r, d in ok
+            if last_logged_metric(d, "flops")
+        ]
+        relative = (
+            f"{(statistics.mean(losses) / reference_mean - 1) * 100:+.1f} %" if losses and reference_mean else "-"
+        )
         statuses = sorted({r["status"] for r, _ in results} - {"ok"})
-        rows.append([
-            submission,
-            f"{len(ok)}/{len(results)}" + (f" ({', '.join(statuses)})" if statuses else ""),
-            _mean_std(losses),
-            _mean([r["metrics"]["val_bpb"] for r, _ in ok], ".4f"),
-            _mean([r["train"]["train_seconds"] for r, _ in ok], ".1f"),
-            _mean([r["train"]["steps"] for r, _ in ok if r["train"]["steps"] is not None], ".0f"),
-            _mean([r["train"]["tokens_per_s"] for r, _ in ok if r["train"]["tokens_per_s"]], ",.0f"),
-            relative,
-            f"{statistics.mean(flops) / peak * 100:.1f} %" if flops else "-",
-        ])
+        rows.append(
+            [
+                submission,
+                f"{len(ok)}/{len(results)}" + (f" ({', '.join(statuses)})" if statuses else ""),
+                _mean_std(losses),
+                _mean([r["metrics"]["val_bpb"] for r, _ in ok], ".4f"),
+                _mean([r["train"]["train_seconds"] for r, _ in ok], ".1f"),
+                _mean([r["train"]["steps"] for r, _ in ok if r["train"]["steps"] is not None], ".0f"),
+                _mean([r["train"]["tokens_per_s"] for r, _ in ok if r["train"]["tokens_per_s"]], ",.0f"),
+                relative,
+                f"{statistics.mean(flops) / peak * 100:.1f} %" if flops else "-",
+            ]
+        )
 
-    table = Table(title=f"{args.track}, seeds {', '.join(map(str, args.seeds))}, budget {args.budget or track.budget_s:g} s")
+    table = Table(
+        title=f"{args.track}, seeds {', '.join(map(str, args.seeds))}, budget {args.budget or track.budget_s:g} s"
+    )
     for header in headers:
         table.add_column(header)
     for row in rows:

@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from overhead import SCORED, _untrained_model
 from rich.console import Console
 from rich.table import Table
 
@@ -32,7 +33,6 @@ from evaluator.manifest import parse_manifest
 from evaluator.sandbox import open_sandbox
 from evaluator.scoring import ScoringLimits, ScoringSession, ScoringSetup
 from evaluator.tracks import load_track
-from overhead import SCORED, _untrained_model
 
 
 def _trained(name: str, folder: Path, seconds: float, vocab_size: int, eos_id: int, track) -> torch.nn.Module:
@@ -47,16 +47,24 @@ def _trained(name: str, folder: Path, seconds: float, vocab_size: int, eos_id: i
     manifest, _ = parse_manifest(folder)
     torch.set_num_threads(track.device.threads)
     ctx = Context(
-        train_tokens=read_train_tokens(resolve_data_file(track, "train"), eos_id), vocab_size=vocab_size,
-        eos_id=eos_id, device="cpu", config=manifest.config_for(track.id), seed=0, budget_s=seconds,
-        scratch=Path(tempfile.gettempdir()), eval_seq_len=track.eval.seq_len,
+        train_tokens=read_train_tokens(resolve_data_file(track, "train"), eos_id),
+        vocab_size=vocab_size,
+        eos_id=eos_id,
+        device="cpu",
+        config=manifest.config_for(track.id),
+        seed=0,
+        budget_s=seconds,
+        scratch=Path(tempfile.gettempdir()),
+        eval_seq_len=track.eval.seq_len,
     )
     return sys.modules["train"].train(ctx).eval()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--train-s", type=float, default=20.0, help="training seconds for the reference and the template")
+    parser.add_argument(
+        "--train-s", type=float, default=20.0, help="training seconds for the reference and the template"
+    )
     parser.add_argument("--seeds", type=int, default=3, help="secret seeds (pairs of compositions) per model")
     args = parser.parse_args()
     console = Console(stderr=True)
@@ -65,10 +73,17 @@ def main() -> None:
     documents = read_documents(resolve_data_file(track, "val"))
     val_tokens = sum(len(d.tokens) for d in documents)
     sandbox = open_sandbox("nsjail")
-    limits = ScoringLimits(load_s=track.eval.load_s, step_s=track.eval.step_s, total_s=900,
-                           consistency_nats=track.eval.consistency_nats)
+    limits = ScoringLimits(
+        load_s=track.eval.load_s, step_s=track.eval.step_s, total_s=900, consistency_nats=track.eval.consistency_nats
+    )
     table = Table(title=f"per-document log-likelihood, pass A - pass B, cpu-1min, {args.seeds} secret seeds")
-    for column in ("model", "val_loss", "max |diff| per document, nats", "mean diff per token, nats", "track tolerance"):
+    for column in (
+        "model",
+        "val_loss",
+        "max |diff| per document, nats",
+        "mean diff per token, nats",
+        "track tolerance",
+    ):
         table.add_column(column, justify="left" if column == "model" else "right")
     with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
         for name, folder in SCORED.items():
@@ -77,11 +92,21 @@ def main() -> None:
             model_path = Path(tmp) / f"{name}.pt"
             torch.save(model, model_path)
             worst, means, losses = 0.0, [], []
-            setup = ScoringSetup(name=f"bench-consistency-{name}", submission_dir=folder, vocab_size=vocab_size,
-                                 eos_id=eos_id, seq_len=track.eval.seq_len, batch_size=track.eval.batch_size, device="cpu",
-                                 gpu=None, threads=track.device.threads, limits=limits,
-                                 memory_bytes=track.sandbox.memory_mib * 2**20, pids=track.sandbox.pids,
-                                 model_cap_bytes=track.sandbox.model_mib * 2**20)
+            setup = ScoringSetup(
+                name=f"bench-consistency-{name}",
+                submission_dir=folder,
+                vocab_size=vocab_size,
+                eos_id=eos_id,
+                seq_len=track.eval.seq_len,
+                batch_size=track.eval.batch_size,
+                device="cpu",
+                gpu=None,
+                threads=track.device.threads,
+                limits=limits,
+                memory_bytes=track.sandbox.memory_mib * 2**20,
+                pids=track.sandbox.pids,
+                model_cap_bytes=track.sandbox.model_mib * 2**20,
+            )
             with ScoringSession(sandbox, setup, models=args.seeds) as session:
                 for seed in range(args.seeds):
                     console.print(f"{name}: scoring, seed {seed} ...")
@@ -90,8 +115,13 @@ def main() -> None:
                     worst = max(worst, max(abs(d) for d in differences))
                     means.append(math.fsum(differences) / val_tokens)
                     losses.append(math.fsum(first.values()) / val_tokens)
-            table.add_row(name, f"{sum(losses) / len(losses):.4f}", f"{worst:.2e}",
-                          f"{max(means, key=abs):+.2e}", f"{track.eval.consistency_nats:g}")
+            table.add_row(
+                name,
+                f"{sum(losses) / len(losses):.4f}",
+                f"{worst:.2e}",
+                f"{max(means, key=abs):+.2e}",
+                f"{track.eval.consistency_nats:g}",
+            )
     Console().print(table)
 
 

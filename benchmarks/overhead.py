@@ -51,12 +51,18 @@ BENCHMARK_SCORING_S = 900
 
 def measure(sandbox: str, runs_dir: Path, console: Console) -> dict[str, float]:
     began = time.monotonic()
-    record, run_dir = evaluate(FIXED_WORK, track_id="cpu-1min", budget_s=60, sandbox_choice=sandbox, runs_dir=runs_dir, console=console)
+    record, run_dir = evaluate(
+        FIXED_WORK, track_id="cpu-1min", budget_s=60, sandbox_choice=sandbox, runs_dir=runs_dir, console=console
+    )
     wall = time.monotonic() - began
     if record["status"] != "ok":
         sys.exit(f"{sandbox}: run ended {record['status']}: {record['message']}")
     timings = json.loads((run_dir / "timings.json").read_text())
-    harness = timings.get("harness_import_s", 0) + timings.get("harness_device_init_s", 0) + timings.get("harness_data_load_s", 0)
+    harness = (
+        timings.get("harness_import_s", 0)
+        + timings.get("harness_device_init_s", 0)
+        + timings.get("harness_data_load_s", 0)
+    )
     train = record["train"]["train_seconds"]
     scoring = timings.get("scoring_s", 0.0)
     return {
@@ -99,7 +105,9 @@ def measure_scoring(console: Console) -> list[tuple[str, float]]:
     vocab_size, eos_id = tokenizer_info(resolve_data_file(track, "tokenizer"))
     documents = read_documents(resolve_data_file(track, "val"))
     sandbox = open_sandbox("nsjail")
-    cases = [(name, folder, True) for name, folder in SCORED.items()] + [("reference, no decoder", SCORED["reference"], False)]
+    cases = [(name, folder, True) for name, folder in SCORED.items()] + [
+        ("reference, no decoder", SCORED["reference"], False)
+    ]
     figures = []
     with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
         for name, folder, incremental in cases:
@@ -112,12 +120,26 @@ def measure_scoring(console: Console) -> list[tuple[str, float]]:
             console.print(f"scoring {name} ...")
             began = time.monotonic()
             score_model(
-                sandbox=sandbox, name=f"bench-scoring-{len(figures)}", model_path=model_path, submission_dir=folder,
-                documents=documents, vocab_size=vocab_size, eos_id=eos_id, seq_len=track.eval.seq_len,
-                batch_size=track.eval.batch_size, device="cpu", gpu=None, threads=track.device.threads,
-                limits=ScoringLimits(load_s=track.eval.load_s, step_s=track.eval.step_s,
-                                     total_s=BENCHMARK_SCORING_S, consistency_nats=track.eval.consistency_nats),
-                memory_bytes=track.sandbox.memory_mib * 2**20, pids=track.sandbox.pids,
+                sandbox=sandbox,
+                name=f"bench-scoring-{len(figures)}",
+                model_path=model_path,
+                submission_dir=folder,
+                documents=documents,
+                vocab_size=vocab_size,
+                eos_id=eos_id,
+                seq_len=track.eval.seq_len,
+                batch_size=track.eval.batch_size,
+                device="cpu",
+                gpu=None,
+                threads=track.device.threads,
+                limits=ScoringLimits(
+                    load_s=track.eval.load_s,
+                    step_s=track.eval.step_s,
+                    total_s=BENCHMARK_SCORING_S,
+                    consistency_nats=track.eval.consistency_nats,
+                ),
+                memory_bytes=track.sandbox.memory_mib * 2**20,
+                pids=track.sandbox.pids,
             )
             figures.append((name, time.monotonic() - began))
     return figures
@@ -157,8 +179,12 @@ def training_overhead(repeats: int, console: Console) -> None:
     jailed = statistics.median(r["train_s"] for r in results["nsjail"])
     bare = statistics.median(r["train_s"] for r in results["none"])
     overhead = statistics.median(r["overhead_s"] for r in results["nsjail"])
-    print(f"training-side overhead (nsjail): {overhead:.2f} s = {overhead / 300 * 100:.2f} % of the 300 s budget (target <= 2 %)")
-    print(f"sandbox tax on the same training work: {jailed:.2f} s vs {bare:.2f} s = {(jailed / bare - 1) * 100:+.2f} % (target <= 1 %)")
+    print(
+        f"training-side overhead (nsjail): {overhead:.2f} s = {overhead / 300 * 100:.2f} % of the 300 s budget (target <= 2 %)"
+    )
+    print(
+        f"sandbox tax on the same training work: {jailed:.2f} s vs {bare:.2f} s = {(jailed / bare - 1) * 100:+.2f} % (target <= 1 %)"
+    )
 
 
 if __name__ == "__main__":

@@ -38,7 +38,13 @@ from evaluator.dataset.store import resolve_data_file, tokenizer_info  # noqa: E
 from evaluator.paths import HOME  # noqa: E402
 from evaluator.sandbox import open_sandbox  # noqa: E402
 from evaluator.scoring import (  # noqa: E402
-    PASSES, ScoringLimits, ScoringSession, ScoringSetup, _windows, compose, compose_side_by_side,
+    PASSES,
+    ScoringLimits,
+    ScoringSession,
+    ScoringSetup,
+    _windows,
+    compose,
+    compose_side_by_side,
 )
 from evaluator.tracks import load_track  # noqa: E402
 
@@ -71,12 +77,19 @@ def _default_run_dirs() -> list[Path]:
         runs = sorted(batch.glob("*-reference-*"))
         if len(runs) >= 3 and all((run / "model.pt").is_file() for run in runs[:3]):
             return runs[:3]
-    sys.exit("no three reference runs with a model.pt under results/runs/examples-*: run `make results`, or give --run-dirs")
+    sys.exit(
+        "no three reference runs with a model.pt under results/runs/examples-*: run `make results`, or give --run-dirs"
+    )
 
 
 def _old_side(worktree: Path, options: dict) -> dict:
-    child = subprocess.run([sys.executable, "-c", OLD_SIDE, json.dumps(options)], capture_output=True, text=True,
-                           env={"PYTHONPATH": str(worktree), "PATH": "/usr/bin:/bin"}, cwd=worktree)
+    child = subprocess.run(
+        [sys.executable, "-c", OLD_SIDE, json.dumps(options)],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(worktree), "PATH": "/usr/bin:/bin"},
+        cwd=worktree,
+    )
     if child.returncode != 0:
         sys.exit(f"the old side failed:\n{child.stderr[-3000:]}")
     return json.loads(child.stdout.strip().splitlines()[-1])
@@ -103,7 +116,10 @@ def _own_compute_s(models: list[Path], submission: Path, documents, setup: Scori
 
     rng = random.Random(SECRET_SEED)
     first = compose(windows, setup.batch_size, rng)
-    compositions = [first, compose_side_by_side(first, setup.batch_size, rng) or compose(windows, setup.batch_size, rng)]
+    compositions = [
+        first,
+        compose_side_by_side(first, setup.batch_size, rng) or compose(windows, setup.batch_size, rng),
+    ]
     seconds = 0.0
     for path in models:
         model = torch.load(path, weights_only=False).eval()
@@ -129,7 +145,9 @@ def _own_compute_s(models: list[Path], submission: Path, documents, setup: Scori
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--old", required=True, metavar="COMMIT", help="the commit whose scoring is the old side")
-    parser.add_argument("--run-dirs", nargs="+", type=Path, help="three reference run directories (model.pt, submission/)")
+    parser.add_argument(
+        "--run-dirs", nargs="+", type=Path, help="three reference run directories (model.pt, submission/)"
+    )
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     run_dirs = args.run_dirs or _default_run_dirs()
@@ -140,22 +158,49 @@ def main() -> int:
     val = resolve_data_file(track, "val")
     documents = read_documents(val)
     protocol, limits = track.eval, track.sandbox
-    scoring_limits = ScoringLimits(load_s=protocol.load_s, step_s=protocol.step_s, total_s=protocol.time_limit_s,
-                                   consistency_nats=protocol.consistency_nats)
-    setup = ScoringSetup(name="bench-new", submission_dir=submission, vocab_size=vocab_size, eos_id=eos_id,
-                         seq_len=protocol.seq_len, batch_size=protocol.batch_size, device="cpu", gpu=None,
-                         threads=track.device.threads, limits=scoring_limits, memory_bytes=limits.memory_mib * 2**20,
-                         pids=limits.pids, model_cap_bytes=limits.model_mib * 2**20)
-    old_options = {"val": str(val), "models": [[str(model), str(submission)] for model in models], "vocab": vocab_size,
-                   "eos": eos_id, "seq_len": protocol.seq_len, "batch_size": protocol.batch_size,
-                   "threads": track.device.threads, "limits": scoring_limits.__dict__,
-                   "memory": limits.memory_mib * 2**20, "pids": limits.pids, "seed": SECRET_SEED}
+    scoring_limits = ScoringLimits(
+        load_s=protocol.load_s,
+        step_s=protocol.step_s,
+        total_s=protocol.time_limit_s,
+        consistency_nats=protocol.consistency_nats,
+    )
+    setup = ScoringSetup(
+        name="bench-new",
+        submission_dir=submission,
+        vocab_size=vocab_size,
+        eos_id=eos_id,
+        seq_len=protocol.seq_len,
+        batch_size=protocol.batch_size,
+        device="cpu",
+        gpu=None,
+        threads=track.device.threads,
+        limits=scoring_limits,
+        memory_bytes=limits.memory_mib * 2**20,
+        pids=limits.pids,
+        model_cap_bytes=limits.model_mib * 2**20,
+    )
+    old_options = {
+        "val": str(val),
+        "models": [[str(model), str(submission)] for model in models],
+        "vocab": vocab_size,
+        "eos": eos_id,
+        "seq_len": protocol.seq_len,
+        "batch_size": protocol.batch_size,
+        "threads": track.device.threads,
+        "limits": scoring_limits.__dict__,
+        "memory": limits.memory_mib * 2**20,
+        "pids": limits.pids,
+        "seed": SECRET_SEED,
+    }
     sandbox = open_sandbox("nsjail")
     old_walls, new_walls, stages_seen = [], [], []
     with tempfile.TemporaryDirectory(prefix="scoring-cost-") as scratch:
         worktree = Path(scratch) / "old"
-        subprocess.run(["git", "-C", str(HOME), "worktree", "add", "--detach", str(worktree), args.old], check=True,
-                       capture_output=True)
+        subprocess.run(
+            ["git", "-C", str(HOME), "worktree", "add", "--detach", str(worktree), args.old],
+            check=True,
+            capture_output=True,
+        )
         try:
             for repeat in range(1, args.repeats + 1):
                 old = _old_side(worktree, old_options)
@@ -163,18 +208,27 @@ def main() -> int:
                 old_walls.append(old["wall_s"])
                 new_walls.append(new["wall_s"])
                 stages_seen.append(stages)
-                print(f"repeat {repeat}: old {old['wall_s']:.1f} s {old['val_loss']}, new {new['wall_s']:.1f} s "
-                      f"{new['val_loss']}; equal scores: {old['val_loss'] == new['val_loss']}", flush=True)
+                print(
+                    f"repeat {repeat}: old {old['wall_s']:.1f} s {old['val_loss']}, new {new['wall_s']:.1f} s "
+                    f"{new['val_loss']}; equal scores: {old['val_loss'] == new['val_loss']}",
+                    flush=True,
+                )
         finally:
-            subprocess.run(["git", "-C", str(HOME), "worktree", "remove", "--force", str(worktree)], capture_output=True)
+            subprocess.run(
+                ["git", "-C", str(HOME), "worktree", "remove", "--force", str(worktree)], capture_output=True
+            )
     old_s, new_s = statistics.median(old_walls), statistics.median(new_walls)
-    print(f"\nthree models of a cpu-1min reference run, both passes, public split ({len(documents)} documents), "
-          f"median of {args.repeats}: old {old_s:.1f} s, new {new_s:.1f} s ({old_s / new_s:.2f}x)")
+    print(
+        f"\nthree models of a cpu-1min reference run, both passes, public split ({len(documents)} documents), "
+        f"median of {args.repeats}: old {old_s:.1f} s, new {new_s:.1f} s ({old_s / new_s:.2f}x)"
+    )
     stages = {key: statistics.median(seen.get(key, 0.0) for seen in stages_seen) for key in stages_seen[0]}
     own = _own_compute_s(models, submission, documents, setup)
     host = stages["pass_s"] - stages["batch_load_s"] - stages["step_wait_s"]
-    print("where the new side's time goes (median; the two passes run side by side, so their threads' times add up "
-          "to more than the wall time):")
+    print(
+        "where the new side's time goes (median; the two passes run side by side, so their threads' times add up "
+        "to more than the wall time):"
+    )
     rows = [
         ("memory image (once a run)", stages["image_s"]),
         ("both servers' start (once a run, side by side)", stages["server_start_s"]),

@@ -43,14 +43,24 @@ def _without_snapshots(into: Path) -> Path:
 
 
 def _run(steps: int, runs_dir: Path, console: Console) -> dict:
-    record, run_dir = evaluate(REFERENCE, track_id="cpu-1min", overrides={"max_steps": steps}, sandbox_choice="nsjail",
-                               runs_dir=runs_dir, console=console)
+    record, run_dir = evaluate(
+        REFERENCE,
+        track_id="cpu-1min",
+        overrides={"max_steps": steps},
+        sandbox_choice="nsjail",
+        runs_dir=runs_dir,
+        console=console,
+    )
     if record["status"] != "ok":
         raise SystemExit(f"the reference's run ended {record['status']}: {record['message']}")
     timings = json.loads((run_dir / "timings.json").read_text())
-    return {"train_s": record["train"]["train_seconds"], "scoring_s": record["scoring_seconds"],
-            "snapshots": sum(point["model"] == "snapshot" for point in record["val_curve"]),
-            "save_s": timings.get("snapshot_save_s", []), "take_s": timings.get("snapshot_take_s", [])}
+    return {
+        "train_s": record["train"]["train_seconds"],
+        "scoring_s": record["scoring_seconds"],
+        "snapshots": sum(point["model"] == "snapshot" for point in record["val_curve"]),
+        "save_s": timings.get("snapshot_save_s", []),
+        "take_s": timings.get("snapshot_take_s", []),
+    }
 
 
 def main() -> None:
@@ -75,22 +85,29 @@ def main() -> None:
     table = Table(title=f"one snapshot of the reference on cpu-1min ({len(takes)} snapshots)")
     for column in ("seconds", "median", "max"):
         table.add_column(column, justify="right")
-    for label, values in (("harness: save (its own account)", saves), ("evaluator: copy and answer", takes),
-                          ("on the clock: save + copy", [a + b for a, b in zip(saves, takes)])):
+    for label, values in (
+        ("harness: save (its own account)", saves),
+        ("evaluator: copy and answer", takes),
+        ("on the clock: save + copy", [a + b for a, b in zip(saves, takes)]),
+    ):
         table.add_row(label, f"{statistics.median(values):.4f}", f"{max(values):.4f}")
     Console().print(table)
 
     train_with = statistics.median(run["train_s"] for run in with_snapshots)
     train_without = statistics.median(run["train_s"] for run in without)
     per_run = statistics.median(run["snapshots"] for run in with_snapshots)
-    print(f"train seconds of {args.steps} steps, medians of {args.repeats}: {train_with:.2f} with "
-          f"{per_run:g} snapshots per run, {train_without:.2f} without; difference "
-          f"{train_with - train_without:+.2f} s = {(train_with - train_without) / max(per_run, 1):+.3f} s per snapshot "
-          f"(spread of the runs: {min(r['train_s'] for r in with_snapshots + without):.2f}-"
-          f"{max(r['train_s'] for r in with_snapshots + without):.2f} s)")
+    print(
+        f"train seconds of {args.steps} steps, medians of {args.repeats}: {train_with:.2f} with "
+        f"{per_run:g} snapshots per run, {train_without:.2f} without; difference "
+        f"{train_with - train_without:+.2f} s = {(train_with - train_without) / max(per_run, 1):+.3f} s per snapshot "
+        f"(spread of the runs: {min(r['train_s'] for r in with_snapshots + without):.2f}-"
+        f"{max(r['train_s'] for r in with_snapshots + without):.2f} s)"
+    )
     scoring_with = statistics.median(run["scoring_s"] for run in with_snapshots)
     scoring_without = statistics.median(run["scoring_s"] for run in without)
-    print(f"scoring seconds (off the clock), medians: {scoring_with:g} with the snapshots, {scoring_without:g} for the final model alone")
+    print(
+        f"scoring seconds (off the clock), medians: {scoring_with:g} with the snapshots, {scoring_without:g} for the final model alone"
+    )
 
 
 if __name__ == "__main__":

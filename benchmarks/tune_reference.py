@@ -22,13 +22,12 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import math
 import sys
 import tempfile
 import time
-import tomllib
 from pathlib import Path
 
+import tomllib
 import torch
 import torch.nn.functional as F
 
@@ -44,7 +43,9 @@ TRACK_BUDGET = {"cpu-1min": 60.0, "t4-5min": 300.0}
 def load_split(data_dir: Path, name: str) -> list[list[int]]:
     import pyarrow.parquet as pq
 
-    return [list(x) for x in pq.read_table(data_dir / f"{name}.parquet", columns=["tokens"]).column("tokens").to_pylist()]
+    return [
+        list(x) for x in pq.read_table(data_dir / f"{name}.parquet", columns=["tokens"]).column("tokens").to_pylist()
+    ]
 
 
 def join_docs(docs: list[list[int]], eos: int) -> torch.Tensor:
@@ -145,8 +146,18 @@ def main() -> None:
             steps_logged.append((step, metrics))
 
         with tempfile.TemporaryDirectory() as scratch:
-            ctx = Context(train_tokens=train_tokens, vocab_size=vocab, eos_id=eos, device="cpu", config=cfg,
-                          seed=seed, budget_s=budget, scratch=Path(scratch), eval_seq_len=TRACK_EVAL_SEQ[args.track], _emit=emit)
+            ctx = Context(
+                train_tokens=train_tokens,
+                vocab_size=vocab,
+                eos_id=eos,
+                device="cpu",
+                config=cfg,
+                seed=seed,
+                budget_s=budget,
+                scratch=Path(scratch),
+                eval_seq_len=TRACK_EVAL_SEQ[args.track],
+                _emit=emit,
+            )
             if args.time_steps:
                 cfg["log_every"] = 1
             t = time.perf_counter()
@@ -159,8 +170,14 @@ def main() -> None:
                 cpu_per_step = (cpu_stamps[-1] - cpu_stamps[i3]) / args.time_steps
                 # cpu_s_per_step: process CPU seconds per step, robust to other load on the machine;
                 # with --threads 1 it is the single-core cost of a step
-                rec = dict(label=args.label, seed=seed, steps_per_s=round(rate, 3), cpu_s_per_step=round(cpu_per_step, 3),
-                           threads=args.threads, set=overrides)
+                rec = dict(
+                    label=args.label,
+                    seed=seed,
+                    steps_per_s=round(rate, 3),
+                    cpu_s_per_step=round(cpu_per_step, 3),
+                    threads=args.threads,
+                    set=overrides,
+                )
                 print(json.dumps(rec), flush=True)
                 if args.out:
                     with open(args.out, "a") as f:
@@ -173,8 +190,17 @@ def main() -> None:
         vl = val_loss(model, val_docs, eos, TRACK_EVAL_SEQ[args.track], vocab, "cpu")
         last_step = steps_logged[-1][0] if steps_logged else 0
         last_loss = steps_logged[-1][1].get("loss", float("nan")) if steps_logged else float("nan")
-        rec = dict(label=args.label, seed=seed, val_loss=round(vl, 4), train_loss=round(last_loss, 4), steps=last_step,
-                   train_s=round(train_s, 1), set=overrides, budget=args.budget or None, fixed_steps=args.steps or None)
+        rec = dict(
+            label=args.label,
+            seed=seed,
+            val_loss=round(vl, 4),
+            train_loss=round(last_loss, 4),
+            steps=last_step,
+            train_s=round(train_s, 1),
+            set=overrides,
+            budget=args.budget or None,
+            fixed_steps=args.steps or None,
+        )
         print(json.dumps(rec), flush=True)
         if args.out:
             with open(args.out, "a") as f:

@@ -76,8 +76,10 @@ class HostTiming:
         """Why these figures show a busy host, or None."""
         share = self.cpu_share
         if share is not None and share < MIN_CPU_SHARE:
-            return (f"the workload received {share:.0%} of its {self.threads} CPUs' time (a quiet host gives at least "
-                    f"{MIN_CPU_SHARE:.0%})")
+            return (
+                f"the workload received {share:.0%} of its {self.threads} CPUs' time (a quiet host gives at least "
+                f"{MIN_CPU_SHARE:.0%})"
+            )
         ratio = max(self.seconds) / min(self.seconds)
         if ratio > MAX_REPEAT_RATIO:
             return f"its repeats took {min(self.seconds):.3f}-{max(self.seconds):.3f} s (at most {MAX_REPEAT_RATIO:g} x apart on a quiet host)"
@@ -105,11 +107,13 @@ class Calibration:
 
 def _model(torch):
     layer = torch.nn.TransformerEncoderLayer(D_MODEL, HEADS, FFN, dropout=0.0, batch_first=True, norm_first=True)
-    return torch.nn.ModuleDict({
-        "embed": torch.nn.Embedding(VOCAB, D_MODEL),
-        "blocks": torch.nn.TransformerEncoder(layer, LAYERS, enable_nested_tensor=False),
-        "head": torch.nn.Linear(D_MODEL, VOCAB),
-    })
+    return torch.nn.ModuleDict(
+        {
+            "embed": torch.nn.Embedding(VOCAB, D_MODEL),
+            "blocks": torch.nn.TransformerEncoder(layer, LAYERS, enable_nested_tensor=False),
+            "head": torch.nn.Linear(D_MODEL, VOCAB),
+        }
+    )
 
 
 def _time_here(device_name: str, threads: int, repeats: int) -> HostTiming:
@@ -171,7 +175,10 @@ def time_workload(device_kind: str, threads: int, repeats: int = DEFAULT_REPEATS
         try:
             child = subprocess.run(
                 [sys.executable, "-P", "-m", "evaluator.calibration", device_name, str(threads), str(repeats)],
-                capture_output=True, text=True, timeout=CHILD_TIMEOUT_S, cwd=neutral,
+                capture_output=True,
+                text=True,
+                timeout=CHILD_TIMEOUT_S,
+                cwd=neutral,
                 # Found where this process found it: an installed package, or a checkout that is not.
                 env=os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
             )
@@ -190,30 +197,43 @@ def calibrate(track: Track, repeats: int = DEFAULT_REPEATS, cuda_index: int = 0)
     """Time this host and compare it with the track's figure: factor > 1 means this host is slower."""
     reference = track.calibration
     if reference.workload != WORKLOAD:
-        raise UserError(f"track {track.id} states a time for workload {reference.workload!r}; this evaluator "
-                        f"runs {WORKLOAD!r}: the track file needs a new [calibration] figure")
+        raise UserError(
+            f"track {track.id} states a time for workload {reference.workload!r}; this evaluator "
+            f"runs {WORKLOAD!r}: the track file needs a new [calibration] figure"
+        )
     for attempt in range(1, ATTEMPTS + 1):
         timing = time_workload(track.device.kind, track.device.threads, repeats, cuda_index)
         busy = timing.busy_reason()
         if busy is None:
             break
         if attempt < ATTEMPTS:
-            print(f"calibration: the host looks busy ({busy}); measuring again ({attempt + 1} of {ATTEMPTS})",
-                  file=sys.stderr)
+            print(
+                f"calibration: the host looks busy ({busy}); measuring again ({attempt + 1} of {ATTEMPTS})",
+                file=sys.stderr,
+            )
     else:
-        raise UserError(f"this host is busy: {busy}, in each of {ATTEMPTS} measurements; calibrate when nothing else "
-                        "runs here")
+        raise UserError(
+            f"this host is busy: {busy}, in each of {ATTEMPTS} measurements; calibrate when nothing else runs here"
+        )
     factor = timing.best_s / reference.seconds
     low, high = FACTOR_RANGE
     if not low <= factor <= high:
-        raise UserError(f"this host took {timing.best_s:.4g} s against track {track.id}'s {reference.seconds:g} s: a "
-                        f"factor of {factor:.3g}, outside {low:g}-{high:g}, compares things too unlike to scale a budget by")
+        raise UserError(
+            f"this host took {timing.best_s:.4g} s against track {track.id}'s {reference.seconds:g} s: a "
+            f"factor of {factor:.3g}, outside {low:g}-{high:g}, compares things too unlike to scale a budget by"
+        )
     share = timing.cpu_share
     return Calibration(
-        workload=WORKLOAD, factor=round(factor, 3), host_seconds=round(timing.best_s, 4),
-        host_repeats=[round(seconds, 4) for seconds in timing.seconds], host_spread=round(timing.spread, 4),
-        host_device=timing.device, host_threads=timing.threads, host_cpu_share=None if share is None else round(share, 3),
-        track_seconds=reference.seconds, track_provenance=reference.provenance,
+        workload=WORKLOAD,
+        factor=round(factor, 3),
+        host_seconds=round(timing.best_s, 4),
+        host_repeats=[round(seconds, 4) for seconds in timing.seconds],
+        host_spread=round(timing.spread, 4),
+        host_device=timing.device,
+        host_threads=timing.threads,
+        host_cpu_share=None if share is None else round(share, 3),
+        track_seconds=reference.seconds,
+        track_provenance=reference.provenance,
     )
 
 
@@ -221,8 +241,10 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     track = load_track(args.track)
     if track.device.kind == "cuda":
         # Held like a run's GPU: timing a GPU another run trains on would slow that run and time both.
-        with hold_host(exclusive=False, holder=f"pid {os.getpid()}, evaluator calibrate"), \
-                hold_gpu(args.gpu, f"pid {os.getpid()}, evaluator calibrate") as placement:
+        with (
+            hold_host(exclusive=False, holder=f"pid {os.getpid()}, evaluator calibrate"),
+            hold_gpu(args.gpu, f"pid {os.getpid()}, evaluator calibrate") as placement,
+        ):
             calibration = calibrate(track, args.repeats, placement.cuda_index)
     elif args.gpu is not None:
         raise UserError(f"--gpu applies to GPU tracks; track {track.id} runs on the CPU")
@@ -233,15 +255,23 @@ def _run_calibrate(args: argparse.Namespace) -> int:
         print(json.dumps(calibration.as_dict() | {"track": track.id, "calibrated_budget_s": budget_s}, indent=2))
         return 0
     repeats = ", ".join(f"{seconds:.3f}" for seconds in calibration.host_repeats)
-    received = "" if calibration.host_cpu_share is None else f", received {calibration.host_cpu_share:.0%} of its CPUs' time"
-    print(f"workload {WORKLOAD} on {calibration.host_device} ({calibration.host_threads} thread(s)): fastest "
-          f"{calibration.host_seconds:.3f} s of {len(calibration.host_repeats)} repeat(s) [{repeats}], "
-          f"spread {100 * calibration.host_spread:.1f}%{received}")
+    received = (
+        "" if calibration.host_cpu_share is None else f", received {calibration.host_cpu_share:.0%} of its CPUs' time"
+    )
+    print(
+        f"workload {WORKLOAD} on {calibration.host_device} ({calibration.host_threads} thread(s)): fastest "
+        f"{calibration.host_seconds:.3f} s of {len(calibration.host_repeats)} repeat(s) [{repeats}], "
+        f"spread {100 * calibration.host_spread:.1f}%{received}"
+    )
     print(f"track {track.id}: {calibration.track_seconds:g} s, {calibration.track_provenance}")
-    print(f"factor {calibration.factor:.3f}: this host is {'slower' if calibration.factor > 1 else 'faster'} than the "
-          f"track's hardware; a calibrated budget is {budget_s:.1f} s instead of {track.budget_s:g} s")
-    print("evaluator run DIR --budget calibrated measures again and scales the budget and the scoring deadlines by it; "
-          "such runs are unofficial (docs/CALIBRATION.md: what the factor cannot capture)")
+    print(
+        f"factor {calibration.factor:.3f}: this host is {'slower' if calibration.factor > 1 else 'faster'} than the "
+        f"track's hardware; a calibrated budget is {budget_s:.1f} s instead of {track.budget_s:g} s"
+    )
+    print(
+        "evaluator run DIR --budget calibrated measures again and scales the budget and the scoring deadlines by it; "
+        "such runs are unofficial (docs/CALIBRATION.md: what the factor cannot capture)"
+    )
     return 0
 
 
@@ -258,10 +288,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument("--track", default="t4-5min", metavar="ID", help="the track to compare with (default: t4-5min)")
-    parser.add_argument("--repeats", type=int, default=DEFAULT_REPEATS, metavar="N",
-                        help=f"timed repeats of the workload (default {DEFAULT_REPEATS}); the spread over them is reported")
-    parser.add_argument("--gpu", type=int, metavar="N", help="on a GPU track, the GPU to time, as CUDA numbers them "
-                        "(default: the first that no run of this evaluator holds)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=DEFAULT_REPEATS,
+        metavar="N",
+        help=f"timed repeats of the workload (default {DEFAULT_REPEATS}); the spread over them is reported",
+    )
+    parser.add_argument(
+        "--gpu",
+        type=int,
+        metavar="N",
+        help="on a GPU track, the GPU to time, as CUDA numbers them "
+        "(default: the first that no run of this evaluator holds)",
+    )
     parser.add_argument("--json", action="store_true", help="print the figures as JSON on stdout")
     parser.set_defaults(handler=_run_calibrate)
 

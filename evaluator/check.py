@@ -28,14 +28,20 @@ import subprocess
 import sys
 import tempfile
 import tokenize
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from evaluator.errors import UserError
 from evaluator.fsutil import stage_tree, submission_paths
 from evaluator.manifest import (
-    MANIFEST_NAME, Finding, Manifest, merge_overrides, override_findings, parse_manifest, parse_override,
+    MANIFEST_NAME,
+    Finding,
+    Manifest,
+    merge_overrides,
+    override_findings,
+    parse_manifest,
+    parse_override,
 )
 from evaluator.paths import SUBMISSIONS_DIR, TEMPLATE_DIR, WORKSPACE, shown
 from evaluator.tracks import TrackError, available_tracks, load_track_file, track_path
@@ -46,9 +52,31 @@ FOLDER_MAX_BYTES = 256 * 1024
 FILE_MAX_BYTES = 128 * 1024
 # Weights, arrays, pickles and archives: a submission may not bring pretrained weights or data.
 FORBIDDEN_SUFFIXES = {
-    ".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".onnx", ".npy", ".npz", ".pkl", ".pickle",
-    ".h5", ".hdf5", ".parquet", ".arrow", ".pyc", ".so",
-    ".zip", ".tar", ".gz", ".tgz", ".bz2", ".xz", ".zst", ".7z", ".rar",
+    ".pt",
+    ".pth",
+    ".bin",
+    ".safetensors",
+    ".ckpt",
+    ".onnx",
+    ".npy",
+    ".npz",
+    ".pkl",
+    ".pickle",
+    ".h5",
+    ".hdf5",
+    ".parquet",
+    ".arrow",
+    ".pyc",
+    ".so",
+    ".zip",
+    ".tar",
+    ".gz",
+    ".tgz",
+    ".bz2",
+    ".xz",
+    ".zst",
+    ".7z",
+    ".rar",
 }
 _BINARY_PROBE_BYTES = 8192
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{1,62}$")
@@ -99,7 +127,11 @@ def _check_tree(folder: Path) -> list[Finding]:
         rel = _shown_path(path.relative_to(folder).as_posix())
         info = path.lstat()
         if stat.S_ISLNK(info.st_mode):
-            findings.append(Finding(rel, f"is a symlink (to {os.readlink(path)!r}): symlinks are not allowed; copy the file in instead"))
+            findings.append(
+                Finding(
+                    rel, f"is a symlink (to {os.readlink(path)!r}): symlinks are not allowed; copy the file in instead"
+                )
+            )
         elif stat.S_ISDIR(info.st_mode):
             continue
         elif not stat.S_ISREG(info.st_mode):
@@ -108,7 +140,12 @@ def _check_tree(folder: Path) -> list[Finding]:
             total += info.st_size
             findings += _check_file(path, rel, info.st_size)
     if total > FOLDER_MAX_BYTES:
-        findings.append(Finding(".", f"the folder holds {total} bytes; the limit is {FOLDER_MAX_BYTES} ({FOLDER_MAX_BYTES // 1024} KiB): remove generated or data files"))
+        findings.append(
+            Finding(
+                ".",
+                f"the folder holds {total} bytes; the limit is {FOLDER_MAX_BYTES} ({FOLDER_MAX_BYTES // 1024} KiB): remove generated or data files",
+            )
+        )
     return findings
 
 
@@ -121,7 +158,12 @@ def _shown_path(rel: str) -> str:
 def _check_file(path: Path, rel: str, size: int) -> list[Finding]:
     suffixes = {s.lower() for s in path.suffixes}
     if banned := suffixes & FORBIDDEN_SUFFIXES:
-        return [Finding(rel, f"{'/'.join(sorted(banned))} files are not allowed: a submission may not bring weights, data or archives; train from ctx.train_tokens")]
+        return [
+            Finding(
+                rel,
+                f"{'/'.join(sorted(banned))} files are not allowed: a submission may not bring weights, data or archives; train from ctx.train_tokens",
+            )
+        ]
     if size > FILE_MAX_BYTES:
         return [Finding(rel, f"is {size} bytes; the limit per file is {FILE_MAX_BYTES} ({FILE_MAX_BYTES // 1024} KiB)")]
     with open(path, "rb") as handle:
@@ -173,13 +215,35 @@ INFORMATION_MAX_BYTES = 16 * 1024
 # Functions that decode, decompress or deserialise bytes: how data hidden in code is unpacked, and of
 # no use to training code. Calling one, or importing one by name, is a finding; encoding (a compressed
 # report of what a run saw, say) is not. Honest: none called.
-DECODER_FUNCTIONS = frozenset({
-    "decompress", "decompressobj", "LZMADecompressor", "BZ2Decompressor",
-    "b64decode", "standard_b64decode", "urlsafe_b64decode", "b32decode", "b32hexdecode", "b16decode",
-    "b85decode", "a85decode", "decodebytes", "unhexlify", "a2b_base64", "a2b_hex", "a2b_uu", "a2b_qp", "fromhex",
-})
+DECODER_FUNCTIONS = frozenset(
+    {
+        "decompress",
+        "decompressobj",
+        "LZMADecompressor",
+        "BZ2Decompressor",
+        "b64decode",
+        "standard_b64decode",
+        "urlsafe_b64decode",
+        "b32decode",
+        "b32hexdecode",
+        "b16decode",
+        "b85decode",
+        "a85decode",
+        "decodebytes",
+        "unhexlify",
+        "a2b_base64",
+        "a2b_hex",
+        "a2b_uu",
+        "a2b_qp",
+        "fromhex",
+    }
+)
 # Functions whose names are too common to refuse alone (json.loads, bytes.decode), refused from these modules.
-DECODER_FUNCTIONS_OF = {"codecs": {"decode", "getdecoder", "iterdecode"}, "pickle": {"load", "loads", "Unpickler"}, "marshal": {"load", "loads"}}
+DECODER_FUNCTIONS_OF = {
+    "codecs": {"decode", "getdecoder", "iterdecode"},
+    "pickle": {"load", "loads", "Unpickler"},
+    "marshal": {"load", "loads"},
+}
 
 # _looks_encoded judges a piece of text on its own from this many characters (whitespace aside); the
 # shorter pieces of a file are judged together, so that a payload split into small literals is judged whole.
@@ -220,8 +284,8 @@ class FolderScan:
     literal, a large collection, a decoder, a long [config] value)."""
 
     texts: list[_Text] = field(default_factory=list)
-    numbers: list[tuple[str, int, int]] = field(default_factory=list)     # (file, line, characters)
-    non_ascii: list[tuple[str, int, str]] = field(default_factory=list)   # (file, line, character)
+    numbers: list[tuple[str, int, int]] = field(default_factory=list)  # (file, line, characters)
+    non_ascii: list[tuple[str, int, str]] = field(default_factory=list)  # (file, line, character)
     config_values: int = 0
     config_position: tuple[int | None, int | None] = (None, None)  # of the [config] table
     information_bytes: int = 0
@@ -233,7 +297,9 @@ class FolderScan:
         for file in dict.fromkeys(text.file for text in self.texts):
             texts = [text for text in self.texts if text.file == file]
             short = [text for text in texts if len(text.visible) < _ENCODED_PIECE_MIN_CHARS]
-            found += [text for text in texts if len(text.visible) >= _ENCODED_PIECE_MIN_CHARS and _looks_encoded(text.visible)]
+            found += [
+                text for text in texts if len(text.visible) >= _ENCODED_PIECE_MIN_CHARS and _looks_encoded(text.visible)
+            ]
             pooled = "".join(text.visible for text in short)
             # Not the manifest's: its short `key = value` lines are structure, and its values are bounded
             # by the [config] limits instead.
@@ -297,9 +363,19 @@ def scan_folder(folder: Path | str) -> FolderScan:
         except UnicodeDecodeError as error:
             # The manifest's parser and the entry module's check report it already.
             if rel != MANIFEST_NAME and (manifest is None or rel != manifest.entry_module):
-                scan.findings.append(Finding(rel, f"holds bytes that are not UTF-8 text (at byte {error.start}): only source and text files are allowed"))
+                scan.findings.append(
+                    Finding(
+                        rel,
+                        f"holds bytes that are not UTF-8 text (at byte {error.start}): only source and text files are allowed",
+                    )
+                )
             continue
-        scan.non_ascii += [(rel, number, char) for number, line in enumerate(text.split("\n"), 1) for char in line if not char.isascii()]
+        scan.non_ascii += [
+            (rel, number, char)
+            for number, line in enumerate(text.split("\n"), 1)
+            for char in line
+            if not char.isascii()
+        ]
         if rel.endswith(".py"):
             _scan_python(rel, text, scan)
         else:
@@ -334,9 +410,12 @@ def _scan_python(rel: str, source: str, scan: FolderScan) -> None:
         elif token.type == tokenize.NUMBER:
             scan.numbers.append((rel, token.start[0], len(token.string)))
     docstrings = {
-        id(node.body[0].value) for node in ast.walk(tree)
+        id(node.body[0].value)
+        for node in ast.walk(tree)
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
-        and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
         and isinstance(node.body[0].value.value, str)
     }
     for node in ast.walk(tree):
@@ -350,11 +429,15 @@ def _scan_python(rel: str, source: str, scan: FolderScan) -> None:
         elif isinstance(node, (ast.List, ast.Tuple, ast.Set, ast.Dict)):
             constants = sum(_is_constant(item) for item in (node.values if isinstance(node, ast.Dict) else node.elts))
             if constants > COLLECTION_MAX_ITEMS:
-                problem = (f"lists {constants:,} constants in one {type(node).__name__.lower()}; the limit is {COLLECTION_MAX_ITEMS}: "
-                           "a submission may not carry data (token ids, weights) in its code")
+                problem = (
+                    f"lists {constants:,} constants in one {type(node).__name__.lower()}; the limit is {COLLECTION_MAX_ITEMS}: "
+                    "a submission may not carry data (token ids, weights) in its code"
+                )
         elif decoder := _decoder_named(node):
-            problem = (f"uses {decoder}(), which decodes, decompresses or deserialises: training code has no use for it, "
-                       "and it is how data hidden in code is unpacked; remove it")
+            problem = (
+                f"uses {decoder}(), which decodes, decompresses or deserialises: training code has no use for it, "
+                "and it is how data hidden in code is unpacked; remove it"
+            )
         if problem:
             scan.findings.append(Finding(rel, problem, node.lineno, node.col_offset + 1))
 
@@ -369,7 +452,9 @@ def _decoder_named(node: ast.AST) -> str | None:
     if isinstance(node, ast.ImportFrom) and node.module:
         module = node.module.split(".")[0]
         names = [alias.name for alias in node.names]
-        return next((name for name in names if name in DECODER_FUNCTIONS or name in DECODER_FUNCTIONS_OF.get(module, ())), None)
+        return next(
+            (name for name in names if name in DECODER_FUNCTIONS or name in DECODER_FUNCTIONS_OF.get(module, ())), None
+        )
     if not isinstance(node, ast.Call):
         return None
     function = node.func
@@ -384,13 +469,22 @@ def _decoder_named(node: ast.AST) -> str | None:
 
 def _scan_config(manifest: Manifest, scan: FolderScan) -> None:
     scan.config_position = manifest.position_of("config")
-    tables = [(("config",), manifest.config)] + [(("tracks", track, "config"), table) for track, table in manifest.track_overrides.items()]
+    tables = [(("config",), manifest.config)] + [
+        (("tracks", track, "config"), table) for track, table in manifest.track_overrides.items()
+    ]
     for prefix, table in tables:
         for key, value in table.items():
             line, column = manifest.position_of(*prefix, key)
             scan.config_values += _count_values(value)
             for problem in _config_value_problems(value):
-                scan.findings.append(Finding(MANIFEST_NAME, f"a [config] value here {problem}: a submission may not carry data in its manifest", line, column))
+                scan.findings.append(
+                    Finding(
+                        MANIFEST_NAME,
+                        f"a [config] value here {problem}: a submission may not carry data in its manifest",
+                        line,
+                        column,
+                    )
+                )
 
 
 def _count_values(value) -> int:
@@ -424,55 +518,77 @@ def payload_findings(scan: FolderScan) -> list[Finding]:
             running += _utf8_size(crossing.text)
             if running > TEXT_MAX_BYTES:
                 break
-        findings.append(Finding(
-            crossing.file,
-            f"the folder holds {text_bytes:,} bytes of comments, docstrings, string literals and other text, and passes "
-            f"the limit of {TEXT_MAX_BYTES:,} here: a submission may not carry text to train or score on",
-            crossing.line, crossing.column,
-        ))
+        findings.append(
+            Finding(
+                crossing.file,
+                f"the folder holds {text_bytes:,} bytes of comments, docstrings, string literals and other text, and passes "
+                f"the limit of {TEXT_MAX_BYTES:,} here: a submission may not carry text to train or score on",
+                crossing.line,
+                crossing.column,
+            )
+        )
     if figures["ENCODED_TEXT_MAX_CHARS"] > ENCODED_TEXT_MAX_CHARS:
         encoded = scan.encoded()
         for file in dict.fromkeys(text.file for text in encoded):
             pieces = [text for text in encoded if text.file == file]
             kinds = ", ".join(sorted({text.kind for text in pieces}))
-            findings.append(Finding(
-                file,
-                f"{len(pieces):,} piece(s) of text ({kinds}; {sum(len(t.visible) for t in pieces):,} characters, lines "
-                f"{pieces[0].line}-{pieces[-1].line}) read like encoded data (base64, base85, hex, written-out numbers), "
-                f"not words; the limit is {ENCODED_TEXT_MAX_CHARS:,} characters in the folder: a submission may not carry data",
-                pieces[0].line, pieces[0].column,
-            ))
+            findings.append(
+                Finding(
+                    file,
+                    f"{len(pieces):,} piece(s) of text ({kinds}; {sum(len(t.visible) for t in pieces):,} characters, lines "
+                    f"{pieces[0].line}-{pieces[-1].line}) read like encoded data (base64, base85, hex, written-out numbers), "
+                    f"not words; the limit is {ENCODED_TEXT_MAX_CHARS:,} characters in the folder: a submission may not carry data",
+                    pieces[0].line,
+                    pieces[0].column,
+                )
+            )
     if figures["NUMBER_TEXT_MAX_CHARS"] > NUMBER_TEXT_MAX_CHARS:
         per_line: dict[tuple[str, int], int] = {}
         for file, line, chars in scan.numbers:
             per_line[file, line] = per_line.get((file, line), 0) + chars
-        file = max(dict.fromkeys(f for f, _ in per_line), key=lambda f: sum(c for (g, _), c in per_line.items() if g == f))
+        file = max(
+            dict.fromkeys(f for f, _ in per_line), key=lambda f: sum(c for (g, _), c in per_line.items() if g == f)
+        )
         line = max((entry for entry in per_line.items() if entry[0][0] == file), key=lambda entry: entry[1])[0][1]
-        findings.append(Finding(
-            file,
-            f"the folder's number literals take {figures['NUMBER_TEXT_MAX_CHARS']:,} characters, most of them in this file (the "
-            f"most on this line); "
-            f"the limit is {NUMBER_TEXT_MAX_CHARS:,}: a submission may not carry data (token ids, weights) in its code",
-            line,
-        ))
+        findings.append(
+            Finding(
+                file,
+                f"the folder's number literals take {figures['NUMBER_TEXT_MAX_CHARS']:,} characters, most of them in this file (the "
+                f"most on this line); "
+                f"the limit is {NUMBER_TEXT_MAX_CHARS:,}: a submission may not carry data (token ids, weights) in its code",
+                line,
+            )
+        )
     if figures["NON_ASCII_MAX_CHARS"] > NON_ASCII_MAX_CHARS:
-        file = max(dict.fromkeys(f for f, _, _ in scan.non_ascii), key=lambda f: sum(g == f for g, _, _ in scan.non_ascii))
+        file = max(
+            dict.fromkeys(f for f, _, _ in scan.non_ascii), key=lambda f: sum(g == f for g, _, _ in scan.non_ascii)
+        )
         _, line, char = next(entry for entry in scan.non_ascii if entry[0] == file)
-        findings.append(Finding(
-            file,
-            f"the folder holds {figures['NON_ASCII_MAX_CHARS']:,} characters outside ASCII, most of them in this file "
-            f"(the first: U+{ord(char):04X}); the limit is {NON_ASCII_MAX_CHARS}: large alphabets and invisible "
-            "characters can carry data; write comments and names in ASCII",
-            line,
-        ))
+        findings.append(
+            Finding(
+                file,
+                f"the folder holds {figures['NON_ASCII_MAX_CHARS']:,} characters outside ASCII, most of them in this file "
+                f"(the first: U+{ord(char):04X}); the limit is {NON_ASCII_MAX_CHARS}: large alphabets and invisible "
+                "characters can carry data; write comments and names in ASCII",
+                line,
+            )
+        )
     if figures["CONFIG_MAX_VALUES"] > CONFIG_MAX_VALUES:
-        findings.append(Finding(MANIFEST_NAME, f"[config] and its overrides hold {figures['CONFIG_MAX_VALUES']:,} keys and values; the limit is {CONFIG_MAX_VALUES}: a submission may not carry data in its manifest", *scan.config_position))
+        findings.append(
+            Finding(
+                MANIFEST_NAME,
+                f"[config] and its overrides hold {figures['CONFIG_MAX_VALUES']:,} keys and values; the limit is {CONFIG_MAX_VALUES}: a submission may not carry data in its manifest",
+                *scan.config_position,
+            )
+        )
     if figures["INFORMATION_MAX_BYTES"] > INFORMATION_MAX_BYTES:
-        findings.append(Finding(
-            ".",
-            f"the folder's files compress (xz) to {figures['INFORMATION_MAX_BYTES']:,} bytes; the limit is {INFORMATION_MAX_BYTES:,} "
-            "(the reference compresses to ~8,600): a submission may not carry data; remove it, or generated code",
-        ))
+        findings.append(
+            Finding(
+                ".",
+                f"the folder's files compress (xz) to {figures['INFORMATION_MAX_BYTES']:,} bytes; the limit is {INFORMATION_MAX_BYTES:,} "
+                "(the reference compresses to ~8,600): a submission may not carry data; remove it, or generated code",
+            )
+        )
     return findings
 
 
@@ -482,8 +598,13 @@ def _check_name(folder: Path, manifest: Manifest) -> list[Finding]:
     folder_name = folder.resolve().name
     if manifest.name == folder_name:
         return []
-    return [Finding(MANIFEST_NAME, f"submission.name {json.dumps(manifest.name)} must be the folder's name "
-                                   f"\"{_shown_path(folder_name)}\": rename the folder or the submission")]
+    return [
+        Finding(
+            MANIFEST_NAME,
+            f"submission.name {json.dumps(manifest.name)} must be the folder's name "
+            f'"{_shown_path(folder_name)}": rename the folder or the submission',
+        )
+    ]
 
 
 def _check_track(manifest: Manifest) -> list[Finding]:
@@ -494,7 +615,14 @@ def _check_track(manifest: Manifest) -> list[Finding]:
         path = track_path(track_id)
         if not path.is_file():
             key = ".".join(key_path)
-            findings.append(Finding(MANIFEST_NAME, f"{key}: unknown track {track_id!r}; available tracks: {', '.join(available_tracks())}", line, column))
+            findings.append(
+                Finding(
+                    MANIFEST_NAME,
+                    f"{key}: unknown track {track_id!r}; available tracks: {', '.join(available_tracks())}",
+                    line,
+                    column,
+                )
+            )
             continue
         try:
             load_track_file(path)
@@ -507,7 +635,12 @@ def _check_entry(folder: Path, manifest: Manifest) -> list[Finding]:
     rel = manifest.entry_module
     path = folder / rel
     if path.is_symlink() or not path.is_file():
-        return [Finding(MANIFEST_NAME, f"entry.module {rel!r} does not exist in the submission folder: create it or fix [entry] module")]
+        return [
+            Finding(
+                MANIFEST_NAME,
+                f"entry.module {rel!r} does not exist in the submission folder: create it or fix [entry] module",
+            )
+        ]
     try:
         source = path.read_bytes().decode("utf-8")
         tree = ast.parse(source, filename=rel)
@@ -521,27 +654,42 @@ def _check_entry(folder: Path, manifest: Manifest) -> list[Finding]:
     except ValueError as exc:  # what some Python versions raise for a null byte
         return [Finding(rel, f"cannot be parsed: {exc}")]
     functions = [
-        node for node in tree.body
+        node
+        for node in tree.body
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == manifest.entry_function
     ]
     if not functions:
-        return [Finding(rel, f"defines no top-level function {manifest.entry_function!r}: add `def {manifest.entry_function}(ctx):` or fix [entry] function")]
+        return [
+            Finding(
+                rel,
+                f"defines no top-level function {manifest.entry_function!r}: add `def {manifest.entry_function}(ctx):` or fix [entry] function",
+            )
+        ]
     function = functions[-1]
     if isinstance(function, ast.AsyncFunctionDef):
-        return [Finding(rel, f"{manifest.entry_function} is async; it must be a plain function", function.lineno, function.col_offset + 1)]
+        return [
+            Finding(
+                rel,
+                f"{manifest.entry_function} is async; it must be a plain function",
+                function.lineno,
+                function.col_offset + 1,
+            )
+        ]
     args = function.args
     positional = args.posonlyargs + args.args
     required = len(positional) - len(args.defaults)
     required_keywords = [a.arg for a, d in zip(args.kwonlyargs, args.kw_defaults) if d is None]
     if required != 1 or required_keywords:
-        return [Finding(
-            rel,
-            f"{manifest.entry_function}() must take exactly one positional parameter (the Context), "
-            f"like `def {manifest.entry_function}(ctx):`; it requires {required} positional"
-            + (f" and keyword-only {', '.join(required_keywords)}" if required_keywords else ""),
-            function.lineno,
-            function.col_offset + 1,
-        )]
+        return [
+            Finding(
+                rel,
+                f"{manifest.entry_function}() must take exactly one positional parameter (the Context), "
+                f"like `def {manifest.entry_function}(ctx):`; it requires {required} positional"
+                + (f" and keyword-only {', '.join(required_keywords)}" if required_keywords else ""),
+                function.lineno,
+                function.col_offset + 1,
+            )
+        ]
     return []
 
 
@@ -592,8 +740,15 @@ class ChangeReport:
 
     @property
     def ok(self) -> bool:
-        return (self.folder_count == 1 and not self.deleted and not self.outside and not self.edited
-                and not self.taken and len(self.merge_bases) == 1 and all(r.ok for r in self.submissions))
+        return (
+            self.folder_count == 1
+            and not self.deleted
+            and not self.outside
+            and not self.edited
+            and not self.taken
+            and len(self.merge_bases) == 1
+            and all(r.ok for r in self.submissions)
+        )
 
     def as_dict(self) -> dict:
         return {
@@ -615,10 +770,22 @@ def check_changed(base: str, cwd: Path, allow_edit: frozenset[str] = frozenset()
     word): published results name a folder's tree, and a competitor may not rewrite another's."""
     if base.startswith("-"):
         raise UserError(f"--changed {_shown_path(base)}: BASE must name a commit, not look like an option")
-    top = Path(_git(cwd, ["rev-parse", "--show-toplevel"], f"{_shown_path(str(cwd))} is not in a git repository: --changed compares two of its commits").decode().rstrip("\n"))
+    top = Path(
+        _git(
+            cwd,
+            ["rev-parse", "--show-toplevel"],
+            f"{_shown_path(str(cwd))} is not in a git repository: --changed compares two of its commits",
+        )
+        .decode()
+        .rstrip("\n")
+    )
     base_commit = _commit(top, base)
     head_commit = _commit(top, "HEAD")
-    diff = _git(top, ["diff", "--name-status", "-z", "--no-renames", f"{base_commit}...{head_commit}", "--"], f"cannot compare {_shown_path(base)} with HEAD")
+    diff = _git(
+        top,
+        ["diff", "--name-status", "-z", "--no-renames", f"{base_commit}...{head_commit}", "--"],
+        f"cannot compare {_shown_path(base)} with HEAD",
+    )
     # -z output: a status field, then the path, each NUL-terminated; with --no-renames a rename
     # is a deletion plus an addition, so both of its paths are seen.
     fields = diff.split(b"\0")[:-1]
@@ -637,7 +804,11 @@ def check_changed(base: str, cwd: Path, allow_edit: frozenset[str] = frozenset()
     deleted = [f"{SUBMISSIONS_FOLDER}/{name}" for name in sorted(touched_folders - folders_in_head)]
     # Two merge bases (a branch that merged the base and kept an old file) let the diff against one
     # of them hide what merging would revert: judged only where there is exactly one.
-    merge_bases = _git(top, ["merge-base", "--all", base_commit, head_commit], f"{_shown_path(base)} and HEAD share no history").decode().split()
+    merge_bases = (
+        _git(top, ["merge-base", "--all", base_commit, head_commit], f"{_shown_path(base)} and HEAD share no history")
+        .decode()
+        .split()
+    )
     in_base = _folders_in_head(top, merge_bases[0]) if len(merge_bases) == 1 else set()
     edited = [f"{SUBMISSIONS_FOLDER}/{name}" for name in present if name in in_base and name not in allow_edit]
     # A new folder under a name that has published results (another folder's: the reference lives at
@@ -645,14 +816,22 @@ def check_changed(base: str, cwd: Path, allow_edit: frozenset[str] = frozenset()
     published = _published_names(top, merge_bases[0]) if len(merge_bases) == 1 else set()
     taken = [f"{SUBMISSIONS_FOLDER}/{name}" for name in present if name in published and name not in in_base]
     return ChangeReport(
-        base=base, head=head_commit, submissions=_check_as_committed(top, head_commit, present), deleted=deleted,
-        outside=outside, edited=edited, merge_bases=merge_bases, taken=taken,
+        base=base,
+        head=head_commit,
+        submissions=_check_as_committed(top, head_commit, present),
+        deleted=deleted,
+        outside=outside,
+        edited=edited,
+        merge_bases=merge_bases,
+        taken=taken,
     )
 
 
 def _published_names(top: Path, commit: str) -> set[str]:
     """The submission names that have published results in `commit` (results/<track>/<name>/)."""
-    listing = _git(top, ["ls-tree", "-r", "-z", "--name-only", commit, "--", "results/"], "cannot list the published results")
+    listing = _git(
+        top, ["ls-tree", "-r", "-z", "--name-only", commit, "--", "results/"], "cannot list the published results"
+    )
     names = set()
     for path in listing.split(b"\0")[:-1]:
         parts = os.fsdecode(path).split("/")
@@ -676,9 +855,15 @@ def _git(where: Path, args: list[str], failure: str, env: dict[str, str] | None 
 
 
 def _commit(top: Path, revision: str) -> str:
-    return _git(
-        top, ["rev-parse", "--verify", "--quiet", f"{revision}^{{commit}}"], f"{_shown_path(revision)}: no such commit in {_shown_path(str(top))}",
-    ).decode().strip()
+    return (
+        _git(
+            top,
+            ["rev-parse", "--verify", "--quiet", f"{revision}^{{commit}}"],
+            f"{_shown_path(revision)}: no such commit in {_shown_path(str(top))}",
+        )
+        .decode()
+        .strip()
+    )
 
 
 def _folders_in_head(top: Path, commit: str) -> set[str]:
@@ -745,28 +930,47 @@ def _run_check_changed(args: argparse.Namespace) -> int:
         print(f"{_shown_path(folder)}: deleted by {span}: a pull request may not remove a submission", file=sys.stderr)
         problems += 1
     for path in change.outside:
-        print(f"{_shown_path(path)}: changed outside {SUBMISSIONS_FOLDER}/<name>/: a submission's pull request changes nothing else", file=sys.stderr)
+        print(
+            f"{_shown_path(path)}: changed outside {SUBMISSIONS_FOLDER}/<name>/: a submission's pull request changes nothing else",
+            file=sys.stderr,
+        )
         problems += 1
     for folder in change.edited:
-        print(f"{_shown_path(folder)}: already in {_shown_path(change.base)}: a pull request adds a new folder (a new version "
-              "of a submission is a new folder, and no one edits another's); only the organiser may allow it (--allow-edit)",
-              file=sys.stderr)
+        print(
+            f"{_shown_path(folder)}: already in {_shown_path(change.base)}: a pull request adds a new folder (a new version "
+            "of a submission is a new folder, and no one edits another's); only the organiser may allow it (--allow-edit)",
+            file=sys.stderr,
+        )
         problems += 1
     for folder in change.taken:
         name = folder.rsplit("/", 1)[-1]
-        print(f"{_shown_path(folder)}: the name {_shown_path(name)} has published results of another folder "
-              "(results/<track>/<name>/): a name belongs to the folder that first published under it", file=sys.stderr)
+        print(
+            f"{_shown_path(folder)}: the name {_shown_path(name)} has published results of another folder "
+            "(results/<track>/<name>/): a name belongs to the folder that first published under it",
+            file=sys.stderr,
+        )
         problems += 1
     if len(change.merge_bases) > 1:
-        print(f"{span}: {len(change.merge_bases)} merge bases (a criss-cross history): what merging would change is not "
-              f"what HEAD changes since any one of them; rebase the branch onto {_shown_path(change.base)}", file=sys.stderr)
+        print(
+            f"{span}: {len(change.merge_bases)} merge bases (a criss-cross history): what merging would change is not "
+            f"what HEAD changes since any one of them; rebase the branch onto {_shown_path(change.base)}",
+            file=sys.stderr,
+        )
         problems += 1
     if change.folder_count == 0:
-        print(f"{span} changes nothing under {SUBMISSIONS_FOLDER}/<name>/: a submission's pull request adds its folder there", file=sys.stderr)
+        print(
+            f"{span} changes nothing under {SUBMISSIONS_FOLDER}/<name>/: a submission's pull request adds its folder there",
+            file=sys.stderr,
+        )
         problems += 1
     elif change.folder_count > 1:
-        names = ", ".join(_shown_path(folder) for folder in sorted([str(r.folder) for r in change.submissions] + change.deleted))
-        print(f"{span} changes {change.folder_count} submission folders ({names}): one submission per pull request", file=sys.stderr)
+        names = ", ".join(
+            _shown_path(folder) for folder in sorted([str(r.folder) for r in change.submissions] + change.deleted)
+        )
+        print(
+            f"{span} changes {change.folder_count} submission folders ({names}): one submission per pull request",
+            file=sys.stderr,
+        )
         problems += 1
     if change.ok:
         print(f"{span}: ok, one submission and nothing else")
@@ -787,12 +991,14 @@ def _run_new(args: argparse.Namespace) -> int:
     text = (source / MANIFEST_NAME).read_text(encoding="utf-8")
     text, count = re.subn(r'(?m)^(\s*name\s*=\s*)"[^"]*"', rf'\g<1>"{args.name}"', text, count=1)
     if count != 1:
-        raise UserError(f"{source / MANIFEST_NAME}: has no `name = \"...\"` line to fill in")
+        raise UserError(f'{source / MANIFEST_NAME}: has no `name = "..."` line to fill in')
     try:
         target.mkdir(parents=True)
     except OSError as error:
-        raise UserError(f"cannot create {shown(target)}: {error.strerror}; "
-                        "run evaluator new from a folder you can write, or give one with --dir DIR") from error
+        raise UserError(
+            f"cannot create {shown(target)}: {error.strerror}; "
+            "run evaluator new from a folder you can write, or give one with --dir DIR"
+        ) from error
     try:
         # Files and folders made anew, not copied with their modes: the template may be read-only (an
         # installed package, a read-only checkout), and the copy is the user's to edit.
@@ -802,7 +1008,9 @@ def _run_new(args: argparse.Namespace) -> int:
         shutil.rmtree(target, ignore_errors=True)
         raise UserError(f"cannot create {shown(target)}: {error.strerror}") from error
     where = shown(target)
-    print(f"created {where} from {shown(source)}; edit {where}/{MANIFEST_NAME} and {where}/train.py, then run: evaluator check {where}")
+    print(
+        f"created {where} from {shown(source)}; edit {where}/{MANIFEST_NAME} and {where}/train.py, then run: evaluator check {where}"
+    )
     return 0
 
 
@@ -842,21 +1050,45 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     target = check.add_mutually_exclusive_group(required=True)
     target.add_argument("folder", metavar="DIR", nargs="?", help="the submission folder (holds manifest.toml)")
-    target.add_argument("--changed", metavar="BASE", help="check every submission folder HEAD changes since its merge base with BASE, and refuse anything else it changes")
-    check.add_argument("--allow-edit", action="append", default=[], metavar="NAME",
-                       help="with --changed: let the change edit submissions/NAME, which the base already has (the "
-                            "organiser's decision; a published submission's new version is otherwise a new folder)")
-    check.add_argument("--json", action="store_true", help="print the findings as JSON on stdout (with --changed: ok, base, head, submissions, deleted, outside, edited, taken, merge_bases)")
-    check.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="also check what these overrides (as evaluator run --set takes them) make of the manifest's [config]")
+    target.add_argument(
+        "--changed",
+        metavar="BASE",
+        help="check every submission folder HEAD changes since its merge base with BASE, and refuse anything else it changes",
+    )
+    check.add_argument(
+        "--allow-edit",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="with --changed: let the change edit submissions/NAME, which the base already has (the "
+        "organiser's decision; a published submission's new version is otherwise a new folder)",
+    )
+    check.add_argument(
+        "--json",
+        action="store_true",
+        help="print the findings as JSON on stdout (with --changed: ok, base, head, submissions, deleted, outside, edited, taken, merge_bases)",
+    )
+    check.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="also check what these overrides (as evaluator run --set takes them) make of the manifest's [config]",
+    )
     check.set_defaults(handler=_run_check)
 
     new = subparsers.add_parser(
         "new",
         help="start a submission from the template",
-        description=("Copy a submission folder (the template by default) with the name filled in: to submissions/NAME when the current folder has submissions/ (a competition repository), else to ./NAME, or to DIR/NAME with --dir. Never overwrites."),
+        description=(
+            "Copy a submission folder (the template by default) with the name filled in: to submissions/NAME when the current folder has submissions/ (a competition repository), else to ./NAME, or to DIR/NAME with --dir. Never overwrites."
+        ),
     )
     new.add_argument("name", metavar="NAME", help="the new submission's name: lower-case letters, digits, dashes")
-    new.add_argument("--from", dest="source", metavar="DIR", help="folder to copy (default: the template from the evaluator's home)")
-    new.add_argument("--dir", metavar="DIR", help="the folder to create it in (default: ./submissions/ if there is one, else .)")
+    new.add_argument(
+        "--from", dest="source", metavar="DIR", help="folder to copy (default: the template from the evaluator's home)"
+    )
+    new.add_argument(
+        "--dir", metavar="DIR", help="the folder to create it in (default: ./submissions/ if there is one, else .)"
+    )
     new.set_defaults(handler=_run_new)

@@ -6,7 +6,7 @@ import argparse
 import errno
 import importlib
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from evaluator import __version__
 from evaluator.errors import UserError

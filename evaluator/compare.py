@@ -26,11 +26,12 @@ import math
 import re
 import secrets
 import sys
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from rich.console import Console
 
@@ -106,19 +107,31 @@ class ComparisonPlan:
             if problem:
                 raise ValueError(problem)
         except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
-            raise UserError(f"{shown(path)} is not a comparison plan this evaluator wrote ({exc}); "
-                            "give a new --out") from None
+            raise UserError(
+                f"{shown(path)} is not a comparison plan this evaluator wrote ({exc}); give a new --out"
+            ) from None
         return plan
 
     def _problem(self) -> str | None:
-        strings = (self.id, self.track, self.track_sha256, self.sandbox, *asdict(self.a).values(), *asdict(self.b).values())
+        strings = (
+            self.id,
+            self.track,
+            self.track_sha256,
+            self.sandbox,
+            *asdict(self.a).values(),
+            *asdict(self.b).values(),
+        )
         if not all(isinstance(value, str) for value in strings) or not COMPARISON_ID.fullmatch(self.id):
             return "a malformed id, track or submission"
         if type(self.pairs) is not int or not 1 <= self.pairs <= MAX_PAIRS or type(self.secret_seeds) is not bool:
             return "a malformed number of pairs"
         if not isinstance(self.budget_s, float) or not (self.budget_s > 0 and math.isfinite(self.budget_s)):
             return "a malformed budget"
-        if not isinstance(self.seeds, list) or len(self.seeds) > self.pairs or any(type(seed) is not int for seed in self.seeds):
+        if (
+            not isinstance(self.seeds, list)
+            or len(self.seeds) > self.pairs
+            or any(type(seed) is not int for seed in self.seeds)
+        ):
             return "malformed seeds"
         return None
 
@@ -184,8 +197,11 @@ class Comparison:
         """Why a pair is not in the test: which side has no score, and its status."""
         if self.difference(pair) is not None:
             return None
-        missing = [f"{side.upper()} {self.runs[pair, side].status}" for side in ("a", "b")
-                   if score_of(self.runs[pair, side].result, self.timed) is None]
+        missing = [
+            f"{side.upper()} {self.runs[pair, side].status}"
+            for side in ("a", "b")
+            if score_of(self.runs[pair, side].result, self.timed) is None
+        ]
         return ", ".join(missing)
 
     @property
@@ -195,8 +211,10 @@ class Comparison:
     @property
     def exit_code(self) -> int:
         """As `evaluator run --seeds`: the worst run's (a run without a readable result is the evaluator's failure)."""
-        return max(EXIT_CODES[run.status] if run.result is not None else EXIT_CODES["evaluator_error"]
-                   for run in self.runs.values())
+        return max(
+            EXIT_CODES[run.status] if run.result is not None else EXIT_CODES["evaluator_error"]
+            for run in self.runs.values()
+        )
 
 
 def _new_id() -> str:
@@ -208,13 +226,18 @@ def _side(folder: Path) -> tuple[Side, str]:
     report = check_submission(folder)
     if not report.ok:
         details = "; ".join(str(finding) for finding in report.findings[:3])
-        raise UserError(f"{folder}: the submission is invalid ({len(report.findings)} problem(s): {details}); "
-                        f"evaluator check {folder} lists them")
-    return Side(folder=shown(folder.resolve()), name=report.manifest.name, tree_sha256=tree_sha256(folder)), report.manifest.track
+        raise UserError(
+            f"{folder}: the submission is invalid ({len(report.findings)} problem(s): {details}); "
+            f"evaluator check {folder} lists them"
+        )
+    return Side(
+        folder=shown(folder.resolve()), name=report.manifest.name, tree_sha256=tree_sha256(folder)
+    ), report.manifest.track
 
 
-def _requested_plan(a: Path, b: Path, track_id: str | None, pairs: int, secret_seeds: bool,
-                    budget_s: float | None, sandbox: str) -> tuple[ComparisonPlan, Track]:
+def _requested_plan(
+    a: Path, b: Path, track_id: str | None, pairs: int, secret_seeds: bool, budget_s: float | None, sandbox: str
+) -> tuple[ComparisonPlan, Track]:
     """The plan the command line asks for (its id and seeds are set when it begins)."""
     if not 1 <= pairs <= MAX_PAIRS:
         raise UserError(f"--seeds is the number of pairs: 1 to {MAX_PAIRS}, not {pairs}")
@@ -227,9 +250,17 @@ def _requested_plan(a: Path, b: Path, track_id: str | None, pairs: int, secret_s
     if track_id is None and track_a != track_b:
         raise UserError(f"A is for track {track_a} and B for {track_b}: choose one with --track")
     track = load_track(track_id or track_a)
-    plan = ComparisonPlan(id="", track=track.id, track_sha256=track.sha256,
-                          budget_s=float(track.budget_s if budget_s is None else budget_s), pairs=pairs,
-                          secret_seeds=secret_seeds, sandbox=sandbox, a=side_a, b=side_b)
+    plan = ComparisonPlan(
+        id="",
+        track=track.id,
+        track_sha256=track.sha256,
+        budget_s=float(track.budget_s if budget_s is None else budget_s),
+        pairs=pairs,
+        secret_seeds=secret_seeds,
+        sandbox=sandbox,
+        a=side_a,
+        b=side_b,
+    )
     return plan, track
 
 
@@ -261,8 +292,10 @@ def _begin_or_resume(out: Path, requested: ComparisonPlan, track: Track) -> Comp
         plan = ComparisonPlan.read(plan_path)
         differences = _differences_from(plan, requested)
         if differences:
-            raise UserError(f"{shown(out)} holds comparison {plan.id}, which the command must repeat to resume: "
-                            + "; ".join(differences))
+            raise UserError(
+                f"{shown(out)} holds comparison {plan.id}, which the command must repeat to resume: "
+                + "; ".join(differences)
+            )
         return plan
     if any(path.name != LOCK_FILE for path in out.iterdir()):
         raise UserError(f"{shown(out)} holds other files and no {PLAN_FILE}: give a new or empty --out")
@@ -293,9 +326,13 @@ def _belongs(result: dict[str, Any], plan: ComparisonPlan) -> tuple[int, str] | 
     if comparison is None or comparison["id"] != plan.id or comparison["pair"] > len(plan.seeds):
         return None
     pair, side = comparison["pair"], comparison["side"]
-    if (result["submission"]["tree_sha256"] != getattr(plan, side).tree_sha256
-            or result["seed"] != plan.seeds[pair - 1] or result["seed_drawn"] != plan.secret_seeds
-            or result["track"]["sha256"] != plan.track_sha256 or float(result["budget_s"]) != plan.budget_s):
+    if (
+        result["submission"]["tree_sha256"] != getattr(plan, side).tree_sha256
+        or result["seed"] != plan.seeds[pair - 1]
+        or result["seed_drawn"] != plan.secret_seeds
+        or result["track"]["sha256"] != plan.track_sha256
+        or float(result["budget_s"]) != plan.budget_s
+    ):
         return None
     return pair, side
 
@@ -371,8 +408,10 @@ def run_comparison(
         plan = _begin_or_resume(out, requested, track)
         runs_dir = out / "runs"
         runs = _earlier_runs(plan, runs_dir, say)
-        say(f"comparison {plan.id}: A = {plan.a.name}, B = {plan.b.name} on {plan.track}, {plan.pairs} pair(s), "
-            f"{len(runs)} run(s) already made; in {visible(shown(out))} (the same command with --out {visible(shown(out))} resumes it)")
+        say(
+            f"comparison {plan.id}: A = {plan.a.name}, B = {plan.b.name} on {plan.track}, {plan.pairs} pair(s), "
+            f"{len(runs)} run(s) already made; in {visible(shown(out))} (the same command with --out {visible(shown(out))} resumes it)"
+        )
         comparison = Comparison(plan=plan, out=out, timed=track.target is not None, runs=runs)
         for pair in range(1, plan.pairs + 1):
             if pair > len(plan.seeds):  # drawn and written down before the pair runs: a resumed comparison keeps it
@@ -383,9 +422,14 @@ def run_comparison(
                     continue
                 say(f"{_run_line(plan, pair, side)}: started")
                 _, run_dir = evaluate_run(
-                    Path(getattr(plan, side).folder), track_id=plan.track, seed=plan.seeds[pair - 1],
-                    secret_seed=plan.secret_seeds, budget_s=plan.budget_s, sandbox_choice=plan.sandbox,
-                    runs_dir=runs_dir, comparison={"id": plan.id, "pair": pair, "side": side},
+                    Path(getattr(plan, side).folder),
+                    track_id=plan.track,
+                    seed=plan.seeds[pair - 1],
+                    secret_seed=plan.secret_seeds,
+                    budget_s=plan.budget_s,
+                    sandbox_choice=plan.sandbox,
+                    runs_dir=runs_dir,
+                    comparison={"id": plan.id, "pair": pair, "side": side},
                     # The run's own progress would bury the comparison's; its logs are in its run directory.
                     console=Console(file=io.StringIO()),
                 )
@@ -393,8 +437,11 @@ def run_comparison(
                 if result is not None and _belongs(result, plan) != (pair, side):
                     result, problem = None, "its result is not of the run that was asked for"
                 runs[pair, side] = PairRun(result=result, run_dir=run_dir)
-                say(f"{_run_line(plan, pair, side)}: {_finished_text(runs[pair, side], comparison.timed)}"
-                    + (f" ({visible(problem)})" if problem else "") + f"  {visible(shown(run_dir))}")
+                say(
+                    f"{_run_line(plan, pair, side)}: {_finished_text(runs[pair, side], comparison.timed)}"
+                    + (f" ({visible(problem)})" if problem else "")
+                    + f"  {visible(shown(run_dir))}"
+                )
         atomic_write_text(out / HTML_FILE, render_comparison_html(comparison))
     return comparison
 
@@ -431,8 +478,11 @@ def summary_lines(comparison: Comparison) -> list[str]:
     what = "time to target" if timed else "val_loss"
     if not counted:
         return ["no pair has both runs scored: nothing to compare"]
-    spread = ("" if summary.std_difference is None else
-              f" (std {_score_text(summary.std_difference, timed)}, standard error {_score_text(summary.standard_error, timed)})")
+    spread = (
+        ""
+        if summary.std_difference is None
+        else f" (std {_score_text(summary.std_difference, timed)}, standard error {_score_text(summary.standard_error, timed)})"
+    )
     return [
         f"mean difference B - A: {_score_text(summary.mean_difference, timed, signed=True)} over {counted} of "
         f"{comparison.plan.pairs} pairs{spread}",
@@ -453,9 +503,11 @@ def render_text(comparison: Comparison) -> str:
     for pair in range(1, plan.pairs + 1):
         a, b = comparison.runs[pair, "a"], comparison.runs[pair, "b"]
         left_out = comparison.left_out(pair)
-        line = (f"{pair:>4}  {plan.seeds[pair - 1]:>10}  {' '.join(run_order(pair)).upper():<5}  {_cell(a, timed):>16}  "
-                f"{_cell(b, timed):>16}  {_score_text(comparison.difference(pair), timed, signed=True):>10}  "
-                f"{_received_text(a):>10}  {_received_text(b):>10}")
+        line = (
+            f"{pair:>4}  {plan.seeds[pair - 1]:>10}  {' '.join(run_order(pair)).upper():<5}  {_cell(a, timed):>16}  "
+            f"{_cell(b, timed):>16}  {_score_text(comparison.difference(pair), timed, signed=True):>10}  "
+            f"{_received_text(a):>10}  {_received_text(b):>10}"
+        )
         lines.append(line + (f"  left out: {left_out}" if left_out else ""))
     return "\n".join(lines + [""] + summary_lines(comparison)) + "\n"
 
@@ -510,8 +562,11 @@ def _plot_rows(comparison: Comparison) -> list[Row]:
     """A and B as the leaderboard's rows of their scored runs, A first (the first colour), for its plot."""
     plan, rows = comparison.plan, []
     for side in ("a", "b"):
-        scored = [run for pair in range(1, plan.pairs + 1) if (run := comparison.runs[pair, side]).result is not None
-                  and run.result["status"] in SCORED_STATUSES]
+        scored = [
+            run
+            for pair in range(1, plan.pairs + 1)
+            if (run := comparison.runs[pair, side]).result is not None and run.result["status"] in SCORED_STATUSES
+        ]
         runs = []
         for run in scored:
             try:
@@ -521,12 +576,25 @@ def _plot_rows(comparison: Comparison) -> list[Row]:
             runs.append(Run.from_verified(VerifiedResult(run.run_dir / RESULT_FILE, run.result, loss_curve, signer="")))
         # Official rows are drawn solid, the others dashed, as on the leaderboard.
         official = bool(scored) and all(run.result["official"] for run in scored)
-        rows.append(Row(track=plan.track, submission=f"{side.upper()} {getattr(plan, side).name}", official=official,
-                        calibrated=False, runs=runs))
-    targets = [run.result["target"] for row_side in ("a", "b") for pair in range(1, plan.pairs + 1)
-               if (run := comparison.runs[pair, row_side]).result is not None and run.result["target"] is not None]
+        rows.append(
+            Row(
+                track=plan.track,
+                submission=f"{side.upper()} {getattr(plan, side).name}",
+                official=official,
+                calibrated=False,
+                runs=runs,
+            )
+        )
+    targets = [
+        run.result["target"]
+        for row_side in ("a", "b")
+        for pair in range(1, plan.pairs + 1)
+        if (run := comparison.runs[pair, row_side]).result is not None and run.result["target"] is not None
+    ]
     for row in rows:
-        row.target = None if not targets else TrackTarget(float(targets[0]["val_loss"]), bool(targets[0]["provisional"]))
+        row.target = (
+            None if not targets else TrackTarget(float(targets[0]["val_loss"]), bool(targets[0]["provisional"]))
+        )
     return rows
 
 
@@ -539,14 +607,24 @@ def render_comparison_html(comparison: Comparison) -> str:
     def escaped(text: str) -> str:
         return html.escape(visible(text))
 
-    header = "".join(f"<th>{html.escape(h)}</th>" for h in
-                     ("pair", "seed", "order", f"A {what}", f"B {what}", "B - A", "A received", "B received", "left out"))
+    header = "".join(
+        f"<th>{html.escape(h)}</th>"
+        for h in ("pair", "seed", "order", f"A {what}", f"B {what}", "B - A", "A received", "B received", "left out")
+    )
     body_rows = []
     for pair in range(1, plan.pairs + 1):
         a, b = comparison.runs[pair, "a"], comparison.runs[pair, "b"]
-        cells = [str(pair), str(plan.seeds[pair - 1]), " ".join(run_order(pair)).upper(), _cell(a, timed), _cell(b, timed),
-                 _score_text(comparison.difference(pair), timed, signed=True), _received_text(a), _received_text(b),
-                 comparison.left_out(pair) or ""]
+        cells = [
+            str(pair),
+            str(plan.seeds[pair - 1]),
+            " ".join(run_order(pair)).upper(),
+            _cell(a, timed),
+            _cell(b, timed),
+            _score_text(comparison.difference(pair), timed, signed=True),
+            _received_text(a),
+            _received_text(b),
+            comparison.left_out(pair) or "",
+        ]
         body_rows.append("<tr>" + "".join(f'<td class="num">{escaped(cell)}</td>' for cell in cells) + "</tr>")
     sides = "".join(
         f'<li><span class="swatch" style="background:{PALETTE[index]}"></span>{side.upper()}: '
@@ -587,8 +665,15 @@ def _compare(args: argparse.Namespace) -> int:
         sys.stderr.flush()
 
     comparison = run_comparison(
-        Path(args.a), Path(args.b), track_id=args.track, pairs=args.seeds, secret_seeds=args.secret_seeds,
-        budget_s=args.budget, out=None if args.out is None else Path(args.out), sandbox_choice=args.sandbox, say=say,
+        Path(args.a),
+        Path(args.b),
+        track_id=args.track,
+        pairs=args.seeds,
+        secret_seeds=args.secret_seeds,
+        budget_s=args.budget,
+        out=None if args.out is None else Path(args.out),
+        sandbox_choice=args.sandbox,
+        say=say,
         evaluate_run=evaluate,
     )
     if args.json:
@@ -620,17 +705,36 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("a", metavar="A", help="the baseline submission folder (e.g. the record holder)")
     parser.add_argument("b", metavar="B", help="the candidate submission folder")
-    parser.add_argument("--track", metavar="ID", help="track id (default: the manifests' track, which must be the same)")
-    parser.add_argument("--seeds", type=int, default=3, metavar="N",
-                        help="number of pairs, fixed when the comparison begins (default 3; 1 gives no p-value)")
-    parser.add_argument("--secret-seeds", action="store_true",
-                        help="draw each pair's seed from os.urandom (written to comparison.json before the pair runs); "
-                             "default: the track's default seed, +1, ...")
-    parser.add_argument("--budget", type=float, metavar="S",
-                        help="training budget in seconds; any value other than the track's makes the runs unofficial")
+    parser.add_argument(
+        "--track", metavar="ID", help="track id (default: the manifests' track, which must be the same)"
+    )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=3,
+        metavar="N",
+        help="number of pairs, fixed when the comparison begins (default 3; 1 gives no p-value)",
+    )
+    parser.add_argument(
+        "--secret-seeds",
+        action="store_true",
+        help="draw each pair's seed from os.urandom (written to comparison.json before the pair runs); "
+        "default: the track's default seed, +1, ...",
+    )
+    parser.add_argument(
+        "--budget",
+        type=float,
+        metavar="S",
+        help="training budget in seconds; any value other than the track's makes the runs unofficial",
+    )
     parser.add_argument("--sandbox", choices=SANDBOX_CHOICES, default="auto", help="as evaluator run's (default auto)")
-    parser.add_argument("--out", metavar="DIR",
-                        help=f"the comparison's folder: comparison.json, comparison.html, runs/; the same DIR resumes it "
-                             f"(default: a new folder under {shown(DEFAULT_PARENT)}/)")
-    parser.add_argument("--json", action="store_true", help="print the comparison as JSON on stdout and nothing else there")
+    parser.add_argument(
+        "--out",
+        metavar="DIR",
+        help=f"the comparison's folder: comparison.json, comparison.html, runs/; the same DIR resumes it "
+        f"(default: a new folder under {shown(DEFAULT_PARENT)}/)",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print the comparison as JSON on stdout and nothing else there"
+    )
     parser.set_defaults(handler=_compare)

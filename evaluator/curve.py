@@ -39,8 +39,9 @@ class ScoredRun:
 HIDDEN_TIME_RESOLUTION_S = 10
 
 
-def score_run(plan: RunPlan, sandbox, console: Console, outcome: TrainingOutcome,
-              scorings: list[dict[str, Any]]) -> ScoredRun:
+def score_run(
+    plan: RunPlan, sandbox, console: Console, outcome: TrainingOutcome, scorings: list[dict[str, Any]]
+) -> ScoredRun:
     """Score the final model and every snapshot with the same code, limits and guarantees.
 
     Fixed-time track: the final model is the score (scored first; its failure fails the run), a
@@ -79,11 +80,13 @@ def score_run(plan: RunPlan, sandbox, console: Console, outcome: TrainingOutcome
         def score(model: Snapshot, number: int | str, split_path: Path):
             label = "the final model" if model is final else f"snapshot {number} of {len(models) - 1}"
             split = "public" if split_path == plan.val_path else "hidden"
-            console.print(f"scoring {label}, taken at {model.time_s:.1f} s, on the {split} split", markup=False, highlight=False)
+            console.print(
+                f"scoring {label}, taken at {model.time_s:.1f} s, on the {split} split", markup=False, highlight=False
+            )
             usage, began, ended = ScoringUsage(), time.monotonic(), "sandbox_error"
             try:
                 if split_path not in documents:
-                    documents[split_path] = read_documents(split_path)[:SMOKE_DOCUMENTS if plan.smoke else None]
+                    documents[split_path] = read_documents(split_path)[: SMOKE_DOCUMENTS if plan.smoke else None]
                 report = session.score(model.path, documents[split_path], usage=usage)
                 ended = "ok"
                 return report
@@ -91,8 +94,9 @@ def score_run(plan: RunPlan, sandbox, console: Console, outcome: TrainingOutcome
                 ended = "invalid_model"
                 raise InvalidModel(f"{label} (taken at {model.time_s:.1f} s, on the {split} split): {exc}") from None
             finally:
-                scorings.append(_scoring_record(model is final, model.time_s, split, ended, time.monotonic() - began,
-                                                usage.cpu_s))
+                scorings.append(
+                    _scoring_record(model is final, model.time_s, split, ended, time.monotonic() - began, usage.cpu_s)
+                )
 
         def score_snapshot(snapshot: Snapshot, number: int) -> None:
             if problems:
@@ -132,12 +136,18 @@ def score_run(plan: RunPlan, sandbox, console: Console, outcome: TrainingOutcome
         else:
             point = {"val_loss": None, "val_bpb": None, "scored": problems.get(model.path, "not_needed")}
         curve.append({"time_s": round(model.time_s, 2), "model": "final" if model is final else "snapshot", **point})
-    return ScoredRun(score=ranking, curve=curve, curve_split="public" if curve_path == plan.val_path else "hidden",
-                     reached_at_s=None if reached is None else round(reached.time_s, 2), dev_score=dev_score)
+    return ScoredRun(
+        score=ranking,
+        curve=curve,
+        curve_split="public" if curve_path == plan.val_path else "hidden",
+        reached_at_s=None if reached is None else round(reached.time_s, 2),
+        dev_score=dev_score,
+    )
 
 
-def _scoring_record(final: bool, time_s: float, split: str, ended: str, wall_s: float,
-                    cpu_s: float | None) -> dict[str, Any]:
+def _scoring_record(
+    final: bool, time_s: float, split: str, ended: str, wall_s: float, cpu_s: float | None
+) -> dict[str, Any]:
     """One model's scoring as the result's model_scorings shows it."""
 
     def shown(seconds: float) -> float:
@@ -145,8 +155,14 @@ def _scoring_record(final: bool, time_s: float, split: str, ended: str, wall_s: 
             return float(HIDDEN_TIME_RESOLUTION_S * round(seconds / HIDDEN_TIME_RESOLUTION_S))
         return round(seconds, 1)
 
-    return {"model": "final" if final else "snapshot", "time_s": round(time_s, 2), "split": split, "outcome": ended,
-            "wall_s": shown(wall_s), "cpu_s": None if cpu_s is None else shown(cpu_s)}
+    return {
+        "model": "final" if final else "snapshot",
+        "time_s": round(time_s, 2),
+        "split": split,
+        "outcome": ended,
+        "wall_s": shown(wall_s),
+        "cpu_s": None if cpu_s is None else shown(cpu_s),
+    }
 
 
 def _setup(plan: RunPlan):
@@ -164,10 +180,12 @@ def _setup(plan: RunPlan):
         device=plan.device,
         gpu=None if plan.gpu is None else plan.gpu.board,
         threads=plan.track.device.threads,
-        limits=ScoringLimits(load_s=protocol.load_s * plan.deadline_factor,
-                             step_s=protocol.step_s * plan.deadline_factor,
-                             total_s=protocol.time_limit_s * plan.deadline_factor,
-                             consistency_nats=protocol.consistency_nats),
+        limits=ScoringLimits(
+            load_s=protocol.load_s * plan.deadline_factor,
+            step_s=protocol.step_s * plan.deadline_factor,
+            total_s=protocol.time_limit_s * plan.deadline_factor,
+            consistency_nats=protocol.consistency_nats,
+        ),
         memory_bytes=limits.memory_mib * 2**20,
         pids=limits.pids,
         model_cap_bytes=limits.model_mib * 2**20,

@@ -21,10 +21,10 @@ import os
 import re
 import stat
 import tempfile
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from evaluator.errors import UserError
 from evaluator.nvml import Board, NvmlUnavailable, busy_pids, driver_and_boards
@@ -80,8 +80,10 @@ def cuda_boards() -> tuple[str, list[Board]]:
     mapped = []
     for index, address in enumerate(cuda_pci_addresses()):
         if address not in by_address:
-            raise UserError(f"CUDA's GPU {index} (PCI {address[0]:08x}:{address[1]:02x}:{address[2]:02x}) is not among "
-                            f"the {len(boards)} GPU(s) NVML lists; is the driver's library the one CUDA uses?")
+            raise UserError(
+                f"CUDA's GPU {index} (PCI {address[0]:08x}:{address[1]:02x}:{address[2]:02x}) is not among "
+                f"the {len(boards)} GPU(s) NVML lists; is the driver's library the one CUDA uses?"
+            )
         mapped.append(by_address[address])
     return driver, mapped
 
@@ -94,12 +96,16 @@ def _open_lock_dir() -> int:
         LOCK_DIR.mkdir(parents=True, exist_ok=True)
         fd = os.open(LOCK_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
-        raise UserError(f"cannot use the lock directory {LOCK_DIR}: {exc.strerror} (it must be a directory, not a link)") from None
+        raise UserError(
+            f"cannot use the lock directory {LOCK_DIR}: {exc.strerror} (it must be a directory, not a link)"
+        ) from None
     owner = os.fstat(fd).st_uid
     if owner not in (0, os.geteuid()):
         os.close(fd)
-        raise UserError(f"the lock directory {LOCK_DIR} belongs to user {owner}, who could remove other runs' locks; "
-                        "have root remove it (it is made again)")
+        raise UserError(
+            f"the lock directory {LOCK_DIR} belongs to user {owner}, who could remove other runs' locks; "
+            "have root remove it (it is made again)"
+        )
     if owner == os.geteuid():
         os.fchmod(fd, 0o1777)  # every user's evaluator creates its locks here; the sticky bit keeps them theirs
     return fd
@@ -160,8 +166,10 @@ def hold_host(exclusive: bool, holder: str) -> Iterator[None]:
     """The host lock: shared by every run, exclusive for a run that scores a hidden split."""
     with _flock("host.lock", exclusive, holder) as other:
         if other is not None and exclusive:
-            raise GpuUnavailable("this run scores a hidden split, and nothing else may run on the host meanwhile; "
-                                 "other runs of this evaluator are under way: wait for them to finish")
+            raise GpuUnavailable(
+                "this run scores a hidden split, and nothing else may run on the host meanwhile; "
+                "other runs of this evaluator are under way: wait for them to finish"
+            )
         if other is not None:
             raise GpuUnavailable(f"a run that scores a hidden split holds this host ({other}); wait for it to finish")
         yield
@@ -191,10 +199,14 @@ def hold_gpu(requested: int | None, holder: str) -> Iterator[Placement]:
                 return
             holders.append(other)
         if requested is not None:
-            raise GpuUnavailable(f"GPU {requested} ({boards[requested].pci_bus_id}) is held by {holders[0]}; "
-                                 "wait for it, or choose another with --gpu N")
-        raise GpuUnavailable(f"every GPU of this host ({len(boards)}) is held by another run of this evaluator "
-                             f"({'; '.join(holders)}); wait for one to finish")
+            raise GpuUnavailable(
+                f"GPU {requested} ({boards[requested].pci_bus_id}) is held by {holders[0]}; "
+                "wait for it, or choose another with --gpu N"
+            )
+        raise GpuUnavailable(
+            f"every GPU of this host ({len(boards)}) is held by another run of this evaluator "
+            f"({'; '.join(holders)}); wait for one to finish"
+        )
 
 
 def _other_pids(board: Board) -> list[int]:

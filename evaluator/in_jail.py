@@ -15,7 +15,13 @@ from evaluator.paths import PACKAGE_DIR
 # The training jail: the harness, the job file it reads, the API it hands the submission and the
 # training split's loader.
 TRAINING = (
-    "__init__.py", "api.py", "errors.py", "job.py", "harness.py", "dataset/__init__.py", "dataset/loader.py",
+    "__init__.py",
+    "api.py",
+    "errors.py",
+    "job.py",
+    "harness.py",
+    "dataset/__init__.py",
+    "dataset/loader.py",
 )
 # The scoring jails: the model server and the API that builds a model's decoder.
 SCORING = ("__init__.py", "api.py", "model_server.py")

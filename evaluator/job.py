@@ -40,7 +40,7 @@ class Job:
         return json.dumps(data, indent=2)
 
     @classmethod
-    def read(cls, path: Path) -> "Job":
+    def read(cls, path: Path) -> Job:
         data = json.loads(Path(path).read_text())
         expected = {f.name for f in fields(cls)}
         if set(data) != expected:

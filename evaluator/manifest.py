@@ -88,7 +88,9 @@ def manifest_schema() -> dict:
 
 def config_max_depth() -> int:
     """How many arrays and tables may enclose a [config] value: the schema's deepest configValueN."""
-    return max(int(name.removeprefix("configValue")) for name in manifest_schema()["$defs"] if name.startswith("configValue"))
+    return max(
+        int(name.removeprefix("configValue")) for name in manifest_schema()["$defs"] if name.startswith("configValue")
+    )
 
 
 def _one_line_pattern() -> str:
@@ -119,7 +121,9 @@ def _split_key(dotted: str) -> tuple[str, ...]:
     return tuple(p[1:-1] if p[:1] in "\"'" else p for p in parts)
 
 
-def _find_position(positions: dict[tuple[str, ...], tuple[int, int]], path: tuple[str, ...]) -> tuple[int | None, int | None]:
+def _find_position(
+    positions: dict[tuple[str, ...], tuple[int, int]], path: tuple[str, ...]
+) -> tuple[int | None, int | None]:
     """Position of the path; else of the first line that defines something below it (the header
     `[tracks.x.config]` defines tracks.x); else of its nearest ancestor that the text defines."""
     if path in positions:
@@ -177,7 +181,12 @@ def _dotted(path: Any) -> str:
     return shown
 
 
-_CONTROL_NAMES = {"\n": "a newline", "\r": "a carriage return", "\t": "a tab", "\x1b": "ESC, which starts terminal escape sequences"}
+_CONTROL_NAMES = {
+    "\n": "a newline",
+    "\r": "a carriage return",
+    "\t": "a tab",
+    "\x1b": "ESC, which starts terminal escape sequences",
+}
 
 
 def _control_character_message(dotted: str, value: str) -> str:
@@ -199,10 +208,16 @@ def _config_message(error: jsonschema.ValidationError, dotted: str) -> str | Non
     if error.validator == "type" and isinstance(value, (list, dict)):
         return f"{dotted} nests arrays and tables more than {config_max_depth()} deep below [config]: flatten it"
     if error.validator == "type" and isinstance(value, (datetime.date, datetime.time)):
-        kind = "date-time" if isinstance(value, datetime.datetime) else "date" if isinstance(value, datetime.date) else "time"
+        kind = (
+            "date-time"
+            if isinstance(value, datetime.datetime)
+            else "date"
+            if isinstance(value, datetime.date)
+            else "time"
+        )
         return (
             f"{dotted} is a TOML {kind}, which the job file (JSON) that carries [config] to train() cannot hold: "
-            f"write it as a string, e.g. \"{value.isoformat()}\""
+            f'write it as a string, e.g. "{value.isoformat()}"'
         )
     if error.validator in ("minimum", "maximum"):
         return f"{dotted} is outside the range of a TOML integer (64-bit signed): use a float or a string"
@@ -218,7 +233,10 @@ def _schema_message(error: jsonschema.ValidationError) -> tuple[tuple[str, ...],
         return path, message
     match error.validator:
         case "pattern" if path == ("entry", "module") and (".." in value or value.startswith("/")):
-            return path, f"entry.module {_shown(value)} escapes the submission folder: give a path inside it, e.g. \"train.py\""
+            return (
+                path,
+                f'entry.module {_shown(value)} escapes the submission folder: give a path inside it, e.g. "train.py"',
+            )
         case "pattern" if error.validator_value == _one_line_pattern():
             return path, _control_character_message(dotted, value)
         case "pattern":
@@ -237,7 +255,9 @@ def _schema_message(error: jsonschema.ValidationError) -> tuple[tuple[str, ...],
             return path, f"{dotted} is {len(value)} characters long; the limit is {error.validator_value}"
         case "minLength":
             return path, f"{dotted} must not be empty"
-    message = error.message if len(error.message) <= 2 * _SHOWN_MAX_CHARS else error.message[: 2 * _SHOWN_MAX_CHARS - 1] + "…"
+    message = (
+        error.message if len(error.message) <= 2 * _SHOWN_MAX_CHARS else error.message[: 2 * _SHOWN_MAX_CHARS - 1] + "…"
+    )
     return path, f"{dotted}: {message}"
 
 
@@ -259,16 +279,27 @@ def parse_manifest(folder: Path) -> tuple[Manifest | None, list[Finding]]:
     """Read and validate `folder/manifest.toml`; returns the manifest only when there are no findings."""
     path = folder / MANIFEST_NAME
     if path.is_symlink() or not path.is_file():
-        return None, [Finding(MANIFEST_NAME, f"no {MANIFEST_NAME} in {folder}: every submission needs one (see submissions/template/)")]
+        return None, [
+            Finding(
+                MANIFEST_NAME, f"no {MANIFEST_NAME} in {folder}: every submission needs one (see submissions/template/)"
+            )
+        ]
     size = path.stat().st_size
     if size > MANIFEST_MAX_BYTES:
-        return None, [Finding(MANIFEST_NAME, f"is {size} bytes; the limit is {MANIFEST_MAX_BYTES} (64 KiB): move data out of the manifest")]
+        return None, [
+            Finding(
+                MANIFEST_NAME,
+                f"is {size} bytes; the limit is {MANIFEST_MAX_BYTES} (64 KiB): move data out of the manifest",
+            )
+        ]
     raw_bytes = path.read_bytes()
     try:
         text = raw_bytes.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = raw_bytes[: exc.start].count(b"\n") + 1
-        return None, [Finding(MANIFEST_NAME, f"is not valid UTF-8 (byte 0x{raw_bytes[exc.start]:02x}): save it as UTF-8", line)]
+        return None, [
+            Finding(MANIFEST_NAME, f"is not valid UTF-8 (byte 0x{raw_bytes[exc.start]:02x}): save it as UTF-8", line)
+        ]
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -317,7 +348,12 @@ def _toml_syntax_finding(exc: tomllib.TOMLDecodeError) -> Finding:
         message = message[: position.start()].strip()
     elif position := re.search(r"\(at end of document\)", message):
         message = message[: position.start()].strip()
-    return Finding(MANIFEST_NAME, f"TOML syntax error: {message}: fix the syntax (see submissions/template/manifest.toml)", line, column)
+    return Finding(
+        MANIFEST_NAME,
+        f"TOML syntax error: {message}: fix the syntax (see submissions/template/manifest.toml)",
+        line,
+        column,
+    )
 
 
 _TOMLLIB_DIR = os.path.dirname(tomllib.__file__) + os.sep
@@ -377,8 +413,10 @@ def parse_override(text: str) -> dict[str, Any]:
         parsed = tomllib.loads(f"value = {value.strip()}")["value"]
     except tomllib.TOMLDecodeError:
         if not _BARE_WORD.match(value.strip()):
-            raise UserError(f"--set {text!r}: {value.strip()!r} is not a TOML value; quote a string: "
-                            f"--set {key}='\"{value.strip()}\"'") from None
+            raise UserError(
+                f"--set {text!r}: {value.strip()!r} is not a TOML value; quote a string: "
+                f"--set {key}='\"{value.strip()}\"'"
+            ) from None
         parsed = value.strip()
     nested: dict[str, Any] = {}
     *tables, leaf = key.split(".")

@@ -69,10 +69,7 @@ def read_loss_curve(metrics_path: Path) -> dict[str, Any]:
     points = sorted(
         (float(time_s), int(step), float(value))
         for time_s, step, key, value in zip(*columns)
-        if key == LOSS_METRIC
-        and None not in (time_s, step, value)
-        and math.isfinite(time_s)
-        and math.isfinite(value)
+        if key == LOSS_METRIC and None not in (time_s, step, value) and math.isfinite(time_s) and math.isfinite(value)
     )
     logged = len(points)
     if logged > LOSS_CURVE_MAX_POINTS:

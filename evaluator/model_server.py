@@ -109,7 +109,7 @@ def read_request(fd: int) -> tuple[int, bytes] | None:
 def _write_all(fd: int, data) -> None:
     view = memoryview(data).cast("B")
     while view:
-        view = view[os.write(fd, view):]
+        view = view[os.write(fd, view) :]
 
 
 def send_reply(fd: int, kind: int, code: int = 0, rows: int = 0, vocab: int = 0, payload=None) -> None:
@@ -132,8 +132,9 @@ def _as_logits(output, rows: int) -> torch.Tensor:
     return output.detach().to("cpu").contiguous()
 
 
-def _serve_batch(requests: int, replies: int, model_fd: int, rows: int, submission_dir: str, device: str,
-                 threads: int) -> None:
+def _serve_batch(
+    requests: int, replies: int, model_fd: int, rows: int, submission_dir: str, device: str, threads: int
+) -> None:
     from evaluator.api import decoder_for
 
     torch.set_num_threads(threads)
@@ -263,13 +264,19 @@ def _inherited_state(pipes: tuple[int, ...]) -> tuple:
     one changed, the next batch process would read it. (ioprio_set is refused by seccomp instead:
     the I/O priority a process reports changes by itself once it has done I/O.)"""
     shared = tuple(
-        (fcntl.fcntl(fd, fcntl.F_GETFL), fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ), fcntl.fcntl(fd, _F_GETOWN),
-         fcntl.fcntl(fd, _F_GETSIG))
+        (
+            fcntl.fcntl(fd, fcntl.F_GETFL),
+            fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ),
+            fcntl.fcntl(fd, _F_GETOWN),
+            fcntl.fcntl(fd, _F_GETSIG),
+        )
         for fd in pipes
         if stat.S_ISFIFO(os.fstat(fd).st_mode)
     )
     scheduling = (
-        tuple(sorted(os.sched_getaffinity(0))), os.getpriority(os.PRIO_PROCESS, 0), os.sched_getscheduler(0),
+        tuple(sorted(os.sched_getaffinity(0))),
+        os.getpriority(os.PRIO_PROCESS, 0),
+        os.sched_getscheduler(0),
         os.sched_getparam(0).sched_priority,
     )
     return tuple(resource.getrlimit(limit) for limit in _RLIMITS), scheduling, shared
@@ -469,8 +476,12 @@ def serve(submission_dir: str, model_cap: int, device: str, threads: int) -> int
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m evaluator.model_server", description=__doc__.split("\n")[0])
-    parser.add_argument("--submission", required=True, help="the submission folder, put on sys.path of each batch process")
-    parser.add_argument("--model-cap", type=int, required=True, help="the largest model (MODEL request) taken, in bytes")
+    parser.add_argument(
+        "--submission", required=True, help="the submission folder, put on sys.path of each batch process"
+    )
+    parser.add_argument(
+        "--model-cap", type=int, required=True, help="the largest model (MODEL request) taken, in bytes"
+    )
     parser.add_argument("--device", required=True, help="cpu or cuda:0")
     parser.add_argument("--threads", type=int, required=True, help="torch intra-op threads of each batch process")
     args = parser.parse_args(argv)

@@ -14,10 +14,11 @@ from __future__ import annotations
 import statistics
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -130,7 +131,9 @@ def _handle_for_minor(nvml, minor: int):
 
 def _clock_event_reasons(nvml, handle) -> int:
     # Renamed in driver 535 ("throttle" became "clocks event"); older bindings only have the old name.
-    read = getattr(nvml, "nvmlDeviceGetCurrentClocksEventReasons", None) or nvml.nvmlDeviceGetCurrentClocksThrottleReasons
+    read = (
+        getattr(nvml, "nvmlDeviceGetCurrentClocksEventReasons", None) or nvml.nvmlDeviceGetCurrentClocksThrottleReasons
+    )
     return int(read(handle))
 
 
@@ -190,13 +193,16 @@ class TelemetrySampler:
     def summary(self) -> dict[str, Any]:
         """What result.json keeps: min/median/max of each reading, and the seconds (sample intervals)
         in which the driver reported a slowdown, with the reasons it gave."""
-        summary: dict[str, Any] = {"samples": len(self.rows), "interval_s": self.interval_s,
-                                   "unavailable": self.unavailable}
+        summary: dict[str, Any] = {
+            "samples": len(self.rows),
+            "interval_s": self.interval_s,
+            "unavailable": self.unavailable,
+        }
         columns = list(zip(*self.rows)) if self.rows else [()] * 6
         for name, values in zip(("sm_clock_mhz", "memory_clock_mhz", "temperature_c", "power_w"), columns[1:5]):
-            summary[name] = None if not values else {
-                "min": min(values), "median": statistics.median(values), "max": max(values)
-            }
+            summary[name] = (
+                None if not values else {"min": min(values), "median": statistics.median(values), "max": max(values)}
+            )
         slowed = [reasons for reasons in columns[5] if reasons & sum(_SLOWDOWN_REASONS.values())]
         summary["throttled_s"] = round(len(slowed) * self.interval_s, 3)
         summary["throttle_reasons"] = sorted(

@@ -144,36 +144,49 @@ class RunPlan:
         """The board the jails are given, /dev/nvidia<minor>."""
         return None if self.gpu is None else self.gpu.board.minor
 
-    def unofficial_reasons(self, sandbox: dict[str, Any], gpu: dict[str, Any] | None,
-                           received: dict[str, Any] | None) -> list[str]:
+    def unofficial_reasons(
+        self, sandbox: dict[str, Any], gpu: dict[str, Any] | None, received: dict[str, Any] | None
+    ) -> list[str]:
         """Why this run cannot be official, from what was decided here, where it ran (the result's
         environment.sandbox and environment.gpu) and what its jail received (train.received); [] for
         an official run."""
         track, budget_s = self.track, self.budget_s
         reasons = []
         if self.hidden_path is None:
-            reasons.append(f"development result: scored on the public split, which anyone can memorise ({self.hidden_absent})")
+            reasons.append(
+                f"development result: scored on the public split, which anyone can memorise ({self.hidden_absent})"
+            )
         if self.overrides:
-            reasons.append("config overridden on the command line (--set): the submission's files do not describe what ran")
+            reasons.append(
+                "config overridden on the command line (--set): the submission's files do not describe what ran"
+            )
         if self.smoke:  # its budget is part of what a smoke run is
             reasons.append(f"smoke run (--smoke): {budget_s:g} s of training, {SMOKE_DOCUMENTS} validation documents")
         elif self.calibration is not None:
-            reasons.append(f"budget calibrated: x{self.calibration.factor:g} ({budget_s:.1f} s instead of the track's "
-                           f"{track.budget_s:g} s; the track's figure is {self.calibration.track_provenance.split(' ', 1)[0]})")
+            reasons.append(
+                f"budget calibrated: x{self.calibration.factor:g} ({budget_s:.1f} s instead of the track's "
+                f"{track.budget_s:g} s; the track's figure is {self.calibration.track_provenance.split(' ', 1)[0]})"
+            )
         elif budget_s != track.budget_s:
             reasons.append(f"budget overridden: {budget_s:g} s instead of the track's {track.budget_s:g} s")
         if sandbox["kind"] != "nsjail":
             nsjail_missing = [what for what in sandbox["unavailable"] if what.startswith("nsjail: ")]
-            reasons.append(f"not sandboxed ({nsjail_missing[0]})" if nsjail_missing else "not sandboxed (--sandbox none)")
+            reasons.append(
+                f"not sandboxed ({nsjail_missing[0]})" if nsjail_missing else "not sandboxed (--sandbox none)"
+            )
         if self.debug_scoring:
             reasons.append("the model server's output was kept (--debug-scoring)")
         reasons += busy_host_reasons(track, received)
         wanted = track.device.gpu_name_contains
         if wanted and (gpu is None or wanted not in gpu["name"]):
-            reasons.append(f"GPU is {gpu['name'] if gpu else 'absent'}; the track requires one whose name contains {wanted!r}")
+            reasons.append(
+                f"GPU is {gpu['name'] if gpu else 'absent'}; the track requires one whose name contains {wanted!r}"
+            )
         if self.gpu is not None and self.gpu.busy_pids:
             pids = ", ".join(map(str, self.gpu.busy_pids))
-            reasons.append(f"GPU {self.gpu.board.pci_bus_id} had work of other processes when the run started (pids {pids})")
+            reasons.append(
+                f"GPU {self.gpu.board.pci_bus_id} had work of other processes when the run started (pids {pids})"
+            )
         return reasons
 
 
@@ -186,8 +199,10 @@ def busy_host_reasons(track: Track, received: dict[str, Any] | None) -> list[str
     if received is None:
         return ["the CPU time the training jail received was not measured (it had no cgroup)"]
     if received["share"] < minimum:
-        return [f"the host was busy: the training jail got {received['share']:.0%} of the CPU time its threads asked "
-                f"for (the track asks for at least {minimum:.0%})"]
+        return [
+            f"the host was busy: the training jail got {received['share']:.0%} of the CPU time its threads asked "
+            f"for (the track asks for at least {minimum:.0%})"
+        ]
     return []
 
 
@@ -219,12 +234,16 @@ def make_plan(request: RunRequest, console: Console, held: ExitStack) -> RunPlan
     if not report.ok:
         for finding in report.findings:
             console.print(f"{folder}/{finding}", markup=False, highlight=False)
-        raise UserError(f"{folder}: the submission is invalid ({len(report.findings)} problem(s)); fix them and run again")
+        raise UserError(
+            f"{folder}: the submission is invalid ({len(report.findings)} problem(s)); fix them and run again"
+        )
     manifest = report.manifest
     track = load_track(request.track_id or manifest.track)
     device = _check_device(track)
     if request.calibrated_budget and budget_s is not None:
-        raise UserError("a calibrated budget is the track's scaled by this host's speed: give a budget or ask for a calibrated one, not both")
+        raise UserError(
+            "a calibrated budget is the track's scaled by this host's speed: give a budget or ask for a calibrated one, not both"
+        )
     if request.calibrated_budget and request.smoke:
         raise UserError("a smoke run has a budget of its own: drop --smoke or --budget calibrated")
     if request.smoke and budget_s is None:
@@ -266,21 +285,47 @@ def make_plan(request: RunRequest, console: Console, held: ExitStack) -> RunPlan
         console.print(f"calibrating: timing {WORKLOAD} here against track {track.id}'s figure ...")
         calibration = calibrate(track, cuda_index=0 if placement is None else placement.cuda_index)
         budget_s = track.budget_s * calibration.factor
-        console.print(f"calibrated: x{calibration.factor:g} (here {calibration.host_seconds:.3f} s, track "
-                      f"{calibration.track_seconds:g} s, {calibration.track_provenance.split(',', 1)[0]}): budget "
-                      f"{budget_s:.1f} s, unofficial", markup=False, highlight=False)
+        console.print(
+            f"calibrated: x{calibration.factor:g} (here {calibration.host_seconds:.3f} s, track "
+            f"{calibration.track_seconds:g} s, {calibration.track_provenance.split(',', 1)[0]}): budget "
+            f"{budget_s:.1f} s, unofficial",
+            markup=False,
+            highlight=False,
+        )
     run_dir = (Path(request.runs_dir) / run_id).resolve()
     if hidden_path is not None and run_dir.is_relative_to(hidden_path.parent):
         # The jails see the run directory, and the hidden split's folder is hidden from every jail.
-        raise UserError(f"the run directory {shown(run_dir)} lies inside {PRIVATE_DATA_ENV}; give --out a folder "
-                        "outside it: no jail may see the hidden split's folder")
+        raise UserError(
+            f"the run directory {shown(run_dir)} lies inside {PRIVATE_DATA_ENV}; give --out a folder "
+            "outside it: no jail may see the hidden split's folder"
+        )
     plan = RunPlan(
-        folder=folder, manifest=manifest, track=track, device=device, seed=seed, seed_drawn=request.secret_seed,
-        budget_s=budget_s, calibration=calibration, overrides=request.overrides, smoke=request.smoke, gpu=placement,
-        train_path=train_path, val_path=val_path, hidden_path=hidden_path, hidden_absent=hidden_absent,
-        hidden_bound=None if hidden_path is None else read_bound(hidden_path), vocab_size=vocab_size, eos_id=eos_id,
-        run_id=run_id, run_dir=run_dir, staged=run_dir / "submission", jail_input=run_dir / "jail-input", jail_out=run_dir / "jail-out",
-        scratch=run_dir / "scratch", job_path=run_dir / "job.json", debug_scoring=request.debug_scoring,
+        folder=folder,
+        manifest=manifest,
+        track=track,
+        device=device,
+        seed=seed,
+        seed_drawn=request.secret_seed,
+        budget_s=budget_s,
+        calibration=calibration,
+        overrides=request.overrides,
+        smoke=request.smoke,
+        gpu=placement,
+        train_path=train_path,
+        val_path=val_path,
+        hidden_path=hidden_path,
+        hidden_absent=hidden_absent,
+        hidden_bound=None if hidden_path is None else read_bound(hidden_path),
+        vocab_size=vocab_size,
+        eos_id=eos_id,
+        run_id=run_id,
+        run_dir=run_dir,
+        staged=run_dir / "submission",
+        jail_input=run_dir / "jail-input",
+        jail_out=run_dir / "jail-out",
+        scratch=run_dir / "scratch",
+        job_path=run_dir / "job.json",
+        debug_scoring=request.debug_scoring,
         comparison=request.comparison,
     )
     try:
@@ -288,8 +333,10 @@ def make_plan(request: RunRequest, console: Console, held: ExitStack) -> RunPlan
             directory.mkdir(parents=True)
     except OSError as error:
         shutil.rmtree(run_dir, ignore_errors=True)
-        raise UserError(f"cannot make the run directory {shown(run_dir)}: {error.strerror}; run from a folder "
-                        "you can write (runs go to ./results/runs/) or give --out DIR") from error
+        raise UserError(
+            f"cannot make the run directory {shown(run_dir)}: {error.strerror}; run from a folder "
+            "you can write (runs go to ./results/runs/) or give --out DIR"
+        ) from error
     return plan
 
 
@@ -335,4 +382,3 @@ def _stage_jail_input(plan: RunPlan) -> Path:
     if sha256_file(train_copy) != plan.track.dataset.train.sha256:
         raise DataError(f"{plan.train_path} changed while it was copied for the run; run again")
     return train_copy
-

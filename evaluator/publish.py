@@ -93,8 +93,7 @@ def track_drift(result: dict[str, Any]) -> str | None:
     if current == track["sha256"]:
         return None
     return (
-        f"track file {shown(path)} changed since the run "
-        f"(now {current[:12]}..., the run had {track['sha256'][:12]}...)"
+        f"track file {shown(path)} changed since the run (now {current[:12]}..., the run had {track['sha256'][:12]}...)"
     )
 
 
@@ -380,7 +379,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     publish_parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory, e.g. results/runs/<run-id>")
     publish_parser.add_argument("--key", required=True, metavar="PRIVATE_KEY", help="Ed25519 private key (from keygen)")
     publish_parser.add_argument(
-        "--results", default=str(RESULTS_DIR), metavar="DIR", help="where envelopes go (default: results/ in the current folder)"
+        "--results",
+        default=str(RESULTS_DIR),
+        metavar="DIR",
+        help="where envelopes go (default: results/ in the current folder)",
     )
     publish_parser.add_argument(
         "--unofficial", action="store_true", help="allow an unofficial run; the statement marks it unofficial"

@@ -30,17 +30,33 @@ if TYPE_CHECKING:
     from evaluator.training import TrainingOutcome
 
 RESULT_FILE = "result.json"
-STATUSES = ("ok", "invalid_submission", "crashed", "over_budget", "out_of_memory", "killed", "invalid_model",
-            "sandbox_error", "not_reached", "evaluator_error")
+STATUSES = (
+    "ok",
+    "invalid_submission",
+    "crashed",
+    "over_budget",
+    "out_of_memory",
+    "killed",
+    "invalid_model",
+    "sandbox_error",
+    "not_reached",
+    "evaluator_error",
+)
 # Exit codes of `evaluator run` (DESIGN.md): 0 ok, 1 the submission's fault (not_reached included: it
 # trained and was scored, and no model reached a time-to-target track's target), 2 bad input, 3 the
 # sandbox failed, 4 the evaluator itself failed (a bug: the result says so, the traceback is logged).
-EXIT_CODES = {status: 1 for status in STATUSES} | {"ok": 0, "invalid_submission": 2, "sandbox_error": 3,
-                                                   "evaluator_error": 4}
+EXIT_CODES = {status: 1 for status in STATUSES} | {
+    "ok": 0,
+    "invalid_submission": 2,
+    "sandbox_error": 3,
+    "evaluator_error": 4,
+}
 # The message of every evaluator_error: the same sentence whatever failed, since what failed may
 # have been handed something a submission chose.
-EVALUATOR_ERROR_MESSAGE = ("the evaluator itself failed during the run (a bug, not the submission's fault); "
-                           "its traceback is in the run directory's evaluator-error.log")
+EVALUATOR_ERROR_MESSAGE = (
+    "the evaluator itself failed during the run (a bug, not the submission's fault); "
+    "its traceback is in the run directory's evaluator-error.log"
+)
 EVALUATOR_ERROR_LOG = "evaluator-error.log"
 # The runs whose models were scored: their result carries metrics and a val_curve.
 SCORED_STATUSES = ("ok", "not_reached")
@@ -100,8 +116,11 @@ def _strict_json_problem(result: dict[str, Any]) -> str | None:
     try:
         json.dumps(result, allow_nan=False, ensure_ascii=False).encode("utf-8")
     except ValueError as error:  # UnicodeEncodeError is a ValueError too
-        kind = ("a string that is not valid UTF-8 (a lone surrogate)" if isinstance(error, UnicodeError)
-                else "a number that is not finite (NaN or infinity)")
+        kind = (
+            "a string that is not valid UTF-8 (a lone surrogate)"
+            if isinstance(error, UnicodeError)
+            else "a number that is not finite (NaN or infinity)"
+        )
         return f"the result holds {kind}: strict JSON cannot carry it"
     return None
 
@@ -143,8 +162,14 @@ def _consistency_problem(result: dict[str, Any]) -> str | None:
             return f"status is ok on a time-to-target track but target.reached is {json.dumps(target['reached'])}, not true"
         if target["time_s"] is None:
             return "status is ok on a time-to-target track but target.time_s is null: the time is its score"
-        first = next((point for point in result["val_curve"] if point["scored"] == "ok"
-                      and point["val_loss"] <= target["val_loss"]), None)
+        first = next(
+            (
+                point
+                for point in result["val_curve"]
+                if point["scored"] == "ok" and point["val_loss"] <= target["val_loss"]
+            ),
+            None,
+        )
         if first is None or first["time_s"] != target["time_s"]:
             return "target.time_s is not the time of the val_curve's first model at or below the target"
     return _official_problem(result) or _curve_problem(result)
@@ -162,8 +187,13 @@ def _metrics(score: Any) -> dict[str, Any] | None:
     """A ScoreReport as the result shows it."""
     if score is None:
         return None
-    return {"val_loss": score.val_loss, "val_bpb": score.val_bpb, "val_tokens": score.val_tokens,
-            "val_bytes": score.val_bytes, "val_documents": score.val_documents}
+    return {
+        "val_loss": score.val_loss,
+        "val_bpb": score.val_bpb,
+        "val_tokens": score.val_tokens,
+        "val_bytes": score.val_bytes,
+        "val_documents": score.val_documents,
+    }
 
 
 def contamination(hidden_loss: float, public_loss: float, max_gap_nats: float) -> dict[str, Any]:
@@ -190,8 +220,9 @@ def _official_problem(result: dict[str, Any]) -> str | None:
         "it is a smoke run": result["smoke"],
         "its budget was calibrated": result["calibration"] is not None,
         "it was scored on the public split": result["data"]["scored_on"] != "hidden",
-        "its training jail received less than the track's share of its CPUs": _busy(result["train"]["received"],
-                                                                                   result["track"]["device"]),
+        "its training jail received less than the track's share of its CPUs": _busy(
+            result["train"]["received"], result["track"]["device"]
+        ),
     }
     contradiction = next((fact for fact, holds in facts.items() if holds), None)
     return None if contradiction is None else f"official is true but {contradiction}"
@@ -218,7 +249,11 @@ def _curve_problem(result: dict[str, Any]) -> str | None:
         point = next((p for p in curve if p["model"] == "final"), None)
     same_split = result["data"]["curve_scored_on"] == result["data"]["scored_on"]
     scores = metrics if same_split else result["dev_metrics"]
-    if point is None or scores is None or (point["val_loss"], point["val_bpb"]) != (scores["val_loss"], scores["val_bpb"]):
+    if (
+        point is None
+        or scores is None
+        or (point["val_loss"], point["val_bpb"]) != (scores["val_loss"], scores["val_bpb"])
+    ):
         which = "metrics" if same_split else "dev_metrics"
         return f"{which} are not the deciding model's point of val_curve"
     return None
@@ -239,11 +274,15 @@ def _split_problem(result: dict[str, Any], data: dict[str, Any]) -> str | None:
     scored = result["metrics"] is not None
     for field in ("dev_metrics", "contamination"):
         if (result[field] is not None) != (hidden and scored):
-            return (f"{field} must be set exactly when the hidden split was scored "
-                    f"(scored_on {data['scored_on']}, metrics {'set' if scored else 'null'})")
+            return (
+                f"{field} must be set exactly when the hidden split was scored "
+                f"(scored_on {data['scored_on']}, metrics {'set' if scored else 'null'})"
+            )
     check = result["contamination"]
     if check is not None:
-        expected = contamination(result["metrics"]["val_loss"], result["dev_metrics"]["val_loss"], check["max_gap_nats"])
+        expected = contamination(
+            result["metrics"]["val_loss"], result["dev_metrics"]["val_loss"], check["max_gap_nats"]
+        )
         if check != expected:
             return "contamination does not follow from metrics, dev_metrics and max_gap_nats"
     return None
@@ -291,9 +330,16 @@ def _gpu_info(gpu: Placement | None) -> dict[str, Any] | None:
     import torch
 
     board = gpu.board
-    return {"name": board.name, "driver": gpu.driver, "cuda": torch.version.cuda or "unknown",
-            "memory_gib": round(board.memory_mib / 1024, 2), "index": gpu.cuda_index, "minor": board.minor,
-            "pci_bus_id": board.pci_bus_id, "uuid": board.uuid}
+    return {
+        "name": board.name,
+        "driver": gpu.driver,
+        "cuda": torch.version.cuda or "unknown",
+        "memory_gib": round(board.memory_mib / 1024, 2),
+        "index": gpu.cuda_index,
+        "minor": board.minor,
+        "pci_bus_id": board.pci_bus_id,
+        "uuid": board.uuid,
+    }
 
 
 def environment(
@@ -314,9 +360,16 @@ def environment(
     }
 
 
-def build_result(plan: RunPlan, outcome: TrainingOutcome, scored: ScoredRun | None, scoring_seconds: int | None,
-                 env: dict[str, Any], started: str, staged: bool = True,
-                 scorings: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def build_result(
+    plan: RunPlan,
+    outcome: TrainingOutcome,
+    scored: ScoredRun | None,
+    scoring_seconds: int | None,
+    env: dict[str, Any],
+    started: str,
+    staged: bool = True,
+    scorings: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     """The result of a run, from what its plan decided, what training and scoring found, and the
     environment (`environment()`); `started` is when the sandbox was opened (utc_now()). `staged`
     false: the evaluator failed before the submission was staged, so its folder is what is hashed.
@@ -343,8 +396,13 @@ def build_result(plan: RunPlan, outcome: TrainingOutcome, scored: ScoredRun | No
             "manifest_sha256": sha256_file((plan.staged if staged else plan.folder) / MANIFEST_NAME),
             "tree_sha256": tree_sha256(plan.staged if staged else plan.folder),
         },
-        "track": {"id": track.id, "sha256": track.sha256, "budget_s": track.budget_s, "device": track.device.kind,
-                  "snapshot_every_s": track.snapshot_every_s},
+        "track": {
+            "id": track.id,
+            "sha256": track.sha256,
+            "budget_s": track.budget_s,
+            "device": track.device.kind,
+            "snapshot_every_s": track.snapshot_every_s,
+        },
         "budget_s": plan.budget_s,
         "data": {
             "dataset_id": track.dataset.id,
@@ -364,9 +422,12 @@ def build_result(plan: RunPlan, outcome: TrainingOutcome, scored: ScoredRun | No
         "smoke": plan.smoke,
         "metrics": _metrics(score),
         "dev_metrics": _metrics(dev_score),
-        "contamination": None if score is None or dev_score is None else contamination(
-            score.val_loss, dev_score.val_loss, track.contamination.max_gap_nats),
-        "scoring": None if score is None else {
+        "contamination": None
+        if score is None or dev_score is None
+        else contamination(score.val_loss, dev_score.val_loss, track.contamination.max_gap_nats),
+        "scoring": None
+        if score is None
+        else {
             "protocol": "streamed",
             "passes": score.passes,
             "consistency_nats": track.eval.consistency_nats,
@@ -380,7 +441,9 @@ def build_result(plan: RunPlan, outcome: TrainingOutcome, scored: ScoredRun | No
             "received": outcome.received,
         },
         "val_curve": None if scored is None else scored.curve,
-        "target": None if track.target is None else {
+        "target": None
+        if track.target is None
+        else {
             "val_loss": track.target.val_loss,
             "provisional": track.target.provisional,
             "reached": None if scored is None else scored.reached_at_s is not None,

@@ -12,14 +12,15 @@ import json
 import shutil
 import signal
 import statistics
-import threading
 import textwrap
+import threading
 import time
 import traceback
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from rich.console import Console
 
@@ -92,16 +93,28 @@ def evaluate(
     with _sigterm_unwinds(), ExitStack() as held:
         console = console or Console(stderr=True)
         began = time.monotonic()
-        request = RunRequest(folder=Path(folder), track_id=track_id, seed=seed, secret_seed=secret_seed,
-                             budget_s=budget_s, calibrated_budget=calibrated_budget, gpu=gpu, runs_dir=runs_dir,
-                             debug_scoring=debug_scoring, overrides=dict(overrides or {}), smoke=smoke,
-                             sandbox_choice=sandbox_choice, comparison=comparison)
+        request = RunRequest(
+            folder=Path(folder),
+            track_id=track_id,
+            seed=seed,
+            secret_seed=secret_seed,
+            budget_s=budget_s,
+            calibrated_budget=calibrated_budget,
+            gpu=gpu,
+            runs_dir=runs_dir,
+            debug_scoring=debug_scoring,
+            overrides=dict(overrides or {}),
+            smoke=smoke,
+            sandbox_choice=sandbox_choice,
+            comparison=comparison,
+        )
         plan = make_plan(request, console, held)
         run = _Run(plan, started=utc_now())
         try:
             _train_and_score(run, sandbox_choice, console, began)
-            result = build_result(plan, run.outcome, run.scored, run.scoring_seconds, run.env, run.started,
-                                  scorings=run.scorings)
+            result = build_result(
+                plan, run.outcome, run.scored, run.scoring_seconds, run.env, run.started, scorings=run.scorings
+            )
             atomic_write_text(plan.run_dir / "timings.json", json.dumps(run.timings, indent=2) + "\n")
             write_result(plan.run_dir, result)
         except Exception:  # the evaluator's own failure: the run still ends in a result, with its seed
@@ -150,7 +163,9 @@ def _sandboxed_run(run: _Run, sandbox_choice: str, console: Console, began: floa
     run.env = environment(sandbox.kind, sandbox.version, plan.gpu, sandbox.unavailable)
     label = "nsjail" if sandbox.kind == "nsjail" else "NONE — unsandboxed, unofficial"
     seed_label = f"{plan.seed} (drawn)" if plan.seed_drawn else str(plan.seed)
-    console.print(f"[bold]{plan.manifest.name}[/] on [bold]{plan.track.id}[/], seed {seed_label}, budget {plan.budget_s:g} s, sandbox: {label}")
+    console.print(
+        f"[bold]{plan.manifest.name}[/] on [bold]{plan.track.id}[/], seed {seed_label}, budget {plan.budget_s:g} s, sandbox: {label}"
+    )
     console.print(f"sandbox: {sandbox.reason}", markup=False, highlight=False)
     for missing in sandbox.unavailable:
         console.print(f"sandbox: could not use {missing}", markup=False, highlight=False)
@@ -172,8 +187,10 @@ def _sandboxed_run(run: _Run, sandbox_choice: str, console: Console, began: floa
             target = plan.track.target
             if target is not None and run.scored.reached_at_s is None:
                 outcome.status = "not_reached"
-                outcome.message = (f"no model reached the target val_loss {target.val_loss:g}; the final "
-                                   f"model's is {run.scored.score.val_loss:.4f}")
+                outcome.message = (
+                    f"no model reached the target val_loss {target.val_loss:g}; the final "
+                    f"model's is {run.scored.score.val_loss:.4f}"
+                )
         # Whole seconds: how long scoring takes is the model's to choose.
         run.scoring_seconds = timings["scoring_s"] = round(time.monotonic() - scoring_started)
 
@@ -196,9 +213,14 @@ def _evaluator_error(run: _Run, console: Console) -> dict[str, Any]:
     log = plan.run_dir / EVALUATOR_ERROR_LOG
     atomic_write_text(log, traceback.format_exc())
     measured = run.outcome or TrainingOutcome(status="evaluator_error")
-    outcome = TrainingOutcome(status="evaluator_error", message=EVALUATOR_ERROR_MESSAGE,
-                              train_seconds=measured.train_seconds, metrics_rows=measured.metrics_rows,
-                              gpu_telemetry=measured.gpu_telemetry, received=measured.received)
+    outcome = TrainingOutcome(
+        status="evaluator_error",
+        message=EVALUATOR_ERROR_MESSAGE,
+        train_seconds=measured.train_seconds,
+        metrics_rows=measured.metrics_rows,
+        gpu_telemetry=measured.gpu_telemetry,
+        received=measured.received,
+    )
     env = run.env or _environment_or_less(plan)
     result = build_result(plan, outcome, None, None, env, run.started, staged=run.staged, scorings=run.scorings)
     write_result(plan.run_dir, result)
@@ -237,8 +259,11 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
 
 
 def _wrapped(text: str, first: str = "", rest: str = "  ") -> list[str]:
-    return textwrap.wrap(text, SUMMARY_WIDTH, initial_indent=first, subsequent_indent=rest,
-                         break_on_hyphens=False) if text else []
+    return (
+        textwrap.wrap(text, SUMMARY_WIDTH, initial_indent=first, subsequent_indent=rest, break_on_hyphens=False)
+        if text
+        else []
+    )
 
 
 def _base_seed(args: argparse.Namespace) -> int | None:
@@ -298,7 +323,9 @@ def _run(args: argparse.Namespace) -> int:
         losses = [r["metrics"]["val_loss"] for r in results if r["metrics"]]
         if losses:
             spread = statistics.stdev(losses) if len(losses) > 1 else 0.0
-            console.print(f"val_loss over {len(losses)} of {len(results)} seeds: {statistics.mean(losses):.4f} ± {spread:.4f} (std)")
+            console.print(
+                f"val_loss over {len(losses)} of {len(results)} seeds: {statistics.mean(losses):.4f} ± {spread:.4f} (std)"
+            )
         times = [r["target"]["time_s"] for r in results if r["target"] and r["target"]["reached"]]
         if results[0]["target"]:
             spread = f" ± {statistics.stdev(times):.1f} (std)" if len(times) > 1 else ""
@@ -351,34 +378,75 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("folder", metavar="DIR", help="the submission folder")
     run.add_argument("--track", metavar="ID", help="track id (default: the manifest's track)")
     run.add_argument("--seed", type=int, metavar="N", help="seed handed to the submission (default: the track's)")
-    run.add_argument("--seeds", type=int, default=1, metavar="N", help="run N seeds in sequence (seed, seed+1, ...) and print mean ± std")
-    run.add_argument("--secret-seeds", action="store_true",
-                     help="draw each seed from os.urandom instead of the track's public ones; the result records "
-                          "it as drawn, and only drawn seeds count for a record on tracks whose record rule says so")
-    run.add_argument("--drawn-seed", type=_drawn_seed, metavar="N",
-                     help="run seed N, drawn from os.urandom by the caller, and record it as drawn: evaluator batch "
-                          "draws each run's seed once, so that a run retried after an evaluator or sandbox failure "
-                          "keeps its seed instead of getting a new draw")
-    run.add_argument("--gpu", type=int, metavar="N",
-                     help="on a GPU track, the GPU to use, as CUDA numbers them here (after CUDA_VISIBLE_DEVICES); "
-                          "default: the first that no other run of this evaluator holds")
-    run.add_argument("--budget", type=_budget, metavar="S|calibrated",
-                     help="training budget in seconds, or 'calibrated': the track's scaled by this host's speed "
-                          "against the track's hardware (evaluator calibrate); any value other than the track's "
-                          "makes the run unofficial")
-    run.add_argument("--sandbox", choices=["auto", "nsjail", "none"], default="auto",
-                     help="auto: nsjail when it works here, else none (says which); nsjail: never falls back; none: plain subprocess, unofficial")
-    run.add_argument("--out", metavar="DIR", help=f"where run directories go (default: {shown(RUNS_DIR)}/ in the current folder)")
-    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a [config] value for this run (repeatable): a TOML value or a bare word, a dotted "
-                          "key reaches into a table, e.g. --set d_model=512 --set optimizer.lr=3e-4; recorded in "
-                          "result.json, and the run is unofficial")
-    run.add_argument("--smoke", action="store_true",
-                     help=f"a quick check of the contract: {SMOKE_BUDGET_S:g} s of training (unless --budget) and "
-                          f"{SMOKE_DOCUMENTS} validation documents; unofficial, never publishable")
-    run.add_argument("--debug-scoring", action="store_true",
-                     help="keep what the model server prints (its stderr) as scoring-pass-N.log in the run directory, "
-                          "to debug a model that fails scoring; makes the run unofficial; refused for a hidden split")
-    run.add_argument("--json", action="store_true", help="print the result, as in result.json (a list with --seeds), on stdout and nothing else there")
+    run.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run N seeds in sequence (seed, seed+1, ...) and print mean ± std",
+    )
+    run.add_argument(
+        "--secret-seeds",
+        action="store_true",
+        help="draw each seed from os.urandom instead of the track's public ones; the result records "
+        "it as drawn, and only drawn seeds count for a record on tracks whose record rule says so",
+    )
+    run.add_argument(
+        "--drawn-seed",
+        type=_drawn_seed,
+        metavar="N",
+        help="run seed N, drawn from os.urandom by the caller, and record it as drawn: evaluator batch "
+        "draws each run's seed once, so that a run retried after an evaluator or sandbox failure "
+        "keeps its seed instead of getting a new draw",
+    )
+    run.add_argument(
+        "--gpu",
+        type=int,
+        metavar="N",
+        help="on a GPU track, the GPU to use, as CUDA numbers them here (after CUDA_VISIBLE_DEVICES); "
+        "default: the first that no other run of this evaluator holds",
+    )
+    run.add_argument(
+        "--budget",
+        type=_budget,
+        metavar="S|calibrated",
+        help="training budget in seconds, or 'calibrated': the track's scaled by this host's speed "
+        "against the track's hardware (evaluator calibrate); any value other than the track's "
+        "makes the run unofficial",
+    )
+    run.add_argument(
+        "--sandbox",
+        choices=["auto", "nsjail", "none"],
+        default="auto",
+        help="auto: nsjail when it works here, else none (says which); nsjail: never falls back; none: plain subprocess, unofficial",
+    )
+    run.add_argument(
+        "--out", metavar="DIR", help=f"where run directories go (default: {shown(RUNS_DIR)}/ in the current folder)"
+    )
+    run.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a [config] value for this run (repeatable): a TOML value or a bare word, a dotted "
+        "key reaches into a table, e.g. --set d_model=512 --set optimizer.lr=3e-4; recorded in "
+        "result.json, and the run is unofficial",
+    )
+    run.add_argument(
+        "--smoke",
+        action="store_true",
+        help=f"a quick check of the contract: {SMOKE_BUDGET_S:g} s of training (unless --budget) and "
+        f"{SMOKE_DOCUMENTS} validation documents; unofficial, never publishable",
+    )
+    run.add_argument(
+        "--debug-scoring",
+        action="store_true",
+        help="keep what the model server prints (its stderr) as scoring-pass-N.log in the run directory, "
+        "to debug a model that fails scoring; makes the run unofficial; refused for a hidden split",
+    )
+    run.add_argument(
+        "--json",
+        action="store_true",
+        help="print the result, as in result.json (a list with --seeds), on stdout and nothing else there",
+    )
     run.set_defaults(handler=_run)
-

@@ -60,10 +60,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -71,8 +71,25 @@ from evaluator import in_jail
 from evaluator.dataset.loader import Document
 from evaluator.errors import InvalidModel
 from evaluator.model_server import (
-    CLOSE, CLOSED, ENDED, ERROR, KEEP, LOAD_ERROR, LOGIT_DTYPES, LOGITS, MODEL, OPEN, OUTPUT_ERROR,
-    PIDS_PER_BATCH, PROCESSES_ERROR, READY, REPLY_HEADER, REQUEST_HEADER, STARTED, STEP, TAMPERED_ERROR,
+    CLOSE,
+    CLOSED,
+    ENDED,
+    ERROR,
+    KEEP,
+    LOAD_ERROR,
+    LOGIT_DTYPES,
+    LOGITS,
+    MODEL,
+    OPEN,
+    OUTPUT_ERROR,
+    PIDS_PER_BATCH,
+    PROCESSES_ERROR,
+    READY,
+    REPLY_HEADER,
+    REQUEST_HEADER,
+    STARTED,
+    STEP,
+    TAMPERED_ERROR,
 )
 from evaluator.nvml import Board
 from evaluator.sandbox import JailSpec, SandboxUnavailable
@@ -125,11 +142,15 @@ class Refusal:
     # Appended to a timeout: what the deadline counted, and how much was used.
     OF_CPU_TIME = " of CPU time per thread (it used {used:.0f} s)"
     OF_WALL_TIME = " (it used {used:.0f} s)"
-    BACKSTOP = (" of wall time x {factor}, not counting the host's (the backstop of a CPU-time deadline: it "
-                "used {used:.0f} s of CPU time per thread)")
+    BACKSTOP = (
+        " of wall time x {factor}, not counting the host's (the backstop of a CPU-time deadline: it "
+        "used {used:.0f} s of CPU time per thread)"
+    )
     # Not the model's failure (SandboxUnavailable): the host gave the scoring jails too little CPU.
-    BUSY_HOST = (" of wall time x {factor}, most of it waiting for a CPU the host was busy with (it used "
-                 "{used:.0f} s of CPU time per thread): the host is too busy to score on")
+    BUSY_HOST = (
+        " of wall time x {factor}, most of it waiting for a CPU the host was busy with (it used "
+        "{used:.0f} s of CPU time per thread): the host is too busy to score on"
+    )
     INCONSISTENT = (
         "the model's scores depend on which other documents it is scored with: two independent "
         "scoring passes disagree by more than the track's tolerance of {tolerance:g} nats"
@@ -255,7 +276,9 @@ class _Deadlines:
         self._total = self._limit(limits.total_s, Refusal.TOTAL_TIMEOUT.format(seconds=limits.total_s), None)
 
     def _limit(self, seconds: float, sentence: str, jailed) -> _Limit:
-        charged, excused = (self.clock.charged(jailed), self.clock.not_the_models(jailed)) if self.clock.cpu else (None, 0.0)
+        charged, excused = (
+            (self.clock.charged(jailed), self.clock.not_the_models(jailed)) if self.clock.cpu else (None, 0.0)
+        )
         return _Limit(seconds, time.monotonic(), charged, excused, sentence, jailed)
 
     @staticmethod
@@ -338,7 +361,7 @@ class _Stream:
             if not writable:
                 continue
             try:
-                view = view[os.write(self._requests, view):]
+                view = view[os.write(self._requests, view) :]
             except BlockingIOError:
                 continue
             except BrokenPipeError:
@@ -401,7 +424,9 @@ class _Stream:
     def _unexpected(self, kind: int, code: int) -> Exception:
         if kind == ERROR:
             sentence = {
-                LOAD_ERROR: Refusal.LOAD_FAILED, OUTPUT_ERROR: Refusal.BAD_OUTPUT, PROCESSES_ERROR: Refusal.PROCESSES,
+                LOAD_ERROR: Refusal.LOAD_FAILED,
+                OUTPUT_ERROR: Refusal.BAD_OUTPUT,
+                PROCESSES_ERROR: Refusal.PROCESSES,
                 TAMPERED_ERROR: Refusal.TAMPERED,
             }.get(code, Refusal.STEP_FAILED)
             return InvalidModel(sentence)
@@ -474,8 +499,7 @@ def compose(windows: list[_Window], batch_size: int, rng: random.Random) -> list
 SIDE_BY_SIDE_ATTEMPTS = 8
 
 
-def compose_side_by_side(first: list[list[_Window]], batch_size: int,
-                         rng: random.Random) -> list[list[_Window]] | None:
+def compose_side_by_side(first: list[list[_Window]], batch_size: int, rng: random.Random) -> list[list[_Window]] | None:
     """A second secret composition whose j-th batch holds no window of a document that `first`'s
     j-th batch holds, so that the two can be scored at the same time: no two batch processes that
     run side by side ever hold one document, and none can pass the other a token it has not been
@@ -502,7 +526,9 @@ def _deal_side_by_side(first: list[list[_Window]], batch_size: int, rng: random.
     order.sort(key=lambda doc_id: -len(by_document[doc_id]))  # the longest first: they have the fewest places
     second: list[list[_Window]] = [[] for _ in first]
     for doc_id in order:
-        allowed = [index for index in range(len(first)) if index not in in_first[doc_id] and len(second[index]) < batch_size]
+        allowed = [
+            index for index in range(len(first)) if index not in in_first[doc_id] and len(second[index]) < batch_size
+        ]
         if len(allowed) < len(by_document[doc_id]):
             return None
         rng.shuffle(allowed)
@@ -514,14 +540,21 @@ def _deal_side_by_side(first: list[list[_Window]], batch_size: int, rng: random.
     return second
 
 
-def _stream_batch(stream: _Stream, batch: list[_Window], deadlines: _Deadlines,
-                  advance: Callable[[int], None], stages: dict[str, float]) -> list[list[float]]:
+def _stream_batch(
+    stream: _Stream,
+    batch: list[_Window],
+    deadlines: _Deadlines,
+    advance: Callable[[int], None],
+    stages: dict[str, float],
+) -> list[list[float]]:
     """Per-row token losses (nats) of one batch, streamed position by position. `stages` gets the
     seconds spent waiting for the batch process's load and for its logits."""
     limits = deadlines.limits
     began = time.monotonic()
     stream.send(OPEN, [len(batch)], deadlines.until(None, ""))
-    stream.expect(READY, deadlines.until(limits.load_s, Refusal.LOAD_TIMEOUT.format(seconds=limits.load_s), stream.jailed))
+    stream.expect(
+        READY, deadlines.until(limits.load_s, Refusal.LOAD_TIMEOUT.format(seconds=limits.load_s), stream.jailed)
+    )
     stages["batch_load_s"] = stages.get("batch_load_s", 0.0) + time.monotonic() - began
     step_timeout = Refusal.STEP_TIMEOUT.format(seconds=limits.step_s)
     nats: list[list[float]] = [[] for _ in batch]
@@ -578,14 +611,25 @@ def _progress(description: str, total: int) -> Iterator[Callable[[int], None]]:
         yield lambda advance: progress.advance(task, advance)
 
 
-def _server_spec(setup: ScoringSetup, *, name: str, workdir: Path, image: Path | None, time_limit_s: float,
-                 log_path: Path | None) -> JailSpec:
+def _server_spec(
+    setup: ScoringSetup, *, name: str, workdir: Path, image: Path | None, time_limit_s: float, log_path: Path | None
+) -> JailSpec:
     threads, gpu = setup.pass_threads, setup.gpu
     argv = [
         # -P: the working directory (the submission) must not shadow `evaluator` on sys.path.
-        sys.executable, "-P", "-B", "-m", "evaluator.model_server",
-        "--submission", str(setup.submission_dir), "--model-cap", str(setup.model_cap_bytes),
-        "--device", setup.device, "--threads", str(threads),
+        sys.executable,
+        "-P",
+        "-B",
+        "-m",
+        "evaluator.model_server",
+        "--submission",
+        str(setup.submission_dir),
+        "--model-cap",
+        str(setup.model_cap_bytes),
+        "--device",
+        setup.device,
+        "--threads",
+        str(threads),
     ]
     env = {
         "PATH": "/usr/local/bin:/usr/bin:/bin",
@@ -694,7 +738,9 @@ class _Server:
 
     def take_model(self, model: bytes) -> None:
         try:
-            self.stream.send_bytes(MODEL, model, _Deadlines.wall(SERVER_START_S, "the model server did not take the model"))
+            self.stream.send_bytes(
+                MODEL, model, _Deadlines.wall(SERVER_START_S, "the model server did not take the model")
+            )
             self.stream.dtype_name = None  # a new model may use another dtype; it may not change it
         except InvalidModel as exc:  # the server is ours, and every process of the last model is gone
             raise SandboxUnavailable(f"the scoring server failed: {exc}") from None
@@ -730,7 +776,9 @@ class ScoringSession:
             # exit status, a number the model chooses.
             self._scratch = Path(self._stack.enter_context(tempfile.TemporaryDirectory(prefix="speedrun-scoring-")))
             image_paths = [*in_jail.sources(in_jail.SCORING), self.setup.submission_dir]
-            self._image = self._stack.enter_context(self.sandbox.memory_image(image_paths, gpu=self.setup.gpu is not None))
+            self._image = self._stack.enter_context(
+                self.sandbox.memory_image(image_paths, gpu=self.setup.gpu is not None)
+            )
         except BaseException:
             self._stack.close()
             raise
@@ -766,8 +814,14 @@ class ScoringSession:
                 suffix = "" if self._started <= PASSES else f"-{self._started}"
                 name = f"{setup.name}-{number}{suffix}"
                 log_path = setup.debug_log_dir / f"scoring-pass-{number}{suffix}.log" if setup.debug_log_dir else None
-                spec = _server_spec(setup, name=name, workdir=self._scratch / f"server-{self._started}", image=self._image,
-                                    time_limit_s=self._time_limit_s, log_path=log_path)
+                spec = _server_spec(
+                    setup,
+                    name=name,
+                    workdir=self._scratch / f"server-{self._started}",
+                    image=self._image,
+                    time_limit_s=self._time_limit_s,
+                    log_path=log_path,
+                )
                 self._servers[number - 1] = server = _Server(self.sandbox, setup, spec)
                 fresh.append(server)
         for server in fresh:
@@ -775,8 +829,15 @@ class ScoringSession:
         self._add_stage("server_start_s", began)
         return list(self._servers)
 
-    def score(self, model_path: Path, documents: Sequence[Document], *, secret_seed: int | None = None,
-              usage: ScoringUsage | None = None, label: str = "scoring") -> ScoreReport:
+    def score(
+        self,
+        model_path: Path,
+        documents: Sequence[Document],
+        *,
+        secret_seed: int | None = None,
+        usage: ScoringUsage | None = None,
+        label: str = "scoring",
+    ) -> ScoreReport:
         """Scores the saved model at `model_path` on `documents` (see the module docstring for the rules).
 
         Raises InvalidModel (with one of the Refusal sentences) when the model cannot be scored, and
@@ -800,8 +861,15 @@ class ScoringSession:
             seconds=round(time.monotonic() - started),
         )
 
-    def document_nats(self, model_path: Path, documents: Sequence[Document], *, secret_seed: int | None = None,
-                      usage: ScoringUsage | None = None, label: str = "scoring") -> list[dict[str, float]]:
+    def document_nats(
+        self,
+        model_path: Path,
+        documents: Sequence[Document],
+        *,
+        secret_seed: int | None = None,
+        usage: ScoringUsage | None = None,
+        label: str = "scoring",
+    ) -> list[dict[str, float]]:
         """Each pass's total nats per document, before the passes are compared (score() compares them;
         benchmarks/consistency.py measures how far honest models' passes differ)."""
         setup, usage = self.setup, usage if usage is not None else ScoringUsage()
@@ -842,8 +910,15 @@ class ScoringSession:
         return passes
 
 
-def _run_passes(servers: list[_Server], compositions: list[list[list[_Window]]], model: bytes, deadlines: _Deadlines,
-                advance: Callable[[int], None], stages: dict[str, float], side_by_side: bool) -> list[dict[str, float]]:
+def _run_passes(
+    servers: list[_Server],
+    compositions: list[list[list[_Window]]],
+    model: bytes,
+    deadlines: _Deadlines,
+    advance: Callable[[int], None],
+    stages: dict[str, float],
+    side_by_side: bool,
+) -> list[dict[str, float]]:
     """Each composition streamed by its own server; per pass, each document's total nats.
 
     `side_by_side` (compositions from compose_side_by_side): the passes' j-th batches run at the same
@@ -866,7 +941,9 @@ def _run_passes(servers: list[_Server], compositions: list[list[list[_Window]]],
             server.batches += len(composition)
             per_row = []
             for batch in composition:
-                per_row.append(_stream_batch(server.stream, batch, deadlines, advance, own_stages[index]) if batch else [])
+                per_row.append(
+                    _stream_batch(server.stream, batch, deadlines, advance, own_stages[index]) if batch else []
+                )
                 if side_by_side:
                     barrier.wait()
             results[index] = _document_nats(composition, per_row)
@@ -884,8 +961,10 @@ def _run_passes(servers: list[_Server], compositions: list[list[list[_Window]]],
                         other.jailed.kill()
 
     if side_by_side:
-        threads = [threading.Thread(target=run, args=(index,), name=f"scoring-pass-{index + 1}")
-                   for index in range(len(servers))]
+        threads = [
+            threading.Thread(target=run, args=(index,), name=f"scoring-pass-{index + 1}")
+            for index in range(len(servers))
+        ]
         for thread in threads:
             thread.start()
         try:
@@ -928,16 +1007,44 @@ def _read_model(path: Path, cap_bytes: int) -> bytes:
     return model
 
 
-def score_model(*, sandbox, name: str, model_path: Path, submission_dir: Path, documents: Sequence[Document],
-                vocab_size: int, eos_id: int, seq_len: int, batch_size: int, device: str,
-                gpu: Board | None, threads: int, limits: ScoringLimits, memory_bytes: int, pids: int,
-                debug_log_dir: Path | None = None, secret_seed: int | None = None,
-                usage: ScoringUsage | None = None) -> ScoreReport:
+def score_model(
+    *,
+    sandbox,
+    name: str,
+    model_path: Path,
+    submission_dir: Path,
+    documents: Sequence[Document],
+    vocab_size: int,
+    eos_id: int,
+    seq_len: int,
+    batch_size: int,
+    device: str,
+    gpu: Board | None,
+    threads: int,
+    limits: ScoringLimits,
+    memory_bytes: int,
+    pids: int,
+    debug_log_dir: Path | None = None,
+    secret_seed: int | None = None,
+    usage: ScoringUsage | None = None,
+) -> ScoreReport:
     """One model scored in a session of its own (ScoringSession.score has the rules)."""
     model_path = Path(model_path)
-    setup = ScoringSetup(name=name, submission_dir=Path(submission_dir), vocab_size=vocab_size, eos_id=eos_id,
-                         seq_len=seq_len, batch_size=batch_size, device=device, gpu=gpu, threads=threads, limits=limits,
-                         memory_bytes=memory_bytes, pids=pids, model_cap_bytes=max(model_path.stat().st_size, 1),
-                         debug_log_dir=debug_log_dir)
+    setup = ScoringSetup(
+        name=name,
+        submission_dir=Path(submission_dir),
+        vocab_size=vocab_size,
+        eos_id=eos_id,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        device=device,
+        gpu=gpu,
+        threads=threads,
+        limits=limits,
+        memory_bytes=memory_bytes,
+        pids=pids,
+        model_cap_bytes=max(model_path.stat().st_size, 1),
+        debug_log_dir=debug_log_dir,
+    )
     with ScoringSession(sandbox, setup) as session:
         return session.score(model_path, documents, secret_seed=secret_seed, usage=usage)

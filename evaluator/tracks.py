@@ -170,9 +170,7 @@ def load_track_file(path: Path) -> Track:
         key=lambda e: list(map(str, e.absolute_path)),
     )
     if errors:
-        details = "; ".join(
-            f"{'.'.join(map(str, e.absolute_path)) or '(top level)'}: {e.message}" for e in errors
-        )
+        details = "; ".join(f"{'.'.join(map(str, e.absolute_path)) or '(top level)'}: {e.message}" for e in errors)
         raise TrackError(f"{path}: invalid track file: {details}")
     if raw["id"] != path.stem:
         raise TrackError(f"{path}: id {raw['id']!r} must equal the file name {path.stem!r}")
@@ -182,18 +180,27 @@ def load_track_file(path: Path) -> Track:
         sha256=sha256_file(path),
         budget_s=float(raw["budget_s"]),
         snapshot_every_s=None if raw.get("snapshot_every_s") is None else float(raw["snapshot_every_s"]),
-        target=None if "target" not in raw else Target(
-            val_loss=float(raw["target"]["val_loss"]), provisional=raw["target"]["provisional"],
+        target=None
+        if "target" not in raw
+        else Target(
+            val_loss=float(raw["target"]["val_loss"]),
+            provisional=raw["target"]["provisional"],
             provenance=raw["target"]["provenance"],
         ),
         device=Device(**raw["device"]),
         sandbox=SandboxLimits(**raw["sandbox"]),
-        dataset=Dataset(id=raw["dataset"]["id"], **{which: DataFile(**raw["dataset"][which])
-                                                    for which in ("train", "val", "tokenizer", "hidden")
-                                                    if which in raw["dataset"]}),
+        dataset=Dataset(
+            id=raw["dataset"]["id"],
+            **{
+                which: DataFile(**raw["dataset"][which])
+                for which in ("train", "val", "tokenizer", "hidden")
+                if which in raw["dataset"]
+            },
+        ),
         eval=EvalProtocol(**raw["eval"]),
         calibration=CalibrationFigure(**raw["calibration"]),
-        contamination=Contamination(max_gap_nats=float(raw["contamination"]["max_gap_nats"]),
-                                    provenance=raw["contamination"]["provenance"]),
+        contamination=Contamination(
+            max_gap_nats=float(raw["contamination"]["max_gap_nats"]), provenance=raw["contamination"]["provenance"]
+        ),
         default_seed=raw["seeds"]["default"],
     )

@@ -19,10 +19,11 @@ import stat
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -85,8 +86,9 @@ class _ReaderFailed:
         self.error = error
 
 
-def _read_protocol(stream, events: queue.Queue, stop_clock: Callable[[], float], stop: threading.Event,
-                   tally: Tally) -> None:
+def _read_protocol(
+    stream, events: queue.Queue, stop_clock: Callable[[], float], stop: threading.Event, tally: Tally
+) -> None:
     """Reader thread: every line from the jail that the grammar (evaluator/protocol.py) accepts
     becomes (arrival time, event); the rest are counted in `tally` and dropped.
 
@@ -206,7 +208,7 @@ class _ReceivedCpu:
             self._window.popleft()
 
     def live_note(self) -> str:
-        """"host busy: got 41% of the CPU it asked for" while the latest seconds' share is below the
+        """ "host busy: got 41% of the CPU it asked for" while the latest seconds' share is below the
         track's, else ""."""
         self.sample()
         if self.min_share is None or len(self._window) < 2:
@@ -229,8 +231,14 @@ class _ReceivedCpu:
         used = max(0.0, cpu - self.started[1])
         # Nothing asked for, nothing withheld; sampling can put what was received a little above it.
         share = 1.0 if self.demand_s <= 0 else min(1.0, used / self.demand_s)
-        return {"cpu_s": round(used, 2), "wall_s": round(wall_s, 2), "cpus": self.cpus,
-                "demand_s": round(self.demand_s, 2), "share": round(share, 3), "min_share": self.min_share}
+        return {
+            "cpu_s": round(used, 2),
+            "wall_s": round(wall_s, 2),
+            "cpus": self.cpus,
+            "demand_s": round(self.demand_s, 2),
+            "share": round(share, 3),
+            "min_share": self.min_share,
+        }
 
 
 def _status_text(step: int | None, metrics: dict[str, float], tokens_per_s: float | None) -> str:
@@ -258,8 +266,9 @@ class _SnapshotTaker:
     not read them cannot stall the clock.
     """
 
-    def __init__(self, every_s: float | None, window_s: float | None, jail_out: Path, into: Path, cap_bytes: int,
-                 answers_fd: int):
+    def __init__(
+        self, every_s: float | None, window_s: float | None, jail_out: Path, into: Path, cap_bytes: int, answers_fd: int
+    ):
         self.every_s, self.window_s = every_s, window_s
         self.next_due_s = every_s
         self.jail_out, self.into, self.cap_bytes = jail_out, into, cap_bytes
@@ -321,8 +330,9 @@ def _remove(path: Path) -> None:
         pass
 
 
-def _train(jailed, budget_s: float, display: _LiveDisplay, launched_at: float,
-           snapshots: _SnapshotTaker, meter: _ReceivedCpu) -> TrainingOutcome:
+def _train(
+    jailed, budget_s: float, display: _LiveDisplay, launched_at: float, snapshots: _SnapshotTaker, meter: _ReceivedCpu
+) -> TrainingOutcome:
     events: queue.Queue = queue.Queue(maxsize=_PROTOCOL_BACKLOG_MAX)
     stop = threading.Event()
 
@@ -343,8 +353,15 @@ def _train(jailed, budget_s: float, display: _LiveDisplay, launched_at: float,
         stop.set()
 
 
-def _follow_protocol(events: queue.Queue, jailed, budget_s: float, display: _LiveDisplay, launched_at: float,
-                     snapshots: _SnapshotTaker, meter: _ReceivedCpu) -> TrainingOutcome:
+def _follow_protocol(
+    events: queue.Queue,
+    jailed,
+    budget_s: float,
+    display: _LiveDisplay,
+    launched_at: float,
+    snapshots: _SnapshotTaker,
+    meter: _ReceivedCpu,
+) -> TrainingOutcome:
     outcome = TrainingOutcome(status="sandbox_error")
 
     # Phase 1: until "start", the harness is doing the evaluator's own work.
@@ -486,12 +503,24 @@ def hidden_from_training(val_path: Path, hidden_split: Path | None) -> list[Path
     what a checkout the package runs from holds besides (its git objects, build and dist output),
     and the home of every other installed copy in the Python installs a jail binds. The sandbox
     covers those a bound directory holds."""
-    hidden = [PACKAGE_DIR, SPEC_DIR.resolve(), val_path.parent, *([] if hidden_split is None else [hidden_split.parent])]
+    hidden = [
+        PACKAGE_DIR,
+        SPEC_DIR.resolve(),
+        val_path.parent,
+        *([] if hidden_split is None else [hidden_split.parent]),
+    ]
     checkout = PACKAGE_DIR.parent
     if (checkout / "pyproject.toml").is_file():
         hidden += [checkout / name for name in ("spec", ".git", "build", "dist")]
-    prefixes = dict.fromkeys([Path(sys.prefix), Path(sys.base_prefix), Path(sys.executable).resolve().parent.parent,
-                              Path("/usr"), Path("/usr/local")])
+    prefixes = dict.fromkeys(
+        [
+            Path(sys.prefix),
+            Path(sys.base_prefix),
+            Path(sys.executable).resolve().parent.parent,
+            Path("/usr"),
+            Path("/usr/local"),
+        ]
+    )
     for prefix in prefixes:
         for pattern in ("lib/python3*/*-packages/evaluator/_home", "local/lib/python3*/*-packages/evaluator/_home"):
             hidden += prefix.glob(pattern)
@@ -531,8 +560,14 @@ def train_in_jail(plan: RunPlan, sandbox, console: Console, timings: dict[str, f
         _gpu_telemetry(plan.gpu_minor) as telemetry,
         sandbox.start(spec) as jailed,
     ):
-        snapshots = _SnapshotTaker(plan.track.snapshot_every_s, plan.snapshot_window_s, plan.jail_out, plan.run_dir / SNAPSHOTS_DIR,
-                                   model_cap, jailed.stdin.fileno())
+        snapshots = _SnapshotTaker(
+            plan.track.snapshot_every_s,
+            plan.snapshot_window_s,
+            plan.jail_out,
+            plan.run_dir / SNAPSHOTS_DIR,
+            model_cap,
+            jailed.stdin.fileno(),
+        )
         meter = _ReceivedCpu(jailed, plan.track.device.threads, plan.track.device.min_cpu_share)
         outcome = _train(jailed, plan.budget_s, display, launched, snapshots, meter)
         train_returned = time.monotonic()
@@ -547,11 +582,16 @@ def train_in_jail(plan: RunPlan, sandbox, console: Console, timings: dict[str, f
                 outcome.status, outcome.message = "invalid_model", str(exc)
     # A snapshot stamped at or after the final model's time holds less training than it at no earlier
     # time: it is left out (the final model is scored in any case).
-    outcome.snapshots = [snapshot for snapshot in snapshots.taken
-                         if outcome.train_seconds is None or snapshot.time_s < outcome.train_seconds]
+    outcome.snapshots = [
+        snapshot
+        for snapshot in snapshots.taken
+        if outcome.train_seconds is None or snapshot.time_s < outcome.train_seconds
+    ]
     if snapshots.taken:
         outcome.timings.update(snapshot_take_s=snapshots.take_s, snapshot_save_s=snapshots.save_s)
-    timings.update(outcome.timings, teardown_s=time.monotonic() - train_returned, jail_total_s=time.monotonic() - launched)
+    timings.update(
+        outcome.timings, teardown_s=time.monotonic() - train_returned, jail_total_s=time.monotonic() - launched
+    )
     shutil.rmtree(plan.scratch, ignore_errors=True)
     shutil.rmtree(plan.jail_input, ignore_errors=True)
     write_metrics(plan.run_dir, outcome.metrics_rows)
@@ -583,4 +623,3 @@ def _jail_env(threads: int, home: Path) -> dict[str, str]:
         "OMP_NUM_THREADS": str(threads),
         "MKL_NUM_THREADS": str(threads),
     }
-

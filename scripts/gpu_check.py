@@ -42,9 +42,9 @@ sys.path.insert(0, str(REPO_ROOT))
 from evaluator.calibration import calibrate  # noqa: E402
 from evaluator.cli import run_guarded  # noqa: E402
 from evaluator.metrics import last_logged_metric  # noqa: E402
+from evaluator.nvml import driver_and_boards  # noqa: E402
 from evaluator.runner import evaluate  # noqa: E402
 from evaluator.sandbox import CGROUP_ROOT, JailSpec, cgroup_version, open_sandbox  # noqa: E402
-from evaluator.nvml import driver_and_boards  # noqa: E402
 from evaluator.tracks import load_track  # noqa: E402
 
 ASSIGNED_NODES = {"/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools", "/dev/nvidia0"}
@@ -166,7 +166,9 @@ class Report:
             "| step | result | seconds |",
             "|---|---|---|",
         ]
-        lines += [f"| {s['title']} | {'PASS' if s['passed'] else 'FAIL'} | {s.get('seconds', '')} |" for s in self.steps]
+        lines += [
+            f"| {s['title']} | {'PASS' if s['passed'] else 'FAIL'} | {s.get('seconds', '')} |" for s in self.steps
+        ]
         for entry in self.steps:
             lines += ["", f"## {entry['title']}", ""] + entry["lines"]
         lines += ["", "## What these timings mean", "", T4_NOTE]
@@ -203,13 +205,20 @@ def host_nvidia_nodes() -> list[str]:
 def check_device(lines: list[str], data: dict) -> bool:
     import torch
 
-    data["nvidia_smi"] = sh("nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit --format=csv")
+    data["nvidia_smi"] = sh(
+        "nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit --format=csv"
+    )
     data["torch"] = torch.__version__
     data["torch_cuda"] = torch.version.cuda
     available = torch.cuda.is_available()
     if available:
         props = torch.cuda.get_device_properties(0)
-        data["device"] = dict(name=props.name, capability=f"{props.major}.{props.minor}", memory_gib=round(props.total_memory / 2**30, 1), sms=props.multi_processor_count)
+        data["device"] = dict(
+            name=props.name,
+            capability=f"{props.major}.{props.minor}",
+            memory_gib=round(props.total_memory / 2**30, 1),
+            sms=props.multi_processor_count,
+        )
     data["nodes"] = sh("ls -l /dev/nvidia* 2>&1")  # the glob names /dev/nvidia-caps, so ls lists it
     data["cgroups"] = sh(f"mount | grep cgroup; cat {CGROUP_ROOT}/cgroup.controllers 2>/dev/null")
     data["sandbox_cgroup_version"] = cgroup_version()
@@ -236,7 +245,9 @@ def fp16_matmul_peak(lines: list[str], data: dict) -> bool:
         a @ b
     torch.cuda.synchronize()
     data["tflops"] = 2 * size**3 * repeats / (time.perf_counter() - started) / 1e12
-    lines.append(f"fp16 {size}x{size}x{size} matmul, mean of {repeats} after 3 warm-ups: **{data['tflops']:.0f} TFLOP/s**")
+    lines.append(
+        f"fp16 {size}x{size}x{size} matmul, mean of {repeats} after 3 warm-ups: **{data['tflops']:.0f} TFLOP/s**"
+    )
     del a, b
     torch.cuda.empty_cache()
     return data["tflops"] > 0
@@ -271,15 +282,29 @@ def reference_run(sandbox: str, budget: float, out: Path):
         baseline = sh("nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -i 0")
         runs_dir = Path(tempfile.mkdtemp(prefix=f"gpu-check-{sandbox}-"))
         with GpuMemoryPoll() as poll:
-            record, run_dir = evaluate(REPO_ROOT / "reference", track_id="t4-5min", seed=0, budget_s=budget, sandbox_choice=sandbox, runs_dir=runs_dir)
+            record, run_dir = evaluate(
+                REPO_ROOT / "reference",
+                track_id="t4-5min",
+                seed=0,
+                budget_s=budget,
+                sandbox_choice=sandbox,
+                runs_dir=runs_dir,
+            )
         shutil.copyfile(run_dir / "result.json", out / f"result-{sandbox}.json")
         timings = json.loads((run_dir / "timings.json").read_text()) if (run_dir / "timings.json").is_file() else {}
         flops = last_logged_metric(run_dir, "flops")
         train = record["train"]
         data.update(
-            status=record["status"], message=record["message"][-2000:], metrics=record["metrics"], train=train,
-            environment=record["environment"], unofficial=record["unofficial_reasons"], timings=timings,
-            gpu_memory_peak_mib=poll.peak_mib, gpu_memory_before_mib=baseline, flops=flops,
+            status=record["status"],
+            message=record["message"][-2000:],
+            metrics=record["metrics"],
+            train=train,
+            environment=record["environment"],
+            unofficial=record["unofficial_reasons"],
+            timings=timings,
+            gpu_memory_peak_mib=poll.peak_mib,
+            gpu_memory_before_mib=baseline,
+            flops=flops,
             achieved_tflops=flops / train["train_seconds"] / 1e12 if flops and train["train_seconds"] else None,
         )
         lines.append(f"status **{record['status']}**, sandbox {record['environment']['sandbox']}")
@@ -291,13 +316,17 @@ def reference_run(sandbox: str, budget: float, out: Path):
         if data["achieved_tflops"]:
             lines.append(f"model FLOPs (6N + 12LTd) per second of training: {data['achieved_tflops']:.1f} TFLOP/s")
         t4_gib = load_track("t4-5min").device.gpu_memory_gib
-        lines.append(f"GPU memory used (nvidia-smi, whole GPU, polled from outside; the evaluator's and this script's "
-                     f"own CUDA contexts included): before {baseline} MiB, peak {poll.peak_mib} MiB; a T4 offers {t4_gib} GiB")
+        lines.append(
+            f"GPU memory used (nvidia-smi, whole GPU, polled from outside; the evaluator's and this script's "
+            f"own CUDA contexts included): before {baseline} MiB, peak {poll.peak_mib} MiB; a T4 offers {t4_gib} GiB"
+        )
         lines.append(f"timings.json: {json.dumps({k: round(v, 2) for k, v in timings.items()})}")
         lines.append(f"unofficial because: {record['unofficial_reasons']}")
         telemetry = record["gpu_telemetry"]
         series = run_dir / "gpu-telemetry.parquet"
-        lines.append(f"GPU telemetry (NVML, sampled outside the jail): {json.dumps(telemetry)}; series file: {series.is_file()}")
+        lines.append(
+            f"GPU telemetry (NVML, sampled outside the jail): {json.dumps(telemetry)}; series file: {series.is_file()}"
+        )
         tail = (run_dir / "train.log").read_text(errors="replace")[-1500:] if (run_dir / "train.log").is_file() else ""
         if tail.strip():
             lines += ["train.log tail:", "```", tail, "```"]
@@ -316,17 +345,32 @@ def _gpu_jail(scratch: Path, name: str, argv: list[str], sysfs: bool = True) -> 
     workdir = scratch / name
     workdir.mkdir()
     spec = JailSpec(
-        name=name, argv=argv, workdir=workdir, cwd=Path("/tmp"),
+        name=name,
+        argv=argv,
+        workdir=workdir,
+        cwd=Path("/tmp"),
         env={"PATH": "/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8"},
-        ro_paths=[], rw_paths=[], tmpfs={}, memory_bytes=8 << 30, pids=256, time_limit_s=120,
-        log_path=scratch / f"{name}.log", log_cap_bytes=1 << 20, gpu_index=0, gpu_sysfs=sysfs,
+        ro_paths=[],
+        rw_paths=[],
+        tmpfs={},
+        memory_bytes=8 << 30,
+        pids=256,
+        time_limit_s=120,
+        log_path=scratch / f"{name}.log",
+        log_cap_bytes=1 << 20,
+        gpu_index=0,
+        gpu_sysfs=sysfs,
     )
     with open_sandbox("nsjail").start(spec) as jail:
         jail.stdin.close()
         stdout = jail.stdout.read()
         jail.wait(120)
     outcome = jail.outcome()
-    return stdout.decode(errors="replace"), f"{outcome.reason} {outcome.detail}", spec.log_path.read_text(errors="replace")[-3000:]
+    return (
+        stdout.decode(errors="replace"),
+        f"{outcome.reason} {outcome.detail}",
+        spec.log_path.read_text(errors="replace")[-3000:],
+    )
 
 
 def sysfs_needed(lines: list[str], data: dict) -> bool:
@@ -335,7 +379,9 @@ def sysfs_needed(lines: list[str], data: dict) -> bool:
     variants = {"with sysfs": True, "without sysfs": False}
     with tempfile.TemporaryDirectory(prefix="gpu-sysfs-") as scratch:
         for variant, sysfs in variants.items():
-            stdout, outcome, stderr = _gpu_jail(Path(scratch), variant.replace(" ", "-"), [sys.executable, "-c", CUINIT_PROBE], sysfs)
+            stdout, outcome, stderr = _gpu_jail(
+                Path(scratch), variant.replace(" ", "-"), [sys.executable, "-c", CUINIT_PROBE], sysfs
+            )
             try:
                 data[variant] = json.loads(stdout.strip().splitlines()[-1])
             except (ValueError, IndexError):
@@ -382,7 +428,12 @@ def sandbox_tax(report: Report) -> dict:
     def step(lines: list[str], data: dict) -> bool:
         runs = {s["title"]: s["data"] for s in report.steps if s["title"].startswith("reference, ")}
         jailed, bare = runs.get("reference, nsjail", {}), runs.get("reference, --sandbox none", {})
-        if not (jailed.get("train") and bare.get("train") and jailed["train"]["tokens_per_s"] and bare["train"]["tokens_per_s"]):
+        if not (
+            jailed.get("train")
+            and bare.get("train")
+            and jailed["train"]["tokens_per_s"]
+            and bare["train"]["tokens_per_s"]
+        ):
             lines.append("needs both runs ok")
             return False
         rows = [("tokens/s", "tokens_per_s"), ("steps", "steps"), ("train s", "train_seconds")]
@@ -397,8 +448,10 @@ def sandbox_tax(report: Report) -> dict:
         peak = next((s["data"].get("tflops") for s in report.steps if s["title"] == "fp16 matmul peak"), None)
         if peak and jailed.get("achieved_tflops"):
             data["fraction_of_peak"] = jailed["achieved_tflops"] / peak
-            lines.append(f"\nthe reference in nsjail: {jailed['achieved_tflops']:.1f} TFLOP/s of model FLOPs = "
-                         f"{data['fraction_of_peak'] * 100:.1f} % of the {peak:.0f} TFLOP/s fp16 matmul measured here")
+            lines.append(
+                f"\nthe reference in nsjail: {jailed['achieved_tflops']:.1f} TFLOP/s of model FLOPs = "
+                f"{data['fraction_of_peak'] * 100:.1f} % of the {peak:.0f} TFLOP/s fp16 matmul measured here"
+            )
         return True
 
     return step
@@ -428,24 +481,50 @@ def sealed_gpu_scoring(lines: list[str], data: dict) -> bool:
         torch.save(module.Probe(vocab_size), Path(scratch) / "model.pt")
         began = time.monotonic()
         report = score_model(
-            sandbox=open_sandbox("nsjail"), name="gpu-check-scoring", model_path=Path(scratch) / "model.pt",
-            submission_dir=folder, documents=documents, vocab_size=vocab_size, eos_id=eos_id,
-            seq_len=track.eval.seq_len, batch_size=8, device="cuda:0", gpu=gpu_zero(), threads=track.device.threads,
-            limits=ScoringLimits(load_s=track.eval.load_s, step_s=track.eval.step_s,
-                                 total_s=track.eval.time_limit_s, consistency_nats=track.eval.consistency_nats),
-            memory_bytes=track.sandbox.memory_mib * 2**20, pids=track.sandbox.pids, debug_log_dir=Path(scratch),
+            sandbox=open_sandbox("nsjail"),
+            name="gpu-check-scoring",
+            model_path=Path(scratch) / "model.pt",
+            submission_dir=folder,
+            documents=documents,
+            vocab_size=vocab_size,
+            eos_id=eos_id,
+            seq_len=track.eval.seq_len,
+            batch_size=8,
+            device="cuda:0",
+            gpu=gpu_zero(),
+            threads=track.device.threads,
+            limits=ScoringLimits(
+                load_s=track.eval.load_s,
+                step_s=track.eval.step_s,
+                total_s=track.eval.time_limit_s,
+                consistency_nats=track.eval.consistency_nats,
+            ),
+            memory_bytes=track.sandbox.memory_mib * 2**20,
+            pids=track.sandbox.pids,
+            debug_log_dir=Path(scratch),
         )
         wall = time.monotonic() - began
         logs = "".join(path.read_text(errors="replace") for path in sorted(Path(scratch).glob("scoring-pass-*.log")))
     probes = [(float(a), int(b)) for a, b in re.findall(r"PROBE context_s=(\S+) marker_bytes_found=(\d+)", logs)]
-    data.update(val_loss=report.val_loss, wall_s=wall, batch_processes=len(probes),
-                context_s=[a for a, _ in probes], marker_bytes_found=[b for _, b in probes])
-    lines.append(f"{len(documents)} documents in batches of 8, 2 passes: {len(probes)} batch processes, "
-                 f"scoring {wall:.1f} s in all, val_loss {report.val_loss} (uniform: ln 8192 = 9.0109)")
+    data.update(
+        val_loss=report.val_loss,
+        wall_s=wall,
+        batch_processes=len(probes),
+        context_s=[a for a, _ in probes],
+        marker_bytes_found=[b for _, b in probes],
+    )
+    lines.append(
+        f"{len(documents)} documents in batches of 8, 2 passes: {len(probes)} batch processes, "
+        f"scoring {wall:.1f} s in all, val_loss {report.val_loss} (uniform: ln 8192 = 9.0109)"
+    )
     if probes:
-        lines.append(f"loading the model onto the GPU per batch process, the CUDA context included: "
-                     f"min {min(a for a, _ in probes):.3f} s, max {max(a for a, _ in probes):.3f} s")
-        lines.append(f"marker bytes found in 512 MiB of fresh device memory, per batch process: {[b for _, b in probes]}")
+        lines.append(
+            f"loading the model onto the GPU per batch process, the CUDA context included: "
+            f"min {min(a for a, _ in probes):.3f} s, max {max(a for a, _ in probes):.3f} s"
+        )
+        lines.append(
+            f"marker bytes found in 512 MiB of fresh device memory, per batch process: {[b for _, b in probes]}"
+        )
     else:
         lines += ["no probe output; the servers' stderr:", "```", logs[-3000:], "```"]
     return len(probes) >= 4 and not any(found for _, found in probes)
@@ -456,18 +535,26 @@ def calibration_on_the_gpu(lines: list[str], data: dict) -> bool:
     track = load_track("t4-5min")
     figures = calibrate(track, repeats=5)  # refuses a factor outside calibration.FACTOR_RANGE: the step fails
     data.update(figures.as_dict())
-    lines.append(f"{figures.workload} on {figures.host_device}: median {figures.host_seconds:.4f} s over "
-                 f"{len(figures.host_repeats)} repeats {figures.host_repeats}, spread {100 * figures.host_spread:.1f}%")
-    lines.append(f"against t4-5min's {figures.track_seconds:g} s ({figures.track_provenance}): factor {figures.factor:g}, "
-                 f"so a calibrated t4-5min budget here would be {track.budget_s * figures.factor:.0f} s "
-                 "(these are this GPU's figures, not a T4's)")
+    lines.append(
+        f"{figures.workload} on {figures.host_device}: median {figures.host_seconds:.4f} s over "
+        f"{len(figures.host_repeats)} repeats {figures.host_repeats}, spread {100 * figures.host_spread:.1f}%"
+    )
+    lines.append(
+        f"against t4-5min's {figures.track_seconds:g} s ({figures.track_provenance}): factor {figures.factor:g}, "
+        f"so a calibrated t4-5min budget here would be {track.budget_s * figures.factor:.0f} s "
+        "(these are this GPU's figures, not a T4's)"
+    )
     return figures.host_spread < 0.2  # a GPU this noisy gives no factor worth scaling a budget by
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, required=True, help="folder for gpu-check.md, gpu-check.json and the two result.json")
-    parser.add_argument("--budget", type=float, default=60.0, help="training budget of each reference run (default: %(default)s)")
+    parser.add_argument(
+        "--out", type=Path, required=True, help="folder for gpu-check.md, gpu-check.json and the two result.json"
+    )
+    parser.add_argument(
+        "--budget", type=float, default=60.0, help="training budget of each reference run (default: %(default)s)"
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     report = Report(args.out)

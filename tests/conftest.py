@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import tempfile
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,8 @@ from evaluator.cli import main
 from evaluator.paths import HOME
 from evaluator.sandbox import Sandbox, SandboxUnavailable, cgroup_parent_dirs, open_sandbox
 
+# The leaderboard tests' fixtures (`board`, `timed_board`): published boards, built once per module.
+pytest_plugins = ["leaderboard_support"]
 
 # A tiny causal model most test submissions return: cheap to train, save and score.
 TINY_MODEL = '''
@@ -158,6 +162,25 @@ def missing(what: str) -> None:
     if os.environ.get("CI"):
         pytest.fail(f"{what} (CI must have it: see `make setup`)")
     pytest.skip(what)
+
+
+@pytest.fixture(scope="module")
+def unsandboxed() -> Sandbox:
+    return open_sandbox("none")
+
+
+@pytest.fixture
+def disk_dir() -> Iterator[Path]:
+    """A scratch directory on the host's disk, not under /tmp.
+
+    Production runs live under results/runs/, which the jail cannot see or write; pytest's tmp_path
+    lies under /tmp, and the jail has a private tmpfs there, in which nsjail makes the mount points
+    of paths under /tmp: a write to a host path under /tmp then lands in the jail's own tmpfs. Paths
+    here are absent from the jail, as in production.
+    """
+    path = Path(tempfile.mkdtemp(prefix="speedrun-adversarial-", dir="/var/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -13,12 +13,11 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from publish_support import T0, _sign_with_unknown_key, _tamper_payload, make_run, published, run_cli
 
 from evaluator.leaderboard.rules import RecordRule
 from evaluator.publish import publish
 from evaluator.signing import generate_key_pair, load_private_key
-from publish_support import T0, _sign_with_unknown_key, _tamper_payload, make_run, published, run_cli
-
 
 # --- a results folder with several submissions ---------------------------------------------------
 
@@ -53,8 +52,14 @@ def board(tmp_path_factory):
         authors = [EVIL_AUTHOR] if name == "gamma" else None
         for seed, loss in enumerate(losses):
             run_dir = make_run(
-                root, f"{name}-s{seed}", submission=name, seed=seed, val_loss=loss, official=official,
-                started_at=T0 + timedelta(days=days, hours=seed), authors=authors,
+                root,
+                f"{name}-s{seed}",
+                submission=name,
+                seed=seed,
+                val_loss=loss,
+                official=official,
+                started_at=T0 + timedelta(days=days, hours=seed),
+                authors=authors,
             )
             publish(run_dir, key, results, allow_unofficial=not official)
     publish(make_run(root, "alpha-t4", submission="alpha", track="t4-5min", val_loss=3.3), key, results, False)
@@ -77,8 +82,9 @@ def leaderboard(monkeypatch, capsys, board, *args):
 
 
 # spec/record-rules.toml's rule for cpu-1min (test_record_rules.py holds the shipped file to it).
-DEFAULT_RULE = RecordRule(min_seeds=3, p_below=0.01, min_improvement_nats=0.005, min_improvement_s=1.0,
-                          drawn_seeds_only=False)
+DEFAULT_RULE = RecordRule(
+    min_seeds=3, p_below=0.01, min_improvement_nats=0.005, min_improvement_s=1.0, drawn_seeds_only=False
+)
 
 
 # --- time-to-target tracks ------------------------------------------------------------------------
@@ -107,11 +113,23 @@ def timed_board(tmp_path_factory):
     results = root / "results"
     for name, (days, times, official) in TIMED.items():
         for seed, time_s in enumerate(times):
-            forged = [(0.5 + i, i, "val_loss", FORGED_VAL_LOSS) for i in range(30)] if name == "steady" and seed == 0 else []
+            forged = (
+                [(0.5 + i, i, "val_loss", FORGED_VAL_LOSS) for i in range(30)] if name == "steady" and seed == 0 else []
+            )
             run_dir = make_run(
-                root, f"{name}-s{seed}", submission=name, seed=seed, track="toy-target", target=TARGET, provisional=True,
-                time_to_target=time_s, val_loss=4.3 if time_s is None else 4.05, official=official,
-                started_at=T0 + timedelta(days=days, hours=seed), snapshot_every_s=10.0, logged_rows=forged,
+                root,
+                f"{name}-s{seed}",
+                submission=name,
+                seed=seed,
+                track="toy-target",
+                target=TARGET,
+                provisional=True,
+                time_to_target=time_s,
+                val_loss=4.3 if time_s is None else 4.05,
+                official=official,
+                started_at=T0 + timedelta(days=days, hours=seed),
+                snapshot_every_s=10.0,
+                logged_rows=forged,
             )
             publish(run_dir, key, results, allow_unofficial=not official)
     return results, trusted

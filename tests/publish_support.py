@@ -74,7 +74,9 @@ def make_val_curve(
             curve.append({"time_s": time_s, "model": model, "val_loss": None, "val_bpb": None, "scored": "not_needed"})
             continue
         loss = val_loss if index == deciding else round(above + 0.1 * (deciding - index), 4)
-        curve.append({"time_s": time_s, "model": model, "val_loss": loss, "val_bpb": round(loss / 2.3, 4), "scored": "ok"})
+        curve.append(
+            {"time_s": time_s, "model": model, "val_loss": loss, "val_bpb": round(loss / 2.3, 4), "scored": "ok"}
+        )
     return curve
 
 
@@ -146,8 +148,13 @@ def make_run(
             "tree_sha256": tree_sha256(folder),
             "path": str(folder),
         },
-        "track": {"id": track, "sha256": _track_sha256(track), "budget_s": 60, "device": "cpu",
-                  "snapshot_every_s": snapshot_every_s},
+        "track": {
+            "id": track,
+            "sha256": _track_sha256(track),
+            "budget_s": 60,
+            "device": "cpu",
+            "snapshot_every_s": snapshot_every_s,
+        },
         "budget_s": 60,
         "data": {
             "dataset_id": "pydoc-100k",
@@ -166,39 +173,76 @@ def make_run(
         "overrides": {},
         "smoke": False,
         "metrics": (
-            {"val_loss": val_loss, "val_bpb": round(val_loss / 2.3, 4), "val_tokens": 10000, "val_bytes": 40000,
-             "val_documents": 100}
+            {
+                "val_loss": val_loss,
+                "val_bpb": round(val_loss / 2.3, 4),
+                "val_tokens": 10000,
+                "val_bytes": 40000,
+                "val_documents": 100,
+            }
             if scored
             else None
         ),
         "dev_metrics": (
-            {"val_loss": dev_val_loss, "val_bpb": round(dev_val_loss / 2.3, 4), "val_tokens": 10400, "val_bytes": 41000,
-             "val_documents": 100}
+            {
+                "val_loss": dev_val_loss,
+                "val_bpb": round(dev_val_loss / 2.3, 4),
+                "val_tokens": 10400,
+                "val_bytes": 41000,
+                "val_documents": 100,
+            }
             if scored and hidden
             else None
         ),
         "contamination": (
-            {"gap_nats": round(val_loss - dev_val_loss, 4), "max_gap_nats": max_gap_nats,
-             "flagged": round(val_loss - dev_val_loss, 4) > max_gap_nats}
+            {
+                "gap_nats": round(val_loss - dev_val_loss, 4),
+                "max_gap_nats": max_gap_nats,
+                "flagged": round(val_loss - dev_val_loss, 4) > max_gap_nats,
+            }
             if scored and hidden
             else None
         ),
         "scoring": {"protocol": "streamed", "passes": 2, "consistency_nats": 1e-3} if scored else None,
-        "train": {"train_seconds": train_seconds, "steps": loss_points, "tokens": 1e6, "tokens_per_s": 1e6 / train_seconds,
-                  "refused_lines": 0,
-                  "received": {"cpu_s": round(2 * 0.97 * train_seconds, 2), "wall_s": train_seconds, "cpus": 2,
-                               "demand_s": round(2 * train_seconds, 2), "share": 0.97, "min_share": 0.9}},
+        "train": {
+            "train_seconds": train_seconds,
+            "steps": loss_points,
+            "tokens": 1e6,
+            "tokens_per_s": 1e6 / train_seconds,
+            "refused_lines": 0,
+            "received": {
+                "cpu_s": round(2 * 0.97 * train_seconds, 2),
+                "wall_s": train_seconds,
+                "cpus": 2,
+                "demand_s": round(2 * train_seconds, 2),
+                "share": 0.97,
+                "min_share": 0.9,
+            },
+        },
         "val_curve": val_curve if scored else None,
-        "target": None if target is None else {
+        "target": None
+        if target is None
+        else {
             "val_loss": target,
             "provisional": provisional,
             "reached": (time_to_target is not None) if scored else None,
             "time_s": time_to_target if scored else None,
         },
         "scoring_seconds": 4,
-        "model_scorings": [{"model": point["model"], "time_s": point["time_s"], "split": "public", "outcome": point["scored"],
-                            "wall_s": 2.0, "cpu_s": 3.5} for point in val_curve if point["scored"] != "skipped"
-                           and point["scored"] != "not_needed"] if scored else None,
+        "model_scorings": [
+            {
+                "model": point["model"],
+                "time_s": point["time_s"],
+                "split": "public",
+                "outcome": point["scored"],
+                "wall_s": 2.0,
+                "cpu_s": 3.5,
+            }
+            for point in val_curve
+            if point["scored"] != "skipped" and point["scored"] != "not_needed"
+        ]
+        if scored
+        else None,
         "environment": {
             "python": "3.11.2",
             "torch": "2.13.0",
@@ -216,7 +260,7 @@ def make_run(
     rows = []
     for step in range(loss_points):
         time_s = train_seconds * (step + 1) / loss_points
-        rows.append((time_s, step, "loss", val_loss - 0.2 + 5.0 * 0.9 ** step))
+        rows.append((time_s, step, "loss", val_loss - 0.2 + 5.0 * 0.9**step))
     rows += [(0.5 * i, i, "lr", 1e-3) for i in range(extra_metric_rows)]
     rows += list(logged_rows)
     table = pa.table(
@@ -260,11 +304,13 @@ def _sign_with_unknown_key(envelope_path: Path, private: Path, tmp_path: Path) -
 
 def _set(path: str, value):
     """An edit of result.json: `value` at the dotted `path`."""
+
     def edit(result: dict) -> None:
         *parents, last = path.split(".")
         for key in parents:
             result = result[key]
         result[last] = value
+
     return edit
 
 
@@ -272,37 +318,90 @@ def _both(first, second):
     def edit(result: dict) -> None:
         first(result)
         second(result)
+
     return edit
 
 
 # (what the run is, the edit that makes it inconsistent, the reason given)
 INCONSISTENT = {
     "ok-without-curve": ({}, _set("val_curve", None), "status is ok but val_curve is null"),
-    "not-reached-without-metrics": ({"target": 4.1}, _set("metrics", None), "status is not_reached but metrics is null"),
-    "not-reached-without-curve": ({"target": 4.1}, _set("val_curve", None), "status is not_reached but val_curve is null"),
-    "not-reached-on-a-fixed-time-track": ({}, _set("status", "not_reached"), "status is not_reached but target is null"),
-    "not-reached-but-reached": ({"target": 4.1}, _set("target.reached", True), "status is not_reached but target.reached is true, not false"),
-    "not-reached-with-a-time": ({"target": 4.1}, _set("target.time_s", 12.0), "status is not_reached but target.time_s is set"),
-    "ok-but-not-reached": ({"target": 4.1, "time_to_target": 20.0}, _set("target.reached", False),
-                           "status is ok on a time-to-target track but target.reached is false, not true"),
-    "ok-reached-unknown": ({"target": 4.1, "time_to_target": 20.0}, _set("target.reached", None),
-                           "status is ok on a time-to-target track but target.reached is null, not true"),
-    "ok-without-a-time": ({"target": 4.1, "time_to_target": 20.0}, _set("target.time_s", None),
-                          "status is ok on a time-to-target track but target.time_s is null"),
-    "ok-with-a-time-the-curve-does-not-show": ({"target": 4.1, "time_to_target": 20.0}, _set("target.time_s", 10.0),
-                                               "target.time_s is not the time of the val_curve's first model at or below the target"),
+    "not-reached-without-metrics": (
+        {"target": 4.1},
+        _set("metrics", None),
+        "status is not_reached but metrics is null",
+    ),
+    "not-reached-without-curve": (
+        {"target": 4.1},
+        _set("val_curve", None),
+        "status is not_reached but val_curve is null",
+    ),
+    "not-reached-on-a-fixed-time-track": (
+        {},
+        _set("status", "not_reached"),
+        "status is not_reached but target is null",
+    ),
+    "not-reached-but-reached": (
+        {"target": 4.1},
+        _set("target.reached", True),
+        "status is not_reached but target.reached is true, not false",
+    ),
+    "not-reached-with-a-time": (
+        {"target": 4.1},
+        _set("target.time_s", 12.0),
+        "status is not_reached but target.time_s is set",
+    ),
+    "ok-but-not-reached": (
+        {"target": 4.1, "time_to_target": 20.0},
+        _set("target.reached", False),
+        "status is ok on a time-to-target track but target.reached is false, not true",
+    ),
+    "ok-reached-unknown": (
+        {"target": 4.1, "time_to_target": 20.0},
+        _set("target.reached", None),
+        "status is ok on a time-to-target track but target.reached is null, not true",
+    ),
+    "ok-without-a-time": (
+        {"target": 4.1, "time_to_target": 20.0},
+        _set("target.time_s", None),
+        "status is ok on a time-to-target track but target.time_s is null",
+    ),
+    "ok-with-a-time-the-curve-does-not-show": (
+        {"target": 4.1, "time_to_target": 20.0},
+        _set("target.time_s", 10.0),
+        "target.time_s is not the time of the val_curve's first model at or below the target",
+    ),
     # What a batch node claimed of a run: official, yet unsandboxed, on another budget, or with scores
     # the curve does not show (the driver accepted it, publish signed it and verify printed OK).
-    "official-but-unsandboxed": ({}, _set("environment.sandbox.kind", "none"), "official is true but it ran without nsjail"),
+    "official-but-unsandboxed": (
+        {},
+        _set("environment.sandbox.kind", "none"),
+        "official is true but it ran without nsjail",
+    ),
     "official-on-another-budget": ({}, _set("budget_s", 600), "official is true but its budget is not the track's"),
-    "official-on-the-public-split": ({"scored_on": "public", "official": False}, _both(_set("official", True), _set("unofficial_reasons", [])),
-                                     "data.scored_on: 'hidden' was expected"),  # the schema's own rule
-    "official-with-a-reason": ({}, _set("unofficial_reasons", ["not sandboxed"]), "official is true but unofficial_reasons lists reasons"),
+    "official-on-the-public-split": (
+        {"scored_on": "public", "official": False},
+        _both(_set("official", True), _set("unofficial_reasons", [])),
+        "data.scored_on: 'hidden' was expected",
+    ),  # the schema's own rule
+    "official-with-a-reason": (
+        {},
+        _set("unofficial_reasons", ["not sandboxed"]),
+        "official is true but unofficial_reasons lists reasons",
+    ),
     "unofficial-without-a-reason": ({}, _set("official", False), "official is false but unofficial_reasons is empty"),
-    "scores-the-curve-does-not-show": ({"scored_on": "public", "official": False}, _set("metrics.val_loss", 3.0001),
-                                       "metrics are not the deciding model's point of val_curve"),
-    "public-scores-the-curve-does-not-show": ({}, _set("dev_metrics.val_bpb", 1.0),
-                                              "dev_metrics are not the deciding model's point of val_curve"),
-    "contamination-not-from-the-scores": ({}, _set("contamination.flagged", True),
-                                          "contamination does not follow from metrics, dev_metrics and max_gap_nats"),
+    "scores-the-curve-does-not-show": (
+        {"scored_on": "public", "official": False},
+        _set("metrics.val_loss", 3.0001),
+        "metrics are not the deciding model's point of val_curve",
+    ),
+    "public-scores-the-curve-does-not-show": (
+        {},
+        _set("dev_metrics.val_bpb", 1.0),
+        "dev_metrics are not the deciding model's point of val_curve",
+    ),
+    "contamination-not-from-the-scores": (
+        {},
+        _set("contamination.flagged", True),
+        "contamination does not follow from metrics, dev_metrics and max_gap_nats",
+    ),
 }

@@ -9,10 +9,10 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import run_cli, write_submission
-from evaluator.runner import summary_lines
 from publish_support import make_run
+
+from evaluator.runner import summary_lines
 
 # Trains on both of the track's threads until `seconds` have passed, then returns the tiny model,
 # whose every scoring step computes for STEP_CPU_S of CPU time: scoring that costs about as much
@@ -83,17 +83,22 @@ def test_a_quiet_run_gets_what_it_asks_for_whatever_threads_it_uses(tmp_path, ru
 
 
 @pytest.mark.slow
-def test_a_busy_host_makes_an_honest_run_unofficial_never_invalid(tmp_path, runs_dir, capsys, nsjail, burners,
-                                                                  cpu_track_variant):
-    track = cpu_track_variant("tight-scoring", lambda text: text.replace("time_limit_s = 90", f"time_limit_s = {TIGHT_SCORING_S}"))
+def test_a_busy_host_makes_an_honest_run_unofficial_never_invalid(
+    tmp_path, runs_dir, capsys, nsjail, burners, cpu_track_variant
+):
+    track = cpu_track_variant(
+        "tight-scoring", lambda text: text.replace("time_limit_s = 90", f"time_limit_s = {TIGHT_SCORING_S}")
+    )
     folder = write_submission(tmp_path, "computes", COMPUTES.format(seconds=4, threads=2))
     code, record = run_cli(folder, runs_dir, "--track", track, "--budget", "8", "--sandbox", "nsjail", capsys=capsys)
     assert (code, record["status"]) == (0, "ok"), record["message"]
     received = record["train"]["received"]
     assert received["share"] < 0.9
     busy = [reason for reason in record["unofficial_reasons"] if reason.startswith("the host was busy")]
-    assert busy == [f"the host was busy: the training jail got {received['share']:.0%} of the CPU time its "
-                    "threads asked for (the track asks for at least 90%)"]
+    assert busy == [
+        f"the host was busy: the training jail got {received['share']:.0%} of the CPU time its "
+        "threads asked for (the track asks for at least 90%)"
+    ]
     # Scoring took longer on the wall clock than the deadline allows, and the deadline held.
     (scoring,) = record["model_scorings"]
     assert scoring["wall_s"] > TIGHT_SCORING_S and scoring["cpu_s"] / 2 < TIGHT_SCORING_S
@@ -120,8 +125,9 @@ def train(ctx):
 
 
 @pytest.mark.slow
-def test_on_a_busy_host_a_model_that_waits_still_meets_the_wall_clock_backstop(tmp_path, runs_dir, capsys, nsjail,
-                                                                              burners, cpu_track_variant):
+def test_on_a_busy_host_a_model_that_waits_still_meets_the_wall_clock_backstop(
+    tmp_path, runs_dir, capsys, nsjail, burners, cpu_track_variant
+):
     """The backstop does not count time the host kept the jail from a CPU; a sleeping thread asks for
     none, so a model cannot hide its waiting behind the host's load."""
     track = cpu_track_variant("short-steps", lambda text: text.replace("step_s = 5 ", "step_s = 1 "))
@@ -129,7 +135,9 @@ def test_on_a_busy_host_a_model_that_waits_still_meets_the_wall_clock_backstop(t
     code, record = run_cli(folder, runs_dir, "--track", track, "--budget", "3", "--sandbox", "nsjail", capsys=capsys)
     assert (code, record["status"]) == (1, "invalid_model")
     assert record["message"].startswith("the final model (taken at ")
-    assert "a scoring step took longer than the track's 1 s of wall time x 4, not counting the host's" in record["message"]
+    assert (
+        "a scoring step took longer than the track's 1 s of wall time x 4, not counting the host's" in record["message"]
+    )
     (scoring,) = record["model_scorings"]
     assert 4 <= scoring["wall_s"] < 16
 
@@ -137,9 +145,11 @@ def test_on_a_busy_host_a_model_that_waits_still_meets_the_wall_clock_backstop(t
 def test_the_closing_summary_fits_an_80_column_terminal(tmp_path):
     run_dir = make_run(tmp_path, "run-1", submission="a-submission-with-a-rather-long-name", official=False)
     result = json.loads((run_dir / "result.json").read_text())
-    result["unofficial_reasons"] += ["the host was busy: the training jail got 41% of the CPU time its threads asked for "
-                                     "(the track asks for at least 90%)",
-                                     "development result: " + "a very long reason " * 12]
+    result["unofficial_reasons"] += [
+        "the host was busy: the training jail got 41% of the CPU time its threads asked for "
+        "(the track asks for at least 90%)",
+        "development result: " + "a very long reason " * 12,
+    ]
     lines = summary_lines(result)
     assert all(len(line) <= 80 for line in lines), lines
     text = " ".join(line.strip() for line in lines)

@@ -133,7 +133,10 @@ def test_two_submission_folders_in_one_change_are_refused(repo, capsys):
     code, out, err = _check_changed(capsys)
     assert code == 2
     assert "submissions/alice-fast: ok" in out and "submissions/bob-slow: ok" in out
-    assert "changes 2 submission folders (submissions/alice-fast, submissions/bob-slow): one submission per pull request" in err
+    assert (
+        "changes 2 submission folders (submissions/alice-fast, submissions/bob-slow): one submission per pull request"
+        in err
+    )
 
 
 def test_deleting_a_submission_folder_is_refused(repo, capsys):
@@ -218,7 +221,15 @@ def test_json_output(repo, capsys):
         "ok": False,
         "base": "main",
         "head": _git(repo, "rev-parse", "HEAD").strip(),
-        "submissions": [{"ok": True, "folder": "submissions/alice-fast", "submission": "alice-fast", "track": "t4-5min", "findings": []}],
+        "submissions": [
+            {
+                "ok": True,
+                "folder": "submissions/alice-fast",
+                "submission": "alice-fast",
+                "track": "t4-5min",
+                "findings": [],
+            }
+        ],
         "deleted": [],
         "outside": ["evaluator/x.py"],
         "edited": [],
@@ -298,7 +309,10 @@ def test_hostile_file_names_reach_no_terminal_raw(repo, capsys):
     code, out, err = _check_changed(capsys)
     assert code == 2
     assert not CONTROL_CHARACTERS.search(out + err), repr(out + err)
-    assert 'submissions/evil\\x1b[2J/manifest.toml: submission.name "evil" must be the folder\'s name "evil\\x1b[2J"' in err
+    assert (
+        'submissions/evil\\x1b[2J/manifest.toml: submission.name "evil" must be the folder\'s name "evil\\x1b[2J"'
+        in err
+    )
     assert "notes\\x1b]0;owned\\x07.txt: changed outside" in err
     code, out, _ = _check_changed(capsys, "--json")
     assert not CONTROL_CHARACTERS.search(out), repr(out)
@@ -316,13 +330,18 @@ def test_outside_a_git_repository_is_one_line(repo, tmp_path):
     plain.mkdir()
     done = subprocess.run(
         [sys.executable, "-m", "evaluator.cli", "check", "--changed", "main"],
-        cwd=plain, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(HOME)},
+        cwd=plain,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(HOME)},
     )
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.count("\n") == 1 and "is not in a git repository" in done.stderr, done.stderr
 
 
-@pytest.mark.parametrize("argv", [["check", "submissions/template", "--changed", "main"], ["check"]], ids=["both", "neither"])
+@pytest.mark.parametrize(
+    "argv", [["check", "submissions/template", "--changed", "main"], ["check"]], ids=["both", "neither"]
+)
 def test_exactly_one_of_dir_and_changed(repo, capsys, argv):
     with pytest.raises(SystemExit) as exited:
         main(argv)
@@ -363,7 +382,7 @@ def _evaluator_command_lines(workflow: dict) -> list[list[str]]:
             for start, token in enumerate(tokens):
                 if token == "evaluator":
                     argv = []
-                    for word in tokens[start + 1:]:
+                    for word in tokens[start + 1 :]:
                         if set(word) <= set(lexer.punctuation_chars):  # |, &&, ;, >, ...: the command ends
                             break
                         argv.append(word)

@@ -14,7 +14,6 @@ import random
 import re
 import shutil
 import time
-from pathlib import Path
 
 import pytest
 
@@ -28,11 +27,42 @@ TEMPLATE = HOME / "submissions" / "template"
 SEED = 18
 CASES = 600
 # Characters that mean something to TOML, to the schema or to a terminal.
-ALPHABET = list('[]{}"\'=.,#\\\n\r\t 0123456789-+_:aeTZnfi') + ["\x00", "\x1b", "\x7f", "\x85", "\x9b", "\u2028", "\ufeff"]
-KEYS = ["schema", "submission", "name", "track", "authors", "description", "licence", "entry", "module",
-        "function", "config", "tracks", "cpu-1min", "t4-5min", "d_model"]
-TABLES = ["[config]", "[submission]", "[entry]", "[tracks.cpu-1min.config]", "[tracks.t4-5min]", "[[config]]",
-          "[config.sub]", "[tracks]"]
+ALPHABET = list("[]{}\"'=.,#\\\n\r\t 0123456789-+_:aeTZnfi") + [
+    "\x00",
+    "\x1b",
+    "\x7f",
+    "\x85",
+    "\x9b",
+    "\u2028",
+    "\ufeff",
+]
+KEYS = [
+    "schema",
+    "submission",
+    "name",
+    "track",
+    "authors",
+    "description",
+    "licence",
+    "entry",
+    "module",
+    "function",
+    "config",
+    "tracks",
+    "cpu-1min",
+    "t4-5min",
+    "d_model",
+]
+TABLES = [
+    "[config]",
+    "[submission]",
+    "[entry]",
+    "[tracks.cpu-1min.config]",
+    "[tracks.t4-5min]",
+    "[[config]]",
+    "[config.sub]",
+    "[tracks]",
+]
 
 
 def _string(rng: random.Random) -> str:
@@ -49,7 +79,7 @@ def _value(rng: random.Random, depth: int = 0) -> str:
         kinds += ["array", "table"]
     kind = rng.choice(kinds)
     if kind == "int":
-        return str(rng.choice([0, 1, -1, 2**63 - 1, 2**63, -(2**63) - 1, rng.randint(-10**30, 10**30)]))
+        return str(rng.choice([0, 1, -1, 2**63 - 1, 2**63, -(2**63) - 1, rng.randint(-(10**30), 10**30)]))
     if kind == "float":
         return rng.choice(["1e300", "-0.0", "3.25", "1e999", "6.02e23", "0.1"])
     if kind == "bool":
@@ -101,7 +131,7 @@ def _mutate(rng: random.Random, text: str) -> str:
     elif mutation == 5:  # a span cut out
         joined = "\n".join(lines)
         start = rng.randrange(len(joined))
-        return joined[:start] + joined[start + rng.randint(1, 80):]
+        return joined[:start] + joined[start + rng.randint(1, 80) :]
     elif mutation == 6:  # a line repeated or two lines swapped
         a, b = rng.randrange(len(lines)), rng.randrange(len(lines))
         if rng.random() < 0.5:
@@ -111,9 +141,15 @@ def _mutate(rng: random.Random, text: str) -> str:
     elif mutation == 7:  # truncated
         return "\n".join(lines)[: rng.randrange(len(text))]
     elif mutation == 8:  # free text with control characters or Markdown
-        lines.insert(where, f"{rng.choice(['authors', 'description', 'name', 'licence'])} = {rng.choice([_string(rng), '[' + _string(rng) + ']'])}")
+        lines.insert(
+            where,
+            f"{rng.choice(['authors', 'description', 'name', 'licence'])} = {rng.choice([_string(rng), '[' + _string(rng) + ']'])}",
+        )
     else:  # a dotted key into the tables the schema knows
-        lines.insert(where, f"{rng.choice(['tracks.cpu-1min.config', 'tracks.x', 'config', 'submission', 'entry'])}.{rng.choice(KEYS)} = {_value(rng)}")
+        lines.insert(
+            where,
+            f"{rng.choice(['tracks.cpu-1min.config', 'tracks.x', 'config', 'submission', 'entry'])}.{rng.choice(KEYS)} = {_value(rng)}",
+        )
     return "\n".join(lines)
 
 
@@ -146,7 +182,9 @@ def test_check_never_raises_on_generated_manifests(tmp_path, capsys):
         try:
             code = main(["check", *(["--json"] if as_json else []), str(folder)])
         except BaseException as exc:  # noqa: BLE001 - any exception at all is the failure sought
-            pytest.fail(f"case {case} (seed {SEED}): check raised {type(exc).__name__}: {exc}\nmanifest begins: {shown!r}")
+            pytest.fail(
+                f"case {case} (seed {SEED}): check raised {type(exc).__name__}: {exc}\nmanifest begins: {shown!r}"
+            )
         out, err = capsys.readouterr()
         assert code in outcomes, f"case {case}: exit {code}\n{out}{err}\nmanifest begins: {shown!r}"
         outcomes[code] += 1

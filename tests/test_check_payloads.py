@@ -81,7 +81,11 @@ def _whole_split_base85(folder: Path) -> list[str]:
     payload = base64.b85encode(_packed(_val_tokens())).decode()
     assert 15_000 < len(payload) < 20_000  # the ~19 KB of the measured attack
     (folder / "val_data.py").write_text(f'"""Constants."""\n\nVAL = (\n    "{payload}"\n)\n')
-    return ["val_data.py:4:5: a string literal of", "val_data.py:4:5: 1 piece(s) of text (string literal;", "read like encoded data"]
+    return [
+        "val_data.py:4:5: a string literal of",
+        "val_data.py:4:5: 1 piece(s) of text (string literal;",
+        "read like encoded data",
+    ]
 
 
 def _quarter_in_seven_strings(folder: Path) -> list[str]:
@@ -91,7 +95,10 @@ def _quarter_in_seven_strings(folder: Path) -> list[str]:
     chunks = [payload[i : i + 700] for i in range(0, len(payload), 700)]
     assert len(chunks) == 7
     first = _add_to_train(folder, "".join(f'\nPART_{i} = "{chunk}"' for i, chunk in enumerate(chunks)) + "\n")
-    return [f"train.py:{first + 1}:10: a string literal of 700 characters", f"train.py:{first + 1}:10: 7 piece(s) of text"]
+    return [
+        f"train.py:{first + 1}:10: a string literal of 700 characters",
+        f"train.py:{first + 1}:10: 7 piece(s) of text",
+    ]
 
 
 def _quarter_in_many_short_strings(folder: Path) -> list[str]:
@@ -102,13 +109,20 @@ def _quarter_in_many_short_strings(folder: Path) -> list[str]:
     body = "\n".join(f"    {json.dumps(chunk)}," for chunk in chunks)
     first = _add_to_train(folder, f"\nPARTS = [\n{body}\n]\n")
     # 12-character strings, so the list holds hundreds of constants too.
-    return [f"train.py:{first + 1}:9: lists {len(chunks)} constants in one list", f"train.py:{first + 2}:5: ", "piece(s) of text (string literal;"]
+    return [
+        f"train.py:{first + 1}:9: lists {len(chunks)} constants in one list",
+        f"train.py:{first + 2}:5: ",
+        "piece(s) of text (string literal;",
+    ]
 
 
 def _token_ids_as_a_list(folder: Path) -> list[str]:
     tokens = _val_tokens()
     first = _add_to_train(folder, f"\nVAL_TOKENS = [{', '.join(map(str, tokens))}]\n")
-    return [f"train.py:{first + 1}:14: lists {len(tokens):,} constants in one list", f"train.py:{first + 1}: the folder's number literals take"]
+    return [
+        f"train.py:{first + 1}:14: lists {len(tokens):,} constants in one list",
+        f"train.py:{first + 1}: the folder's number literals take",
+    ]
 
 
 def _token_ids_in_short_lists(folder: Path) -> list[str]:
@@ -166,7 +180,10 @@ def _raw_text_in_docstrings(folder: Path) -> list[str]:
     texts = [row["text"].replace("\\", "/").replace('"""', "'''") for row in _val_rows()]
     functions = "".join(f'\n\ndef note_{i}():\n    """{text}"""\n' for i, text in enumerate(texts))
     _add_to_train(folder, functions)
-    return ["/train.py:", "bytes of comments, docstrings, string literals and other text, and passes the limit of 24,576 here"]
+    return [
+        "/train.py:",
+        "bytes of comments, docstrings, string literals and other text, and passes the limit of 24,576 here",
+    ]
 
 
 def _wide_alphabet_comments(folder: Path) -> list[str]:
@@ -179,19 +196,25 @@ def _wide_alphabet_comments(folder: Path) -> list[str]:
 
 
 def _decoders_called(folder: Path) -> list[str]:
-    first = _add_to_train(folder, (
-        "\nimport codecs\nimport lzma as _l\nimport pickle\nfrom base64 import b85decode\n\n"
-        "BLOB = _l.decompress(b85decode(b''))\n"
-        "HEX = bytes.fromhex('00ff')\n"
-        "TEXT = codecs.decode(b'00', 'hex')\n"
-        "OBJECT = pickle.loads(BLOB)\n"
-        "ZIPPED = __import__('zlib').decompress(HEX)\n"
-    ))
+    first = _add_to_train(
+        folder,
+        (
+            "\nimport codecs\nimport lzma as _l\nimport pickle\nfrom base64 import b85decode\n\n"
+            "BLOB = _l.decompress(b85decode(b''))\n"
+            "HEX = bytes.fromhex('00ff')\n"
+            "TEXT = codecs.decode(b'00', 'hex')\n"
+            "OBJECT = pickle.loads(BLOB)\n"
+            "ZIPPED = __import__('zlib').decompress(HEX)\n"
+        ),
+    )
     decoder = "(), which decodes, decompresses or deserialises"
     return [
-        f"train.py:{first + 4}:1: uses b85decode{decoder}", f"train.py:{first + 6}:8: uses decompress{decoder}",
-        f"train.py:{first + 6}:22: uses b85decode{decoder}", f"train.py:{first + 7}:7: uses fromhex{decoder}",
-        f"train.py:{first + 8}:8: uses decode{decoder}", f"train.py:{first + 9}:10: uses loads{decoder}",
+        f"train.py:{first + 4}:1: uses b85decode{decoder}",
+        f"train.py:{first + 6}:8: uses decompress{decoder}",
+        f"train.py:{first + 6}:22: uses b85decode{decoder}",
+        f"train.py:{first + 7}:7: uses fromhex{decoder}",
+        f"train.py:{first + 8}:8: uses decode{decoder}",
+        f"train.py:{first + 9}:10: uses loads{decoder}",
         f"train.py:{first + 10}:10: uses decompress{decoder}",
     ]
 
@@ -210,13 +233,18 @@ def _config_long_string(folder: Path) -> list[str]:
     text = path.read_text().replace("margin_s = 3.0", f'margin_s = 3.0\nnotes = "{payload}"', 1)
     path.write_text(text)
     line = text.split("\n").index(next(line for line in text.split("\n") if line.startswith("notes"))) + 1
-    return [f"manifest.toml:{line}:1: a [config] value here is a string of {len(payload):,} characters", f"manifest.toml:{line}: 1 piece(s) of text (line;"]
+    return [
+        f"manifest.toml:{line}:1: a [config] value here is a string of {len(payload):,} characters",
+        f"manifest.toml:{line}: 1 piece(s) of text (line;",
+    ]
 
 
 def _config_many_keys(folder: Path) -> list[str]:
     path = folder / "manifest.toml"
     text = path.read_text()
-    path.write_text(text.replace("margin_s = 3.0", "margin_s = 3.0\n" + "\n".join(f"k{i} = {i}" for i in range(400)), 1))
+    path.write_text(
+        text.replace("margin_s = 3.0", "margin_s = 3.0\n" + "\n".join(f"k{i} = {i}" for i in range(400)), 1)
+    )
     line = next(number for number, line in enumerate(text.split("\n"), 1) if line.startswith("[config]"))
     return [f"manifest.toml:{line}:1: [config] and its overrides hold 412 keys and values; the limit is 256"]
 
@@ -230,11 +258,24 @@ def _names_that_carry_the_split(folder: Path) -> list[str]:
 
 
 ATTACKS = [
-    _whole_split_base85, _quarter_in_seven_strings, _quarter_in_many_short_strings, _token_ids_as_a_list,
-    _token_ids_in_short_lists, _floats_as_a_tuple, _base85_in_comments, _hex_bytes_literal, _base32_docstring,
-    _implicitly_joined_f_string, _json_file_beside_the_code, _raw_text_in_docstrings, _wide_alphabet_comments,
-    _decoders_called, _config_array_of_token_ids, _config_long_string,
-    _config_many_keys, _names_that_carry_the_split,
+    _whole_split_base85,
+    _quarter_in_seven_strings,
+    _quarter_in_many_short_strings,
+    _token_ids_as_a_list,
+    _token_ids_in_short_lists,
+    _floats_as_a_tuple,
+    _base85_in_comments,
+    _hex_bytes_literal,
+    _base32_docstring,
+    _implicitly_joined_f_string,
+    _json_file_beside_the_code,
+    _raw_text_in_docstrings,
+    _wide_alphabet_comments,
+    _decoders_called,
+    _config_array_of_token_ids,
+    _config_long_string,
+    _config_many_keys,
+    _names_that_carry_the_split,
 ]
 
 
@@ -260,7 +301,9 @@ def test_findings_name_the_file_and_line_in_json(submission, capsys):
 
 def test_a_python_file_that_does_not_parse_is_judged_as_text(submission, capsys):
     payload = base64.b85encode(_packed(_val_tokens()[:1500])).decode()
-    (submission / "helper.py").write_text("def broken(:\n" + "\n".join(payload[i : i + 70] for i in range(0, len(payload), 70)) + "\n")
+    (submission / "helper.py").write_text(
+        "def broken(:\n" + "\n".join(payload[i : i + 70] for i in range(0, len(payload), 70)) + "\n"
+    )
     code, output = _check(submission, capsys)
     assert code == 2 and "helper.py:2: " in output and "read like encoded data" in output, output
 
@@ -273,17 +316,22 @@ def test_a_text_file_that_is_not_utf8_is_refused(submission, capsys):
 
 def test_encoding_what_a_run_reports_passes(submission, capsys):
     """Compressing and encoding (a report of what a run saw) unpacks nothing: only decoders are refused."""
-    _add_to_train(submission, "\nimport base64\nimport zlib\n\nREPORT = base64.b64encode(zlib.compress(b'listing', 9)).decode()\n")
+    _add_to_train(
+        submission, "\nimport base64\nimport zlib\n\nREPORT = base64.b64encode(zlib.compress(b'listing', 9)).decode()\n"
+    )
     code, output = _check(submission, capsys)
     assert code == 0, output
 
 
 def test_a_few_short_regular_expressions_and_formulas_pass(submission, capsys):
     """What makes honest text look encoded, in honest amounts: regular expressions, shapes, formulas."""
-    _add_to_train(submission, (
-        '\nNAME = r"^[a-z0-9][a-z0-9-]{1,62}$"  # x = (W @ h) * 2**-0.5\n'
-        'SHAPES = "[B, T, 3C] -> [B, H, T, C/H]"\n'
-        "# d2 = sqrt(d1^2 - g1*g2); min_pos = x2 - (x2 - x1)*((g2 + d2 - d1)/(g2 - g1 + 2*d2))\n"
-    ))
+    _add_to_train(
+        submission,
+        (
+            '\nNAME = r"^[a-z0-9][a-z0-9-]{1,62}$"  # x = (W @ h) * 2**-0.5\n'
+            'SHAPES = "[B, T, 3C] -> [B, H, T, C/H]"\n'
+            "# d2 = sqrt(d1^2 - g1*g2); min_pos = x2 - (x2 - x1)*((g2 + d2 - d1)/(g2 - g1 + 2*d2))\n"
+        ),
+    )
     code, output = _check(submission, capsys)
     assert code == 0, output

@@ -13,13 +13,13 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import write_submission
+from publish_support import make_run
 
 import evaluator.compare as compare
-from conftest import write_submission
 from evaluator.cli import main
 from evaluator.leaderboard.html import PALETTE
 from evaluator.tracks import load_track
-from publish_support import make_run
 
 RETURN_UNIFORM = """
 def train(ctx):
@@ -34,7 +34,9 @@ class FakeEvaluate:
     a val_loss, a time to target (on a time-to-target track) or a status. `interrupt_at` (1-based call)
     raises KeyboardInterrupt instead, as Ctrl-C or SIGTERM in the middle of a run does."""
 
-    def __init__(self, root: Path, outcomes: dict | None = None, interrupt_at: int | None = None, wrong_seed: bool = False):
+    def __init__(
+        self, root: Path, outcomes: dict | None = None, interrupt_at: int | None = None, wrong_seed: bool = False
+    ):
         self.root, self.outcomes, self.interrupt_at, self.wrong_seed = root, outcomes or {}, interrupt_at, wrong_seed
         self.calls: list[tuple[int, str, int, bool]] = []
 
@@ -50,14 +52,27 @@ class FakeEvaluate:
         if isinstance(outcome, str):
             made = {"status": outcome}
         elif track.target is not None:  # a time to target, or None: not reached
-            made = {"target": track.target.val_loss, "time_to_target": outcome, "snapshot_every_s": 10.0,
-                    "val_loss": track.target.val_loss - 0.01 if outcome is not None else track.target.val_loss + 0.1}
+            made = {
+                "target": track.target.val_loss,
+                "time_to_target": outcome,
+                "snapshot_every_s": 10.0,
+                "val_loss": track.target.val_loss - 0.01 if outcome is not None else track.target.val_loss + 0.1,
+            }
         else:
             made = {"val_loss": outcome}
         run_id = f"run-{len(self.calls)}-p{pair}{side}"
-        run_dir = make_run(self.root, run_id, submission=Path(folder).name, track=track_id,
-                           seed=seed + (1 if self.wrong_seed else 0), seed_drawn=secret_seed, comparison=comparison,
-                           official=False, scored_on="public", **made)
+        run_dir = make_run(
+            self.root,
+            run_id,
+            submission=Path(folder).name,
+            track=track_id,
+            seed=seed + (1 if self.wrong_seed else 0),
+            seed_drawn=secret_seed,
+            comparison=comparison,
+            official=False,
+            scored_on="public",
+            **made,
+        )
         Path(runs_dir).mkdir(parents=True, exist_ok=True)
         shutil.move(run_dir, Path(runs_dir) / run_id)
         return json.loads((Path(runs_dir) / run_id / "result.json").read_text()), Path(runs_dir) / run_id
@@ -70,14 +85,17 @@ class FakeEvaluate:
 @pytest.fixture
 def pair_of(tmp_path):
     """Two valid submissions, alpha (A) and beta (B), where make_run hashes them: tmp/submissions/."""
-    return (write_submission(tmp_path / "submissions", "alpha", RETURN_UNIFORM),
-            write_submission(tmp_path / "submissions", "beta", RETURN_UNIFORM))
+    return (
+        write_submission(tmp_path / "submissions", "alpha", RETURN_UNIFORM),
+        write_submission(tmp_path / "submissions", "beta", RETURN_UNIFORM),
+    )
 
 
 @pytest.fixture
 def run_compare(tmp_path, capsys, monkeypatch):
     """`evaluator compare A B --out tmp/cmp ...` through the real command line with `fake` as evaluate:
     (exit code, stdout, stderr)."""
+
     def run(fake: FakeEvaluate, a, b, *args) -> tuple[int, str, str]:
         monkeypatch.setattr(compare, "evaluate", fake)
         code = main(["compare", str(a), str(b), "--out", str(tmp_path / "cmp"), *map(str, args)])
@@ -93,8 +111,16 @@ def test_pairs_run_in_abba_order_each_pair_with_one_seed(tmp_path, run_compare, 
     assert code == 0, err
     assert fake.order == [(1, "a"), (1, "b"), (2, "b"), (2, "a"), (3, "a"), (3, "b"), (4, "b"), (4, "a")]
     default = load_track("cpu-1min").default_seed
-    assert [seed for _, _, seed, _ in fake.calls] == [default, default, default + 1, default + 1,
-                                                      default + 2, default + 2, default + 3, default + 3]
+    assert [seed for _, _, seed, _ in fake.calls] == [
+        default,
+        default,
+        default + 1,
+        default + 1,
+        default + 2,
+        default + 2,
+        default + 3,
+        default + 3,
+    ]
     assert not any(drawn for *_, drawn in fake.calls)
     document = json.loads(out)  # --json: stdout holds the document and nothing else
     assert [pair["order"] for pair in document["pairs"]] == [["a", "b"], ["b", "a"], ["a", "b"], ["b", "a"]]
@@ -113,7 +139,9 @@ def test_pairs_run_in_abba_order_each_pair_with_one_seed(tmp_path, run_compare, 
 
 def test_the_paired_t_test_on_known_differences(tmp_path, run_compare, pair_of):
     a_losses, b_losses = [4.0, 4.1, 4.2], [3.98, 4.07, 4.19]  # B - A: -0.02, -0.03, -0.01
-    outcomes = {(i + 1, "a"): loss for i, loss in enumerate(a_losses)} | {(i + 1, "b"): loss for i, loss in enumerate(b_losses)}
+    outcomes = {(i + 1, "a"): loss for i, loss in enumerate(a_losses)} | {
+        (i + 1, "b"): loss for i, loss in enumerate(b_losses)
+    }
     code, out, _ = run_compare(FakeEvaluate(tmp_path, outcomes), *pair_of, "--json")
     document = json.loads(out)
     assert code == 0 and document["score"] == "val_loss" and document["counted_pairs"] == 3
@@ -151,8 +179,9 @@ def test_one_pair_has_no_p_value(tmp_path, run_compare, pair_of):
 
 def test_a_time_to_target_track_compares_times(tmp_path, run_compare, pair_of):
     outcomes = {(1, "a"): 40.0, (1, "b"): 30.0, (2, "b"): 32.0, (2, "a"): 42.0, (3, "a"): 41.0, (3, "b"): None}
-    code, out, _ = run_compare(FakeEvaluate(tmp_path, outcomes), *pair_of,
-                        "--track", "cpu-target", "--budget", "60", "--json")
+    code, out, _ = run_compare(
+        FakeEvaluate(tmp_path, outcomes), *pair_of, "--track", "cpu-target", "--budget", "60", "--json"
+    )
     document = json.loads(out)
     assert code == 1  # not_reached is the submission's
     assert document["score"] == "time_to_target_s"
@@ -174,8 +203,13 @@ def test_a_killed_comparison_resumes_and_reruns_only_runs_without_a_verdict(tmp_
     assert code == 0, err
     # Pair 1's A keeps its verdict; its B runs again with the same seed; then the rest, still ABBA.
     assert second.order == [(1, "b"), (2, "b"), (2, "a"), (3, "a"), (3, "b")]
-    assert [seed for _, _, seed, _ in second.calls] == [plan["seeds"][0], plan["seeds"][1], plan["seeds"][1],
-                                                        plan["seeds"][2], plan["seeds"][2]]
+    assert [seed for _, _, seed, _ in second.calls] == [
+        plan["seeds"][0],
+        plan["seeds"][1],
+        plan["seeds"][1],
+        plan["seeds"][2],
+        plan["seeds"][2],
+    ]
     document = json.loads(out)
     assert document["id"] == plan["id"] and document["pairs"][0]["difference"] == pytest.approx(-0.1)
     assert "1 run(s) already made" in err
@@ -185,7 +219,9 @@ def test_a_killed_comparison_resumes_and_reruns_only_runs_without_a_verdict(tmp_
     assert code == 0 and third.calls == [] and json.loads(out)["counted_pairs"] == 3
 
 
-def test_secret_seeds_are_drawn_pair_by_pair_written_down_first_and_kept_on_resume(tmp_path, run_compare, pair_of, monkeypatch):
+def test_secret_seeds_are_drawn_pair_by_pair_written_down_first_and_kept_on_resume(
+    tmp_path, run_compare, pair_of, monkeypatch
+):
     draws = iter([101, 102, 103, 104])
     monkeypatch.setattr(compare, "draw_seed", lambda: next(draws))
     first = FakeEvaluate(tmp_path, interrupt_at=3)  # FakeEvaluate checks the plan holds each seed before its run
@@ -219,8 +255,21 @@ def test_resuming_asks_for_the_same_comparison(tmp_path, run_compare, pair_of):
     assert code == 2 and "has changed since the comparison began" in err
 
 
-@pytest.mark.parametrize("case", ["same folder", "unknown track", "no pairs", "too many pairs", "two tracks",
-                                  "missing", "invalid", "busy out", "broken plan", "bad budget"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "same folder",
+        "unknown track",
+        "no pairs",
+        "too many pairs",
+        "two tracks",
+        "missing",
+        "invalid",
+        "busy out",
+        "broken plan",
+        "bad budget",
+    ],
+)
 def test_bad_input_is_one_line_and_runs_nothing(tmp_path, run_compare, pair_of, case):
     alpha, beta = pair_of
     broken = write_submission(tmp_path / "submissions", "broken", RETURN_UNIFORM)
@@ -230,8 +279,10 @@ def test_bad_input_is_one_line_and_runs_nothing(tmp_path, run_compare, pair_of, 
         "unknown track": ((alpha, beta, "--track", "no-such-track"), "unknown track 'no-such-track'"),
         "no pairs": ((alpha, beta, "--seeds", "0"), "--seeds is the number of pairs: 1 to 1000, not 0"),
         "too many pairs": ((alpha, beta, "--seeds", "1001"), "not 1001"),
-        "two tracks": ((alpha, write_submission(tmp_path / "submissions", "gamma", RETURN_UNIFORM, track="cpu-target")),
-                       "A is for track cpu-1min and B for cpu-target: choose one with --track"),
+        "two tracks": (
+            (alpha, write_submission(tmp_path / "submissions", "gamma", RETURN_UNIFORM, track="cpu-target")),
+            "A is for track cpu-1min and B for cpu-target: choose one with --track",
+        ),
         "missing": ((alpha, tmp_path / "missing"), "no such submission folder"),
         "invalid": ((alpha, broken), "the submission is invalid (1 problem(s): "),
         "busy out": ((alpha, beta), "holds other files and no comparison.json"),
@@ -273,8 +324,11 @@ def test_the_page_draws_both_submissions_validation_curves(tmp_path, run_compare
     page = (tmp_path / "cmp" / compare.HTML_FILE).read_text()
     assert "wrote " in err and "<svg" in page
     # A's runs in the leaderboard's first colour, B's in its second; B's crashed run has no curve.
-    assert page.count(f'class="final"') == 5
-    assert f'stroke="{PALETTE[0]}" class="val unofficial"' in page and f'stroke="{PALETTE[1]}" class="val unofficial"' in page
+    assert page.count('class="final"') == 5
+    assert (
+        f'stroke="{PALETTE[0]}" class="val unofficial"' in page
+        and f'stroke="{PALETTE[1]}" class="val unofficial"' in page
+    )
     assert "A alpha" in page and "B beta" in page and "left out" in page and "B crashed" in page
 
 
@@ -284,8 +338,22 @@ def test_a_real_comparison_of_two_tiny_submissions(tmp_path, capsys):
     submissions = tmp_path / "submissions"
     alpha = write_submission(submissions, "alpha", RETURN_UNIFORM)
     beta = write_submission(submissions, "beta", RETURN_UNIFORM)
-    code = main(["compare", str(alpha), str(beta), "--seeds", "1", "--budget", "5", "--sandbox", "none",
-                 "--out", str(tmp_path / "cmp"), "--json"])
+    code = main(
+        [
+            "compare",
+            str(alpha),
+            str(beta),
+            "--seeds",
+            "1",
+            "--budget",
+            "5",
+            "--sandbox",
+            "none",
+            "--out",
+            str(tmp_path / "cmp"),
+            "--json",
+        ]
+    )
     captured = capsys.readouterr()
     document = json.loads(captured.out)
     assert code == 0, captured.err

@@ -95,7 +95,9 @@ def test_tracks_pin_the_committed_files(capsys):
         assert resolve_data_file(track, "val") == VAL
     assert main(["data", "verify"]) == 0
     out = capsys.readouterr().out
-    assert out.count("ok ") == 3 * len(tracks.available_tracks()) and "FAIL" not in out  # train, val, tokenizer per track
+    assert (
+        out.count("ok ") == 3 * len(tracks.available_tracks()) and "FAIL" not in out
+    )  # train, val, tokenizer per track
 
 
 def test_datasheet_records_the_hashes_and_the_licence():
@@ -360,8 +362,23 @@ def test_pydoc_build_is_deterministic_and_meets_its_targets(tmp_path, capsys):
     for run in ("a", "b"):
         out = tmp_path / run
         code, printed, _ = run_cli(
-            capsys, "data", "build", "--source", "pydoc", "--source-dir", str(sources), "--out", str(out),
-            "--id", "tiny", "--docs", "40", "--tokens", "4000", "--vocab-size", "600",
+            capsys,
+            "data",
+            "build",
+            "--source",
+            "pydoc",
+            "--source-dir",
+            str(sources),
+            "--out",
+            str(out),
+            "--id",
+            "tiny",
+            "--docs",
+            "40",
+            "--tokens",
+            "4000",
+            "--vocab-size",
+            "600",
         )
         assert code == 0
         outputs.append((out, printed.replace(str(out), "OUT")))
@@ -392,8 +409,13 @@ def fixture_tokenizer(name: str):
 
 def hub_source(**overrides) -> source_hub.HubSource:
     settings = dict(
-        dataset="local/stories", config=None, split="train", tokenizer="local/tiny-tokenizer",
-        n_docs=25, max_chars=120, max_tokens=100_000,
+        dataset="local/stories",
+        config=None,
+        split="train",
+        tokenizer="local/tiny-tokenizer",
+        n_docs=25,
+        max_chars=120,
+        max_tokens=100_000,
     )
     return source_hub.HubSource(**{**settings, **overrides})
 

@@ -10,10 +10,10 @@ the logits `model(tokens)` gives, also when rows end at different positions and 
 from __future__ import annotations
 
 import importlib.util
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 
 from evaluator.api import decoder_for, stream_logits

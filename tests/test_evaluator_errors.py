@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import leftovers, write_submission
+
 from evaluator.cli import main
 from evaluator.results import EVALUATOR_ERROR_LOG, EVALUATOR_ERROR_MESSAGE, EXIT_CODES, result_problems
 
@@ -58,17 +58,34 @@ STAGES = {
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", list(STAGES))
-def test_a_fault_at_any_stage_ends_in_an_evaluator_error_result(stage, cpu_track_variant, tmp_path, runs_dir,
-                                                                capsys, monkeypatch, nsjail):
+def test_a_fault_at_any_stage_ends_in_an_evaluator_error_result(
+    stage, cpu_track_variant, tmp_path, runs_dir, capsys, monkeypatch, nsjail
+):
     target, trained = STAGES[stage]
     module_name, attribute = target.rsplit(".", 1)
     module = __import__(module_name, fromlist=[attribute])
     monkeypatch.setattr(target, _fail_once(getattr(module, attribute)))
-    track = cpu_track_variant("fast-snapshots", lambda text: text.replace("snapshot_every_s = 20", "snapshot_every_s = 1"))
+    track = cpu_track_variant(
+        "fast-snapshots", lambda text: text.replace("snapshot_every_s = 20", "snapshot_every_s = 1")
+    )
     folder = write_submission(tmp_path, "faulty", BODY)
 
-    code = main(["run", str(folder), "--track", track, "--budget", "4", "--secret-seeds", "--sandbox", "nsjail",
-                 "--out", str(runs_dir), "--json"])
+    code = main(
+        [
+            "run",
+            str(folder),
+            "--track",
+            track,
+            "--budget",
+            "4",
+            "--secret-seeds",
+            "--sandbox",
+            "nsjail",
+            "--out",
+            str(runs_dir),
+            "--json",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == EXIT_CODES["evaluator_error"] == 4
     assert "Traceback" not in captured.err and "injected fault" not in captured.err + captured.out
@@ -88,9 +105,10 @@ def test_a_fault_at_any_stage_ends_in_an_evaluator_error_result(stage, cpu_track
 
 def test_a_fault_while_signing_leaves_the_result_valid_and_no_envelope(tmp_path, monkeypatch):
     """Signing is the last stage: a failure there writes nothing, and the run can be published later."""
+    from publish_support import make_run
+
     from evaluator.publish import publish
     from evaluator.signing import generate_key_pair, load_private_key
-    from publish_support import make_run
 
     run_dir = make_run(tmp_path, "signed-later")
     before = (run_dir / "result.json").read_bytes()

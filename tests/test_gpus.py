@@ -7,12 +7,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
-
 from conftest import write_submission
+
 from evaluator import gpus
 from evaluator.cli import main
 from evaluator.sandbox import JailSpec, open_sandbox
@@ -138,10 +137,21 @@ def test_a_run_refused_by_a_lock_or_a_gpu_flag_leaves_nothing_behind(two_gpus, t
 def test_without_nsjail_cuda_is_pointed_at_the_runs_board(tmp_path):
     # --sandbox none hides no device node, so the board is named in CUDA_VISIBLE_DEVICES.
     spec = JailSpec(
-        name="gpu-env", argv=[sys.executable, "-c", "import os; print(os.environ.get('CUDA_VISIBLE_DEVICES'))"],
-        workdir=tmp_path / "work", cwd=tmp_path, env={"PATH": "/usr/bin:/bin"}, ro_paths=[], rw_paths=[], tmpfs={},
-        memory_bytes=1 << 30, pids=16, time_limit_s=30, log_path=tmp_path / "log", log_cap_bytes=1 << 16,
-        gpu_index=None, gpu_uuid=BOARDS[0].uuid,
+        name="gpu-env",
+        argv=[sys.executable, "-c", "import os; print(os.environ.get('CUDA_VISIBLE_DEVICES'))"],
+        workdir=tmp_path / "work",
+        cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin"},
+        ro_paths=[],
+        rw_paths=[],
+        tmpfs={},
+        memory_bytes=1 << 30,
+        pids=16,
+        time_limit_s=30,
+        log_path=tmp_path / "log",
+        log_cap_bytes=1 << 16,
+        gpu_index=None,
+        gpu_uuid=BOARDS[0].uuid,
     )
     with open_sandbox("none").start(spec) as jailed:
         out = jailed.stdout.read().decode()
@@ -158,8 +168,11 @@ def test_a_planted_lock_directory_or_file_is_one_line_never_followed(two_gpus, t
     else:
         two_gpus.mkdir()
         lock = two_gpus / "host.lock"
-        {"fifo": lambda: os.mkfifo(lock), "directory": lock.mkdir,
-         "link-file": lambda: lock.symlink_to(target / "elsewhere")}[plant]()
+        {
+            "fifo": lambda: os.mkfifo(lock),
+            "directory": lock.mkdir,
+            "link-file": lambda: lock.symlink_to(target / "elsewhere"),
+        }[plant]()
     with pytest.raises(gpus.UserError, match="lock") as refused:
         with gpus.hold_host(exclusive=False, holder="test"):
             pass

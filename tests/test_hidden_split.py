@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import run_cli, write_submission
+
 from evaluator.cli import main
 from evaluator.dataset import source_pydoc
 from evaluator.dataset.build import OVERLAP_WINDOW
@@ -32,8 +32,11 @@ PUBLIC = HOME / "spec" / "datasets" / "pydoc-100k"
 def pool(tmp_path_factory) -> Path:
     """JSON lines of the documentation sections the public dataset did not use: a real pool, small
     enough for a submission to carry (which is what the embedding bound must say)."""
-    used = {doc_id for split in ("train", "val")
-            for doc_id in pq.read_table(PUBLIC / f"{split}.parquet", columns=["doc_id"]).column("doc_id").to_pylist()}
+    used = {
+        doc_id
+        for split in ("train", "val")
+        for doc_id in pq.read_table(PUBLIC / f"{split}.parquet", columns=["doc_id"]).column("doc_id").to_pylist()
+    }
     source = source_pydoc.DEFAULT_SOURCE_DIR
     sections = source_pydoc.read_sections(source, source_pydoc.source_files(source))
     path = tmp_path_factory.mktemp("pool") / "pool.jsonl"
@@ -55,8 +58,24 @@ def _private(capsys, *argv: str) -> tuple[int, str, str]:
 def hidden_dir(pool, tmp_path_factory) -> Path:
     """A hidden split of 60 documents drawn from the pool by the tool itself."""
     out = tmp_path_factory.mktemp("private")
-    assert main(["data", "private", "--track", "cpu-1min", "--pool", str(pool), "--docs", "60", "--out", str(out),
-                 "--accept-embeddable"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "private",
+                "--track",
+                "cpu-1min",
+                "--pool",
+                str(pool),
+                "--docs",
+                "60",
+                "--out",
+                str(out),
+                "--accept-embeddable",
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -89,7 +108,7 @@ def test_data_private_writes_a_split_found_by_its_hash_that_overlaps_no_public_t
     assert all(len(row["text"]) <= longest for row in hidden)  # cut like the public documents
 
     def windows(tokens):
-        return {tuple(tokens[i:i + OVERLAP_WINDOW]) for i in range(len(tokens) - OVERLAP_WINDOW + 1)}
+        return {tuple(tokens[i : i + OVERLAP_WINDOW]) for i in range(len(tokens) - OVERLAP_WINDOW + 1)}
 
     public_windows = set().union(*(windows(row["tokens"]) for row in public))
     assert not any(windows(row["tokens"]) & public_windows for row in hidden)
@@ -104,7 +123,10 @@ def test_a_track_finds_its_hidden_split_by_hash_only_where_the_host_holds_it(hid
     track = load_track_file(track_file)
 
     monkeypatch.delenv(PRIVATE_DATA_ENV, raising=False)
-    assert find_hidden_split(track) == (None, f"the track's hidden split is not on this host ({PRIVATE_DATA_ENV} is not set)")
+    assert find_hidden_split(track) == (
+        None,
+        f"the track's hidden split is not on this host ({PRIVATE_DATA_ENV} is not set)",
+    )
     monkeypatch.setenv(PRIVATE_DATA_ENV, str(tmp_path))  # a directory without it
     found, why = find_hidden_split(track)
     assert found is None and "not on this host" in why
@@ -128,7 +150,7 @@ def test_a_track_finds_its_hidden_split_by_hash_only_where_the_host_holds_it(hid
 # --- runs --------------------------------------------------------------------------------------
 
 # Honest: a bigram model counted from the training split, nothing else.
-BIGRAM = '''
+BIGRAM = """
 import torch
 
 
@@ -160,11 +182,11 @@ def train(ctx):
     counts = torch.ones(ctx.vocab_size, ctx.vocab_size)
     counts.index_put_((tokens[:-1], tokens[1:]), torch.ones(len(tokens) - 1), accumulate=True)
     return Bigram(counts.log() - counts.sum(1, keepdim=True).log())
-'''
+"""
 
 # Dishonest: carries the public split's token ids and predicts each next token of every public
 # document from its whole prefix (a rolling hash of it); elsewhere its logits are flat.
-MEMORISER = '''
+MEMORISER = """
 import base64, json, zlib
 
 import torch
@@ -210,7 +232,7 @@ def train(ctx):
             key = hash((key, token))
             table[key] = following
     return Memoriser(ctx.vocab_size, table)
-'''
+"""
 
 
 def _memoriser_body() -> str:
@@ -225,15 +247,24 @@ def hidden_track(hidden_dir, cpu_track_variant, monkeypatch):
     share that a tiny model's 4 s reach on a busy test machine (tests/test_busy_host.py tests the share)."""
     digest = sha256_file(_hidden_file(hidden_dir))
     monkeypatch.setenv(PRIVATE_DATA_ENV, str(hidden_dir))
-    return cpu_track_variant("hidden-4s", lambda text: text.replace("budget_s = 60", "budget_s = 4").replace(
-        "min_cpu_share = 0.9", "min_cpu_share = 0.05").replace(
-        "\n[eval]", f'\nhidden = {{ sha256 = "{digest}" }}\n\n[eval]', 1))
+    return cpu_track_variant(
+        "hidden-4s",
+        lambda text: (
+            text.replace("budget_s = 60", "budget_s = 4")
+            .replace("min_cpu_share = 0.9", "min_cpu_share = 0.05")
+            .replace("\n[eval]", f'\nhidden = {{ sha256 = "{digest}" }}\n\n[eval]', 1)
+        ),
+    )
 
 
 @pytest.mark.slow
-def test_an_honest_model_is_official_on_the_hidden_split_and_not_flagged(hidden_track, tmp_path, runs_dir, capsys, nsjail):
+def test_an_honest_model_is_official_on_the_hidden_split_and_not_flagged(
+    hidden_track, tmp_path, runs_dir, capsys, nsjail
+):
     folder = write_submission(tmp_path, "bigram", BIGRAM)
-    code, result = run_cli(folder, runs_dir, "--track", hidden_track, "--secret-seeds", "--sandbox", "nsjail", capsys=capsys)
+    code, result = run_cli(
+        folder, runs_dir, "--track", hidden_track, "--secret-seeds", "--sandbox", "nsjail", capsys=capsys
+    )
     assert code == 0 and result["status"] == "ok", result["message"]
     assert result["official"] is True and result["unofficial_reasons"] == []
     assert result["data"]["scored_on"] == "hidden" and result["data"]["embedding_bound"]["gain_nats"] > 0
@@ -245,7 +276,8 @@ def test_an_honest_model_is_official_on_the_hidden_split_and_not_flagged(hidden_
 
 @pytest.mark.slow
 def test_a_model_that_carries_the_public_split_is_flagged_and_gains_nothing_on_the_hidden_one(
-        hidden_track, tmp_path, runs_dir, capsys, monkeypatch, nsjail):
+    hidden_track, tmp_path, runs_dir, capsys, monkeypatch, nsjail
+):
     # `check` refuses a carried split (tests/test_check_payloads.py); here it is let through, to test
     # the defence that holds even when a payload passes review.
     monkeypatch.setattr("evaluator.check.payload_findings", lambda *args, **kwargs: [])
@@ -258,14 +290,19 @@ def test_a_model_that_carries_the_public_split_is_flagged_and_gains_nothing_on_t
 
 
 @pytest.mark.slow
-def test_without_its_hidden_split_a_run_is_a_development_result(hidden_track, tmp_path, runs_dir, capsys, monkeypatch, nsjail):
+def test_without_its_hidden_split_a_run_is_a_development_result(
+    hidden_track, tmp_path, runs_dir, capsys, monkeypatch, nsjail
+):
     monkeypatch.delenv(PRIVATE_DATA_ENV)
     folder = write_submission(tmp_path, "bigram", BIGRAM)
-    code, result = run_cli(folder, runs_dir, "--track", hidden_track, "--secret-seeds", "--sandbox", "nsjail", capsys=capsys)
+    code, result = run_cli(
+        folder, runs_dir, "--track", hidden_track, "--secret-seeds", "--sandbox", "nsjail", capsys=capsys
+    )
     assert code == 0 and result["official"] is False
     assert result["unofficial_reasons"] == [
         "development result: scored on the public split, which anyone can memorise (the track's hidden split "
-        f"is not on this host ({PRIVATE_DATA_ENV} is not set))"]
+        f"is not on this host ({PRIVATE_DATA_ENV} is not set))"
+    ]
     assert result["data"]["scored_on"] == "public" and result["metrics"]["val_documents"] == 100
     assert result["dev_metrics"] is None and result["contamination"] is None
 

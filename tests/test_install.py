@@ -15,8 +15,8 @@ import tempfile
 from pathlib import Path
 
 import pytest
-
 from conftest import missing
+
 from evaluator import tracks
 
 # The slow tier (`make test-fast` leaves it out): every test here builds a wheel or installs one.
@@ -50,7 +50,9 @@ def make_venv(python: Path, where: Path, *packages) -> Path:
     return where
 
 
-def evaluator(venv: Path, cwd: Path, *args, user: int | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+def evaluator(
+    venv: Path, cwd: Path, *args, user: int | None = None, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """The installed command, as a user would type it: in `cwd`, nothing of the checkout on its path."""
     argv = [str(venv / "bin" / "evaluator"), *map(str, args)]
     if user is not None:
@@ -94,9 +96,16 @@ def test_the_wheel_works_outside_the_checkout(version, wheel, tmp_path):
     assert checked_folder.returncode == 0 and "mine: ok" in checked_folder.stdout, checked_folder.stderr
     data = evaluator(venv, work, "data", "verify")
     assert data.returncode == 0, data.stderr
-    assert data.stdout.count("ok ") == 3 * len(tracks.available_tracks()) and "site-packages/evaluator/_home/spec/datasets/pydoc-100k/" in data.stdout
+    assert (
+        data.stdout.count("ok ") == 3 * len(tracks.available_tracks())
+        and "site-packages/evaluator/_home/spec/datasets/pydoc-100k/" in data.stdout
+    )
     board = evaluator(venv, work, "leaderboard")
-    assert board.returncode == 0 and board.stdout.startswith("nothing to rank: ") and "results/ does not exist" in board.stdout
+    assert (
+        board.returncode == 0
+        and board.stdout.startswith("nothing to rank: ")
+        and "results/ does not exist" in board.stdout
+    )
 
     # Training needs the torch the user brings; without one, nothing is made.
     no_torch = evaluator(venv, work, "run", "mine", "--smoke")
@@ -134,7 +143,7 @@ def test_the_wheel_works_outside_the_checkout(version, wheel, tmp_path):
 
 # --- Python 3.11 with torch: runs from the wheel -----------------------------------------------------
 
-SNOOP = '''
+SNOOP = """
 import hashlib, os, sys, json
 import torch
 
@@ -161,7 +170,7 @@ def train(ctx):
         if os.path.isdir(package):
             found["package"][package] = sorted(os.listdir(package))
     raise RuntimeError("FOUND " + json.dumps(found))
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +201,9 @@ def test_the_training_jail_sees_none_of_the_installed_package(system_venv, tmp_p
     snoop = evaluator(system_venv, work, "run", "snoop", "--smoke", "--sandbox", "nsjail", "--json")
     record = json.loads(snoop.stdout)
     assert record["status"] == "crashed" and record["environment"]["sandbox"]["kind"] == "nsjail", record["message"]
-    found = json.loads(next(line for line in record["message"].splitlines() if line.startswith("RuntimeError: FOUND "))[20:])
+    found = json.loads(
+        next(line for line in record["message"].splitlines() if line.startswith("RuntimeError: FOUND "))[20:]
+    )
     jail_input = str(work / "results" / "runs" / record["run_id"] / "jail-input")
     val_sha256 = tracks.load_track("cpu-1min").dataset.val.sha256
     assert val_sha256 not in found["parquet"].values()
@@ -200,7 +211,14 @@ def test_the_training_jail_sees_none_of_the_installed_package(system_venv, tmp_p
     assert f"{jail_input}/train.parquet" in found["parquet"]  # the copy the jail reads, and the walk works
     # The installed package is not in the jail's allow-list at all (evaluator/sandbox/host_view.py).
     assert [path for path in found["package"] if "site-packages" in path] == [], found["package"]
-    assert found["package"][f"{jail_input}/evaluator"] == ["__init__.py", "api.py", "dataset", "errors.py", "harness.py", "job.py"]
+    assert found["package"][f"{jail_input}/evaluator"] == [
+        "__init__.py",
+        "api.py",
+        "dataset",
+        "errors.py",
+        "harness.py",
+        "job.py",
+    ]
 
 
 NOTEBOOK = CHECKOUT / "examples" / "colab-t4.ipynb"
@@ -239,8 +257,19 @@ def test_the_notebook_runs_as_a_user_without_root_to_a_scored_unsandboxed_run(sy
 
         script = notebook_as_script(NOTEBOOK, after_parameters="BUDGET_S = 10")
         run = subprocess.run(
-            ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", system_venv / "bin" / "python", "-c", script],
-            cwd=work, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S,
+            [
+                "setpriv",
+                f"--reuid={NOBODY}",
+                f"--regid={NOBODY}",
+                "--clear-groups",
+                system_venv / "bin" / "python",
+                "-c",
+                script,
+            ],
+            cwd=work,
+            capture_output=True,
+            text=True,
+            timeout=COMMAND_TIMEOUT_S,
             env={"PATH": f"{system_venv / 'bin'}:/usr/bin:/bin", "HOME": str(work)},
         )
         assert run.returncode == 0, run.stdout + run.stderr
@@ -254,10 +283,15 @@ def test_the_notebook_runs_as_a_user_without_root_to_a_scored_unsandboxed_run(sy
         records = [json.loads(path.read_text()) for path in (work / "results" / "runs").glob("*/result.json")]
         (full,) = [record for record in records if not record["smoke"]]
         sandbox = full["environment"]["sandbox"]
-        assert sandbox["kind"] == "none" and [item.split(":")[0] for item in sandbox["unavailable"]] == ["nsjail", "cgroups"]
+        assert sandbox["kind"] == "none" and [item.split(":")[0] for item in sandbox["unavailable"]] == [
+            "nsjail",
+            "cgroups",
+        ]
         assert full["environment"]["python"].startswith("3.11") and full["official"] is False
 
-        no_out = evaluator(system_venv, root_owned, "run", work / "my-run", "--track", "cpu-1min", "--smoke", user=NOBODY)
+        no_out = evaluator(
+            system_venv, root_owned, "run", work / "my-run", "--track", "cpu-1min", "--smoke", user=NOBODY
+        )
         assert no_out.returncode == 2 and "--out DIR" in one_line(no_out)
     finally:
         shutil.rmtree(root_owned, ignore_errors=True)
@@ -279,8 +313,12 @@ exec setpriv --bounding-set -sys_admin --inh-caps -sys_admin -- "$@"
 
 def in_container(*args) -> subprocess.CompletedProcess:
     command = [str(Path(sys.executable).parent / "evaluator"), *map(str, args)]
-    return subprocess.run(["unshare", "--mount", "--propagation", "private", "bash", "-c", CONTAINER, "container", *command],
-                          capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S)
+    return subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "bash", "-c", CONTAINER, "container", *command],
+        capture_output=True,
+        text=True,
+        timeout=COMMAND_TIMEOUT_S,
+    )
 
 
 def test_without_namespaces_or_writable_cgroups_auto_degrades_and_nsjail_refuses(tmp_path):
@@ -295,7 +333,20 @@ def test_without_namespaces_or_writable_cgroups_auto_degrades_and_nsjail_refuses
     assert record["environment"]["sandbox"]["kind"] == "none" and set(unavailable) == {"nsjail", "cgroups"}
     assert "Read-only file system" in unavailable["cgroups"]
 
-    strict = in_container("run", reference, "--track", "cpu-1min", "--smoke", "--sandbox", "nsjail", "--out", tmp_path / "strict", "--json")
+    strict = in_container(
+        "run",
+        reference,
+        "--track",
+        "cpu-1min",
+        "--smoke",
+        "--sandbox",
+        "nsjail",
+        "--out",
+        tmp_path / "strict",
+        "--json",
+    )
     record = json.loads(strict.stdout)
-    assert strict.returncode == 3 and record["status"] == "sandbox_error" and "Read-only file system" in record["message"]
+    assert (
+        strict.returncode == 3 and record["status"] == "sandbox_error" and "Read-only file system" in record["message"]
+    )
     assert "Traceback" not in strict.stderr

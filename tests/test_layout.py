@@ -39,7 +39,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     def visit(module: str, path: list[str]) -> None:
         for imported in sorted(graph[module]):
             if imported in path:
-                found.append(path[path.index(imported):] + [imported])
+                found.append(path[path.index(imported) :] + [imported])
             elif imported not in done:
                 visit(imported, path + [imported])
         done.add(module)

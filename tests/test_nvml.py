@@ -38,13 +38,19 @@ def _sample_all(fake: FakeNvml, board: FakeBoard) -> nvml.TelemetrySampler:
 
 def test_the_boards_are_listed_with_their_device_node_and_bus_id(monkeypatch):
     # NVML's order need not be the order of minor numbers: each board says which node is its own.
-    fake = FakeNvml([FakeBoard(minor=1, pci_bus_id="00000000:3B:00.0", uuid="GPU-b"),
-                     FakeBoard(minor=0, pci_bus_id="00000000:AF:00.0", uuid="GPU-a")])
+    fake = FakeNvml(
+        [
+            FakeBoard(minor=1, pci_bus_id="00000000:3B:00.0", uuid="GPU-b"),
+            FakeBoard(minor=0, pci_bus_id="00000000:AF:00.0", uuid="GPU-a"),
+        ]
+    )
     _install(monkeypatch, fake)
     driver, boards = nvml.driver_and_boards()
     assert driver == "535.183.01"
     assert [(b.minor, b.pci_bus_id, b.uuid, b.name, b.memory_mib) for b in boards] == [
-        (1, "00000000:3B:00.0", "GPU-b", "Tesla T4", 15360), (0, "00000000:AF:00.0", "GPU-a", "Tesla T4", 15360)]
+        (1, "00000000:3B:00.0", "GPU-b", "Tesla T4", 15360),
+        (0, "00000000:AF:00.0", "GPU-a", "Tesla T4", 15360),
+    ]
     assert fake.sessions == 0  # every session is shut down
 
 
@@ -119,7 +125,13 @@ def test_a_gpu_lost_mid_run_keeps_what_was_sampled(monkeypatch):
 
 def test_the_slowdown_bits_are_the_libraries_own():
     import pynvml  # the real bindings: nvidia-ml-py is a dependency, installed without a driver too
-    names = {"sw_power_cap": "SwPowerCap", "hw_slowdown": "HwSlowdown", "sw_thermal_slowdown": "SwThermalSlowdown",
-             "hw_thermal_slowdown": "HwThermalSlowdown", "hw_power_brake_slowdown": "HwPowerBrakeSlowdown"}
+
+    names = {
+        "sw_power_cap": "SwPowerCap",
+        "hw_slowdown": "HwSlowdown",
+        "sw_thermal_slowdown": "SwThermalSlowdown",
+        "hw_thermal_slowdown": "HwThermalSlowdown",
+        "hw_power_brake_slowdown": "HwPowerBrakeSlowdown",
+    }
     for ours, theirs in names.items():
         assert nvml._SLOWDOWN_REASONS[ours] == getattr(pynvml, f"nvmlClocksEventReason{theirs}")

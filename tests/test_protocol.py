@@ -17,12 +17,19 @@ def _line(event: dict) -> bytes:
 def test_every_event_of_the_protocol_is_accepted_as_it_is_written():
     tally = Tally()
     assert parse_line(_line({"event": "start", "phases": {"import_s": 1.5}}), tally) == {
-        "event": "start", "phases": {"import_s": 1.5}}
+        "event": "start",
+        "phases": {"import_s": 1.5},
+    }
     assert parse_line(_line({"event": "log", "step": 3, "metrics": {"loss": 2, "lr.head": 1e-3}}), tally) == {
-        "event": "log", "step": 3, "metrics": {"loss": 2.0, "lr.head": 1e-3}}
+        "event": "log",
+        "step": 3,
+        "metrics": {"loss": 2.0, "lr.head": 1e-3},
+    }
     assert parse_line(_line({"event": "snapshot", "bytes": 10, "save_s": 0.25}), tally)["save_s"] == 0.25
     assert parse_line(_line({"event": "saved", "bytes": 10}), tally) == {"event": "saved", "bytes": 10}
-    assert parse_line(_line({"event": "error", "kind": "crashed", "message": "Traceback ... naïve"}), tally)["message"].endswith("naïve")
+    assert parse_line(_line({"event": "error", "kind": "crashed", "message": "Traceback ... naïve"}), tally)[
+        "message"
+    ].endswith("naïve")
     assert (tally.lines, tally.refused) == (5, 0)
 
 

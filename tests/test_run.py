@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import leftovers, run_cli, write_submission
+
 from evaluator import plan, runner, training
 from evaluator.cli import main
 from evaluator.paths import HOME
@@ -50,9 +50,15 @@ def test_ok_run_is_scored_recorded_and_cleaned_up(tmp_path, runs_dir, capsys):
     assert isinstance(record["scoring_seconds"], int)
     assert 0 < record["train"]["train_seconds"] <= 5
     # No snapshot within 5 s of a track that takes one every 20 s: the curve is the final model alone.
-    assert record["val_curve"] == [{"time_s": round(record["train"]["train_seconds"], 2), "model": "final",
-                                    "val_loss": record["metrics"]["val_loss"], "val_bpb": record["metrics"]["val_bpb"],
-                                    "scored": "ok"}]
+    assert record["val_curve"] == [
+        {
+            "time_s": round(record["train"]["train_seconds"], 2),
+            "model": "final",
+            "val_loss": record["metrics"]["val_loss"],
+            "val_bpb": record["metrics"]["val_bpb"],
+            "scored": "ok",
+        }
+    ]
     assert record["target"] is None
     assert record["environment"]["sandbox"]["kind"] == "nsjail"
     assert record["official"] is False
@@ -80,7 +86,10 @@ def test_ok_run_is_scored_recorded_and_cleaned_up(tmp_path, runs_dir, capsys):
             "import time\n\ndef train(ctx):\n    time.monotonic = lambda: 0.0\n    time.time = lambda: 0.0\n"
             "    ctx.time_left = lambda: 1e9\n    time.sleep(600)\n",
         ),
-        ("ignores-polite-stop", "def train(ctx):\n    while True:\n        try:\n            while True:\n                pass\n        except BaseException:\n            pass\n"),
+        (
+            "ignores-polite-stop",
+            "def train(ctx):\n    while True:\n        try:\n            while True:\n                pass\n        except BaseException:\n            pass\n",
+        ),
         ("slow-import", "import time\ntime.sleep(600)\n\ndef train(ctx):\n    return TinyCausal(ctx.vocab_size)\n"),
     ],
 )
@@ -124,10 +133,17 @@ def test_an_early_saved_behind_a_backlog_stops_the_clock_only_when_the_jail_is_d
     code, record = run_cli(folder, runs_dir, "--budget", "20", "--smoke", "--sandbox", "nsjail", capsys=capsys)
     assert (code, record["status"]) == (0, "ok"), record["message"]
     made_at = subprocess.run(
-        [sys.executable, "-c", "import sys, torch; sys.path.insert(0, sys.argv[1]); "
-         "print(float(torch.load(sys.argv[2], weights_only=False).made_at))",
-         str(folder), str(runs_dir / record["run_id"] / "model.pt")],
-        capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-c",
+            "import sys, torch; sys.path.insert(0, sys.argv[1]); "
+            "print(float(torch.load(sys.argv[2], weights_only=False).made_at))",
+            str(folder),
+            str(runs_dir / record["run_id"] / "model.pt"),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     # The jail's advisory clock starts a moment after the evaluator's: allow it 50 ms.
     assert float(made_at) <= record["train"]["train_seconds"] + 0.05
@@ -194,13 +210,17 @@ def test_hostile_protocol_lines_are_ignored(tmp_path, runs_dir, capsys):
 
 @pytest.mark.parametrize(
     ("call", "expected"),
-    [("ctx.log(2**64, loss=1.0)", "ctx.log: step 18446744073709551616 does not fit in int64"),
-     ("ctx.log(1, loss=10**400)", "ctx.log: loss must be a number that fits in float64"),
-     ("ctx.log(1.5, loss=1.0)", "ctx.log: step must be an integer, not float")],
+    [
+        ("ctx.log(2**64, loss=1.0)", "ctx.log: step 18446744073709551616 does not fit in int64"),
+        ("ctx.log(1, loss=10**400)", "ctx.log: loss must be a number that fits in float64"),
+        ("ctx.log(1.5, loss=1.0)", "ctx.log: step must be an integer, not float"),
+    ],
     ids=["step-beyond-int64", "value-beyond-float64", "float-step"],
 )
 def test_ctx_log_refuses_what_metrics_parquet_cannot_hold(tmp_path, runs_dir, capsys, call, expected):
-    folder = write_submission(tmp_path, "logs-badly", f"def train(ctx):\n    {call}\n    return TinyCausal(ctx.vocab_size)\n")
+    folder = write_submission(
+        tmp_path, "logs-badly", f"def train(ctx):\n    {call}\n    return TinyCausal(ctx.vocab_size)\n"
+    )
     code, record = run_cli(folder, runs_dir, "--budget", "5", "--sandbox", "nsjail", capsys=capsys)
     assert (code, record["status"]) == (1, "crashed")
     assert f"ValueError: {expected}" in record["message"]
@@ -227,7 +247,9 @@ def test_memory_bomb_is_out_of_memory(tmp_path, runs_dir, capsys, make_track):
     small_track = make_track("cpu-small-memory", memory_mib=1024)
     body = "import torch\n\ndef train(ctx):\n    hoard = [torch.ones(2**28) for _ in range(8)]\n    return TinyCausal(ctx.vocab_size)\n"
     folder = write_submission(tmp_path, "memory-bomb", body)
-    code, record = run_cli(folder, runs_dir, "--track", small_track, "--budget", "20", "--sandbox", "nsjail", capsys=capsys)
+    code, record = run_cli(
+        folder, runs_dir, "--track", small_track, "--budget", "20", "--sandbox", "nsjail", capsys=capsys
+    )
     assert (code, record["status"]) == (1, "out_of_memory"), record["message"]
     _assert_nothing_left(record, runs_dir)
 
@@ -237,13 +259,15 @@ def test_fork_bomb_is_contained(tmp_path, runs_dir, capsys, make_track):
     body = "import os\n\ndef train(ctx):\n    while True:\n        os.fork()\n"
     folder = write_submission(tmp_path, "fork-bomb", body)
     began = time.monotonic()
-    code, record = run_cli(folder, runs_dir, "--track", small_track, "--budget", "5", "--sandbox", "nsjail", capsys=capsys)
+    code, record = run_cli(
+        folder, runs_dir, "--track", small_track, "--budget", "5", "--sandbox", "nsjail", capsys=capsys
+    )
     assert record["status"] in ("crashed", "over_budget"), record["message"]
     assert time.monotonic() - began < 5 + STARTUP_SLACK_S
     _assert_nothing_left(record, runs_dir)
 
 
-PROBE = '''
+PROBE = """
 import json
 import os
 import socket
@@ -285,7 +309,7 @@ def train(ctx):
         "write_scratch": _try(lambda: _write(os.path.join(str(ctx.scratch), "fine.txt"))),
     }
     raise RuntimeError("PROBE " + json.dumps(report))
-'''
+"""
 
 
 def test_the_jail_has_no_network_no_data_and_a_read_only_filesystem(tmp_path, runs_dir, capsys):
@@ -344,8 +368,23 @@ def train(ctx):
 
 def test_secret_seeds_are_drawn_recorded_and_handed_to_the_submission(tmp_path, runs_dir, capsys):
     folder = write_submission(tmp_path, "drawn", LOG_THE_SEED)
-    code = main(["run", str(folder), "--out", str(runs_dir), "--json", "--budget", "5", "--smoke", "--sandbox", "none",
-                 "--seeds", "2", "--secret-seeds"])
+    code = main(
+        [
+            "run",
+            str(folder),
+            "--out",
+            str(runs_dir),
+            "--json",
+            "--budget",
+            "5",
+            "--smoke",
+            "--sandbox",
+            "none",
+            "--seeds",
+            "2",
+            "--secret-seeds",
+        ]
+    )
     records = json.loads(capsys.readouterr().out)
     assert code == 0 and [r["status"] for r in records] == ["ok", "ok"], records
     seeds = [record["seed"] for record in records]
@@ -415,8 +454,22 @@ def test_set_overrides_reach_the_submission_are_recorded_and_unofficial(tmp_path
     folder = write_submission(tmp_path, "overridden", LOG_THE_CONFIG, config={"width": 8, "act": "gelu"})
     with open(folder / "manifest.toml", "a") as manifest:  # [config] is the manifest's last table
         manifest.write("opt = { lr = 0.1, momentum = 0.9 }\n")
-    code, record = run_cli(folder, runs_dir, "--budget", "5", "--smoke", "--sandbox", "none",
-                           "--set", "width=16", "--set", "opt.lr=3e-4", "--set", "act=relu", capsys=capsys)
+    code, record = run_cli(
+        folder,
+        runs_dir,
+        "--budget",
+        "5",
+        "--smoke",
+        "--sandbox",
+        "none",
+        "--set",
+        "width=16",
+        "--set",
+        "opt.lr=3e-4",
+        "--set",
+        "act=relu",
+        capsys=capsys,
+    )
     assert code == 0, record["message"]
     assert record["overrides"] == {"width": 16, "opt": {"lr": 3e-4}, "act": "relu"}
     assert any("--set" in reason for reason in record["unofficial_reasons"])
@@ -447,7 +500,9 @@ def test_smoke_finds_a_broken_contract_in_seconds_and_is_never_published(tmp_pat
     assert any(reason.startswith("smoke run") for reason in record["unofficial_reasons"])
     key = HOME / "results" / "demo-key" / "demo-not-secret.key"
     run_dir = runs_dir / record["run_id"]
-    assert main(["publish", str(run_dir), "--key", str(key), "--results", str(tmp_path / "results"), "--unofficial"]) == 2
+    assert (
+        main(["publish", str(run_dir), "--key", str(key), "--results", str(tmp_path / "results"), "--unofficial"]) == 2
+    )
     assert "it is a smoke run" in capsys.readouterr().err
     broken = write_submission(tmp_path, "tuple-forward", RETURN_A_TUPLE)
     started = time.monotonic()

@@ -21,13 +21,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from evaluator import scoring
 from evaluator.dataset.loader import Document
 from evaluator.errors import InvalidModel
 from evaluator.model_server import PIDS_PER_BATCH
 from evaluator.paths import HOME
-from evaluator import scoring
 from evaluator.scoring import (
-    WALL_BACKSTOP_FACTOR, Refusal, ScoreReport, ScoringLimits, ScoringSession, ScoringSetup, _windows, compose, score_model,
+    WALL_BACKSTOP_FACTOR,
+    Refusal,
+    ScoreReport,
+    ScoringLimits,
+    ScoringSession,
+    ScoringSetup,
+    _windows,
+    compose,
+    score_model,
 )
 
 FIXTURE_MODELS = Path(__file__).parent / "fixtures" / "models"
@@ -104,7 +112,8 @@ def _loss_by_hand(model) -> float:
 
 
 @pytest.mark.parametrize(
-    "model", [toy_models.Uniform(VOCAB), toy_models.UniformStreaming(VOCAB), toy_models.Uniform(VOCAB, torch.bfloat16)],
+    "model",
+    [toy_models.Uniform(VOCAB), toy_models.UniformStreaming(VOCAB), toy_models.Uniform(VOCAB, torch.bfloat16)],
     ids=["recomputed", "incremental", "bfloat16"],
 )
 def test_uniform_logits_score_ln_vocab(nsjail, tmp_path, model):
@@ -114,7 +123,12 @@ def test_uniform_logits_score_ln_vocab(nsjail, tmp_path, model):
     n_bytes = sum(document.n_bytes for document in DOCUMENTS)
     assert report.val_loss == round(math.log(VOCAB), 4)
     assert report.val_bpb == round(math.log(VOCAB) * tokens / math.log(2) / n_bytes, 4)
-    assert (report.val_tokens, report.val_bytes, report.val_documents, report.passes) == (tokens, n_bytes, len(DOCUMENTS), 2)
+    assert (report.val_tokens, report.val_bytes, report.val_documents, report.passes) == (
+        tokens,
+        n_bytes,
+        len(DOCUMENTS),
+        2,
+    )
 
 
 def test_scores_do_not_depend_on_batch_size_order_or_seed(nsjail, tmp_path):
@@ -134,8 +148,12 @@ def test_scores_do_not_depend_on_batch_size_order_or_seed(nsjail, tmp_path):
 
 @pytest.mark.parametrize(
     "cheat",
-    [toy_models.PeekNext(VOCAB), toy_models.PeekNext(VOCAB, every=4), toy_models.PeekNext(VOCAB, hashed=True),
-     toy_models.PeekNext(VOCAB, dtype=torch.bfloat16)],
+    [
+        toy_models.PeekNext(VOCAB),
+        toy_models.PeekNext(VOCAB, every=4),
+        toy_models.PeekNext(VOCAB, hashed=True),
+        toy_models.PeekNext(VOCAB, dtype=torch.bfloat16),
+    ],
     ids=["everywhere", "at-every-4th-position", "at-hashed-positions", "in-bfloat16"],
 )
 def test_a_model_that_reads_ahead_gains_nothing(nsjail, tmp_path, cheat):
@@ -227,8 +245,11 @@ def test_a_model_that_uses_too_many_pids_in_a_batch_is_refused(nsjail, tmp_path)
         (toy_models.Raises(VOCAB), Refusal.STEP_FAILED, {}),
         (toy_models.Exits(VOCAB), Refusal.ENDED, {}),
         (toy_models.ForgesReply(VOCAB, b"x" * 5000), Refusal.PROTOCOL, {}),
-        (toy_models.ForgesReply(VOCAB, b"\x03\x00\x00\x00\x02\x00\x00\x00\x04\x00\x00\x00\x41\x00\x00\x00"),
-         Refusal.BAD_SHAPE, {}),
+        (
+            toy_models.ForgesReply(VOCAB, b"\x03\x00\x00\x00\x02\x00\x00\x00\x04\x00\x00\x00\x41\x00\x00\x00"),
+            Refusal.BAD_SHAPE,
+            {},
+        ),
         ({"not": "a model"}, Refusal.LOAD_FAILED, {}),
         (toy_models.TrainsOnLoad(VOCAB, 60), Refusal.LOAD_TIMEOUT.format(seconds=3) + CPU_TIME, {"load_s": 3}),
         (toy_models.TrainsFirstCall(VOCAB, 60), Refusal.STEP_TIMEOUT.format(seconds=3) + CPU_TIME, {"step_s": 3}),
@@ -236,9 +257,22 @@ def test_a_model_that_uses_too_many_pids_in_a_batch_is_refused(nsjail, tmp_path)
         (toy_models.Sleeps(VOCAB), Refusal.STEP_TIMEOUT.format(seconds=1) + BACKSTOP, {"step_s": 1}),
         (toy_models.SlowSteps(VOCAB), Refusal.TOTAL_TIMEOUT.format(seconds=3) + CPU_TIME, {"total_s": 3}),
     ],
-    ids=["nan", "float64-beyond-float32", "wrong-vocab", "integer-logits", "returns-tuple", "raises", "exits",
-         "forged-garbage", "forged-header", "not-a-module", "trains-on-load", "trains-in-first-call", "sleeps",
-         "too-slow-in-all"],
+    ids=[
+        "nan",
+        "float64-beyond-float32",
+        "wrong-vocab",
+        "integer-logits",
+        "returns-tuple",
+        "raises",
+        "exits",
+        "forged-garbage",
+        "forged-header",
+        "not-a-module",
+        "trains-on-load",
+        "trains-in-first-call",
+        "sleeps",
+        "too-slow-in-all",
+    ],
 )
 def test_invalid_models_get_a_fixed_sentence(nsjail, tmp_path, model, expected, limits):
     """Fixed but for a timeout's whole seconds used (CPU time per thread, on the CPU)."""
@@ -248,7 +282,9 @@ def test_invalid_models_get_a_fixed_sentence(nsjail, tmp_path, model, expected, 
     if expected.endswith("(it used"):
         assert re.fullmatch(re.escape(expected) + r" \d+ s\)", str(caught.value)), str(caught.value)
     elif expected.endswith("it used"):
-        assert re.fullmatch(re.escape(expected) + r" \d+ s of CPU time per thread\)", str(caught.value)), str(caught.value)
+        assert re.fullmatch(re.escape(expected) + r" \d+ s of CPU time per thread\)", str(caught.value)), str(
+            caught.value
+        )
     else:
         assert str(caught.value) == expected
 
@@ -301,9 +337,21 @@ def test_code_in_the_pickle_runs_only_inside_the_jail(nsjail, tmp_path):
 
 
 def _session(nsjail, tmp_path: Path, **overrides):
-    options = dict(name=f"test-session-{uuid.uuid4().hex[:8]}", submission_dir=FIXTURE_MODELS, vocab_size=VOCAB,
-                   eos_id=EOS, seq_len=SEQ_LEN, batch_size=4, device="cpu", gpu=None, threads=1, limits=LIMITS,
-                   memory_bytes=2 << 30, pids=64, model_cap_bytes=64 << 20)
+    options = dict(
+        name=f"test-session-{uuid.uuid4().hex[:8]}",
+        submission_dir=FIXTURE_MODELS,
+        vocab_size=VOCAB,
+        eos_id=EOS,
+        seq_len=SEQ_LEN,
+        batch_size=4,
+        device="cpu",
+        gpu=None,
+        threads=1,
+        limits=LIMITS,
+        memory_bytes=2 << 30,
+        pids=64,
+        model_cap_bytes=64 << 20,
+    )
     options.update(overrides)
     return ScoringSession(nsjail, ScoringSetup(**options), models=4)
 
@@ -319,7 +367,9 @@ def test_a_model_in_a_session_finds_no_other_model(nsjail, tmp_path):
     """One session serves every model of a run: the model scored before, its bytes sent to the same
     servers, is nowhere a later model's batch process can read (its own copy is: the control)."""
     earlier = _saved(tmp_path, "earlier", toy_models.Marked(VOCAB, "EARLIER-MODEL-MARKER-5150"))
-    seeker = _saved(tmp_path, "seeker", toy_models.SeeksModels(VOCAB, "SEEKER-OWN-MARKER-8086", "EARLIER-MODEL-MARKER-5150"))
+    seeker = _saved(
+        tmp_path, "seeker", toy_models.SeeksModels(VOCAB, "SEEKER-OWN-MARKER-8086", "EARLIER-MODEL-MARKER-5150")
+    )
     with _session(nsjail, tmp_path, debug_log_dir=tmp_path) as session:
         assert session.score(earlier, DOCUMENTS, secret_seed=1).val_loss == round(math.log(VOCAB), 4)
         assert session.score(seeker, DOCUMENTS, secret_seed=1).val_loss == round(math.log(VOCAB), 4)
@@ -334,8 +384,11 @@ def test_after_a_model_fails_the_next_one_is_scored_by_fresh_servers(nsjail, tmp
     """A model that broke the protocol, tampered with its server or ran out of time leaves its server
     closed (with the passes side by side, the other pass is stopped): the next model of the session
     is scored as if alone, with all of its own time."""
-    model = {"forges-reply": toy_models.ForgesReply(VOCAB, b"x" * 5000), "tampers": toy_models.Tamperer(VOCAB, "rlimit"),
-             "sleeps": toy_models.Sleeps(VOCAB)}[failing]
+    model = {
+        "forges-reply": toy_models.ForgesReply(VOCAB, b"x" * 5000),
+        "tampers": toy_models.Tamperer(VOCAB, "rlimit"),
+        "sleeps": toy_models.Sleeps(VOCAB),
+    }[failing]
     bad, honest = _saved(tmp_path, "bad", model), _saved(tmp_path, "honest", toy_models.PairTable(VOCAB))
     limits = ScoringLimits(load_s=10, step_s=1, total_s=20, consistency_nats=1e-3)
     with _session(nsjail, tmp_path, limits=limits, threads=threads) as session:
@@ -372,8 +425,14 @@ def test_each_model_of_a_session_chooses_its_own_logit_dtype(nsjail, tmp_path):
 def _distinct_documents(count: int, lengths: tuple[int, int] = (3, 20)) -> list[Document]:
     """Documents that each begin with a token of their own, so that a batch process's first tokens name them."""
     rng = random.Random(9)
-    return [Document(f"doc-{index:02d}", [index + 1] + [rng.randrange(1, VOCAB) for _ in range(rng.randrange(*lengths))],
-                     n_bytes=60) for index in range(count)]
+    return [
+        Document(
+            f"doc-{index:02d}",
+            [index + 1] + [rng.randrange(1, VOCAB) for _ in range(rng.randrange(*lengths))],
+            n_bytes=60,
+        )
+        for index in range(count)
+    ]
 
 
 def _windows_of(documents: list[Document]) -> list:
@@ -385,8 +444,9 @@ def test_side_by_side_compositions_never_give_two_concurrent_batches_one_documen
     rng = random.Random(seed)
     documents = _distinct_documents(rng.randrange(5, 60))
     # Some documents of several windows, as long ones are cut.
-    windows = _windows_of(documents) + [scoring._Window(f"doc-{rng.randrange(len(documents)):02d}", [1], [2])
-                                        for _ in range(rng.randrange(0, 4))]
+    windows = _windows_of(documents) + [
+        scoring._Window(f"doc-{rng.randrange(len(documents)):02d}", [1], [2]) for _ in range(rng.randrange(0, 4))
+    ]
     windows = list({(w.doc_id, tuple(w.inputs), tuple(w.targets)): w for w in windows}.values())
     batch_size = rng.choice([2, 4, 8, 32])
     first = compose(windows, batch_size, rng)
@@ -430,6 +490,7 @@ def test_batch_processes_alive_at_once_never_hold_one_document(nsjail, tmp_path)
 def test_no_token_of_an_earlier_scoring_is_in_a_later_batch_processs_memory(nsjail, tmp_path):
     """A batch process is a fork of its server and inherits all its memory: the tokens of the
     scorings before it (another split's, a snapshot's) must never have been there."""
+
     def all_of(token: int) -> list[Document]:
         return [Document(f"doc-{index:02d}", [token] * 30, n_bytes=90) for index in range(12)]
 

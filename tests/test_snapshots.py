@@ -9,8 +9,8 @@ import re
 
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import leftovers, run_cli, write_submission
+
 from evaluator.cli import main
 
 # The slow tier (`make test-fast` leaves it out): every test here runs an evaluation.
@@ -20,7 +20,7 @@ UNIFORM_LOSS = round(math.log(8192), 4)  # a zero head: uniform logits over the 
 
 # Helpers every submission below uses: the harness's own protocol channel (a submission can always
 # reach it: it runs in the same process) and where the harness saves snapshots.
-JAIL_TOOLS = '''
+JAIL_TOOLS = """
 import gc
 import json
 import sys
@@ -40,7 +40,7 @@ def jail_out():
 def make_worse(model):
     with torch.no_grad():
         torch.nn.init.normal_(model.head.weight, std=4.0)
-'''
+"""
 
 
 @pytest.fixture
@@ -71,12 +71,15 @@ def _points(record: dict, model: str = "snapshot") -> list[dict]:
 
 
 def test_snapshots_are_stamped_on_the_evaluators_clock_frozen_and_scored_like_the_final_model(
-        tmp_path, runs_dir, capsys, snapshot_track):
+    tmp_path, runs_dir, capsys, snapshot_track
+):
     """The first snapshot is the uniform model; right after it the submission makes its model worse,
     writes that over the snapshot file, forges an early snapshot and a val_loss of its own. None of it
     reaches the curve: the evaluator's copy is the uniform model, stamped by its clock. The second
     snapshot cannot be scored: a gap in the curve, and no later snapshot is scored."""
-    body = JAIL_TOOLS + '''
+    body = (
+        JAIL_TOOLS
+        + """
 class Breakable(TinyCausal):
     def decoder(self, rows):
         if getattr(self, "broken", False):
@@ -108,10 +111,13 @@ def train(ctx):
     ctx.log(1, val_loss=0.0, early_taken=float(early["taken"]), again_taken=float(again["taken"]), again_at=again_at,
             taken=float(sum(taken)), offered=float(len(taken)))
     return model
-'''
+"""
+    )
     folder = write_submission(tmp_path, "snapshots", body)
     track = snapshot_track("cpu-snapshots")
-    code, record = run_cli(folder, runs_dir, "--track", track, "--smoke", "--budget", "8.5", "--sandbox", "nsjail", capsys=capsys)
+    code, record = run_cli(
+        folder, runs_dir, "--track", track, "--smoke", "--budget", "8.5", "--sandbox", "nsjail", capsys=capsys
+    )
     assert (code, record["status"]) == (0, "ok"), record["message"]
     logged = _logged(runs_dir, record)
     assert logged["early_taken"] == 0.0
@@ -143,7 +149,9 @@ def test_a_submission_cannot_choose_the_moment_of_its_snapshots(tmp_path, runs_d
     """Past its window (a quarter of the interval after it fell due) an interval's snapshot is refused
     and the interval has none; inside it, the stamp is the window's end wherever the offer came: a
     submission that waits for its crossing of a target gains nothing by it."""
-    body = JAIL_TOOLS + """
+    body = (
+        JAIL_TOOLS
+        + """
 def offer_at(ctx, channel, model, at_s):
     while ctx.elapsed() < at_s:
         time.sleep(0.005)
@@ -163,9 +171,12 @@ def train(ctx):
         time.sleep(0.01)
     return model
 """
+    )
     folder = write_submission(tmp_path, "chooser", body)
     track = snapshot_track("cpu-snapshots")
-    code, record = run_cli(folder, runs_dir, "--track", track, "--smoke", "--budget", "8", "--sandbox", "nsjail", capsys=capsys)
+    code, record = run_cli(
+        folder, runs_dir, "--track", track, "--smoke", "--budget", "8", "--sandbox", "nsjail", capsys=capsys
+    )
     assert (code, record["status"]) == (0, "ok"), record["message"]
     logged = _logged(runs_dir, record)
     assert (logged["late"], logged["late_next"], logged["chosen"], logged["again"]) == (0.0, 4.0, 1.0, 0.0)
@@ -174,11 +185,14 @@ def train(ctx):
 
 
 def test_a_snapshot_file_that_is_a_directory_or_sparse_is_refused_and_the_run_goes_on(
-        tmp_path, runs_dir, capsys, snapshot_track):
+    tmp_path, runs_dir, capsys, snapshot_track
+):
     """What the jail leaves as snapshot.pt when it sends the line itself: a directory (which the
     host cannot remove), then a sparse 100 MiB file (free for the jail, a real 100 MiB for the
     host's disk). Both are refused, neither ends the run, and a real snapshot is taken after them."""
-    body = JAIL_TOOLS + '''
+    body = (
+        JAIL_TOOLS
+        + """
 import os
 
 
@@ -201,10 +215,13 @@ def train(ctx):
     while ctx.elapsed() < 3.0:  # past the snapshot's window: a snapshot later than the final model is left out
         time.sleep(0.01)
     return model
-'''
+"""
+    )
     folder = write_submission(tmp_path, "odd-snapshot-files", body)
     track = snapshot_track("cpu-snapshots")
-    code, record = run_cli(folder, runs_dir, "--track", track, "--smoke", "--budget", "5", "--sandbox", "nsjail", capsys=capsys)
+    code, record = run_cli(
+        folder, runs_dir, "--track", track, "--smoke", "--budget", "5", "--sandbox", "nsjail", capsys=capsys
+    )
     assert (code, record["status"]) == (0, "ok"), record["message"]
     logged = _logged(runs_dir, record)
     assert (logged["directory"], logged["sparse"], logged["taken"]) == (0.0, 0.0, 1.0)
@@ -213,11 +230,14 @@ def train(ctx):
 
 
 def test_a_refused_snapshot_leaves_room_for_the_next_save_in_a_tmpfs_of_one_model(
-        tmp_path, runs_dir, capsys, cpu_track_variant):
+    tmp_path, runs_dir, capsys, cpu_track_variant
+):
     """The output dir holds one model (4 MiB here). A snapshot the evaluator refused, as one sent a
     moment before it was due on its clock is, stays there; the next snapshot and the final model
     must still fit. A 2.6 MB model, refused once, then taken, then returned."""
-    body = JAIL_TOOLS + '''
+    body = (
+        JAIL_TOOLS
+        + """
 def train(ctx):
     model = TinyCausal(ctx.vocab_size, width=40)
     torch.save(model, jail_out() + "/snapshot.pt")
@@ -230,17 +250,28 @@ def train(ctx):
     while ctx.elapsed() < 3.0:  # past the snapshot's window: a snapshot later than the final model is left out
         time.sleep(0.01)
     return model
-'''
+"""
+    )
     folder = write_submission(tmp_path, "refused-then-taken", body)
-    track = cpu_track_variant("cpu-one-small-model", lambda text: re.sub(
-        r"(?m)^snapshot_every_s = .*$", "snapshot_every_s = 2", re.sub(r"(?m)^model_mib = \d+", "model_mib = 4", text)))
-    code, record = run_cli(folder, runs_dir, "--track", track, "--smoke", "--budget", "5", "--sandbox", "nsjail", capsys=capsys)
+    track = cpu_track_variant(
+        "cpu-one-small-model",
+        lambda text: re.sub(
+            r"(?m)^snapshot_every_s = .*$",
+            "snapshot_every_s = 2",
+            re.sub(r"(?m)^model_mib = \d+", "model_mib = 4", text),
+        ),
+    )
+    code, record = run_cli(
+        folder, runs_dir, "--track", track, "--smoke", "--budget", "5", "--sandbox", "nsjail", capsys=capsys
+    )
     assert (code, record["status"]) == (0, "ok"), record["message"]
     assert (_logged(runs_dir, record)["refused_taken"], _logged(runs_dir, record)["taken"]) == (0.0, 1.0)
     assert [point["model"] for point in record["val_curve"]] == ["snapshot", "final"]
 
 
-TARGET_BODY = JAIL_TOOLS + '''
+TARGET_BODY = (
+    JAIL_TOOLS
+    + """
 def train(ctx):
     model = TinyCausal(ctx.vocab_size)
     make_worse(model)
@@ -252,18 +283,26 @@ def train(ctx):
                 torch.nn.init.zeros_(model.head.weight)  # from the second snapshot on: at the target
         time.sleep(0.01)
     return model
-'''
+"""
+)
 
 
 def test_time_to_target_is_the_time_of_the_first_model_at_the_target(tmp_path, runs_dir, capsys, snapshot_track):
     folder = write_submission(tmp_path, "reaches", TARGET_BODY, config={"reach": True})
     track = snapshot_track("cpu-snapshot-target", target=UNIFORM_LOSS + 0.5)
-    code, record = run_cli(folder, runs_dir, "--track", track, "--smoke", "--budget", "7.5", "--sandbox", "nsjail", capsys=capsys)
+    code, record = run_cli(
+        folder, runs_dir, "--track", track, "--smoke", "--budget", "7.5", "--sandbox", "nsjail", capsys=capsys
+    )
     assert (code, record["status"]) == (0, "ok"), record["message"]
     first, second, *rest = record["val_curve"]
     assert first["scored"] == "ok" and first["val_loss"] > UNIFORM_LOSS + 1
     assert (second["model"], second["scored"], second["val_loss"]) == ("snapshot", "ok", UNIFORM_LOSS)
-    assert record["target"] == {"val_loss": UNIFORM_LOSS + 0.5, "provisional": True, "reached": True, "time_s": second["time_s"]}
+    assert record["target"] == {
+        "val_loss": UNIFORM_LOSS + 0.5,
+        "provisional": True,
+        "reached": True,
+        "time_s": second["time_s"],
+    }
     # Scoring stops at the first model that reaches the target; its scores are the run's.
     assert rest and all((point["scored"], point["val_loss"]) == ("not_needed", None) for point in rest)
     assert rest[-1]["model"] == "final"
@@ -271,17 +310,23 @@ def test_time_to_target_is_the_time_of_the_first_model_at_the_target(tmp_path, r
 
 
 def test_a_run_that_never_reaches_the_target_is_not_reached_and_cannot_stall_the_clock(
-        tmp_path, runs_dir, capsys, snapshot_track):
+    tmp_path, runs_dir, capsys, snapshot_track
+):
     """It also floods the evaluator with forged snapshots and never reads an answer: the answers
     are dropped, the clock goes on, and the run ends as not_reached, exit 1."""
-    body = TARGET_BODY.replace("    snapshots = 0\n", '''    snapshots = 0
+    body = TARGET_BODY.replace(
+        "    snapshots = 0\n",
+        """    snapshots = 0
     channel = harness_channel()
     for _ in range(20_000):
         channel.send("snapshot", bytes=1, save_s=0.0)
-''')
+""",
+    )
     folder = write_submission(tmp_path, "never-reaches", body, config={"reach": False})
     track = snapshot_track("cpu-snapshot-target", target=UNIFORM_LOSS + 0.5)
-    code, record = run_cli(folder, runs_dir, "--track", track, "--smoke", "--budget", "5", "--sandbox", "nsjail", capsys=capsys)
+    code, record = run_cli(
+        folder, runs_dir, "--track", track, "--smoke", "--budget", "5", "--sandbox", "nsjail", capsys=capsys
+    )
     assert (code, record["status"]) == (1, "not_reached"), record["message"]
     assert record["target"] == {"val_loss": UNIFORM_LOSS + 0.5, "provisional": True, "reached": False, "time_s": None}
     assert record["message"].startswith(f"no model reached the target val_loss {UNIFORM_LOSS + 0.5:g}")
@@ -294,4 +339,6 @@ def test_a_run_that_never_reaches_the_target_is_not_reached_and_cannot_stall_the
 def test_the_not_reached_exit_code_is_documented(capsys):
     with pytest.raises(SystemExit):
         main(["run", "--help"])
-    assert "1 the run failed through the submission's fault, or reached no target (not_reached)" in " ".join(capsys.readouterr().out.split())
+    assert "1 the run failed through the submission's fault, or reached no target (not_reached)" in " ".join(
+        capsys.readouterr().out.split()
+    )

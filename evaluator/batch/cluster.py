@@ -62,7 +62,7 @@ class RayInstance:
         self.temp_dir: str | None = None  # the local instance's logs: kept when asked to, else removed
         self.keep_logs = False
 
-    def __enter__(self) -> "RayInstance":
+    def __enter__(self) -> RayInstance:
         ray = self.ray
         if ray.is_initialized():  # a caller that embeds the batch keeps its own instance
             return self

@@ -15,7 +15,14 @@ from typing import Any
 from rich.console import Console
 
 from evaluator.batch.archive import SUBMISSION_ARCHIVE_CAP_BYTES, pack_folder
-from evaluator.batch.cluster import INSTALL_HINT, RayInstance, describe_ray_error, import_ray, ray_options, task_resources
+from evaluator.batch.cluster import (
+    INSTALL_HINT,
+    RayInstance,
+    describe_ray_error,
+    import_ray,
+    ray_options,
+    task_resources,
+)
 from evaluator.batch.node import evaluate_on_node
 from evaluator.batch.receive import receive
 from evaluator.batch.report import BatchProgress, batch_console, outcome_text, say, summary
@@ -51,7 +58,9 @@ def _watchdog_s(track: Track, budget_s: float) -> float:
     return STARTUP_ALLOWANCE_S + budget_s + track.sandbox.grace_s + scoring_s + RUN_WATCHDOG_SLACK_S
 
 
-def _check_all(folders: list[Path], track_id: str | None, console: Console) -> tuple[list[Submission], list[tuple[Path, int]]]:
+def _check_all(
+    folders: list[Path], track_id: str | None, console: Console
+) -> tuple[list[Submission], list[tuple[Path, int]]]:
     """Static checks of every folder, before anything runs. Invalid ones are reported and left out."""
     forced_track = load_track(track_id) if track_id else None
     valid, invalid = [], []
@@ -73,8 +82,9 @@ def _check_all(folders: list[Path], track_id: str | None, console: Console) -> t
     return valid, invalid
 
 
-def _earlier_results(runs_dir: Path, sandbox_choice: str) -> tuple[dict[tuple, list[tuple[dict[str, Any], Path]]],
-                                                                     dict[tuple, list[int]]]:
+def _earlier_results(
+    runs_dir: Path, sandbox_choice: str
+) -> tuple[dict[tuple, list[tuple[dict[str, Any], Path]]], dict[tuple, list[int]]]:
     """Results under runs_dir that already settle a (tree, track file, seed, budget) run: any verdict but
     the sandbox's or the evaluator's own failure; with --sandbox nsjail, only sandboxed ones. Best first:
     `ok`, then the newest. Runs whose seed was drawn are filed under seed None: each of them settles one
@@ -104,7 +114,9 @@ def _earlier_results(runs_dir: Path, sandbox_choice: str) -> tuple[dict[tuple, l
             continue
         found.setdefault(key, []).append((result, path.parent))
     for settling in found.values():
-        settling.sort(key=lambda item: (item[0]["status"] in SCORED_STATUSES, item[0]["ended_at"]), reverse=True)  # scored first
+        settling.sort(
+            key=lambda item: (item[0]["status"] in SCORED_STATUSES, item[0]["ended_at"]), reverse=True
+        )  # scored first
     for key, seeds in failed_draws.items():
         settled = {result["seed"] for result, _ in found.get(key, [])}
         failed_draws[key] = sorted(set(seeds) - settled)
@@ -150,7 +162,9 @@ class _DrawLedger:
         return seed
 
 
-def _schedule(ray, runs: list[Run], runs_dir: Path, sandbox_choice: str, budget_override: float | None, console: Console) -> None:
+def _schedule(
+    ray, runs: list[Run], runs_dir: Path, sandbox_choice: str, budget_override: float | None, console: Console
+) -> None:
     """Run everything, each infrastructure failure retried once, until every run is finished."""
     task = ray.remote(num_returns="streaming", max_retries=0)(evaluate_on_node)
 
@@ -252,8 +266,11 @@ def _batch(args: argparse.Namespace) -> int:
         # Every seed this batch ever drew for the run and that has no verdict yet, whether its run
         # failed, was stopped or left no result at all: run again before any new draw.
         settled = {result["seed"] for result, _ in drawn_before}
-        to_retry = [seed for seed in dict.fromkeys([*ledger.seeds(drawn_key), *failed_draws.get(drawn_key, [])])
-                    if seed not in settled]
+        to_retry = [
+            seed
+            for seed in dict.fromkeys([*ledger.seeds(drawn_key), *failed_draws.get(drawn_key, [])])
+            if seed not in settled
+        ]
         for offset in range(args.seeds):
             if not args.secret_seeds:
                 run = Run(submission=submission, seed=track.default_seed + offset, seed_drawn=False, budget_s=budget_s)
@@ -263,8 +280,16 @@ def _batch(args: argparse.Namespace) -> int:
                     run.state, run.reused = "finished", True
             elif drawn_before:
                 result, run_dir = drawn_before.pop(0)
-                run = Run(submission=submission, seed=result["seed"], seed_drawn=True, budget_s=budget_s,
-                          result=result, run_dir=run_dir, state="finished", reused=True)
+                run = Run(
+                    submission=submission,
+                    seed=result["seed"],
+                    seed_drawn=True,
+                    budget_s=budget_s,
+                    result=result,
+                    run_dir=run_dir,
+                    state="finished",
+                    reused=True,
+                )
             else:
                 # A seed drawn before, whose run failed without a verdict, is run again before any new draw.
                 seed = to_retry.pop(0) if to_retry else ledger.draw(drawn_key)
@@ -288,8 +313,13 @@ def _batch(args: argparse.Namespace) -> int:
                     continue
                 wanted = ", ".join(f"{name} {amount:g}" for name, amount in resources.items())
                 if instance.temp_dir:
-                    raise UserError(f"no Ray node on this machine offers what a {track.id} run needs ({wanted}); use --track cpu-1min, or --ray ADDRESS")
-                say(console, f"no live Ray node offers what a {track.id} run needs ({wanted}) yet: those runs wait until one joins")
+                    raise UserError(
+                        f"no Ray node on this machine offers what a {track.id} run needs ({wanted}); use --track cpu-1min, or --ray ADDRESS"
+                    )
+                say(
+                    console,
+                    f"no live Ray node offers what a {track.id} run needs ({wanted}) yet: those runs wait until one joins",
+                )
             for submission in {id(run.submission): run.submission for run in to_run}.values():
                 submission.archive_ref = ray.put(pack_folder(submission.folder, SUBMISSION_ARCHIVE_CAP_BYTES))
             _schedule(ray, to_run, runs_dir, args.sandbox, args.budget, console)
@@ -325,14 +355,42 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     batch.add_argument("submissions", nargs="+", metavar="SUBMISSION", help="submission folders")
     batch.add_argument("--track", metavar="ID", help="track id for every submission (default: each manifest's track)")
-    batch.add_argument("--budget", type=float, metavar="S", help="training budget in seconds; any value other than the track's makes the runs unofficial")
-    batch.add_argument("--seeds", type=int, default=1, metavar="N", help="seeds per submission: the track's default seed, +1, ... (default 1)")
-    batch.add_argument("--secret-seeds", action="store_true",
-                       help="each run's evaluator draws its seed from os.urandom (evaluator run --secret-seeds); "
-                            "drawn runs already in the results count towards --seeds")
-    batch.add_argument("--ray", metavar="ADDRESS", help="address of a running Ray cluster (e.g. auto, or HEAD:6379); default: start a local Ray instance")
-    batch.add_argument("--results", metavar="DIR", default=str(RESULTS_DIR), help=f"results directory; run directories go to DIR/runs/ (default: {shown(RESULTS_DIR)}/ in the current folder)")
-    batch.add_argument("--sandbox", type=_sandbox_choice, default="nsjail", metavar="{nsjail,none}",
-                       help="handed to each `evaluator run` (default nsjail); none runs every submission "
-                       "unsandboxed and makes the results unofficial")
+    batch.add_argument(
+        "--budget",
+        type=float,
+        metavar="S",
+        help="training budget in seconds; any value other than the track's makes the runs unofficial",
+    )
+    batch.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        metavar="N",
+        help="seeds per submission: the track's default seed, +1, ... (default 1)",
+    )
+    batch.add_argument(
+        "--secret-seeds",
+        action="store_true",
+        help="each run's evaluator draws its seed from os.urandom (evaluator run --secret-seeds); "
+        "drawn runs already in the results count towards --seeds",
+    )
+    batch.add_argument(
+        "--ray",
+        metavar="ADDRESS",
+        help="address of a running Ray cluster (e.g. auto, or HEAD:6379); default: start a local Ray instance",
+    )
+    batch.add_argument(
+        "--results",
+        metavar="DIR",
+        default=str(RESULTS_DIR),
+        help=f"results directory; run directories go to DIR/runs/ (default: {shown(RESULTS_DIR)}/ in the current folder)",
+    )
+    batch.add_argument(
+        "--sandbox",
+        type=_sandbox_choice,
+        default="nsjail",
+        metavar="{nsjail,none}",
+        help="handed to each `evaluator run` (default nsjail); none runs every submission "
+        "unsandboxed and makes the results unofficial",
+    )
     batch.set_defaults(handler=_batch)

@@ -17,8 +17,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from evaluator.batch.archive import (
     RUN_ARCHIVE_CAP_BYTES,
@@ -68,8 +69,13 @@ def _supervise(argv: list[str], cwd: Path, timeout_s: float, env: dict[str, str]
     if sys.platform == "linux":
         argv = [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *argv]
     process = subprocess.Popen(
-        argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        start_new_session=True, env=os.environ | env,
+        argv,
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        env=os.environ | env,
     )
     try:
         stdout, stderr = process.communicate(timeout=timeout_s)
@@ -103,10 +109,20 @@ def _run_on_node(submission_archive: bytes, request: dict[str, Any]) -> dict[str
         extract_archive(submission_archive, submission, SUBMISSION_ARCHIVE_CAP_BYTES)
         out = workdir / "runs"
         argv = [
-            sys.executable, "-m", "evaluator.cli", "run", str(submission),
-            "--track", request["track"],
-            "--drawn-seed" if request["seed_drawn"] else "--seed", str(request["seed"]),
-            "--sandbox", request["sandbox"], "--out", str(out), "--json",
+            sys.executable,
+            "-m",
+            "evaluator.cli",
+            "run",
+            str(submission),
+            "--track",
+            request["track"],
+            "--drawn-seed" if request["seed_drawn"] else "--seed",
+            str(request["seed"]),
+            "--sandbox",
+            request["sandbox"],
+            "--out",
+            str(out),
+            "--json",
         ]
         if request["budget_s"] is not None:
             argv += ["--budget", repr(request["budget_s"])]
@@ -119,11 +135,19 @@ def _run_on_node(submission_archive: bytes, request: dict[str, Any]) -> dict[str
         started = time.monotonic()
         exit_code, stdout, stderr = _supervise(argv, workdir, request["timeout_s"], gpu_environment | home)
         reply = {
-            "event": "finished", "node": node, "exit_code": exit_code, "seconds": time.monotonic() - started,
-            "run_id": None, "archive": None, "model_left_out_bytes": None, "log_tail": _tail(stderr),
+            "event": "finished",
+            "node": node,
+            "exit_code": exit_code,
+            "seconds": time.monotonic() - started,
+            "run_id": None,
+            "archive": None,
+            "model_left_out_bytes": None,
+            "log_tail": _tail(stderr),
         }
         if exit_code is None:
-            reply["log_tail"] = f"stopped after {request['timeout_s']:g} s by the batch's watchdog\n" + reply["log_tail"]
+            reply["log_tail"] = (
+                f"stopped after {request['timeout_s']:g} s by the batch's watchdog\n" + reply["log_tail"]
+            )
             return reply
         try:
             run_id = json.loads(stdout)["run_id"]

@@ -37,7 +37,9 @@ def outcome_text(run: Run, suffix: str = "") -> str:
     if run.result is None:
         summary, _, detail = run.failure.partition("\n")
         tail = detail.strip().splitlines()[-_FAILURE_TAIL_LINES:]
-        return "\n".join([f"{run.label} ({where}): evaluator failure: {summary}{suffix}", *(f"    {line}" for line in tail)])
+        return "\n".join(
+            [f"{run.label} ({where}): evaluator failure: {summary}{suffix}", *(f"    {line}" for line in tail)]
+        )
     result = run.result
     parts = [f"{run.label} ({where}): {result['status']}"]
     if result["metrics"]:
@@ -64,7 +66,7 @@ class BatchProgress:
         )
         self.task = self.progress.add_task("batch", total=len(runs), counts="")
 
-    def __enter__(self) -> "BatchProgress":
+    def __enter__(self) -> BatchProgress:
         self.progress.__enter__()
         self.refresh()
         return self

@@ -46,21 +46,47 @@ def _register_build(commands) -> None:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    build.add_argument("--source", choices=["pydoc", "hub"], default="pydoc", help="where the text comes from (default: pydoc)")
-    build.add_argument("--id", dest="dataset_id", help=f"dataset id (default for pydoc: {DEFAULT_DATASET_ID}; required for hub)")
+    build.add_argument(
+        "--source", choices=["pydoc", "hub"], default="pydoc", help="where the text comes from (default: pydoc)"
+    )
+    build.add_argument(
+        "--id", dest="dataset_id", help=f"dataset id (default for pydoc: {DEFAULT_DATASET_ID}; required for hub)"
+    )
     build.add_argument("--out", type=Path, help="output directory (default: spec/datasets/<id>)")
-    build.add_argument("--docs", type=_positive_int, default=1000, help="pydoc: exact number of documents; hub: read the first N documents (default: 1000)")
-    build.add_argument("--tokens", type=_positive_int, default=100_000, help="pydoc: total tokens to aim at (within 1%%); hub: cap on total tokens (default: 100000)")
+    build.add_argument(
+        "--docs",
+        type=_positive_int,
+        default=1000,
+        help="pydoc: exact number of documents; hub: read the first N documents (default: 1000)",
+    )
+    build.add_argument(
+        "--tokens",
+        type=_positive_int,
+        default=100_000,
+        help="pydoc: total tokens to aim at (within 1%%); hub: cap on total tokens (default: 100000)",
+    )
     pydoc = build.add_argument_group("pydoc source")
-    pydoc.add_argument("--source-dir", type=Path, help="the reST sources (default: /usr/share/doc/python3.11/html/_sources)")
-    pydoc.add_argument("--vocab-size", type=_positive_int, default=8192, help="BPE vocabulary size, <|endoftext|> included (default: 8192)")
+    pydoc.add_argument(
+        "--source-dir", type=Path, help="the reST sources (default: /usr/share/doc/python3.11/html/_sources)"
+    )
+    pydoc.add_argument(
+        "--vocab-size",
+        type=_positive_int,
+        default=8192,
+        help="BPE vocabulary size, <|endoftext|> included (default: 8192)",
+    )
     hub = build.add_argument_group("hub source")
     hub.add_argument("--hub-dataset", default=None, help="dataset name (default: HuggingFaceTB/smollm-corpus)")
     hub.add_argument("--hub-config", default=None, help="dataset configuration (default: cosmopedia-v2)")
     hub.add_argument("--hub-split", default="train", help="dataset split to read (default: train)")
     hub.add_argument("--text-field", default="text", help="column holding the text (default: text)")
     hub.add_argument("--hub-tokenizer", default=None, help="tokenizer name (default: HuggingFaceTB/SmolLM-135M)")
-    hub.add_argument("--max-chars", type=_positive_int, default=500, help="cut each document to at most this many characters (default: 500)")
+    hub.add_argument(
+        "--max-chars",
+        type=_positive_int,
+        default=500,
+        help="cut each document to at most this many characters (default: 500)",
+    )
     build.set_defaults(handler=run_build)
 
 
@@ -104,17 +130,39 @@ def _register_private(commands) -> None:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    private.add_argument("--pool", required=True, metavar="FILE",
-                         help='JSON lines of {"doc_id": ..., "text": ...}, a Parquet file with those columns, or '
-                              "hub:DATASET[:CONFIG] (its train split, streamed; needs a network and the 'hub' extra)")
-    private.add_argument("--docs", type=_positive_int, required=True, metavar="N",
-                         help="how many documents the hidden split holds (the public one has 100; more make scores less noisy)")
-    private.add_argument("--out", type=Path, required=True, metavar="DIR", help="where <sha256>.parquet is written (keep it off the repository)")
-    private.add_argument("--track", default="t4-5min", metavar="ID",
-                         help="the track whose tokenizer, public splits and record margin apply (default: t4-5min)")
-    private.add_argument("--accept-embeddable", action="store_true",
-                         help="write the split even when a submission could carry enough of the pool to beat the record "
-                              "margin (for tests and development; its bound is recorded in every result scored on it)")
+    private.add_argument(
+        "--pool",
+        required=True,
+        metavar="FILE",
+        help='JSON lines of {"doc_id": ..., "text": ...}, a Parquet file with those columns, or '
+        "hub:DATASET[:CONFIG] (its train split, streamed; needs a network and the 'hub' extra)",
+    )
+    private.add_argument(
+        "--docs",
+        type=_positive_int,
+        required=True,
+        metavar="N",
+        help="how many documents the hidden split holds (the public one has 100; more make scores less noisy)",
+    )
+    private.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="where <sha256>.parquet is written (keep it off the repository)",
+    )
+    private.add_argument(
+        "--track",
+        default="t4-5min",
+        metavar="ID",
+        help="the track whose tokenizer, public splits and record margin apply (default: t4-5min)",
+    )
+    private.add_argument(
+        "--accept-embeddable",
+        action="store_true",
+        help="write the split even when a submission could carry enough of the pool to beat the record "
+        "margin (for tests and development; its bound is recorded in every result scored on it)",
+    )
     private.set_defaults(handler=run_private)
 
 
@@ -204,8 +252,6 @@ def run_verify(args: argparse.Namespace) -> int:
     return 0
 
 
-
-
 def run_private(args: argparse.Namespace) -> int:
     import random
 
@@ -231,7 +277,9 @@ def run_private(args: argparse.Namespace) -> int:
     rng = random.SystemRandom()  # nobody, the organiser included, can tell which documents it draws
     lines = PlainLines(console, every_s=5.0)
     survey, candidates = private.survey_pool(
-        private.pool_rows(args.pool), args.docs * private.OVERSAMPLE, rng,
+        private.pool_rows(args.pool),
+        args.docs * private.OVERSAMPLE,
+        rng,
         on_row=lambda count: lines.say(f"reading the pool: {count:,} documents ..."),
     )
     lines.say(f"read the pool: {survey.documents:,} documents, {survey.text_bytes:,} bytes of text", final=True)
@@ -242,8 +290,13 @@ def run_private(args: argparse.Namespace) -> int:
         raise UserError(str(exc)) from None
     train_tokens = (token for doc in read_documents(train_path) for token in doc.tokens)
     tokens_per_document = sum(len(doc.tokens) for doc in documents) / len(documents)
-    bound = private.embedding_bound(survey, private.unigram_loss(train_tokens, documents, vocab_size),
-                                    tokens_per_document, INFORMATION_MAX_BYTES, margin)
+    bound = private.embedding_bound(
+        survey,
+        private.unigram_loss(train_tokens, documents, vocab_size),
+        tokens_per_document,
+        INFORMATION_MAX_BYTES,
+        margin,
+    )
     print(f"embedding bound: {bound.sentence()}")
     if bound.embeddable and not args.accept_embeddable:
         raise UserError(
@@ -252,7 +305,9 @@ def run_private(args: argparse.Namespace) -> int:
         )
     path, digest = private.write_hidden_split(args.out, documents, bound)
     print(f"{digest}  {shown(path)}")
-    print(f"{len(documents)} documents, {sum(len(doc.tokens) for doc in documents):,} tokens"
-          + ("; EMBEDDABLE (--accept-embeddable): results scored on it say so" if bound.embeddable else ""))
-    print(f"in the track's [dataset]: hidden = {{ sha256 = \"{digest}\" }}")
+    print(
+        f"{len(documents)} documents, {sum(len(doc.tokens) for doc in documents):,} tokens"
+        + ("; EMBEDDABLE (--accept-embeddable): results scored on it say so" if bound.embeddable else "")
+    )
+    print(f'in the track\'s [dataset]: hidden = {{ sha256 = "{digest}" }}')
     return 0

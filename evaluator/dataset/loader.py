@@ -115,9 +115,7 @@ def _check_schema(path: Path, schema: pa.Schema) -> None:
             else actual == field.type
         )
         if not same:
-            raise DataError(
-                f"{path}: wrong schema: column {field.name!r} is {actual}, expected {field.type}"
-            )
+            raise DataError(f"{path}: wrong schema: column {field.name!r} is {actual}, expected {field.type}")
 
 
 def _describe(schema: pa.Schema) -> str:

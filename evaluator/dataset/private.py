@@ -110,7 +110,7 @@ def pool_rows(pool: str) -> Iterator[tuple[str, str]]:
     """(doc_id, text) of every document of the pool: a JSON-lines file of {"doc_id", "text"}, a
     Parquet file with those columns, or `hub:DATASET[:CONFIG]` (its train split, streamed)."""
     if pool.startswith(HUB_PREFIX):
-        yield from _hub_rows(pool[len(HUB_PREFIX):])
+        yield from _hub_rows(pool[len(HUB_PREFIX) :])
         return
     path = Path(pool)
     if not path.is_file():
@@ -140,7 +140,9 @@ def _parquet_rows(path: Path) -> Iterator[tuple[str, str]]:
             for row in batch.to_pylist():
                 yield _row_fields(row, str(path))
     except (pa.ArrowException, KeyError) as exc:
-        raise UserError(f"{path}: not a Parquet pool with string columns doc_id and text ({type(exc).__name__})") from None
+        raise UserError(
+            f"{path}: not a Parquet pool with string columns doc_id and text ({type(exc).__name__})"
+        ) from None
 
 
 def _hub_rows(name: str) -> Iterator[tuple[str, str]]:
@@ -168,7 +170,9 @@ class _PoolSurvey:
     compressed_bytes: int = 0
 
 
-def survey_pool(rows: Iterable[tuple[str, str]], keep: int, rng: random.Random, on_row=None) -> tuple[_PoolSurvey, list[tuple[str, str]]]:
+def survey_pool(
+    rows: Iterable[tuple[str, str]], keep: int, rng: random.Random, on_row=None
+) -> tuple[_PoolSurvey, list[tuple[str, str]]]:
     """Count and compress the pool in one pass, keeping a uniform sample of `keep` rows (reservoir
     sampling: the pool may be a stream far larger than memory). `on_row(count)` after each row."""
     survey = _PoolSurvey()
@@ -198,7 +202,9 @@ def survey_pool(rows: Iterable[tuple[str, str]], keep: int, rng: random.Random, 
 # --- drawing the split --------------------------------------------------------------------------
 
 
-def draw_documents(candidates: Sequence[tuple[str, str]], n_docs: int, tokenizer, public: Sequence[BuiltDocument]) -> list[BuiltDocument]:
+def draw_documents(
+    candidates: Sequence[tuple[str, str]], n_docs: int, tokenizer, public: Sequence[BuiltDocument]
+) -> list[BuiltDocument]:
     """The first `n_docs` candidates that, cut and tokenized like the public documents, share no id,
     text or 64-token window with the public splits (training and development)."""
     max_chars = max(len(doc.text) for doc in public)
@@ -230,18 +236,24 @@ def unigram_loss(train_tokens: Iterable[int], documents: Sequence[BuiltDocument]
     return -sum(math.log((counts[token] + 1) / total) for token in tokens) / max(1, len(tokens))
 
 
-def embedding_bound(survey: _PoolSurvey, honest_loss: float, tokens_per_document: float, cap_bytes: int,
-                    margin: float) -> EmbeddingBound:
+def embedding_bound(
+    survey: _PoolSurvey, honest_loss: float, tokens_per_document: float, cap_bytes: int, margin: float
+) -> EmbeddingBound:
     xz_per_document = survey.compressed_bytes / max(1, survey.sampled_documents)
     unigram_per_document = honest_loss * tokens_per_document / math.log(2) / 8
     per_document = min(xz_per_document, unigram_per_document) / CODER_ADVANTAGE
     carried = min(survey.documents, math.floor(cap_bytes / per_document)) if per_document > 0 else survey.documents
     share = carried / max(1, survey.documents)
     return EmbeddingBound(
-        pool_documents=survey.documents, pool_bytes=survey.text_bytes,
-        compressed_bytes_per_document=round(per_document, 1), carry_cap_bytes=cap_bytes,
-        carried_documents=carried, covered_share=round(share, 6), honest_loss_nats=round(honest_loss, 4),
-        gain_nats=round(share * honest_loss, 6), margin_nats=margin,
+        pool_documents=survey.documents,
+        pool_bytes=survey.text_bytes,
+        compressed_bytes_per_document=round(per_document, 1),
+        carry_cap_bytes=cap_bytes,
+        carried_documents=carried,
+        covered_share=round(share, 6),
+        honest_loss_nats=round(honest_loss, 4),
+        gain_nats=round(share * honest_loss, 6),
+        margin_nats=margin,
     )
 
 

@@ -74,8 +74,7 @@ def _optional_import(name: str):
         return __import__(name)
     except ImportError:
         raise UserError(
-            f"the hub source needs the '{name}' package: install the optional extra with "
-            "pip install -e '.[hub]'"
+            f"the hub source needs the '{name}' package: install the optional extra with pip install -e '.[hub]'"
         ) from None
 
 
@@ -156,9 +155,7 @@ def build(
         f"vocabulary {tokenizer.get_vocab_size():,}, `{EOS_TOKEN}` = id {eos_id} as the document "
         "separator. Tokens are the tokenizer's output without added special tokens."
     )
-    return write_dataset(
-        out_dir, dataset_id, train, val, tokenizer.to_str(pretty=True), tokenizer_note, description
-    )
+    return write_dataset(out_dir, dataset_id, train, val, tokenizer.to_str(pretty=True), tokenizer_note, description)
 
 
 def _counted(rows: Iterable[Mapping], on_row: Callable[[], None]) -> Iterable[Mapping]:

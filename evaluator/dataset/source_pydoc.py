@@ -52,16 +52,49 @@ EXCLUDED = ("whatsnew/changelog.rst.txt", "includes/")
 # Directives whose body is prose and is kept (re-parsed as reST); every other directive is
 # dropped with its body (code, tables, navigation, index entries, authorship, ...).
 _ADMONITIONS = {
-    "note", "warning", "important", "caution", "tip", "hint", "attention", "danger",
-    "seealso", "impl-detail", "epigraph", "glossary",
+    "note",
+    "warning",
+    "important",
+    "caution",
+    "tip",
+    "hint",
+    "attention",
+    "danger",
+    "seealso",
+    "impl-detail",
+    "epigraph",
+    "glossary",
 }
 _TITLED = {"admonition", "topic", "sidebar"}  # the argument is a title: kept as a paragraph
 _DESCRIPTIONS = {
-    "function", "method", "class", "attribute", "data", "exception", "decorator",
-    "decoratormethod", "classmethod", "staticmethod", "abstractmethod", "coroutinemethod",
-    "coroutinefunction", "awaitablefunction", "describe", "object", "opcode", "pdbcommand",
-    "cmdoption", "option", "envvar", "c:function", "c:member", "c:type", "c:var", "c:macro",
-    "c:struct", "c:data",
+    "function",
+    "method",
+    "class",
+    "attribute",
+    "data",
+    "exception",
+    "decorator",
+    "decoratormethod",
+    "classmethod",
+    "staticmethod",
+    "abstractmethod",
+    "coroutinemethod",
+    "coroutinefunction",
+    "awaitablefunction",
+    "describe",
+    "object",
+    "opcode",
+    "pdbcommand",
+    "cmdoption",
+    "option",
+    "envvar",
+    "c:function",
+    "c:member",
+    "c:type",
+    "c:var",
+    "c:macro",
+    "c:struct",
+    "c:data",
 }
 _VERSION_NOTES = {
     "versionadded": "New in version {}",
@@ -336,9 +369,7 @@ def _simple_table_end(lines: list[str], start: int) -> int:
     """A simple table ends at a border line followed by a blank line (or the end)."""
     index = start + 1
     while index < len(lines):
-        if _SIMPLE_TABLE.match(lines[index].strip()) and (
-            index + 1 == len(lines) or not lines[index + 1].strip()
-        ):
+        if _SIMPLE_TABLE.match(lines[index].strip()) and (index + 1 == len(lines) or not lines[index + 1].strip()):
             return index + 1
         index += 1
     return index
@@ -693,7 +724,7 @@ python3.11-doc package"."""
 def _source_text(source_dir: Path, n_files: int, n_sections: int) -> str:
     return f"""Debian's `python3.11-doc` package, version {source_version()}: the reST sources of the
 CPython 3.11 documentation, installed under `{source_dir}` as `*.rst.txt`. The builder reads
-{n_files} of them (all but `{'`, `'.join(EXCLUDED)}`: a list of issue titles, and fragments that
+{n_files} of them (all but `{"`, `".join(EXCLUDED)}`: a list of issue titles, and fragments that
 other pages include) and splits them into {n_sections:,} sections: one candidate document per
 section of any level, holding the section's title and its own text up to the next heading."""
 

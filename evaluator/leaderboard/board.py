@@ -43,7 +43,6 @@ from evaluator.paths import shown
 from evaluator.publish import VerifiedResult
 from evaluator.results import FAILED_STATUSES, parse_utc
 
-
 # Record statuses, as they appear in JSON and Parquet.
 RECORD = "record"
 FORMER_RECORD = "former record"
@@ -119,9 +118,9 @@ class Run:
             dev_val_loss=None if result["dev_metrics"] is None else float(result["dev_metrics"]["val_loss"]),
             contaminated=result["contamination"] is not None and result["contamination"]["flagged"],
             comparison=result["comparison"],
-            gpu=None if result["environment"]["gpu"] is None else {
-                key: result["environment"]["gpu"][key] for key in ("name", "pci_bus_id", "uuid")
-            },
+            gpu=None
+            if result["environment"]["gpu"] is None
+            else {key: result["environment"]["gpu"][key] for key in ("name", "pci_bus_id", "uuid")},
         )
 
     @property
@@ -133,8 +132,11 @@ class Run:
     def val_points(self) -> list[tuple[float, float, str]]:
         """(time_s, val_loss, model) of every model the evaluator scored, in time order; models it could
         not score, or did not need to, are gaps."""
-        points = [(float(p["time_s"]), float(p["val_loss"]), p["model"]) for p in self.val_curve
-                  if p["scored"] == "ok" and p["val_loss"] is not None]
+        points = [
+            (float(p["time_s"]), float(p["val_loss"]), p["model"])
+            for p in self.val_curve
+            if p["scored"] == "ok" and p["val_loss"] is not None
+        ]
         return sorted(points, key=lambda point: point[0])
 
     @property
@@ -329,12 +331,22 @@ def build_rows(
             continue
         name, folder = result["submission"]["name"], result["submission"]["path"]
         if PurePosixPath(folder).name != name:
-            duplicates.append((item.path, f"run {result['run_id']} names submission {name!r} but ran the folder "
-                                          f"{folder!r}: a submission's name is its folder's"))
+            duplicates.append(
+                (
+                    item.path,
+                    f"run {result['run_id']} names submission {name!r} but ran the folder "
+                    f"{folder!r}: a submission's name is its folder's",
+                )
+            )
             continue
         if owners[name] != folder:
-            duplicates.append((item.path, f"run {result['run_id']} ran {folder!r}, but the name {name!r} belongs to "
-                                          f"{owners[name]!r}, which published under it first"))
+            duplicates.append(
+                (
+                    item.path,
+                    f"run {result['run_id']} ran {folder!r}, but the name {name!r} belongs to "
+                    f"{owners[name]!r}, which published under it first",
+                )
+            )
             continue
         seen[result["run_id"]] = item.path
         by_track.setdefault(result["track"]["id"], []).append(item)
@@ -350,8 +362,19 @@ def build_rows(
                 failed.setdefault(key, []).append(result["status"])
                 continue
             name, official, calibrated, development, clean = key
-            rows.setdefault(key, Row(track_id, name, official, calibrated, runs=[], target=target,
-                                     development=development, clean_development=clean)).runs.append(Run.from_verified(item))
+            rows.setdefault(
+                key,
+                Row(
+                    track_id,
+                    name,
+                    official,
+                    calibrated,
+                    runs=[],
+                    target=target,
+                    development=development,
+                    clean_development=clean,
+                ),
+            ).runs.append(Run.from_verified(item))
         for key, statuses in failed.items():
             if key in rows:  # a submission none of whose runs of this kind was scored has no row to count them on
                 rows[key].failed_statuses = sorted(statuses)
@@ -397,8 +420,12 @@ def _rank_key(row: Row) -> tuple:
     # Rows that did not always reach the target come after the others: the more often they reached
     # it the earlier, then by the mean time of the runs that did.
     reached = [time_s for time_s in row.times_to_target if time_s is not None]
-    return (not row.all_reached, -row.reached_runs / len(row.runs), mean(reached) if reached else math.inf,
-            row.submission)
+    return (
+        not row.all_reached,
+        -row.reached_runs / len(row.runs),
+        mean(reached) if reached else math.inf,
+        row.submission,
+    )
 
 
 def _goal_text(target: TrackTarget | None) -> str:
@@ -421,9 +448,15 @@ def _comparable_runs(
         if (theirs is None) == (target is None) and (theirs is None or theirs.val_loss == target.val_loss):
             kept.append(item)
             continue
-        set_aside.append((item.path, (
-            f"run {item.result['run_id']} was made for {_goal_text(theirs)}, the track's newest run "
-            f"({newest.result['run_id']}) for {_goal_text(target)}: their scores are not comparable")))
+        set_aside.append(
+            (
+                item.path,
+                (
+                    f"run {item.result['run_id']} was made for {_goal_text(theirs)}, the track's newest run "
+                    f"({newest.result['run_id']}) for {_goal_text(target)}: their scores are not comparable"
+                ),
+            )
+        )
     return kept, target
 
 
@@ -477,6 +510,7 @@ def paired_differences(holder: Row, challenger: Row, rule: RecordRule) -> list[f
     its row's failed count, as in the unpaired test), have one seed, drawn if the rule counts only
     drawn seeds, and on a time-to-target track both reached the target. Two runs in one slot (the
     same comparison, pair and side) would be a re-roll: the one that started first counts."""
+
     def slots(row: Row, side: str) -> dict[tuple[str, int], Run]:
         found: dict[tuple[str, int], Run] = {}
         for run in row.runs:  # in the order they started

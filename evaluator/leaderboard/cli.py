@@ -23,7 +23,6 @@ from evaluator.paths import KEYS_DIR, RECORD_RULES_FILE, RESULTS_DIR, shown
 from evaluator.publish import envelope_paths, verify_paths
 from evaluator.signing import load_trusted_keys
 
-
 FORMATS = ("table", "markdown", "html", "json", "parquet")
 
 
@@ -77,15 +76,19 @@ def _run_leaderboard(args: argparse.Namespace) -> int:
     return exit_code
 
 
-def _why_nothing_is_shown(results_dir: Path, envelopes: int, verified: int, trusted_dir: Path, track: str | None) -> str:
+def _why_nothing_is_shown(
+    results_dir: Path, envelopes: int, verified: int, trusted_dir: Path, track: str | None
+) -> str:
     where = shown(results_dir) + "/"
     if not results_dir.is_dir():
         return f"nothing to rank: {where} does not exist here; publish a run (evaluator publish RUN_DIR) or give --results DIR"
     if envelopes == 0:
         return f"nothing to rank: {where} holds no published results (*.json); evaluator publish RUN_DIR adds one"
     if verified == 0:
-        return (f"nothing to rank: none of the {envelopes} envelope(s) in {where} verified against the trusted keys in "
-                f"{shown(trusted_dir)}/ (the reasons are on stderr); a key of your own goes in a folder given with --trusted-keys DIR")
+        return (
+            f"nothing to rank: none of the {envelopes} envelope(s) in {where} verified against the trusted keys in "
+            f"{shown(trusted_dir)}/ (the reasons are on stderr); a key of your own goes in a folder given with --trusted-keys DIR"
+        )
     return f"nothing to rank for track {track!r}: {verified} verified result(s) in {where}, none on that track"
 
 
@@ -105,17 +108,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--track", metavar="ID", help="only this track (default: every track, one table each)")
     parser.add_argument("--format", choices=FORMATS, default="table", help="output format (default: table)")
-    parser.add_argument(
-        "--out", metavar="PATH", help="write here (atomically) instead of stdout; required for parquet"
-    )
+    parser.add_argument("--out", metavar="PATH", help="write here (atomically) instead of stdout; required for parquet")
     parser.add_argument(
         "--results", metavar="DIR", help="published envelopes (default: results/ in the current folder)"
     )
     parser.add_argument(
-        "--trusted-keys", default=str(KEYS_DIR), metavar="DIR", help="trusted *.pub keys (default: spec/keys/ in the evaluator's home; a folder of your own for keys you trust)"
+        "--trusted-keys",
+        default=str(KEYS_DIR),
+        metavar="DIR",
+        help="trusted *.pub keys (default: spec/keys/ in the evaluator's home; a folder of your own for keys you trust)",
     )
     parser.add_argument(
-        "--rules", default=str(RECORD_RULES_FILE), metavar="FILE",
+        "--rules",
+        default=str(RECORD_RULES_FILE),
+        metavar="FILE",
         help="record rules per track (default: spec/record-rules.toml); they re-rank, they never invalidate a result",
     )
     parser.set_defaults(handler=_run_leaderboard)

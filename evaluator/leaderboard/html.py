@@ -22,9 +22,7 @@ from evaluator.leaderboard.text import (
     target_ranking_text,
 )
 
-
-PALETTE = ["#1c64b0", "#d9480f", "#2b8a3e", "#862e9c", "#c2255c", "#0b7285", "#e67700", "#4263eb",
-           "#5c5f66", "#8f5c00"]
+PALETTE = ["#1c64b0", "#d9480f", "#2b8a3e", "#862e9c", "#c2255c", "#0b7285", "#e67700", "#4263eb", "#5c5f66", "#8f5c00"]
 
 PLOT_WIDTH, PLOT_HEIGHT = 960, 420
 MARGIN_LEFT, MARGIN_RIGHT, MARGIN_TOP, MARGIN_BOTTOM = 64, 20, 16, 48
@@ -70,9 +68,11 @@ def render_svg(track_id: str, rows: list[Row]) -> tuple[str, bool]:
     runs = [(index, run) for index, row in enumerate(rows) for run in row.runs]
     curves = [(index, run, list(zip(run.loss_curve["time_s"], run.loss_curve["value"]))) for index, run in runs]
     measured = [(index, run, [(t, v) for t, v, _ in run.val_points]) for index, run in runs]
-    x_max = max([run.budget_s for _, run in runs]
-                + [t for _, _, points in curves + measured for t, _ in points]
-                + [run.train_seconds or 0.0 for _, run in runs])
+    x_max = max(
+        [run.budget_s for _, run in runs]
+        + [t for _, _, points in curves + measured for t, _ in points]
+        + [run.train_seconds or 0.0 for _, run in runs]
+    )
     finals = [run.val_loss for _, run in runs] + ([target.val_loss] if target is not None else [])
     values = [v for _, _, points in curves + measured for _, v in points] + finals
     y_low = min(values)
@@ -188,8 +188,11 @@ def _target_label(target: TrackTarget) -> str:
 
 def plot_caption(target: TrackTarget | None, clipped: bool) -> str:
     """What the plot shows, as HTML: which curve is the evaluator's measurement and which the submission's word."""
-    scored = ("the first model at or below the target, or the final model of a run that did not reach it"
-              if target is not None else "the final model, at the moment it was saved")
+    scored = (
+        "the first model at or below the target, or the final model of a run that did not reach it"
+        if target is not None
+        else "the final model, at the moment it was saved"
+    )
     caption = (
         "Solid lines and dots: validation loss measured by the evaluator on its snapshots of each run's model "
         f"and on the final model; ◆ marks the model that gave the run its score ({scored}). Faint lines: training "
@@ -248,7 +251,9 @@ def render_html(rows: list[Row], verified_count: int) -> str:
         body.append("<p>No verified results yet.</p>")
     for (track_id, _), track_rows in by_table(rows).items():
         target = track_rows[0].target
-        body.append(f"<h2>Track <code>{html.escape(track_id)}</code>{html.escape(table_heading_suffix(track_rows))}</h2>")
+        body.append(
+            f"<h2>Track <code>{html.escape(track_id)}</code>{html.escape(table_heading_suffix(track_rows))}</h2>"
+        )
         if target is not None:
             body.append(f'<p class="rule">{html.escape(target_ranking_text(target))}</p>')
         body.append(f'<p class="rule">{html.escape(table_rule_text(track_id, track_rows))}</p>')
@@ -261,7 +266,8 @@ def render_html(rows: list[Row], verified_count: int) -> str:
             cells = [html.escape(cell) for cell in row_cells(row)]
             cells[1] = f'<span class="swatch" style="background:{PALETTE[index % len(PALETTE)]}"></span>{cells[1]}'
             tds = "".join(
-                f'<td class="{_html_class(header, numeric)}">{cell}</td>' for cell, (header, numeric) in zip(cells, columns)
+                f'<td class="{_html_class(header, numeric)}">{cell}</td>'
+                for cell, (header, numeric) in zip(cells, columns)
             )
             body.append(f'<tr class="{" ".join(classes)}">{tds}</tr>')
         body.append("</tbody></table>")

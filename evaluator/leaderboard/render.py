@@ -12,9 +12,10 @@ import io
 import json
 import re
 import unicodedata
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -40,10 +41,13 @@ from evaluator.leaderboard.text import (
 )
 from evaluator.paths import shown
 
-
 # Shorter headers where a terminal is narrow.
-TERMINAL_HEADERS = {"val_loss mean ± std": "val_loss ± std", "best val_loss": "best",
-                    "time to target mean ± std": "time to target ± std", "best time": "best"}
+TERMINAL_HEADERS = {
+    "val_loss mean ± std": "val_loss ± std",
+    "best val_loss": "best",
+    "time to target mean ± std": "time to target ± std",
+    "best time": "best",
+}
 
 
 def _rich_table(track_id: str, rows: list[Row]) -> Table:
@@ -56,7 +60,9 @@ def _rich_table(track_id: str, rows: list[Row]) -> Table:
         else:
             table.add_column(TERMINAL_HEADERS.get(header, header), overflow="fold")
     for row in rows:
-        table.add_row(*map(Text, row_cells(row, names_only=True)), style="bold" if row.record_status == RECORD else None)
+        table.add_row(
+            *map(Text, row_cells(row, names_only=True)), style="bold" if row.record_status == RECORD else None
+        )
     return table
 
 
@@ -68,13 +74,17 @@ def _row_cards(track_id: str, rows: list[Row]) -> Text:
         style = "bold" if row.record_status == RECORD else ""
         text.append(f"{cells['#']:>3}  {cells['submission']}\n", style="bold")
         count = len(row.runs)
-        runs = f"{count} run{'' if count == 1 else 's'}{cells['runs'][len(str(count)):]}"  # "3 runs (3 drawn)"
+        runs = f"{count} run{'' if count == 1 else 's'}{cells['runs'][len(str(count)) :]}"  # "3 runs (3 drawn)"
         if row.timed:
-            scores = (f"time to target {cells['time to target mean ± std']} · {runs} · best {cells['best time']}"
-                      f" · trained {cells['train s']} s")
+            scores = (
+                f"time to target {cells['time to target mean ± std']} · {runs} · best {cells['best time']}"
+                f" · trained {cells['train s']} s"
+            )
         else:
-            scores = (f"val_loss {cells['val_loss mean ± std']} · {runs} · best {cells['best val_loss']}"
-                      f" · bpb {cells['val_bpb']} · {cells['train s']} s")
+            scores = (
+                f"val_loss {cells['val_loss mean ± std']} · {runs} · best {cells['best val_loss']}"
+                f" · bpb {cells['val_bpb']} · {cells['train s']} s"
+            )
         if "public val_loss" in cells:
             scores += f" · public split {cells['public val_loss']}"
         text.append(f"     {scores} · GPU {cells['GPU clocks']}\n", style=style)
@@ -229,16 +239,23 @@ def _fastest(row: Row, field: Callable[[Run], Any]) -> Any:
 def _track_json(target: TrackTarget | None) -> dict[str, Any]:
     if target is None:
         return {"kind": "fixed_time", "target_val_loss": None, "target_provisional": None, "ranking": None}
-    return {"kind": "time_to_target", "target_val_loss": target.val_loss, "target_provisional": target.provisional,
-            "ranking": target_ranking_text(target)}
+    return {
+        "kind": "time_to_target",
+        "target_val_loss": target.val_loss,
+        "target_provisional": target.provisional,
+        "ranking": target_ranking_text(target),
+    }
 
 
 # ensure_ascii=False keeps names readable but leaves DEL, C1 (CSI among them), format characters
 # (bidi overrides, zero-width spaces) and line separators raw; JSON's \u escapes are valid wherever
 # they occur, which is only inside strings. Astral format characters (tags) are left: JSON would need
 # a surrogate pair, and they show as nothing rather than reorder a line.
-_JSON_RAW_CONTROLS = {code: f"\\u{code:04x}" for code in range(0x10000)
-                      if 0x7F <= code < 0xA0 or unicodedata.category(chr(code)) in ("Cf", "Zl", "Zp")}
+_JSON_RAW_CONTROLS = {
+    code: f"\\u{code:04x}"
+    for code in range(0x10000)
+    if 0x7F <= code < 0xA0 or unicodedata.category(chr(code)) in ("Cf", "Zl", "Zp")
+}
 
 
 def render_json(rows: list[Row], verified_count: int, rejected: list[tuple[Path, str]]) -> str:
@@ -246,8 +263,10 @@ def render_json(rows: list[Row], verified_count: int, rejected: list[tuple[Path,
         "verified": verified_count,
         "rejected": [{"path": shown(path), "reason": reason} for path, reason in rejected],
         "ranking": RANKING_TEXT,
-        "record_rules": {track_id: {**asdict(track_rows[0].record_rule), "text": track_rule_text(track_id, track_rows)}
-                         for track_id, track_rows in by_track(rows).items()},
+        "record_rules": {
+            track_id: {**asdict(track_rows[0].record_rule), "text": track_rule_text(track_id, track_rows)}
+            for track_id, track_rows in by_track(rows).items()
+        },
         "tracks": {track_id: _track_json(track_rows[0].target) for track_id, track_rows in by_track(rows).items()},
         "rows": [_row_json(row) for row in rows],
     }

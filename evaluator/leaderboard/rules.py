@@ -100,13 +100,16 @@ def load_record_rules(path: Path) -> RecordRules:
         raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise UserError(f"{path}: cannot read the record rules: {exc}") from None
-    errors = sorted(jsonschema.Draft202012Validator(_schema()).iter_errors(raw), key=lambda e: list(map(str, e.absolute_path)))
+    errors = sorted(
+        jsonschema.Draft202012Validator(_schema()).iter_errors(raw), key=lambda e: list(map(str, e.absolute_path))
+    )
     if errors:
         details = "; ".join(f"{'.'.join(map(str, e.absolute_path)) or '(top level)'}: {e.message}" for e in errors)
         raise UserError(f"{path}: invalid record rules: {details}")
     tracks = raw.get("track", {})
     unknown = sorted(set(tracks) - set(available_tracks()))
     if unknown:  # a misspelt section would silently leave its track on the defaults
-        raise UserError(f"{path}: [track.{unknown[0]}] names no track in spec/tracks/ "
-                        f"(available: {', '.join(available_tracks())})")
+        raise UserError(
+            f"{path}: [track.{unknown[0]}] names no track in spec/tracks/ (available: {', '.join(available_tracks())})"
+        )
     return RecordRules(path=Path(path), default=raw["default"], tracks=tracks)

@@ -9,7 +9,7 @@ incomplete beta function, evaluated by its continued fraction (modified Lentz).
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 
 def mean(values: list[float]) -> float:
@@ -49,9 +49,7 @@ def regularized_incomplete_beta(a: float, b: float, x: float) -> float:
     # I_x(a, b) = 1 - I_{1-x}(b, a) on the other side.
     if x > (a + 1.0) / (a + b + 2.0):
         return 1.0 - regularized_incomplete_beta(b, a, 1.0 - x)
-    log_front = (
-        math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    )
+    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
 
     def terms(j: int) -> tuple[float, float]:
         if j % 2:  # odd: j = 2m + 1
@@ -82,9 +80,7 @@ def welch_one_sided_p(baseline: list[float], challenger: list[float]) -> float:
         # Both sides are constant: the difference is certain, either way.
         return 0.0 if difference > 0 else 1.0
     t = difference / math.sqrt(var_base + var_chal)
-    df = (var_base + var_chal) ** 2 / (
-        var_base**2 / (len(baseline) - 1) + var_chal**2 / (len(challenger) - 1)
-    )
+    df = (var_base + var_chal) ** 2 / (var_base**2 / (len(baseline) - 1) + var_chal**2 / (len(challenger) - 1))
     return 1.0 - student_t_cdf(t, df)
 
 

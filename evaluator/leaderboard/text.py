@@ -23,7 +23,6 @@ from evaluator.leaderboard.board import (
 )
 from evaluator.leaderboard.rules import RecordRule
 
-
 # Control characters (C0, DEL, C1), format characters (bidi overrides and isolates, zero-width
 # characters, soft hyphens) and line and paragraph separators: what breaks a row, drives a terminal,
 # or makes a page show other text than it holds.
@@ -82,8 +81,10 @@ def _difference(row: Row, value: float) -> str:
 def _paired_text(row: Row) -> str:
     """The paired test: 'paired vs HOLDER: mean difference ± its standard error over n pairs, p'."""
     paired = row.record_paired
-    return (f"paired vs {row.record_baseline}: {_difference(row, paired.mean_difference)} ± "
-            f"{_difference(row, paired.standard_error)[1:]} over {paired.pairs} pairs, {_p_value(row.record_p_value)}")
+    return (
+        f"paired vs {row.record_baseline}: {_difference(row, paired.mean_difference)} ± "
+        f"{_difference(row, paired.standard_error)[1:]} over {paired.pairs} pairs, {_p_value(row.record_p_value)}"
+    )
 
 
 def _record_text(row: Row) -> str:
@@ -102,8 +103,10 @@ def _record_text(row: Row) -> str:
         unit = " s" if row.timed else ""
         return f"not a record: {test}, an improvement under {row.record_rule.min_improvement(row.timed):g}{unit}"
     if row.record_status == TOO_FEW_PAIRS:
-        return (f"not a record: needs ≥{row.record_rule.min_seeds} scored pairs of a comparison vs "
-                f"{row.record_baseline}, has {row.record_paired.pairs}")
+        return (
+            f"not a record: needs ≥{row.record_rule.min_seeds} scored pairs of a comparison vs "
+            f"{row.record_baseline}, has {row.record_paired.pairs}"
+        )
     if row.record_status == NOT_REACHED:
         return "needs every run to reach the target"
     if row.record_status == DEVELOPMENT:
@@ -131,8 +134,13 @@ def _runs_text(row: Row) -> str:
 
 # A T4 sits at its 70 W cap under load by design; thermal and hardware slowdowns are the ones that
 # say a board ran worse than its kind. The column names which it was.
-_REASON_WORDS = {"sw_power_cap": "power cap", "hw_slowdown": "hardware", "sw_thermal_slowdown": "thermal",
-                 "hw_thermal_slowdown": "thermal", "hw_power_brake_slowdown": "power brake"}
+_REASON_WORDS = {
+    "sw_power_cap": "power cap",
+    "hw_slowdown": "hardware",
+    "sw_thermal_slowdown": "thermal",
+    "hw_thermal_slowdown": "thermal",
+    "hw_power_brake_slowdown": "power brake",
+}
 
 
 def _gpu_text(row: Row) -> str:
@@ -148,14 +156,31 @@ def _gpu_text(row: Row) -> str:
 
 # (header, numeric): numeric columns are right-aligned and never wrapped.
 COLUMNS = [
-    ("#", True), ("submission", False), ("val_loss mean ± std", True), ("runs", True), ("best val_loss", True),
-    ("val_bpb", True), ("train s", True), ("GPU clocks", False), ("authors", False), ("latest run", False),
-    ("status", False), ("record", False),
+    ("#", True),
+    ("submission", False),
+    ("val_loss mean ± std", True),
+    ("runs", True),
+    ("best val_loss", True),
+    ("val_bpb", True),
+    ("train s", True),
+    ("GPU clocks", False),
+    ("authors", False),
+    ("latest run", False),
+    ("status", False),
+    ("record", False),
 ]
 # A time-to-target track's: its score is a time, so the time columns take the val_loss ones' place.
 TARGET_COLUMNS = [
-    ("#", True), ("submission", False), ("time to target mean ± std", True), ("runs", True), ("best time", True),
-    ("train s", True), ("GPU clocks", False), ("authors", False), ("latest run", False), ("status", False),
+    ("#", True),
+    ("submission", False),
+    ("time to target mean ± std", True),
+    ("runs", True),
+    ("best time", True),
+    ("train s", True),
+    ("GPU clocks", False),
+    ("authors", False),
+    ("latest run", False),
+    ("status", False),
     ("record", False),
 ]
 # Short text columns that read badly when broken across lines.
@@ -251,12 +276,12 @@ def table_rule_text(track_id: str, rows: list[Row]) -> str:
 
 RANKING_TEXT = (
     "Ranked by mean validation loss (nats/token, lower is better); ± is the sample standard deviation "
-    "over runs; \"drawn\" counts seeds the evaluator drew, which nobody could choose. Official tables are "
+    'over runs; "drawn" counts seeds the evaluator drew, which nobody could choose. Official tables are '
     "scored on the hidden test split, with the same models' public-split val_loss beside it; \"contaminated "
-    "in k/n\" when k runs scored further apart on the two splits than honest models do (they memorised the "
+    'in k/n" when k runs scored further apart on the two splits than honest models do (they memorised the '
     "public split, or the hidden one leaked). "
     "Submissions are considered for the record in the order of their first run; unofficial runs are listed "
-    "apart and never hold a record. GPU clocks: \"throttled in k/n\" when the driver reported a power or "
+    'apart and never hold a record. GPU clocks: "throttled in k/n" when the driver reported a power or '
     "thermal slowdown during training in k of the n runs it was sampled in."
 )
 

@@ -12,11 +12,11 @@ import importlib.metadata
 import os
 import sys
 import tempfile
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from evaluator.sandbox import memory_image
 from evaluator.sandbox.cgroups import Cgroup, cgroups_problem, cgroups_usable, reap_stale_cgroups
@@ -38,6 +38,7 @@ from evaluator.sandbox.spec import (
     jail_rlimits,
     validate,
 )
+
 
 @dataclass(frozen=True)
 class Sandbox:
@@ -116,7 +117,9 @@ class Sandbox:
             try:
                 mount_image_tmpfs(directory, plan.bytes_needed, plan.inodes_needed)
             except OSError as error:
-                raise SandboxUnavailable(f"could not mount a tmpfs for a memory image on {directory}: {error}") from error
+                raise SandboxUnavailable(
+                    f"could not mount a tmpfs for a memory image on {directory}: {error}"
+                ) from error
             try:
                 try:
                     memory_image.build(directory, plan)
@@ -219,7 +222,7 @@ def _nsjail_problem() -> str | None:
 
 
 def open_sandbox(choice: str) -> Sandbox:
-    """"auto" | "nsjail" | "none". "nsjail" never falls back: it raises SandboxUnavailable."""
+    """ "auto" | "nsjail" | "none". "nsjail" never falls back: it raises SandboxUnavailable."""
     if choice not in ("auto", "nsjail", "none"):
         raise ValueError(f"unknown sandbox {choice!r}: use auto, nsjail or none")
     reap_stale()

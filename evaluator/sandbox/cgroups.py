@@ -151,7 +151,8 @@ class Cgroup:
             self.memory_dir = self.pids_dir = self.cpu_dir = self.cpuacct_dir = _v2_parent() / leaf
         else:
             self.memory_dir, self.pids_dir, self.cpu_dir, self.cpuacct_dir = (
-                (CGROUP_ROOT / hierarchy).resolve() / CGROUP_PARENT / leaf for hierarchy in _V1_HIERARCHIES)
+                (CGROUP_ROOT / hierarchy).resolve() / CGROUP_PARENT / leaf for hierarchy in _V1_HIERARCHIES
+            )
 
     @property
     def dirs(self) -> tuple[Path, ...]:
@@ -279,10 +280,13 @@ def _delegate_v2_controllers() -> None:
     if os.environ.get(CGROUP_MODE_ENV) == "delegated":
         offered = (parent / "cgroup.controllers").read_text().split()
         if not set(_CONTROLLERS) <= set(offered):
-            raise OSError(errno.ENOTSUP, (
-                f"the delegated cgroup {parent} offers {', '.join(offered) or 'no controllers'}, not all of "
-                f"{', '.join(_CONTROLLERS)}: start the evaluator with systemd-run --scope -p Delegate=yes"
-            ))
+            raise OSError(
+                errno.ENOTSUP,
+                (
+                    f"the delegated cgroup {parent} offers {', '.join(offered) or 'no controllers'}, not all of "
+                    f"{', '.join(_CONTROLLERS)}: start the evaluator with systemd-run --scope -p Delegate=yes"
+                ),
+            )
         leaf = parent / DELEGATED_SELF_LEAF
         leaf.mkdir(exist_ok=True)
         # Every process of the scope (the evaluator, and whatever started it there), not only this one.
@@ -307,11 +311,14 @@ def _delegate_v2_controllers() -> None:
             # cgroup v2's "no internal processes" rule, from which only the host's root cgroup is
             # exempt: in a container with a cgroup namespace of its own, the root we see is a
             # cgroup that holds the container's processes.
-            raise OSError(error.errno, (
-                f"cannot enable {', '.join(_CONTROLLERS)} in {control}: that cgroup holds processes "
-                "itself, which cgroup v2 allows together with controllers for its children only in "
-                "the host's root cgroup. Move this container's processes into a child cgroup first"
-            )) from error
+            raise OSError(
+                error.errno,
+                (
+                    f"cannot enable {', '.join(_CONTROLLERS)} in {control}: that cgroup holds processes "
+                    "itself, which cgroup v2 allows together with controllers for its children only in "
+                    "the host's root cgroup. Move this container's processes into a child cgroup first"
+                ),
+            ) from error
 
 
 def _counter(path: Path, key: str, missing: int | None = 0) -> int | None:

@@ -26,8 +26,8 @@ import re
 import shutil
 import subprocess
 import sysconfig
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 from evaluator.sandbox.memory_image import DISTRIBUTIONS, ImagePlan, trusted_plan
 
@@ -42,9 +42,25 @@ _COMPILER_PROGRAMS = ("cc1plus", "cc1", "collect2", "lto-wrapper", "as", "ld")
 # runtime's start files and the libraries g++ links by default (-lstdc++ -lm -lc -lgcc_s) or
 # inductor asks for (-lgomp -lpthread); -print-file-name finds each as the linker would.
 _LINK_INPUTS = (
-    "crt1.o", "Scrt1.o", "crti.o", "crtn.o", "libc.so", "libc.a", "libc_nonshared.a", "libm.so",
-    "libmvec.so", "libpthread.so", "libpthread.a", "libdl.so", "libdl.a", "librt.so", "librt.a",
-    "libgcc_s.so", "libgcc.a", "libgomp.so", "libstdc++.so",
+    "crt1.o",
+    "Scrt1.o",
+    "crti.o",
+    "crtn.o",
+    "libc.so",
+    "libc.a",
+    "libc_nonshared.a",
+    "libm.so",
+    "libmvec.so",
+    "libpthread.so",
+    "libpthread.a",
+    "libdl.so",
+    "libdl.a",
+    "librt.so",
+    "librt.a",
+    "libgcc_s.so",
+    "libgcc.a",
+    "libgomp.so",
+    "libstdc++.so",
 )
 # Programs the compile path runs besides the compiler: inductor hashes a precompiled header with
 # `openssl sha512`; triton (GPU) finds libcuda with `ldconfig -p`.
@@ -144,8 +160,13 @@ def _linker_script(path: str) -> str:
 def _ask(compiler: str, *arguments: str, stream: str = "stdout") -> str:
     try:
         result = subprocess.run(
-            [compiler, *arguments], capture_output=True, text=True, timeout=60, check=False,
-            stdin=subprocess.DEVNULL, env={"PATH": SYSTEM_PATH, "LC_ALL": "C"},
+            [compiler, *arguments],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            stdin=subprocess.DEVNULL,
+            env={"PATH": SYSTEM_PATH, "LC_ALL": "C"},
         )
     except (OSError, subprocess.SubprocessError):
         return ""

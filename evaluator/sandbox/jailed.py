@@ -322,9 +322,7 @@ class Jailed:
         return _classify(self.spec, ending, oom_kills, pids_hits, self._killed_by_host)
 
 
-def _classify(
-    spec: JailSpec, ending: Ending, oom_kills: int, pids_hits: int, killed_by_host: bool
-) -> JailOutcome:
+def _classify(spec: JailSpec, ending: Ending, oom_kills: int, pids_hits: int, killed_by_host: bool) -> JailOutcome:
     """Order: sandbox_error, oom, pids_limit, time_limit, signaled, exited.
 
     An OOM kill or a refused fork inside a jail whose main process still exited 0 was survived,

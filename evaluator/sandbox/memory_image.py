@@ -48,8 +48,8 @@ import stat
 import subprocess
 import sys
 import sysconfig
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 from evaluator.paths import PACKAGE_DIR
 
@@ -69,8 +69,15 @@ ETC_FILES = (
 # Top-level entries of the standard library that no jail imports. pydoc_data holds the Python
 # documentation as text (topics.py): a dataset built from that documentation must not be in a jail.
 _STDLIB_SKIPPED = {
-    "site-packages", "test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3",
-    "__phello__", "pydoc_data",
+    "site-packages",
+    "test",
+    "idlelib",
+    "tkinter",
+    "turtledemo",
+    "ensurepip",
+    "lib2to3",
+    "__phello__",
+    "pydoc_data",
 }
 # Test packages nested in the standard library (ctypes/test, unittest/test, distutils/tests, ...).
 _STDLIB_NESTED_SKIPPED = {"test", "tests", "idle_test"}
@@ -136,9 +143,7 @@ class _Collector:
         self._resolved: dict[str, str] = {}  # directory as given -> its real path
 
     def freeze(self) -> ImagePlan:
-        return ImagePlan(
-            frozenset(self.dirs), tuple(sorted(self.symlinks.items())), tuple(sorted(self.files.items()))
-        )
+        return ImagePlan(frozenset(self.dirs), tuple(sorted(self.symlinks.items())), tuple(sorted(self.files.items())))
 
     def resolve(self, path: str) -> str:
         """The symlink-free path that `path` names (which must exist), recording the symlinks
@@ -246,8 +251,9 @@ class _Collector:
 # --- planning ------------------------------------------------------------------------------------
 
 
-def plan(extra_paths: Iterable[str | os.PathLike], *, gpu: bool,
-         library_dirs: Iterable[str | os.PathLike] = ()) -> ImagePlan:
+def plan(
+    extra_paths: Iterable[str | os.PathLike], *, gpu: bool, library_dirs: Iterable[str | os.PathLike] = ()
+) -> ImagePlan:
     """The image for this interpreter plus `extra_paths` (each a file or a directory, copied whole).
 
     `library_dirs` are the directories a GPU jail's LD_LIBRARY_PATH names (the host's, in order);
@@ -265,8 +271,13 @@ def plan(extra_paths: Iterable[str | os.PathLike], *, gpu: bool,
 
 
 @functools.cache
-def trusted_plan(gpu: bool, library_dirs: tuple[str, ...], distributions: tuple[str, ...] = DISTRIBUTIONS,
-                 trusted_paths: tuple[str, ...] = (), slim: bool = True) -> ImagePlan:
+def trusted_plan(
+    gpu: bool,
+    library_dirs: tuple[str, ...],
+    distributions: tuple[str, ...] = DISTRIBUTIONS,
+    trusted_paths: tuple[str, ...] = (),
+    slim: bool = True,
+) -> ImagePlan:
     """What a jail's Python needs of the host: the interpreter and its standard library, the
     installed `distributions` with their requirements, `trusted_paths` (host files and directories,
     such as a compiler's; an ELF file named there is inspected by ldd with the rest), the closure of
@@ -322,13 +333,20 @@ def _libpython() -> list[str]:
         return []
     libdir = sysconfig.get_config_var("LIBDIR") or os.path.join(sys.base_prefix, "lib")
     names = (sysconfig.get_config_var("LDLIBRARY"), sysconfig.get_config_var("INSTSONAME"))
-    return [os.path.join(libdir, name) for name in dict.fromkeys(filter(None, names))
-            if os.path.exists(os.path.join(libdir, name))]
+    return [
+        os.path.join(libdir, name)
+        for name in dict.fromkeys(filter(None, names))
+        if os.path.exists(os.path.join(libdir, name))
+    ]
 
 
 def _stdlib_dirs() -> list[str]:
-    base = {"base": sys.base_prefix, "platbase": sys.base_prefix, "installed_base": sys.base_prefix,
-            "installed_platbase": sys.base_prefix}
+    base = {
+        "base": sys.base_prefix,
+        "platbase": sys.base_prefix,
+        "installed_base": sys.base_prefix,
+        "installed_platbase": sys.base_prefix,
+    }
     paths = sysconfig.get_paths(vars=base)
     return [os.path.realpath(paths[key]) for key in ("stdlib", "platstdlib") if os.path.isdir(paths[key])]
 
@@ -338,7 +356,7 @@ def _stdlib_skip(stdlib: str, slim: bool):
     dynload = top + "lib-dynload/"
 
     def skip(path: str, is_dir: bool) -> bool:
-        relative = path[len(top):]
+        relative = path[len(top) :]
         name = os.path.basename(path)
         if "/" not in relative:  # a top-level entry
             return name in _STDLIB_SKIPPED or (is_dir and name.startswith("config-"))
@@ -461,7 +479,11 @@ def _driver_libraries(library_dirs: tuple[str, ...]) -> list[str]:
     if ldconfig is not None:
         try:
             listing = subprocess.run(
-                [ldconfig, "-p"], capture_output=True, text=True, timeout=60, check=False,
+                [ldconfig, "-p"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
                 env={"PATH": "/usr/sbin:/sbin:/usr/bin:/bin", "LC_ALL": "C"},
             ).stdout
         except (OSError, subprocess.SubprocessError):
@@ -504,9 +526,7 @@ def _library_closure(objects: tuple[str, ...], library_path: str) -> list[str]:
         chunks.append(chunk)
     for paths in chunks:
         try:
-            result = subprocess.run(
-                [ldd, *paths], capture_output=True, text=True, timeout=300, check=False, env=env
-            )
+            result = subprocess.run([ldd, *paths], capture_output=True, text=True, timeout=300, check=False, env=env)
         except (OSError, subprocess.SubprocessError) as error:
             raise ImageError(f"ldd failed: {error}") from error
         # ldd exits 1 when one of many is not dynamic; the others' lines are still there.
@@ -630,8 +650,12 @@ def _compare(left: str, operator: str, right: str) -> bool:
         return left not in right
     if operator == "===":
         return left == right
-    if operator in ("==", "!=") and right.endswith(".*") and _VERSION.fullmatch(left) \
-            and _VERSION.fullmatch(right[:-2]):
+    if (
+        operator in ("==", "!=")
+        and right.endswith(".*")
+        and _VERSION.fullmatch(left)
+        and _VERSION.fullmatch(right[:-2])
+    ):
         prefix = tuple(map(int, right[:-2].split(".")))
         matched = tuple(map(int, left.split(".")))[: len(prefix)] == prefix
         return matched if operator == "==" else not matched

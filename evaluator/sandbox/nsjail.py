@@ -18,9 +18,9 @@ import os
 import re
 import resource
 import signal
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 from evaluator.sandbox.host_view import host_view
 from evaluator.sandbox.spec import (
@@ -172,9 +172,9 @@ def nsjail_config(spec: JailSpec, log_file: Path):
     sealed = spec.sealed_image is not None
 
     def bind(path: Path | str, rw: bool = False, mandatory: bool = True, dst: Path | str | None = None) -> None:
-        mounts.append(MountPt(
-            src=str(path), dst=str(path if dst is None else dst), is_bind=True, rw=rw, mandatory=mandatory
-        ))
+        mounts.append(
+            MountPt(src=str(path), dst=str(path if dst is None else dst), is_bind=True, rw=rw, mandatory=mandatory)
+        )
 
     if sealed:
         _sealed_mounts(Path(spec.sealed_image), Path(spec.workdir), mounts, bind)
@@ -313,9 +313,7 @@ def nsjail_ending(log: str | None, nsjail_returncode: int, killed_by_host: bool)
     problems = " | ".join(line for level, line in levels if level in "WEF")
     timed_out = any("run time >= time limit" in line for line in lines)
     executed = any(line.startswith("[I]") and "Executing '" in line for line in lines)
-    failed = any(
-        level == "F" or "Couldn't launch the child process" in line for level, line in levels
-    )
+    failed = any(level == "F" or "Couldn't launch the child process" in line for level, line in levels)
     if failed:
         return Ending(setup_error=problems)
     for line in reversed(lines):

@@ -8,14 +8,12 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Iterator
-
-import pytest
 
 from conftest import leftovers, mount_points_under, processes_with, write_submission  # noqa: F401 (shared with the suite)
+
 from evaluator.paths import HOME
 
 SUBMISSIONS = Path(__file__).parent / "submissions"
@@ -23,20 +21,6 @@ ATTACK_KIT = SUBMISSIONS / "attack_kit.py"
 TRACKS_DIR = HOME / "spec" / "tracks"
 # Interpreter start and `import torch` before the clock, plus scoring and teardown, on a busy 2-core box.
 STARTUP_SLACK_S = 25
-
-
-@pytest.fixture
-def disk_dir() -> Iterator[Path]:
-    """A scratch directory on the host's disk, not under /tmp.
-
-    Production runs live under results/runs/, which the jail cannot see or write; pytest's tmp_path
-    lies under /tmp, and the jail has a private tmpfs there, in which nsjail makes the mount points
-    of paths under /tmp: a write to a host path under /tmp then lands in the jail's own tmpfs. Paths
-    here are absent from the jail, as in production.
-    """
-    path = Path(tempfile.mkdtemp(prefix="speedrun-adversarial-", dir="/var/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def attack_submission(parent: Path, name: str, body: str, config: dict | None = None) -> Path:
@@ -60,7 +44,19 @@ def probe_report(run_dir: Path) -> dict:
 
 def start_evaluator(folder: Path, out: Path, *extra: str, **popen_options) -> subprocess.Popen:
     """`evaluator run --json` with the real nsjail, as a process of its own (to kill it, or run two)."""
-    argv = [sys.executable, "-m", "evaluator.cli", "run", str(folder), "--out", str(out), "--json", "--sandbox", "nsjail", *extra]
+    argv = [
+        sys.executable,
+        "-m",
+        "evaluator.cli",
+        "run",
+        str(folder),
+        "--out",
+        str(out),
+        "--json",
+        "--sandbox",
+        "nsjail",
+        *extra,
+    ]
     return subprocess.Popen(argv, cwd=HOME, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen_options)
 
 

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-
 from adversarial_support import attack_submission, probe_report
 from conftest import missing, run_cli
+
 from evaluator.cli import main
 from evaluator.dataset.source_pydoc import DEFAULT_SOURCE_DIR
 from evaluator.dataset.store import resolve_data_file
@@ -106,9 +106,21 @@ def test_the_jail_sees_no_secret_dir_no_canary_and_no_dataset_source(walk, canar
     out_of_sight = ("/usr/share/", "/opt/", "/srv/", "/home/", "/var/")
     assert [path for path in listed if path.startswith(out_of_sight)] == []
     assert [path for path in listed if "/pydoc_data/" in path or "python3.11-doc" in path] == []
-    assert not [path for path in listed if path.startswith("/etc/") and path not in (
-        "/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/passwd", "/etc/group", "/etc/nsswitch.conf", "/etc/hosts",
-    ) and not path.startswith("/etc/ld.so.conf.d/")]
+    assert not [
+        path
+        for path in listed
+        if path.startswith("/etc/")
+        and path
+        not in (
+            "/etc/ld.so.cache",
+            "/etc/ld.so.conf",
+            "/etc/passwd",
+            "/etc/group",
+            "/etc/nsswitch.conf",
+            "/etc/hosts",
+        )
+        and not path.startswith("/etc/ld.so.conf.d/")
+    ]
 
 
 def _validation_windows(tmp_path: Path) -> tuple[Path, int]:
@@ -117,7 +129,7 @@ def _validation_windows(tmp_path: Path) -> tuple[Path, int]:
     for text in texts:
         data = text.encode()
         for start in range(0, len(data) - WINDOW_BYTES + 1, WINDOW_STRIDE):
-            window = data[start:start + WINDOW_BYTES]
+            window = data[start : start + WINDOW_BYTES]
             if b"\n" not in window:
                 windows.add(window)
     needles = tmp_path / "needles.txt"
@@ -131,8 +143,10 @@ def _windows_found(needles: Path, paths: list[str]) -> set[bytes]:
     found: set[bytes] = set()
     for start in range(0, len(paths), 2000):
         result = subprocess.run(
-            ["grep", "-ohF", "-a", "-f", str(needles), "--", *paths[start:start + 2000]],
-            capture_output=True, env={"LC_ALL": "C", "PATH": "/usr/bin:/bin"}, check=False,
+            ["grep", "-ohF", "-a", "-f", str(needles), "--", *paths[start : start + 2000]],
+            capture_output=True,
+            env={"LC_ALL": "C", "PATH": "/usr/bin:/bin"},
+            check=False,
         )
         assert result.returncode in (0, 1), result.stderr.decode()
         found.update(result.stdout.splitlines())
@@ -153,4 +167,9 @@ def test_no_file_the_jail_can_read_holds_the_validation_text(walk, tmp_path):
 
 def test_rebuilding_the_validation_split_from_its_sources_finds_nothing(nsjail, tmp_path, capsys):
     report = _attack(nsjail, tmp_path, capsys, "rebuild_validation_split", {"dataset_sources": str(DEFAULT_SOURCE_DIR)})
-    assert report == {"source_dir_exists": False, "source_files": 0, "source_bytes": 0, "pydoc_topics": "ModuleNotFoundError"}
+    assert report == {
+        "source_dir_exists": False,
+        "source_files": 0,
+        "source_bytes": 0,
+        "pydoc_topics": "ModuleNotFoundError",
+    }

@@ -15,9 +15,9 @@ import time
 import uuid
 
 import pytest
-
-from adversarial_support import STARTUP_SLACK_S, attack_submission, disk_dir, leftovers  # noqa: F401 (disk_dir: a fixture)
+from adversarial_support import STARTUP_SLACK_S, attack_submission, leftovers
 from conftest import run_cli
+
 from evaluator.dataset.loader import read_documents
 from evaluator.dataset.store import resolve_data_file
 from evaluator.sandbox import JAIL_HOSTNAME, NOBODY
@@ -49,7 +49,9 @@ def test_code_in_the_pickle_and_in_forward_runs_only_in_the_scoring_jail(disk_di
             "tcp_port": listener.getsockname()[1],
         }
         folder = attack_submission(disk_dir, "snooping-model", "snooping_model", config)
-        code, record = run_cli(folder, runs_dir, "--budget", "10", "--smoke", "--sandbox", "nsjail", "--debug-scoring", capsys=capsys)
+        code, record = run_cli(
+            folder, runs_dir, "--budget", "10", "--smoke", "--sandbox", "nsjail", "--debug-scoring", capsys=capsys
+        )
         with pytest.raises(BlockingIOError):
             listener.accept()
     assert (code, record["status"]) == (0, "ok"), record["message"]
@@ -88,11 +90,15 @@ def test_nothing_the_model_prints_or_raises_leaves_the_scoring_jail(disk_dir, ca
     folder = attack_submission(disk_dir, "leaky-model", "leaky_model")
     code, record = run_cli(folder, runs_dir, "--budget", "5", "--sandbox", "nsjail", capsys=capsys)
     assert (code, record["status"]) == (1, "invalid_model")
-    assert re.fullmatch(r"the final model \(taken at [\d.]+ s, on the public split\): " + re.escape(Refusal.STEP_FAILED),
-                        record["message"]), record["message"]
+    assert re.fullmatch(
+        r"the final model \(taken at [\d.]+ s, on the public split\): " + re.escape(Refusal.STEP_FAILED),
+        record["message"],
+    ), record["message"]
     run_dir = runs_dir / record["run_id"]
     # What the model printed: the marker, then the token ids it was given, e.g. "0 417 23 ...".
-    openings = [" ".join(map(str, [0, *document.tokens[:5]])) for document in read_documents(resolve_data_file(TRACK, "val"))]
+    openings = [
+        " ".join(map(str, [0, *document.tokens[:5]])) for document in read_documents(resolve_data_file(TRACK, "val"))
+    ]
     files = [path for path in run_dir.rglob("*") if path.is_file()]
     assert files
     for path in files:
@@ -113,8 +119,11 @@ def test_a_model_that_trains_while_it_is_loaded_is_stopped(tmp_path, runs_dir, c
     assert time.monotonic() - began < 5 + TRACK.eval.load_s * TRACK.device.threads + STARTUP_SLACK_S
     assert (code, record["status"]) == (1, "invalid_model")
     # It names the model, the stage and what it used of the deadline, counted in CPU time.
-    assert re.fullmatch(r"the final model \(taken at [\d.]+ s, on the public split\): "
-                        + re.escape(Refusal.LOAD_TIMEOUT.format(seconds=TRACK.eval.load_s))
-                        + r" of CPU time per thread \(it used \d+ s\)", record["message"]), record["message"]
+    assert re.fullmatch(
+        r"the final model \(taken at [\d.]+ s, on the public split\): "
+        + re.escape(Refusal.LOAD_TIMEOUT.format(seconds=TRACK.eval.load_s))
+        + r" of CPU time per thread \(it used \d+ s\)",
+        record["message"],
+    ), record["message"]
     assert record["train"]["train_seconds"] < 5
     assert leftovers(record["run_id"], runs_dir / record["run_id"]) == []

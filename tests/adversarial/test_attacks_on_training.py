@@ -24,12 +24,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-
 from adversarial_support import (
     STARTUP_SLACK_S,
     attack_submission,
-    disk_dir,  # noqa: F401 (a fixture)
-
     finish,
     leftovers,
     probe_report,
@@ -37,6 +34,7 @@ from adversarial_support import (
     start_evaluator,
 )
 from conftest import missing, run_cli, write_submission
+
 from evaluator.dataset.store import resolve_data_file
 from evaluator.fsutil import sha256_file, tree_sha256
 from evaluator.paths import HOME
@@ -69,7 +67,11 @@ def snoop(nsjail, tmp_path_factory):
     repo_canary = HOME / f"canary-{token}.txt"
     tmp_canary = Path("/tmp") / f"canary-{token}.txt"
     unix_path = tmp_path / "host.sock"
-    with socket.socket() as tcp, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp, socket.socket(socket.AF_UNIX) as unix:
+    with (
+        socket.socket() as tcp,
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp,
+        socket.socket(socket.AF_UNIX) as unix,
+    ):
         tcp.bind(("127.0.0.1", 0))
         tcp.listen()
         tcp.setblocking(False)
@@ -154,7 +156,14 @@ def test_searching_the_filesystem_finds_no_data_keys_sockets_or_canaries(snoop):
     # copies of its in-jail modules), not the training split (the jail reads a copy of it).
     assert found["repo"] == [], found["repo"]
     report = snoop["report"]
-    assert report["evaluator_modules"] == ["evaluator", "evaluator.api", "evaluator.dataset", "evaluator.dataset.loader", "evaluator.errors", "evaluator.job"]
+    assert report["evaluator_modules"] == [
+        "evaluator",
+        "evaluator.api",
+        "evaluator.dataset",
+        "evaluator.dataset.loader",
+        "evaluator.errors",
+        "evaluator.job",
+    ]
     assert report["host_module_import"].startswith("ModuleNotFoundError"), report["host_module_import"]
 
 
@@ -169,7 +178,9 @@ def test_writes_outside_the_output_and_escapes_fail(confirmed_jail, disk_dir, ca
             "repo_root": str(HOME),
             "sentinel_pid": sentinel.pid,
         }
-        folder = attack_submission(disk_dir, "escape", "escape", {**config, "submission_folder": str(disk_dir / "escape")})
+        folder = attack_submission(
+            disk_dir, "escape", "escape", {**config, "submission_folder": str(disk_dir / "escape")}
+        )
         folder_hash = tree_sha256(folder)
         began = time.monotonic()
         code, record = run_cli(folder, runs_dir, "--budget", "20", "--sandbox", "nsjail", capsys=capsys)
@@ -244,6 +255,7 @@ def test_floods_of_output_are_capped_and_a_daemon_dies_with_the_run(confirmed_ja
 def _peak_rss_growth(action) -> tuple[object, int]:
     """(what action() returned, how far this process's resident memory rose above where it started
     while it ran, in bytes), sampled every 20 ms from /proc/self/status."""
+
     def rss() -> int:
         line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmRSS:"))
         return int(line.split()[1]) * 1024
@@ -269,14 +281,17 @@ def _peak_rss_growth(action) -> tuple[object, int]:
 HOST_GROWTH_BOUND_BYTES = 256 * 2**20
 
 
-def test_a_fuzzed_protocol_is_refused_line_by_line_and_the_host_stays_bounded(confirmed_jail, tmp_path, runs_dir, capsys):
+def test_a_fuzzed_protocol_is_refused_line_by_line_and_the_host_stays_bounded(
+    confirmed_jail, tmp_path, runs_dir, capsys
+):
     # An honest run first, unmeasured: what every run costs this process once (torch's import, the
     # sandbox's plans) is not what a jail's flood adds.
     honest = write_submission(tmp_path, "honest", "def train(ctx):\n    return TinyCausal(ctx.vocab_size)\n")
     assert run_cli(honest, runs_dir, "--budget", "5", "--smoke", "--sandbox", "nsjail", capsys=capsys)[0] == 0
     folder = attack_submission(tmp_path, "fuzz", "fuzz_protocol")
     (code, record), growth = _peak_rss_growth(
-        lambda: run_cli(folder, runs_dir, "--budget", "40", "--sandbox", "nsjail", capsys=capsys))
+        lambda: run_cli(folder, runs_dir, "--budget", "40", "--sandbox", "nsjail", capsys=capsys)
+    )
     assert (code, record["status"]) == (0, "ok"), record["message"]
     run_dir = runs_dir / record["run_id"]
     sent = int(re.search(r"FUZZ SENT (\d+)", (run_dir / "train.log").read_text()).group(1))
@@ -335,9 +350,20 @@ def test_one_file_cannot_outgrow_the_jails_file_size_limit(tmp_path, box):
         "    print(errno.errorcode[error.errno])\n"
     )
     spec = JailSpec(
-        name=f"fsize-{uuid.uuid4().hex[:8]}", argv=[sys.executable, "-c", code], workdir=tmp_path / "work",
-        cwd=Path("/tmp"), env={}, ro_paths=[], rw_paths=[writable], tmpfs={}, memory_bytes=256 << 20, pids=16,
-        time_limit_s=20, log_path=tmp_path / "stderr.log", log_cap_bytes=1 << 16, max_file_bytes=1 << 20,
+        name=f"fsize-{uuid.uuid4().hex[:8]}",
+        argv=[sys.executable, "-c", code],
+        workdir=tmp_path / "work",
+        cwd=Path("/tmp"),
+        env={},
+        ro_paths=[],
+        rw_paths=[writable],
+        tmpfs={},
+        memory_bytes=256 << 20,
+        pids=16,
+        time_limit_s=20,
+        log_path=tmp_path / "stderr.log",
+        log_cap_bytes=1 << 16,
+        max_file_bytes=1 << 20,
     )
     with sandbox.start(spec) as jail:
         jail.stdin.close()

@@ -9,7 +9,6 @@ import time
 import uuid
 
 import pytest
-
 from adversarial_support import (
     STARTUP_SLACK_S,
     attack_submission,
@@ -22,6 +21,7 @@ from adversarial_support import (
     wait_for,
 )
 from conftest import run_cli, write_submission
+
 from evaluator.sandbox import cgroup_parent_dirs
 
 # The submission starts a child with a marker in its command line, so the test can see from outside
@@ -88,9 +88,12 @@ def test_sigterm_stops_the_evaluator_promptly_and_removes_the_run(tmp_path):
 def test_two_evaluations_at_once_do_not_interfere_and_agree_to_the_bit(tmp_path):
     names = ("fixed-a", "fixed-b")
     evaluators = [
-        start_evaluator(attack_submission(tmp_path, name, "fixed_steps"), tmp_path / f"runs-{name}", "--budget", "40", "--smoke")
+        start_evaluator(
+            attack_submission(tmp_path, name, "fixed_steps"), tmp_path / f"runs-{name}", "--budget", "40", "--smoke"
+        )
         for name in names
     ]
+
     # Both jails must exist at one moment, each in cgroups of its own.
     def both_jailed():
         leaves = {path.name for parent in cgroup_parent_dirs() if parent.exists() for path in parent.iterdir()}
@@ -107,4 +110,3 @@ def test_two_evaluations_at_once_do_not_interfere_and_agree_to_the_bit(tmp_path)
     first, second = (record["metrics"]["val_loss"] for record in records)
     assert first == second, f"the same submission and seed gave {first!r} and {second!r}"
     assert records[0]["run_id"] != records[1]["run_id"]
-

@@ -69,5 +69,9 @@ def test_pack_and_extract_round_trip_leaves_links_behind(tmp_path):
     dest = tmp_path / "dest"
     dest.mkdir()
     extract_archive(archive, dest, CAP)
-    assert sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*")) == ["result.json", "sandbox", "sandbox/nsjail.log"]
+    assert sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*")) == [
+        "result.json",
+        "sandbox",
+        "sandbox/nsjail.log",
+    ]
     assert (dest / "sandbox" / "nsjail.log").read_text() == "log"

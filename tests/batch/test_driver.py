@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import missing
+
 from evaluator.batch.driver import _earlier_results
 from evaluator.cli import main
 from evaluator.fsutil import tree_sha256
@@ -90,8 +90,14 @@ def test_batch_runs_every_seed_skips_invalid_and_resumes(local_ray, tmp_path, ca
     code = main(["batch", str(tiny_a), str(broken), str(tiny_b), *common])
     err = capsys.readouterr().err
     run_results = _run_results(results)
-    assert [(r["submission"]["name"], r["seed"], r["status"]) for r in sorted(run_results, key=lambda r: (r["submission"]["name"], r["seed"]))] == [
-        ("tiny-a", 0, "ok"), ("tiny-a", 1, "ok"), ("tiny-b", 0, "ok"), ("tiny-b", 1, "ok"),
+    assert [
+        (r["submission"]["name"], r["seed"], r["status"])
+        for r in sorted(run_results, key=lambda r: (r["submission"]["name"], r["seed"]))
+    ] == [
+        ("tiny-a", 0, "ok"),
+        ("tiny-a", 1, "ok"),
+        ("tiny-b", 0, "ok"),
+        ("tiny-b", 1, "ok"),
     ], err
     assert code == 1  # every run ok, but one submission was invalid
     for result in run_results:
@@ -126,14 +132,29 @@ def test_batch_with_secret_seeds_draws_each_seed_once_and_resumes_by_count(local
     err = capsys.readouterr().err
     assert code == 0 and "1 already in" in err and "1 to run" in err
     run_results = _run_results(results)
-    assert len(run_results) == 2 and all(r["seed_drawn"] for r in run_results) and len({r["seed"] for r in run_results}) == 2
+    assert (
+        len(run_results) == 2
+        and all(r["seed_drawn"] for r in run_results)
+        and len({r["seed"] for r in run_results}) == 2
+    )
 
 
 @pytest.mark.slow
 def test_a_failing_node_is_retried_once_with_the_same_drawn_seed_then_reported(local_ray, tmp_path, capsys):
     # The fake T4 makes the run land here; the node has no CUDA, so `evaluator run` refuses (exit 2).
-    code = main(["batch", str(_tiny_submission(tmp_path, "tiny-gpu")), "--track", "t4-5min", "--results",
-                 str(tmp_path / "results"), "--sandbox", "none", "--secret-seeds"])
+    code = main(
+        [
+            "batch",
+            str(_tiny_submission(tmp_path, "tiny-gpu")),
+            "--track",
+            "t4-5min",
+            "--results",
+            str(tmp_path / "results"),
+            "--sandbox",
+            "none",
+            "--secret-seeds",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 3, err
     assert err.count("exited with code 2 without a result") == 2
@@ -154,12 +175,27 @@ def test_a_gpu_task_hands_its_run_the_gpu_ray_assigned(local_ray):
     assert local_ray.get(on_cpu.remote()) == {}
 
 
-def _fake_result(runs: Path, run_id: str, status: str, sandbox: str, ended: str, calibration: dict | None = None,
-                 seed: int = 0, drawn: bool = False) -> None:
+def _fake_result(
+    runs: Path,
+    run_id: str,
+    status: str,
+    sandbox: str,
+    ended: str,
+    calibration: dict | None = None,
+    seed: int = 0,
+    drawn: bool = False,
+) -> None:
     result = {
-        "run_id": run_id, "status": status, "seed": seed, "seed_drawn": drawn, "budget_s": 60, "ended_at": ended,
+        "run_id": run_id,
+        "status": status,
+        "seed": seed,
+        "seed_drawn": drawn,
+        "budget_s": 60,
+        "ended_at": ended,
         "calibration": calibration,
-        "submission": {"tree_sha256": "t"}, "track": {"sha256": "k"}, "environment": {"sandbox": {"kind": sandbox}},
+        "submission": {"tree_sha256": "t"},
+        "track": {"sha256": "k"},
+        "environment": {"sandbox": {"kind": sandbox}},
     }
     (runs / run_id).mkdir(parents=True)
     (runs / run_id / "result.json").write_text(json.dumps(result))
@@ -197,7 +233,9 @@ def test_resume_counts_verdicts_but_not_the_evaluators_failures(tmp_path):
 
 def test_only_invalid_submissions_start_nothing(tmp_path, capsys):
     _ray()
-    code = main(["batch", str(_invalid_submission(tmp_path)), "--track", "cpu-1min", "--results", str(tmp_path / "results")])
+    code = main(
+        ["batch", str(_invalid_submission(tmp_path)), "--track", "cpu-1min", "--results", str(tmp_path / "results")]
+    )
     err = capsys.readouterr().err
     assert code == 1
     assert "invalid, skipped" in err and "0 run(s)" in err

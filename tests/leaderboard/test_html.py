@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from html.parser import HTMLParser
 
-from evaluator.publish import publish
-from leaderboard_support import _published_results, _signer, _timed_rules, leaderboard, timed_board
+from leaderboard_support import _published_results, _signer, _timed_rules, leaderboard
 from publish_support import make_run, run_cli
+
+from evaluator.publish import publish
 
 
 class _Svg(HTMLParser):
@@ -35,7 +36,9 @@ class _Svg(HTMLParser):
         return [e for e in self.elements if e["tag"] == tag and e.get("class") == css]
 
 
-def test_the_plot_draws_the_measured_curve_solid_and_the_reported_loss_faint(timed_board, monkeypatch, capsys, tmp_path):
+def test_the_plot_draws_the_measured_curve_solid_and_the_reported_loss_faint(
+    timed_board, monkeypatch, capsys, tmp_path
+):
     code, page, _ = leaderboard(monkeypatch, capsys, timed_board, "--format", "html", "--rules", _timed_rules(tmp_path))
     assert code == 0
     svg = _Svg()
@@ -55,11 +58,18 @@ def test_the_plot_draws_the_measured_curve_solid_and_the_reported_loss_faint(tim
         dots = [p["title"] for p in points if f" · {run_id} (seed" in p["title"]]
         # One dot per measured model but the one that gave the score: the ◆ marks it.
         deciding = result["target"]["time_s"] if result["target"]["reached"] else measured[-1]["time_s"]
-        assert dots == [f"{result['submission']['name']} · {run_id} (seed {result['seed']}): val_loss {p['val_loss']:.4f} at "
-                        f"{p['time_s']:.2f} s ({p['model']}), measured by the evaluator" for p in measured if p["time_s"] != deciding]
+        assert dots == [
+            f"{result['submission']['name']} · {run_id} (seed {result['seed']}): val_loss {p['val_loss']:.4f} at "
+            f"{p['time_s']:.2f} s ({p['model']}), measured by the evaluator"
+            for p in measured
+            if p["time_s"] != deciding
+        ]
         diamond = [p["title"] for p in svg.having("path", "final") if f" · {run_id} (seed" in p["title"]]
         assert len(diamond) == 1 and (
-            f"reached the target at {deciding:.2f} s" in diamond[0] if result["target"]["reached"] else "did not reach" in diamond[0])
+            f"reached the target at {deciding:.2f} s" in diamond[0]
+            if result["target"]["reached"]
+            else "did not reach" in diamond[0]
+        )
     assert "0.4242" not in page  # steady-s0's forged "val_loss" rows are no point of any curve
     line = svg.having("line", "target")
     assert len(line) == 1 and line[0]["stroke-dasharray"] and line[0]["y1"] == line[0]["y2"]
@@ -76,8 +86,17 @@ def test_the_plot_draws_the_measured_curve_solid_and_the_reported_loss_faint(tim
 def test_a_run_scored_on_its_final_model_only_shows_one_marker(tmp_path, monkeypatch, capsys):
     _, key, trusted = _signer(tmp_path)
     publish(make_run(tmp_path, "lone-s0", submission="lone", snapshot_every_s=None), key, tmp_path / "results", False)
-    code, page, _ = run_cli(monkeypatch, capsys, "leaderboard", "--results", tmp_path / "results", "--trusted-keys", trusted,
-                            "--format", "html")
+    code, page, _ = run_cli(
+        monkeypatch,
+        capsys,
+        "leaderboard",
+        "--results",
+        tmp_path / "results",
+        "--trusted-keys",
+        trusted,
+        "--format",
+        "html",
+    )
     svg = _Svg()
     svg.feed(page)
     assert code == 0 and len(svg.having("path", "final")) == 1

@@ -3,9 +3,10 @@ nothing to rank, and the committed example results and pages."""
 
 from __future__ import annotations
 
-import evaluator.leaderboard.cli as leaderboard_cli
-from leaderboard_support import board, leaderboard
+from leaderboard_support import leaderboard
 from publish_support import run_cli
+
+import evaluator.leaderboard.cli as leaderboard_cli
 
 
 def test_text_formats_go_to_stdout(board, monkeypatch, capsys):
@@ -24,8 +25,15 @@ def test_an_empty_results_folder_gives_an_empty_board(tmp_path, monkeypatch, cap
     (tmp_path / "results").mkdir()
     (tmp_path / "keys").mkdir()
     code, stdout, _ = run_cli(
-        monkeypatch, capsys, "leaderboard", "--results", tmp_path / "results", "--trusted-keys", tmp_path / "keys",
-        "--format", "markdown",
+        monkeypatch,
+        capsys,
+        "leaderboard",
+        "--results",
+        tmp_path / "results",
+        "--trusted-keys",
+        tmp_path / "keys",
+        "--format",
+        "markdown",
     )
     assert code == 0 and "No verified results" in stdout
 
@@ -38,11 +46,15 @@ def test_with_nothing_to_rank_the_table_says_why_and_rejections_exit_1(tmp_path,
     code, stdout, _ = run_cli(monkeypatch, capsys, "leaderboard", "--trusted-keys", keys)
     assert code == 0 and stdout.startswith("nothing to rank: ") and "results/ does not exist here" in stdout
     (tmp_path / "results").mkdir()
-    code, stdout, _ = run_cli(monkeypatch, capsys, "leaderboard", "--results", tmp_path / "results", "--trusted-keys", keys)
+    code, stdout, _ = run_cli(
+        monkeypatch, capsys, "leaderboard", "--results", tmp_path / "results", "--trusted-keys", keys
+    )
     assert code == 0 and "holds no published results" in stdout
     (tmp_path / "results" / "cpu-1min" / "alpha").mkdir(parents=True)
     (tmp_path / "results" / "cpu-1min" / "alpha" / "forged.json").write_text("{}")
-    code, stdout, stderr = run_cli(monkeypatch, capsys, "leaderboard", "--results", tmp_path / "results", "--trusted-keys", keys)
+    code, stdout, stderr = run_cli(
+        monkeypatch, capsys, "leaderboard", "--results", tmp_path / "results", "--trusted-keys", keys
+    )
     assert code == 1 and "none of the 1 envelope(s)" in stdout and "forged.json" in stderr
     code, _, _ = run_cli(monkeypatch, capsys, "leaderboard", "--results", tmp_path / "missing", "--trusted-keys", keys)
     assert code == 2
@@ -58,7 +70,9 @@ def test_the_committed_example_results_verify_and_their_pages_are_fresh(capsys):
     capsys.readouterr()
     for fmt, committed in (("markdown", "LEADERBOARD.md"), ("html", "leaderboard.html")):
         assert main(["leaderboard", "--format", fmt]) == 0
-        assert capsys.readouterr().out == (RESULTS_DIR / committed).read_text(), f"{committed} is stale: run make results"
+        assert capsys.readouterr().out == (RESULTS_DIR / committed).read_text(), (
+            f"{committed} is stale: run make results"
+        )
 
 
 def test_the_reference_and_the_template_offer_snapshots_in_the_committed_results():

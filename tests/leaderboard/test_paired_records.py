@@ -12,6 +12,8 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from leaderboard_support import DEFAULT_RULE, _signer
+from publish_support import T0, make_run, run_cli
 
 from evaluator.leaderboard.board import (
     NOT_SIGNIFICANT,
@@ -25,11 +27,11 @@ from evaluator.leaderboard.board import (
     paired_differences,
 )
 from evaluator.publish import publish
-from leaderboard_support import DEFAULT_RULE, _signer
-from publish_support import T0, make_run, run_cli
 
-RULES = ("schema = 1\n[default]\nmin_seeds = 3\np_below = 0.01\nmin_improvement_nats = 0.005\n"
-         "min_improvement_s = 1.0\ndrawn_seeds_only = false\npaired = {paired}\n")
+RULES = (
+    "schema = 1\n[default]\nmin_seeds = 3\np_below = 0.01\nmin_improvement_nats = 0.005\n"
+    "min_improvement_s = 1.0\ndrawn_seeds_only = false\npaired = {paired}\n"
+)
 
 
 def _publish_board(root: Path, runs: list[dict]) -> tuple[Path, Path]:
@@ -45,18 +47,31 @@ def _publish_board(root: Path, runs: list[dict]) -> tuple[Path, Path]:
 
 
 def _own_runs(name: str, day: int, losses: list[float]) -> list[dict]:
-    return [{"submission": name, "day": day, "hour": seed, "seed": seed, "val_loss": loss} for seed, loss in enumerate(losses)]
+    return [
+        {"submission": name, "day": day, "hour": seed, "seed": seed, "val_loss": loss}
+        for seed, loss in enumerate(losses)
+    ]
 
 
-def _comparison(cid: str, holder: str, challenger: str, day: int, pairs: list[tuple[float, float]], first_seed: int = 10,
-                **extra) -> list[dict]:
+def _comparison(
+    cid: str, holder: str, challenger: str, day: int, pairs: list[tuple[float, float]], first_seed: int = 10, **extra
+) -> list[dict]:
     """The runs of one comparison, in ABBA order: pair i's holder and challenger runs with one seed."""
     runs, hour = [], 0
     for pair, (holder_loss, challenger_loss) in enumerate(pairs, start=1):
         sides = [("a", holder, holder_loss), ("b", challenger, challenger_loss)]
         for side, name, loss in sides if pair % 2 else reversed(sides):
-            runs.append({"submission": name, "day": day, "hour": hour, "seed": first_seed + pair - 1, "val_loss": loss,
-                         "comparison": {"id": cid, "pair": pair, "side": side}, **extra})
+            runs.append(
+                {
+                    "submission": name,
+                    "day": day,
+                    "hour": hour,
+                    "seed": first_seed + pair - 1,
+                    "val_loss": loss,
+                    "comparison": {"id": cid, "pair": pair, "side": side},
+                    **extra,
+                }
+            )
             hour += 1
     return runs
 
@@ -65,8 +80,19 @@ def _rows(monkeypatch, capsys, board, tmp_path, paired: bool) -> dict[str, dict]
     results, trusted = board
     rules = tmp_path / f"rules-{paired}.toml"
     rules.write_text(RULES.format(paired=str(paired).lower()))
-    code, stdout, stderr = run_cli(monkeypatch, capsys, "leaderboard", "--results", results, "--trusted-keys", trusted,
-                                   "--format", "json", "--rules", rules)
+    code, stdout, stderr = run_cli(
+        monkeypatch,
+        capsys,
+        "leaderboard",
+        "--results",
+        results,
+        "--trusted-keys",
+        trusted,
+        "--format",
+        "json",
+        "--rules",
+        rules,
+    )
     assert code == 0, stderr
     return {row["submission"]: row for row in json.loads(stdout)["rows"] if row["official"]}
 
@@ -75,8 +101,19 @@ def _page(monkeypatch, capsys, board, tmp_path, fmt: str) -> str:
     results, trusted = board
     rules = tmp_path / "rules-paired.toml"
     rules.write_text(RULES.format(paired="true"))
-    code, stdout, _ = run_cli(monkeypatch, capsys, "leaderboard", "--results", results, "--trusted-keys", trusted,
-                              "--format", fmt, "--rules", rules)
+    code, stdout, _ = run_cli(
+        monkeypatch,
+        capsys,
+        "leaderboard",
+        "--results",
+        results,
+        "--trusted-keys",
+        trusted,
+        "--format",
+        fmt,
+        "--rules",
+        rules,
+    )
     assert code == 0
     return stdout
 
@@ -86,11 +123,14 @@ def lucky_board(tmp_path_factory):
     """beta's own runs beat alpha's by far (made on a faster day, say), but run beside alpha, pair by
     pair with the same seeds, it is no better."""
     root = tmp_path_factory.mktemp("lucky")
-    return _publish_board(root, [
-        *_own_runs("alpha", 0, [4.00, 4.02, 3.98]),
-        *_own_runs("beta", 30, [3.70, 3.71, 3.69, 3.70, 3.72, 3.68]),
-        *_comparison("cmp-ab", "alpha", "beta", 40, [(3.96, 3.97), (3.98, 3.97), (4.00, 4.01)]),
-    ])
+    return _publish_board(
+        root,
+        [
+            *_own_runs("alpha", 0, [4.00, 4.02, 3.98]),
+            *_own_runs("beta", 30, [3.70, 3.71, 3.69, 3.70, 3.72, 3.68]),
+            *_comparison("cmp-ab", "alpha", "beta", 40, [(3.96, 3.97), (3.98, 3.97), (4.00, 4.01)]),
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -99,19 +139,24 @@ def paired_board(tmp_path_factory):
     by pair it is 0.02 nats better every time. delta's runs are better still, but it has no comparison
     with the holder of its time (one against alpha is unofficial)."""
     root = tmp_path_factory.mktemp("paired")
-    return _publish_board(root, [
-        *_own_runs("alpha", 0, [4.00, 4.10, 3.90]),
-        *_comparison("cmp-ag", "alpha", "gamma", 30, [(3.60, 3.58), (4.00, 3.979), (4.40, 4.381)]),
-        # The wrong way round: gamma as the baseline. It must not count for gamma.
-        *_comparison("cmp-ga", "gamma", "alpha", 35, [(3.9, 3.0), (3.9, 3.0), (3.9, 3.0)], first_seed=20),
-        *_own_runs("delta", 60, [3.00, 3.01, 3.02]),
-        *_comparison("cmp-ad", "alpha", "delta", 61, [(4.0, 3.0), (4.0, 3.0), (4.0, 3.0)], first_seed=30,
-                     official=False),
-    ])
+    return _publish_board(
+        root,
+        [
+            *_own_runs("alpha", 0, [4.00, 4.10, 3.90]),
+            *_comparison("cmp-ag", "alpha", "gamma", 30, [(3.60, 3.58), (4.00, 3.979), (4.40, 4.381)]),
+            # The wrong way round: gamma as the baseline. It must not count for gamma.
+            *_comparison("cmp-ga", "gamma", "alpha", 35, [(3.9, 3.0), (3.9, 3.0), (3.9, 3.0)], first_seed=20),
+            *_own_runs("delta", 60, [3.00, 3.01, 3.02]),
+            *_comparison(
+                "cmp-ad", "alpha", "delta", 61, [(4.0, 3.0), (4.0, 3.0), (4.0, 3.0)], first_seed=30, official=False
+            ),
+        ],
+    )
 
 
-def test_a_row_that_wins_on_its_own_runs_but_not_in_pairs_is_no_record_on_a_paired_track(lucky_board, monkeypatch,
-                                                                                            capsys, tmp_path):
+def test_a_row_that_wins_on_its_own_runs_but_not_in_pairs_is_no_record_on_a_paired_track(
+    lucky_board, monkeypatch, capsys, tmp_path
+):
     unpaired = _rows(monkeypatch, capsys, lucky_board, tmp_path, paired=False)
     assert unpaired["beta"]["record_status"] == RECORD and unpaired["beta"]["record_pairs"] is None
     assert unpaired["beta"]["record_p_value"] < 0.01 and unpaired["beta"]["record_improvement"] > 0.005
@@ -126,8 +171,9 @@ def test_a_row_that_wins_on_its_own_runs_but_not_in_pairs_is_no_record_on_a_pair
     assert (paired["alpha"]["runs"], beta["runs"]) == (6, 9)
 
 
-def test_a_row_that_loses_on_its_own_runs_but_wins_in_pairs_is_the_record_on_a_paired_track(paired_board, monkeypatch,
-                                                                                              capsys, tmp_path):
+def test_a_row_that_loses_on_its_own_runs_but_wins_in_pairs_is_the_record_on_a_paired_track(
+    paired_board, monkeypatch, capsys, tmp_path
+):
     unpaired = _rows(monkeypatch, capsys, paired_board, tmp_path, paired=False)
     assert unpaired["gamma"]["record_status"] == NOT_SIGNIFICANT and unpaired["gamma"]["record_p_value"] > 0.1
 
@@ -164,8 +210,19 @@ def test_an_unpaired_track_shows_what_it_showed_before(paired_board, monkeypatch
     for path in (rules, tmp_path / "rules-false.toml"):
         if path != rules:
             path.write_text(RULES.format(paired="false"))
-        code, stdout, _ = run_cli(monkeypatch, capsys, "leaderboard", "--results", results, "--trusted-keys", trusted,
-                                  "--format", "markdown", "--rules", path)
+        code, stdout, _ = run_cli(
+            monkeypatch,
+            capsys,
+            "leaderboard",
+            "--results",
+            results,
+            "--trusted-keys",
+            trusted,
+            "--format",
+            "markdown",
+            "--rules",
+            path,
+        )
         outputs.append(stdout)
     assert outputs[0] == outputs[1] and "paired" not in outputs[0]
 
@@ -173,34 +230,65 @@ def test_an_unpaired_track_shows_what_it_showed_before(paired_board, monkeypatch
 # --- which pairs count ----------------------------------------------------------------------------
 
 
-def _run(name: str, seed: int, loss: float, comparison: tuple[str, int, str] | None, *, hour: int = 0,
-         drawn: bool = False) -> Run:
+def _run(
+    name: str, seed: int, loss: float, comparison: tuple[str, int, str] | None, *, hour: int = 0, drawn: bool = False
+) -> Run:
     cid, pair, side = comparison if comparison else (None, None, None)
-    return Run(run_id=f"{name}-{seed}-{hour}", seed=seed, seed_drawn=drawn, val_loss=loss, val_bpb=loss / 2.3,
-               train_seconds=55.0, budget_s=60.0, started_at=T0 + timedelta(hours=hour), ended_at=T0 + timedelta(hours=hour),
-               signer="tester", authors=["A"], description="", loss_curve={}, val_curve=[],
-               target=None, throttled_s=None, throttle_reasons=(),
-               gpu=None, calibration_factor=None, dev_val_loss=None, contaminated=False,
-               comparison=None if comparison is None else {"id": cid, "pair": pair, "side": side})
+    return Run(
+        run_id=f"{name}-{seed}-{hour}",
+        seed=seed,
+        seed_drawn=drawn,
+        val_loss=loss,
+        val_bpb=loss / 2.3,
+        train_seconds=55.0,
+        budget_s=60.0,
+        started_at=T0 + timedelta(hours=hour),
+        ended_at=T0 + timedelta(hours=hour),
+        signer="tester",
+        authors=["A"],
+        description="",
+        loss_curve={},
+        val_curve=[],
+        target=None,
+        throttled_s=None,
+        throttle_reasons=(),
+        gpu=None,
+        calibration_factor=None,
+        dev_val_loss=None,
+        contaminated=False,
+        comparison=None if comparison is None else {"id": cid, "pair": pair, "side": side},
+    )
 
 
 def test_pairs_count_once_with_one_seed_and_drawn_seeds_where_the_rule_says_so():
-    holder = Row("cpu-1min", "alpha", True, False, runs=[
-        _run("alpha", 1, 4.0, ("c1", 1, "a"), hour=1),
-        _run("alpha", 1, 3.0, ("c1", 1, "a"), hour=9),  # the same slot again: a re-roll, not counted
-        _run("alpha", 2, 4.0, ("c1", 2, "a"), hour=2, drawn=True),
-        _run("alpha", 3, 4.0, ("c1", 3, "a"), hour=3, drawn=True),
-        _run("alpha", 4, 4.0, ("c2", 1, "a"), hour=4),
-        _run("alpha", 5, 4.0, ("c2", 2, "b"), hour=5),  # alpha as the challenger: not the holder's side
-        _run("alpha", 0, 4.0, None),
-    ])
-    challenger = Row("cpu-1min", "beta", True, False, runs=[
-        _run("beta", 1, 3.9, ("c1", 1, "b"), hour=1),
-        _run("beta", 2, 3.8, ("c1", 2, "b"), hour=2, drawn=True),
-        _run("beta", 3, 3.7, ("c1", 3, "b"), hour=3),  # its holder's run was drawn, this one not
-        _run("beta", 7, 3.0, ("c2", 1, "b"), hour=4),  # another seed than its pair's holder run
-        _run("beta", 5, 3.0, ("c2", 2, "a"), hour=5),
-    ])
+    holder = Row(
+        "cpu-1min",
+        "alpha",
+        True,
+        False,
+        runs=[
+            _run("alpha", 1, 4.0, ("c1", 1, "a"), hour=1),
+            _run("alpha", 1, 3.0, ("c1", 1, "a"), hour=9),  # the same slot again: a re-roll, not counted
+            _run("alpha", 2, 4.0, ("c1", 2, "a"), hour=2, drawn=True),
+            _run("alpha", 3, 4.0, ("c1", 3, "a"), hour=3, drawn=True),
+            _run("alpha", 4, 4.0, ("c2", 1, "a"), hour=4),
+            _run("alpha", 5, 4.0, ("c2", 2, "b"), hour=5),  # alpha as the challenger: not the holder's side
+            _run("alpha", 0, 4.0, None),
+        ],
+    )
+    challenger = Row(
+        "cpu-1min",
+        "beta",
+        True,
+        False,
+        runs=[
+            _run("beta", 1, 3.9, ("c1", 1, "b"), hour=1),
+            _run("beta", 2, 3.8, ("c1", 2, "b"), hour=2, drawn=True),
+            _run("beta", 3, 3.7, ("c1", 3, "b"), hour=3),  # its holder's run was drawn, this one not
+            _run("beta", 7, 3.0, ("c2", 1, "b"), hour=4),  # another seed than its pair's holder run
+            _run("beta", 5, 3.0, ("c2", 2, "a"), hour=5),
+        ],
+    )
     assert paired_differences(holder, challenger, DEFAULT_RULE) == pytest.approx([-0.1, -0.2, -0.3])
     drawn_only = dataclasses.replace(DEFAULT_RULE, drawn_seeds_only=True)
     assert paired_differences(holder, challenger, drawn_only) == pytest.approx([-0.2])
@@ -208,13 +296,26 @@ def test_pairs_count_once_with_one_seed_and_drawn_seeds_where_the_rule_says_so()
 
 def test_on_a_time_to_target_track_pairs_compare_times_and_need_both_to_reach_it():
     def timed(run: Run, time_s: float | None) -> Run:
-        return dataclasses.replace(run, target={"val_loss": 4.1, "provisional": False, "reached": time_s is not None,
-                                                "time_s": time_s})
+        return dataclasses.replace(
+            run, target={"val_loss": 4.1, "provisional": False, "reached": time_s is not None, "time_s": time_s}
+        )
 
-    holder = Row("toy-target", "alpha", True, False, target=TrackTarget(4.1, False),
-                 runs=[timed(_run("alpha", s, 4.0, ("c", s, "a"), hour=s), t) for s, t in ((1, 30.0), (2, 31.0), (3, 29.0))])
-    challenger = Row("toy-target", "beta", True, False, target=TrackTarget(4.1, False),
-                     runs=[timed(_run("beta", s, 4.0, ("c", s, "b"), hour=s), t) for s, t in ((1, 20.0), (2, None), (3, 24.0))])
+    holder = Row(
+        "toy-target",
+        "alpha",
+        True,
+        False,
+        target=TrackTarget(4.1, False),
+        runs=[timed(_run("alpha", s, 4.0, ("c", s, "a"), hour=s), t) for s, t in ((1, 30.0), (2, 31.0), (3, 29.0))],
+    )
+    challenger = Row(
+        "toy-target",
+        "beta",
+        True,
+        False,
+        target=TrackTarget(4.1, False),
+        runs=[timed(_run("beta", s, 4.0, ("c", s, "b"), hour=s), t) for s, t in ((1, 20.0), (2, None), (3, 24.0))],
+    )
     assert paired_differences(holder, challenger, DEFAULT_RULE) == [-10.0, -5.0]
 
 

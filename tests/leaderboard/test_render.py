@@ -11,16 +11,6 @@ from html.parser import HTMLParser
 
 import pyarrow.parquet as pq
 import pytest
-
-from evaluator.leaderboard.text import COLUMNS, PUBLIC_COLUMN, TARGET_COLUMNS
-
-
-def _official(columns):
-    """An official table's columns: the public split's score after the score columns."""
-    at = columns.index(("train s", True))
-    return [*columns[:at], PUBLIC_COLUMN, *columns[at:]]
-from evaluator.publish import publish
-from evaluator.signing import generate_key_pair, load_private_key
 from leaderboard_support import (
     FORGED_VAL_LOSS,
     RANKED,
@@ -29,11 +19,19 @@ from leaderboard_support import (
     TIMED_ORDER,
     _published_results,
     _timed_rules,
-    board,
     leaderboard,
-    timed_board,
 )
 from publish_support import make_run
+
+from evaluator.leaderboard.text import COLUMNS, PUBLIC_COLUMN, TARGET_COLUMNS
+from evaluator.publish import publish
+from evaluator.signing import generate_key_pair, load_private_key
+
+
+def _official(columns):
+    """An official table's columns: the public split's score after the score columns."""
+    at = columns.index(("train s", True))
+    return [*columns[:at], PUBLIC_COLUMN, *columns[at:]]
 
 
 class _Tags(HTMLParser):
@@ -116,8 +114,13 @@ def test_a_forged_val_loss_in_metrics_reaches_no_output(timed_board, monkeypatch
     for fmt in ("json", "markdown", "table"):
         code, stdout, _ = leaderboard(monkeypatch, capsys, timed_board, "--format", fmt, "--rules", rules)
         assert code == 0 and str(FORGED_VAL_LOSS) not in stdout
-    steady = [row for row in json.loads(leaderboard(monkeypatch, capsys, timed_board, "--format", "json", "--rules", rules)[1])["rows"]
-              if row["submission"] == "steady"][0]
+    steady = [
+        row
+        for row in json.loads(leaderboard(monkeypatch, capsys, timed_board, "--format", "json", "--rules", rules)[1])[
+            "rows"
+        ]
+        if row["submission"] == "steady"
+    ][0]
     curve = steady["run_details"][0]["val_curve"]
     assert curve == _published_results(timed_board[0])["steady-s0"]["val_curve"] and len(curve) == 6
 
@@ -145,7 +148,12 @@ def hostile_board(tmp_path_factory):
     trusted.mkdir()
     shutil.copy(public, trusted / public.name)
     results = root / "results"
-    publish(make_run(root, "mallory-s0", submission="mallory", authors=HOSTILE_AUTHORS), load_private_key(private), results, False)
+    publish(
+        make_run(root, "mallory-s0", submission="mallory", authors=HOSTILE_AUTHORS),
+        load_private_key(private),
+        results,
+        False,
+    )
     return results, trusted
 
 
@@ -193,8 +201,8 @@ def test_markdown_shows_hostile_authors_as_text_in_their_own_row(hostile_board, 
     assert len(rendered.cells) == len(_official(COLUMNS))
     authors_cell = rendered.cells[[header for header, _ in _official(COLUMNS)].index("authors")]
     assert authors_cell == ", ".join(HOSTILE_AUTHORS).replace("\n", "\\x0a").replace("\x1b", "\\x1b").replace(
-        "\x07", "\\x07").replace("\x9b", "\\x9b").replace("\u202e", "\\u202e").replace("\u200b", "\\u200b").replace(
-        "\u2028", "\\u2028")
+        "\x07", "\\x07"
+    ).replace("\x9b", "\\x9b").replace("\u202e", "\\u202e").replace("\u200b", "\\u200b").replace("\u2028", "\\u2028")
 
 
 @pytest.mark.parametrize("fmt", ["table", "html", "json"])

@@ -6,7 +6,12 @@ import math
 
 import pytest
 
-from evaluator.leaderboard.stats import paired_one_sided_p, regularized_incomplete_beta, student_t_cdf, welch_one_sided_p
+from evaluator.leaderboard.stats import (
+    paired_one_sided_p,
+    regularized_incomplete_beta,
+    student_t_cdf,
+    welch_one_sided_p,
+)
 
 
 @pytest.mark.parametrize("x", [0.0, 0.01, 0.3, 0.5, 0.77, 0.999, 1.0])

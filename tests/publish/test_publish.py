@@ -8,12 +8,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
-from evaluator import cli
-from evaluator.paths import HOME
-from evaluator.metrics import LOSS_CURVE_MAX_POINTS, empty_loss_curve
-from evaluator.publish import PREDICATE_TYPE, STATEMENT_TYPE, build_statement
-from evaluator.signing import PAYLOAD_TYPE, envelope_bytes, generate_key_pair, keyid_of, load_private_key, pae
 from publish_support import (
     INCONSISTENT,
     _sign_with,
@@ -24,6 +18,12 @@ from publish_support import (
     published,
     run_cli,
 )
+
+from evaluator import cli
+from evaluator.metrics import LOSS_CURVE_MAX_POINTS, empty_loss_curve
+from evaluator.paths import HOME
+from evaluator.publish import PREDICATE_TYPE, STATEMENT_TYPE, build_statement
+from evaluator.signing import PAYLOAD_TYPE, envelope_bytes, generate_key_pair, keyid_of, load_private_key, pae
 
 
 @pytest.fixture
@@ -51,7 +51,9 @@ def keys(tmp_path: Path) -> tuple[Path, Path]:
 def test_publish_then_verify_round_trip(tmp_path, keys, monkeypatch, capsys):
     private, trusted = keys
     run_dir = make_run(tmp_path, "run-1", extra_metric_rows=5)
-    code, stdout, _ = run_cli(monkeypatch, capsys, "publish", run_dir, "--key", private, "--results", tmp_path / "results")
+    code, stdout, _ = run_cli(
+        monkeypatch, capsys, "publish", run_dir, "--key", private, "--results", tmp_path / "results"
+    )
     assert code == 0, stdout
     target = published(tmp_path, run_dir)
     assert target.is_file()
@@ -75,7 +77,9 @@ def test_publish_then_verify_round_trip(tmp_path, keys, monkeypatch, capsys):
     assert stdout.startswith("OK") and "run-1" in stdout and "signed by tester" in stdout
 
     # Ed25519 is deterministic, so publishing the same run again is a no-op, not a conflict.
-    code, stdout, _ = run_cli(monkeypatch, capsys, "publish", run_dir, "--key", private, "--results", tmp_path / "results")
+    code, stdout, _ = run_cli(
+        monkeypatch, capsys, "publish", run_dir, "--key", private, "--results", tmp_path / "results"
+    )
     assert code == 0 and "already published" in stdout
 
 
@@ -93,7 +97,9 @@ def test_publish_signs_a_failed_run_but_refuses_the_evaluators_own_failure(tmp_p
     # A crash is the submission's: it is published, and the leaderboard counts it beside the scored runs.
     private, trusted = keys
     crashed = make_run(tmp_path, "crashed-run", status="crashed")
-    code, _, stderr = run_cli(monkeypatch, capsys, "publish", crashed, "--key", private, "--results", tmp_path / "results")
+    code, _, stderr = run_cli(
+        monkeypatch, capsys, "publish", crashed, "--key", private, "--results", tmp_path / "results"
+    )
     assert code == 0, stderr
     code, stdout, _ = run_cli(monkeypatch, capsys, "verify", tmp_path / "results", "--trusted-keys", trusted)
     assert code == 0 and "OK" in stdout
@@ -112,13 +118,21 @@ def test_a_run_that_did_not_reach_its_target_is_published_and_verifies(tmp_path,
     run_dir = make_run(tmp_path, "missed", track="cpu-target", target=4.1, provisional=True, val_loss=4.3)
     result = json.loads((run_dir / "result.json").read_text())
     assert result["status"] == "not_reached" and result["target"] == {
-        "val_loss": 4.1, "provisional": True, "reached": False, "time_s": None}
-    code, stdout, stderr = run_cli(monkeypatch, capsys, "publish", run_dir, "--key", private, "--results", tmp_path / "results")
+        "val_loss": 4.1,
+        "provisional": True,
+        "reached": False,
+        "time_s": None,
+    }
+    code, stdout, stderr = run_cli(
+        monkeypatch, capsys, "publish", run_dir, "--key", private, "--results", tmp_path / "results"
+    )
     assert code == 0, stderr
     target = published(tmp_path, run_dir)
     assert decode_statement(target)["predicate"]["result"] == result
     code, stdout, _ = run_cli(monkeypatch, capsys, "verify", target, "--trusted-keys", trusted)
-    assert code == 0 and stdout.startswith("OK") and "did not reach val_loss 4.1 (final model's val_loss 4.3000)" in stdout
+    assert (
+        code == 0 and stdout.startswith("OK") and "did not reach val_loss 4.1 (final model's val_loss 4.3000)" in stdout
+    )
 
 
 def test_a_run_that_reached_its_target_verifies_with_its_time(tmp_path, keys, monkeypatch, capsys):
@@ -127,8 +141,13 @@ def test_a_run_that_reached_its_target_verifies_with_its_time(tmp_path, keys, mo
     result = json.loads((run_dir / "result.json").read_text())
     scored = [point for point in result["val_curve"] if point["scored"] == "ok"]
     assert result["status"] == "ok" and scored[-1] == {
-        "time_s": 27.5, "model": "snapshot", "val_loss": 4.08, "val_bpb": round(4.08 / 2.3, 4), "scored": "ok"}
-    assert {point["scored"] for point in result["val_curve"][len(scored):]} == {"not_needed"}
+        "time_s": 27.5,
+        "model": "snapshot",
+        "val_loss": 4.08,
+        "val_bpb": round(4.08 / 2.3, 4),
+        "scored": "ok",
+    }
+    assert {point["scored"] for point in result["val_curve"][len(scored) :]} == {"not_needed"}
     assert run_cli(monkeypatch, capsys, "publish", run_dir, "--key", private, "--results", tmp_path / "results")[0] == 0
     code, stdout, _ = run_cli(monkeypatch, capsys, "verify", published(tmp_path, run_dir), "--trusted-keys", trusted)
     assert code == 0 and "reached val_loss 4.1 at 27.50 s (val_loss 4.0800)" in stdout
@@ -137,30 +156,40 @@ def test_a_run_that_reached_its_target_verifies_with_its_time(tmp_path, keys, mo
 def test_publish_still_refuses_sandbox_failures_and_smoke_runs_of_a_target_track(tmp_path, keys, monkeypatch, capsys):
     broken = make_run(tmp_path, "broken", track="cpu-target", target=4.1, status="sandbox_error")
     assert json.loads((broken / "result.json").read_text())["target"]["reached"] is None
-    code, _, stderr = run_cli(monkeypatch, capsys, "publish", broken, "--key", keys[0], "--results", tmp_path / "results")
+    code, _, stderr = run_cli(
+        monkeypatch, capsys, "publish", broken, "--key", keys[0], "--results", tmp_path / "results"
+    )
     assert code == 2 and "status is sandbox_error" in stderr
     smoke = make_run(tmp_path, "smoke", track="cpu-target", target=4.1, official=False, val_loss=4.5)
     result_path = smoke / "result.json"
     result_path.write_text(result_path.read_text().replace('"smoke": false', '"smoke": true'))
-    code, _, stderr = run_cli(monkeypatch, capsys, "publish", smoke, "--key", keys[0], "--results", tmp_path / "results",
-                              "--unofficial")
+    code, _, stderr = run_cli(
+        monkeypatch, capsys, "publish", smoke, "--key", keys[0], "--results", tmp_path / "results", "--unofficial"
+    )
     assert code == 2 and "smoke run" in stderr
     assert not (tmp_path / "results").exists()
 
+
 @pytest.mark.parametrize("kind, edit, reason", INCONSISTENT.values(), ids=INCONSISTENT.keys())
-def test_publish_refuses_a_result_whose_fields_disagree_with_its_status(tmp_path, keys, monkeypatch, capsys, kind, edit, reason):
+def test_publish_refuses_a_result_whose_fields_disagree_with_its_status(
+    tmp_path, keys, monkeypatch, capsys, kind, edit, reason
+):
     run_dir = make_run(tmp_path, "odd", track="cpu-target" if kind else "cpu-1min", val_loss=4.08, **kind)
     result_path = run_dir / "result.json"
     result = json.loads(result_path.read_text())
     edit(result)
     result_path.write_text(json.dumps(result))
-    code, _, stderr = run_cli(monkeypatch, capsys, "publish", run_dir, "--key", keys[0], "--results", tmp_path / "results")
+    code, _, stderr = run_cli(
+        monkeypatch, capsys, "publish", run_dir, "--key", keys[0], "--results", tmp_path / "results"
+    )
     assert code == 2 and "is not a valid result: " + reason in stderr and len(stderr.strip().splitlines()) == 1
     assert not (tmp_path / "results").exists()
 
 
 @pytest.mark.parametrize("kind, edit, reason", INCONSISTENT.values(), ids=INCONSISTENT.keys())
-def test_verify_refuses_a_signed_result_whose_fields_disagree_with_its_status(tmp_path, keys, monkeypatch, capsys, kind, edit, reason):
+def test_verify_refuses_a_signed_result_whose_fields_disagree_with_its_status(
+    tmp_path, keys, monkeypatch, capsys, kind, edit, reason
+):
     # Signed by a trusted key, as an evaluator with a bug (or another evaluator) could have signed it.
     private, trusted = keys
     run_dir = make_run(tmp_path, "odd", track="cpu-target" if kind else "cpu-1min", val_loss=4.08, **kind)
@@ -189,7 +218,9 @@ def test_publish_refuses_unofficial_unless_asked_and_then_marks_it(tmp_path, key
 def test_publish_refuses_when_the_submission_changed_since_the_run(tmp_path, keys, monkeypatch, capsys):
     run_dir = make_run(tmp_path, "edited")
     (tmp_path / "submissions" / "tiny-gpt" / "train.py").write_text("def train(ctx):\n    return None\n")
-    code, _, stderr = run_cli(monkeypatch, capsys, "publish", run_dir, "--key", keys[0], "--results", tmp_path / "results")
+    code, _, stderr = run_cli(
+        monkeypatch, capsys, "publish", run_dir, "--key", keys[0], "--results", tmp_path / "results"
+    )
     assert code == 2 and "changed since the run" in stderr and "tree hash" in stderr
 
 
@@ -197,7 +228,9 @@ def test_publish_refuses_when_the_track_changed_since_the_run(tmp_path, keys, mo
     run_dir = make_run(tmp_path, "older-track")
     track = editable_tracks / "cpu-1min.toml"
     track.write_text(track.read_text().replace("budget_s = 60", "budget_s = 90"))
-    code, _, stderr = run_cli(monkeypatch, capsys, "publish", run_dir, "--key", keys[0], "--results", tmp_path / "results")
+    code, _, stderr = run_cli(
+        monkeypatch, capsys, "publish", run_dir, "--key", keys[0], "--results", tmp_path / "results"
+    )
     assert code == 2 and "cpu-1min.toml changed since the run" in stderr and "rerun it" in stderr
     assert not (tmp_path / "results").exists()
 
@@ -205,7 +238,9 @@ def test_publish_refuses_when_the_track_changed_since_the_run(tmp_path, keys, mo
 def test_publish_without_the_submission_folder_warns_and_publishes(tmp_path, keys, monkeypatch, capsys):
     run_dir = make_run(tmp_path, "elsewhere")
     shutil.rmtree(tmp_path / "submissions" / "tiny-gpt")
-    code, _, stderr = run_cli(monkeypatch, capsys, "publish", run_dir, "--key", keys[0], "--results", tmp_path / "results")
+    code, _, stderr = run_cli(
+        monkeypatch, capsys, "publish", run_dir, "--key", keys[0], "--results", tmp_path / "results"
+    )
     assert code == 0 and "not re-checked" in stderr
 
 
@@ -240,14 +275,18 @@ def test_publish_refuses_a_bad_result_json(tmp_path, keys, monkeypatch, capsys, 
     run_dir = make_run(tmp_path, "bad")
     result_path = run_dir / "result.json"
     result_path.write_text(corrupt(result_path.read_text()))
-    code, _, stderr = run_cli(monkeypatch, capsys, "publish", run_dir, "--key", keys[0], "--results", tmp_path / "results")
+    code, _, stderr = run_cli(
+        monkeypatch, capsys, "publish", run_dir, "--key", keys[0], "--results", tmp_path / "results"
+    )
     assert code == 2 and expected in stderr and "Traceback" not in stderr
 
 
 def test_publish_refuses_a_key_that_is_not_an_ed25519_private_key(tmp_path, keys, monkeypatch, capsys):
     run_dir = make_run(tmp_path, "r")
     public = keys[1] / "tester.pub"
-    code, _, stderr = run_cli(monkeypatch, capsys, "publish", run_dir, "--key", public, "--results", tmp_path / "results")
+    code, _, stderr = run_cli(
+        monkeypatch, capsys, "publish", run_dir, "--key", public, "--results", tmp_path / "results"
+    )
     assert code == 2 and "private key" in stderr
 
 
@@ -274,7 +313,12 @@ def _sign_a_number_beyond_float64(envelope_path: Path, private: Path, tmp_path: 
     envelope = {
         "payloadType": PAYLOAD_TYPE,
         "payload": base64.b64encode(payload).decode(),
-        "signatures": [{"keyid": keyid_of(key.public_key()), "sig": base64.b64encode(key.sign(pae(PAYLOAD_TYPE, payload))).decode()}],
+        "signatures": [
+            {
+                "keyid": keyid_of(key.public_key()),
+                "sig": base64.b64encode(key.sign(pae(PAYLOAD_TYPE, payload))).decode(),
+            }
+        ],
     }
     envelope_path.write_bytes(envelope_bytes(envelope))
 
@@ -327,12 +371,17 @@ def _change_payload_type(envelope_path: Path, private: Path, tmp_path: Path) -> 
     ],
     ids=lambda value: value.__name__.strip("_") if callable(value) else None,
 )
-def test_verify_names_each_bad_envelope_and_its_reason(tmp_path, keys, monkeypatch, capsys, damage, reason, editable_tracks):
+def test_verify_names_each_bad_envelope_and_its_reason(
+    tmp_path, keys, monkeypatch, capsys, damage, reason, editable_tracks
+):
     private, trusted = keys
     good_run = make_run(tmp_path, "good", submission="other-sub", track="t4-5min")
     bad_run = make_run(tmp_path, "bad")
     for run_dir in (good_run, bad_run):
-        assert run_cli(monkeypatch, capsys, "publish", run_dir, "--key", private, "--results", tmp_path / "results")[0] == 0
+        assert (
+            run_cli(monkeypatch, capsys, "publish", run_dir, "--key", private, "--results", tmp_path / "results")[0]
+            == 0
+        )
     bad = published(tmp_path, bad_run)
     damage(bad, private, tmp_path)
 

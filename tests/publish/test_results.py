@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from publish_support import INCONSISTENT, make_run
 
 from evaluator.results import parse_utc, result_problems
-from publish_support import INCONSISTENT, make_run
 
 
 def test_a_result_as_the_run_writes_it_is_valid(tmp_path):
@@ -15,7 +15,9 @@ def test_a_result_as_the_run_writes_it_is_valid(tmp_path):
 
 
 @pytest.mark.parametrize("kind, edit, reason", INCONSISTENT.values(), ids=INCONSISTENT.keys())
-def test_a_result_whose_fields_disagree_with_its_status_is_refused_by_the_validator_itself(tmp_path, kind, edit, reason):
+def test_a_result_whose_fields_disagree_with_its_status_is_refused_by_the_validator_itself(
+    tmp_path, kind, edit, reason
+):
     # `evaluator batch` accepts a node's result.json on result_problems, and publish and verify refuse
     # what it refuses: a result batch accepts is one publish accepts.
     run_dir = make_run(tmp_path, "odd", track="cpu-target" if kind else "cpu-1min", val_loss=4.08, **kind)
@@ -40,7 +42,9 @@ def test_result_times_are_rfc_3339_on_every_python(moment):
     assert parse_utc(moment).utcoffset() is not None
 
 
-@pytest.mark.parametrize("moment", ["20261201T205534Z", "2026-W48-2T20:55:34Z", "2026-12-01T20:55:34", "2026-12-01 20:55:34Z"])
+@pytest.mark.parametrize(
+    "moment", ["20261201T205534Z", "2026-W48-2T20:55:34Z", "2026-12-01T20:55:34", "2026-12-01 20:55:34Z"]
+)
 def test_iso_forms_that_only_some_pythons_read_are_refused(moment):
     # Python 3.11's fromisoformat reads the first two and 3.10's does not: a result must verify alike on both.
     with pytest.raises(ValueError):

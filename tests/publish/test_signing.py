@@ -6,9 +6,9 @@ import hashlib
 import stat
 
 from cryptography.hazmat.primitives import serialization
+from publish_support import run_cli
 
 from evaluator.signing import generate_key_pair, keyid_of, load_private_key, pae
-from publish_support import run_cli
 
 
 def test_keygen_writes_private_key_0600_and_never_overwrites(tmp_path, monkeypatch, capsys):

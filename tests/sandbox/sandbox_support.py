@@ -1,5 +1,5 @@
-"""Helpers of the sandbox tests: a jail's spec with test defaults, running a jail to its end, the
-`unsandboxed` fixture (the nsjail one is tests/conftest.py's)."""
+"""Helpers of the sandbox tests: a jail's spec with test defaults, running a jail to its end (the
+`unsandboxed` and `nsjail` fixtures are tests/conftest.py's)."""
 
 from __future__ import annotations
 
@@ -8,16 +8,9 @@ import time
 import uuid
 from pathlib import Path
 
-import pytest
-
-from evaluator.sandbox import Jailed, JailOutcome, JailSpec, Sandbox, open_sandbox
+from evaluator.sandbox import Jailed, JailOutcome, JailSpec, Sandbox
 
 SHELL_PATH = {"PATH": "/usr/bin:/bin"}
-
-
-@pytest.fixture(scope="module")
-def unsandboxed() -> Sandbox:
-    return open_sandbox("none")
 
 
 def make_spec(tmp_path: Path, argv: list[str], **overrides) -> JailSpec:
@@ -49,9 +42,7 @@ def sleeper(seconds: float) -> list[str]:
     return python(f"import time; time.sleep({seconds})")
 
 
-def run_to_end(
-    box: Sandbox, spec: JailSpec, stdin: bytes = b""
-) -> tuple[bytes, JailOutcome]:
+def run_to_end(box: Sandbox, spec: JailSpec, stdin: bytes = b"") -> tuple[bytes, JailOutcome]:
     with box.start(spec) as jail:
         jail.stdin.write(stdin)
         jail.stdin.close()

@@ -9,9 +9,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from sandbox_support import make_spec, python, sleeper
 
 from evaluator.sandbox import cgroups, reap_stale
-from sandbox_support import make_spec, python, sleeper, unsandboxed  # noqa: F401 (a fixture)
 
 
 def make_cgroup_root(root: Path, v1_controllers: tuple[str, ...], unified_controllers: str | None) -> None:
@@ -88,7 +88,12 @@ def test_a_v2_jail_has_one_cgroup_with_the_v2_limits(tmp_path, monkeypatch):
     leaf.mkdir(parents=True)
     (leaf / "memory.swap.max").touch()  # present where the kernel accounts swap
     limits = {path.name: value for path, value in cgroup._limits(512 << 20, 64, cpus=2).items()}
-    assert limits == {"memory.max": str(512 << 20), "cpu.max": "200000 100000", "memory.swap.max": "0", "pids.max": "64"}
+    assert limits == {
+        "memory.max": str(512 << 20),
+        "cpu.max": "200000 100000",
+        "memory.swap.max": "0",
+        "pids.max": "64",
+    }
 
 
 # --- the host's cgroups ---------------------------------------------------------------------------

@@ -71,8 +71,9 @@ def test_the_training_view_holds_python_torch_pyarrow_and_the_compiler_and_nothi
         assert not shows(secret), secret
     stdlib = Path(os.__file__).parent
     assert shows(str(stdlib / "os.py")) and not shows(str(stdlib / "pydoc_data" / "topics.py"))
-    assert not [path for path in shown if path.startswith("/etc/") and not path.startswith(
-        (*ETC_FILES, "/etc/alternatives/"))]
+    assert not [
+        path for path in shown if path.startswith("/etc/") and not path.startswith((*ETC_FILES, "/etc/alternatives/"))
+    ]
     assert [path for path in shown if path.startswith("/root/")] == [
         path for path in shown if path.startswith(sys.base_prefix + "/")
     ]

@@ -12,11 +12,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from conftest import processes_with
-from evaluator import paths
-from evaluator.sandbox import JAIL_HOSTNAME, backends
-from evaluator.sandbox.nsjail import nsjail_config
 from sandbox_support import (
     SHELL_PATH,
     cgroup_dirs,
@@ -24,9 +20,12 @@ from sandbox_support import (
     python,
     run_to_end,
     sleeper,
-    unsandboxed,  # noqa: F401 (a fixture)
     wait_for_members,
 )
+
+from evaluator import paths
+from evaluator.sandbox import JAIL_HOSTNAME, backends
+from evaluator.sandbox.nsjail import nsjail_config
 
 
 def test_pipes_round_trip_and_stderr_goes_to_the_log(nsjail, tmp_path):
@@ -126,10 +125,14 @@ def test_a_hidden_path_inside_a_bound_dir_is_an_empty_read_only_mount(nsjail, tm
     hidden = site / "torch" / "utils" / "benchmark"
     link = tmp_path / "benchmark-link"
     link.symlink_to(hidden)
-    spec = make_spec(tmp_path, python(
-        f"import os, sys; print(os.listdir({str(hidden)!r}), len(os.listdir({str(site / 'torch' / 'utils')!r})) > 10); "
-        f"open({str(hidden / 'planted')!r}, 'w')"
-    ), hidden_paths=[link, hidden / "__init__.py", site / "rich", tmp_path / "not-bound"])
+    spec = make_spec(
+        tmp_path,
+        python(
+            f"import os, sys; print(os.listdir({str(hidden)!r}), len(os.listdir({str(site / 'torch' / 'utils')!r})) > 10); "
+            f"open({str(hidden / 'planted')!r}, 'w')"
+        ),
+        hidden_paths=[link, hidden / "__init__.py", site / "rich", tmp_path / "not-bound"],
+    )
     config = nsjail_config(spec, tmp_path / "log")
     covers = [m.dst for m in config.mount if m.fstype == "tmpfs" and not m.rw]
     assert [c for c in covers if c.startswith((str(site), str(tmp_path)))] == [str(hidden)]
@@ -239,11 +242,7 @@ def test_fork_bomb_is_contained(nsjail, tmp_path):
 
 
 def test_stderr_is_capped_without_blocking_the_child(nsjail, tmp_path):
-    code = (
-        "import sys\n"
-        "for _ in range(5000): sys.stderr.write('x' * 1000)\n"
-        "sys.stderr.write('THE END\\n')"
-    )
+    code = "import sys\nfor _ in range(5000): sys.stderr.write('x' * 1000)\nsys.stderr.write('THE END\\n')"
     spec = make_spec(tmp_path, python(code), log_cap_bytes=64 << 10)
     with nsjail.start(spec) as jail:
         assert jail.wait(timeout=20) is not None, "the child blocked on a full stderr pipe"
@@ -338,10 +337,7 @@ def test_unsandboxed_kill_takes_children_too(unsandboxed, tmp_path, monkeypatch,
         monkeypatch.setattr(backends, "cgroups_usable", lambda: False)
     marker = f"orphan-{uuid.uuid4().hex}"
     sleeper = f"import time; time.sleep(60)  # {marker}"
-    code = (
-        f"import subprocess, sys; subprocess.Popen([sys.executable, '-c', {sleeper!r}]); "
-        f"exec({sleeper!r})"
-    )
+    code = f"import subprocess, sys; subprocess.Popen([sys.executable, '-c', {sleeper!r}]); exec({sleeper!r})"
     with unsandboxed.start(make_spec(tmp_path, python(code))) as jail:
         deadline = time.monotonic() + 10
         while len(processes_with(marker)) < 2:

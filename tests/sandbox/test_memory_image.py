@@ -59,9 +59,14 @@ def test_an_image_refuses_a_special_file_of_the_caller(tmp_path):
     ],
 )
 def test_environment_markers(marker, expected):
-    environment = {**memory_image._marker_environment(), "platform_system": "Linux",
-                   "platform_machine": "x86_64", "sys_platform": "linux",
-                   "python_version": "3.11", "python_full_version": "3.11.7"}
+    environment = {
+        **memory_image._marker_environment(),
+        "platform_system": "Linux",
+        "platform_machine": "x86_64",
+        "sys_platform": "linux",
+        "python_version": "3.11",
+        "python_full_version": "3.11.7",
+    }
     assert memory_image.evaluate_marker(marker, environment) is expected
 
 

@@ -8,11 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from sandbox_support import make_spec
 
 from evaluator.sandbox import NOBODY
 from evaluator.sandbox.nsjail import _DEVICE_NODES, SEALED_SECCOMP_POLICY, SECCOMP_POLICY, nsjail_config
 from evaluator.sandbox.spec import jail_environment, validate
-from sandbox_support import make_spec
 
 
 def test_mounts_are_identity_paths_and_only_what_is_needed(tmp_path):
@@ -108,8 +108,7 @@ def test_a_sealed_config_binds_only_the_image_and_device_nodes(tmp_path):
     spec = make_spec(tmp_path, ["/bin/true"], sealed_image=image)
     config = nsjail_config(spec, tmp_path / "log")
     binds = {m.dst: m.src for m in config.mount if m.is_bind}
-    assert binds == {"/usr": str(image / "usr"), "/work": str(image / "work"),
-                     **{node: node for node in _DEVICE_NODES}}
+    assert binds == {"/usr": str(image / "usr"), "/work": str(image / "work"), **{node: node for node in _DEVICE_NODES}}
     assert not any(m.rw for m in config.mount if m.is_bind and m.dst not in _DEVICE_NODES)
     assert [(m.src, m.dst) for m in config.mount if m.is_symlink] == [("usr/lib", "/lib")]
     assert not [m for m in config.mount if m.fstype == "tmpfs"]

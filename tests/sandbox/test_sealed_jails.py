@@ -10,10 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from sandbox_support import SHELL_PATH, make_spec, run_to_end
 
 from evaluator.sandbox import mounts, reap_stale
 from evaluator.sandbox.nsjail import _DEVICE_NODES
-from sandbox_support import SHELL_PATH, make_spec, run_to_end, unsandboxed  # noqa: F401 (a fixture)
 
 # The slow tier (`make test-fast` leaves it out): every test here builds a memory image.
 pytestmark = pytest.mark.slow
@@ -133,8 +133,19 @@ def test_a_sealed_jail_sees_only_its_memory_image(nsjail, tmp_path):
     assert results["writable dirs"] == []
     assert results["preadv"] == results["madvise willneed"] == "ok"
     for denied in (
-        "fadvise", "preadv2 nowait", "readahead", "cachestat", "mincore", "madvise pageout",
-        "madvise cold", "madvise pageout high bits", "io_uring_setup", "shmget", "semget", "msgget", "socket",
+        "fadvise",
+        "preadv2 nowait",
+        "readahead",
+        "cachestat",
+        "mincore",
+        "madvise pageout",
+        "madvise cold",
+        "madvise pageout high bits",
+        "io_uring_setup",
+        "shmget",
+        "semget",
+        "msgget",
+        "socket",
         "socketpair",
     ):
         assert results[denied] == "EPERM", (denied, results[denied])
@@ -166,8 +177,12 @@ def test_reap_stale_detaches_an_image_whose_evaluator_is_gone(nsjail, tmp_path):
     dead_point.mkdir()
     live_point.mkdir()
     mounts._libc_call(
-        "mount", f"{mounts._IMAGE_MOUNT_SOURCE}@{gone.pid}.1".encode(), str(dead_point).encode(),
-        b"tmpfs", ctypes.c_ulong(0), b"size=1m",
+        "mount",
+        f"{mounts._IMAGE_MOUNT_SOURCE}@{gone.pid}.1".encode(),
+        str(dead_point).encode(),
+        b"tmpfs",
+        ctypes.c_ulong(0),
+        b"size=1m",
     )
     mounts.mount_image_tmpfs(live_point, 1 << 20, 16)
     try:

@@ -47,7 +47,7 @@ def error_name(exc: BaseException) -> str:
 
 
 def outcome(action):
-    """"allowed" (or what the action returned), else the name of the error that stopped it."""
+    """ "allowed" (or what the action returned), else the name of the error that stopped it."""
     try:
         result = action()
     except Exception as exc:
@@ -76,7 +76,12 @@ def protocol_fd() -> int:
             flags = fcntl.fcntl(fd, fcntl.F_GETFL)
         except OSError:
             continue
-        if fd > 2 and stat.S_ISFIFO(info.st_mode) and info.st_ino != stderr_pipe and flags & os.O_ACCMODE == os.O_WRONLY:
+        if (
+            fd > 2
+            and stat.S_ISFIFO(info.st_mode)
+            and info.st_ino != stderr_pipe
+            and flags & os.O_ACCMODE == os.O_WRONLY
+        ):
             return fd
     raise RuntimeError("the protocol pipe was not found")
 

@@ -28,9 +28,19 @@ def hostile_lines(rng):
     yield b'{"event": "nonsense"}\n'
     yield b"[]\n"
     for _ in range(200):
-        yield json.dumps({"event": "log", "step": rng.randrange(10), "metrics": {
-            "".join(rng.choice("aZ_.9\u00e9 ") for _ in range(rng.randrange(1, 80))): rng.random() for _ in range(rng.randrange(1, 40))
-        }}).encode() + b"\n"
+        yield (
+            json.dumps(
+                {
+                    "event": "log",
+                    "step": rng.randrange(10),
+                    "metrics": {
+                        "".join(rng.choice("aZ_.9\u00e9 ") for _ in range(rng.randrange(1, 80))): rng.random()
+                        for _ in range(rng.randrange(1, 40))
+                    },
+                }
+            ).encode()
+            + b"\n"
+        )
 
 
 def train(ctx):

@@ -1,11 +1,7 @@
 # Appended to TINY_MODEL (tests/conftest.py). A causal model that tries to get the validation text
 # out of the scoring jail: it prints every token it is given, writes them to whatever it can open,
 # and after a few steps raises with them in its message. Its logits stay uniform.
-import os
 import sys
-
-import torch
-
 
 # Built at run time, so that finding it anywhere means it came out of a run, not out of this file.
 MARKER = "".join(("LE", "AK"))

@@ -24,9 +24,11 @@ def train(ctx):
     for path in sources:
         with open(path, "rb") as source:
             text_bytes += len(source.read())
-    report({
-        "source_dir_exists": os.path.isdir(source_dir),
-        "source_files": len(sources),
-        "source_bytes": text_bytes,
-        "pydoc_topics": _topics(),
-    })
+    report(
+        {
+            "source_dir_exists": os.path.isdir(source_dir),
+            "source_files": len(sources),
+            "source_bytes": text_bytes,
+            "pydoc_topics": _topics(),
+        }
+    )

@@ -10,8 +10,6 @@ import sys
 from attack_kit import connect_tcp, outcome, read_start, report
 
 
-
-
 def _send_udp(host, port):
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
         udp.sendto(b"escaped", (host, port))
@@ -58,7 +56,10 @@ def _processes(host_marker):
     for pid in (name for name in os.listdir("/proc") if name.isdigit()):
         cmdline = outcome(lambda: open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode())
         environ = outcome(lambda: open(f"/proc/{pid}/environ", "rb").read())
-        seen[pid] = {"cmdline": cmdline, "environ_has_marker": isinstance(environ, bytes) and host_marker.encode() in environ}
+        seen[pid] = {
+            "cmdline": cmdline,
+            "environ_has_marker": isinstance(environ, bytes) and host_marker.encode() in environ,
+        }
     return seen
 
 

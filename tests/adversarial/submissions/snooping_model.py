@@ -14,8 +14,6 @@ def _write(path):
         handle.write("ran here")
 
 
-
-
 def _snoop(config, stage):
     found = {
         "stage": stage,

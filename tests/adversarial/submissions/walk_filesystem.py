@@ -35,10 +35,12 @@ def _read(path):
 def train(ctx):
     c = ctx.config
     files = _openable_files()
-    report({
-        "files": len(files),
-        "listing": base64.b64encode(zlib.compress("\n".join(files).encode(), 9)).decode(),
-        "canaries": {path: outcome(lambda path=path: _read(path)) for path in c["canaries"]},
-        "dataset_sources_exist": os.path.exists(c["dataset_sources"]),
-        "dirs_listed": {path: outcome(lambda path=path: os.listdir(path)) for path in c["secret_dirs"]},
-    })
+    report(
+        {
+            "files": len(files),
+            "listing": base64.b64encode(zlib.compress("\n".join(files).encode(), 9)).decode(),
+            "canaries": {path: outcome(lambda path=path: _read(path)) for path in c["canaries"]},
+            "dataset_sources_exist": os.path.exists(c["dataset_sources"]),
+            "dirs_listed": {path: outcome(lambda path=path: os.listdir(path)) for path in c["secret_dirs"]},
+        }
+    )
