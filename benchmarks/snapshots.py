@@ -88,7 +88,7 @@ def main() -> None:
     for label, values in (
         ("harness: save (its own account)", saves),
         ("evaluator: copy and answer", takes),
-        ("on the clock: save + copy", [a + b for a, b in zip(saves, takes)]),
+        ("on the clock: save + copy", [a + b for a, b in zip(saves, takes, strict=True)]),
     ):
         table.add_row(label, f"{statistics.median(values):.4f}", f"{max(values):.4f}")
     Console().print(table)
@@ -106,7 +106,8 @@ def main() -> None:
     scoring_with = statistics.median(run["scoring_s"] for run in with_snapshots)
     scoring_without = statistics.median(run["scoring_s"] for run in without)
     print(
-        f"scoring seconds (off the clock), medians: {scoring_with:g} with the snapshots, {scoring_without:g} for the final model alone"
+        f"scoring seconds (off the clock), medians: {scoring_with:g} with the snapshots, "
+        f"{scoring_without:g} for the final model alone"
     )
 
 

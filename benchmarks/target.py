@@ -59,11 +59,13 @@ def main() -> None:
     if track.target is None:
         raise SystemExit(f"track {track.id} has no [target]")
     print(
-        f"the reference's {args.source} val_loss over {len(losses)} drawn seeds: {', '.join(f'{x:.4f}' for x in losses)}; "
+        f"the reference's {args.source} val_loss over {len(losses)} drawn seeds: "
+        f"{', '.join(f'{x:.4f}' for x in losses)}; "
         f"median {median:.4f}"
     )
     print(
-        f"{track.id}'s target: {track.target.val_loss:g} ({'the median' if track.target.val_loss == median else 'NOT the median'})"
+        f"{track.id}'s target: {track.target.val_loss:g} "
+        f"({'the median' if track.target.val_loss == median else 'NOT the median'})"
     )
     times, unreached = [], 0
     with tempfile.TemporaryDirectory(prefix="speedrun-target-") as scratch:

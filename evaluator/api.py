@@ -40,13 +40,14 @@ the target was first reached). Offer them from the training loop:
     if ctx.snapshot_due():
         ctx.snapshot(model)
 
-`snapshot(model)` saves the model as the final one is saved and returns once the evaluator has
-taken its copy, out of the jail's reach; that time counts on the clock like any other work. A
-snapshot is taken only within `snapshot_window_s` (a quarter of the interval) after it falls due:
-an interval whose window passes without one has none. The evaluator stamps it with its own clock
-when the copy is complete, and never earlier than the window's end, so its time is the same
-wherever in the window it was offered; it refuses one that is not due. A submission that never offers snapshots still runs: its curve is the final model
-alone. On a fixed-time track the final model alone is the score, whatever the snapshots score.
+`snapshot(model)` saves the model as the final one is saved and returns once the evaluator has taken
+its copy, out of the jail's reach; that time counts on the clock like any other work. A snapshot is
+taken only within `snapshot_window_s` (a quarter of the interval) after it falls due: an interval
+whose window passes without one has none. The evaluator stamps it with its own clock when the copy
+is complete, and never earlier than the window's end, so its time is the same wherever in the window
+it was offered; it refuses one that is not due. A submission that never offers snapshots still runs:
+its curve is the final model alone. On a fixed-time track the final model alone is the score,
+whatever the snapshots score.
 """
 
 from __future__ import annotations
@@ -210,6 +211,7 @@ class Context:
         """
         if not self.snapshot_due():
             return False
+        assert self._take_snapshot is not None  # snapshot_due is False without one
         taken, self._next_snapshot_s = self._take_snapshot(model)
         self.time_left()
         return taken

@@ -4,11 +4,11 @@ A fixed workload (a few training steps of a small dense transformer: float32 on 
 autocast on CUDA) is timed here and compared with the same workload's time on the track's hardware,
 which the track file states with its provenance (`[calibration]`: measured on that hardware, or
 estimated and how). The host's time is the fastest repeat's: other work on the host can only add
-time. A measurement that shows other work (on the CPU, the workload received less than
-MIN_CPU_SHARE of its threads' time; anywhere, repeats further apart than MAX_REPEAT_RATIO) is
-taken again, and after ATTEMPTS refused: a busy host gives no factor worth scaling a budget by. The ratio scales a track's budget and scoring deadlines for a development run
-on other hardware; such a run is always unofficial. docs/CALIBRATION.md says where the ratio
-misleads.
+time. A measurement that shows other work (on the CPU, the workload received less than MIN_CPU_SHARE
+of its threads' time; anywhere, repeats further apart than MAX_REPEAT_RATIO) is taken again, and
+after ATTEMPTS refused: a busy host gives no factor worth scaling a budget by. The ratio scales a
+track's budget and scoring deadlines for a development run on other hardware; such a run is always
+unofficial. docs/CALIBRATION.md says where the ratio misleads.
 
 The workload is our code, not a submission's: it runs unsandboxed, in a child process of the
 evaluator so that the CUDA context it makes (hundreds of MiB of the GPU's memory) ends with it
@@ -70,7 +70,7 @@ class HostTiming:
         """On the CPU: the least share of its threads' time a repeat received; None on a GPU."""
         if self.device != "cpu":
             return None
-        return min(cpu / (wall * self.threads) for cpu, wall in zip(self.cpu_seconds, self.seconds))
+        return min(cpu / (wall * self.threads) for cpu, wall in zip(self.cpu_seconds, self.seconds, strict=True))
 
     def busy_reason(self) -> str | None:
         """Why these figures show a busy host, or None."""
@@ -82,7 +82,10 @@ class HostTiming:
             )
         ratio = max(self.seconds) / min(self.seconds)
         if ratio > MAX_REPEAT_RATIO:
-            return f"its repeats took {min(self.seconds):.3f}-{max(self.seconds):.3f} s (at most {MAX_REPEAT_RATIO:g} x apart on a quiet host)"
+            return (
+                f"its repeats took {min(self.seconds):.3f}-{max(self.seconds):.3f} s "
+                f"(at most {MAX_REPEAT_RATIO:g} x apart on a quiet host)"
+            )
         return None
 
 
@@ -280,7 +283,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "calibrate",
         help="time this host against a track's hardware (for --budget calibrated)",
         description=(
-            f"Time a fixed workload ({WORKLOAD}: {TIMED_STEPS} training steps of a {LAYERS}-layer d{D_MODEL} transformer "
+            f"Time a fixed workload ({WORKLOAD}: {TIMED_STEPS} training steps "
+            f"of a {LAYERS}-layer d{D_MODEL} transformer "
             f"at batch {BATCH} x {SEQ_LEN}; float32 on the CPU with the track's threads, fp16 autocast on CUDA) and "
             "compare it with the workload's time on the track's hardware, which the track file states with its "
             "provenance. The factor (this host / the track) is what `evaluator run --budget calibrated` scales the "

@@ -143,7 +143,8 @@ def _check_tree(folder: Path) -> list[Finding]:
         findings.append(
             Finding(
                 ".",
-                f"the folder holds {total} bytes; the limit is {FOLDER_MAX_BYTES} ({FOLDER_MAX_BYTES // 1024} KiB): remove generated or data files",
+                f"the folder holds {total} bytes; the limit is {FOLDER_MAX_BYTES} ({FOLDER_MAX_BYTES // 1024} KiB): "
+                "remove generated or data files",
             )
         )
     return findings
@@ -161,7 +162,8 @@ def _check_file(path: Path, rel: str, size: int) -> list[Finding]:
         return [
             Finding(
                 rel,
-                f"{'/'.join(sorted(banned))} files are not allowed: a submission may not bring weights, data or archives; train from ctx.train_tokens",
+                f"{'/'.join(sorted(banned))} files are not allowed: a submission may not bring weights, data or "
+                "archives; train from ctx.train_tokens",
             )
         ]
     if size > FILE_MAX_BYTES:
@@ -336,7 +338,7 @@ def _looks_encoded(visible: str) -> bool:
     if len(visible) < 2:
         return False
     classes = [_char_class(char) for char in visible]
-    changes = sum(a != b for a, b in zip(classes, classes[1:]))
+    changes = sum(a != b for a, b in zip(classes, classes[1:], strict=False))
     if changes >= _ENCODED_CLASS_CHANGE_SHARE * (len(visible) - 1):
         return True
     letters = [char for char in visible if char.isascii() and char.isalpha()]
@@ -366,7 +368,8 @@ def scan_folder(folder: Path | str) -> FolderScan:
                 scan.findings.append(
                     Finding(
                         rel,
-                        f"holds bytes that are not UTF-8 text (at byte {error.start}): only source and text files are allowed",
+                        f"holds bytes that are not UTF-8 text (at byte {error.start}): only source and text files "
+                        "are allowed",
                     )
                 )
             continue
@@ -425,12 +428,16 @@ def _scan_python(rel: str, source: str, scan: FolderScan) -> None:
             text = node.value if isinstance(node.value, str) else node.value.decode("latin-1")
             scan.texts.append(_Text(rel, node.lineno, node.col_offset + 1, kind, text))
             if kind != "docstring" and len(text) > LITERAL_MAX_CHARS:
-                problem = f"a {kind} of {len(text):,} characters; the limit outside docstrings is {LITERAL_MAX_CHARS}: a submission may not carry data in its code"
+                problem = (
+                    f"a {kind} of {len(text):,} characters; the limit outside docstrings is {LITERAL_MAX_CHARS}: "
+                    "a submission may not carry data in its code"
+                )
         elif isinstance(node, (ast.List, ast.Tuple, ast.Set, ast.Dict)):
             constants = sum(_is_constant(item) for item in (node.values if isinstance(node, ast.Dict) else node.elts))
             if constants > COLLECTION_MAX_ITEMS:
                 problem = (
-                    f"lists {constants:,} constants in one {type(node).__name__.lower()}; the limit is {COLLECTION_MAX_ITEMS}: "
+                    f"lists {constants:,} constants in one {type(node).__name__.lower()}; "
+                    f"the limit is {COLLECTION_MAX_ITEMS}: "
                     "a submission may not carry data (token ids, weights) in its code"
                 )
         elif decoder := _decoder_named(node):
@@ -439,6 +446,8 @@ def _scan_python(rel: str, source: str, scan: FolderScan) -> None:
                 "and it is how data hidden in code is unpacked; remove it"
             )
         if problem:
+            # only literals, collections, calls and imports get a problem, and all of them have a position
+            assert isinstance(node, (ast.expr, ast.stmt))
             scan.findings.append(Finding(rel, problem, node.lineno, node.col_offset + 1))
 
 
@@ -461,8 +470,8 @@ def _decoder_named(node: ast.AST) -> str | None:
     if isinstance(function, ast.Name) and function.id in DECODER_FUNCTIONS:
         return function.id
     if isinstance(function, ast.Attribute):
-        owner = function.value.id if isinstance(function.value, ast.Name) else None
-        if function.attr in DECODER_FUNCTIONS or function.attr in DECODER_FUNCTIONS_OF.get(owner, ()):
+        owner_decoders = DECODER_FUNCTIONS_OF.get(function.value.id, ()) if isinstance(function.value, ast.Name) else ()
+        if function.attr in DECODER_FUNCTIONS or function.attr in owner_decoders:
             return function.attr
     return None
 
@@ -521,8 +530,9 @@ def payload_findings(scan: FolderScan) -> list[Finding]:
         findings.append(
             Finding(
                 crossing.file,
-                f"the folder holds {text_bytes:,} bytes of comments, docstrings, string literals and other text, and passes "
-                f"the limit of {TEXT_MAX_BYTES:,} here: a submission may not carry text to train or score on",
+                f"the folder holds {text_bytes:,} bytes of comments, docstrings, string literals and other text, "
+                f"and passes the limit of {TEXT_MAX_BYTES:,} here: "
+                "a submission may not carry text to train or score on",
                 crossing.line,
                 crossing.column,
             )
@@ -535,9 +545,11 @@ def payload_findings(scan: FolderScan) -> list[Finding]:
             findings.append(
                 Finding(
                     file,
-                    f"{len(pieces):,} piece(s) of text ({kinds}; {sum(len(t.visible) for t in pieces):,} characters, lines "
-                    f"{pieces[0].line}-{pieces[-1].line}) read like encoded data (base64, base85, hex, written-out numbers), "
-                    f"not words; the limit is {ENCODED_TEXT_MAX_CHARS:,} characters in the folder: a submission may not carry data",
+                    f"{len(pieces):,} piece(s) of text ({kinds}; {sum(len(t.visible) for t in pieces):,} "
+                    f"characters, lines {pieces[0].line}-{pieces[-1].line}) read like encoded data "
+                    "(base64, base85, hex, written-out numbers), not words; "
+                    f"the limit is {ENCODED_TEXT_MAX_CHARS:,} characters in the folder: "
+                    "a submission may not carry data",
                     pieces[0].line,
                     pieces[0].column,
                 )
@@ -553,9 +565,10 @@ def payload_findings(scan: FolderScan) -> list[Finding]:
         findings.append(
             Finding(
                 file,
-                f"the folder's number literals take {figures['NUMBER_TEXT_MAX_CHARS']:,} characters, most of them in this file (the "
-                f"most on this line); "
-                f"the limit is {NUMBER_TEXT_MAX_CHARS:,}: a submission may not carry data (token ids, weights) in its code",
+                f"the folder's number literals take {figures['NUMBER_TEXT_MAX_CHARS']:,} characters, most of them "
+                "in this file (the most on this line); "
+                f"the limit is {NUMBER_TEXT_MAX_CHARS:,}: a submission may not carry data (token ids, weights) in "
+                "its code",
                 line,
             )
         )
@@ -567,8 +580,9 @@ def payload_findings(scan: FolderScan) -> list[Finding]:
         findings.append(
             Finding(
                 file,
-                f"the folder holds {figures['NON_ASCII_MAX_CHARS']:,} characters outside ASCII, most of them in this file "
-                f"(the first: U+{ord(char):04X}); the limit is {NON_ASCII_MAX_CHARS}: large alphabets and invisible "
+                f"the folder holds {figures['NON_ASCII_MAX_CHARS']:,} characters outside ASCII, most of them in "
+                f"this file (the first: U+{ord(char):04X}); the limit is {NON_ASCII_MAX_CHARS}: "
+                "large alphabets and invisible "
                 "characters can carry data; write comments and names in ASCII",
                 line,
             )
@@ -577,7 +591,8 @@ def payload_findings(scan: FolderScan) -> list[Finding]:
         findings.append(
             Finding(
                 MANIFEST_NAME,
-                f"[config] and its overrides hold {figures['CONFIG_MAX_VALUES']:,} keys and values; the limit is {CONFIG_MAX_VALUES}: a submission may not carry data in its manifest",
+                f"[config] and its overrides hold {figures['CONFIG_MAX_VALUES']:,} keys and values; the limit is "
+                f"{CONFIG_MAX_VALUES}: a submission may not carry data in its manifest",
                 *scan.config_position,
             )
         )
@@ -585,7 +600,8 @@ def payload_findings(scan: FolderScan) -> list[Finding]:
         findings.append(
             Finding(
                 ".",
-                f"the folder's files compress (xz) to {figures['INFORMATION_MAX_BYTES']:,} bytes; the limit is {INFORMATION_MAX_BYTES:,} "
+                f"the folder's files compress (xz) to {figures['INFORMATION_MAX_BYTES']:,} bytes; "
+                f"the limit is {INFORMATION_MAX_BYTES:,} "
                 "(the reference compresses to ~8,600): a submission may not carry data; remove it, or generated code",
             )
         )
@@ -662,7 +678,8 @@ def _check_entry(folder: Path, manifest: Manifest) -> list[Finding]:
         return [
             Finding(
                 rel,
-                f"defines no top-level function {manifest.entry_function!r}: add `def {manifest.entry_function}(ctx):` or fix [entry] function",
+                f"defines no top-level function {manifest.entry_function!r}: "
+                f"add `def {manifest.entry_function}(ctx):` or fix [entry] function",
             )
         ]
     function = functions[-1]
@@ -678,7 +695,7 @@ def _check_entry(folder: Path, manifest: Manifest) -> list[Finding]:
     args = function.args
     positional = args.posonlyargs + args.args
     required = len(positional) - len(args.defaults)
-    required_keywords = [a.arg for a, d in zip(args.kwonlyargs, args.kw_defaults) if d is None]
+    required_keywords = [a.arg for a, d in zip(args.kwonlyargs, args.kw_defaults, strict=True) if d is None]
     if required != 1 or required_keywords:
         return [
             Finding(
@@ -707,6 +724,7 @@ def _run_check(args: argparse.Namespace) -> int:
         return 0 if report.ok else 2
     folder = shown(report.folder.resolve())
     if report.ok:
+        assert report.manifest is not None  # parse_manifest gives findings whenever it gives no manifest
         print(f"{folder}: ok ({report.manifest.name}, track {report.manifest.track})")
         return 0
     for finding in report.findings:
@@ -920,6 +938,7 @@ def _run_check_changed(args: argparse.Namespace) -> int:
     for report in change.submissions:
         where = _shown_path(str(report.folder))
         if report.ok:
+            assert report.manifest is not None  # parse_manifest gives findings whenever it gives no manifest
             print(f"{where}: ok ({report.manifest.name}, track {report.manifest.track})")
             continue
         for finding in report.findings:
@@ -931,14 +950,16 @@ def _run_check_changed(args: argparse.Namespace) -> int:
         problems += 1
     for path in change.outside:
         print(
-            f"{_shown_path(path)}: changed outside {SUBMISSIONS_FOLDER}/<name>/: a submission's pull request changes nothing else",
+            f"{_shown_path(path)}: changed outside {SUBMISSIONS_FOLDER}/<name>/: a submission's pull request "
+            "changes nothing else",
             file=sys.stderr,
         )
         problems += 1
     for folder in change.edited:
         print(
-            f"{_shown_path(folder)}: already in {_shown_path(change.base)}: a pull request adds a new folder (a new version "
-            "of a submission is a new folder, and no one edits another's); only the organiser may allow it (--allow-edit)",
+            f"{_shown_path(folder)}: already in {_shown_path(change.base)}: a pull request adds a new folder "
+            "(a new version of a submission is a new folder, and no one edits another's); "
+            "only the organiser may allow it (--allow-edit)",
             file=sys.stderr,
         )
         problems += 1
@@ -959,7 +980,8 @@ def _run_check_changed(args: argparse.Namespace) -> int:
         problems += 1
     if change.folder_count == 0:
         print(
-            f"{span} changes nothing under {SUBMISSIONS_FOLDER}/<name>/: a submission's pull request adds its folder there",
+            f"{span} changes nothing under {SUBMISSIONS_FOLDER}/<name>/: a submission's pull request adds its "
+            "folder there",
             file=sys.stderr,
         )
         problems += 1
@@ -1009,7 +1031,8 @@ def _run_new(args: argparse.Namespace) -> int:
         raise UserError(f"cannot create {shown(target)}: {error.strerror}") from error
     where = shown(target)
     print(
-        f"created {where} from {shown(source)}; edit {where}/{MANIFEST_NAME} and {where}/train.py, then run: evaluator check {where}"
+        f"created {where} from {shown(source)}; edit {where}/{MANIFEST_NAME} and {where}/train.py, then run: "
+        f"evaluator check {where}"
     )
     return 0
 
@@ -1031,9 +1054,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "It also reports data carried in the folder, since a submission that brings the public validation split or "
             "extra training text in its code buys a score it did not train for: string and bytes literals over 512 "
             "characters outside docstrings; comments, literals and lines of other files that read like encoded data "
-            "(base64, base85, hex, written-out numbers: over 1,024 characters in the folder); more than 64 constants in "
+            "(base64, base85, hex, written-out numbers: over 1,024 characters in the folder); "
+            "more than 64 constants in "
             "one list, tuple, set, dict or [config] array; over 1,024 characters of number literals; calls of "
-            "decoders and decompressors (zlib.decompress, b85decode, bytes.fromhex, pickle.loads, ...); over 256 non-ASCII characters; over "
+            "decoders and decompressors (zlib.decompress, b85decode, bytes.fromhex, pickle.loads, ...); "
+            "over 256 non-ASCII characters; over "
             "24 KiB of comments, docstrings, literals and other text; [config] strings over 256 characters or over 256 "
             "keys and values; and a folder that compresses (xz) to over 16 KiB. The limits are set from the honest "
             "submissions' figures, with room to spare; each finding names its file and line. "
@@ -1053,7 +1078,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     target.add_argument(
         "--changed",
         metavar="BASE",
-        help="check every submission folder HEAD changes since its merge base with BASE, and refuse anything else it changes",
+        help=(
+            "check every submission folder HEAD changes since its merge base with BASE, and refuse anything else "
+            "it changes"
+        ),
     )
     check.add_argument(
         "--allow-edit",
@@ -1066,7 +1094,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     check.add_argument(
         "--json",
         action="store_true",
-        help="print the findings as JSON on stdout (with --changed: ok, base, head, submissions, deleted, outside, edited, taken, merge_bases)",
+        help=(
+            "print the findings as JSON on stdout (with --changed: ok, base, head, submissions, deleted, "
+            "outside, edited, taken, merge_bases)"
+        ),
     )
     check.add_argument(
         "--set",
@@ -1081,7 +1112,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "new",
         help="start a submission from the template",
         description=(
-            "Copy a submission folder (the template by default) with the name filled in: to submissions/NAME when the current folder has submissions/ (a competition repository), else to ./NAME, or to DIR/NAME with --dir. Never overwrites."
+            "Copy a submission folder (the template by default) with the name filled in: to submissions/NAME when "
+            "the current folder has submissions/ (a competition repository), else to ./NAME, "
+            "or to DIR/NAME with --dir. Never overwrites."
         ),
     )
     new.add_argument("name", metavar="NAME", help="the new submission's name: lower-case letters, digits, dashes")

@@ -230,6 +230,7 @@ def _side(folder: Path) -> tuple[Side, str]:
             f"{folder}: the submission is invalid ({len(report.findings)} problem(s): {details}); "
             f"evaluator check {folder} lists them"
         )
+    assert report.manifest is not None  # parse_manifest gives findings whenever it gives no manifest
     return Side(
         folder=shown(folder.resolve()), name=report.manifest.name, tree_sha256=tree_sha256(folder)
     ), report.manifest.track
@@ -350,7 +351,11 @@ def _earlier_runs(plan: ComparisonPlan, runs_dir: Path, say: Callable[[str], Non
         if slot is None or result["status"] in NO_VERDICT_STATUSES:
             continue
         earlier = found.get(slot)
-        if earlier is None or parse_utc(result["ended_at"]) < parse_utc(earlier.result["ended_at"]):
+        if (
+            earlier is None
+            or earlier.result is None
+            or parse_utc(result["ended_at"]) < parse_utc(earlier.result["ended_at"])
+        ):
             found[slot] = PairRun(result=result, run_dir=run_dir)
     return found
 
@@ -410,7 +415,8 @@ def run_comparison(
         runs = _earlier_runs(plan, runs_dir, say)
         say(
             f"comparison {plan.id}: A = {plan.a.name}, B = {plan.b.name} on {plan.track}, {plan.pairs} pair(s), "
-            f"{len(runs)} run(s) already made; in {visible(shown(out))} (the same command with --out {visible(shown(out))} resumes it)"
+            f"{len(runs)} run(s) already made; in {visible(shown(out))} "
+            f"(the same command with --out {visible(shown(out))} resumes it)"
         )
         comparison = Comparison(plan=plan, out=out, timed=track.target is not None, runs=runs)
         for pair in range(1, plan.pairs + 1):
@@ -481,7 +487,8 @@ def summary_lines(comparison: Comparison) -> list[str]:
     spread = (
         ""
         if summary.std_difference is None
-        else f" (std {_score_text(summary.std_difference, timed)}, standard error {_score_text(summary.standard_error, timed)})"
+        else f" (std {_score_text(summary.std_difference, timed)}, "
+        f"standard error {_score_text(summary.standard_error, timed)})"
     )
     return [
         f"mean difference B - A: {_score_text(summary.mean_difference, timed, signed=True)} over {counted} of "
@@ -494,11 +501,14 @@ def render_text(comparison: Comparison) -> str:
     plan, timed = comparison.plan, comparison.timed
     what = "time to target" if timed else "val_loss"
     lines = [
-        f"comparison {plan.id}: A = {plan.a.name} ({visible(plan.a.folder)}), B = {plan.b.name} ({visible(plan.b.folder)})",
+        f"comparison {plan.id}: A = {plan.a.name} ({visible(plan.a.folder)}), "
+        f"B = {plan.b.name} ({visible(plan.b.folder)})",
         f"track {plan.track}, budget {plan.budget_s:g} s, {'drawn' if plan.secret_seeds else 'public'} seeds; "
-        f"{what}, lower is better; received: the share of the CPU time its threads asked for that the training jail got",
+        f"{what}, lower is better; "
+        "received: the share of the CPU time its threads asked for that the training jail got",
         "",
-        f"{'pair':>4}  {'seed':>10}  order  {'A ' + what:>16}  {'B ' + what:>16}  {'B - A':>10}  {'A received':>10}  {'B received':>10}",
+        f"{'pair':>4}  {'seed':>10}  order  {'A ' + what:>16}  {'B ' + what:>16}  {'B - A':>10}  "
+        f"{'A received':>10}  {'B received':>10}",
     ]
     for pair in range(1, plan.pairs + 1):
         a, b = comparison.runs[pair, "a"], comparison.runs[pair, "b"]
@@ -563,19 +573,20 @@ def _plot_rows(comparison: Comparison) -> list[Row]:
     plan, rows = comparison.plan, []
     for side in ("a", "b"):
         scored = [
-            run
+            (run.run_dir, run.result)
             for pair in range(1, plan.pairs + 1)
             if (run := comparison.runs[pair, side]).result is not None and run.result["status"] in SCORED_STATUSES
         ]
         runs = []
-        for run in scored:
+        for run_dir, result in scored:
+            assert run_dir is not None  # a run with a result has its directory
             try:
-                loss_curve = read_loss_curve(run.run_dir / METRICS_FILE)
+                loss_curve = read_loss_curve(run_dir / METRICS_FILE)
             except UserError:  # no metrics.parquet, or a broken one: no training loss to draw for it
                 loss_curve = empty_loss_curve()
-            runs.append(Run.from_verified(VerifiedResult(run.run_dir / RESULT_FILE, run.result, loss_curve, signer="")))
+            runs.append(Run.from_verified(VerifiedResult(run_dir / RESULT_FILE, result, loss_curve, signer="")))
         # Official rows are drawn solid, the others dashed, as on the leaderboard.
-        official = bool(scored) and all(run.result["official"] for run in scored)
+        official = bool(scored) and all(result["official"] for _, result in scored)
         rows.append(
             Row(
                 track=plan.track,
@@ -693,7 +704,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "order (pair 1: A then B, pair 2: B then A, ...) so that a drift of the host over the comparison "
             "falls on both alike. Each run is an ordinary `evaluator run` with its own result.json, which records "
             "the comparison, the pair and the side. Prints each pair's scores, their difference B - A and the share "
-            "of the CPU time it asked for that each run got, the mean difference with its standard deviation and standard error, and a "
+            "of the CPU time it asked for that each run got, the mean difference with its standard deviation "
+            "and standard error, and a "
             "one-sided paired t-test (H1: B is better, a lower val_loss; on a time-to-target track a shorter time "
             "to target); a pair either of whose runs has no score is left out, and said so. With one pair the "
             "p-value is undefined. Writes comparison.html (both validation curves) in the output folder. Killed, "

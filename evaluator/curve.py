@@ -65,6 +65,7 @@ def score_run(
     hidden = plan.hidden_path is not None
     split = "the hidden test split" if hidden else "the public development split"
     console.print(f"scoring on {split}, streamed, in two passes in {where} ...")
+    assert outcome.train_seconds is not None  # only a run whose model was saved in time is scored
     final = Snapshot(time_s=outcome.train_seconds, path=plan.run_dir / MODEL_FILE)  # taken by training.train_in_jail
     models = [*outcome.snapshots, final]
     target = plan.track.target

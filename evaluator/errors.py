@@ -12,5 +12,6 @@ class DataError(UserError):
 
 
 class InvalidModel(Exception):
-    """The model cannot be scored; the message says exactly what is wrong (document, position, shape...).
-    Here rather than in scoring.py so that the runner can catch it without importing torch."""
+    """The model cannot be scored; the message is one of scoring.Refusal's fixed sentences, which name
+    what went wrong and never a document, position or size of the model's choosing. Here rather than
+    in scoring.py so that the runner can catch it without importing torch."""

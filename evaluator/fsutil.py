@@ -52,7 +52,7 @@ IGNORED_DIRS = {"__pycache__"}
 
 def submission_paths(root: Path) -> list[Path]:
     """Every path under root (files, dirs, links, specials) except ignored dirs, without following links."""
-    found = []
+    found: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d not in IGNORED_DIRS)
         found.extend(Path(dirpath) / name for name in sorted(dirnames + filenames))

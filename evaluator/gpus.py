@@ -63,10 +63,10 @@ def cuda_pci_addresses() -> list[tuple[int, int, int]]:
     """(domain, bus, device) of each GPU in CUDA's order, as this process sees them."""
     import torch
 
-    addresses = []
+    addresses: list[tuple[int, int, int]] = []
     for index in range(torch.cuda.device_count()):
         props = torch.cuda.get_device_properties(index)
-        addresses.append((props.pci_domain_id, props.pci_bus_id, props.pci_device_id))
+        addresses.append((props.pci_domain_id, props.pci_bus_id, props.pci_device_id))  # type: ignore[attr-defined]  # torch's stub lacks pci_*
     return addresses
 
 

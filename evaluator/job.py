@@ -45,4 +45,5 @@ class Job:
         expected = {f.name for f in fields(cls)}
         if set(data) != expected:
             raise ValueError(f"{path}: a job file has the fields {sorted(expected)}, not {sorted(data)}")
-        return cls(**{name: Path(value) if name in _PATH_FIELDS else value for name, value in data.items()})
+        values: dict[str, Any] = {name: Path(value) if name in _PATH_FIELDS else value for name, value in data.items()}
+        return cls(**values)

@@ -296,9 +296,13 @@ def parse_manifest(folder: Path) -> tuple[Manifest | None, list[Finding]]:
     try:
         text = raw_bytes.decode("utf-8")
     except UnicodeDecodeError as exc:
-        line = raw_bytes[: exc.start].count(b"\n") + 1
+        bad_byte_line = raw_bytes[: exc.start].count(b"\n") + 1
         return None, [
-            Finding(MANIFEST_NAME, f"is not valid UTF-8 (byte 0x{raw_bytes[exc.start]:02x}): save it as UTF-8", line)
+            Finding(
+                MANIFEST_NAME,
+                f"is not valid UTF-8 (byte 0x{raw_bytes[exc.start]:02x}): save it as UTF-8",
+                bad_byte_line,
+            )
         ]
     try:
         raw = tomllib.loads(text)
@@ -392,7 +396,10 @@ def _toml_failure_finding(exc: Exception, text: str) -> Finding:
     else:
         lines = str(exc).strip().splitlines()
         detail = "".join(c if c.isprintable() else repr(c)[1:-1] for c in lines[0][:_SHOWN_MAX_CHARS]) if lines else ""
-        message = f"cannot be read by the TOML parser ({type(exc).__name__}{': ' + detail if detail else ''}): fix it (see submissions/template/manifest.toml)"
+        message = (
+            f"cannot be read by the TOML parser ({type(exc).__name__}{': ' + detail if detail else ''}): "
+            "fix it (see submissions/template/manifest.toml)"
+        )
     return Finding(MANIFEST_NAME, message, line, column)
 
 

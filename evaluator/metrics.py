@@ -68,7 +68,7 @@ def read_loss_curve(metrics_path: Path) -> dict[str, Any]:
     columns = (table.column(name).to_pylist() for name in ("time_s", "step", "key", "value"))
     points = sorted(
         (float(time_s), int(step), float(value))
-        for time_s, step, key, value in zip(*columns)
+        for time_s, step, key, value in zip(*columns, strict=True)
         if key == LOSS_METRIC and None not in (time_s, step, value) and math.isfinite(time_s) and math.isfinite(value)
     )
     logged = len(points)

@@ -157,8 +157,10 @@ def _serve_batch(
 
     while (request := read_request(requests)) is not None:
         op, payload = request
-        values = torch.frombuffer(bytearray(payload), dtype=torch.int64) if payload else None
         try:
+            if not payload:  # the host never sends an empty request
+                raise ValueError("an empty request")
+            values = torch.frombuffer(bytearray(payload), dtype=torch.int64)
             with torch.no_grad():
                 if op == KEEP:
                     decoder.keep(values.to(device))
@@ -177,9 +179,9 @@ def _serve_batch(
             return
         # A view of the tensor's memory, not a copy; `logits` outlives it.
         nbytes = logits.numel() * logits.element_size()
-        payload = (ctypes.c_char * nbytes).from_address(logits.data_ptr()) if nbytes else b""
+        logits_view = (ctypes.c_char * nbytes).from_address(logits.data_ptr()) if nbytes else b""
         code = LOGIT_DTYPES.index(str(logits.dtype).removeprefix("torch."))
-        send_reply(replies, LOGITS, code, logits.shape[0], logits.shape[1], payload)
+        send_reply(replies, LOGITS, code, logits.shape[0], logits.shape[1], logits_view)
 
 
 _PROTOCOL_FD, _MODEL_FD = 3, 4

@@ -198,8 +198,10 @@ class TelemetrySampler:
             "interval_s": self.interval_s,
             "unavailable": self.unavailable,
         }
-        columns = list(zip(*self.rows)) if self.rows else [()] * 6
-        for name, values in zip(("sm_clock_mhz", "memory_clock_mhz", "temperature_c", "power_w"), columns[1:5]):
+        columns = list(zip(*self.rows, strict=True)) if self.rows else [()] * 6
+        for name, values in zip(
+            ("sm_clock_mhz", "memory_clock_mhz", "temperature_c", "power_w"), columns[1:5], strict=True
+        ):
             summary[name] = (
                 None if not values else {"min": min(values), "median": statistics.median(values), "max": max(values)}
             )
@@ -215,7 +217,7 @@ class TelemetrySampler:
         if not self.rows:
             return None
         table = pa.Table.from_pylist(
-            [dict(zip(TELEMETRY_SCHEMA.names, row)) for row in self.rows], schema=TELEMETRY_SCHEMA
+            [dict(zip(TELEMETRY_SCHEMA.names, row, strict=True)) for row in self.rows], schema=TELEMETRY_SCHEMA
         )
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink)

@@ -238,11 +238,13 @@ def make_plan(request: RunRequest, console: Console, held: ExitStack) -> RunPlan
             f"{folder}: the submission is invalid ({len(report.findings)} problem(s)); fix them and run again"
         )
     manifest = report.manifest
+    assert manifest is not None  # parse_manifest gives findings whenever it gives no manifest
     track = load_track(request.track_id or manifest.track)
     device = _check_device(track)
     if request.calibrated_budget and budget_s is not None:
         raise UserError(
-            "a calibrated budget is the track's scaled by this host's speed: give a budget or ask for a calibrated one, not both"
+            "a calibrated budget is the track's scaled by this host's speed: "
+            "give a budget or ask for a calibrated one, not both"
         )
     if request.calibrated_budget and request.smoke:
         raise UserError("a smoke run has a budget of its own: drop --smoke or --budget calibrated")
@@ -373,7 +375,7 @@ def stage_run(plan: RunPlan) -> None:
 def _stage_jail_input(plan: RunPlan) -> Path:
     """Copy the in-jail modules and the training split into plan.jail_input; return the split's
     copy, checked again against the track's hash (the copy is what the jail reads)."""
-    for module, source in zip(in_jail.TRAINING, in_jail.sources(in_jail.TRAINING)):
+    for module, source in zip(in_jail.TRAINING, in_jail.sources(in_jail.TRAINING), strict=True):
         target = plan.jail_input / "evaluator" / module
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, target)

@@ -198,7 +198,7 @@ class VerifiedResult:
 def _check_loss_curve(curve: Any) -> None:
     if not isinstance(curve, dict) or curve.get("metric") != LOSS_METRIC:
         raise VerificationError("predicate.loss_curve is missing or not a loss curve")
-    columns = [curve.get(name) for name in ("time_s", "step", "value")]
+    columns: list[Any] = [curve.get(name) for name in ("time_s", "step", "value")]
     if not all(isinstance(column, list) for column in columns) or len({len(c) for c in columns}) != 1:
         raise VerificationError("predicate.loss_curve needs time_s, step and value lists of one length")
     if len(columns[0]) > LOSS_CURVE_MAX_POINTS:
@@ -373,7 +373,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Sign RUN_DIR/result.json as an in-toto Statement inside a DSSE envelope (Ed25519) and write it to "
             "RESULTS/<track>/<submission>/<run-id>.json. Only scored runs are published (ok, or not_reached on "
-            "a time-to-target track); unofficial runs only with --unofficial; a run whose submission folder or track file changed since it ran is refused."
+            "a time-to-target track); unofficial runs only with --unofficial; "
+            "a run whose submission folder or track file changed since it ran is refused."
         ),
     )
     publish_parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory, e.g. results/runs/<run-id>")

@@ -159,7 +159,10 @@ def _consistency_problem(result: dict[str, Any]) -> str | None:
             return "status is not_reached but target.time_s is set: a target not reached has no time"
     if status == "ok" and target is not None:
         if target["reached"] is not True:
-            return f"status is ok on a time-to-target track but target.reached is {json.dumps(target['reached'])}, not true"
+            return (
+                "status is ok on a time-to-target track but target.reached is "
+                f"{json.dumps(target['reached'])}, not true"
+            )
         if target["time_s"] is None:
             return "status is ok on a time-to-target track but target.time_s is null: the time is its score"
         first = next(

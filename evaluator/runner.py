@@ -112,6 +112,7 @@ def evaluate(
         run = _Run(plan, started=utc_now())
         try:
             _train_and_score(run, sandbox_choice, console, began)
+            assert run.outcome is not None and run.env is not None  # _sandboxed_run sets both or raises
             result = build_result(
                 plan, run.outcome, run.scored, run.scoring_seconds, run.env, run.started, scorings=run.scorings
             )
@@ -164,7 +165,8 @@ def _sandboxed_run(run: _Run, sandbox_choice: str, console: Console, began: floa
     label = "nsjail" if sandbox.kind == "nsjail" else "NONE — unsandboxed, unofficial"
     seed_label = f"{plan.seed} (drawn)" if plan.seed_drawn else str(plan.seed)
     console.print(
-        f"[bold]{plan.manifest.name}[/] on [bold]{plan.track.id}[/], seed {seed_label}, budget {plan.budget_s:g} s, sandbox: {label}"
+        f"[bold]{plan.manifest.name}[/] on [bold]{plan.track.id}[/], seed {seed_label}, "
+        f"budget {plan.budget_s:g} s, sandbox: {label}"
     )
     console.print(f"sandbox: {sandbox.reason}", markup=False, highlight=False)
     for missing in sandbox.unavailable:
@@ -324,7 +326,8 @@ def _run(args: argparse.Namespace) -> int:
         if losses:
             spread = statistics.stdev(losses) if len(losses) > 1 else 0.0
             console.print(
-                f"val_loss over {len(losses)} of {len(results)} seeds: {statistics.mean(losses):.4f} ± {spread:.4f} (std)"
+                f"val_loss over {len(losses)} of {len(results)} seeds: "
+                f"{statistics.mean(losses):.4f} ± {spread:.4f} (std)"
             )
         times = [r["target"]["time_s"] for r in results if r["target"] and r["target"]["reached"]]
         if results[0]["target"]:
@@ -418,7 +421,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--sandbox",
         choices=["auto", "nsjail", "none"],
         default="auto",
-        help="auto: nsjail when it works here, else none (says which); nsjail: never falls back; none: plain subprocess, unofficial",
+        help=(
+            "auto: nsjail when it works here, else none (says which); nsjail: never falls back; "
+            "none: plain subprocess, unofficial"
+        ),
     )
     run.add_argument(
         "--out", metavar="DIR", help=f"where run directories go (default: {shown(RUNS_DIR)}/ in the current folder)"

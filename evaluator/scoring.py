@@ -1,13 +1,13 @@
 """Host side of scoring: streams the validation split through sealed model servers, twice, and
 computes val_loss and val_bpb. Honest by construction, not by audit.
 
-The saved model is never unpickled here: `evaluator.model_server` loads it inside a jail whose
-whole filesystem is a memory-backed image of what it needs (the Python install, torch, the
-evaluator's in-jail modules and the submission; no model file, no data, no network, nothing
-writable), one fresh batch process per batch, from a sealed memfd copy of the model the host sent
-(ScoringSession: one image and one server per pass for every model of a run). Everything coming back is untrusted: the reply
-header's kind and sizes, the exact [rows, vocab] shape, a float dtype that never changes, the byte
-count, and finite logits once cast to float32.
+The saved model is never unpickled here: `evaluator.model_server` loads it inside a jail whose whole
+filesystem is a memory-backed image of what it needs (the Python install, torch, the evaluator's
+in-jail modules and the submission; no model file, no data, no network, nothing writable), one fresh
+batch process per batch, from a sealed memfd copy of the model the host sent (ScoringSession: one
+image and one server per pass for every model of a run). Everything coming back is untrusted: the
+reply header's kind and sizes, the exact [rows, vocab] shape, a float dtype that never changes, the
+byte count, and finite logits once cast to float32.
 
 Windows. Each document is scored on its own: inputs `[eos] + tokens[:-1]`, targets `tokens`. A
 document longer than `seq_len` is cut into consecutive non-overlapping windows of `seq_len`
@@ -29,18 +29,19 @@ document's log-likelihood must agree between the passes within the track's
 the model returns can move it), and the mean difference per token within a hundredth of that.
 The score is the mean of the two passes.
 
-Deadlines (the track's `[eval]`): `load_s` from asking for a batch process to its READY (the
-model's unpickling and `decoder()`), `step_s` for each step's reply, `time_limit_s` for all of a
-model's scoring, both passes (the session's image and servers are the evaluator's work, not the
-model's; a server that replaces one a model failed in starts before the next model's clock). They leave no
-room to train after the clock: whatever a model computes in scoring starts again from the model
-file for every batch. On the CPU they count the scoring jails' CPU time over their threads (their
-cgroups' account), not the wall clock: a busy host makes scoring slower, never a model invalid. A
-model that waits instead of computing uses no CPU time, so the wall clock stays as a backstop,
-WALL_BACKSTOP_FACTOR times each deadline, not counting the host's time: what it kept the jails
-from a CPU they asked for, and the evaluator's own turns (a host so busy that a stage passes BUSY_HOST_WALL_FACTOR times its
-deadline fails the run as the evaluator's, `sandbox_error`). On a GPU they count wall time: the work is the GPU's,
-which CPU time does not measure (a GPU run's host load shows in its NVML telemetry instead).
+Deadlines (the track's `[eval]`): `load_s` from asking for a batch process to its READY (the model's
+unpickling and `decoder()`), `step_s` for each step's reply, `time_limit_s` for all of a model's
+scoring, both passes (the session's image and servers are the evaluator's work, not the model's; a
+server that replaces one a model failed in starts before the next model's clock). They leave no room
+to train after the clock: whatever a model computes in scoring starts again from the model file for
+every batch. On the CPU they count the scoring jails' CPU time over their threads (their cgroups'
+account), not the wall clock: a busy host makes scoring slower, never a model invalid. A model that
+waits instead of computing uses no CPU time, so the wall clock stays as a backstop,
+WALL_BACKSTOP_FACTOR times each deadline, not counting the host's time: what it kept the jails from
+a CPU they asked for, and the evaluator's own turns (a host so busy that a stage passes
+BUSY_HOST_WALL_FACTOR times its deadline fails the run as the evaluator's, `sandbox_error`). On a
+GPU they count wall time: the work is the GPU's, which CPU time does not measure (a GPU run's host
+load shows in its NVML telemetry instead).
 
 Sealed output. Nothing the model writes reaches anyone: the servers' stderr is discarded (kept in
 a file only when the operator asks for it, which makes the run unofficial), and every failure is
@@ -211,7 +212,7 @@ class _Clock:
         self.threads, self.jail_threads, self.jails = threads, jail_threads, jails
         readings = [jailed.cpu_seconds() for jailed in jails]
         self.cpu = cpu and None not in readings  # no cgroup (--sandbox none without root): nothing to count
-        self._began = {id(jailed): reading or 0.0 for jailed, reading in zip(jails, readings)}
+        self._began = {id(jailed): reading or 0.0 for jailed, reading in zip(jails, readings, strict=True)}
         self._demand = {id(jailed): 0.0 for jailed in jails}  # CPU seconds asked for since the model began
         self._evaluators_s = 0.0  # the evaluator's turns, per pass
         self._lock = threading.Lock()
@@ -311,6 +312,8 @@ def _wait_s(deadlines: _Deadlines | None, limits: tuple[_Limit, ...]) -> float:
         if waited < limit.seconds:
             wait = min(wait, limit.seconds - waited)
             continue
+        # A limit on charged time comes from the model's _Deadlines, which the stream holds by then.
+        assert deadlines is not None
         clock = deadlines.clock
         used = clock.charged(limit.jailed) - limit.charged_start
         if used >= limit.seconds:
@@ -533,7 +536,7 @@ def _deal_side_by_side(first: list[list[_Window]], batch_size: int, rng: random.
             return None
         rng.shuffle(allowed)
         allowed.sort(key=lambda index: len(second[index]))  # the emptiest first, ties in secret order
-        for window, index in zip(by_document[doc_id], allowed):
+        for window, index in zip(by_document[doc_id], allowed, strict=False):
             second[index].append(window)
     for batch in second:
         rng.shuffle(batch)
@@ -569,7 +572,7 @@ def _stream_batch(
         stages["steps"] = stages.get("steps", 0) + 1
         targets = torch.tensor([batch[row].targets[position] for row in live])
         token_nats = -torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).squeeze(1)
-        for row, value in zip(live, token_nats.tolist()):
+        for row, value in zip(live, token_nats.tolist(), strict=True):
             nats[row].append(value)
         advance(len(live))
         position += 1
@@ -671,8 +674,8 @@ def _server_spec(
 def _document_nats(composition: list[list[_Window]], per_row: list[list[list[float]]]) -> dict[str, float]:
     """Each document's total nats (math.fsum: exactly rounded, so independent of order)."""
     tokens: dict[str, list[float]] = {}
-    for batch, rows in zip(composition, per_row):
-        for window, nats in zip(batch, rows):
+    for batch, rows in zip(composition, per_row, strict=True):
+        for window, nats in zip(batch, rows, strict=True):
             tokens.setdefault(window.doc_id, []).extend(nats)
     return {doc_id: math.fsum(values) for doc_id, values in tokens.items()}
 
@@ -807,6 +810,7 @@ class ScoringSession:
         """A running server per pass; those missing are started together, so their starts overlap."""
         began = time.monotonic()
         setup, fresh = self.setup, []
+        servers: list[_Server] = []
         for number, server in enumerate(self._servers, 1):
             if server is None or server.closed:
                 self._started += 1
@@ -824,10 +828,11 @@ class ScoringSession:
                 )
                 self._servers[number - 1] = server = _Server(self.sandbox, setup, spec)
                 fresh.append(server)
+            servers.append(server)
         for server in fresh:
             server.wait_started()
         self._add_stage("server_start_s", began)
-        return list(self._servers)
+        return servers
 
     def score(
         self,
@@ -880,9 +885,9 @@ class ScoringSession:
         first = compose(windows, setup.batch_size, rng)
         second = compose_side_by_side(first, setup.batch_size, rng) if setup.parallel else None
         side_by_side = second is not None
-        compositions = [first, second if side_by_side else compose(windows, setup.batch_size, rng)]
+        compositions = [first, second if second is not None else compose(windows, setup.batch_size, rng)]
         model = _read_model(Path(model_path), setup.model_cap_bytes)
-        for server, composition in zip(self._servers, compositions):
+        for server, composition in zip(self._servers, compositions, strict=True):
             if server is not None and server.batches + len(composition) > _batches_per_server():
                 server.close()  # its pid namespace would run out of process ids: a fresh one takes over
         servers = self._ready_servers()
@@ -986,7 +991,9 @@ def _run_passes(
             stages[stage] = stages.get(stage, 0.0) + seconds
     if failures:
         raise failures[0]
-    return results
+    finished = [result for result in results if result is not None]
+    assert len(finished) == len(results)  # a pass that did not finish failed, or broke the barrier for a failure
+    return finished
 
 
 def _batches_per_server() -> int:

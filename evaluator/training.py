@@ -285,6 +285,8 @@ class _SnapshotTaker:
         taken = None
         elapsed = arrived - started_at
         if self.next_due_s is not None and elapsed >= self.next_due_s:
+            # A due time comes from every_s, and the plan sets window_s whenever it sets every_s.
+            assert self.every_s is not None and self.window_s is not None
             interval = math.floor(elapsed / self.every_s)
             window_end = interval * self.every_s + self.window_s
             if elapsed <= window_end:
@@ -387,7 +389,9 @@ def _follow_protocol(
 
     # Phase 2: the clock runs.
     deadline = started_at + budget_s
-    last_step, last_metrics, tokens_per_s = None, {}, None
+    last_step: int | None = None
+    last_metrics: dict[str, float] = {}
+    tokens_per_s: float | None = None
     error_event = None
 
     def status() -> str:

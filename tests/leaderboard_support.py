@@ -102,7 +102,10 @@ TIMED = {
 TIMED_ORDER = ["tiny", "swift", "close", "steady", "partial", "hasty"]
 # What steady-s0 logged through ctx.log under the key the evaluator's own curve uses: never drawn as such.
 FORGED_VAL_LOSS = 0.4242
-TIMED_RULES = "schema = 1\n[default]\nmin_seeds = 3\np_below = 0.01\nmin_improvement_nats = {nats}\nmin_improvement_s = {s}\ndrawn_seeds_only = false\n"
+TIMED_RULES = (
+    "schema = 1\n[default]\nmin_seeds = 3\np_below = 0.01\nmin_improvement_nats = {nats}\n"
+    "min_improvement_s = {s}\ndrawn_seeds_only = false\n"
+)
 
 
 @pytest.fixture(scope="module")

@@ -197,7 +197,8 @@ CASES = [
         "config-9-deep",
         lambda f: _append(f, "deep = " + "[" * 9 + "1" + "]" * 9 + "\n"),
         [
-            "tracks.cpu-target.config.deep[0][0][0][0][0][0][0][0] nests arrays and tables more than 8 deep below [config]"
+            "tracks.cpu-target.config.deep[0][0][0][0][0][0][0][0] nests arrays and tables more than 8 deep "
+            "below [config]"
         ],
     ),
     (
@@ -210,7 +211,8 @@ CASES = [
         "newline-in-author",
         lambda f: _replace(f, '["Your Name <you@example.org>"]', '["Eve", "Mallory\\n| forged | row |"]'),
         [
-            "manifest.toml:7:1: submission.authors[1] holds a control character at position 8 (a newline): it must be one line of plain text"
+            "manifest.toml:7:1: submission.authors[1] holds a control character at position 8 (a newline): "
+            "it must be one line of plain text"
         ],
     ),
     (
@@ -372,7 +374,8 @@ def test_valid_variants_pass(submission, capsys):
     assert _check(submission, capsys)[0] == 0
     _replace(
         submission,
-        '[entry]                                  # optional; these are the defaults\nmodule = "src/train.py"\nfunction = "train"\n',
+        "[entry]                                  # optional; these are the defaults\n"
+        'module = "src/train.py"\nfunction = "train"\n',
         "",
     )
     (submission / "src" / "train.py").rename(submission / "train.py")

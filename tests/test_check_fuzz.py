@@ -143,12 +143,14 @@ def _mutate(rng: random.Random, text: str) -> str:
     elif mutation == 8:  # free text with control characters or Markdown
         lines.insert(
             where,
-            f"{rng.choice(['authors', 'description', 'name', 'licence'])} = {rng.choice([_string(rng), '[' + _string(rng) + ']'])}",
+            f"{rng.choice(['authors', 'description', 'name', 'licence'])} = "
+            f"{rng.choice([_string(rng), '[' + _string(rng) + ']'])}",
         )
     else:  # a dotted key into the tables the schema knows
         lines.insert(
             where,
-            f"{rng.choice(['tracks.cpu-1min.config', 'tracks.x', 'config', 'submission', 'entry'])}.{rng.choice(KEYS)} = {_value(rng)}",
+            f"{rng.choice(['tracks.cpu-1min.config', 'tracks.x', 'config', 'submission', 'entry'])}."
+            f"{rng.choice(KEYS)} = {_value(rng)}",
         )
     return "\n".join(lines)
 

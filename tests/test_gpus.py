@@ -75,7 +75,9 @@ HOLDER = """
 import sys, time
 sys.path.insert(0, {fixtures!r})
 from fake_nvml import FakeBoard, FakeNvml
-sys.modules["pynvml"] = FakeNvml([FakeBoard(minor=1, pci_bus_id="00000000:3B:00.0"), FakeBoard(minor=0, pci_bus_id="0000:AF:00.0")])
+sys.modules["pynvml"] = FakeNvml(
+    [FakeBoard(minor=1, pci_bus_id="00000000:3B:00.0"), FakeBoard(minor=0, pci_bus_id="0000:AF:00.0")]
+)
 from evaluator import gpus
 gpus.cuda_pci_addresses = lambda: [(0, 0xAF, 0), (0, 0x3B, 0)]
 gpus.LOCK_DIR = __import__("pathlib").Path({lock_dir!r})

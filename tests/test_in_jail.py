@@ -41,7 +41,7 @@ def probe(module: str, pythonpath: Path | None = None) -> dict:
 
 def copy_modules(paths: tuple[str, ...], into: Path) -> Path:
     """The files a jail gets, laid out as the run lays them out."""
-    for path, source in zip(paths, in_jail.sources(paths)):
+    for path, source in zip(paths, in_jail.sources(paths), strict=True):
         (into / "evaluator" / path).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, into / "evaluator" / path)
     return into
@@ -65,6 +65,9 @@ def test_the_check_catches_a_host_module_imported_in_a_jail(tmp_path):
 def test_evaluate_is_one_import_away_and_loaded_only_when_asked_for():
     # `import evaluator` (which every jail does) must not pull in the host side; notebooks still
     # get `from evaluator import evaluate`.
-    code = "import sys, evaluator; print('evaluator.runner' in sys.modules); from evaluator import evaluate; print(evaluate.__module__)"
+    code = (
+        "import sys, evaluator; print('evaluator.runner' in sys.modules); from evaluator import evaluate; "
+        "print(evaluate.__module__)"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.split() == ["False", "evaluator.runner"]

@@ -88,7 +88,8 @@ def test_ok_run_is_scored_recorded_and_cleaned_up(tmp_path, runs_dir, capsys):
         ),
         (
             "ignores-polite-stop",
-            "def train(ctx):\n    while True:\n        try:\n            while True:\n                pass\n        except BaseException:\n            pass\n",
+            "def train(ctx):\n    while True:\n        try:\n            while True:\n                pass\n"
+            "        except BaseException:\n            pass\n",
         ),
         ("slow-import", "import time\ntime.sleep(600)\n\ndef train(ctx):\n    return TinyCausal(ctx.vocab_size)\n"),
     ],
@@ -245,7 +246,10 @@ def make_track(cpu_track_variant):
 
 def test_memory_bomb_is_out_of_memory(tmp_path, runs_dir, capsys, make_track):
     small_track = make_track("cpu-small-memory", memory_mib=1024)
-    body = "import torch\n\ndef train(ctx):\n    hoard = [torch.ones(2**28) for _ in range(8)]\n    return TinyCausal(ctx.vocab_size)\n"
+    body = (
+        "import torch\n\ndef train(ctx):\n    hoard = [torch.ones(2**28) for _ in range(8)]\n"
+        "    return TinyCausal(ctx.vocab_size)\n"
+    )
     folder = write_submission(tmp_path, "memory-bomb", body)
     code, record = run_cli(
         folder, runs_dir, "--track", small_track, "--budget", "20", "--sandbox", "nsjail", capsys=capsys

@@ -204,7 +204,7 @@ def test_every_batch_process_starts_at_a_pid_fixed_in_advance(nsjail, tmp_path):
 
     for number in (1, 2):
         log = (tmp_path / f"scoring-pass-{number}.log").read_text()
-        pids, counters = zip(*re.findall(r"^PID (\d+) (count\(\d+\))$", log, re.M))
+        pids, counters = zip(*re.findall(r"^PID (\d+) (count\(\d+\))$", log, re.M), strict=True)
         assert len(pids) >= 4
         assert [int(pid) - int(pids[0]) for pid in pids] == [PIDS_PER_BATCH * index for index in range(len(pids))]
         assert len(set(counters)) == 1  # the ids were used up without a trace in the server's Python state
@@ -455,7 +455,7 @@ def test_side_by_side_compositions_never_give_two_concurrent_batches_one_documen
         return
     assert len(second) == len(first)
     assert sorted(map(id, (w for batch in second for w in batch))) == sorted(map(id, windows))
-    for together_first, together_second in zip(first, second):
+    for together_first, together_second in zip(first, second, strict=True):
         assert not {w.doc_id for w in together_first} & {w.doc_id for w in together_second}
     for batch in second:
         assert len(batch) <= batch_size and len({w.doc_id for w in batch}) == len(batch)

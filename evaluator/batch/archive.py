@@ -97,8 +97,11 @@ def extract_archive(data: bytes, dest: Path, cap_bytes: int) -> None:
                     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
                 except FileExistsError:
                     raise UnsafeArchive(f"member {member.name!r} appears twice") from None
-                with os.fdopen(fd, "wb") as handle, archive.extractfile(member) as source:
-                    shutil.copyfileobj(source, handle)
+                with os.fdopen(fd, "wb") as handle:
+                    source = archive.extractfile(member)
+                    assert source is not None  # tarfile gives every regular-file member a file object
+                    with source:
+                        shutil.copyfileobj(source, handle)
             else:
                 kind = "link" if member.issym() or member.islnk() else "special file"
                 raise UnsafeArchive(f"member {member.name!r} is a {kind}: only regular files and folders are accepted")

@@ -26,7 +26,7 @@ def task_resources(track: Track) -> dict[str, float]:
     """What one run of this track asks of a Ray node, in Ray's resource names."""
     if track.device.kind == "cpu":
         return {"CPU": track.device.threads}
-    resources = {"CPU": 1, "GPU": 1}
+    resources: dict[str, float] = {"CPU": 1, "GPU": 1}
     gpu_name = track.device.gpu_name_contains
     if gpu_name:
         # Ray gives a GPU node `accelerator_type:<model>` from the GPU's name: "Tesla T4" -> "T4".

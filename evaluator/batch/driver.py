@@ -77,6 +77,7 @@ def _check_all(
             invalid.append((folder, len(report.findings)))
             continue
         manifest = report.manifest
+        assert manifest is not None  # parse_manifest gives no manifest only with a finding
         track = forced_track or load_track(manifest.track)
         valid.append(Submission(folder=folder, name=manifest.name, track=track, tree_sha256=tree_sha256(folder)))
     return valid, invalid
@@ -101,7 +102,13 @@ def _earlier_results(
             result = json.loads(path.read_text(encoding="utf-8"))
             seed = None if result.get("seed_drawn") else result["seed"]
             key = (result["submission"]["tree_sha256"], result["track"]["sha256"], seed, float(result["budget_s"]))
-            status, sandbox_kind, ended = result["status"], result["environment"]["sandbox"]["kind"], result["ended_at"]
+            # ended_at is read only to skip a result without one, like any other malformed result: the sort
+            # below needs it.
+            status, sandbox_kind, _ended = (
+                result["status"],
+                result["environment"]["sandbox"]["kind"],
+                result["ended_at"],
+            )
         except (OSError, ValueError, TypeError, KeyError):
             continue
         if result.get("calibration") is not None:  # its budget is this host's, whatever number it came to
@@ -314,11 +321,13 @@ def _batch(args: argparse.Namespace) -> int:
                 wanted = ", ".join(f"{name} {amount:g}" for name, amount in resources.items())
                 if instance.temp_dir:
                     raise UserError(
-                        f"no Ray node on this machine offers what a {track.id} run needs ({wanted}); use --track cpu-1min, or --ray ADDRESS"
+                        f"no Ray node on this machine offers what a {track.id} run needs ({wanted}); "
+                        "use --track cpu-1min, or --ray ADDRESS"
                     )
                 say(
                     console,
-                    f"no live Ray node offers what a {track.id} run needs ({wanted}) yet: those runs wait until one joins",
+                    f"no live Ray node offers what a {track.id} run needs ({wanted}) yet: "
+                    "those runs wait until one joins",
                 )
             for submission in {id(run.submission): run.submission for run in to_run}.values():
                 submission.archive_ref = ray.put(pack_folder(submission.folder, SUBMISSION_ARCHIVE_CAP_BYTES))
@@ -348,7 +357,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "tree, track, seed and budget are not repeated. A run whose worker or sandbox fails is retried "
             "once. Never falls back to running unsandboxed: a node without working nsjail fails its runs as "
             "sandbox_error, and with a local Ray instance the batch refuses to start; only --sandbox none runs "
-            f"unsandboxed (unofficial). Needs Ray ({INSTALL_HINT}). Exit codes: 0 every run ok; 1 some run failed, or a "
+            f"unsandboxed (unofficial). Needs Ray ({INSTALL_HINT}). Exit codes: 0 every run ok; "
+            "1 some run failed, or a "
             "submission was invalid, through the submission's fault; 2 bad input; 3 a sandbox or worker "
             "failure remains."
         ),
@@ -383,7 +393,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--results",
         metavar="DIR",
         default=str(RESULTS_DIR),
-        help=f"results directory; run directories go to DIR/runs/ (default: {shown(RESULTS_DIR)}/ in the current folder)",
+        help=(
+            f"results directory; run directories go to DIR/runs/ (default: {shown(RESULTS_DIR)}/ in the current folder)"
+        ),
     )
     batch.add_argument(
         "--sandbox",

@@ -134,7 +134,7 @@ def _run_on_node(submission_archive: bytes, request: dict[str, Any]) -> dict[str
         home = {HOME_ENV: request["home"]} if Path(request["home"], "spec", "tracks").is_dir() else {}
         started = time.monotonic()
         exit_code, stdout, stderr = _supervise(argv, workdir, request["timeout_s"], gpu_environment | home)
-        reply = {
+        reply: dict[str, Any] = {
             "event": "finished",
             "node": node,
             "exit_code": exit_code,

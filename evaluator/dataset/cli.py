@@ -116,7 +116,8 @@ def _register_private(commands) -> None:
             "track's public documents, drop every one that shares a 64-token window, a text or an id with the "
             "public splits, and write DIR/<sha256>.parquet. Then it prints the hash and the line for the "
             "track file. It also prints the embedding bound: how many of the pool's documents a submission "
-            "can carry at check's cap on a folder's compressed size, coded better than xz, what share of the hidden split that covers, "
+            "can carry at check's cap on a folder's compressed size, coded better than xz, "
+            "what share of the hidden split that covers, "
             "and the val_loss that would buy. A bound above the track's record margin is refused (exit 2) "
             "unless --accept-embeddable: draw from a pool thousands of times larger than a submission can "
             "carry, or from unpublished text. The bound is kept in the file, and results scored on it carry it."
@@ -239,6 +240,7 @@ def run_verify(args: argparse.Namespace) -> int:
         for which, path, problem in rows:
             checked += 1
             if problem is None:
+                assert path is not None  # check_data_files names the path of every file without a problem
                 print(f"ok    {track.id:{id_width}}  {which:9}  {shown(path)}")
             else:
                 failures += 1

@@ -83,10 +83,10 @@ class EmbeddingBound:
 
     def sentence(self) -> str:
         return (
-            f"a submission of {self.carry_cap_bytes:,} bytes compressed carries {self.carried_documents:,} of the pool's "
-            f"{self.pool_documents:,} documents ({self.compressed_bytes_per_document:,.0f} bytes each, coded better "
-            f"than xz), {self.covered_share:.2%} of the hidden split, worth about {self.gain_nats:.4f} nats "
-            f"against the record margin of {self.margin_nats:g}"
+            f"a submission of {self.carry_cap_bytes:,} bytes compressed carries {self.carried_documents:,} "
+            f"of the pool's {self.pool_documents:,} documents ({self.compressed_bytes_per_document:,.0f} bytes "
+            f"each, coded better than xz), {self.covered_share:.2%} of the hidden split, worth about "
+            f"{self.gain_nats:.4f} nats against the record margin of {self.margin_nats:g}"
         )
 
 
@@ -214,7 +214,7 @@ def draw_documents(
     published = OverlapIndex(public)
     chosen: list[BuiltDocument] = []
     texts: set[str] = set()
-    for (doc_id, text), tokens in zip(cut, encode_all(tokenizer, [text for _, text in cut])):
+    for (doc_id, text), tokens in zip(cut, encode_all(tokenizer, [text for _, text in cut]), strict=True):
         document = BuiltDocument(doc_id, text, tokens)
         if text in texts or published.problems(document, "the public splits"):
             continue

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from evaluator.dataset.build import (
     EOS_TOKEN,
@@ -27,6 +28,9 @@ from evaluator.dataset.build import (
     write_dataset,
 )
 from evaluator.errors import DataError, UserError
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 DEFAULT_DATASET = "HuggingFaceTB/smollm-corpus"
 DEFAULT_CONFIG = "cosmopedia-v2"
@@ -50,7 +54,7 @@ class HubSource:
 
 
 RowLoader = Callable[[str, "str | None", str], Iterable[Mapping]]
-TokenizerLoader = Callable[[str], object]
+TokenizerLoader = Callable[[str], "Tokenizer"]
 
 
 def load_hub_rows(dataset: str, config: str | None, split: str) -> Iterable[Mapping]:
@@ -92,7 +96,7 @@ def collect_documents(source: HubSource, rows: Iterable[Mapping], tokenizer) -> 
             chosen.append((f"{source.id_prefix}#{index}", text))
     documents = []
     total = 0
-    for (doc_id, text), tokens in zip(chosen, encode_all(tokenizer, [text for _, text in chosen])):
+    for (doc_id, text), tokens in zip(chosen, encode_all(tokenizer, [text for _, text in chosen]), strict=True):
         if total + len(tokens) > source.max_tokens:
             break
         total += len(tokens)

@@ -26,6 +26,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from evaluator.dataset.build import (
     EOS_TOKEN,
@@ -40,6 +41,9 @@ from evaluator.dataset.build import (
     write_dataset,
 )
 from evaluator.errors import DataError
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 DEFAULT_SOURCE_DIR = Path("/usr/share/doc/python3.11/html/_sources")
 DEBIAN_CHANGELOG = Path("/usr/share/doc/python3.11-doc/changelog.Debian.gz")
@@ -566,7 +570,7 @@ def select(candidates: list[Candidate], n_docs: int) -> tuple[list[Candidate], l
     ordered = sorted(candidates, key=lambda c: hashlib.sha256(b"select\0" + c.doc_id.encode()).digest())
     train = [c for c in ordered if not is_validation(c.doc_id)][:n_train]
     train_shingles = {shingle for c in train for shingle in _shingles(c.text)}
-    val = []
+    val: list[Candidate] = []
     for candidate in ordered:
         if len(val) == n_val:
             break
@@ -589,7 +593,7 @@ def _shingles(text: str) -> set[tuple[str, ...]]:
 @dataclass(frozen=True)
 class Fit:
     cap_chars: int
-    tokenizer: object
+    tokenizer: Tokenizer
     train: list[BuiltDocument]
     val: list[BuiltDocument]
 
@@ -659,7 +663,7 @@ def bisection_steps() -> int:
 
 
 def _documents(candidates: list[Candidate], texts: list[str], tokens: list[tuple[int, ...]]) -> list[BuiltDocument]:
-    return [BuiltDocument(c.doc_id, text, ids) for c, text, ids in zip(candidates, texts, tokens)]
+    return [BuiltDocument(c.doc_id, text, ids) for c, text, ids in zip(candidates, texts, tokens, strict=True)]
 
 
 def build(

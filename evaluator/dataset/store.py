@@ -29,7 +29,9 @@ def locate_data_file(track: Track, which: str) -> Path:
     """Where the track's public file should be, without reading it."""
     if which not in DATA_FILES:
         raise ValueError(f"unknown data file {which!r}; expected one of {', '.join(DATA_FILES)}")
-    path = Path(track.dataset.file(which).path)
+    listed = track.dataset.file(which).path
+    assert listed is not None  # the track schema requires a path for every public file
+    path = Path(listed)
     return path if path.is_absolute() else HOME / path
 
 

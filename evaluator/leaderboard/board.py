@@ -188,6 +188,12 @@ class Row:
         return self.target is not None
 
     @property
+    def rule(self) -> RecordRule:
+        """record_rule, which _mark_records sets on every row the board builds."""
+        assert self.record_rule is not None
+        return self.record_rule
+
+    @property
     def authors(self) -> list[str]:
         return list(dict.fromkeys(author for run in self.runs for author in run.authors))
 
@@ -224,18 +230,23 @@ class Row:
         return self.reached_runs == len(self.runs)
 
     @property
+    def _reached_times(self) -> list[float]:
+        """The times of the runs that reached the target; all of them where all_reached."""
+        return [time_s for time_s in self.times_to_target if time_s is not None]
+
+    @property
     def mean_time_to_target(self) -> float | None:
         """None unless every run reached the target: a mean of the lucky runs alone would flatter the row."""
-        return mean(self.times_to_target) if self.all_reached else None
+        return mean(self._reached_times) if self.all_reached else None
 
     @property
     def std_time_to_target(self) -> float | None:
-        return math.sqrt(sample_variance(self.times_to_target)) if self.all_reached and len(self.runs) > 1 else None
+        return math.sqrt(sample_variance(self._reached_times)) if self.all_reached and len(self.runs) > 1 else None
 
     @property
     def fastest_run(self) -> Run | None:
-        reached = [run for run in self.runs if run.time_to_target is not None]
-        return min(reached, key=lambda run: run.time_to_target) if reached else None
+        reached = [(run, run.time_to_target) for run in self.runs if run.time_to_target is not None]
+        return min(reached, key=lambda pair: pair[1])[0] if reached else None
 
     def score(self, run: Run) -> float | None:
         """What ranks the row, lower is better: the time to target (None where the run did not reach
@@ -281,7 +292,10 @@ class Row:
         by_seed: dict[int, list[float]] = {}
         for run in self.runs:
             if run.seed_drawn or not rule.drawn_seeds_only:
-                by_seed.setdefault(run.seed, []).append(self.score(run))
+                score = self.score(run)
+                # Only rankable rows are tested: on a time-to-target track, their runs all reached it.
+                assert score is not None
+                by_seed.setdefault(run.seed, []).append(score)
         return [mean(scores) for scores in by_seed.values()]
 
     def counted_seeds(self, rule: RecordRule) -> int:
@@ -445,7 +459,9 @@ def _comparable_runs(
     kept = []
     for item in items:
         theirs = _target_of(item.result)
-        if (theirs is None) == (target is None) and (theirs is None or theirs.val_loss == target.val_loss):
+        if (theirs is None and target is None) or (
+            theirs is not None and target is not None and theirs.val_loss == target.val_loss
+        ):
             kept.append(item)
             continue
         set_aside.append(

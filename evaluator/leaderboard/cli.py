@@ -81,13 +81,17 @@ def _why_nothing_is_shown(
 ) -> str:
     where = shown(results_dir) + "/"
     if not results_dir.is_dir():
-        return f"nothing to rank: {where} does not exist here; publish a run (evaluator publish RUN_DIR) or give --results DIR"
+        return (
+            f"nothing to rank: {where} does not exist here; publish a run (evaluator publish RUN_DIR) "
+            "or give --results DIR"
+        )
     if envelopes == 0:
         return f"nothing to rank: {where} holds no published results (*.json); evaluator publish RUN_DIR adds one"
     if verified == 0:
         return (
             f"nothing to rank: none of the {envelopes} envelope(s) in {where} verified against the trusted keys in "
-            f"{shown(trusted_dir)}/ (the reasons are on stderr); a key of your own goes in a folder given with --trusted-keys DIR"
+            f"{shown(trusted_dir)}/ (the reasons are on stderr); a key of your own goes in a folder given with "
+            "--trusted-keys DIR"
         )
     return f"nothing to rank for track {track!r}: {verified} verified result(s) in {where}, none on that track"
 
@@ -98,7 +102,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="rank submissions from verified results",
         description=(
             "Build the leaderboard from the signed results that verify (rejected envelopes are listed on "
-            "stderr and never shown; the exit status is then 1). With nothing to rank it says why. One row per submission and track: mean ± std of val_loss over its runs, "
+            "stderr and never shown; the exit status is then 1). With nothing to rank it says why. "
+            "One row per submission and track: mean ± std of val_loss over its runs, "
             "best run, val_bpb, train seconds, whether the GPU throttled, authors, latest run, official or not, "
             "and the record test of the track's rule in --rules (distinct seeds, one-sided Welch t-test, minimum "
             "improvement), which each table's header states. On a time-to-target track (one whose results have a "
@@ -116,7 +121,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--trusted-keys",
         default=str(KEYS_DIR),
         metavar="DIR",
-        help="trusted *.pub keys (default: spec/keys/ in the evaluator's home; a folder of your own for keys you trust)",
+        help=(
+            "trusted *.pub keys (default: spec/keys/ in the evaluator's home; a folder of your own for keys you trust)"
+        ),
     )
     parser.add_argument(
         "--rules",

@@ -66,7 +66,9 @@ def render_svg(track_id: str, rows: list[Row]) -> tuple[str, bool]:
     submission logs through ctx.log, whatever its key, never becomes a validation point."""
     target = rows[0].target
     runs = [(index, run) for index, row in enumerate(rows) for run in row.runs]
-    curves = [(index, run, list(zip(run.loss_curve["time_s"], run.loss_curve["value"]))) for index, run in runs]
+    curves = [
+        (index, run, list(zip(run.loss_curve["time_s"], run.loss_curve["value"], strict=True))) for index, run in runs
+    ]
     measured = [(index, run, [(t, v) for t, v, _ in run.val_points]) for index, run in runs]
     x_max = max(
         [run.budget_s for _, run in runs]
@@ -100,7 +102,8 @@ def render_svg(track_id: str, rows: list[Row]) -> tuple[str, bool]:
 
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {PLOT_WIDTH} {PLOT_HEIGHT}" role="img" '
-        f'aria-label="Validation loss measured by the evaluator and training loss reported by each run, by training time">',
+        'aria-label="Validation loss measured by the evaluator and training loss reported by each run, '
+        'by training time">',
         f'<defs><clipPath id="plot-area-{clip_id}"><rect x="{MARGIN_LEFT}" y="{MARGIN_TOP}" '
         f'width="{inner_w}" height="{inner_h}"/></clipPath></defs>',
         f'<rect x="{MARGIN_LEFT}" y="{MARGIN_TOP}" width="{inner_w}" height="{inner_h}" class="frame"/>',
@@ -267,7 +270,7 @@ def render_html(rows: list[Row], verified_count: int) -> str:
             cells[1] = f'<span class="swatch" style="background:{PALETTE[index % len(PALETTE)]}"></span>{cells[1]}'
             tds = "".join(
                 f'<td class="{_html_class(header, numeric)}">{cell}</td>'
-                for cell, (header, numeric) in zip(cells, columns)
+                for cell, (header, numeric) in zip(cells, columns, strict=True)
             )
             body.append(f'<tr class="{" ".join(classes)}">{tds}</tr>')
         body.append("</tbody></table>")

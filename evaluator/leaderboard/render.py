@@ -70,7 +70,7 @@ def _row_cards(track_id: str, rows: list[Row]) -> Text:
     """Two lines per row: what a terminal too narrow for the table still shows legibly."""
     text = Text(f"Track {visible(track_id)}{table_heading_suffix(rows)}\n", style="italic")
     for row in rows:
-        cells = dict(zip((header for header, _ in columns_of(rows)), row_cells(row, names_only=True)))
+        cells = dict(zip((header for header, _ in columns_of(rows)), row_cells(row, names_only=True), strict=True))
         style = "bold" if row.record_status == RECORD else ""
         text.append(f"{cells['#']:>3}  {cells['submission']}\n", style="bold")
         count = len(row.runs)
@@ -103,8 +103,9 @@ def print_table(console: Console, rows: list[Row], verified_count: int) -> None:
             console.print(table)
         else:
             console.print(_row_cards(track_id, track_rows))
-        if track_rows[0].timed:
-            console.print(target_ranking_text(track_rows[0].target), markup=False, highlight=False)
+        target = track_rows[0].target
+        if target is not None:
+            console.print(target_ranking_text(target), markup=False, highlight=False)
         console.print(visible(table_rule_text(track_id, track_rows)), markup=False, highlight=False)
     console.print(f"{verified_count} verified result(s). {RANKING_TEXT}", markup=False, highlight=False)
 
@@ -200,8 +201,8 @@ def _row_json(row: Row) -> dict[str, Any]:
         "signers": row.signers,
         # Time-to-target tracks; null on a fixed-time track. The mean and std need every run to
         # have reached the target, the best time only one.
-        "target_val_loss": row.target.val_loss if row.timed else None,
-        "target_provisional": row.target.provisional if row.timed else None,
+        "target_val_loss": row.target.val_loss if row.target is not None else None,
+        "target_provisional": row.target.provisional if row.target is not None else None,
         "reached_runs": row.reached_runs if row.timed else None,
         "time_to_target_mean": row.mean_time_to_target if row.timed else None,
         "time_to_target_std": row.std_time_to_target if row.timed else None,
@@ -264,7 +265,7 @@ def render_json(rows: list[Row], verified_count: int, rejected: list[tuple[Path,
         "rejected": [{"path": shown(path), "reason": reason} for path, reason in rejected],
         "ranking": RANKING_TEXT,
         "record_rules": {
-            track_id: {**asdict(track_rows[0].record_rule), "text": track_rule_text(track_id, track_rows)}
+            track_id: {**asdict(track_rows[0].rule), "text": track_rule_text(track_id, track_rows)}
             for track_id, track_rows in by_track(rows).items()
         },
         "tracks": {track_id: _track_json(track_rows[0].target) for track_id, track_rows in by_track(rows).items()},

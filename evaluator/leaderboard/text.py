@@ -80,10 +80,13 @@ def _difference(row: Row, value: float) -> str:
 
 def _paired_text(row: Row) -> str:
     """The paired test: 'paired vs HOLDER: mean difference ± its standard error over n pairs, p'."""
-    paired = row.record_paired
+    paired, p_value = row.record_paired, row.record_p_value
+    # Only for a paired test that gave a p-value, which took at least two pairs: both figures exist.
+    assert paired is not None and p_value is not None
+    assert paired.mean_difference is not None and paired.standard_error is not None
     return (
         f"paired vs {row.record_baseline}: {_difference(row, paired.mean_difference)} ± "
-        f"{_difference(row, paired.standard_error)[1:]} over {paired.pairs} pairs, {_p_value(row.record_p_value)}"
+        f"{_difference(row, paired.standard_error)[1:]} over {paired.pairs} pairs, {_p_value(p_value)}"
     )
 
 
@@ -101,19 +104,21 @@ def _record_text(row: Row) -> str:
         return f"not a record: {test}"
     if row.record_status == TOO_SMALL:
         unit = " s" if row.timed else ""
-        return f"not a record: {test}, an improvement under {row.record_rule.min_improvement(row.timed):g}{unit}"
+        return f"not a record: {test}, an improvement under {row.rule.min_improvement(row.timed):g}{unit}"
     if row.record_status == TOO_FEW_PAIRS:
+        paired = row.record_paired
+        assert paired is not None  # _mark_records counts the pairs before it finds them too few
         return (
-            f"not a record: needs ≥{row.record_rule.min_seeds} scored pairs of a comparison vs "
-            f"{row.record_baseline}, has {row.record_paired.pairs}"
+            f"not a record: needs ≥{row.rule.min_seeds} scored pairs of a comparison vs "
+            f"{row.record_baseline}, has {paired.pairs}"
         )
     if row.record_status == NOT_REACHED:
         return "needs every run to reach the target"
     if row.record_status == DEVELOPMENT:
         return "never a record (public split)"
     if row.record_status == TOO_FEW_SEEDS:
-        drawn = "drawn " if row.record_rule.drawn_seeds_only else ""
-        return f"needs ≥{row.record_rule.min_seeds} {drawn}seeds"
+        drawn = "drawn " if row.rule.drawn_seeds_only else ""
+        return f"needs ≥{row.rule.min_seeds} {drawn}seeds"
     return "not eligible"
 
 
@@ -291,7 +296,7 @@ def rule_text(track_id: str, rule: RecordRule, timed: bool = False) -> str:
 
 
 def track_rule_text(track_id: str, rows: list[Row]) -> str:
-    return rule_text(track_id, rows[0].record_rule, rows[0].timed)
+    return rule_text(track_id, rows[0].rule, rows[0].timed)
 
 
 def heading_suffix(target: TrackTarget | None) -> str:

@@ -226,6 +226,7 @@ def open_sandbox(choice: str) -> Sandbox:
     if choice not in ("auto", "nsjail", "none"):
         raise ValueError(f"unknown sandbox {choice!r}: use auto, nsjail or none")
     reap_stale()
+    missing: tuple[str, ...]
     if choice == "none":
         why, missing = "requested", ()
     else:

@@ -20,6 +20,7 @@ import signal
 import time
 from functools import cache
 from pathlib import Path
+from typing import overload
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 CGROUP_PARENT = "speedrun-evaluator"
@@ -295,7 +296,7 @@ def _delegate_v2_controllers() -> None:
                 (leaf / "cgroup.procs").write_text(pid)
             except ProcessLookupError:
                 pass  # ended meanwhile
-        directories = (parent,)
+        directories: tuple[Path, ...] = (parent,)
     else:
         parent.mkdir(exist_ok=True)
         directories = (CGROUP_ROOT, parent)
@@ -319,6 +320,14 @@ def _delegate_v2_controllers() -> None:
                     "the host's root cgroup. Move this container's processes into a child cgroup first"
                 ),
             ) from error
+
+
+@overload
+def _counter(path: Path, key: str, missing: int = 0) -> int: ...
+
+
+@overload
+def _counter(path: Path, key: str, missing: None) -> int | None: ...
 
 
 def _counter(path: Path, key: str, missing: int | None = 0) -> int | None:

@@ -105,8 +105,8 @@ def compiler_paths() -> tuple[str, ...]:
             continue
         paths.append(compiler)
         for program in _COMPILER_PROGRAMS:
-            found = _ask(compiler, f"-print-prog-name={program}")
-            found = found if os.path.isabs(found) else shutil.which(found, path=SYSTEM_PATH)
+            named = _ask(compiler, f"-print-prog-name={program}")
+            found = named if os.path.isabs(named) else shutil.which(named, path=SYSTEM_PATH)
             if found and os.path.exists(found):
                 paths.append(found)
         for line in _ask(compiler, "-print-search-dirs").splitlines():

@@ -15,6 +15,7 @@ import subprocess
 import threading
 import weakref
 from pathlib import Path
+from typing import IO
 
 from evaluator.sandbox.cgroups import Cgroup
 from evaluator.sandbox.nsjail import Ending, nsjail_ending, read_nsjail_log
@@ -144,13 +145,15 @@ class _StderrSink:
 
     def _drop_leading_noise(self, pending: bytes) -> tuple[bytes, bytes, bool]:
         """(bytes to copy now, bytes held back, still skipping)."""
+        noise = self._leading_noise
+        assert noise is not None  # _copy skips, and so calls this, only when there is noise to drop
         while True:
             line, newline, rest = pending.partition(b"\n")
             if not newline:
                 if len(pending) > TAIL_KEEP_BYTES:  # no loader line is that long
                     return pending, b"", False
                 return b"", pending, True
-            if not line.endswith(self._leading_noise):
+            if not line.endswith(noise):
                 return pending, b"", False
             pending = rest
 
@@ -212,8 +215,10 @@ class Jailed:
             if cgroup is not None:
                 cgroup.remove()
             raise SandboxUnavailable(f"could not start {argv[0]}: {error}") from error
-        self.stdin = self._process.stdin
-        self.stdout = self._process.stdout
+        # Both were opened as PIPEs above, so Popen set them.
+        assert self._process.stdin is not None and self._process.stdout is not None
+        self.stdin: IO[bytes] = self._process.stdin
+        self.stdout: IO[bytes] = self._process.stdout
         self._finalizer = weakref.finalize(self, _release, self._process, cgroup, self._supervised)
         self._stderr.start(self._process.stderr)
         # nsjail enforces its own time limit; a plain subprocess needs ours.

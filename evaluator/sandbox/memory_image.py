@@ -41,7 +41,6 @@ import functools
 import importlib.metadata
 import importlib.util
 import os
-import platform
 import re
 import shutil
 import stat
@@ -50,6 +49,9 @@ import sys
 import sysconfig
 from collections.abc import Iterable
 from dataclasses import dataclass
+
+from packaging.markers import UndefinedEnvironmentName
+from packaging.requirements import InvalidRequirement, Requirement
 
 from evaluator.paths import PACKAGE_DIR
 
@@ -394,8 +396,8 @@ def _distribution_closure(names: Iterable[str], site_dirs: list[str]) -> list[im
             continue
         found[key] = dist
         for requirement in dist.requires or []:
-            name, marker = _parse_requirement(requirement)
-            if marker is None or evaluate_marker(marker):
+            name = _selected_requirement(requirement)
+            if name is not None:
                 pending.append(name)
     return list(found.values())
 
@@ -408,7 +410,7 @@ def _add_distribution(collector: _Collector, dist: importlib.metadata.Distributi
     for file in files:
         if slim and (file.suffix in _DIST_SKIPPED_SUFFIXES or file.name.endswith((".opt-1.pyc", ".opt-2.pyc"))):
             continue
-        path = os.fspath(dist.locate_file(file))  # may hold "..": resolve() walks it as the kernel does
+        path = str(dist.locate_file(file))  # may hold "..": resolve() walks it as the kernel does
         collector.add_if_present(path)
         if file.suffix == ".py":  # the compiled module, should the RECORD not list it
             collector.add_if_present(importlib.util.cache_from_source(path))
@@ -536,140 +538,24 @@ def _library_closure(objects: tuple[str, ...], library_path: str) -> list[str]:
     return list(libraries)
 
 
-# --- environment markers (PEP 508), without `packaging` --------------------------------------------
+# --- requirements and their environment markers (PEP 508), by `packaging` ---------------------------
 
 
-_REQUIREMENT_NAME = re.compile(r"\s*([A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?)")
-_MARKER_TOKEN = re.compile(
-    r"\s*(?:(?P<string>'[^']*'|\"[^\"]*\")"
-    r"|(?P<op>===|==|!=|<=|>=|~=|<|>|\(|\)|not\s+in\b|in\b|and\b|or\b)"
-    r"|(?P<variable>[A-Za-z_][A-Za-z0-9_.]*))"
-)
-_VERSION = re.compile(r"\d+(\.\d+)*")
-
-
-def _parse_requirement(requirement: str) -> tuple[str, str | None]:
-    """(name, marker or None) of a requirement string such as `nvidia-cublas==13.1; platform_system
-    == "Linux"`."""
-    spec, _, marker = requirement.partition(";")
-    match = _REQUIREMENT_NAME.match(spec)
-    if match is None:
-        raise ImageError(f"cannot parse the requirement {requirement!r}")
-    return match.group(1), (marker.strip() or None)
-
-
-@functools.cache
-def _marker_environment() -> dict[str, str]:
-    implementation = sys.implementation
-    version = implementation.version
-    implementation_version = f"{version.major}.{version.minor}.{version.micro}"
-    if version.releaselevel != "final":
-        implementation_version += f"{version.releaselevel[0]}{version.serial}"
-    return {
-        "implementation_name": implementation.name,
-        "implementation_version": implementation_version,
-        "os_name": os.name,
-        "platform_machine": platform.machine(),
-        "platform_python_implementation": platform.python_implementation(),
-        "platform_release": platform.release(),
-        "platform_system": platform.system(),
-        "platform_version": platform.version(),
-        "python_full_version": platform.python_version(),
-        "python_version": ".".join(platform.python_version_tuple()[:2]),
-        "sys_platform": sys.platform,
-        "extra": "",  # extras are never selected
-    }
-
-
-def evaluate_marker(marker: str, environment: dict[str, str] | None = None) -> bool:
-    """A PEP 508 environment marker against this interpreter (or `environment`)."""
-    env = _marker_environment() if environment is None else environment
-    tokens: list[tuple[str, str]] = []
-    position = 0
-    while position < len(marker):
-        if marker[position:].strip() == "":
-            break
-        match = _MARKER_TOKEN.match(marker, position)
-        if match is None or match.end() == position:
-            raise ImageError(f"cannot parse the environment marker {marker!r}")
-        kind = match.lastgroup
-        text = match.group(kind)
-        tokens.append((kind, re.sub(r"\s+", " ", text) if kind == "op" else text))
-        position = match.end()
-
-    def value(index: int) -> tuple[str, int]:
-        kind, text = tokens[index]
-        if kind == "string":
-            return text[1:-1], index + 1
-        if kind == "variable":
-            name = text.replace(".", "_")  # the legacy names, e.g. os.name
-            if name not in env:
-                raise ImageError(f"unknown environment marker variable {text!r} in {marker!r}")
-            return env[name], index + 1
-        raise ImageError(f"cannot parse the environment marker {marker!r}")
-
-    def atom(index: int) -> tuple[bool, int]:
-        if index >= len(tokens):
-            raise ImageError(f"cannot parse the environment marker {marker!r}")
-        if tokens[index] == ("op", "("):
-            result, index = disjunction(index + 1)
-            if index >= len(tokens) or tokens[index] != ("op", ")"):
-                raise ImageError(f"cannot parse the environment marker {marker!r}")
-            return result, index + 1
-        left, index = value(index)
-        if index >= len(tokens) or tokens[index][0] != "op":
-            raise ImageError(f"cannot parse the environment marker {marker!r}")
-        operator = tokens[index][1]
-        right, index = value(index + 1)
-        return _compare(left, operator, right), index
-
-    def conjunction(index: int) -> tuple[bool, int]:
-        result, index = atom(index)
-        while index < len(tokens) and tokens[index] == ("op", "and"):
-            other, index = atom(index + 1)
-            result = result and other
-        return result, index
-
-    def disjunction(index: int) -> tuple[bool, int]:
-        result, index = conjunction(index)
-        while index < len(tokens) and tokens[index] == ("op", "or"):
-            other, index = conjunction(index + 1)
-            result = result or other
-        return result, index
-
-    result, end = disjunction(0)
-    if end != len(tokens):
-        raise ImageError(f"cannot parse the environment marker {marker!r}")
-    return result
-
-
-def _compare(left: str, operator: str, right: str) -> bool:
-    if operator == "in":
-        return left in right
-    if operator == "not in":
-        return left not in right
-    if operator == "===":
-        return left == right
-    if (
-        operator in ("==", "!=")
-        and right.endswith(".*")
-        and _VERSION.fullmatch(left)
-        and _VERSION.fullmatch(right[:-2])
-    ):
-        prefix = tuple(map(int, right[:-2].split(".")))
-        matched = tuple(map(int, left.split(".")))[: len(prefix)] == prefix
-        return matched if operator == "==" else not matched
-    if _VERSION.fullmatch(left) and _VERSION.fullmatch(right):
-        a, b = tuple(map(int, left.split("."))), tuple(map(int, right.split(".")))
-        if operator == "~=":
-            return len(b) >= 2 and a >= b and a[: len(b) - 1] == b[:-1]
-        width = max(len(a), len(b))
-        a, b = a + (0,) * (width - len(a)), b + (0,) * (width - len(b))
-    else:
-        a, b = left, right
-        if operator == "~=":
-            return False
-    return {"==": a == b, "!=": a != b, "<": a < b, "<=": a <= b, ">": a > b, ">=": a >= b}[operator]
+def _selected_requirement(requirement: str, environment: dict[str, str] | None = None) -> str | None:
+    """The name of a distribution's requirement (`nvidia-cublas==13.1; platform_system == "Linux"`)
+    where its environment marker holds for this interpreter (or `environment`, over this
+    interpreter's), else None. Extras are never selected."""
+    try:
+        parsed = Requirement(requirement)
+    except InvalidRequirement:
+        raise ImageError(f"cannot parse the requirement {requirement!r}") from None
+    if parsed.marker is None:
+        return parsed.name
+    try:
+        selected = parsed.marker.evaluate({**(environment or {}), "extra": ""})
+    except UndefinedEnvironmentName:
+        raise ImageError(f"unknown environment marker variable in {requirement!r}") from None
+    return parsed.name if selected else None
 
 
 # --- building ------------------------------------------------------------------------------------

@@ -176,7 +176,7 @@ def nsjail_config(spec: JailSpec, log_file: Path):
             MountPt(src=str(path), dst=str(path if dst is None else dst), is_bind=True, rw=rw, mandatory=mandatory)
         )
 
-    if sealed:
+    if spec.sealed_image is not None:
         _sealed_mounts(Path(spec.sealed_image), Path(spec.workdir), mounts, bind)
     else:
         # The fresh /proc and the private /tmp and /dev/shm come first: nsjail mounts in order, so
@@ -222,11 +222,11 @@ def nsjail_config(spec: JailSpec, log_file: Path):
     # lie in one: validate() in spec.py), so that nothing lands on top of a cover.
     for destination in _hidden_destinations(spec.hidden_paths, read_only_roots):
         mounts.append(_empty_cover(destination))
-    for path, kind, size in _spec_mounts_in_order(spec):
+    for spec_path, kind, size in _spec_mounts_in_order(spec):
         if kind == "tmpfs":
-            mounts.append(MountPt(dst=str(path), fstype="tmpfs", rw=True, options=f"size={size}"))
+            mounts.append(MountPt(dst=str(spec_path), fstype="tmpfs", rw=True, options=f"size={size}"))
         else:
-            bind(path, rw=kind == "rw")
+            bind(spec_path, rw=kind == "rw")
 
     workdir = Path(spec.workdir)
     for mount in mounts:

@@ -102,7 +102,7 @@ def test_two_evaluations_at_once_do_not_interfere_and_agree_to_the_bit(tmp_path)
     wait_for(both_jailed, 40 + STARTUP_SLACK_S, "both runs to be in their jails at once")
     records = [finish(evaluator, timeout=40 + 2 * STARTUP_SLACK_S) for evaluator in evaluators]
 
-    for evaluator, record in zip(evaluators, records):
+    for evaluator, record in zip(evaluators, records, strict=True):
         assert (evaluator.returncode, record["status"]) == (0, "ok"), record["message"]
         assert record["train"]["steps"] == 39
         run_dir = tmp_path / f"runs-{record['submission']['name']}" / record["run_id"]

@@ -118,7 +118,7 @@ def _runs(
             contaminated=False,
             comparison=None,
         )
-        for index, (seed, loss) in enumerate(zip(seeds, losses))
+        for index, (seed, loss) in enumerate(zip(seeds, losses, strict=True))
     ]
 
 
@@ -128,7 +128,7 @@ def _timed_runs(times: list[float | None], **kwargs) -> list[Run]:
         dataclasses.replace(
             run, target={"val_loss": 4.1, "provisional": False, "reached": time_s is not None, "time_s": time_s}
         )
-        for run, time_s in zip(_runs([4.0] * len(times), **kwargs), times)
+        for run, time_s in zip(_runs([4.0] * len(times), **kwargs), times, strict=True)
     ]
 
 

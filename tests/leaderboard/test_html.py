@@ -1,4 +1,5 @@
-"""The HTML page's loss plot: the curve the evaluator measured, and the loss a run reported (evaluator/leaderboard/html.py)."""
+"""The HTML page's loss plot: the curve the evaluator measured, and the loss a run reported
+(evaluator/leaderboard/html.py)."""
 
 from __future__ import annotations
 

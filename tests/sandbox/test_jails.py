@@ -128,7 +128,8 @@ def test_a_hidden_path_inside_a_bound_dir_is_an_empty_read_only_mount(nsjail, tm
     spec = make_spec(
         tmp_path,
         python(
-            f"import os, sys; print(os.listdir({str(hidden)!r}), len(os.listdir({str(site / 'torch' / 'utils')!r})) > 10); "
+            f"import os, sys; print(os.listdir({str(hidden)!r}), "
+            f"len(os.listdir({str(site / 'torch' / 'utils')!r})) > 10); "
             f"open({str(hidden / 'planted')!r}, 'w')"
         ),
         hidden_paths=[link, hidden / "__init__.py", site / "rich", tmp_path / "not-bound"],
@@ -253,7 +254,10 @@ def test_stderr_is_capped_without_blocking_the_child(nsjail, tmp_path):
 
 
 def test_kill_leaves_no_process_and_no_cgroup(nsjail, tmp_path):
-    code = "import os, time\nfor _ in range(2):\n    if os.fork() == 0:\n        time.sleep(60)\n        os._exit(0)\nos.wait()"
+    code = (
+        "import os, time\nfor _ in range(2):\n    if os.fork() == 0:\n        time.sleep(60)\n        os._exit(0)\n"
+        "os.wait()"
+    )
     jail = nsjail.start(make_spec(tmp_path, python(code)))
     try:
         members = wait_for_members(jail, 4)  # nsjail, the parent, two sleeping children

@@ -58,16 +58,22 @@ def test_an_image_refuses_a_special_file_of_the_caller(tmp_path):
         ('platform_python_implementation != "PyPy"', True),
     ],
 )
-def test_environment_markers(marker, expected):
+def test_a_requirement_is_followed_where_its_environment_marker_holds(marker, expected):
     environment = {
-        **memory_image._marker_environment(),
         "platform_system": "Linux",
         "platform_machine": "x86_64",
         "sys_platform": "linux",
         "python_version": "3.11",
         "python_full_version": "3.11.7",
     }
-    assert memory_image.evaluate_marker(marker, environment) is expected
+    selected = memory_image._selected_requirement(f"nvidia-cublas==13.1; {marker}", environment)
+    assert selected == ("nvidia-cublas" if expected else None)
+
+
+def test_a_requirement_without_a_marker_is_followed_and_a_malformed_one_is_refused():
+    assert memory_image._selected_requirement("numpy>=1.24") == "numpy"
+    with pytest.raises(memory_image.ImageError, match="cannot parse the requirement"):
+        memory_image._selected_requirement("numpy; python_version >>> '3'")
 
 
 def test_a_gpu_image_takes_the_driver_libraries_from_the_library_path(tmp_path):

@@ -47,15 +47,17 @@ def _walk_visible_filesystem(canary_token, repo_root):
             if stat.S_ISSOCK(mode):
                 found["sockets"].append(path)
             elif stat.S_ISREG(mode) and name.endswith((".parquet", ".key")):
-                found["parquet" if name.endswith(".parquet") else "key"][path] = outcome(lambda: _sha256(path))
+                found["parquet" if name.endswith(".parquet") else "key"][path] = outcome(
+                    lambda path=path: _sha256(path)
+                )
     return found
 
 
 def _processes(host_marker):
     seen = {}
     for pid in (name for name in os.listdir("/proc") if name.isdigit()):
-        cmdline = outcome(lambda: open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode())
-        environ = outcome(lambda: open(f"/proc/{pid}/environ", "rb").read())
+        cmdline = outcome(lambda pid=pid: open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode())
+        environ = outcome(lambda pid=pid: open(f"/proc/{pid}/environ", "rb").read())
         seen[pid] = {
             "cmdline": cmdline,
             "environ_has_marker": isinstance(environ, bytes) and host_marker.encode() in environ,
@@ -67,7 +69,7 @@ def _inherited_fds(canary_text):
     fds = {}
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
-        target = outcome(lambda: os.readlink(f"/proc/self/fd/{fd}"))
+        target = outcome(lambda fd=fd: os.readlink(f"/proc/self/fd/{fd}"))
         holds_canary = False
         try:
             if stat.S_ISREG(os.fstat(fd).st_mode):
