@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from evaluator.calibration import (  # noqa: E402
+from evaluator.calibration import (
     BATCH,
     D_MODEL,
     FFN,
@@ -28,7 +28,7 @@ from evaluator.calibration import (  # noqa: E402
     WORKLOAD,
     time_workload,
 )
-from evaluator.tracks import load_track  # noqa: E402
+from evaluator.tracks import load_track
 
 
 def _matmul_flops_per_token() -> float:

@@ -26,6 +26,7 @@ from evaluator.cli import run_guarded
 from evaluator.metrics import last_logged_metric
 from evaluator.paths import HOME
 from evaluator.runner import evaluate
+from evaluator.sandbox import SANDBOX_CHOICES
 from evaluator.tracks import load_track
 
 DEFAULT_SUBMISSIONS = ["reference", "submissions/seed-moe", "submissions/template"]
@@ -66,7 +67,7 @@ def main() -> int:
     parser.add_argument("--track", default="cpu-1min")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--budget", type=float, help="override the track's budget (makes runs unofficial)")
-    parser.add_argument("--sandbox", default="auto", choices=["auto", "nsjail", "none"])
+    parser.add_argument("--sandbox", default="auto", choices=SANDBOX_CHOICES)
     parser.add_argument("--out", type=Path, help="output folder (default: benchmarks/out/<timestamp>)")
     args = parser.parse_args()
 

@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from overhead import SCORED, _untrained_model
+from overhead import SCORED, untrained_model
 from rich.console import Console
 from rich.table import Table
 
@@ -36,7 +36,7 @@ from evaluator.tracks import load_track
 
 
 def _trained(name: str, folder: Path, seconds: float, vocab_size: int, eos_id: int, track) -> torch.nn.Module:
-    model = _untrained_model(folder, vocab_size, eos_id)  # also imports the folder as `train`
+    model = untrained_model(folder, vocab_size, eos_id)  # also imports the folder as `train`
     if name == "seed-moe":
         generator = torch.Generator().manual_seed(0)
         with torch.no_grad():

@@ -78,7 +78,7 @@ def measure(sandbox: str, runs_dir: Path, console: Console) -> dict[str, float]:
     }
 
 
-def _untrained_model(folder: Path, vocab_size: int, eos_id: int):
+def untrained_model(folder: Path, vocab_size: int, eos_id: int):
     """The submission's cpu-1min model class with its cpu-1min config, pickled as `train.<Class>`."""
     import importlib.util
 
@@ -99,7 +99,7 @@ def measure_scoring(console: Console) -> list[tuple[str, float]]:
     """(model, wall s of all of scoring) for each model scored alone, on cpu-1min."""
     import torch
 
-    from evaluator.scoring import ScoringLimits, score_model
+    from evaluator.scoring import ScoringLimits, ScoringSession, ScoringSetup
 
     track = load_track("cpu-1min")
     vocab_size, eos_id = tokenizer_info(resolve_data_file(track, "tokenizer"))
@@ -112,19 +112,16 @@ def measure_scoring(console: Console) -> list[tuple[str, float]]:
     with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
         for name, folder, incremental in cases:
             torch.manual_seed(0)
-            model = _untrained_model(folder, vocab_size, eos_id)
+            model = untrained_model(folder, vocab_size, eos_id)
             if not incremental:
                 model.decoder = None  # an instance attribute hides the method: the server recomputes
             model_path = Path(tmp) / f"{len(figures)}.pt"
             torch.save(model, model_path)
             console.print(f"scoring {name} ...")
             began = time.monotonic()
-            score_model(
-                sandbox=sandbox,
+            setup = ScoringSetup(
                 name=f"bench-scoring-{len(figures)}",
-                model_path=model_path,
                 submission_dir=folder,
-                documents=documents,
                 vocab_size=vocab_size,
                 eos_id=eos_id,
                 seq_len=track.eval.seq_len,
@@ -140,7 +137,10 @@ def measure_scoring(console: Console) -> list[tuple[str, float]]:
                 ),
                 memory_bytes=track.sandbox.memory_mib * 2**20,
                 pids=track.sandbox.pids,
+                model_cap_bytes=model_path.stat().st_size,
             )
+            with ScoringSession(sandbox, setup) as session:
+                session.score(model_path, documents)
             figures.append((name, time.monotonic() - began))
     return figures
 

@@ -31,22 +31,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
+import torch
 
-from evaluator.dataset.loader import read_documents  # noqa: E402
-from evaluator.dataset.store import resolve_data_file, tokenizer_info  # noqa: E402
-from evaluator.paths import HOME  # noqa: E402
-from evaluator.sandbox import open_sandbox  # noqa: E402
-from evaluator.scoring import (  # noqa: E402
+from evaluator.dataset.loader import read_documents
+from evaluator.dataset.store import resolve_data_file, tokenizer_info
+from evaluator.paths import HOME
+from evaluator.sandbox import open_sandbox
+from evaluator.scoring import (
     PASSES,
     ScoringLimits,
     ScoringSession,
     ScoringSetup,
-    _windows,
     compose,
     compose_side_by_side,
+    document_windows,
 )
-from evaluator.tracks import load_track  # noqa: E402
+from evaluator.tracks import load_track
 
 SECRET_SEED = 20261206
 # The old side: its curve.py scored each model with its own score_model call.
@@ -111,7 +111,7 @@ def _own_compute_s(models: list[Path], submission: Path, documents, setup: Scori
     sys.path.insert(0, str(submission))
     torch.set_num_threads(setup.pass_threads)
     ordered = sorted(documents, key=lambda document: document.doc_id)
-    windows = [window for document in ordered for window in _windows(document, setup.eos_id, setup.seq_len)]
+    windows = [window for document in ordered for window in document_windows(document, setup.eos_id, setup.seq_len)]
     import random
 
     rng = random.Random(SECRET_SEED)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from evaluator.api import Context  # noqa: E402
+from evaluator.api import Context
 
 TRACK_EVAL_SEQ = {"cpu-1min": 512, "t4-5min": 1024}
 TRACK_BUDGET = {"cpu-1min": 60.0, "t4-5min": 300.0}

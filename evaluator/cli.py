@@ -7,6 +7,7 @@ import errno
 import importlib
 import sys
 from collections.abc import Callable
+from typing import NoReturn
 
 from evaluator import __version__
 from evaluator.errors import UserError
@@ -29,7 +30,7 @@ COMMAND_MODULES = [
 class _Parser(argparse.ArgumentParser):
     """argparse, but bad usage exits 2 with one line and a hint instead of the full usage dump."""
 
-    def error(self, message: str) -> None:  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         sys.stderr.write(f"{self.prog}: error: {message}\n(run '{self.prog} --help' for usage)\n")
         sys.exit(2)
 

@@ -48,6 +48,7 @@ from evaluator.plan import check_budget, draw_seed
 from evaluator.publish import VerifiedResult
 from evaluator.results import EXIT_CODES, RESULT_FILE, SCORED_STATUSES, parse_utc, result_problems, strict_json_loads
 from evaluator.runner import evaluate
+from evaluator.sandbox import SANDBOX_CHOICES
 from evaluator.tracks import Track, load_track
 
 PLAN_FILE = "comparison.json"
@@ -62,7 +63,6 @@ NO_VERDICT_STATUSES = ("sandbox_error", "evaluator_error")
 # Comparisons go beside the unsigned run directories, never into results/<track>/<name>/, the
 # published layout that `verify` and `leaderboard` read.
 DEFAULT_PARENT = RUNS_DIR / "compare"
-SANDBOX_CHOICES = ("auto", "nsjail", "none")
 
 
 def run_order(pair: int) -> tuple[str, str]:

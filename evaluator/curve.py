@@ -13,26 +13,29 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
 from evaluator.dataset.loader import read_documents
 from evaluator.errors import InvalidModel
-from evaluator.harness import MODEL_FILE
 from evaluator.plan import SMOKE_DOCUMENTS, RunPlan
-from evaluator.training import Snapshot, TrainingOutcome
+from evaluator.sandbox import Sandbox
+from evaluator.training import TakenModel, TrainingOutcome
+
+if TYPE_CHECKING:  # scoring imports torch, which every other command should start without
+    from evaluator.scoring import ScoreReport
 
 
 @dataclass(frozen=True)
 class ScoredRun:
     """What scoring found: the score of the run and its validation curve."""
 
-    score: Any  # the ScoreReport of the final model; on a time-to-target track, of the deciding model
+    score: ScoreReport  # the final model's; on a time-to-target track, the deciding model's
     curve: list[dict[str, Any]]  # one point per model taken, in time order, on `curve_split`
     curve_split: str  # "hidden" or "public": where the curve's models were scored
     reached_at_s: float | None  # time-to-target tracks: when the target was first reached
-    dev_score: Any  # the deciding model's ScoreReport on the public split, where the hidden split ranks; else None
+    dev_score: ScoreReport | None  # the deciding model's on the public split, where the hidden split ranks
 
 
 # A model chooses how long its scoring takes: on the hidden split, its time is recorded this coarsely.
@@ -40,7 +43,7 @@ HIDDEN_TIME_RESOLUTION_S = 10
 
 
 def score_run(
-    plan: RunPlan, sandbox, console: Console, outcome: TrainingOutcome, scorings: list[dict[str, Any]]
+    plan: RunPlan, sandbox: Sandbox, console: Console, outcome: TrainingOutcome, scorings: list[dict[str, Any]]
 ) -> ScoredRun:
     """Score the final model and every snapshot with the same code, limits and guarantees.
 
@@ -61,12 +64,12 @@ def score_run(
     and SandboxUnavailable. Every scoring started is appended to `scorings`, failed ones included
     (the result's model_scorings).
     """
-    where = "sealed sandboxes" if sandbox.kind == "nsjail" else "unsandboxed processes"
+    where = "sealed sandboxes" if sandbox.isolated else "unsandboxed processes"
     hidden = plan.hidden_path is not None
     split = "the hidden test split" if hidden else "the public development split"
     console.print(f"scoring on {split}, streamed, in two passes in {where} ...")
-    assert outcome.train_seconds is not None  # only a run whose model was saved in time is scored
-    final = Snapshot(time_s=outcome.train_seconds, path=plan.run_dir / MODEL_FILE)  # taken by training.train_in_jail
+    final = outcome.final_model
+    assert final is not None  # only a run whose final model was taken is scored
     models = [*outcome.snapshots, final]
     target = plan.track.target
     curve_path = plan.val_path if hidden and target is None else plan.score_path
@@ -78,8 +81,8 @@ def score_run(
         scores: dict[Path, Any] = {}
         problems: dict[Path, str] = {}
 
-        def score(model: Snapshot, number: int | str, split_path: Path):
-            label = "the final model" if model is final else f"snapshot {number} of {len(models) - 1}"
+        def score(model: TakenModel, number: int | str, split_path: Path):
+            label = "the final model" if model.final else f"snapshot {number} of {len(models) - 1}"
             split = "public" if split_path == plan.val_path else "hidden"
             console.print(
                 f"scoring {label}, taken at {model.time_s:.1f} s, on the {split} split", markup=False, highlight=False
@@ -95,11 +98,9 @@ def score_run(
                 ended = "invalid_model"
                 raise InvalidModel(f"{label} (taken at {model.time_s:.1f} s, on the {split} split): {exc}") from None
             finally:
-                scorings.append(
-                    _scoring_record(model is final, model.time_s, split, ended, time.monotonic() - began, usage.cpu_s)
-                )
+                scorings.append(_scoring_record(model, split, ended, time.monotonic() - began, usage.cpu_s))
 
-        def score_snapshot(snapshot: Snapshot, number: int) -> None:
+        def score_snapshot(snapshot: TakenModel, number: int) -> None:
             if problems:
                 problems[snapshot.path] = "skipped"
                 return
@@ -119,7 +120,7 @@ def score_run(
                 score_snapshot(snapshot, number)
         else:
             for number, model in enumerate(models, 1):
-                if model is final:
+                if model.final:
                     scores[final.path] = score(final, number, curve_path)
                 else:
                     score_snapshot(model, number)
@@ -136,7 +137,7 @@ def score_run(
             point = {"val_loss": report.val_loss, "val_bpb": report.val_bpb, "scored": "ok"}
         else:
             point = {"val_loss": None, "val_bpb": None, "scored": problems.get(model.path, "not_needed")}
-        curve.append({"time_s": round(model.time_s, 2), "model": "final" if model is final else "snapshot", **point})
+        curve.append({"time_s": round(model.time_s, 2), "model": "final" if model.final else "snapshot", **point})
     return ScoredRun(
         score=ranking,
         curve=curve,
@@ -146,9 +147,7 @@ def score_run(
     )
 
 
-def _scoring_record(
-    final: bool, time_s: float, split: str, ended: str, wall_s: float, cpu_s: float | None
-) -> dict[str, Any]:
+def _scoring_record(model: TakenModel, split: str, ended: str, wall_s: float, cpu_s: float | None) -> dict[str, Any]:
     """One model's scoring as the result's model_scorings shows it."""
 
     def shown(seconds: float) -> float:
@@ -157,8 +156,8 @@ def _scoring_record(
         return round(seconds, 1)
 
     return {
-        "model": "final" if final else "snapshot",
-        "time_s": round(time_s, 2),
+        "model": "final" if model.final else "snapshot",
+        "time_s": round(model.time_s, 2),
         "split": split,
         "outcome": ended,
         "wall_s": shown(wall_s),

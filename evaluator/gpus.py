@@ -56,7 +56,8 @@ def pci_address(text: str) -> tuple[int, int, int]:
     match = _PCI_ADDRESS.match(text.strip())
     if not match:
         raise ValueError(f"not a PCI address: {text!r}")
-    return tuple(int(part, 16) for part in match.groups())  # type: ignore[return-value]
+    domain, bus, device = (int(part, 16) for part in match.groups())
+    return domain, bus, device
 
 
 def cuda_pci_addresses() -> list[tuple[int, int, int]]:

@@ -68,7 +68,7 @@ def _new_run_id(name: str, seed: int) -> str:
 def _require_torch() -> None:
     """Before anything is made: a run without torch would fail halfway, leaving a run directory."""
     try:
-        import torch  # noqa: F401
+        import torch  # noqa: F401  (imported only to learn that it can be)
     except ImportError:
         raise UserError(
             "evaluator run needs PyTorch, which is not installed here. On a CPU machine: pip install torch "

@@ -1,4 +1,6 @@
 """How long-running work shows its progress: a live bar on a terminal, plain lines everywhere else.
+Every progress display of the evaluator is a `bar`, and says its progress in `PlainLines` where the
+bar is off.
 
 A notebook's `!evaluator run` runs in a pseudo-terminal whose output the notebook appends instead of
 redrawing, so a live bar there becomes thousands of lines of escape sequences. Jupyter, Colab and
@@ -12,6 +14,7 @@ import os
 import time
 
 from rich.console import Console
+from rich.progress import Progress, ProgressColumn
 
 # Set in the environment of a Jupyter kernel (and so of every `!command` it starts), Colab's, Kaggle's.
 _NOTEBOOK_MARKERS = ("JPY_PARENT_PID", "COLAB_RELEASE_TAG", "KAGGLE_KERNEL_RUN_TYPE")
@@ -22,6 +25,11 @@ def live(console: Console) -> bool:
     if console.is_jupyter:
         return True
     return console.is_terminal and not any(marker in os.environ for marker in _NOTEBOOK_MARKERS)
+
+
+def bar(console: Console, *columns: str | ProgressColumn, transient: bool = False) -> Progress:
+    """A rich progress bar on `console`, off where the console cannot redraw it in place (live())."""
+    return Progress(*columns, console=console, transient=transient, disable=not live(console))
 
 
 class PlainLines:

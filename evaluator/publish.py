@@ -18,6 +18,7 @@ import argparse
 import re
 import sys
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +98,65 @@ def track_drift(result: dict[str, Any]) -> str | None:
     )
 
 
+# --- what may be published -------------------------------------------------------------------
+
+
+class Rule(Enum):
+    """The publication rules, in the order `publish` checks them."""
+
+    STATUS = "status"
+    SMOKE = "smoke"
+    UNOFFICIAL = "unofficial"
+    SUBMISSION_CHANGED = "submission changed"
+    TRACK_CHANGED = "track changed"
+
+
+@dataclass(frozen=True)
+class Unpublishable:
+    """The rule a result breaks. `detail` is what its message needs that the result does not hold: the
+    submission folder's tree hash now (SUBMISSION_CHANGED), or how the track file drifted (TRACK_CHANGED)."""
+
+    rule: Rule
+    detail: str = ""
+
+
+def recorded_problem(result: dict[str, Any], *, allow_unofficial: bool) -> Unpublishable | None:
+    """The first rule that the result's own record breaks, or None."""
+    # What is published: scored runs (not_reached is one: on a time-to-target track, a run that was
+    # scored and whose models all missed the target is an honest result), and runs that failed through
+    # the submission's fault, which the board counts beside them. Not the evaluator's or the
+    # sandbox's failures: those are retried with the same seed.
+    if result["status"] not in PUBLISHED_STATUSES:
+        return Unpublishable(Rule.STATUS)
+    if result["smoke"]:
+        return Unpublishable(Rule.SMOKE)
+    # An unofficial result says so in its statement, so `verify` accepts one; `publish` signs one
+    # only when asked, so that nobody signs it by mistake.
+    if not result["official"] and not allow_unofficial:
+        return Unpublishable(Rule.UNOFFICIAL)
+    return None
+
+
+def drift_problem(result: dict[str, Any]) -> Unpublishable | None:
+    """Whether the submission or the track changed since the run, or None. A folder that is not here
+    cannot be re-checked, which is no reason to refuse: results are verified far from the submissions."""
+    folder = submission_folder(result)
+    if folder.is_dir():
+        current_tree = tree_sha256(folder)
+        if current_tree != result["submission"]["tree_sha256"]:
+            return Unpublishable(Rule.SUBMISSION_CHANGED, current_tree)
+    drift = track_drift(result)
+    if drift:
+        return Unpublishable(Rule.TRACK_CHANGED, drift)
+    return None
+
+
+def publication_problem(result: dict[str, Any], *, allow_unofficial: bool) -> Unpublishable | None:
+    """The first publication rule a valid result breaks, or None. `verify` holds a signed result to the
+    same two halves, with its checks of the statement between them."""
+    return recorded_problem(result, allow_unofficial=allow_unofficial) or drift_problem(result)
+
+
 # --- the statement ----------------------------------------------------------------------------
 
 
@@ -120,47 +180,41 @@ def envelope_path(results_dir: Path, result: dict[str, Any]) -> Path:
 # --- publishing -------------------------------------------------------------------------------
 
 
+def _refusal(result: dict[str, Any], problem: Unpublishable) -> str:
+    """Why `publish` refuses, in its words."""
+    match problem.rule:
+        case Rule.STATUS:
+            return (
+                f"status is {result['status']}, the evaluator's or the sandbox's failure, not a verdict on the "
+                "submission; run it again with the same seed (--drawn-seed)"
+            )
+        case Rule.SMOKE:
+            return "it is a smoke run (--smoke): a check of the contract, not a score"
+        case Rule.UNOFFICIAL:
+            reasons = "; ".join(result["unofficial_reasons"]) or "no reason recorded"
+            return f"it is unofficial ({reasons}); pass --unofficial to publish it marked as unofficial"
+        case Rule.SUBMISSION_CHANGED:
+            return (
+                f"submission folder {submission_folder(result)} changed since the run (tree hash now "
+                f"{problem.detail[:12]}..., the run had {result['submission']['tree_sha256'][:12]}...); rerun it"
+            )
+        case Rule.TRACK_CHANGED:
+            return f"{problem.detail}; rerun it"
+
+
 def publish(
     run_dir: Path, private_key: Ed25519PrivateKey, results_dir: Path, allow_unofficial: bool
 ) -> tuple[Path, bool, list[str]]:
     """Sign one run's result into `results_dir`. Returns (path, newly written, warnings)."""
     run_dir = Path(run_dir)
     result = read_run_result(run_dir)
-    # What is published: scored runs (not_reached is one: on a time-to-target track, a run that was
-    # scored and whose models all missed the target is an honest result), and runs that failed through
-    # the submission's fault, which the board counts beside them. Not the evaluator's or the
-    # sandbox's failures: those are retried with the same seed.
-    if result["status"] not in PUBLISHED_STATUSES:
-        raise UserError(
-            f"refusing to publish run {result['run_id']}: status is {result['status']}, the evaluator's or the "
-            "sandbox's failure, not a verdict on the submission; run it again with the same seed (--drawn-seed)"
-        )
-    if result["smoke"]:
-        raise UserError(
-            f"refusing to publish run {result['run_id']}: it is a smoke run (--smoke): a check of the "
-            "contract, not a score"
-        )
-    if not result["official"] and not allow_unofficial:
-        reasons = "; ".join(result["unofficial_reasons"]) or "no reason recorded"
-        raise UserError(
-            f"refusing to publish run {result['run_id']}: it is unofficial ({reasons}); "
-            "pass --unofficial to publish it marked as unofficial"
-        )
+    problem = publication_problem(result, allow_unofficial=allow_unofficial)
+    if problem:
+        raise UserError(f"refusing to publish run {result['run_id']}: {_refusal(result, problem)}")
     warnings = []
     folder = submission_folder(result)
-    recorded_tree = result["submission"]["tree_sha256"]
-    if folder.is_dir():
-        current_tree = tree_sha256(folder)
-        if current_tree != recorded_tree:
-            raise UserError(
-                f"refusing to publish run {result['run_id']}: submission folder {folder} changed since the run "
-                f"(tree hash now {current_tree[:12]}..., the run had {recorded_tree[:12]}...); rerun it"
-            )
-    else:
+    if not folder.is_dir():
         warnings.append(f"submission folder {folder} is not here, so its tree hash was not re-checked")
-    drift = track_drift(result)
-    if drift:
-        raise UserError(f"refusing to publish run {result['run_id']}: {drift}; rerun it")
     metrics_path = run_dir / METRICS_FILE
     if metrics_path.is_file():
         loss_curve = read_loss_curve(metrics_path)
@@ -209,6 +263,26 @@ def _check_loss_curve(curve: Any) -> None:
         raise VerificationError("predicate.loss_curve holds something other than numbers")
 
 
+def _raise_if_unpublishable(result: dict[str, Any], problem: Unpublishable | None) -> None:
+    """A broken publication rule, in `verify`'s words."""
+    if problem is None:
+        return
+    match problem.rule:
+        case Rule.STATUS:
+            raise VerificationError(f"the signed result has status {result['status']}, which is never published")
+        case Rule.SMOKE:
+            raise VerificationError("the signed result is a smoke run, scored on a few documents only")
+        case Rule.UNOFFICIAL:  # verify accepts unofficial results: the statement says what they are
+            raise AssertionError("verify never asks for an official result")
+        case Rule.SUBMISSION_CHANGED:
+            raise VerificationError(
+                f"submission folder {submission_folder(result)} no longer matches the signed tree hash "
+                f"(now {problem.detail[:12]}..., signed {result['submission']['tree_sha256'][:12]}...)"
+            )
+        case Rule.TRACK_CHANGED:
+            raise VerificationError(problem.detail)
+
+
 def _check_statement(statement: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """Statement and predicate shape; returns (result, loss_curve)."""
     if not isinstance(statement, dict) or statement.get("_type") != STATEMENT_TYPE:
@@ -232,10 +306,7 @@ def _check_statement(statement: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     problems = result_problems(result)
     if problems:
         raise VerificationError(f"payload is not a valid result: {_in_one_line(problems)}")
-    if result["status"] not in PUBLISHED_STATUSES:
-        raise VerificationError(f"the signed result has status {result['status']}, which is never published")
-    if result["smoke"]:
-        raise VerificationError("the signed result is a smoke run, scored on a few documents only")
+    _raise_if_unpublishable(result, recorded_problem(result, allow_unofficial=True))
     submission = result["submission"]
     if subject[0]["name"] != submission["name"] or subject[0]["digest"]["sha256"] != submission["tree_sha256"]:
         raise VerificationError("statement subject does not match the result's submission name and tree hash")
@@ -261,18 +332,10 @@ def verify_envelope(path: Path, trusted: dict[str, TrustedKey]) -> VerifiedResul
         statement = strict_json_loads(payload)
     except (ValueError, UnicodeDecodeError) as exc:
         raise VerificationError(f"signed payload is not valid JSON: {exc}") from None
+    # The publication rule in two halves: what the signed record says goes with the statement's shape,
+    # and this machine's files are hashed only for a statement that holds together.
     result, loss_curve = _check_statement(statement)
-    folder = submission_folder(result)
-    if folder.is_dir():
-        current_tree = tree_sha256(folder)
-        if current_tree != result["submission"]["tree_sha256"]:
-            raise VerificationError(
-                f"submission folder {folder} no longer matches the signed tree hash "
-                f"(now {current_tree[:12]}..., signed {result['submission']['tree_sha256'][:12]}...)"
-            )
-    drift = track_drift(result)
-    if drift:
-        raise VerificationError(drift)
+    _raise_if_unpublishable(result, drift_problem(result))
     return VerifiedResult(Path(path), result, loss_curve, signer)
 
 

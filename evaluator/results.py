@@ -10,6 +10,7 @@ import json
 import math
 import platform
 import re
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import cache
 from pathlib import Path
@@ -27,6 +28,7 @@ from evaluator.paths import SPEC_DIR, shown
 if TYPE_CHECKING:
     from evaluator.curve import ScoredRun
     from evaluator.plan import RunPlan
+    from evaluator.tracks import Target
     from evaluator.training import TrainingOutcome
 
 RESULT_FILE = "result.json"
@@ -64,6 +66,44 @@ SCORED_STATUSES = ("ok", "not_reached")
 # submission's failed official runs beside its scored ones (a failure is no free re-roll).
 FAILED_STATUSES = ("crashed", "over_budget", "out_of_memory", "killed", "invalid_model")
 PUBLISHED_STATUSES = SCORED_STATUSES + FAILED_STATUSES
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A run's status and its message."""
+
+    status: str
+    message: str
+
+
+def decide_status(
+    training: TrainingOutcome | None,
+    scored: ScoredRun | None,
+    scoring_failure: Verdict | None,
+    target: Target | None,
+    evaluator_failed: bool = False,
+) -> Verdict:
+    """The one place a run's status is decided, from what each stage found: the evaluator's own
+    failure first (`evaluator_failed`, or no training outcome at all), then how training ended, a
+    final model that could not be taken, why its models could not be scored, and on a time-to-target
+    track whether one reached the target."""
+    if evaluator_failed or training is None:
+        return Verdict("evaluator_error", EVALUATOR_ERROR_MESSAGE)
+    if training.status != "ok":
+        return Verdict(training.status, training.message)
+    if training.model_refused is not None:
+        return Verdict("invalid_model", training.model_refused)
+    if scoring_failure is not None:
+        return scoring_failure
+    if scored is None:
+        raise ValueError("a model saved in time was neither scored nor refused")
+    if target is not None and scored.reached_at_s is None:
+        return Verdict(
+            "not_reached",
+            f"no model reached the target val_loss {target.val_loss:g}; the final model's is "
+            f"{scored.score.val_loss:.4f}",
+        )
+    return Verdict("ok", training.message)
 
 
 @cache
@@ -365,7 +405,8 @@ def environment(
 
 def build_result(
     plan: RunPlan,
-    outcome: TrainingOutcome,
+    verdict: Verdict,
+    outcome: TrainingOutcome | None,
     scored: ScoredRun | None,
     scoring_seconds: int | None,
     env: dict[str, Any],
@@ -373,22 +414,25 @@ def build_result(
     staged: bool = True,
     scorings: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """The result of a run, from what its plan decided, what training and scoring found, and the
-    environment (`environment()`); `started` is when the sandbox was opened (utc_now()). `staged`
+    """The result of a run, from what its plan decided, its verdict (decide_status), what training
+    (None: nothing it measured is kept) and scoring found, and the environment (`environment()`);
+    `started` is when the sandbox was opened (utc_now()). `staged`
     false: the evaluator failed before the submission was staged, so its folder is what is hashed.
     `scorings`: every model's scoring that started (curve.score_run), failed ones included."""
-    rows = outcome.metrics_rows
+    rows = [] if outcome is None else outcome.metrics_rows
+    train_seconds = None if outcome is None else outcome.train_seconds
+    received = None if outcome is None else outcome.received
     tokens = last_logged(rows, "tokens")
-    reasons = plan.unofficial_reasons(env["sandbox"], env["gpu"], outcome.received)
+    reasons = plan.unofficial_reasons(env["sandbox"], env["gpu"], received)
     track = plan.track
-    scored = scored if outcome.status in SCORED_STATUSES else None
+    scored = scored if verdict.status in SCORED_STATUSES else None
     score = None if scored is None else scored.score
     dev_score = None if scored is None else scored.dev_score
     return {
         "schema_version": 8,
         "run_id": plan.run_id,
-        "status": outcome.status,
-        "message": outcome.message,
+        "status": verdict.status,
+        "message": verdict.message,
         "official": not reasons,
         "unofficial_reasons": reasons,
         "submission": {
@@ -436,12 +480,12 @@ def build_result(
             "consistency_nats": track.eval.consistency_nats,
         },
         "train": {
-            "train_seconds": outcome.train_seconds,
+            "train_seconds": train_seconds,
             "steps": max((row[1] for row in rows), default=None),
             "tokens": tokens,
-            "tokens_per_s": _rate(tokens, outcome.train_seconds),
-            "refused_lines": outcome.refused_lines,
-            "received": outcome.received,
+            "tokens_per_s": _rate(tokens, train_seconds),
+            "refused_lines": 0 if outcome is None else outcome.refused_lines,
+            "received": received,
         },
         "val_curve": None if scored is None else scored.curve,
         "target": None
@@ -455,7 +499,7 @@ def build_result(
         "scoring_seconds": None if scored is None else scoring_seconds,
         "model_scorings": scorings or None,
         "environment": env,
-        "gpu_telemetry": outcome.gpu_telemetry,
+        "gpu_telemetry": None if outcome is None else outcome.gpu_telemetry,
         "started_at": started,
         "ended_at": utc_now(),
     }

@@ -34,12 +34,14 @@ from evaluator.results import (
     EVALUATOR_ERROR_LOG,
     EVALUATOR_ERROR_MESSAGE,
     EXIT_CODES,
+    Verdict,
     build_result,
+    decide_status,
     environment,
     utc_now,
     write_result,
 )
-from evaluator.sandbox import SandboxUnavailable, open_sandbox
+from evaluator.sandbox import SANDBOX_CHOICES, SandboxUnavailable, open_sandbox
 from evaluator.tracks import load_track
 from evaluator.training import SNAPSHOTS_DIR, TrainingOutcome, train_in_jail
 
@@ -113,8 +115,9 @@ def evaluate(
         try:
             _train_and_score(run, sandbox_choice, console, began)
             assert run.outcome is not None and run.env is not None  # _sandboxed_run sets both or raises
+            verdict = decide_status(run.outcome, run.scored, run.scoring_failure, plan.track.target)
             result = build_result(
-                plan, run.outcome, run.scored, run.scoring_seconds, run.env, run.started, scorings=run.scorings
+                plan, verdict, run.outcome, run.scored, run.scoring_seconds, run.env, run.started, scorings=run.scorings
             )
             atomic_write_text(plan.run_dir / "timings.json", json.dumps(run.timings, indent=2) + "\n")
             write_result(plan.run_dir, result)
@@ -131,6 +134,7 @@ class _Run:
     started: str  # when the sandbox was opened (utc_now())
     outcome: TrainingOutcome | None = None
     scored: ScoredRun | None = None
+    scoring_failure: Verdict | None = None  # why the models could not be scored
     scoring_seconds: int | None = None
     scorings: list[dict[str, Any]] = field(default_factory=list)  # every model's scoring (model_scorings)
     env: dict[str, Any] | None = None
@@ -162,7 +166,7 @@ def _sandboxed_run(run: _Run, sandbox_choice: str, console: Console, began: floa
         run.outcome = TrainingOutcome(status="sandbox_error", message=f"nsjail cannot run here: {exc}")
         return
     run.env = environment(sandbox.kind, sandbox.version, plan.gpu, sandbox.unavailable)
-    label = "nsjail" if sandbox.kind == "nsjail" else "NONE — unsandboxed, unofficial"
+    label = "nsjail" if sandbox.isolated else "NONE — unsandboxed, unofficial"
     seed_label = f"{plan.seed} (drawn)" if plan.seed_drawn else str(plan.seed)
     console.print(
         f"[bold]{plan.manifest.name}[/] on [bold]{plan.track.id}[/], seed {seed_label}, "
@@ -176,23 +180,14 @@ def _sandboxed_run(run: _Run, sandbox_choice: str, console: Console, began: floa
         run.outcome = train_in_jail(plan, sandbox, console, timings)
     except SandboxUnavailable as exc:
         run.outcome = TrainingOutcome(status="sandbox_error", message=f"the training sandbox failed to start: {exc}")
-    outcome = run.outcome
-    if outcome.status == "ok":
+    if run.outcome.final_model is not None:
         scoring_started = time.monotonic()
         try:
-            run.scored = score_run(plan, sandbox, console, outcome, run.scorings)
+            run.scored = score_run(plan, sandbox, console, run.outcome, run.scorings)
         except InvalidModel as exc:
-            outcome.status, outcome.message = "invalid_model", str(exc)
+            run.scoring_failure = Verdict("invalid_model", str(exc))
         except SandboxUnavailable as exc:
-            outcome.status, outcome.message = "sandbox_error", f"the scoring sandbox failed: {exc}"
-        else:
-            target = plan.track.target
-            if target is not None and run.scored.reached_at_s is None:
-                outcome.status = "not_reached"
-                outcome.message = (
-                    f"no model reached the target val_loss {target.val_loss:g}; the final "
-                    f"model's is {run.scored.score.val_loss:.4f}"
-                )
+            run.scoring_failure = Verdict("sandbox_error", f"the scoring sandbox failed: {exc}")
         # Whole seconds: how long scoring takes is the model's to choose.
         run.scoring_seconds = timings["scoring_s"] = round(time.monotonic() - scoring_started)
 
@@ -214,17 +209,22 @@ def _evaluator_error(run: _Run, console: Console) -> dict[str, Any]:
     plan = run.plan
     log = plan.run_dir / EVALUATOR_ERROR_LOG
     atomic_write_text(log, traceback.format_exc())
-    measured = run.outcome or TrainingOutcome(status="evaluator_error")
-    outcome = TrainingOutcome(
-        status="evaluator_error",
-        message=EVALUATOR_ERROR_MESSAGE,
-        train_seconds=measured.train_seconds,
-        metrics_rows=measured.metrics_rows,
-        gpu_telemetry=measured.gpu_telemetry,
-        received=measured.received,
+    measured = run.outcome
+    kept = (
+        None
+        if measured is None
+        else TrainingOutcome(
+            status=measured.status,
+            message=measured.message,
+            train_seconds=measured.train_seconds,
+            metrics_rows=measured.metrics_rows,
+            gpu_telemetry=measured.gpu_telemetry,
+            received=measured.received,
+        )
     )
+    verdict = decide_status(kept, None, None, plan.track.target, evaluator_failed=True)
     env = run.env or _environment_or_less(plan)
-    result = build_result(plan, outcome, None, None, env, run.started, staged=run.staged, scorings=run.scorings)
+    result = build_result(plan, verdict, kept, None, None, env, run.started, staged=run.staged, scorings=run.scorings)
     write_result(plan.run_dir, result)
     console.print(f"evaluator error: {EVALUATOR_ERROR_MESSAGE} ({shown(log)})", markup=False, highlight=False)
     return result
@@ -419,7 +419,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     run.add_argument(
         "--sandbox",
-        choices=["auto", "nsjail", "none"],
+        choices=SANDBOX_CHOICES,
         default="auto",
         help=(
             "auto: nsjail when it works here, else none (says which); nsjail: never falls back; "

@@ -93,7 +93,7 @@ from evaluator.model_server import (
     TAMPERED_ERROR,
 )
 from evaluator.nvml import Board
-from evaluator.sandbox import JailSpec, SandboxUnavailable
+from evaluator.sandbox import Jailed, JailSpec, Sandbox, SandboxUnavailable
 from evaluator.tracks import BUSY_HOST_WALL_FACTOR, WALL_BACKSTOP_FACTOR
 
 TORCH_DTYPES = {name: getattr(torch, name) for name in LOGIT_DTYPES}
@@ -208,8 +208,9 @@ class _Clock:
 
     SAMPLE_EVERY_S = (0.05, 0.15)  # random, so that a model cannot be runnable exactly when looked at
 
-    def __init__(self, threads: int, jail_threads: int, jails: list, cpu: bool):
+    def __init__(self, threads: int, jail_threads: int, jails: list[Jailed], cpu: bool, side_by_side: bool):
         self.threads, self.jail_threads, self.jails = threads, jail_threads, jails
+        self.at_once = len(jails) if side_by_side else 1  # passes that run, and wait for the evaluator, at once
         readings = [jailed.cpu_seconds() for jailed in jails]
         self.cpu = cpu and None not in readings  # no cgroup (--sandbox none without root): nothing to count
         self._began = {id(jailed): reading or 0.0 for jailed, reading in zip(jails, readings, strict=True)}
@@ -218,6 +219,9 @@ class _Clock:
         self._lock = threading.Lock()
         self._stopped = threading.Event()
         self._sampler = threading.Thread(target=self._sample, name="scoring-demand", daemon=True)
+
+    def start(self) -> None:
+        """Start sampling (on the CPU); close() stops it."""
         if self.cpu:
             self._sampler.start()
 
@@ -231,34 +235,39 @@ class _Clock:
         while not self._stopped.wait(random.uniform(*self.SAMPLE_EVERY_S)):
             now = time.monotonic()
             for jailed in self.jails:
-                self._demand[id(jailed)] += min(jailed.runnable_threads() or 0, self.jail_threads) * (now - last)
+                try:
+                    runnable = jailed.runnable_threads() or 0
+                except Exception:  # whatever a jail's threads make of their names: never the evaluator's failure
+                    runnable = 0
+                self._demand[id(jailed)] += min(runnable, self.jail_threads) * (now - last)
             last = now
 
-    def cpu_seconds(self, jailed=None) -> float:
+    def cpu_seconds(self, jailed: Jailed | None = None) -> float:
         """CPU time `jailed` (default: every jail) used since the model's scoring began (a closed
         jail's account is final)."""
         counted = self.jails if jailed is None else [jailed]
         return sum((each.cpu_seconds() or 0.0) - self._began[id(each)] for each in counted)
 
-    def charged(self, jailed=None) -> float:
+    def charged(self, jailed: Jailed | None = None) -> float:
         """A stage's jail's CPU time over that jail's threads; all of scoring's over the track's."""
         if not self.cpu:
             return time.monotonic()
         return self.cpu_seconds(jailed) / (self.threads if jailed is None else self.jail_threads)
 
     def evaluators_turn(self, seconds: float) -> None:
-        """A pass's stream spent `seconds` on its own work while its batch process waited for it."""
+        """A pass's stream spent `seconds` on its own work (no pipe: the model cannot stretch it)
+        while its batch process waited for it."""
         with self._lock:
-            self._evaluators_s += seconds / len(self.jails)
+            self._evaluators_s += seconds / self.at_once
 
-    def not_the_models(self, jailed=None) -> float:
+    def not_the_models(self, jailed: Jailed | None = None) -> float:
         """Wall time since the model's scoring began that was not the model's: what the host withheld
         from `jailed`'s threads (what they asked for and did not get); for all of scoring (`jailed`
-        None), every jail's over the track's threads and the evaluator's turns."""
+        None), every jail's over the quotas of the passes that run at once, and the evaluator's turns."""
         if jailed is not None:
             return max(0.0, self._demand[id(jailed)] - self.cpu_seconds(jailed)) / self.jail_threads
         withheld = sum(max(0.0, self._demand[id(each)] - self.cpu_seconds(each)) for each in self.jails)
-        return withheld / self.threads + self._evaluators_s
+        return withheld / (self.jail_threads * self.at_once) + self._evaluators_s
 
 
 @dataclass(frozen=True)
@@ -268,7 +277,7 @@ class _Limit:
     charged_start: float | None  # None: a wall-clock limit (the evaluator's own work, or no CPU clock)
     excused_start: float  # the clock's not_the_models() when the limit began
     sentence: str
-    jailed: object = None  # the jail whose time a stage's limit charges; None: every jail's (all of scoring)
+    jailed: Jailed | None = None  # the jail whose time a stage's limit charges; None: every jail's (all of scoring)
 
 
 class _Deadlines:
@@ -276,7 +285,7 @@ class _Deadlines:
         self.limits, self.clock = limits, clock
         self._total = self._limit(limits.total_s, Refusal.TOTAL_TIMEOUT.format(seconds=limits.total_s), None)
 
-    def _limit(self, seconds: float, sentence: str, jailed) -> _Limit:
+    def _limit(self, seconds: float, sentence: str, jailed: Jailed | None) -> _Limit:
         charged, excused = (
             (self.clock.charged(jailed), self.clock.not_the_models(jailed)) if self.clock.cpu else (None, 0.0)
         )
@@ -287,7 +296,7 @@ class _Deadlines:
         """A limit on the evaluator's own work (a server's start), on the wall clock."""
         return (_Limit(seconds, time.monotonic(), None, 0.0, sentence),)
 
-    def until(self, seconds: float | None, sentence: str, jailed=None) -> tuple[_Limit, ...]:
+    def until(self, seconds: float | None, sentence: str, jailed: Jailed | None = None) -> tuple[_Limit, ...]:
         """The limits a wait starts under: `seconds` of `jailed`'s time (missing it is `sentence`) and
         all of scoring's."""
         return (self._total,) if seconds is None else (self._limit(seconds, sentence, jailed), self._total)
@@ -331,7 +340,7 @@ def _wait_s(deadlines: _Deadlines | None, limits: tuple[_Limit, ...]) -> float:
 class _Stream:
     """One model server: requests out, checked replies back, every read and write under a deadline."""
 
-    def __init__(self, jailed, vocab_size: int, memory_bytes: int):
+    def __init__(self, jailed: Jailed, vocab_size: int, memory_bytes: int):
         self.jailed = jailed
         self.deadlines: _Deadlines | None = None  # the model's, set before each model
         self._vocab_size = vocab_size
@@ -450,7 +459,7 @@ class _Stream:
         return InvalidModel(Refusal.ENDED)
 
 
-def _windows(document: Document, eos_id: int, seq_len: int) -> list[_Window]:
+def document_windows(document: Document, eos_id: int, seq_len: int) -> list[_Window]:
     tokens = list(document.tokens)
     inputs = [eos_id] + tokens[:-1]
     return [
@@ -577,11 +586,11 @@ def _stream_batch(
         advance(len(live))
         position += 1
         going_on = [index for index, row in enumerate(live) if position < len(batch[row].inputs)]
+        deadlines.clock.evaluators_turn(time.monotonic() - replied)
         if len(going_on) < len(live):
             live = [live[index] for index in going_on]
             if live:
                 stream.send(KEEP, going_on, deadlines.until(None, ""))
-        deadlines.clock.evaluators_turn(time.monotonic() - replied)
     nonce = secrets.randbits(63)
     stream.send(CLOSE, [nonce], deadlines.until(None, ""))
     stream.expect(CLOSED, deadlines.wall(CLOSE_S, Refusal.PROTOCOL), code=nonce & 0xFFFFFFFF, rows=nonce >> 32)
@@ -593,9 +602,9 @@ def _progress(description: str, total: int) -> Iterator[Callable[[int], None]]:
     """A transient progress bar on stderr where it redraws in place; else a line every 10 s. Both
     passes' threads advance it."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
-    from evaluator.progress import PlainLines, live
+    from evaluator.progress import PlainLines, bar, live
 
     console = Console(stderr=True)
     if not live(console):
@@ -609,7 +618,7 @@ def _progress(description: str, total: int) -> Iterator[Callable[[int], None]]:
         yield advance
         return
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True) as progress:
+    with bar(console, *columns, transient=True) as progress:
         task = progress.add_task(description, total=total)
         yield lambda advance: progress.advance(task, advance)
 
@@ -634,21 +643,19 @@ def _server_spec(
         "--threads",
         str(threads),
     ]
-    env = {
-        "PATH": "/usr/local/bin:/usr/bin:/bin",
-        "HOME": "/nonexistent",
-        "OMP_NUM_THREADS": str(threads),
-        "MKL_NUM_THREADS": str(threads),
+    env = in_jail.environment(
+        threads,
+        home="/nonexistent",
+        python_path=in_jail.PACKAGE_DIR.parent,
         # OpenMP's idle threads spin about as long as the gaps within a step, then sleep: spinning
         # through the host's share of each step would charge the host's slowness to the model's
         # CPU-time deadlines (libgomp's default spins ten times as long), and sleeping at once costs
         # a wake-up per parallel region (measured: 0.55 ms a step against 0.23 ms, reference-sized
         # logits on 2 threads; benchmarks/SCORING-cpu-1min.md).
-        "GOMP_SPINCOUNT": str(OMP_SPIN_COUNT),
-        "PYTHONPATH": str(in_jail.PACKAGE_DIR.parent),
+        GOMP_SPINCOUNT=str(OMP_SPIN_COUNT),
         # Nothing is writable in a sealed jail: CUDA must not try to keep a JIT cache there.
-        "CUDA_CACHE_DISABLE": "1",
-    }
+        CUDA_CACHE_DISABLE="1",
+    )
     return JailSpec(
         name=name,
         argv=argv,
@@ -727,7 +734,7 @@ class _Server:
     each in a fresh batch process. After a model failed in it, it is closed, never reused: the
     model's batch process may have left anything in its pipes."""
 
-    def __init__(self, sandbox, setup: ScoringSetup, spec: JailSpec):
+    def __init__(self, sandbox: Sandbox, setup: ScoringSetup, spec: JailSpec):
         self.jailed = sandbox.start(spec)
         self.stream = _Stream(self.jailed, setup.vocab_size, setup.memory_bytes)
         self.closed = False
@@ -763,7 +770,7 @@ class ScoringSession:
     `models`: how many scorings the session may run (the servers' hard time limit covers them all).
     """
 
-    def __init__(self, sandbox, setup: ScoringSetup, models: int = 1):
+    def __init__(self, sandbox: Sandbox, setup: ScoringSetup, models: int = 1):
         self.sandbox, self.setup = sandbox, setup
         per_model_s = setup.limits.total_s * (BUSY_HOST_WALL_FACTOR if setup.gpu is None else 1)
         self._time_limit_s = SERVER_START_S + models * (per_model_s + SERVER_START_S) + SANDBOX_BACKSTOP_S
@@ -880,7 +887,7 @@ class ScoringSession:
         setup, usage = self.setup, usage if usage is not None else ScoringUsage()
         _check_documents(documents, setup.vocab_size, setup.eos_id)
         ordered = sorted(documents, key=lambda document: document.doc_id)
-        windows = [window for document in ordered for window in _windows(document, setup.eos_id, setup.seq_len)]
+        windows = [window for document in ordered for window in document_windows(document, setup.eos_id, setup.seq_len)]
         rng = random.Random(secret_seed if secret_seed is not None else int.from_bytes(os.urandom(32), "big"))
         first = compose(windows, setup.batch_size, rng)
         second = compose_side_by_side(first, setup.batch_size, rng) if setup.parallel else None
@@ -892,7 +899,13 @@ class ScoringSession:
                 server.close()  # its pid namespace would run out of process ids: a fresh one takes over
         servers = self._ready_servers()
         # From here: the model's time. The image and the servers' start were the evaluator's.
-        clock = _Clock(setup.threads, setup.pass_threads, [server.jailed for server in servers], cpu=setup.gpu is None)
+        clock = _Clock(
+            setup.threads,
+            setup.pass_threads,
+            [server.jailed for server in servers],
+            cpu=setup.gpu is None,
+            side_by_side=side_by_side,
+        )
         deadlines = _Deadlines(setup.limits, clock)
         total_tokens = sum(len(window.targets) for window in windows)
         previous_threads = torch.get_num_threads()
@@ -901,6 +914,7 @@ class ScoringSession:
         torch.set_num_threads(1)
         scoring_began = time.monotonic()
         try:
+            clock.start()
             with _progress(label, PASSES * total_tokens) as advance:
                 passes = _run_passes(servers, compositions, model, deadlines, advance, self.stages, side_by_side)
         except BaseException:
@@ -1012,46 +1026,3 @@ def _read_model(path: Path, cap_bytes: int) -> bytes:
     if len(model) > cap_bytes:
         raise InvalidModel(f"{path.name} is over the track's {cap_bytes} bytes")
     return model
-
-
-def score_model(
-    *,
-    sandbox,
-    name: str,
-    model_path: Path,
-    submission_dir: Path,
-    documents: Sequence[Document],
-    vocab_size: int,
-    eos_id: int,
-    seq_len: int,
-    batch_size: int,
-    device: str,
-    gpu: Board | None,
-    threads: int,
-    limits: ScoringLimits,
-    memory_bytes: int,
-    pids: int,
-    debug_log_dir: Path | None = None,
-    secret_seed: int | None = None,
-    usage: ScoringUsage | None = None,
-) -> ScoreReport:
-    """One model scored in a session of its own (ScoringSession.score has the rules)."""
-    model_path = Path(model_path)
-    setup = ScoringSetup(
-        name=name,
-        submission_dir=Path(submission_dir),
-        vocab_size=vocab_size,
-        eos_id=eos_id,
-        seq_len=seq_len,
-        batch_size=batch_size,
-        device=device,
-        gpu=gpu,
-        threads=threads,
-        limits=limits,
-        memory_bytes=memory_bytes,
-        pids=pids,
-        model_cap_bytes=max(model_path.stat().st_size, 1),
-        debug_log_dir=debug_log_dir,
-    )
-    with ScoringSession(sandbox, setup) as session:
-        return session.score(model_path, documents, secret_seed=secret_seed, usage=usage)

@@ -26,17 +26,18 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, TextColumn, TimeElapsedColumn
 
+from evaluator import in_jail
 from evaluator.errors import InvalidModel
 from evaluator.harness import MODEL_FILE, SNAPSHOT_FILE
 from evaluator.metrics import write_metrics
 from evaluator.nvml import TelemetrySampler
 from evaluator.paths import PACKAGE_DIR, SPEC_DIR
 from evaluator.plan import RunPlan
-from evaluator.progress import PlainLines, live
+from evaluator.progress import PlainLines, bar, live
 from evaluator.protocol import LINE_MAX_BYTES, Tally, parse_line
-from evaluator.sandbox import JailSpec
+from evaluator.sandbox import Jailed, JailSpec, Sandbox
 
 # Interpreter start, `import torch`, device initialisation and data loading happen before the clock;
 # they get this long before the run is declared broken.
@@ -58,22 +59,29 @@ SNAPSHOTS_MAX_MODELS = 4
 
 
 @dataclass(frozen=True)
-class Snapshot:
-    """A model the evaluator took while the clock ran, frozen outside the jail's reach."""
+class TakenModel:
+    """A model the evaluator took out of the jail's reach: a snapshot while the clock ran, or the
+    final model the submission saved."""
 
     time_s: float  # on the evaluator's clock, when its copy was complete: nothing newer is in it
     path: Path
+    final: bool = False
 
 
 @dataclass
 class TrainingOutcome:
-    status: str
+    """What the training jail did, as facts set while it ran and never rewritten afterwards; the
+    run's status is decided from them (and from scoring) by results.decide_status."""
+
+    status: str  # how training ended: "ok" (a model saved within the budget) or the run status it causes
     message: str = ""
     train_seconds: float | None = None
     metrics_rows: list[tuple[float, int, str, float]] = field(default_factory=list)
     timings: dict[str, Any] = field(default_factory=dict)
     gpu_telemetry: dict[str, Any] | None = None
-    snapshots: list[Snapshot] = field(default_factory=list)
+    snapshots: list[TakenModel] = field(default_factory=list)
+    final_model: TakenModel | None = None  # the model saved in time, once taken out of the jail's reach
+    model_refused: str | None = None  # why the model saved in time could not be taken (InvalidModel)
     refused_lines: int = 0  # protocol lines outside the grammar (evaluator/protocol.py), dropped
     received: dict[str, Any] | None = None  # the CPU time the jail received while the clock ran (_ReceivedCpu)
 
@@ -136,15 +144,13 @@ class _LiveDisplay:
         self.budget_s = budget_s
         self.label = label
         self.lines = None if live(console) else PlainLines(console, every_s=max(5.0, budget_s / 10))
-        self.progress = Progress(
+        self.progress = bar(
+            console,
             TextColumn("[bold]{task.description}"),
             BarColumn(),
             TextColumn("{task.completed:>5.1f}/{task.total:g} s"),
             TextColumn("{task.fields[status]}"),
             TimeElapsedColumn(),
-            console=console,
-            transient=False,
-            disable=self.lines is not None,
         )
         self.task = self.progress.add_task(label, total=budget_s, status="starting sandbox")
         self._last_line = ""
@@ -176,7 +182,7 @@ class _ReceivedCpu:
     SAMPLE_EVERY_S = 0.1
     WINDOW_S = 5.0  # the live figure covers about this much of the latest wall time
 
-    def __init__(self, jailed, cpus: int, min_share: float | None):
+    def __init__(self, jailed: Jailed, cpus: int, min_share: float | None):
         self.jailed, self.cpus, self.min_share = jailed, cpus, min_share
         self.started: tuple[float, float] | None = None  # (monotonic time, CPU seconds) when the clock started
         self.stopped_at: float | None = None
@@ -276,7 +282,7 @@ class _SnapshotTaker:
         self.answers_fd = answers_fd
         os.set_blocking(answers_fd, False)
         self.jail_dead_at: float | None = None  # set by the protocol's reader when it kills the jail
-        self.taken: list[Snapshot] = []
+        self.taken: list[TakenModel] = []
         self.take_s: list[float] = []  # how long each copy took here
         self.save_s: list[float] = []  # the harness's account of saving it (advisory)
 
@@ -304,7 +310,7 @@ class _SnapshotTaker:
             pass
         return None if taken is None else f"snapshot {len(self.taken)} taken at {taken.time_s:.1f} s"
 
-    def _take(self, started_at: float, not_before_s: float) -> Snapshot | None:
+    def _take(self, started_at: float, not_before_s: float) -> TakenModel | None:
         source = self.jail_out / SNAPSHOT_FILE
         target = self.into / f"snapshot-{len(self.taken) + 1:03d}.pt"
         try:
@@ -319,7 +325,7 @@ class _SnapshotTaker:
         # earlier than the window's end; train_in_jail leaves out a snapshot stamped at or after the
         # final model's time (the final model holds more training at that time).
         stamp = time.monotonic() if self.jail_dead_at is None else min(time.monotonic(), self.jail_dead_at)
-        taken = Snapshot(time_s=max(stamp - started_at, not_before_s), path=target)
+        taken = TakenModel(time_s=max(stamp - started_at, not_before_s), path=target)
         self.bytes_left -= target.stat().st_size
         self.taken.append(taken)
         return taken
@@ -333,7 +339,12 @@ def _remove(path: Path) -> None:
 
 
 def _train(
-    jailed, budget_s: float, display: _LiveDisplay, launched_at: float, snapshots: _SnapshotTaker, meter: _ReceivedCpu
+    jailed: Jailed,
+    budget_s: float,
+    display: _LiveDisplay,
+    launched_at: float,
+    snapshots: _SnapshotTaker,
+    meter: _ReceivedCpu,
 ) -> TrainingOutcome:
     events: queue.Queue = queue.Queue(maxsize=_PROTOCOL_BACKLOG_MAX)
     stop = threading.Event()
@@ -357,7 +368,7 @@ def _train(
 
 def _follow_protocol(
     events: queue.Queue,
-    jailed,
+    jailed: Jailed,
     budget_s: float,
     display: _LiveDisplay,
     launched_at: float,
@@ -531,7 +542,7 @@ def hidden_from_training(val_path: Path, hidden_split: Path | None) -> list[Path
     return hidden
 
 
-def train_in_jail(plan: RunPlan, sandbox, console: Console, timings: dict[str, float]) -> TrainingOutcome:
+def train_in_jail(plan: RunPlan, sandbox: Sandbox, console: Console, timings: dict[str, float]) -> TrainingOutcome:
     limits = plan.track.sandbox
     model_cap = limits.model_mib * 2**20
     spec = JailSpec(
@@ -539,7 +550,16 @@ def train_in_jail(plan: RunPlan, sandbox, console: Console, timings: dict[str, f
         argv=[sys.executable, "-m", "evaluator.harness", "--job", str(plan.job_path)],
         workdir=plan.run_dir / "sandbox",
         cwd=plan.scratch,
-        env=_jail_env(plan.track.device.threads, plan.scratch) | {"PYTHONPATH": str(plan.jail_input)},
+        env=in_jail.environment(
+            plan.track.device.threads,
+            home=str(plan.scratch),
+            python_path=plan.jail_input,
+            TMPDIR="/tmp",
+            LANG="C.UTF-8",
+            PYTHONDONTWRITEBYTECODE="1",
+            PYTHONUNBUFFERED="1",
+            PYTHONHASHSEED="0",
+        ),
         ro_paths=[plan.staged, plan.jail_input, plan.job_path],
         hidden_paths=hidden_from_training(plan.val_path, plan.hidden_path),
         distributions=("pyarrow",),  # the training split's reader (evaluator/dataset/loader.py)
@@ -580,10 +600,13 @@ def train_in_jail(plan: RunPlan, sandbox, console: Console, timings: dict[str, f
             if tail.strip() and tail.strip() not in outcome.message:
                 outcome.message += "\n--- log tail ---\n" + tail
         if outcome.status == "ok":  # "saved" has killed the jail: nothing writes there any more
+            assert outcome.train_seconds is not None  # set with "ok", from the "saved" event
             try:
                 _take_file(plan.jail_out / MODEL_FILE, plan.run_dir / MODEL_FILE, model_cap)
             except InvalidModel as exc:
-                outcome.status, outcome.message = "invalid_model", str(exc)
+                outcome.model_refused = str(exc)
+            else:
+                outcome.final_model = TakenModel(outcome.train_seconds, plan.run_dir / MODEL_FILE, final=True)
     # A snapshot stamped at or after the final model's time holds less training than it at no earlier
     # time: it is left out (the final model is scored in any case).
     outcome.snapshots = [
@@ -613,17 +636,3 @@ def _gpu_telemetry(gpu_minor: int | None) -> Iterator[TelemetrySampler | None]:
         return
     with TelemetrySampler(gpu_minor) as sampler:
         yield sampler
-
-
-def _jail_env(threads: int, home: Path) -> dict[str, str]:
-    return {
-        "PATH": "/usr/local/bin:/usr/bin:/bin",
-        "HOME": str(home),
-        "TMPDIR": "/tmp",
-        "LANG": "C.UTF-8",
-        "PYTHONDONTWRITEBYTECODE": "1",
-        "PYTHONUNBUFFERED": "1",
-        "PYTHONHASHSEED": "0",
-        "OMP_NUM_THREADS": str(threads),
-        "MKL_NUM_THREADS": str(threads),
-    }

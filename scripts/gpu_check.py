@@ -39,13 +39,13 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from evaluator.calibration import calibrate  # noqa: E402
-from evaluator.cli import run_guarded  # noqa: E402
-from evaluator.metrics import last_logged_metric  # noqa: E402
-from evaluator.nvml import driver_and_boards  # noqa: E402
-from evaluator.runner import evaluate  # noqa: E402
-from evaluator.sandbox import CGROUP_ROOT, JailSpec, cgroup_version, open_sandbox  # noqa: E402
-from evaluator.tracks import load_track  # noqa: E402
+from evaluator.calibration import calibrate
+from evaluator.cli import run_guarded
+from evaluator.metrics import last_logged_metric
+from evaluator.nvml import driver_and_boards
+from evaluator.runner import evaluate
+from evaluator.sandbox import CGROUP_ROOT, JailSpec, cgroup_version, open_sandbox
+from evaluator.tracks import load_track
 
 ASSIGNED_NODES = {"/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools", "/dev/nvidia0"}
 NVIDIA_MAJOR = 195  # /dev/nvidiaN and /dev/nvidiactl
@@ -465,7 +465,7 @@ def sealed_gpu_scoring(lines: list[str], data: dict) -> bool:
 
     from evaluator.dataset.loader import read_documents
     from evaluator.dataset.store import resolve_data_file, tokenizer_info
-    from evaluator.scoring import ScoringLimits, score_model
+    from evaluator.scoring import ScoringLimits, ScoringSession, ScoringSetup
 
     track = load_track("t4-5min")
     vocab_size, eos_id = tokenizer_info(resolve_data_file(track, "tokenizer"))
@@ -480,12 +480,10 @@ def sealed_gpu_scoring(lines: list[str], data: dict) -> bool:
         spec.loader.exec_module(module)
         torch.save(module.Probe(vocab_size), Path(scratch) / "model.pt")
         began = time.monotonic()
-        report = score_model(
-            sandbox=open_sandbox("nsjail"),
+        model_path = Path(scratch) / "model.pt"
+        setup = ScoringSetup(
             name="gpu-check-scoring",
-            model_path=Path(scratch) / "model.pt",
             submission_dir=folder,
-            documents=documents,
             vocab_size=vocab_size,
             eos_id=eos_id,
             seq_len=track.eval.seq_len,
@@ -501,8 +499,11 @@ def sealed_gpu_scoring(lines: list[str], data: dict) -> bool:
             ),
             memory_bytes=track.sandbox.memory_mib * 2**20,
             pids=track.sandbox.pids,
+            model_cap_bytes=model_path.stat().st_size,
             debug_log_dir=Path(scratch),
         )
+        with ScoringSession(open_sandbox("nsjail"), setup) as session:
+            report = session.score(model_path, documents)
         wall = time.monotonic() - began
         logs = "".join(path.read_text(errors="replace") for path in sorted(Path(scratch).glob("scoring-pass-*.log")))
     probes = [(float(a), int(b)) for a, b in re.findall(r"PROBE context_s=(\S+) marker_bytes_found=(\d+)", logs)]

@@ -104,6 +104,32 @@ def test_a_busy_host_makes_an_honest_run_unofficial_never_invalid(
     assert scoring["wall_s"] > TIGHT_SCORING_S and scoring["cpu_s"] / 2 < TIGHT_SCORING_S
 
 
+RENAMES_ITSELF = """
+import ctypes
+import time
+
+
+def train(ctx):
+    # PR_SET_NAME: a thread name of bytes that are not UTF-8, with a parenthesis and a state letter
+    # in it, read by the evaluator as it counts the jail's runnable threads.
+    ctypes.CDLL(None).prctl(15, ctypes.c_char_p(b"\\xff\\xfe) R (x"), 0, 0, 0)
+    end = time.monotonic() + 2
+    while time.monotonic() < end:
+        pass
+    ctx.log(1, loss=1.0, tokens=1000)
+    return TinyCausal(ctx.vocab_size)
+"""
+
+
+@pytest.mark.slow
+def test_a_thread_named_with_any_bytes_is_counted_and_fails_nothing(tmp_path, runs_dir, capsys, nsjail):
+    folder = write_submission(tmp_path, "renames-itself", RENAMES_ITSELF)
+    code, record = run_cli(folder, runs_dir, "--budget", "6", "--sandbox", "nsjail", capsys=capsys)
+    assert (code, record["status"]) == (0, "ok"), record["message"]
+    received = record["train"]["received"]
+    assert received["demand_s"] >= 1.5 and received["share"] >= 0.5
+
+
 SLEEPS = """
 import time
 

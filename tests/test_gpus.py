@@ -17,7 +17,7 @@ from evaluator.cli import main
 from evaluator.sandbox import JailSpec, open_sandbox
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
-from fake_nvml import FakeBoard, FakeNvml  # noqa: E402
+from fake_nvml import FakeBoard, FakeNvml  # noqa: E402  (importable once fixtures/ is on sys.path)
 
 # Two boards whose orders disagree: NVML (by bus) lists 3B first, CUDA (fastest first) lists AF
 # first, and the driver gave the 3B board minor number 1.

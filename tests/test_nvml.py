@@ -17,7 +17,7 @@ from evaluator import nvml
 from evaluator.results import result_schema
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
-from fake_nvml import FakeBoard, FakeNvml  # noqa: E402
+from fake_nvml import FakeBoard, FakeNvml  # noqa: E402  (importable once fixtures/ is on sys.path)
 
 IDLE, POWER_CAP, HW_THERMAL = 0x1, 0x4, 0x40
 

@@ -33,9 +33,8 @@ from evaluator.scoring import (
     ScoringLimits,
     ScoringSession,
     ScoringSetup,
-    _windows,
     compose,
-    score_model,
+    document_windows,
 )
 
 FIXTURE_MODELS = Path(__file__).parent / "fixtures" / "models"
@@ -74,12 +73,10 @@ def _score(nsjail, tmp_path: Path, model, **overrides) -> ScoreReport:
     model_path = tmp_path / "model" / "model.pt"
     model_path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(model, model_path)
-    options = dict(
-        sandbox=nsjail,
+    documents, secret_seed = overrides.pop("documents", DOCUMENTS), overrides.pop("secret_seed", 1)
+    setup = dict(
         name=f"test-scoring-{uuid.uuid4().hex[:8]}",
-        model_path=model_path,
         submission_dir=FIXTURE_MODELS,
-        documents=DOCUMENTS,
         vocab_size=VOCAB,
         eos_id=EOS,
         seq_len=SEQ_LEN,
@@ -90,10 +87,10 @@ def _score(nsjail, tmp_path: Path, model, **overrides) -> ScoreReport:
         limits=LIMITS,
         memory_bytes=2 << 30,
         pids=64,
-        secret_seed=1,
+        model_cap_bytes=model_path.stat().st_size,
     )
-    options.update(overrides)
-    return score_model(**options)
+    with ScoringSession(nsjail, ScoringSetup(**{**setup, **overrides})) as session:
+        return session.score(model_path, documents, secret_seed=secret_seed)
 
 
 def _loss_by_hand(model) -> float:
@@ -170,7 +167,7 @@ def test_a_model_that_reads_ahead_gains_nothing(nsjail, tmp_path, cheat):
 
 
 def test_split_windows_of_a_document_never_share_a_batch():
-    windows = [window for document in DOCUMENTS for window in _windows(document, EOS, 8)]
+    windows = [window for document in DOCUMENTS for window in document_windows(document, EOS, 8)]
     assert max(sum(window.doc_id == document.doc_id for window in windows) for document in DOCUMENTS) == 5
     for seed in range(200):
         for batch_size in (1, 3, 8, 64):
@@ -402,7 +399,7 @@ def test_after_a_model_fails_the_next_one_is_scored_by_fresh_servers(nsjail, tmp
 def test_a_server_out_of_process_ids_is_replaced_before_the_model_that_would_exhaust_it(nsjail, tmp_path, monkeypatch):
     """Each batch process starts at the next multiple of PIDS_PER_BATCH, so a server can open only so
     many batches: the session starts a fresh one before a model that would need more."""
-    windows = [window for document in DOCUMENTS for window in _windows(document, EOS, SEQ_LEN)]
+    windows = [window for document in DOCUMENTS for window in document_windows(document, EOS, SEQ_LEN)]
     one_model = len(compose(windows, 4, random.Random(0)))
     monkeypatch.setattr(scoring, "_batches_per_server", lambda: one_model + 1)
     path = _saved(tmp_path, "uniform", toy_models.UniformStreaming(VOCAB))
@@ -436,7 +433,7 @@ def _distinct_documents(count: int, lengths: tuple[int, int] = (3, 20)) -> list[
 
 
 def _windows_of(documents: list[Document]) -> list:
-    return [window for document in documents for window in _windows(document, EOS, SEQ_LEN)]
+    return [window for document in documents for window in document_windows(document, EOS, SEQ_LEN)]
 
 
 @pytest.mark.parametrize("seed", range(40))

@@ -32,7 +32,7 @@ from evaluator.errors import UserError
 from evaluator.fsutil import tree_sha256
 from evaluator.paths import HOME, RESULTS_DIR, shown
 from evaluator.plan import check_budget, check_seed_count, draw_seed
-from evaluator.results import RESULT_FILE, SCORED_STATUSES
+from evaluator.results import RESULT_FILE, SCORED_STATUSES, strict_json_loads
 from evaluator.sandbox import SandboxUnavailable, open_sandbox
 from evaluator.tracks import Track, load_track
 from evaluator.training import STARTUP_ALLOWANCE_S
@@ -41,7 +41,8 @@ from evaluator.training import STARTUP_ALLOWANCE_S
 # them (interpreter start, imports and the scoring sandbox's start-up are not in the track's limits).
 RUN_WATCHDOG_SLACK_S = 300.0
 ATTEMPTS = 2
-SANDBOX_CHOICES = ("nsjail", "none")
+# The sandboxes a batch may use: `evaluator run`'s, less auto (_sandbox_choice says why).
+BATCH_SANDBOXES = ("nsjail", "none")
 
 
 def _scorings(track: Track, budget_s: float) -> int:
@@ -99,17 +100,14 @@ def _earlier_results(
         if path.parent.name.startswith("."):
             continue
         try:
-            result = json.loads(path.read_text(encoding="utf-8"))
+            # These results may come from other machines (batch/receive.py): read them as strictly as it does.
+            result = strict_json_loads(path.read_text(encoding="utf-8"))
             seed = None if result.get("seed_drawn") else result["seed"]
             key = (result["submission"]["tree_sha256"], result["track"]["sha256"], seed, float(result["budget_s"]))
-            # ended_at is read only to skip a result without one, like any other malformed result: the sort
-            # below needs it.
-            status, sandbox_kind, _ended = (
-                result["status"],
-                result["environment"]["sandbox"]["kind"],
-                result["ended_at"],
-            )
+            status, sandbox_kind = result["status"], result["environment"]["sandbox"]["kind"]
         except (OSError, ValueError, TypeError, KeyError):
+            continue
+        if "ended_at" not in result:  # malformed like those above, and the sort below needs it
             continue
         if result.get("calibration") is not None:  # its budget is this host's, whatever number it came to
             continue
@@ -229,14 +227,14 @@ def _sandbox_choice(value: str) -> str:
     """--sandbox: nsjail or an explicit none. `evaluator run`'s auto is not offered: on a cluster it
     would run submissions unsandboxed, as root, on every node where nsjail fails, next to the Ray
     token and the other runs."""
-    if value in SANDBOX_CHOICES:
+    if value in BATCH_SANDBOXES:
         return value
     if value == "auto":
         raise argparse.ArgumentTypeError(
             "auto is not offered by batch: it would run submissions unsandboxed, as root, wherever nsjail "
             "fails on a node; use nsjail (the default), or --sandbox none for an unofficial batch"
         )
-    raise argparse.ArgumentTypeError(f"invalid choice: {value!r} (choose from nsjail, none)")
+    raise argparse.ArgumentTypeError(f"invalid choice: {value!r} (choose from {', '.join(BATCH_SANDBOXES)})")
 
 
 def _refuse_without_nsjail(sandbox_choice: str, ray_address: str | None) -> None:

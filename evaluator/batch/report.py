@@ -9,10 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from evaluator.batch.runs import Run
+from evaluator.progress import bar
 
 LOG_WIDTH = 160
 _FAILURE_TAIL_LINES = 6
@@ -55,14 +56,13 @@ class BatchProgress:
     def __init__(self, console: Console, runs: list[Run]):
         self.console = console
         self.runs = runs
-        self.progress = Progress(
+        self.progress = bar(
+            console,
             TextColumn("[bold]batch"),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("{task.fields[counts]}"),
             TimeElapsedColumn(),
-            console=console,
-            disable=not console.is_terminal,
         )
         self.task = self.progress.add_task("batch", total=len(runs), counts="")
 

@@ -198,17 +198,19 @@ def write_dataset(
 def progress_display():
     """A live progress display on stderr, so stdout carries only the hashes."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+
+    from evaluator.progress import bar
 
     console = Console(file=sys.stderr)
-    with Progress(
+    # Off in logs, pipes and notebooks: no stray output.
+    with bar(
+        console,
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
-        console=console,
         transient=True,
-        disable=not console.is_terminal,  # no stray output in logs and pipes
     ) as progress:
         yield progress
 

@@ -23,12 +23,18 @@ The modules, each importing only those above it:
 - mounts.py: the tmpfs mounts the evaluator makes on the host (capped output dirs, images);
 - nsjail.py: nsjail's config (mounts, seccomp, rlimits) and reading how a jail ended from its log;
 - jailed.py: a running jail (Jailed) and the classification of its ending;
-- backends.py: Sandbox (nsjail or none), open_sandbox, reap_stale.
+- interface.py: Sandbox, the interface every backend implements (start a jail, a capped output
+  dir, a memory image), and what the backends share;
+- subprocess_backend.py: SubprocessSandbox, kind "none": plain subprocesses (`--sandbox none`);
+- nsjail_backend.py: NsjailSandbox, kind "nsjail": nsjail jails, the tmpfs mounts they need;
+- backends.py: which backend (SANDBOX_CHOICES, open_sandbox and its probe jail), reap_stale.
 """
 
-from evaluator.sandbox.backends import Sandbox, open_sandbox, reap_stale
+from evaluator.sandbox.backends import SANDBOX_CHOICES, open_sandbox, reap_stale
 from evaluator.sandbox.cgroups import CGROUP_ROOT, cgroup_parent_dirs, cgroup_version
+from evaluator.sandbox.interface import Sandbox
 from evaluator.sandbox.jailed import Jailed
+from evaluator.sandbox.nsjail_backend import NsjailSandbox
 from evaluator.sandbox.spec import (
     JAIL_HOSTNAME,
     NOBODY,
@@ -38,18 +44,22 @@ from evaluator.sandbox.spec import (
     JailSpec,
     SandboxUnavailable,
 )
+from evaluator.sandbox.subprocess_backend import SubprocessSandbox
 
 __all__ = [
     "CGROUP_ROOT",
     "JAIL_HOSTNAME",
     "NOBODY",
+    "SANDBOX_CHOICES",
     "SHM_BYTES",
     "TMP_BYTES",
     "JailOutcome",
     "JailSpec",
     "Jailed",
+    "NsjailSandbox",
     "Sandbox",
     "SandboxUnavailable",
+    "SubprocessSandbox",
     "cgroup_parent_dirs",
     "cgroup_version",
     "open_sandbox",

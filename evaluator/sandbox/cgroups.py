@@ -240,11 +240,13 @@ class Cgroup:
         runnable = 0
         for tid in threads:
             try:
-                stat = Path(f"/proc/{tid}/stat").read_text()
+                stat = Path(f"/proc/{tid}/stat").read_bytes()
             except OSError:
                 continue  # ended meanwhile
-            # The state follows the command name, which may hold spaces and parentheses.
-            runnable += stat.rpartition(")")[2].split()[0] == "R"
+            # The state follows the command name, which the thread chooses: any bytes, spaces and
+            # parentheses included.
+            fields = stat.rpartition(b")")[2].split()
+            runnable += bool(fields) and fields[0] == b"R"
         return runnable
 
     def cpu_seconds(self) -> float | None:
