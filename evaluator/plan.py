@@ -165,7 +165,7 @@ class RunPlan:
         elif self.calibration is not None:
             reasons.append(
                 f"budget calibrated: x{self.calibration.factor:g} ({budget_s:.1f} s instead of the track's "
-                f"{track.budget_s:g} s; the track's figure is {self.calibration.track_provenance.split(' ', 1)[0]})"
+                f"{track.budget_s:g} s; the track's figure is {track.calibration.basis})"
             )
         elif budget_s != track.budget_s:
             reasons.append(f"budget overridden: {budget_s:g} s instead of the track's {track.budget_s:g} s")
@@ -289,7 +289,7 @@ def make_plan(request: RunRequest, console: Console, held: ExitStack) -> RunPlan
         budget_s = track.budget_s * calibration.factor
         console.print(
             f"calibrated: x{calibration.factor:g} (here {calibration.host_seconds:.3f} s, track "
-            f"{calibration.track_seconds:g} s, {calibration.track_provenance.split(',', 1)[0]}): budget "
+            f"{calibration.track_seconds:g} s, {track.calibration.basis}): budget "
             f"{budget_s:.1f} s, unofficial",
             markup=False,
             highlight=False,

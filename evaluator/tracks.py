@@ -121,7 +121,8 @@ class CalibrationFigure:
 
     workload: str
     seconds: float
-    provenance: str
+    basis: str  # "measured" on the track's hardware, or "estimated" from another source
+    provenance: str  # how: the hardware and the method, or the source
 
 
 @dataclass(frozen=True)
