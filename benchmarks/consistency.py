@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from overhead import SCORED, untrained_model
+from overhead import SCORED, scoring_setup, untrained_model
 from rich.console import Console
 from rich.table import Table
 
@@ -31,7 +31,7 @@ from evaluator.dataset.loader import read_documents, read_train_tokens
 from evaluator.dataset.store import resolve_data_file, tokenizer_info
 from evaluator.manifest import parse_manifest
 from evaluator.sandbox import open_sandbox
-from evaluator.scoring import ScoringLimits, ScoringSession, ScoringSetup
+from evaluator.scoring import ScoringLimits, ScoringSession
 from evaluator.tracks import load_track
 
 
@@ -92,21 +92,8 @@ def main() -> None:
             model_path = Path(tmp) / f"{name}.pt"
             torch.save(model, model_path)
             worst, means, losses = 0.0, [], []
-            setup = ScoringSetup(
-                name=f"bench-consistency-{name}",
-                submission_dir=folder,
-                vocab_size=vocab_size,
-                eos_id=eos_id,
-                seq_len=track.eval.seq_len,
-                batch_size=track.eval.batch_size,
-                device="cpu",
-                gpu=None,
-                threads=track.device.threads,
-                limits=limits,
-                memory_bytes=track.sandbox.memory_mib * 2**20,
-                pids=track.sandbox.pids,
-                model_cap_bytes=track.sandbox.model_mib * 2**20,
-            )
+            model_cap = track.sandbox.model_mib * 2**20
+            setup = scoring_setup(track, f"bench-consistency-{name}", folder, vocab_size, eos_id, limits, model_cap)
             with ScoringSession(sandbox, setup, models=args.seeds) as session:
                 for seed in range(args.seeds):
                     console.print(f"{name}: scoring, seed {seed} ...")

@@ -37,7 +37,7 @@ from evaluator.manifest import parse_manifest
 from evaluator.paths import HOME, SUBMISSIONS_DIR
 from evaluator.runner import evaluate
 from evaluator.sandbox import open_sandbox
-from evaluator.tracks import load_track
+from evaluator.tracks import Track, load_track
 
 FIXED_WORK = HOME / "benchmarks" / "fixed-work"
 SCORED = {
@@ -95,11 +95,32 @@ def untrained_model(folder: Path, vocab_size: int, eos_id: int):
     return module.MoEMinimalLLM(config, vocab_size)
 
 
+def scoring_setup(track: Track, name: str, folder: Path, vocab_size: int, eos_id: int, limits, model_cap_bytes: int):
+    """The ScoringSetup a run of `track` scores with (curve._setup), for a benchmark's own model and limits."""
+    from evaluator.scoring import ScoringSetup
+
+    return ScoringSetup(
+        name=name,
+        submission_dir=folder,
+        vocab_size=vocab_size,
+        eos_id=eos_id,
+        seq_len=track.eval.seq_len,
+        batch_size=track.eval.batch_size,
+        device="cpu",
+        gpu=None,
+        threads=track.device.threads,
+        limits=limits,
+        memory_bytes=track.sandbox.memory_mib * 2**20,
+        pids=track.sandbox.pids,
+        model_cap_bytes=model_cap_bytes,
+    )
+
+
 def measure_scoring(console: Console) -> list[tuple[str, float]]:
     """(model, wall s of all of scoring) for each model scored alone, on cpu-1min."""
     import torch
 
-    from evaluator.scoring import ScoringLimits, ScoringSession, ScoringSetup
+    from evaluator.scoring import ScoringLimits, ScoringSession
 
     track = load_track("cpu-1min")
     vocab_size, eos_id = tokenizer_info(resolve_data_file(track, "tokenizer"))
@@ -119,26 +140,14 @@ def measure_scoring(console: Console) -> list[tuple[str, float]]:
             torch.save(model, model_path)
             console.print(f"scoring {name} ...")
             began = time.monotonic()
-            setup = ScoringSetup(
-                name=f"bench-scoring-{len(figures)}",
-                submission_dir=folder,
-                vocab_size=vocab_size,
-                eos_id=eos_id,
-                seq_len=track.eval.seq_len,
-                batch_size=track.eval.batch_size,
-                device="cpu",
-                gpu=None,
-                threads=track.device.threads,
-                limits=ScoringLimits(
-                    load_s=track.eval.load_s,
-                    step_s=track.eval.step_s,
-                    total_s=BENCHMARK_SCORING_S,
-                    consistency_nats=track.eval.consistency_nats,
-                ),
-                memory_bytes=track.sandbox.memory_mib * 2**20,
-                pids=track.sandbox.pids,
-                model_cap_bytes=model_path.stat().st_size,
+            limits = ScoringLimits(
+                load_s=track.eval.load_s,
+                step_s=track.eval.step_s,
+                total_s=BENCHMARK_SCORING_S,
+                consistency_nats=track.eval.consistency_nats,
             )
+            name = f"bench-scoring-{len(figures)}"
+            setup = scoring_setup(track, name, folder, vocab_size, eos_id, limits, model_path.stat().st_size)
             with ScoringSession(sandbox, setup) as session:
                 session.score(model_path, documents)
             figures.append((name, time.monotonic() - began))

@@ -338,14 +338,20 @@ def _remove(path: Path) -> None:
         pass
 
 
-def _train(
-    jailed: Jailed,
-    budget_s: float,
-    display: _LiveDisplay,
-    launched_at: float,
-    snapshots: _SnapshotTaker,
-    meter: _ReceivedCpu,
-) -> TrainingOutcome:
+@dataclass(frozen=True)
+class _Watch:
+    """What the host holds while a training jail runs: the jail, its budget, and what follows it."""
+
+    jailed: Jailed
+    budget_s: float
+    display: _LiveDisplay
+    launched_at: float  # when the jail was started: the harness's startup allowance counts from here
+    snapshots: _SnapshotTaker
+    meter: _ReceivedCpu
+
+
+def _train(watch: _Watch) -> TrainingOutcome:
+    jailed, snapshots, meter = watch.jailed, watch.snapshots, watch.meter
     events: queue.Queue = queue.Queue(maxsize=_PROTOCOL_BACKLOG_MAX)
     stop = threading.Event()
 
@@ -358,7 +364,7 @@ def _train(
     reader = threading.Thread(target=_read_protocol, args=(jailed.stdout, events, stop_clock, stop, tally), daemon=True)
     reader.start()
     try:
-        outcome = _follow_protocol(events, jailed, budget_s, display, launched_at, snapshots, meter)
+        outcome = _follow_protocol(events, watch)
         outcome.refused_lines = tally.refused
         outcome.received = meter.received(outcome.train_seconds)
         return outcome
@@ -366,15 +372,15 @@ def _train(
         stop.set()
 
 
-def _follow_protocol(
-    events: queue.Queue,
-    jailed: Jailed,
-    budget_s: float,
-    display: _LiveDisplay,
-    launched_at: float,
-    snapshots: _SnapshotTaker,
-    meter: _ReceivedCpu,
-) -> TrainingOutcome:
+def _follow_protocol(events: queue.Queue, watch: _Watch) -> TrainingOutcome:
+    jailed, budget_s, display, snapshots, meter = (
+        watch.jailed,
+        watch.budget_s,
+        watch.display,
+        watch.snapshots,
+        watch.meter,
+    )
+    launched_at = watch.launched_at
     outcome = TrainingOutcome(status="sandbox_error")
 
     # Phase 1: until "start", the harness is doing the evaluator's own work.
@@ -593,7 +599,7 @@ def train_in_jail(plan: RunPlan, sandbox: Sandbox, console: Console, timings: di
             jailed.stdin.fileno(),
         )
         meter = _ReceivedCpu(jailed, plan.track.device.threads, plan.track.device.min_cpu_share)
-        outcome = _train(jailed, plan.budget_s, display, launched, snapshots, meter)
+        outcome = _train(_Watch(jailed, plan.budget_s, display, launched, snapshots, meter))
         train_returned = time.monotonic()
         if outcome.status not in ("ok", "over_budget"):
             tail = jailed.log_tail(_LOG_TAIL_BYTES)

@@ -74,22 +74,7 @@ def _score(nsjail, tmp_path: Path, model, **overrides) -> ScoreReport:
     model_path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(model, model_path)
     documents, secret_seed = overrides.pop("documents", DOCUMENTS), overrides.pop("secret_seed", 1)
-    setup = dict(
-        name=f"test-scoring-{uuid.uuid4().hex[:8]}",
-        submission_dir=FIXTURE_MODELS,
-        vocab_size=VOCAB,
-        eos_id=EOS,
-        seq_len=SEQ_LEN,
-        batch_size=4,
-        device="cpu",
-        gpu=None,
-        threads=1,
-        limits=LIMITS,
-        memory_bytes=2 << 30,
-        pids=64,
-        model_cap_bytes=model_path.stat().st_size,
-    )
-    with ScoringSession(nsjail, ScoringSetup(**{**setup, **overrides})) as session:
+    with _session(nsjail, tmp_path, models=1, model_cap_bytes=model_path.stat().st_size, **overrides) as session:
         return session.score(model_path, documents, secret_seed=secret_seed)
 
 
@@ -333,7 +318,7 @@ def test_code_in_the_pickle_runs_only_inside_the_jail(nsjail, tmp_path):
     assert not marker.exists()
 
 
-def _session(nsjail, tmp_path: Path, **overrides):
+def _session(nsjail, tmp_path: Path, models: int = 4, **overrides):
     options = dict(
         name=f"test-session-{uuid.uuid4().hex[:8]}",
         submission_dir=FIXTURE_MODELS,
@@ -350,7 +335,7 @@ def _session(nsjail, tmp_path: Path, **overrides):
         model_cap_bytes=64 << 20,
     )
     options.update(overrides)
-    return ScoringSession(nsjail, ScoringSetup(**options), models=4)
+    return ScoringSession(nsjail, ScoringSetup(**options), models=models)
 
 
 def _saved(tmp_path: Path, name: str, model) -> Path:
