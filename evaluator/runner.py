@@ -209,22 +209,11 @@ def _evaluator_error(run: _Run, console: Console) -> dict[str, Any]:
     plan = run.plan
     log = plan.run_dir / EVALUATOR_ERROR_LOG
     atomic_write_text(log, traceback.format_exc())
-    measured = run.outcome
-    kept = (
-        None
-        if measured is None
-        else TrainingOutcome(
-            status=measured.status,
-            message=measured.message,
-            train_seconds=measured.train_seconds,
-            metrics_rows=measured.metrics_rows,
-            gpu_telemetry=measured.gpu_telemetry,
-            received=measured.received,
-        )
-    )
-    verdict = decide_status(kept, None, None, plan.track.target, evaluator_failed=True)
+    verdict = decide_status(run.outcome, None, None, plan.track.target, evaluator_failed=True)
     env = run.env or _environment_or_less(plan)
-    result = build_result(plan, verdict, kept, None, None, env, run.started, staged=run.staged, scorings=run.scorings)
+    result = build_result(
+        plan, verdict, run.outcome, None, None, env, run.started, staged=run.staged, scorings=run.scorings
+    )
     write_result(plan.run_dir, result)
     console.print(f"evaluator error: {EVALUATOR_ERROR_MESSAGE} ({shown(log)})", markup=False, highlight=False)
     return result

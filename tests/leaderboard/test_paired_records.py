@@ -12,8 +12,8 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from leaderboard_support import DEFAULT_RULE, _signer
-from publish_support import T0, make_run, run_cli
+from leaderboard_support import DEFAULT_RULE, _signer, leaderboard
+from publish_support import T0, make_run
 
 from evaluator.leaderboard.board import (
     NOT_SIGNIFICANT,
@@ -77,43 +77,17 @@ def _comparison(
 
 
 def _rows(monkeypatch, capsys, board, tmp_path, paired: bool) -> dict[str, dict]:
-    results, trusted = board
     rules = tmp_path / f"rules-{paired}.toml"
     rules.write_text(RULES.format(paired=str(paired).lower()))
-    code, stdout, stderr = run_cli(
-        monkeypatch,
-        capsys,
-        "leaderboard",
-        "--results",
-        results,
-        "--trusted-keys",
-        trusted,
-        "--format",
-        "json",
-        "--rules",
-        rules,
-    )
+    code, stdout, stderr = leaderboard(monkeypatch, capsys, board, "--format", "json", "--rules", rules)
     assert code == 0, stderr
     return {row["submission"]: row for row in json.loads(stdout)["rows"] if row["official"]}
 
 
 def _page(monkeypatch, capsys, board, tmp_path, fmt: str) -> str:
-    results, trusted = board
     rules = tmp_path / "rules-paired.toml"
     rules.write_text(RULES.format(paired="true"))
-    code, stdout, _ = run_cli(
-        monkeypatch,
-        capsys,
-        "leaderboard",
-        "--results",
-        results,
-        "--trusted-keys",
-        trusted,
-        "--format",
-        fmt,
-        "--rules",
-        rules,
-    )
+    code, stdout, _ = leaderboard(monkeypatch, capsys, board, "--format", fmt, "--rules", rules)
     assert code == 0
     return stdout
 
@@ -203,26 +177,13 @@ def test_the_paired_evidence_is_shown_beside_the_record_in_every_format(paired_b
 
 
 def test_an_unpaired_track_shows_what_it_showed_before(paired_board, monkeypatch, capsys, tmp_path):
-    results, trusted = paired_board
     rules = tmp_path / "rules.toml"
     rules.write_text(RULES.replace("paired = {paired}\n", ""))  # a rules file from before the option
     outputs = []
     for path in (rules, tmp_path / "rules-false.toml"):
         if path != rules:
             path.write_text(RULES.format(paired="false"))
-        code, stdout, _ = run_cli(
-            monkeypatch,
-            capsys,
-            "leaderboard",
-            "--results",
-            results,
-            "--trusted-keys",
-            trusted,
-            "--format",
-            "markdown",
-            "--rules",
-            path,
-        )
+        code, stdout, _ = leaderboard(monkeypatch, capsys, paired_board, "--format", "markdown", "--rules", path)
         outputs.append(stdout)
     assert outputs[0] == outputs[1] and "paired" not in outputs[0]
 
